@@ -1,0 +1,189 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * The connredir ABI: the one definition of everything the kernel programs
+ * and user space share. The record format, the map layouts, the map names,
+ * the socket option numbers and the counter indices live here and nowhere
+ * else; the Rust side is generated from this file by bindgen.
+ *
+ * Byte order: addresses and ports inside records are in network byte
+ * order, as in a struct sockaddr; every other field is in host order.
+ */
+#ifndef CONNREDIR_ABI_H
+#define CONNREDIR_ABI_H
+
+#include <linux/types.h>
+
+/* ---- Syscall-level interface: getsockopt/setsockopt on a private level. */
+
+/* The private socket option level ("CNR" in ASCII). */
+#define CONNREDIR_SOL 0x434e52
+/* get: the connection's redirect records; set: hand records to a new socket. */
+#define CONNREDIR_SO_RECORDS 1
+/* get: the redirect context, for the service that redirected the flow. */
+#define CONNREDIR_SO_CONTEXT 2
+
+/* Linux transparent-proxy compatibility: answered from the record. */
+#define CONNREDIR_SO_ORIGINAL_DST 80 /* SOL_IP, SO_ORIGINAL_DST */
+#define CONNREDIR_IP6T_SO_ORIGINAL_DST 80 /* SOL_IPV6, IP6T_SO_ORIGINAL_DST */
+
+/* ---- The redirect record. */
+
+/* "CNRR", first field of every record blob. */
+#define CONNREDIR_RECORD_MAGIC 0x52524e43u
+/* The version written by this layer; readers accept 1..=this. */
+#define CONNREDIR_RECORD_VERSION 1
+/* A flow is redirected at most this many times; past that it goes direct. */
+#define CONNREDIR_MAX_HOPS 8
+
+/* One endpoint: an IPv4 address sits in the first 4 bytes of addr. */
+struct connredir_endpoint {
+	__u16 family; /* AF_INET (2) or AF_INET6 (10); 0 when unknown */
+	__u16 port; /* network byte order */
+	__u32 scope_id;
+	__u8 addr[16]; /* network byte order */
+};
+
+/* One redirect: which service took the flow, and where it was going. */
+struct connredir_hop {
+	__u32 service_id;
+	__u32 reserved;
+	__u64 time_ns; /* CLOCK_BOOTTIME when the redirect happened */
+	struct connredir_endpoint original_dst; /* destination before the redirect */
+	struct connredir_endpoint local; /* the redirected socket's own address */
+};
+
+/*
+ * The redirect records of a connection: the chain of services that redirected
+ * it so far, oldest first, and the process that opened the flow.
+ * `size` is the number of bytes of the blob as written; a reader accepts any
+ * size at least as large as version 1 and ignores what it does not know.
+ */
+struct connredir_record {
+	__u32 magic;
+	__u16 version;
+	__u16 size;
+	__u16 hop_count;
+	__u16 flags;
+	__u32 client_pid; /* tgid of the process that opened the flow */
+	__u32 client_uid;
+	__u32 reserved;
+	__u64 client_cgroup_id;
+	struct connredir_hop hops[CONNREDIR_MAX_HOPS];
+};
+
+/* ---- Per-socket state held by the layer (SK_STORAGE value). */
+
+/* The connect program redirected this socket; sockops hands the record on. */
+#define CONNREDIR_SOCK_HANDOFF_PENDING 1u
+
+struct connredir_sock_state {
+	struct connredir_record record;
+	__u32 flags;
+	__u32 reserved;
+};
+
+/* ---- Services. */
+
+#define CONNREDIR_MAX_SERVICES 64
+#define CONNREDIR_MAX_CONTEXT 1024
+
+#define CONNREDIR_SERVICE_ACTIVE 1u
+#define CONNREDIR_SERVICE_LISTEN4 2u
+#define CONNREDIR_SERVICE_LISTEN6 4u
+
+/* Value of the services array, indexed by service id (0 is never used). */
+struct connredir_service {
+	__u32 flags;
+	__u32 context_len; /* 0: the default context (original addresses) */
+	struct connredir_endpoint listen4;
+	struct connredir_endpoint listen6;
+	__u8 context[CONNREDIR_MAX_CONTEXT];
+};
+
+/* The default redirect context: the original destination and local address. */
+struct connredir_default_context {
+	struct connredir_endpoint remote;
+	struct connredir_endpoint local;
+};
+
+/* ---- Rules. */
+
+#define CONNREDIR_PROTO_TCP 6
+/* Rules that can match one destination at once (after prefix merging). */
+#define CONNREDIR_MAX_RULES_PER_PREFIX 16
+#define CONNREDIR_ANY_UID 0xffffffffu
+
+/*
+ * Key of the rules LPM trie. data[0] is the family tag (4 or 6), then the
+ * address: prefixlen counts 8 bits for the tag plus the prefix length.
+ */
+struct connredir_rule_key {
+	__u32 prefixlen;
+	__u8 data[17];
+};
+
+struct connredir_rule {
+	__u32 rule_id;
+	__u32 service_id;
+	__u32 uid; /* CONNREDIR_ANY_UID: any */
+	__u16 port_min; /* host order, inclusive */
+	__u16 port_max;
+	__u8 protocol;
+	__u8 reserved[3];
+};
+
+/* Every rule whose prefix contains the key's prefix, in evaluation order. */
+struct connredir_rule_set {
+	__u32 count;
+	__u32 reserved;
+	struct connredir_rule rules[CONNREDIR_MAX_RULES_PER_PREFIX];
+};
+
+/* ---- Hand-off of records from the connecting socket to the accepted one. */
+
+/* Addresses are IPv6 or IPv4-mapped IPv6; ports in host order. */
+struct connredir_handoff_key {
+	__u8 client_addr[16];
+	__u8 service_addr[16];
+	__u16 client_port;
+	__u16 service_port;
+};
+
+/* Key of the service_addrs hash: a listening endpoint, normalised as above. */
+struct connredir_addr_key {
+	__u8 addr[16];
+	__u16 port;
+	__u16 reserved;
+};
+
+/* ---- Counters (indices of the per-CPU counters array). */
+
+enum connredir_counter {
+	CONNREDIR_CNT_REDIRECTS = 0,
+	CONNREDIR_CNT_LOOPS_PREVENTED = 1,
+	CONNREDIR_CNT_HOP_LIMIT = 2,
+	CONNREDIR_CNT_HANDOFFS = 3,
+	CONNREDIR_CNT_HANDOFF_MISSES = 4,
+	CONNREDIR_CNT_DENIED_SETS = 5,
+	CONNREDIR_CNT_RECORDS_SET = 6,
+	CONNREDIR_CNT_ORIGINAL_DST_ANSWERED = 7,
+	CONNREDIR_CNT_MAX = 8,
+};
+
+/* ---- Map names, as the engine finds them in the object. */
+#define CONNREDIR_MAP_SOCK_STATE "sock_state"
+#define CONNREDIR_MAP_SERVICES "services"
+#define CONNREDIR_MAP_SERVICE_BY_PID "service_by_pid"
+#define CONNREDIR_MAP_SERVICE_BY_CGROUP "service_by_cgroup"
+#define CONNREDIR_MAP_SERVICE_BY_UID "service_by_uid"
+#define CONNREDIR_MAP_SERVICE_ADDRS "service_addrs"
+#define CONNREDIR_MAP_RULES "rules"
+#define CONNREDIR_MAP_HANDOFF "handoff"
+#define CONNREDIR_MAP_COUNTERS "counters"
+
+/* Capacity of the maps whose size user space needs to know. */
+#define CONNREDIR_MAX_RULE_PREFIXES 131072
+#define CONNREDIR_MAX_HANDOFFS 65536
+#define CONNREDIR_MAX_IDENTITIES 1024
+
+#endif /* CONNREDIR_ABI_H */

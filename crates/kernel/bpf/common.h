@@ -1,0 +1,210 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/* Maps, constants and small helpers shared by every connredir program. */
+#ifndef CONNREDIR_COMMON_H
+#define CONNREDIR_COMMON_H
+
+#include <linux/bpf.h>
+#include <linux/errno.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <connredir/abi.h>
+
+/* From <sys/socket.h> and <netinet/tcp.h>, which are not usable here. */
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define SOL_IP 0
+#define SOL_IPV6 41
+
+enum {
+	TCP_ESTABLISHED = 1,
+	TCP_SYN_SENT = 2,
+	TCP_SYN_RECV = 3,
+	TCP_CLOSE = 7,
+	TCP_LISTEN = 10,
+	TCP_NEW_SYN_RECV = 12,
+};
+
+/* ---- Maps: their names are the CONNREDIR_MAP_* strings of abi.h. */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct connredir_sock_state);
+} sock_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CONNREDIR_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct connredir_service);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CONNREDIR_MAX_IDENTITIES);
+	__type(key, __u32);
+	__type(value, __u32);
+} service_by_pid SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CONNREDIR_MAX_IDENTITIES);
+	__type(key, __u64);
+	__type(value, __u32);
+} service_by_cgroup SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CONNREDIR_MAX_IDENTITIES);
+	__type(key, __u32);
+	__type(value, __u32);
+} service_by_uid SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CONNREDIR_MAX_SERVICES * 4);
+	__type(key, struct connredir_addr_key);
+	__type(value, __u32);
+} service_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, CONNREDIR_MAX_RULE_PREFIXES);
+	__type(key, struct connredir_rule_key);
+	__type(value, struct connredir_rule_set);
+} rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, CONNREDIR_MAX_HANDOFFS);
+	__type(key, struct connredir_handoff_key);
+	__type(value, struct connredir_record);
+} handoff SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CONNREDIR_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* ---- Helpers. */
+
+/*
+ * A ctx field read the compiler must keep as one fixed-offset load: left to
+ * itself, clang may turn `cond ? ctx->a : ctx->b` into a load through a
+ * computed ctx pointer, which the verifier rejects.
+ */
+#define ctx_read(field) (*(volatile typeof(field) *)&(field))
+
+static __always_inline void count(__u32 counter)
+{
+	__u64 *value = bpf_map_lookup_elem(&counters, &counter);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline int is_v4_mapped(const __u32 ip6[4])
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void endpoint_set_v4(struct connredir_endpoint *ep,
+					    __u32 ip, __u16 port_be)
+{
+	__u32 *addr = (__u32 *)ep->addr;
+
+	ep->family = AF_INET;
+	ep->port = port_be;
+	ep->scope_id = 0;
+	addr[0] = ip;
+	addr[1] = 0;
+	addr[2] = 0;
+	addr[3] = 0;
+}
+
+static __always_inline void endpoint_set_v6(struct connredir_endpoint *ep,
+					    const __u32 ip6[4], __u16 port_be)
+{
+	__u32 *addr = (__u32 *)ep->addr;
+
+	if (is_v4_mapped(ip6)) {
+		endpoint_set_v4(ep, ip6[3], port_be);
+		return;
+	}
+	ep->family = AF_INET6;
+	ep->port = port_be;
+	ep->scope_id = 0;
+	addr[0] = ip6[0];
+	addr[1] = ip6[1];
+	addr[2] = ip6[2];
+	addr[3] = ip6[3];
+}
+
+/* Writes an endpoint as a 16-byte IPv6 address, IPv4 as ::ffff:a.b.c.d. */
+static __always_inline void endpoint_to_mapped(const struct connredir_endpoint *ep,
+					       __u32 out[4])
+{
+	const __u32 *addr = (const __u32 *)ep->addr;
+
+	if (ep->family == AF_INET) {
+		out[0] = 0;
+		out[1] = 0;
+		out[2] = bpf_htonl(0xffff);
+		out[3] = addr[0];
+	} else {
+		out[0] = addr[0];
+		out[1] = addr[1];
+		out[2] = addr[2];
+		out[3] = addr[3];
+	}
+}
+
+/*
+ * The ids of the services whose registered identity is the current process:
+ * by process, by cgroup and by uid (0 where none matches).
+ */
+struct caller_services {
+	__u32 by_pid;
+	__u32 by_cgroup;
+	__u32 by_uid;
+	__u32 uid;
+};
+
+static __always_inline void caller_services(struct caller_services *out)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 uid = (__u32)bpf_get_current_uid_gid();
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	__u32 *id;
+
+	out->uid = uid;
+	id = bpf_map_lookup_elem(&service_by_pid, &tgid);
+	out->by_pid = id ? *id : 0;
+	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
+	out->by_cgroup = id ? *id : 0;
+	id = bpf_map_lookup_elem(&service_by_uid, &uid);
+	out->by_uid = id ? *id : 0;
+}
+
+static __always_inline int caller_is(const struct caller_services *caller,
+				     __u32 service_id)
+{
+	return service_id != 0 &&
+	       (caller->by_pid == service_id || caller->by_cgroup == service_id ||
+		caller->by_uid == service_id);
+}
+
+static __always_inline __u32 clamp_hops(__u32 hop_count)
+{
+	return hop_count > CONNREDIR_MAX_HOPS ? CONNREDIR_MAX_HOPS : hop_count;
+}
+
+#endif /* CONNREDIR_COMMON_H */

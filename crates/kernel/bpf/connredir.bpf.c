@@ -1,0 +1,12 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * The connredir kernel programs, built as one object so they share maps:
+ *   redirect.c  cgroup/connect4, cgroup/connect6: where a redirect is decided
+ *   handoff.c   sockops: the record travels to the socket the service accepts
+ *   sockopt.c   cgroup/getsockopt, cgroup/setsockopt: the redirect operations
+ */
+#include "redirect.c"
+#include "handoff.c"
+#include "sockopt.c"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,167 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * Hand-off of the redirect record from the connecting socket to the socket
+ * the service accepts.
+ *
+ * TCP_CONNECT_CB (client side, source address now bound): the record goes into
+ * the hand-off map under the connection's 4-tuple. PASSIVE_ESTABLISHED_CB
+ * (service side, in the listener's cgroup): the record is copied onto the
+ * accepted socket and the entry deleted. A connection that never reaches the
+ * service (refused, reset, timed out) deletes its entry when the client socket
+ * closes, so the map does not grow without bound.
+ */
+#include "common.h"
+
+struct tuple {
+	__u32 local[4];
+	__u32 remote[4];
+	__u16 local_port; /* host order */
+	__u16 remote_port; /* host order */
+};
+
+/*
+ * Reads the 4-tuple, every ctx field once, unconditionally and through
+ * ctx_read. IPv4 addresses become IPv4-mapped IPv6.
+ */
+static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct tuple *t)
+{
+	__u32 family = ctx_read(skops->family);
+	__u32 remote_port = ctx_read(skops->remote_port);
+	__u32 local_port = ctx_read(skops->local_port);
+	__u32 local4 = ctx_read(skops->local_ip4);
+	__u32 remote4 = ctx_read(skops->remote_ip4);
+	__u32 l0 = ctx_read(skops->local_ip6[0]), l1 = ctx_read(skops->local_ip6[1]);
+	__u32 l2 = ctx_read(skops->local_ip6[2]), l3 = ctx_read(skops->local_ip6[3]);
+	__u32 r0 = ctx_read(skops->remote_ip6[0]), r1 = ctx_read(skops->remote_ip6[1]);
+	__u32 r2 = ctx_read(skops->remote_ip6[2]), r3 = ctx_read(skops->remote_ip6[3]);
+
+	t->local_port = (__u16)local_port;
+	/* remote_port holds the network-order port in its upper 16 bits. */
+	t->remote_port = bpf_ntohs((__u16)(remote_port >> 16));
+	if (family == AF_INET) {
+		l0 = 0;
+		l1 = 0;
+		l2 = bpf_htonl(0xffff);
+		l3 = local4;
+		r0 = 0;
+		r1 = 0;
+		r2 = bpf_htonl(0xffff);
+		r3 = remote4;
+	}
+	t->local[0] = l0;
+	t->local[1] = l1;
+	t->local[2] = l2;
+	t->local[3] = l3;
+	t->remote[0] = r0;
+	t->remote[1] = r1;
+	t->remote[2] = r2;
+	t->remote[3] = r3;
+}
+
+static __always_inline void handoff_key(struct connredir_handoff_key *key,
+					const __u32 client[4], __u16 client_port,
+					const __u32 service[4], __u16 service_port)
+{
+	__builtin_memcpy(key->client_addr, client, 16);
+	__builtin_memcpy(key->service_addr, service, 16);
+	key->client_port = client_port;
+	key->service_port = service_port;
+}
+
+static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
+				       const struct tuple *tp, __u32 cb_flags)
+{
+	struct connredir_handoff_key key = {};
+	struct connredir_sock_state *state;
+	struct connredir_hop *hop;
+	struct tuple t = *tp;
+	__u32 hop_count;
+
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
+		return;
+	state->flags &= ~CONNREDIR_SOCK_HANDOFF_PENDING;
+	hop_count = clamp_hops(state->record.hop_count);
+	if (hop_count == 0)
+		return;
+
+	hop = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)];
+	endpoint_set_v6(&hop->local, t.local, bpf_htons(t.local_port));
+
+	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	if (bpf_map_update_elem(&handoff, &key, &state->record, BPF_ANY)) {
+		count(CONNREDIR_CNT_HANDOFF_MISSES);
+		return;
+	}
+	/* Ask for state changes so a failed connection removes its entry. */
+	bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void on_passive_established(struct bpf_sock *sk, const struct tuple *tp)
+{
+	struct connredir_handoff_key key = {};
+	struct connredir_addr_key addr = {};
+	struct connredir_sock_state *state;
+	struct connredir_record *record;
+	const struct tuple t = *tp;
+
+	handoff_key(&key, t.remote, t.remote_port, t.local, t.local_port);
+	record = bpf_map_lookup_elem(&handoff, &key);
+	if (!record) {
+		/* Only a service's listener is owed a record. */
+		__builtin_memcpy(addr.addr, t.local, 16);
+		addr.port = t.local_port;
+		if (bpf_map_lookup_elem(&service_addrs, &addr))
+			count(CONNREDIR_CNT_HANDOFF_MISSES);
+		return;
+	}
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (state) {
+		state->record = *record;
+		state->flags = 0;
+		count(CONNREDIR_CNT_HANDOFFS);
+	} else {
+		count(CONNREDIR_CNT_HANDOFF_MISSES);
+	}
+	bpf_map_delete_elem(&handoff, &key);
+}
+
+static __always_inline void on_close(const struct tuple *tp)
+{
+	struct connredir_handoff_key key = {};
+	const struct tuple t = *tp;
+
+	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	bpf_map_delete_elem(&handoff, &key);
+}
+
+SEC("sockops")
+int connredir_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	struct bpf_sock *sk = skops->sk;
+	__u32 cb_flags = skops->bpf_sock_ops_cb_flags;
+	__u32 new_state = skops->args[1];
+	struct tuple t = {};
+
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	read_tuple(skops, &t);
+
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		if (sk)
+			on_connect(skops, sk, &t, cb_flags);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (sk)
+			on_passive_established(sk, &t);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (new_state == TCP_CLOSE)
+			on_close(&t);
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,183 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * The redirect layer: where a redirect is decided.
+ *
+ * cgroup/connect4 and cgroup/connect6 see every TCP connect() in the cgroups
+ * they are attached to. The rules that match the destination come from one
+ * LPM-trie lookup (user space merges every rule whose prefix covers a longer
+ * one into the longer prefix's set, already in evaluation order). A rule is
+ * skipped when its service already handled this flow (its id is in the
+ * socket's redirect record) or when the connecting process is the service
+ * itself; the first remaining rule wins: the destination becomes the
+ * service's listening address and a hop is appended to the record.
+ */
+#include "common.h"
+
+/* Is the service already in the record's chain (by self, or previously)? */
+static __always_inline int in_chain(const struct connredir_record *record,
+				    __u32 hop_count, __u32 service_id)
+{
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		if (i >= hop_count)
+			break;
+		if (record->hops[i].service_id == service_id)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * Decides the fate of a connect to `dst`. Returns the service's listening
+ * endpoint to connect to instead, or NULL to leave the connection alone.
+ * `want_v6` asks for the service's IPv6 listener (native IPv6 destination).
+ */
+static __always_inline const struct connredir_endpoint *
+decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6)
+{
+	struct connredir_rule_key key = {};
+	struct connredir_rule_set *set;
+	struct connredir_sock_state *state;
+	struct caller_services caller;
+	__u32 hop_count = 0, count_rules;
+	__u16 port = bpf_ntohs(dst->port);
+	int skipped = 0;
+
+	key.data[0] = want_v6 ? 6 : 4;
+	key.prefixlen = 8 + (want_v6 ? 128 : 32);
+	__builtin_memcpy(&key.data[1], dst->addr, 16);
+	set = bpf_map_lookup_elem(&rules, &key);
+	if (!set)
+		return NULL;
+
+	caller_services(&caller);
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (state)
+		hop_count = clamp_hops(state->record.hop_count);
+
+	count_rules = set->count;
+	for (__u32 i = 0; i < CONNREDIR_MAX_RULES_PER_PREFIX; i++) {
+		const struct connredir_rule *rule;
+		struct connredir_service *service;
+		struct connredir_hop *hop;
+		__u32 service_id;
+
+		if (i >= count_rules)
+			break;
+		rule = &set->rules[i];
+		if (rule->protocol != CONNREDIR_PROTO_TCP || port < rule->port_min ||
+		    port > rule->port_max)
+			continue;
+		if (rule->uid != CONNREDIR_ANY_UID && rule->uid != caller.uid)
+			continue;
+		service_id = rule->service_id;
+		/* A service never takes a flow it handled or opened itself. */
+		if (caller_is(&caller, service_id) ||
+		    (state && in_chain(&state->record, hop_count, service_id))) {
+			skipped = 1;
+			continue;
+		}
+		service = bpf_map_lookup_elem(&services, &service_id);
+		if (!service || !(service->flags & CONNREDIR_SERVICE_ACTIVE))
+			continue;
+		if (!(service->flags & (want_v6 ? CONNREDIR_SERVICE_LISTEN6
+						: CONNREDIR_SERVICE_LISTEN4)))
+			continue;
+
+		if (skipped)
+			count(CONNREDIR_CNT_LOOPS_PREVENTED);
+		if (hop_count >= CONNREDIR_MAX_HOPS) {
+			count(CONNREDIR_CNT_HOP_LIMIT);
+			return NULL;
+		}
+		if (!state) {
+			state = bpf_sk_storage_get(&sock_state, sk, 0,
+						   BPF_SK_STORAGE_GET_F_CREATE);
+			if (!state)
+				return NULL;
+		}
+		if (hop_count == 0) {
+			/* First redirect: this process opened the flow. */
+			state->record.magic = CONNREDIR_RECORD_MAGIC;
+			state->record.version = CONNREDIR_RECORD_VERSION;
+			state->record.size = sizeof(struct connredir_record);
+			state->record.client_pid = bpf_get_current_pid_tgid() >> 32;
+			state->record.client_uid = caller.uid;
+			state->record.client_cgroup_id = bpf_get_current_cgroup_id();
+		}
+		hop = &state->record.hops[hop_count & (CONNREDIR_MAX_HOPS - 1)];
+		hop->service_id = service_id;
+		hop->reserved = 0;
+		hop->time_ns = bpf_ktime_get_boot_ns();
+		hop->original_dst = *dst;
+		/* The local address is known once the socket is bound (sockops). */
+		__builtin_memset(&hop->local, 0, sizeof(hop->local));
+		state->record.hop_count = hop_count + 1;
+		state->flags |= CONNREDIR_SOCK_HANDOFF_PENDING;
+		count(CONNREDIR_CNT_REDIRECTS);
+		return want_v6 ? &service->listen6 : &service->listen4;
+	}
+	if (skipped)
+		count(CONNREDIR_CNT_LOOPS_PREVENTED);
+	return NULL;
+}
+
+SEC("cgroup/connect4")
+int connredir_connect4(struct bpf_sock_addr *ctx)
+{
+	__u32 type = ctx->type;
+	__u32 ip = ctx->user_ip4;
+	__u16 port = (__u16)ctx->user_port;
+	struct bpf_sock *sk = ctx->sk;
+	const struct connredir_endpoint *target;
+	struct connredir_endpoint dst;
+
+	if (type != SOCK_STREAM || !sk)
+		return 1;
+	endpoint_set_v4(&dst, ip, port);
+	target = decide(sk, &dst, 0);
+	if (target) {
+		ctx->user_ip4 = *(const __u32 *)target->addr;
+		ctx->user_port = target->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int connredir_connect6(struct bpf_sock_addr *ctx)
+{
+	__u32 type = ctx->type;
+	__u32 ip6[4];
+	__u16 port = (__u16)ctx->user_port;
+	struct bpf_sock *sk = ctx->sk;
+	const struct connredir_endpoint *target;
+	struct connredir_endpoint dst;
+	int mapped;
+
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	if (type != SOCK_STREAM || !sk)
+		return 1;
+	/* An IPv4-mapped destination follows the IPv4 rules and listeners. */
+	mapped = is_v4_mapped(ip6);
+	endpoint_set_v6(&dst, ip6, port);
+	target = decide(sk, &dst, !mapped);
+	if (!target)
+		return 1;
+	if (mapped) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = *(const __u32 *)target->addr;
+	} else {
+		const __u32 *addr = (const __u32 *)target->addr;
+
+		ctx->user_ip6[0] = addr[0];
+		ctx->user_ip6[1] = addr[1];
+		ctx->user_ip6[2] = addr[2];
+		ctx->user_ip6[3] = addr[3];
+	}
+	ctx->user_port = target->port;
+	return 1;
+}

@@ -1,0 +1,277 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * The syscall-level interface: the three redirect operations as
+ * getsockopt/setsockopt on the private level CONNREDIR_SOL, and the
+ * transparent-proxy SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST answered from the
+ * record (a cgroup/connect redirect leaves no conntrack entry to answer it).
+ *
+ * Buffer protocol of the queries (as the WFP control codes): a length of 0
+ * (with a NULL buffer) returns the size needed; a length below 4 is EINVAL;
+ * a buffer too small is ENOBUFS (the size needed cannot travel with an error:
+ * ask again with 0).
+ */
+#include "common.h"
+
+static __always_inline int is_connected(__u32 state)
+{
+	return state != TCP_CLOSE && state != TCP_LISTEN && state != TCP_SYN_SENT &&
+	       state != TCP_SYN_RECV && state != TCP_NEW_SYN_RECV;
+}
+
+/* The newest hop of the record that belongs to one of the caller's services. */
+static __always_inline const struct connredir_hop *
+own_hop(const struct connredir_record *record, const struct caller_services *caller)
+{
+	__u32 hop_count = clamp_hops(record->hop_count);
+	const struct connredir_hop *found = NULL;
+
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		if (i >= hop_count)
+			break;
+		if (caller_is(caller, record->hops[i].service_id))
+			found = &record->hops[i];
+	}
+	return found;
+}
+
+/* Checks the buffer protocol; returns 0 to go on and copy, or sets the answer. */
+static __always_inline int buffer_check(struct bpf_sockopt *ctx, __s32 optlen, __u32 needed)
+{
+	if (optlen == 0) {
+		ctx->optlen = needed;
+		ctx->retval = 0;
+		return 1;
+	}
+	if (optlen < (__s32)sizeof(__u32)) {
+		ctx->retval = -EINVAL;
+		return 1;
+	}
+	if (optlen < (__s32)needed) {
+		ctx->retval = -ENOBUFS;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void get_records(struct bpf_sockopt *ctx, __s32 optlen, void *optval,
+					void *optval_end,
+					const struct connredir_sock_state *state)
+{
+	struct connredir_record *out = optval;
+
+	if (buffer_check(ctx, optlen, sizeof(*out)))
+		return;
+	if ((void *)(out + 1) > optval_end) {
+		ctx->retval = -ENOBUFS;
+		return;
+	}
+	*out = state->record;
+	ctx->optlen = sizeof(*out);
+	ctx->retval = 0;
+}
+
+static __always_inline void get_context(struct bpf_sockopt *ctx, __s32 optlen, void *optval,
+					void *optval_end,
+					const struct connredir_sock_state *state)
+{
+	struct caller_services caller;
+	const struct connredir_hop *hop;
+	struct connredir_service *service;
+	__u32 service_id, len;
+
+	caller_services(&caller);
+	hop = own_hop(&state->record, &caller);
+	if (!hop) {
+		/* Neither redirected by self nor previously by self. */
+		ctx->retval = -EACCES;
+		return;
+	}
+	service_id = hop->service_id;
+	service = bpf_map_lookup_elem(&services, &service_id);
+	len = service ? service->context_len : 0;
+	if (len > CONNREDIR_MAX_CONTEXT)
+		len = CONNREDIR_MAX_CONTEXT;
+
+	if (len == 0 || !service) {
+		struct connredir_default_context *out = optval;
+
+		if (buffer_check(ctx, optlen, sizeof(*out)))
+			return;
+		if ((void *)(out + 1) > optval_end) {
+			ctx->retval = -ENOBUFS;
+			return;
+		}
+		out->remote = hop->original_dst;
+		out->local = hop->local;
+		ctx->optlen = sizeof(*out);
+		ctx->retval = 0;
+		return;
+	}
+
+	if (buffer_check(ctx, optlen, len))
+		return;
+	for (__u32 i = 0; i < CONNREDIR_MAX_CONTEXT; i++) {
+		__u8 *byte = (__u8 *)optval + i;
+
+		if (i >= len)
+			break;
+		if ((void *)(byte + 1) > optval_end) {
+			ctx->retval = -ENOBUFS;
+			return;
+		}
+		*byte = service->context[i];
+	}
+	ctx->optlen = len;
+	ctx->retval = 0;
+}
+
+static __always_inline void get_original_dst(struct bpf_sockopt *ctx, int level, __s32 optlen,
+					     void *optval, void *optval_end,
+					     const struct connredir_sock_state *state)
+{
+	__u32 hop_count = clamp_hops(state->record.hop_count);
+	const struct connredir_endpoint *dst;
+
+	if (hop_count == 0)
+		return;
+	/* The destination the connection had when it was redirected to us. */
+	dst = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)].original_dst;
+
+	if (level == SOL_IP) {
+		struct sockaddr_in *out = optval;
+
+		if (dst->family != AF_INET || optlen < (__s32)sizeof(*out) ||
+		    (void *)(out + 1) > optval_end)
+			return;
+		__builtin_memset(out, 0, sizeof(*out));
+		out->sin_family = AF_INET;
+		out->sin_port = dst->port;
+		out->sin_addr.s_addr = *(const __u32 *)dst->addr;
+		ctx->optlen = sizeof(*out);
+	} else {
+		struct sockaddr_in6 *out = optval;
+		__u32 ip6[4];
+
+		if (optlen < (__s32)sizeof(*out) || (void *)(out + 1) > optval_end)
+			return;
+		endpoint_to_mapped(dst, ip6);
+		__builtin_memset(out, 0, sizeof(*out));
+		out->sin6_family = AF_INET6;
+		out->sin6_port = dst->port;
+		__builtin_memcpy(&out->sin6_addr, ip6, 16);
+		out->sin6_scope_id = dst->scope_id;
+		ctx->optlen = sizeof(*out);
+	}
+	ctx->retval = 0;
+	count(CONNREDIR_CNT_ORIGINAL_DST_ANSWERED);
+}
+
+SEC("cgroup/getsockopt")
+int connredir_getsockopt(struct bpf_sockopt *ctx)
+{
+	int level = ctx->level;
+	int optname = ctx->optname;
+	__s32 optlen = ctx->optlen;
+	struct bpf_sock *sk = ctx->sk;
+	void *optval = ctx->optval;
+	void *optval_end = ctx->optval_end;
+	struct connredir_sock_state *state;
+	__u32 sk_state;
+
+	if (level == CONNREDIR_SOL) {
+		if (optname != CONNREDIR_SO_RECORDS && optname != CONNREDIR_SO_CONTEXT) {
+			ctx->retval = -ENOPROTOOPT;
+			return 1;
+		}
+		if (!sk) {
+			ctx->retval = -EINVAL;
+			return 1;
+		}
+		sk_state = sk->state;
+		if (!is_connected(sk_state)) {
+			ctx->retval = -ENOTCONN;
+			return 1;
+		}
+		state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+		if (!state || state->record.hop_count == 0) {
+			ctx->retval = -ENOENT;
+			return 1;
+		}
+		if (optname == CONNREDIR_SO_RECORDS)
+			get_records(ctx, optlen, optval, optval_end, state);
+		else
+			get_context(ctx, optlen, optval, optval_end, state);
+		return 1;
+	}
+
+	if ((level == SOL_IP && optname == CONNREDIR_SO_ORIGINAL_DST) ||
+	    (level == SOL_IPV6 && optname == CONNREDIR_IP6T_SO_ORIGINAL_DST)) {
+		if (!sk)
+			return 1;
+		state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+		if (state)
+			get_original_dst(ctx, level, optlen, optval, optval_end, state);
+	}
+	return 1;
+}
+
+/* Only root and registered services may set records: a forged record would
+ * let a client skip inspection. */
+static __always_inline int may_set_records(void)
+{
+	struct caller_services caller;
+
+	caller_services(&caller);
+	return caller.uid == 0 || caller.by_pid || caller.by_cgroup || caller.by_uid;
+}
+
+static __always_inline int reject(__s32 err)
+{
+	bpf_set_retval(err);
+	return 0;
+}
+
+SEC("cgroup/setsockopt")
+int connredir_setsockopt(struct bpf_sockopt *ctx)
+{
+	int level = ctx->level;
+	int optname = ctx->optname;
+	__s32 optlen = ctx->optlen;
+	struct bpf_sock *sk = ctx->sk;
+	void *optval = ctx->optval;
+	void *optval_end = ctx->optval_end;
+	const struct connredir_record *in = optval;
+	struct connredir_sock_state *state;
+	__u32 sk_state;
+
+	if (level != CONNREDIR_SOL)
+		return 1;
+	if (optname != CONNREDIR_SO_RECORDS)
+		return reject(-ENOPROTOOPT);
+	if (!may_set_records()) {
+		count(CONNREDIR_CNT_DENIED_SETS);
+		return reject(-EACCES);
+	}
+	if (!sk)
+		return reject(-EINVAL);
+	sk_state = sk->state;
+	if (sk_state != TCP_CLOSE)
+		return reject(sk_state == TCP_LISTEN ? -EINVAL : -EISCONN);
+	if (optlen < (__s32)sizeof(*in) || (void *)(in + 1) > optval_end)
+		return reject(-EINVAL);
+	if (in->magic != CONNREDIR_RECORD_MAGIC || in->version == 0 ||
+	    in->version > CONNREDIR_RECORD_VERSION || in->size < sizeof(*in) ||
+	    in->size > optlen || in->hop_count > CONNREDIR_MAX_HOPS)
+		return reject(-EINVAL);
+
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return reject(-ENOMEM);
+	state->record = *in;
+	state->record.size = sizeof(*in);
+	state->flags = 0;
+	count(CONNREDIR_CNT_RECORDS_SET);
+	/* Consumed here: the kernel never sees this private level. */
+	ctx->optlen = -1;
+	return 1;
+}

@@ -1,0 +1,65 @@
+//! The connredir kernel programs, as one BPF object embedded at build time.
+//!
+//! The C sources are in `bpf/`:
+//! - `redirect.c`: `cgroup/connect4` and `cgroup/connect6`, where a redirect
+//!   is decided;
+//! - `handoff.c`: `sockops`, which carries the record to the accepted socket;
+//! - `sockopt.c`: `cgroup/getsockopt` and `cgroup/setsockopt`, the redirect
+//!   operations at the syscall level and `SO_ORIGINAL_DST`.
+
+/// Wrapper that gives the embedded object the alignment the ELF parser needs.
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+
+static OBJECT_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
+    env!("OUT_DIR"),
+    "/connredir.bpf.o"
+)));
+
+/// The compiled BPF object (ELF), ready for `aya::EbpfLoader::load`.
+pub fn object() -> &'static [u8] {
+    &OBJECT_ALIGNED.0
+}
+
+/// Program names (the C function names) inside [`object`].
+pub mod programs {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: &str = "connredir_connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "connredir_connect6";
+    /// `sockops`: record hand-off.
+    pub const SOCKOPS: &str = "connredir_sockops";
+    /// `cgroup/getsockopt`.
+    pub const GETSOCKOPT: &str = "connredir_getsockopt";
+    /// `cgroup/setsockopt`.
+    pub const SETSOCKOPT: &str = "connredir_setsockopt";
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn object_is_a_bpf_elf() {
+        let obj = super::object();
+        assert_eq!(&obj[..4], b"\x7fELF");
+        // e_machine 247 = EM_BPF
+        assert_eq!(u16::from_le_bytes([obj[18], obj[19]]), 247);
+    }
+
+    #[test]
+    fn object_defines_every_program_and_map_name() {
+        let obj = super::object();
+        let contains = |name: &str| obj.windows(name.len()).any(|w| w == name.as_bytes());
+        for name in connredir_abi::map_names::ALL {
+            assert!(contains(name), "map {name} missing from the object");
+        }
+        for name in [
+            super::programs::CONNECT4,
+            super::programs::CONNECT6,
+            super::programs::SOCKOPS,
+            super::programs::GETSOCKOPT,
+            super::programs::SETSOCKOPT,
+        ] {
+            assert!(contains(name), "program {name} missing from the object");
+        }
+    }
+}
