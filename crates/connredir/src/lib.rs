@@ -1,0 +1,318 @@
+//! The library proxy authors use with connredir.
+//!
+//! A redirect service (an inspection proxy) accepts a connection the
+//! redirect layer sent it, then:
+//!
+//! ```no_run
+//! use std::net::{TcpListener, TcpStream};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = TcpListener::bind("127.0.0.1:8000")?;
+//! let (client, _) = listener.accept()?;
+//! let records = connredir::query_records(&client)?;          // the opaque blob
+//! let destination = connredir::original_destination(&client)?;
+//! let onward = socket2::Socket::new(socket2::Domain::for_address(destination), socket2::Type::STREAM, None)?;
+//! connredir::set_records(&onward, &records)?;                 // before connect
+//! onward.connect(&destination.into())?;
+//! // ... inspect and relay between `client` and `onward` ...
+//! # Ok(()) }
+//! ```
+//!
+//! The records name the services that already handled the flow, so when the
+//! onward connection meets the redirect layer again it goes to the next
+//! service, or to the destination, and never back: independent proxies
+//! inspect one flow in turn without loops.
+//!
+//! Every operation is a `getsockopt`/`setsockopt` on the private level
+//! [`sockopt::LEVEL`], answered by the layer's BPF programs; the byte-buffer
+//! functions follow the buffer protocol of the Windows control codes
+//! `SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS`,
+//! `SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT` and
+//! `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`.
+
+mod records;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+pub use records::{
+    redirect_state, ClientIdentity, Hop, RedirectContext, RedirectRecords, RedirectState, ServiceId,
+};
+
+/// Socket option numbers, for code that calls getsockopt/setsockopt itself.
+pub mod sockopt {
+    /// The private option level.
+    pub const LEVEL: i32 = connredir_abi::CONNREDIR_SOL as i32;
+    /// get: the redirect records; set: hand records to a new socket.
+    pub const RECORDS: i32 = connredir_abi::CONNREDIR_SO_RECORDS as i32;
+    /// get: the redirect context (only for the service that redirected).
+    pub const CONTEXT: i32 = connredir_abi::CONNREDIR_SO_CONTEXT as i32;
+    /// `SO_ORIGINAL_DST` at `SOL_IP`, answered from the records.
+    pub const SO_ORIGINAL_DST: i32 = connredir_abi::CONNREDIR_SO_ORIGINAL_DST as i32;
+    /// `IP6T_SO_ORIGINAL_DST` at `SOL_IPV6`, answered from the records.
+    pub const IP6T_SO_ORIGINAL_DST: i32 = connredir_abi::CONNREDIR_IP6T_SO_ORIGINAL_DST as i32;
+}
+
+/// What can go wrong, in the terms of the WFP control codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The buffer is too small; `needed` bytes are.
+    #[error("buffer too small: {needed} bytes are needed")]
+    InsufficientBuffer {
+        /// Size needed.
+        needed: usize,
+    },
+    /// A malformed argument: buffer under 4 bytes, bad blob, connected socket.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The socket is not connected.
+    #[error("the socket is not connected: query an accepted connection")]
+    NotConnected,
+    /// The descriptor is not a socket.
+    #[error("the descriptor is not a socket")]
+    NotASocket,
+    /// The redirect layer does not cover this socket.
+    #[error("not supported: the connredir layer is not loaded for this socket's cgroup (is `connredir up` running, and is this process in an attached cgroup?)")]
+    NotSupported,
+    /// The caller may not do this: setting records needs root or a
+    /// registered service; the context is only for the redirecting service.
+    #[error("access denied: only root or a registered service's process may set records, and only the service that redirected a connection may read its context")]
+    AccessDenied,
+    /// The connection was not redirected: it has no records.
+    #[error("the connection was not redirected: it has no redirect records")]
+    NotRedirected,
+    /// Any other system error.
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+impl Error {
+    /// Maps the errno of an operation to the error it means here.
+    fn from_errno(err: std::io::Error) -> Error {
+        match err.raw_os_error() {
+            Some(libc::ENOTCONN) => Error::NotConnected,
+            Some(libc::ENOTSOCK) => Error::NotASocket,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT) => Error::NotSupported,
+            Some(libc::EACCES) | Some(libc::EPERM) => Error::AccessDenied,
+            Some(libc::ENOENT) => Error::NotRedirected,
+            Some(libc::EINVAL) => Error::InvalidArgument("rejected by the redirect layer".into()),
+            Some(libc::EISCONN) => Error::InvalidArgument(
+                "the socket is already connected: set records before connect".into(),
+            ),
+            _ => Error::Io(err),
+        }
+    }
+}
+
+/// getsockopt into `buf` (NULL with length 0 for a size query); returns the length.
+fn getsockopt(fd: BorrowedFd<'_>, level: i32, name: i32, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    let ptr = if buf.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    // SAFETY: ptr is NULL or valid for len bytes; len is a valid socklen_t.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, ptr, &mut len) };
+    if rc == 0 {
+        Ok(len as usize)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A query with the buffer protocol of the WFP control codes.
+fn query_into(fd: BorrowedFd<'_>, name: i32, buf: &mut [u8]) -> Result<usize, Error> {
+    if !buf.is_empty() && buf.len() < std::mem::size_of::<u32>() {
+        return Err(Error::InvalidArgument(format!(
+            "a {}-byte buffer is smaller than a u32; pass 0 bytes to ask for the size",
+            buf.len()
+        )));
+    }
+    match getsockopt(fd, sockopt::LEVEL, name, buf) {
+        Ok(n) => Ok(n),
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            // The kernel cannot return the size with an error: ask for it.
+            let needed =
+                getsockopt(fd, sockopt::LEVEL, name, &mut []).map_err(Error::from_errno)?;
+            Err(Error::InsufficientBuffer { needed })
+        }
+        Err(e) => Err(Error::from_errno(e)),
+    }
+}
+
+/// Queries the redirect records into `buf`. With an empty `buf`, returns the
+/// size needed; a buffer too small gives `InsufficientBuffer { needed }`.
+pub fn query_records_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Error> {
+    query_into(fd, sockopt::RECORDS, buf)
+}
+
+/// Queries the redirect context into `buf`, with the same buffer protocol.
+/// Only the service that redirected the connection (now or earlier) may.
+pub fn query_context_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Error> {
+    query_into(fd, sockopt::CONTEXT, buf)
+}
+
+/// Sets the records blob on a new socket, before it connects. Only root and
+/// registered services' processes may.
+pub fn set_records_from(fd: &impl AsFd, blob: &[u8]) -> Result<(), Error> {
+    let fd = fd.as_fd();
+    // SAFETY: blob is valid for blob.len() bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            sockopt::LEVEL,
+            sockopt::RECORDS,
+            blob.as_ptr().cast(),
+            blob.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::from_errno(std::io::Error::last_os_error()))
+    }
+}
+
+/// Reads a blob whose size is asked first.
+fn query_vec(fd: BorrowedFd<'_>, name: i32) -> Result<Vec<u8>, Error> {
+    loop {
+        let needed = query_into(fd, name, &mut [])?;
+        let mut buf = vec![0u8; needed.max(std::mem::size_of::<u32>())];
+        match query_into(fd, name, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // The blob grew between the two calls: ask again.
+            Err(Error::InsufficientBuffer { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The redirect records of an accepted connection.
+pub fn query_records(fd: &impl AsFd) -> Result<RedirectRecords, Error> {
+    RedirectRecords::from_bytes(&query_vec(fd.as_fd(), sockopt::RECORDS)?)
+}
+
+/// The redirect context of an accepted connection, for the service that
+/// redirected it (state redirected-by-self or previously-redirected-by-self).
+pub fn query_context(fd: &impl AsFd) -> Result<RedirectContext, Error> {
+    query_vec(fd.as_fd(), sockopt::CONTEXT).map(RedirectContext)
+}
+
+/// Hands `records` to a new, not yet connected socket.
+pub fn set_records(fd: &impl AsFd, records: &RedirectRecords) -> Result<(), Error> {
+    set_records_from(fd, &records.to_bytes())
+}
+
+/// The original destination of an accepted connection, the way transparent
+/// proxies ask for it (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`).
+pub fn original_destination(fd: &impl AsFd) -> Result<SocketAddr, Error> {
+    let fd = fd.as_fd();
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of_val(&storage) as libc::socklen_t;
+    // SAFETY: storage is valid for len bytes.
+    if unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(Error::from_errno(std::io::Error::last_os_error()));
+    }
+    let attempts: &[(i32, i32)] = if i32::from(storage.ss_family) == libc::AF_INET6 {
+        &[
+            (libc::SOL_IPV6, sockopt::IP6T_SO_ORIGINAL_DST),
+            (libc::SOL_IP, sockopt::SO_ORIGINAL_DST),
+        ]
+    } else {
+        &[(libc::SOL_IP, sockopt::SO_ORIGINAL_DST)]
+    };
+    let mut last = None;
+    for &(level, name) in attempts {
+        let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_in6>()];
+        match getsockopt(fd, level, name, &mut buf) {
+            Ok(n) => {
+                if let Some(addr) = decode_sockaddr(&buf[..n]) {
+                    return Ok(addr);
+                }
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) if e.raw_os_error() == Some(libc::ENOENT) => Error::NotRedirected,
+        Some(e) => Error::from_errno(e),
+        None => Error::NotRedirected,
+    })
+}
+
+fn decode_sockaddr(buf: &[u8]) -> Option<SocketAddr> {
+    let family = i32::from(u16::from_ne_bytes([*buf.first()?, *buf.get(1)?]));
+    let port = u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]);
+    match family {
+        libc::AF_INET if buf.len() >= 8 => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7])),
+            port,
+        )),
+        libc::AF_INET6 if buf.len() >= 28 => {
+            let ip: [u8; 16] = buf[8..24].try_into().ok()?;
+            let scope = u32::from_ne_bytes(buf[24..28].try_into().ok()?);
+            let ip = Ipv6Addr::from(ip);
+            // A v4-mapped answer is an IPv4 destination.
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+                None => SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope)),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn a_pipe_is_not_a_socket() {
+        let (read, _write) = std::io::pipe().unwrap();
+        assert!(matches!(query_records(&read), Err(Error::NotASocket)));
+    }
+
+    #[test]
+    fn without_the_layer_queries_are_not_supported() {
+        // This test process is in no attached cgroup, so the kernel itself
+        // answers the unknown level.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(
+            matches!(query_records(&stream), Err(Error::NotSupported)),
+            "{:?}",
+            query_records(&stream)
+        );
+    }
+
+    #[test]
+    fn buffers_under_a_u32_are_invalid_without_a_syscall() {
+        let (read, _write) = std::io::pipe().unwrap();
+        let err = query_records_into(read.as_fd(), &mut [0u8; 2]).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    }
+
+    #[test]
+    fn sockaddrs_decode() {
+        let mut v4 = [0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 2]);
+        assert_eq!(
+            decode_sockaddr(&v4),
+            Some("127.0.0.2:8080".parse().unwrap())
+        );
+    }
+}

@@ -1,0 +1,416 @@
+//! The redirect records of a connection, typed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::time::Duration;
+
+use connredir_abi::{
+    connredir_default_context, connredir_endpoint, connredir_hop, connredir_record,
+    CONNREDIR_MAX_HOPS, CONNREDIR_RECORD_MAGIC, CONNREDIR_RECORD_VERSION,
+};
+
+use crate::Error;
+
+const AF_INET: u16 = libc::AF_INET as u16;
+const AF_INET6: u16 = libc::AF_INET6 as u16;
+
+/// Identifies a registered redirect service (what a hop records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceId(pub u32);
+
+impl std::fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "service {}", self.0)
+    }
+}
+
+/// The state of a connection as one service sees it (WFP's
+/// `FWPS_CONNECTION_REDIRECT_STATE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectState {
+    /// No service redirected the connection.
+    NotRedirected,
+    /// The service redirected it last: it is the one handling it now.
+    RedirectedBySelf,
+    /// Other services redirected it; this one never did.
+    RedirectedByOther,
+    /// The service redirected it earlier, and another service since.
+    PreviouslyRedirectedBySelf,
+}
+
+/// The redirect state of `records` for `service`; `None` means no records.
+pub fn redirect_state(records: Option<&RedirectRecords>, service: ServiceId) -> RedirectState {
+    records.map_or(RedirectState::NotRedirected, |r| r.state_for(service))
+}
+
+/// Who opened the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// User id.
+    pub uid: u32,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+}
+
+/// One redirect in the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// The service that took the connection.
+    pub service: ServiceId,
+    /// Where the connection was going before this redirect.
+    pub original_destination: SocketAddr,
+    /// The redirected socket's own address, when known.
+    pub local: Option<SocketAddr>,
+    /// When it happened (CLOCK_BOOTTIME).
+    pub since_boot: Duration,
+}
+
+/// Decodes an endpoint; `None` for family 0 or unknown families.
+pub(crate) fn endpoint_addr(ep: &connredir_endpoint) -> Option<SocketAddr> {
+    let port = u16::from_be(ep.port);
+    match ep.family {
+        AF_INET => {
+            let ip = Ipv4Addr::new(ep.addr[0], ep.addr[1], ep.addr[2], ep.addr[3]);
+            Some(SocketAddr::new(IpAddr::V4(ip), port))
+        }
+        AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(ep.addr),
+            port,
+            0,
+            ep.scope_id,
+        ))),
+        _ => None,
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> connredir_endpoint {
+    let mut ep = connredir_endpoint {
+        port: addr.port().to_be(),
+        ..Default::default()
+    };
+    match addr {
+        SocketAddr::V4(a) => {
+            ep.family = AF_INET;
+            ep.addr[..4].copy_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            ep.family = AF_INET6;
+            ep.scope_id = a.scope_id();
+            ep.addr = a.ip().octets();
+        }
+    }
+    ep
+}
+
+/// Reads a plain-data ABI struct from the front of `bytes` (zero-filled when
+/// shorter; callers check the length they need).
+fn read_plain<T: Copy + Default>(bytes: &[u8]) -> T {
+    let mut value = T::default();
+    let n = bytes.len().min(std::mem::size_of::<T>());
+    // SAFETY: T is a bindgen-generated #[repr(C)] struct of integers and
+    // integer arrays: any byte pattern is a valid value; n bytes fit in it.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut value as *mut T).cast(), n) };
+    value
+}
+
+/// Views a plain-data ABI struct as its bytes.
+pub(crate) fn plain_bytes<T: Copy>(value: &T) -> &[u8] {
+    // SAFETY: T is a #[repr(C)] struct of integers with explicit padding
+    // fields, so every byte is initialized; the slice borrows `value`.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast(), std::mem::size_of::<T>()) }
+}
+
+/// The chain of services that redirected a connection, and who opened it.
+/// To a proxy this is an opaque blob to carry from the accepted socket to the
+/// onward one; the accessors are there for logging and policy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RedirectRecords {
+    raw: connredir_record,
+}
+
+impl std::fmt::Debug for RedirectRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedirectRecords")
+            .field("client", &self.client())
+            .field("hops", &self.hops().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for RedirectRecords {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RedirectRecords {
+    /// Size of the blob this version writes.
+    pub const SIZE: usize = std::mem::size_of::<connredir_record>();
+
+    /// Empty records (no hops), current version.
+    pub fn new() -> RedirectRecords {
+        RedirectRecords {
+            raw: connredir_record {
+                magic: CONNREDIR_RECORD_MAGIC,
+                version: CONNREDIR_RECORD_VERSION as u16,
+                size: Self::SIZE as u16,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Parses a blob: checks the magic, the version (1 to the current one),
+    /// the size field and the hop count. A longer blob from a newer minor
+    /// version is read up to what this version knows.
+    pub fn from_bytes(bytes: &[u8]) -> Result<RedirectRecords, Error> {
+        let invalid = |why: String| Err(Error::InvalidArgument(why));
+        if bytes.len() < Self::SIZE {
+            return invalid(format!(
+                "records blob is {} bytes; a valid one has at least {}",
+                bytes.len(),
+                Self::SIZE
+            ));
+        }
+        let raw: connredir_record = read_plain(bytes);
+        if raw.magic != CONNREDIR_RECORD_MAGIC {
+            return invalid("records blob does not start with the connredir magic".into());
+        }
+        if raw.version == 0 || u32::from(raw.version) > CONNREDIR_RECORD_VERSION {
+            return invalid(format!(
+                "records version {} is not supported (this library reads 1 to {CONNREDIR_RECORD_VERSION})",
+                raw.version
+            ));
+        }
+        if (raw.size as usize) < Self::SIZE || raw.size as usize > bytes.len() {
+            return invalid(format!(
+                "records size field says {} bytes, blob has {}",
+                raw.size,
+                bytes.len()
+            ));
+        }
+        if u32::from(raw.hop_count) > CONNREDIR_MAX_HOPS {
+            return invalid(format!(
+                "records claim {} hops; at most {CONNREDIR_MAX_HOPS} exist",
+                raw.hop_count
+            ));
+        }
+        Ok(RedirectRecords { raw })
+    }
+
+    /// The blob, as `set_records_from` takes it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        plain_bytes(&self.raw).to_vec()
+    }
+
+    /// Number of redirects so far.
+    pub fn hop_count(&self) -> usize {
+        usize::from(self.raw.hop_count).min(CONNREDIR_MAX_HOPS as usize)
+    }
+
+    fn raw_hops(&self) -> &[connredir_hop] {
+        &self.raw.hops[..self.hop_count()]
+    }
+
+    /// The hops, oldest first.
+    pub fn hops(&self) -> impl Iterator<Item = Hop> + '_ {
+        self.raw_hops().iter().map(|h| Hop {
+            service: ServiceId(h.service_id),
+            original_destination: endpoint_addr(&h.original_dst)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            local: endpoint_addr(&h.local),
+            since_boot: Duration::from_nanos(h.time_ns),
+        })
+    }
+
+    /// The services that redirected the connection, in order.
+    pub fn chain(&self) -> Vec<ServiceId> {
+        self.hops().map(|h| h.service).collect()
+    }
+
+    /// Where the connection was going when it was redirected to the current
+    /// service (the last hop's destination): what a proxy connects to.
+    pub fn original_destination(&self) -> Option<SocketAddr> {
+        self.raw_hops()
+            .last()
+            .and_then(|h| endpoint_addr(&h.original_dst))
+    }
+
+    /// Where the client first wanted to go (the first hop's destination).
+    pub fn first_destination(&self) -> Option<SocketAddr> {
+        self.raw_hops()
+            .first()
+            .and_then(|h| endpoint_addr(&h.original_dst))
+    }
+
+    /// The process that opened the flow.
+    pub fn client(&self) -> ClientIdentity {
+        ClientIdentity {
+            pid: self.raw.client_pid,
+            uid: self.raw.client_uid,
+            cgroup_id: self.raw.client_cgroup_id,
+        }
+    }
+
+    /// The connection's state from `service`'s point of view.
+    pub fn state_for(&self, service: ServiceId) -> RedirectState {
+        let chain = self.chain();
+        match chain.iter().rposition(|s| *s == service) {
+            _ if chain.is_empty() => RedirectState::NotRedirected,
+            Some(i) if i + 1 == chain.len() => RedirectState::RedirectedBySelf,
+            Some(_) => RedirectState::PreviouslyRedirectedBySelf,
+            None => RedirectState::RedirectedByOther,
+        }
+    }
+
+    /// Appends a hop (for tools and tests that build records by hand; the
+    /// kernel appends hops itself). Fails when the chain is full.
+    pub fn push_hop(
+        &mut self,
+        service: ServiceId,
+        original_destination: SocketAddr,
+    ) -> Result<(), Error> {
+        let at = self.hop_count();
+        if at >= CONNREDIR_MAX_HOPS as usize {
+            return Err(Error::InvalidArgument(format!(
+                "a chain holds at most {CONNREDIR_MAX_HOPS} hops"
+            )));
+        }
+        self.raw.hops[at] = connredir_hop {
+            service_id: service.0,
+            original_dst: endpoint(original_destination),
+            ..Default::default()
+        };
+        self.raw.hop_count += 1;
+        Ok(())
+    }
+}
+
+/// The redirect context: bytes the redirecting side chose for its service,
+/// or by default the original destination and local address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectContext(pub Vec<u8>);
+
+impl RedirectContext {
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Decodes the default context: (original destination, original local
+    /// address). `None` when the bytes are not a default context.
+    pub fn original_addresses(&self) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        if self.0.len() != std::mem::size_of::<connredir_default_context>() {
+            return None;
+        }
+        let ctx: connredir_default_context = read_plain(&self.0);
+        Some((endpoint_addr(&ctx.remote)?, endpoint_addr(&ctx.local)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three_hops() -> RedirectRecords {
+        let mut r = RedirectRecords::new();
+        for id in [1, 2, 3] {
+            r.push_hop(ServiceId(id), "10.0.0.1:443".parse().unwrap())
+                .unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut r = three_hops();
+        r.push_hop(ServiceId(9), "[2001:db8::1]:80".parse().unwrap())
+            .unwrap();
+        let back = RedirectRecords::from_bytes(&r.to_bytes()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(
+            back.chain(),
+            vec![ServiceId(1), ServiceId(2), ServiceId(3), ServiceId(9)]
+        );
+        assert_eq!(
+            back.original_destination(),
+            Some("[2001:db8::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            back.first_destination(),
+            Some("10.0.0.1:443".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_blobs() {
+        let good = three_hops().to_bytes();
+        let set = |at: usize, bytes: &[u8]| {
+            let mut b = good.clone();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            RedirectRecords::from_bytes(&b)
+        };
+        let version = std::mem::offset_of!(connredir_record, version);
+        let size = std::mem::offset_of!(connredir_record, size);
+        let hops = std::mem::offset_of!(connredir_record, hop_count);
+        assert!(RedirectRecords::from_bytes(&good[..good.len() - 1]).is_err());
+        assert!(set(0, b"XXXX").is_err());
+        assert!(set(version, &0u16.to_ne_bytes()).is_err());
+        assert!(set(version, &2u16.to_ne_bytes()).is_err());
+        assert!(set(hops, &9u16.to_ne_bytes()).is_err());
+        assert!(set(size, &(good.len() as u16 + 1).to_ne_bytes()).is_err());
+        // A longer blob (a newer minor version) is read up to what we know.
+        let mut longer = good.clone();
+        longer.extend_from_slice(&[0; 16]);
+        assert_eq!(RedirectRecords::from_bytes(&longer).unwrap(), three_hops());
+    }
+
+    #[test]
+    fn states() {
+        let mut r = three_hops();
+        assert_eq!(r.state_for(ServiceId(3)), RedirectState::RedirectedBySelf);
+        assert_eq!(
+            r.state_for(ServiceId(1)),
+            RedirectState::PreviouslyRedirectedBySelf
+        );
+        assert_eq!(r.state_for(ServiceId(7)), RedirectState::RedirectedByOther);
+        assert_eq!(
+            redirect_state(None, ServiceId(1)),
+            RedirectState::NotRedirected
+        );
+        r = RedirectRecords::new();
+        assert_eq!(r.state_for(ServiceId(1)), RedirectState::NotRedirected);
+    }
+
+    #[test]
+    fn full_chain_refuses_a_ninth_hop() {
+        let mut r = RedirectRecords::new();
+        for id in 0..CONNREDIR_MAX_HOPS {
+            r.push_hop(ServiceId(id), "10.0.0.1:1".parse().unwrap())
+                .unwrap();
+        }
+        assert!(r
+            .push_hop(ServiceId(99), "10.0.0.1:1".parse().unwrap())
+            .is_err());
+    }
+
+    #[test]
+    fn default_context_decodes() {
+        let ctx = connredir_default_context {
+            remote: endpoint("192.0.2.7:8443".parse().unwrap()),
+            local: endpoint("127.0.0.1:40000".parse().unwrap()),
+        };
+        let c = RedirectContext(plain_bytes(&ctx).to_vec());
+        assert_eq!(
+            c.original_addresses(),
+            Some((
+                "192.0.2.7:8443".parse().unwrap(),
+                Some("127.0.0.1:40000".parse().unwrap())
+            ))
+        );
+        assert_eq!(
+            RedirectContext(b"policy".to_vec()).original_addresses(),
+            None
+        );
+    }
+}

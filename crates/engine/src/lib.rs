@@ -1,0 +1,738 @@
+//! The connredir engine: loads the kernel programs, attaches them to cgroups,
+//! and registers services and rules.
+//!
+//! ```no_run
+//! use connredir_engine::{Engine, Identity, Rule, Service};
+//! # fn main() -> Result<(), connredir_engine::Error> {
+//! let mut engine = Engine::load()?;
+//! engine.attach("/sys/fs/cgroup/unified/my-scope")?;
+//! let scanner = engine.add_service(Service {
+//!     name: "scanner".into(),
+//!     listen: vec!["127.0.0.1:8000".parse().unwrap()],
+//!     identity: Identity { uids: vec![990], ..Default::default() },
+//!     context: None,
+//! })?;
+//! engine.add_rule(Rule { ports: vec![80..=80, 443..=443], ..Rule::tcp_to(scanner) })?;
+//! // Programs stay attached until `engine` is dropped.
+//! # Ok(()) }
+//! ```
+//!
+//! Everything the engine attached is detached when it is dropped, also when a
+//! later step fails: nothing is left half-attached.
+
+mod rules;
+mod service;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::programs::{
+    cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId,
+    sock_ops::SockOpsLinkId, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError,
+    SockOps,
+};
+use aya::{Ebpf, EbpfLoader, Pod};
+use connredir_abi::{
+    connredir_addr_key, connredir_handoff_key, connredir_record, connredir_rule_set,
+    connredir_service, map_names, CONNREDIR_MAX_SERVICES,
+};
+use connredir_kernel::programs;
+use tracing::{debug, info};
+
+pub use rules::{Protocol, Rule, RuleId};
+pub use service::{Identity, Service, ServiceId};
+
+use rules::{CompiledRules, TrieData};
+
+/// Where cgroup v2 is mounted on hosts that mount it beside cgroup v1.
+pub const CGROUP2_HYBRID_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// Errors of the engine; each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Loading BPF programs needs root.
+    #[error("connredir must run as root to load BPF programs (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    NotRoot,
+    /// The object could not be loaded.
+    #[error("loading the BPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program was rejected (the message carries the verifier's log).
+    #[error("program {name} could not be loaded or attached: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: MapError,
+    },
+    /// A cgroup path is unusable.
+    #[error("cgroup {path}: {why}")]
+    Cgroup {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// A service definition is invalid.
+    #[error("invalid service {0}")]
+    InvalidService(String),
+    /// A rule definition is invalid.
+    #[error("invalid rule: {0}")]
+    InvalidRule(String),
+    /// No such service.
+    #[error("no service with id {0}")]
+    UnknownService(u32),
+    /// No such rule.
+    #[error("no rule with id {0}")]
+    UnknownRule(u32),
+}
+
+/// The layer's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Connections redirected to a service.
+    pub redirects: u64,
+    /// Times a matching rule was skipped because its service had already
+    /// handled the flow or was the connecting process.
+    pub loops_prevented: u64,
+    /// Connections left alone because their chain was full.
+    pub hop_limit: u64,
+    /// Records carried to an accepted socket.
+    pub handoffs: u64,
+    /// Connections accepted on a service address without their record.
+    pub handoff_misses: u64,
+    /// Record sets refused (caller neither root nor a service).
+    pub denied_sets: u64,
+    /// Records set by services on their onward sockets.
+    pub records_set: u64,
+    /// `SO_ORIGINAL_DST` queries answered from a record.
+    pub original_dst_answered: u64,
+}
+
+/// Plain-data wrapper so the generated ABI structs can live in aya maps.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Plain<T>(T);
+// SAFETY: only instantiated with bindgen-generated #[repr(C)] structs of
+// integers and arrays of integers, for which every bit pattern is valid.
+unsafe impl<T: Copy + 'static> Pod for Plain<T> {}
+
+/// One cgroup with the five programs attached to it.
+struct Attachment {
+    path: PathBuf,
+    connect4: Option<CgroupSockAddrLinkId>,
+    connect6: Option<CgroupSockAddrLinkId>,
+    sockops: Option<SockOpsLinkId>,
+    getsockopt: Option<CgroupSockoptLinkId>,
+    setsockopt: Option<CgroupSockoptLinkId>,
+}
+
+/// What the engine wrote to the maps for one service, to undo it exactly.
+struct Registered {
+    service: Service,
+    cgroup_ids: Vec<u64>,
+}
+
+/// The loaded redirect layer.
+pub struct Engine {
+    bpf: Ebpf,
+    attachments: Vec<Attachment>,
+    services: BTreeMap<ServiceId, Registered>,
+    rules: BTreeMap<RuleId, Rule>,
+    installed: CompiledRules,
+    next_rule: u32,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("attached", &self.attached().collect::<Vec<_>>())
+            .field("services", &self.services.len())
+            .field("rules", &self.rules.len())
+            .finish()
+    }
+}
+
+fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> Error {
+    move |source| Error::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// The cgroup id the kernel reports for a cgroup v2 directory (its inode).
+pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|e| Error::Cgroup {
+            path: path.to_owned(),
+            why: format!("{e} (give an existing cgroup v2 directory)"),
+        })
+}
+
+fn normalize_ip(addr: &std::net::SocketAddr) -> [u8; 16] {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(ip) => ip.octets(),
+    }
+}
+
+impl Engine {
+    /// Loads the kernel programs (not attached anywhere yet).
+    pub fn load() -> Result<Engine, Error> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(Error::NotRoot);
+        }
+        let mut bpf = EbpfLoader::new().load(connredir_kernel::object())?;
+        for name in map_names::ALL {
+            if bpf.map(name).is_none() {
+                return Err(Error::Map {
+                    name,
+                    source: MapError::InvalidName { name: name.into() },
+                });
+            }
+        }
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let prog: &mut CgroupSockAddr = program_mut(&mut bpf, name)?;
+            prog.load().map_err(program_err(name))?;
+        }
+        let prog: &mut SockOps = program_mut(&mut bpf, programs::SOCKOPS)?;
+        prog.load().map_err(program_err(programs::SOCKOPS))?;
+        for name in [programs::GETSOCKOPT, programs::SETSOCKOPT] {
+            let prog: &mut CgroupSockopt = program_mut(&mut bpf, name)?;
+            prog.load().map_err(program_err(name))?;
+        }
+        debug!("kernel programs loaded");
+        Ok(Engine {
+            bpf,
+            attachments: Vec::new(),
+            services: BTreeMap::new(),
+            rules: BTreeMap::new(),
+            installed: CompiledRules::new(),
+            next_rule: 1,
+        })
+    }
+
+    /// The cgroups the programs are attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &Path> {
+        self.attachments.iter().map(|a| a.path.as_path())
+    }
+
+    /// Attaches the programs to a cgroup v2 directory: connections opened
+    /// there (and in its descendants) meet the rules, and services running
+    /// there get records and the syscall interface. Services must run in an
+    /// attached cgroup too: their onward connections meet the other services.
+    ///
+    /// A cgroup nested inside (or containing) an attached one is refused: the
+    /// programs would run twice for its sockets.
+    pub fn attach(&mut self, cgroup: impl AsRef<Path>) -> Result<(), Error> {
+        let given = cgroup.as_ref();
+        let path = given.canonicalize().map_err(|e| Error::Cgroup {
+            path: given.to_owned(),
+            why: format!("{e} (give an existing cgroup v2 directory)"),
+        })?;
+        if !path.join("cgroup.procs").exists() || path.join("tasks").exists() {
+            return Err(Error::Cgroup {
+                path,
+                why: format!("not a cgroup v2 directory (cgroup v2 is usually under /sys/fs/cgroup or {CGROUP2_HYBRID_ROOT})"),
+            });
+        }
+        if let Some(other) = self
+            .attachments
+            .iter()
+            .find(|a| a.path.starts_with(&path) || path.starts_with(&a.path))
+        {
+            return Err(Error::Cgroup {
+                path,
+                why: format!(
+                    "overlaps {}, which is already attached; attach cgroups that do not contain each other",
+                    other.path.display()
+                ),
+            });
+        }
+        let mut attachment = Attachment {
+            path: path.clone(),
+            connect4: None,
+            connect6: None,
+            sockops: None,
+            getsockopt: None,
+            setsockopt: None,
+        };
+        match self.attach_all(&path, &mut attachment) {
+            Ok(()) => {
+                info!(cgroup = %path.display(), "programs attached");
+                self.attachments.push(attachment);
+                Ok(())
+            }
+            Err(e) => {
+                self.detach_links(attachment);
+                Err(e)
+            }
+        }
+    }
+
+    fn attach_all(&mut self, path: &Path, a: &mut Attachment) -> Result<(), Error> {
+        let open = || {
+            File::open(path).map_err(|e| Error::Cgroup {
+                path: path.to_owned(),
+                why: e.to_string(),
+            })
+        };
+        let mode = CgroupAttachMode::Single;
+        let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT4)?;
+        a.connect4 = Some(
+            p.attach(open()?, mode)
+                .map_err(program_err(programs::CONNECT4))?,
+        );
+        let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT6)?;
+        a.connect6 = Some(
+            p.attach(open()?, mode)
+                .map_err(program_err(programs::CONNECT6))?,
+        );
+        let p: &mut SockOps = program_mut(&mut self.bpf, programs::SOCKOPS)?;
+        a.sockops = Some(
+            p.attach(open()?, mode)
+                .map_err(program_err(programs::SOCKOPS))?,
+        );
+        let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::GETSOCKOPT)?;
+        a.getsockopt = Some(
+            p.attach(open()?, mode)
+                .map_err(program_err(programs::GETSOCKOPT))?,
+        );
+        let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::SETSOCKOPT)?;
+        a.setsockopt = Some(
+            p.attach(open()?, mode)
+                .map_err(program_err(programs::SETSOCKOPT))?,
+        );
+        Ok(())
+    }
+
+    /// Detaches the programs from one cgroup.
+    pub fn detach(&mut self, cgroup: impl AsRef<Path>) -> Result<(), Error> {
+        let path = cgroup
+            .as_ref()
+            .canonicalize()
+            .unwrap_or(cgroup.as_ref().to_owned());
+        let index = self
+            .attachments
+            .iter()
+            .position(|a| a.path == path)
+            .ok_or_else(|| Error::Cgroup {
+                path: path.clone(),
+                why: "is not attached".into(),
+            })?;
+        let attachment = self.attachments.remove(index);
+        self.detach_links(attachment);
+        info!(cgroup = %path.display(), "programs detached");
+        Ok(())
+    }
+
+    fn detach_links(&mut self, a: Attachment) {
+        // Detaching a link we own cannot fail short of a kernel bug; report and go on.
+        let warn = |name: &str, r: Result<(), ProgramError>| {
+            if let Err(e) = r {
+                tracing::warn!(program = name, error = %e, "detach failed");
+            }
+        };
+        if let Some(id) = a.connect4 {
+            let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT4).unwrap();
+            warn(programs::CONNECT4, p.detach(id));
+        }
+        if let Some(id) = a.connect6 {
+            let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT6).unwrap();
+            warn(programs::CONNECT6, p.detach(id));
+        }
+        if let Some(id) = a.sockops {
+            let p: &mut SockOps = program_mut(&mut self.bpf, programs::SOCKOPS).unwrap();
+            warn(programs::SOCKOPS, p.detach(id));
+        }
+        if let Some(id) = a.getsockopt {
+            let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::GETSOCKOPT).unwrap();
+            warn(programs::GETSOCKOPT, p.detach(id));
+        }
+        if let Some(id) = a.setsockopt {
+            let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::SETSOCKOPT).unwrap();
+            warn(programs::SETSOCKOPT, p.detach(id));
+        }
+    }
+
+    /// Registers a service and returns its id.
+    pub fn add_service(&mut self, service: Service) -> Result<ServiceId, Error> {
+        let value = service.to_kernel()?;
+        if self
+            .services
+            .values()
+            .any(|r| r.service.name == service.name)
+        {
+            return Err(Error::InvalidService(format!(
+                "{}: a service with this name is already registered",
+                service.name
+            )));
+        }
+        let id = (1..CONNREDIR_MAX_SERVICES)
+            .map(ServiceId)
+            .find(|id| !self.services.contains_key(id))
+            .ok_or_else(|| {
+                Error::InvalidService(format!(
+                    "{}: at most {} services can be registered",
+                    service.name,
+                    CONNREDIR_MAX_SERVICES - 1
+                ))
+            })?;
+        let cgroup_ids = service
+            .identity
+            .cgroups
+            .iter()
+            .map(|p| cgroup_id(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.check_identity_free(&service, &cgroup_ids)?;
+
+        let registered = Registered {
+            service,
+            cgroup_ids,
+        };
+        if let Err(e) = self.write_service(id, &registered, &value) {
+            self.erase_service(id, &registered);
+            return Err(e);
+        }
+        info!(%id, name = %registered.service.name, "service registered");
+        self.services.insert(id, registered);
+        Ok(id)
+    }
+
+    fn check_identity_free(&self, service: &Service, cgroup_ids: &[u64]) -> Result<(), Error> {
+        for (other_id, other) in &self.services {
+            let clash = service
+                .identity
+                .pids
+                .iter()
+                .find(|p| other.service.identity.pids.contains(p))
+                .map(|p| format!("pid {p}"))
+                .or_else(|| {
+                    service
+                        .identity
+                        .uids
+                        .iter()
+                        .find(|u| other.service.identity.uids.contains(u))
+                        .map(|u| format!("uid {u}"))
+                })
+                .or_else(|| {
+                    cgroup_ids
+                        .iter()
+                        .position(|c| other.cgroup_ids.contains(c))
+                        .map(|i| format!("cgroup {}", service.identity.cgroups[i].display()))
+                });
+            if let Some(what) = clash {
+                return Err(Error::InvalidService(format!(
+                    "{}: {what} is already the identity of {} ({other_id}); a process can be one service only",
+                    service.name, other.service.name
+                )));
+            }
+        }
+        for addr in &service.listen {
+            if let Some((other_id, other)) = self
+                .services
+                .iter()
+                .find(|(_, o)| o.service.listen.contains(addr))
+            {
+                return Err(Error::InvalidService(format!(
+                    "{}: {addr} is already the address of {} ({other_id})",
+                    service.name, other.service.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_service(
+        &mut self,
+        id: ServiceId,
+        r: &Registered,
+        value: &connredir_service,
+    ) -> Result<(), Error> {
+        let mut by_pid = self.hash::<u32, u32>(map_names::SERVICE_BY_PID)?;
+        for pid in &r.service.identity.pids {
+            by_pid
+                .insert(pid, id.0, 0)
+                .map_err(map_err(map_names::SERVICE_BY_PID))?;
+        }
+        let mut by_uid = self.hash::<u32, u32>(map_names::SERVICE_BY_UID)?;
+        for uid in &r.service.identity.uids {
+            by_uid
+                .insert(uid, id.0, 0)
+                .map_err(map_err(map_names::SERVICE_BY_UID))?;
+        }
+        let mut by_cgroup = self.hash::<u64, u32>(map_names::SERVICE_BY_CGROUP)?;
+        for cg in &r.cgroup_ids {
+            by_cgroup
+                .insert(cg, id.0, 0)
+                .map_err(map_err(map_names::SERVICE_BY_CGROUP))?;
+        }
+        let mut addrs = self.hash::<Plain<connredir_addr_key>, u32>(map_names::SERVICE_ADDRS)?;
+        for addr in &r.service.listen {
+            let key = connredir_addr_key {
+                addr: normalize_ip(addr),
+                port: addr.port(),
+                reserved: 0,
+            };
+            addrs
+                .insert(Plain(key), id.0, 0)
+                .map_err(map_err(map_names::SERVICE_ADDRS))?;
+        }
+        let mut services = self.services_map()?;
+        services
+            .set(id.0, Plain(*value), 0)
+            .map_err(map_err(map_names::SERVICES))
+    }
+
+    /// Removes every map entry of a service (missing entries are fine).
+    fn erase_service(&mut self, id: ServiceId, r: &Registered) {
+        if let Ok(mut services) = self.services_map() {
+            let _ = services.set(id.0, Plain(connredir_service::default()), 0);
+        }
+        if let Ok(mut m) = self.hash::<u32, u32>(map_names::SERVICE_BY_PID) {
+            r.service
+                .identity
+                .pids
+                .iter()
+                .for_each(|k| drop(m.remove(k)));
+        }
+        if let Ok(mut m) = self.hash::<u32, u32>(map_names::SERVICE_BY_UID) {
+            r.service
+                .identity
+                .uids
+                .iter()
+                .for_each(|k| drop(m.remove(k)));
+        }
+        if let Ok(mut m) = self.hash::<u64, u32>(map_names::SERVICE_BY_CGROUP) {
+            r.cgroup_ids.iter().for_each(|k| drop(m.remove(k)));
+        }
+        if let Ok(mut m) = self.hash::<Plain<connredir_addr_key>, u32>(map_names::SERVICE_ADDRS) {
+            for addr in &r.service.listen {
+                let key = connredir_addr_key {
+                    addr: normalize_ip(addr),
+                    port: addr.port(),
+                    reserved: 0,
+                };
+                let _ = m.remove(&Plain(key));
+            }
+        }
+    }
+
+    /// Unregisters a service. Its rules must be removed first.
+    pub fn remove_service(&mut self, id: ServiceId) -> Result<Service, Error> {
+        if !self.services.contains_key(&id) {
+            return Err(Error::UnknownService(id.0));
+        }
+        let rules: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|(_, r)| r.service == id)
+            .map(|(rid, _)| rid.0.to_string())
+            .collect();
+        if !rules.is_empty() {
+            return Err(Error::InvalidService(format!(
+                "{id} still has rules {}: remove them first",
+                rules.join(", ")
+            )));
+        }
+        let registered = self.services.remove(&id).expect("checked above");
+        self.erase_service(id, &registered);
+        info!(%id, name = %registered.service.name, "service removed");
+        Ok(registered.service)
+    }
+
+    /// The registered services.
+    pub fn services(&self) -> impl Iterator<Item = (ServiceId, &Service)> {
+        self.services.iter().map(|(id, r)| (*id, &r.service))
+    }
+
+    /// Finds a service by name.
+    pub fn service_by_name(&self, name: &str) -> Option<ServiceId> {
+        self.services()
+            .find(|(_, s)| s.name == name)
+            .map(|(id, _)| id)
+    }
+
+    /// Adds a rule; it applies to the next connect.
+    pub fn add_rule(&mut self, rule: Rule) -> Result<RuleId, Error> {
+        rule.validate()?;
+        if !self.services.contains_key(&rule.service) {
+            return Err(Error::InvalidRule(format!(
+                "it names {}, which is not registered",
+                rule.service
+            )));
+        }
+        let id = RuleId(self.next_rule);
+        self.rules.insert(id, rule);
+        if let Err(e) = self.sync_rules() {
+            self.rules.remove(&id);
+            return Err(e);
+        }
+        self.next_rule += 1;
+        Ok(id)
+    }
+
+    /// Removes a rule.
+    pub fn remove_rule(&mut self, id: RuleId) -> Result<Rule, Error> {
+        let rule = self.rules.remove(&id).ok_or(Error::UnknownRule(id.0))?;
+        if let Err(e) = self.sync_rules() {
+            self.rules.insert(id, rule);
+            return Err(e);
+        }
+        Ok(rule)
+    }
+
+    /// The rules, by id.
+    pub fn rules(&self) -> impl Iterator<Item = (RuleId, &Rule)> {
+        self.rules.iter().map(|(id, r)| (*id, r))
+    }
+
+    /// Compiles the rules and updates only the trie entries that changed:
+    /// new and changed prefixes first, stale ones last, so a connect sees
+    /// either the old or the new set for its prefix.
+    fn sync_rules(&mut self) -> Result<(), Error> {
+        let compiled = rules::compile(self.rules.iter().map(|(id, r)| (*id, r)))?;
+        let installed = std::mem::take(&mut self.installed);
+        let mut trie = self.trie()?;
+        let mut written = Ok(());
+        for (key, set) in &compiled {
+            if installed.get(key) != Some(set) {
+                written = trie.insert(&Key::new(key.0, key.1), Plain(*set), 0);
+                if written.is_err() {
+                    break;
+                }
+            }
+        }
+        if written.is_ok() {
+            for key in installed.keys().filter(|k| !compiled.contains_key(k)) {
+                written = trie.remove(&Key::new(key.0, key.1));
+                if written.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Err(e) = written {
+            // Put back what was there; the caller restores its rule list.
+            self.installed = installed;
+            let _ = self.reinstall();
+            return Err(Error::Map {
+                name: map_names::RULES,
+                source: e,
+            });
+        }
+        debug!(
+            prefixes = compiled.len(),
+            rules = self.rules.len(),
+            "rules synced"
+        );
+        self.installed = compiled;
+        Ok(())
+    }
+
+    /// Rewrites the trie from `self.installed` after a failed update.
+    fn reinstall(&mut self) -> Result<(), MapError> {
+        let installed = std::mem::take(&mut self.installed);
+        let mut result = Ok(());
+        if let Ok(mut trie) = self.trie() {
+            let stale: Vec<_> = trie.keys().filter_map(Result::ok).collect();
+            for key in stale {
+                let _ = trie.remove(&key);
+            }
+            for (key, set) in &installed {
+                result = result.and(trie.insert(&Key::new(key.0, key.1), Plain(*set), 0));
+            }
+        }
+        self.installed = installed;
+        result
+    }
+
+    /// Reads the counters.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let name = map_names::COUNTERS;
+        let map = self.bpf.map(name).expect("checked at load");
+        let array = PerCpuArray::<&MapData, u64>::try_from(map).map_err(map_err(name))?;
+        let read = |index: u32| -> Result<u64, Error> {
+            Ok(array.get(&index, 0).map_err(map_err(name))?.iter().sum())
+        };
+        use connredir_abi::*;
+        Ok(Counters {
+            redirects: read(CONNREDIR_CNT_REDIRECTS)?,
+            loops_prevented: read(CONNREDIR_CNT_LOOPS_PREVENTED)?,
+            hop_limit: read(CONNREDIR_CNT_HOP_LIMIT)?,
+            handoffs: read(CONNREDIR_CNT_HANDOFFS)?,
+            handoff_misses: read(CONNREDIR_CNT_HANDOFF_MISSES)?,
+            denied_sets: read(CONNREDIR_CNT_DENIED_SETS)?,
+            records_set: read(CONNREDIR_CNT_RECORDS_SET)?,
+            original_dst_answered: read(CONNREDIR_CNT_ORIGINAL_DST_ANSWERED)?,
+        })
+    }
+
+    /// Number of records waiting in the hand-off map (connections redirected
+    /// whose service has not accepted them yet).
+    pub fn pending_handoffs(&self) -> Result<usize, Error> {
+        let name = map_names::HANDOFF;
+        let map = self.bpf.map(name).expect("checked at load");
+        let handoff =
+            HashMap::<&MapData, Plain<connredir_handoff_key>, Plain<connredir_record>>::try_from(
+                map,
+            )
+            .map_err(map_err(name))?;
+        Ok(handoff.keys().count())
+    }
+
+    fn hash<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, Error> {
+        let map = self.bpf.map_mut(name).expect("checked at load");
+        HashMap::try_from(map).map_err(map_err(name))
+    }
+
+    fn services_map(&mut self) -> Result<Array<&mut MapData, Plain<connredir_service>>, Error> {
+        let name = map_names::SERVICES;
+        Array::try_from(self.bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))
+    }
+
+    fn trie(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, TrieData, Plain<connredir_rule_set>>, Error> {
+        let name = map_names::RULES;
+        LpmTrie::try_from(self.bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for attachment in std::mem::take(&mut self.attachments) {
+            let path = attachment.path.clone();
+            self.detach_links(attachment);
+            info!(cgroup = %path.display(), "programs detached");
+        }
+    }
+}
+
+fn program_mut<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = bpf.program_mut(name).ok_or(Error::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    program.try_into().map_err(program_err(name))
+}

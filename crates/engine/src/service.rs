@@ -1,0 +1,127 @@
+//! Redirect services: the local proxies that receive redirected connections.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use connredir_abi::{
+    connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACTIVE,
+    CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Identifies a registered service; recorded in every hop it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceId(pub u32);
+
+impl std::fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "service {}", self.0)
+    }
+}
+
+/// The processes that are the service. Their own connections never go back
+/// to the service (so a proxy that sets no records cannot loop on itself),
+/// they may query the service's context, and they may set records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Process ids (thread group ids).
+    pub pids: Vec<u32>,
+    /// cgroup v2 directories whose member processes are the service.
+    pub cgroups: Vec<PathBuf>,
+    /// User ids.
+    pub uids: Vec<u32>,
+}
+
+impl Identity {
+    /// True when no process is named.
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty() && self.cgroups.is_empty() && self.uids.is_empty()
+    }
+}
+
+/// What a service is: a name, where it listens, who it is, and its context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Human-readable unique name.
+    pub name: String,
+    /// Listening addresses: at most one IPv4 and one IPv6.
+    pub listen: Vec<SocketAddr>,
+    /// The processes that are this service.
+    pub identity: Identity,
+    /// The redirect context handed to the service (at most 1024 bytes);
+    /// `None`: the original destination and local address.
+    pub context: Option<Vec<u8>>,
+}
+
+pub(crate) fn endpoint(addr: &SocketAddr) -> connredir_endpoint {
+    let mut ep = connredir_endpoint {
+        port: addr.port().to_be(),
+        ..Default::default()
+    };
+    match addr {
+        SocketAddr::V4(a) => {
+            ep.family = libc::AF_INET as u16;
+            ep.addr[..4].copy_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            ep.family = libc::AF_INET6 as u16;
+            ep.scope_id = a.scope_id();
+            ep.addr.copy_from_slice(&a.ip().octets());
+        }
+    }
+    ep
+}
+
+impl Service {
+    /// Checks the fields and builds the kernel's view of the service.
+    pub(crate) fn to_kernel(&self) -> Result<connredir_service, Error> {
+        let invalid = |why: String| Error::InvalidService(format!("{}: {why}", self.name));
+        if self.name.is_empty() {
+            return Err(Error::InvalidService("a service needs a name".into()));
+        }
+        let mut value = connredir_service {
+            flags: CONNREDIR_SERVICE_ACTIVE,
+            ..Default::default()
+        };
+        for addr in &self.listen {
+            let (flag, slot) = match addr {
+                SocketAddr::V4(_) => (CONNREDIR_SERVICE_LISTEN4, &mut value.listen4),
+                SocketAddr::V6(_) => (CONNREDIR_SERVICE_LISTEN6, &mut value.listen6),
+            };
+            if value.flags & flag != 0 {
+                return Err(invalid(format!(
+                    "more than one {} listening address; give at most one IPv4 and one IPv6",
+                    if flag == CONNREDIR_SERVICE_LISTEN4 {
+                        "IPv4"
+                    } else {
+                        "IPv6"
+                    }
+                )));
+            }
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                return Err(invalid(format!(
+                    "listening address {addr} must be a concrete address and port \
+                     (for example 127.0.0.1:8000)"
+                )));
+            }
+            value.flags |= flag;
+            *slot = endpoint(addr);
+        }
+        if self.listen.is_empty() {
+            return Err(invalid("no listening address".into()));
+        }
+        if let Some(context) = &self.context {
+            if context.is_empty() || context.len() > CONNREDIR_MAX_CONTEXT as usize {
+                return Err(invalid(format!(
+                    "context is {} bytes; it must be 1 to {CONNREDIR_MAX_CONTEXT}",
+                    context.len()
+                )));
+            }
+            value.context_len = context.len() as u32;
+            value.context[..context.len()].copy_from_slice(context);
+        }
+        Ok(value)
+    }
+}

@@ -1,0 +1,297 @@
+//! Test support for connredir's privileged integration tests.
+//!
+//! Every test makes its own cgroup tree under the cgroup v2 root, places the
+//! processes it starts in it, and removes all of it when the test ends, on
+//! failure too. Programs are never attached to the root cgroup.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Path of the test-role binary built with this crate: cargo puts it in the
+/// directory above the test executables (`target/<profile>/deps/..`).
+pub fn testkit_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    dir.join("connredir-testkit")
+}
+
+/// Where cgroup v2 is mounted, read from /proc/self/mountinfo.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Decides whether a privileged test can run here. In CI (`CI=true`) a
+/// missing privilege is a failure; elsewhere the test is skipped, saying why.
+/// Returns false when the test should return early (skip).
+pub fn require_privileges(test: &str) -> bool {
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("it needs root")
+    } else if cgroup2_root().is_none() {
+        Some("it needs cgroup v2 mounted")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: cannot run in CI because {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why} (run the tests as root with cgroup v2)");
+            false
+        }
+    }
+}
+
+/// A cgroup tree owned by one test, removed (deepest first) on drop.
+pub struct CgroupTree {
+    root: PathBuf,
+    made: Mutex<Vec<PathBuf>>,
+}
+
+impl CgroupTree {
+    /// Creates `<cgroup2 root>/connredir-test-<name>-<pid>`.
+    pub fn new(name: &str) -> Result<CgroupTree> {
+        let base = cgroup2_root().context("cgroup v2 is not mounted")?;
+        let root = base.join(format!("connredir-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&root).with_context(|| format!("mkdir {}", root.display()))?;
+        Ok(CgroupTree {
+            root: root.clone(),
+            made: Mutex::new(vec![root]),
+        })
+    }
+
+    /// The tree's top directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates (if needed) and returns a cgroup below the root, e.g. "scope/client".
+    pub fn cgroup(&self, relative: &str) -> Result<PathBuf> {
+        let mut path = self.root.clone();
+        for part in relative.split('/') {
+            path.push(part);
+            if !path.exists() {
+                std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+                self.made.lock().unwrap().push(path.clone());
+            }
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        let made = std::mem::take(&mut *self.made.lock().unwrap());
+        for path in made.iter().rev() {
+            // A just-killed child may take a moment to leave its cgroup.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(path).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A child process started in a cgroup; killed (by its pid) on drop.
+/// Lines it prints on stdout are collected.
+pub struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Starts the test-role binary with `args` in `cgroup`, optionally as `uid`.
+    pub fn spawn(cgroup: &Path, uid: Option<u32>, args: &[&str]) -> Result<Proc> {
+        let procs =
+            std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+        let mut command = Command::new(testkit_bin());
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        // SAFETY: between fork and exec the closure only makes plain system
+        // calls on data prepared before the fork. It joins the cgroup first,
+        // while still root, and only then drops to `uid`.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(uid) = uid {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(uid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("start {} {args:?}", testkit_bin().display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(line) => sink.lock().unwrap().push(line),
+                    Err(_) => break,
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            lines,
+            reader: Some(reader),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a printed line satisfies `pred`.
+    pub fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
+                return Ok(line);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}; output so far: {:?}",
+                    self.lines()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit (at most 30 s) and returns its output.
+    pub fn finish(mut self) -> Result<(std::process::ExitStatus, Vec<String>)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "process {} did not exit; output: {:?}",
+                    self.pid(),
+                    self.lines()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        Ok((status, self.lines()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free TCP port on `ip` (bound and released; good enough on loopback).
+pub fn free_addr(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
+    listener.local_addr().unwrap()
+}
+
+/// An echo server on a thread of the test process: the "original
+/// destination". Counts connections; stops on drop.
+pub struct EchoServer {
+    addr: SocketAddr,
+    accepted: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EchoServer {
+    /// Listens on `addr` (port 0 for any).
+    pub fn start(addr: &str) -> Result<EchoServer> {
+        let listener = TcpListener::bind(addr).with_context(|| format!("echo server on {addr}"))?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, stopping) = (Arc::clone(&accepted), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                if let Ok(peer) = stream.peer_addr() {
+                    log.lock().unwrap().push(peer);
+                }
+                std::thread::spawn(move || {
+                    let (mut read, mut write) = (&stream, &stream);
+                    let _ = std::io::copy(&mut read, &mut write);
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Ok(EchoServer {
+            addr,
+            accepted,
+            stop,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Peers of the connections accepted so far.
+    pub fn accepted(&self) -> Vec<SocketAddr> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}

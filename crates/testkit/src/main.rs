@@ -1,0 +1,278 @@
+//! The programs connredir's integration tests start in their cgroups:
+//!
+//! ```text
+//! connredir-testkit proxy --name NAME --listen ADDR [--listen ADDR] [--no-records] [--check-buffers]
+//! connredir-testkit client --connect ADDR --bytes N
+//! connredir-testkit probe CASE [ADDR]
+//! ```
+//!
+//! Each prints one JSON object per line on stdout; the proxy prints `ready`
+//! once it listens. The proxy is a plain thread-per-connection forwarder built
+//! on the `connredir` library, the way a proxy author would write one.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+
+use anyhow::{bail, Context, Result};
+use connredir::{Error as RedirectError, RedirectRecords};
+use serde_json::{json, Value};
+use socket2::{Domain, Socket, Type};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("proxy") => proxy(&args[1..]),
+        Some("client") => client(&args[1..]),
+        Some("probe") => probe(&args[1..]),
+        _ => bail!("usage: connredir-testkit proxy|client|probe ..."),
+    }
+}
+
+/// Values of a repeated `--flag VALUE` option.
+fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == flag)
+        .map(|w| w[1].as_str())
+        .collect()
+}
+
+fn value<'a>(args: &'a [String], flag: &str) -> Result<&'a str> {
+    values(args, flag)
+        .first()
+        .copied()
+        .with_context(|| format!("missing {flag}"))
+}
+
+fn emit(value: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// The error's variant name, which the tests compare.
+fn kind(e: &RedirectError) -> &'static str {
+    match e {
+        RedirectError::InsufficientBuffer { .. } => "InsufficientBuffer",
+        RedirectError::InvalidArgument(_) => "InvalidArgument",
+        RedirectError::NotConnected => "NotConnected",
+        RedirectError::NotASocket => "NotASocket",
+        RedirectError::NotSupported => "NotSupported",
+        RedirectError::AccessDenied => "AccessDenied",
+        RedirectError::NotRedirected => "NotRedirected",
+        RedirectError::Io(_) => "Io",
+    }
+}
+
+fn outcome<T>(r: &std::result::Result<T, RedirectError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => kind(e).into(),
+    }
+}
+
+struct ProxyOptions {
+    name: String,
+    set_records: bool,
+    check_buffers: bool,
+}
+
+fn proxy(args: &[String]) -> Result<()> {
+    let options = ProxyOptions {
+        name: value(args, "--name")?.to_string(),
+        set_records: !args.iter().any(|a| a == "--no-records"),
+        check_buffers: args.iter().any(|a| a == "--check-buffers"),
+    };
+    let options = std::sync::Arc::new(options);
+    let mut threads = Vec::new();
+    for addr in values(args, "--listen") {
+        let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
+        let options = std::sync::Arc::clone(&options);
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let options = std::sync::Arc::clone(&options);
+                std::thread::spawn(move || {
+                    if let Err(e) = handle(stream, &options) {
+                        emit(json!({ "proxy": options.name, "error": format!("{e:#}") }));
+                    }
+                });
+            }
+        }));
+    }
+    println!("ready");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn handle(client: TcpStream, options: &ProxyOptions) -> Result<()> {
+    let records = connredir::query_records(&client);
+    let context = connredir::query_context(&client);
+    let original = connredir::original_destination(&client);
+    let destination = match (&original, &records) {
+        (Ok(dst), _) => *dst,
+        (Err(_), Ok(r)) => r.original_destination().context("record without hops")?,
+        (Err(e), Err(_)) => bail!("no original destination: {e}"),
+    };
+    let mut line = json!({
+        "proxy": options.name,
+        "peer": client.peer_addr()?.to_string(),
+        "original_dst": original.as_ref().map(|a| a.to_string()).unwrap_or_else(|e| kind(e).into()),
+        "records": outcome(&records),
+        "context": outcome(&context),
+    });
+    if let Ok(r) = &records {
+        line["chain"] = json!(r.chain().iter().map(|s| s.0).collect::<Vec<_>>());
+        line["client_pid"] = json!(r.client().pid);
+        line["record_dst"] = json!(r.original_destination().map(|a| a.to_string()));
+        line["first_dst"] = json!(r.first_destination().map(|a| a.to_string()));
+    }
+    if let Ok(c) = &context {
+        line["context_len"] = json!(c.as_bytes().len());
+        line["context_bytes"] = json!(String::from_utf8_lossy(c.as_bytes()));
+        if let Some((remote, local)) = c.original_addresses() {
+            line["context_remote"] = json!(remote.to_string());
+            line["context_local"] = json!(local.map(|l| l.to_string()));
+        }
+    }
+    if options.check_buffers {
+        line["buffers"] = check_buffers(&client);
+    }
+
+    let onward = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
+    if options.set_records {
+        if let Ok(r) = &records {
+            connredir::set_records(&onward, r).context("set records on the onward socket")?;
+        }
+    }
+    onward
+        .connect(&destination.into())
+        .with_context(|| format!("connect to {destination}"))?;
+    let onward: TcpStream = onward.into();
+    emit(line);
+    relay(client, onward)
+}
+
+/// Copies both ways until both sides are done, passing half-closes on.
+fn relay(a: TcpStream, b: TcpStream) -> Result<()> {
+    let (mut a_read, mut b_write) = (a.try_clone()?, b.try_clone()?);
+    let upstream = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a_read, &mut b_write);
+        let _ = b_write.shutdown(Shutdown::Write);
+    });
+    let (mut b_read, mut a_write) = (b, a);
+    let _ = std::io::copy(&mut b_read, &mut a_write);
+    let _ = a_write.shutdown(Shutdown::Write);
+    let _ = upstream.join();
+    Ok(())
+}
+
+/// Exercises the WFP buffer protocol on an accepted, redirected socket.
+fn check_buffers(fd: &impl AsFd) -> Value {
+    let mut report = json!({});
+    for (name, query) in [
+        (
+            "records",
+            connredir::query_records_into as fn(_, &mut [u8]) -> _,
+        ),
+        ("context", connredir::query_context_into),
+    ] {
+        let needed = query(fd.as_fd(), &mut []);
+        let tiny = query(fd.as_fd(), &mut [0u8; 2]);
+        let (short, exact) = match &needed {
+            Ok(n) => {
+                let mut short = vec![0u8; n - 1];
+                let mut exact = vec![0u8; *n];
+                let short = match query(fd.as_fd(), &mut short) {
+                    Err(RedirectError::InsufficientBuffer { needed }) => {
+                        json!({ "error": "InsufficientBuffer", "needed": needed })
+                    }
+                    other => json!({ "unexpected": format!("{other:?}") }),
+                };
+                (
+                    short,
+                    json!(outcome(&query(fd.as_fd(), &mut exact)).clone()),
+                )
+            }
+            Err(e) => (json!(kind(e)), json!(kind(e))),
+        };
+        report[name] = json!({
+            "size_query": needed.as_ref().map(|n| json!(n)).unwrap_or_else(|e| json!(kind(e))),
+            "tiny": outcome(&tiny),
+            "short": short,
+            "exact": exact,
+        });
+    }
+    report
+}
+
+fn client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = value(args, "--connect")?.parse()?;
+    let bytes: usize = value(args, "--bytes")?.parse()?;
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let mut writer = stream.try_clone()?;
+    let to_send = payload.clone();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&to_send)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received)?;
+    sender.join().expect("sender thread")?;
+    let ok = received == payload;
+    emit(
+        json!({ "ok": ok, "sent": bytes, "received": received.len(), "local": stream.local_addr()?.to_string() }),
+    );
+    if !ok {
+        bail!("echo mismatch");
+    }
+    Ok(())
+}
+
+/// A record with one hop, as a forger would build it.
+fn forged() -> RedirectRecords {
+    let mut records = RedirectRecords::new();
+    records
+        .push_hop(connredir::ServiceId(1), "127.0.0.9:9".parse().unwrap())
+        .expect("an empty chain has room");
+    records
+}
+
+fn probe(args: &[String]) -> Result<()> {
+    let case = args.first().context("missing probe case")?.as_str();
+    let addr = || -> Result<SocketAddr> { Ok(args.get(1).context("missing ADDR")?.parse()?) };
+    let new_socket = || Socket::new(Domain::IPV4, Type::STREAM, None);
+    let result: String = match case {
+        "not-connected" => outcome(&connredir::query_records(&new_socket()?)),
+        "not-a-socket" => {
+            let (read, _write) = std::io::pipe()?;
+            outcome(&connredir::query_records(&read))
+        }
+        "not-redirected" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
+        "set-connected" => {
+            let stream = TcpStream::connect(addr()?)?;
+            outcome(&connredir::set_records(&stream, &forged()))
+        }
+        "set-malformed" => outcome(&connredir::set_records_from(&new_socket()?, &[0xAB; 64])),
+        "set-truncated" => {
+            let bytes = forged().to_bytes();
+            outcome(&connredir::set_records_from(
+                &new_socket()?,
+                &bytes[..bytes.len() / 2],
+            ))
+        }
+        "set-wrong-version" => {
+            let mut bytes = forged().to_bytes();
+            let at = std::mem::offset_of!(connredir_abi::connredir_record, version);
+            bytes[at..at + 2].copy_from_slice(&99u16.to_ne_bytes());
+            outcome(&connredir::set_records_from(&new_socket()?, &bytes))
+        }
+        "set" => outcome(&connredir::set_records(&new_socket()?, &forged())),
+        "connected-query" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
+        other => bail!("unknown probe case {other}"),
+    };
+    emit(json!({ "case": case, "result": result }));
+    Ok(())
+}

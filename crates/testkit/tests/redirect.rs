@@ -1,0 +1,619 @@
+//! End-to-end tests of the redirect layer: real eBPF programs attached to a
+//! cgroup tree each test makes, real processes in those cgroups, real TCP
+//! connections on loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use connredir_abi::{connredir_default_context, connredir_record};
+use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
+use connredir_testkit::{free_addr, require_privileges, CgroupTree, EchoServer, Proc};
+use serde_json::Value;
+
+/// One test's world. Fields drop in order: processes, then the engine
+/// (detaching the programs), then the cgroup tree.
+struct Lab {
+    procs: Vec<Proc>,
+    engine: Engine,
+    tree: CgroupTree,
+}
+
+struct ProxySpec<'a> {
+    name: &'a str,
+    listen: Vec<SocketAddr>,
+    destination: &'a str,
+    port: u16,
+    priority: u32,
+    args: &'a [&'a str],
+}
+
+impl Lab {
+    /// None when the test must be skipped (not root, outside CI).
+    fn new(name: &str) -> Option<Lab> {
+        if !require_privileges(name) {
+            return None;
+        }
+        let tree = CgroupTree::new(name).expect("cgroup tree");
+        let mut engine = Engine::load().expect("load the kernel programs");
+        engine
+            .attach(tree.cgroup("scope").unwrap())
+            .expect("attach scope");
+        engine
+            .attach(tree.cgroup("services").unwrap())
+            .expect("attach services");
+        tree.cgroup("outside").unwrap();
+        Some(Lab {
+            procs: Vec::new(),
+            engine,
+            tree,
+        })
+    }
+
+    fn cgroup(&self, relative: &str) -> PathBuf {
+        self.tree.cgroup(relative).unwrap()
+    }
+
+    /// Registers a service (identity: its own cgroup) with one rule, and
+    /// starts its proxy. Returns the service id and the proxy's index.
+    fn proxy(&mut self, spec: ProxySpec) -> (ServiceId, usize) {
+        let cgroup = self.cgroup(&format!("services/{}", spec.name));
+        let id = self
+            .engine
+            .add_service(Service {
+                name: spec.name.into(),
+                listen: spec.listen.clone(),
+                identity: Identity {
+                    cgroups: vec![cgroup.clone()],
+                    ..Default::default()
+                },
+                context: None,
+            })
+            .expect("register service");
+        self.engine
+            .add_rule(Rule {
+                destinations: vec![spec.destination.parse().unwrap()],
+                ports: vec![spec.port..=spec.port],
+                priority: spec.priority,
+                ..Rule::tcp_to(id)
+            })
+            .expect("add rule");
+        let index = self.start_proxy(&cgroup, None, spec.name, &spec.listen, spec.args);
+        (id, index)
+    }
+
+    fn start_proxy(
+        &mut self,
+        cgroup: &std::path::Path,
+        uid: Option<u32>,
+        name: &str,
+        listen: &[SocketAddr],
+        extra: &[&str],
+    ) -> usize {
+        let mut args = vec!["proxy".to_string(), "--name".into(), name.into()];
+        for addr in listen {
+            args.push("--listen".into());
+            args.push(addr.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn(cgroup, uid, &args).expect("start proxy");
+        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+        self.procs.push(proc);
+        self.procs.len() - 1
+    }
+
+    /// JSON lines a proxy printed about connections.
+    fn proxy_log(&self, index: usize) -> Vec<Value> {
+        self.procs[index]
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Runs the client role in `cgroup` and returns its report.
+    fn client(&self, cgroup: &str, connect: SocketAddr, bytes: usize) -> Result<Value> {
+        let proc = Proc::spawn(
+            &self.cgroup(cgroup),
+            None,
+            &[
+                "client",
+                "--connect",
+                &connect.to_string(),
+                "--bytes",
+                &bytes.to_string(),
+            ],
+        )?;
+        let pid = proc.pid();
+        let (status, lines) = proc.finish()?;
+        ensure!(
+            status.success(),
+            "client failed: {status}, output {lines:?}"
+        );
+        let mut report: Value = serde_json::from_str(lines.last().context("no report")?)?;
+        report["pid"] = pid.into();
+        Ok(report)
+    }
+
+    /// Runs a probe case in `cgroup` (as `uid`) and returns its result.
+    fn probe(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> String {
+        let mut all = vec!["probe"];
+        all.extend_from_slice(args);
+        let (status, lines) = Proc::spawn(&self.cgroup(cgroup), uid, &all)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(status.success(), "probe {args:?} failed: {lines:?}");
+        let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+        report["result"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until proxy `index` has logged `n` connections.
+    fn wait_logged(&self, index: usize, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.proxy_log(index);
+            if log.len() >= n || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn v4_proxy(name: &str, destination: SocketAddr, priority: u32) -> ProxySpec<'static> {
+    ProxySpec {
+        name: Box::leak(name.to_string().into_boxed_str()),
+        listen: vec![free_addr("127.0.0.1")],
+        destination: Box::leak(format!("{}/32", destination.ip()).into_boxed_str()),
+        port: destination.port(),
+        priority,
+        args: &[],
+    }
+}
+
+/// A single proxy: the client's bytes reach the server through it, and the
+/// proxy sees records, context and SO_ORIGINAL_DST.
+fn single_proxy_round_trip(
+    server_ip: &str,
+    proxy_ips: &[&str],
+    prefix: &str,
+    connect: impl Fn(SocketAddr) -> SocketAddr,
+    test: &str,
+) {
+    let Some(mut lab) = Lab::new(test) else {
+        return;
+    };
+    let server = EchoServer::start(&format!("{server_ip}:0")).unwrap();
+    let dst = server.addr();
+    let (id, proxy) = lab.proxy(ProxySpec {
+        name: "inspector",
+        listen: proxy_ips.iter().map(|ip| free_addr(ip)).collect(),
+        destination: prefix,
+        port: dst.port(),
+        priority: 0,
+        args: &[],
+    });
+
+    let report = lab.client("scope/client", connect(dst), 200_000).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let log = lab.wait_logged(proxy, 1);
+    assert_eq!(log.len(), 1, "proxy log: {log:?}");
+    let entry = &log[0];
+    assert_eq!(entry["records"], "ok", "{entry}");
+    assert_eq!(entry["chain"], serde_json::json!([id.0]));
+    assert_eq!(entry["original_dst"], dst.to_string());
+    assert_eq!(entry["record_dst"], dst.to_string());
+    assert_eq!(entry["context"], "ok");
+    assert_eq!(entry["context_remote"], dst.to_string());
+    // The default context carries the client's own address, as it connected.
+    assert_eq!(
+        entry["context_local"], report["local"],
+        "{entry} vs {report}"
+    );
+    assert_eq!(entry["client_pid"], report["pid"]);
+    assert_eq!(server.accepted().len(), 1);
+
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.redirects, 1, "{counters:?}");
+    assert_eq!(counters.handoffs, 1, "{counters:?}");
+    assert_eq!(counters.handoff_misses, 0, "{counters:?}");
+    assert!(counters.original_dst_answered >= 1, "{counters:?}");
+    assert_eq!(lab.engine.pending_handoffs().unwrap(), 0);
+}
+
+#[test]
+fn ipv4_connection_is_redirected_inspected_and_forwarded() {
+    single_proxy_round_trip("127.0.0.2", &["127.0.0.1"], "127.0.0.2/32", |d| d, "v4");
+}
+
+#[test]
+fn ipv6_connection_is_redirected_inspected_and_forwarded() {
+    single_proxy_round_trip("[::1]", &["127.0.0.1", "[::1]"], "::1/128", |d| d, "v6");
+}
+
+#[test]
+fn ipv4_mapped_destination_follows_the_ipv4_rules() {
+    single_proxy_round_trip(
+        "127.0.0.2",
+        &["127.0.0.1"],
+        "127.0.0.0/8",
+        |d| match d {
+            SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            v6 => v6,
+        },
+        "v4mapped",
+    );
+}
+
+/// All permutations of 0..n.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for rest in permutations(n - 1) {
+        for at in 0..=rest.len() {
+            let mut p = rest.clone();
+            p.insert(at, n - 1);
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// n services whose rules all match one destination, started in every order:
+/// each handles each flow once, in priority order, and the flow arrives.
+fn chain_in_every_start_order(n: usize, test: &str) {
+    const FLOWS: usize = 3;
+    let names = ["alpha", "bravo", "charlie"];
+    for order in permutations(n) {
+        let Some(mut lab) = Lab::new(test) else {
+            return;
+        };
+        let server = EchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let mut started = vec![None; n];
+        for &which in &order {
+            // Priority follows the name, whatever the start order.
+            started[which] = Some(lab.proxy(v4_proxy(names[which], dst, which as u32 + 1)));
+        }
+        let started: Vec<(ServiceId, usize)> = started.into_iter().map(Option::unwrap).collect();
+
+        let clients: Vec<_> = (0..FLOWS)
+            .map(|i| {
+                let bytes = [0, 1, 70_000][i % 3];
+                lab.client("scope/client", dst, bytes).unwrap()
+            })
+            .collect();
+        for report in &clients {
+            assert_eq!(report["ok"], true, "order {order:?}: {report}");
+        }
+        let ids: Vec<u32> = started.iter().map(|(id, _)| id.0).collect();
+        for (position, (_, proxy)) in started.iter().enumerate() {
+            let log = lab.wait_logged(*proxy, FLOWS);
+            assert_eq!(
+                log.len(),
+                FLOWS,
+                "order {order:?}, {}: {log:?}",
+                names[position]
+            );
+            for entry in &log {
+                assert_eq!(
+                    entry["chain"],
+                    serde_json::json!(ids[..=position]),
+                    "order {order:?}: {entry}"
+                );
+                assert_eq!(entry["original_dst"], dst.to_string());
+                assert_eq!(entry["first_dst"], dst.to_string());
+            }
+        }
+        assert_eq!(server.accepted().len(), FLOWS, "order {order:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, (FLOWS * n) as u64, "{counters:?}");
+        assert_eq!(counters.hop_limit, 0);
+    }
+}
+
+#[test]
+fn two_services_chain_once_each_in_every_start_order() {
+    chain_in_every_start_order(2, "chain2");
+}
+
+#[test]
+fn three_services_chain_once_each_in_every_start_order() {
+    chain_in_every_start_order(3, "chain3");
+}
+
+#[test]
+fn proxy_that_sets_no_records_does_not_loop() {
+    let Some(mut lab) = Lab::new("norecords") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let mut spec = v4_proxy("plain", dst, 0);
+    spec.args = &["--no-records"];
+    let (_, proxy) = lab.proxy(spec);
+    for _ in 0..3 {
+        assert_eq!(lab.client("scope/client", dst, 5000).unwrap()["ok"], true);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lab.proxy_log(proxy).len(), 3, "{:?}", lab.proxy_log(proxy));
+    assert_eq!(server.accepted().len(), 3);
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.redirects, 3);
+    assert!(counters.loops_prevented >= 3, "{counters:?}");
+}
+
+#[test]
+fn buffer_protocol_follows_the_wfp_control_codes() {
+    let Some(mut lab) = Lab::new("buffers") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let mut spec = v4_proxy("checker", dst, 0);
+    spec.args = &["--check-buffers"];
+    let (_, proxy) = lab.proxy(spec);
+    assert_eq!(lab.client("scope/client", dst, 10).unwrap()["ok"], true);
+    let log = lab.wait_logged(proxy, 1);
+    let buffers = &log[0]["buffers"];
+    for (name, size) in [
+        ("records", std::mem::size_of::<connredir_record>()),
+        ("context", std::mem::size_of::<connredir_default_context>()),
+    ] {
+        let b = &buffers[name];
+        assert_eq!(b["size_query"], size, "{name}: {b}");
+        assert_eq!(b["tiny"], "InvalidArgument", "{name}: {b}");
+        assert_eq!(b["short"]["error"], "InsufficientBuffer", "{name}: {b}");
+        assert_eq!(b["short"]["needed"], size, "{name}: {b}");
+        assert_eq!(b["exact"], "ok", "{name}: {b}");
+    }
+}
+
+#[test]
+fn query_on_unconnected_socket_is_not_connected() {
+    let Some(lab) = Lab::new("notconn") else {
+        return;
+    };
+    assert_eq!(
+        lab.probe("services", None, &["not-connected"]),
+        "NotConnected"
+    );
+}
+
+#[test]
+fn query_on_a_pipe_is_not_a_socket() {
+    let Some(lab) = Lab::new("notsock") else {
+        return;
+    };
+    assert_eq!(lab.probe("services", None, &["not-a-socket"]), "NotASocket");
+}
+
+#[test]
+fn query_where_the_layer_is_not_loaded_is_not_supported() {
+    let Some(lab) = Lab::new("notsupp") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let addr = server.addr().to_string();
+    assert_eq!(
+        lab.probe("outside", None, &["connected-query", &addr]),
+        "NotSupported"
+    );
+}
+
+#[test]
+fn query_on_a_connection_that_was_not_redirected() {
+    let Some(lab) = Lab::new("notredir") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let addr = server.addr().to_string();
+    assert_eq!(
+        lab.probe("services", None, &["not-redirected", &addr]),
+        "NotRedirected"
+    );
+}
+
+#[test]
+fn set_on_a_connected_socket_is_invalid() {
+    let Some(lab) = Lab::new("setconn") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let addr = server.addr().to_string();
+    assert_eq!(
+        lab.probe("services", None, &["set-connected", &addr]),
+        "InvalidArgument"
+    );
+}
+
+#[test]
+fn set_of_malformed_truncated_or_wrong_version_blobs_is_invalid() {
+    let Some(lab) = Lab::new("setbad") else {
+        return;
+    };
+    for case in ["set-malformed", "set-truncated", "set-wrong-version"] {
+        assert_eq!(
+            lab.probe("services", None, &[case]),
+            "InvalidArgument",
+            "{case}"
+        );
+    }
+    // The same valid blob is accepted from root, so the blob was the problem.
+    assert_eq!(lab.probe("services", None, &["set"]), "ok");
+}
+
+#[test]
+fn set_from_an_unregistered_unprivileged_process_is_denied() {
+    let Some(mut lab) = Lab::new("setdenied") else {
+        return;
+    };
+    const NOBODY: u32 = 65534;
+    assert_eq!(
+        lab.probe("services", Some(NOBODY), &["set"]),
+        "AccessDenied"
+    );
+    assert!(lab.engine.counters().unwrap().denied_sets >= 1);
+    // Once that uid is a registered service, it may.
+    lab.engine
+        .add_service(Service {
+            name: "nobody-proxy".into(),
+            listen: vec![free_addr("127.0.0.1")],
+            identity: Identity {
+                uids: vec![NOBODY],
+                ..Default::default()
+            },
+            context: None,
+        })
+        .unwrap();
+    assert_eq!(lab.probe("services", Some(NOBODY), &["set"]), "ok");
+}
+
+#[test]
+fn context_is_denied_to_a_process_that_is_not_the_redirecting_service() {
+    let Some(mut lab) = Lab::new("ctxdenied") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let listen = vec![free_addr("127.0.0.1")];
+    // The service's identity names a uid no process has; the listener is
+    // another process, which may read the records but not the context.
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "elsewhere".into(),
+            listen: listen.clone(),
+            identity: Identity {
+                uids: vec![4242],
+                ..Default::default()
+            },
+            context: Some(b"secret".to_vec()),
+        })
+        .unwrap();
+    lab.engine
+        .add_rule(Rule {
+            destinations: vec!["127.0.0.2/32".parse().unwrap()],
+            ports: vec![dst.port()..=dst.port()],
+            ..Rule::tcp_to(id)
+        })
+        .unwrap();
+    let cgroup = lab.cgroup("services/impostor");
+    let proxy = lab.start_proxy(&cgroup, None, "impostor", &listen, &[]);
+    assert_eq!(lab.client("scope/client", dst, 100).unwrap()["ok"], true);
+    let log = lab.wait_logged(proxy, 1);
+    assert_eq!(log[0]["records"], "ok", "{:?}", log);
+    assert_eq!(log[0]["context"], "AccessDenied", "{:?}", log);
+}
+
+#[test]
+fn registered_context_reaches_its_service() {
+    let Some(mut lab) = Lab::new("ctxown") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let listen = vec![free_addr("127.0.0.1")];
+    let cgroup = lab.cgroup("services/owner");
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "owner".into(),
+            listen: listen.clone(),
+            identity: Identity {
+                cgroups: vec![cgroup.clone()],
+                ..Default::default()
+            },
+            context: Some(b"policy=strict".to_vec()),
+        })
+        .unwrap();
+    lab.engine
+        .add_rule(Rule {
+            destinations: vec!["127.0.0.2/32".parse().unwrap()],
+            ..Rule::tcp_to(id)
+        })
+        .unwrap();
+    let proxy = lab.start_proxy(&cgroup, None, "owner", &listen, &[]);
+    assert_eq!(lab.client("scope/client", dst, 100).unwrap()["ok"], true);
+    let log = lab.wait_logged(proxy, 1);
+    assert_eq!(log[0]["context"], "ok", "{log:?}");
+    assert_eq!(log[0]["context_bytes"], "policy=strict", "{log:?}");
+}
+
+#[test]
+fn processes_outside_the_scope_are_untouched() {
+    let Some(mut lab) = Lab::new("outside") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let (_, proxy) = lab.proxy(v4_proxy("watcher", dst, 0));
+    assert_eq!(lab.client("outside", dst, 1000).unwrap()["ok"], true);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(lab.proxy_log(proxy).is_empty());
+    assert_eq!(lab.engine.counters().unwrap().redirects, 0);
+    assert_eq!(server.accepted().len(), 1);
+}
+
+#[test]
+fn rules_that_do_not_match_leave_the_connection_alone() {
+    let Some(mut lab) = Lab::new("nomatch") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let other = EchoServer::start("127.0.0.3:0").unwrap();
+    let dst = server.addr();
+    let (_, proxy) = lab.proxy(v4_proxy("watcher", dst, 0));
+    // Same address, other port; and another address on the same port number.
+    let other_port = EchoServer::start("127.0.0.2:0").unwrap();
+    assert_eq!(
+        lab.client("scope/client", other_port.addr(), 10).unwrap()["ok"],
+        true
+    );
+    assert_eq!(
+        lab.client("scope/client", other.addr(), 10).unwrap()["ok"],
+        true
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(lab.proxy_log(proxy).is_empty());
+    assert_eq!(lab.engine.counters().unwrap().redirects, 0);
+}
+
+#[test]
+fn refused_redirects_leave_no_handoff_entry_behind() {
+    let Some(mut lab) = Lab::new("refused") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    // A registered service whose proxy is not running: connects are refused.
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "down".into(),
+            listen: vec![free_addr("127.0.0.1")],
+            identity: Identity {
+                uids: vec![4243],
+                ..Default::default()
+            },
+            context: None,
+        })
+        .unwrap();
+    lab.engine
+        .add_rule(Rule {
+            destinations: vec!["127.0.0.2/32".parse().unwrap()],
+            ..Rule::tcp_to(id)
+        })
+        .unwrap();
+    for _ in 0..5 {
+        assert!(lab.client("scope/client", dst, 1).is_err());
+    }
+    assert_eq!(lab.engine.counters().unwrap().redirects, 5);
+    assert_eq!(lab.engine.pending_handoffs().unwrap(), 0);
+}
