@@ -220,7 +220,8 @@ ports = ["80", "8000-8999"]
         let err = parse(&GOOD.replace("priority", "x").replace("ports =", "portz =")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("unknown field `portz`"), "{msg}");
-        assert!(msg.contains("line 14"), "{msg}");
+        assert!(msg.contains("line 13"), "{msg}");
+        assert!(msg.contains("expected one of `service`"), "{msg}");
     }
 
     #[test]
@@ -248,6 +249,7 @@ ports = ["80", "8000-8999"]
         let err = parse(&GOOD.replace("0.0.0.0/0", "10.0.0.0/33"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 13"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
+        assert!(err.contains("invalid IP address syntax"), "{err}");
     }
 }
