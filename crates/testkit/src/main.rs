@@ -4,6 +4,7 @@
 //! connredir-testkit proxy --name NAME --listen ADDR [--listen ADDR] [--no-records] [--check-buffers]
 //! connredir-testkit client --connect ADDR --bytes N
 //! connredir-testkit probe CASE [ADDR]
+//! connredir-testkit connect-loop --connect ADDR --count N
 //! ```
 //!
 //! Each prints one JSON object per line on stdout; the proxy prints `ready`
@@ -25,7 +26,8 @@ fn main() -> Result<()> {
         Some("proxy") => proxy(&args[1..]),
         Some("client") => client(&args[1..]),
         Some("probe") => probe(&args[1..]),
-        _ => bail!("usage: connredir-testkit proxy|client|probe ..."),
+        Some("connect-loop") => connect_loop(&args[1..]),
+        _ => bail!("usage: connredir-testkit proxy|client|probe|connect-loop ..."),
     }
 }
 
@@ -274,5 +276,20 @@ fn probe(args: &[String]) -> Result<()> {
         other => bail!("unknown probe case {other}"),
     };
     emit(json!({ "case": case, "result": result }));
+    Ok(())
+}
+
+/// Connects and closes `--count` times (reset on close, so no TIME_WAIT piles
+/// up) and reports the elapsed time: the benchmark's workload.
+fn connect_loop(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = value(args, "--connect")?.parse()?;
+    let count: u64 = value(args, "--count")?.parse()?;
+    let start = std::time::Instant::now();
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+        socket.connect(&addr.into())?;
+    }
+    emit(json!({ "count": count, "elapsed_ns": start.elapsed().as_nanos() as u64 }));
     Ok(())
 }
