@@ -23,7 +23,7 @@ struct Lab {
 struct ProxySpec<'a> {
     name: &'a str,
     listen: Vec<SocketAddr>,
-    destination: &'a str,
+    destination: String,
     port: u16,
     priority: u32,
     args: &'a [&'a str],
@@ -164,11 +164,11 @@ impl Lab {
     }
 }
 
-fn v4_proxy(name: &str, destination: SocketAddr, priority: u32) -> ProxySpec<'static> {
+fn v4_proxy(name: &str, destination: SocketAddr, priority: u32) -> ProxySpec<'_> {
     ProxySpec {
-        name: Box::leak(name.to_string().into_boxed_str()),
+        name,
         listen: vec![free_addr("127.0.0.1")],
-        destination: Box::leak(format!("{}/32", destination.ip()).into_boxed_str()),
+        destination: format!("{}/32", destination.ip()),
         port: destination.port(),
         priority,
         args: &[],
@@ -192,7 +192,7 @@ fn single_proxy_round_trip(
     let (id, proxy) = lab.proxy(ProxySpec {
         name: "inspector",
         listen: proxy_ips.iter().map(|ip| free_addr(ip)).collect(),
-        destination: prefix,
+        destination: prefix.to_string(),
         port: dst.port(),
         priority: 0,
         args: &[],
