@@ -56,3 +56,67 @@ pub mod map_names {
         COUNTERS,
     ];
 }
+
+/// Conversions between endpoints and socket addresses, so the layout rule
+/// (IPv4 in the first 4 bytes, port and address in network order) is written
+/// once for every crate.
+impl connredir_endpoint {
+    /// The endpoint of a socket address.
+    pub fn from_socket_addr(addr: &std::net::SocketAddr) -> connredir_endpoint {
+        let mut ep = connredir_endpoint {
+            port: addr.port().to_be(),
+            ..Default::default()
+        };
+        match addr {
+            std::net::SocketAddr::V4(a) => {
+                ep.family = AF_INET;
+                ep.addr[..4].copy_from_slice(&a.ip().octets());
+            }
+            std::net::SocketAddr::V6(a) => {
+                ep.family = AF_INET6;
+                ep.scope_id = a.scope_id();
+                ep.addr = a.ip().octets();
+            }
+        }
+        ep
+    }
+
+    /// The socket address of an endpoint; `None` for family 0 (unknown).
+    pub fn to_socket_addr(&self) -> Option<std::net::SocketAddr> {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+        let port = u16::from_be(self.port);
+        match self.family {
+            AF_INET => {
+                let [a, b, c, d, ..] = self.addr;
+                Some(SocketAddr::new(Ipv4Addr::new(a, b, c, d).into(), port))
+            }
+            AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(self.addr),
+                port,
+                0,
+                self.scope_id,
+            ))),
+            _ => None,
+        }
+    }
+}
+
+/// `AF_INET` as endpoints store it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6` as endpoints store it.
+pub const AF_INET6: u16 = 10;
+
+#[cfg(test)]
+mod tests {
+    use super::connredir_endpoint;
+
+    #[test]
+    fn endpoints_round_trip() {
+        for text in ["192.0.2.1:443", "[2001:db8::7]:8080"] {
+            let addr: std::net::SocketAddr = text.parse().unwrap();
+            let ep = connredir_endpoint::from_socket_addr(&addr);
+            assert_eq!(ep.to_socket_addr(), Some(addr));
+        }
+        assert_eq!(connredir_endpoint::default().to_socket_addr(), None);
+    }
+}

@@ -1,6 +1,6 @@
 //! The redirect records of a connection, typed.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use connredir_abi::{
@@ -9,9 +9,6 @@ use connredir_abi::{
 };
 
 use crate::Error;
-
-const AF_INET: u16 = libc::AF_INET as u16;
-const AF_INET6: u16 = libc::AF_INET6 as u16;
 
 /// Identifies a registered redirect service (what a hop records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,43 +61,6 @@ pub struct Hop {
     pub local: Option<SocketAddr>,
     /// When it happened (CLOCK_BOOTTIME).
     pub since_boot: Duration,
-}
-
-/// Decodes an endpoint; `None` for family 0 or unknown families.
-pub(crate) fn endpoint_addr(ep: &connredir_endpoint) -> Option<SocketAddr> {
-    let port = u16::from_be(ep.port);
-    match ep.family {
-        AF_INET => {
-            let ip = Ipv4Addr::new(ep.addr[0], ep.addr[1], ep.addr[2], ep.addr[3]);
-            Some(SocketAddr::new(IpAddr::V4(ip), port))
-        }
-        AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::from(ep.addr),
-            port,
-            0,
-            ep.scope_id,
-        ))),
-        _ => None,
-    }
-}
-
-fn endpoint(addr: SocketAddr) -> connredir_endpoint {
-    let mut ep = connredir_endpoint {
-        port: addr.port().to_be(),
-        ..Default::default()
-    };
-    match addr {
-        SocketAddr::V4(a) => {
-            ep.family = AF_INET;
-            ep.addr[..4].copy_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            ep.family = AF_INET6;
-            ep.scope_id = a.scope_id();
-            ep.addr = a.ip().octets();
-        }
-    }
-    ep
 }
 
 /// Reads a plain-data ABI struct from the front of `bytes` (zero-filled when
@@ -216,9 +176,11 @@ impl RedirectRecords {
     pub fn hops(&self) -> impl Iterator<Item = Hop> + '_ {
         self.raw_hops().iter().map(|h| Hop {
             service: ServiceId(h.service_id),
-            original_destination: endpoint_addr(&h.original_dst)
+            original_destination: h
+                .original_dst
+                .to_socket_addr()
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-            local: endpoint_addr(&h.local),
+            local: h.local.to_socket_addr(),
             since_boot: Duration::from_nanos(h.time_ns),
         })
     }
@@ -233,14 +195,14 @@ impl RedirectRecords {
     pub fn original_destination(&self) -> Option<SocketAddr> {
         self.raw_hops()
             .last()
-            .and_then(|h| endpoint_addr(&h.original_dst))
+            .and_then(|h| h.original_dst.to_socket_addr())
     }
 
     /// Where the client first wanted to go (the first hop's destination).
     pub fn first_destination(&self) -> Option<SocketAddr> {
         self.raw_hops()
             .first()
-            .and_then(|h| endpoint_addr(&h.original_dst))
+            .and_then(|h| h.original_dst.to_socket_addr())
     }
 
     /// The process that opened the flow.
@@ -278,7 +240,7 @@ impl RedirectRecords {
         }
         self.raw.hops[at] = connredir_hop {
             service_id: service.0,
-            original_dst: endpoint(original_destination),
+            original_dst: connredir_endpoint::from_socket_addr(&original_destination),
             ..Default::default()
         };
         self.raw.hop_count += 1;
@@ -304,7 +266,7 @@ impl RedirectContext {
             return None;
         }
         let ctx: connredir_default_context = read_plain(&self.0);
-        Some((endpoint_addr(&ctx.remote)?, endpoint_addr(&ctx.local)))
+        Some((ctx.remote.to_socket_addr()?, ctx.local.to_socket_addr()))
     }
 }
 
@@ -397,8 +359,8 @@ mod tests {
     #[test]
     fn default_context_decodes() {
         let ctx = connredir_default_context {
-            remote: endpoint("192.0.2.7:8443".parse().unwrap()),
-            local: endpoint("127.0.0.1:40000".parse().unwrap()),
+            remote: connredir_endpoint::from_socket_addr(&"192.0.2.7:8443".parse().unwrap()),
+            local: connredir_endpoint::from_socket_addr(&"127.0.0.1:40000".parse().unwrap()),
         };
         let c = RedirectContext(plain_bytes(&ctx).to_vec());
         assert_eq!(

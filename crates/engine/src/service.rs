@@ -3,23 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use connredir::ServiceId;
 use connredir_abi::{
     connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACTIVE,
     CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::Error;
-
-/// Identifies a registered service; recorded in every hop it takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ServiceId(pub u32);
-
-impl std::fmt::Display for ServiceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "service {}", self.0)
-    }
-}
 
 /// The processes that are the service. Their own connections never go back
 /// to the service (so a proxy that sets no records cannot loop on itself),
@@ -55,25 +45,6 @@ pub struct Service {
     pub context: Option<Vec<u8>>,
 }
 
-pub(crate) fn endpoint(addr: &SocketAddr) -> connredir_endpoint {
-    let mut ep = connredir_endpoint {
-        port: addr.port().to_be(),
-        ..Default::default()
-    };
-    match addr {
-        SocketAddr::V4(a) => {
-            ep.family = libc::AF_INET as u16;
-            ep.addr[..4].copy_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            ep.family = libc::AF_INET6 as u16;
-            ep.scope_id = a.scope_id();
-            ep.addr.copy_from_slice(&a.ip().octets());
-        }
-    }
-    ep
-}
-
 impl Service {
     /// Checks the fields and builds the kernel's view of the service.
     pub(crate) fn to_kernel(&self) -> Result<connredir_service, Error> {
@@ -107,7 +78,7 @@ impl Service {
                 )));
             }
             value.flags |= flag;
-            *slot = endpoint(addr);
+            *slot = connredir_endpoint::from_socket_addr(addr);
         }
         if self.listen.is_empty() {
             return Err(invalid("no listening address".into()));
