@@ -29,6 +29,8 @@
 //! `SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT` and
 //! `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`.
 
+#![warn(missing_docs)]
+
 mod records;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -94,7 +96,11 @@ impl Error {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT) => Error::NotSupported,
             Some(libc::EACCES) | Some(libc::EPERM) => Error::AccessDenied,
             Some(libc::ENOENT) => Error::NotRedirected,
-            Some(libc::EINVAL) => Error::InvalidArgument("rejected by the redirect layer".into()),
+            Some(libc::EINVAL) => Error::InvalidArgument(
+                "the redirect layer rejected the request: a records blob that is malformed, \
+                 truncated or of an unsupported version, or a buffer under 4 bytes"
+                    .into(),
+            ),
             Some(libc::EISCONN) => Error::InvalidArgument(
                 "the socket is already connected: set records before connect".into(),
             ),
@@ -175,7 +181,11 @@ pub fn set_records_from(fd: &impl AsFd, blob: &[u8]) -> Result<(), Error> {
 
 /// Reads a blob whose size is asked first.
 fn query_vec(fd: BorrowedFd<'_>, name: i32) -> Result<Vec<u8>, Error> {
+    // The blob only changes when another hop is added, which cannot happen
+    // to an accepted connection; a few attempts are plenty.
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         let needed = query_into(fd, name, &mut [])?;
         let mut buf = vec![0u8; needed.max(std::mem::size_of::<u32>())];
         match query_into(fd, name, &mut buf) {
@@ -184,7 +194,7 @@ fn query_vec(fd: BorrowedFd<'_>, name: i32) -> Result<Vec<u8>, Error> {
                 return Ok(buf);
             }
             // The blob grew between the two calls: ask again.
-            Err(Error::InsufficientBuffer { .. }) => continue,
+            Err(Error::InsufficientBuffer { .. }) if attempts < 4 => continue,
             Err(e) => return Err(e),
         }
     }
@@ -224,7 +234,7 @@ pub fn original_destination(fd: &impl AsFd) -> Result<SocketAddr, Error> {
     {
         return Err(Error::from_errno(std::io::Error::last_os_error()));
     }
-    let attempts: &[(i32, i32)] = if i32::from(storage.ss_family) == libc::AF_INET6 {
+    let levels: &[(i32, i32)] = if i32::from(storage.ss_family) == libc::AF_INET6 {
         &[
             (libc::SOL_IPV6, sockopt::IP6T_SO_ORIGINAL_DST),
             (libc::SOL_IP, sockopt::SO_ORIGINAL_DST),
@@ -232,25 +242,30 @@ pub fn original_destination(fd: &impl AsFd) -> Result<SocketAddr, Error> {
     } else {
         &[(libc::SOL_IP, sockopt::SO_ORIGINAL_DST)]
     };
-    let mut last = None;
-    for &(level, name) in attempts {
+    // Report the first telling failure; "not supported" only when every
+    // level said so.
+    let mut failure = Error::NotSupported;
+    for &(level, name) in levels {
         let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_in6>()];
-        match getsockopt(fd, level, name, &mut buf) {
-            Ok(n) => {
-                if let Some(addr) = decode_sockaddr(&buf[..n]) {
-                    return Ok(addr);
-                }
-            }
-            Err(e) => last = Some(e),
+        let attempt = match getsockopt(fd, level, name, &mut buf) {
+            Ok(n) => decode_sockaddr(&buf[..n]).ok_or_else(|| {
+                Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the original destination answer ({n} bytes) is not an IPv4 or IPv6 socket address"),
+                ))
+            }),
+            Err(e) => Err(Error::from_errno(e)),
+        };
+        match attempt {
+            Ok(addr) => return Ok(addr),
+            Err(e) if matches!(failure, Error::NotSupported) => failure = e,
+            Err(_) => {}
         }
     }
-    Err(match last {
-        Some(e) if e.raw_os_error() == Some(libc::ENOENT) => Error::NotRedirected,
-        Some(e) => Error::from_errno(e),
-        None => Error::NotRedirected,
-    })
+    Err(failure)
 }
 
+/// Decodes a `sockaddr_in` or `sockaddr_in6` as the kernel returns it.
 fn decode_sockaddr(buf: &[u8]) -> Option<SocketAddr> {
     let family = i32::from(u16::from_ne_bytes([*buf.first()?, *buf.get(1)?]));
     let port = u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]);

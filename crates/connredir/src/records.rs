@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use connredir_abi::{
     connredir_default_context, connredir_endpoint, connredir_hop, connredir_record,
-    CONNREDIR_MAX_HOPS, CONNREDIR_RECORD_MAGIC, CONNREDIR_RECORD_VERSION,
+    AF_INET, AF_INET6, CONNREDIR_MAX_HOPS, CONNREDIR_RECORD_MAGIC, CONNREDIR_RECORD_VERSION,
 };
 
 use crate::Error;
@@ -105,7 +105,8 @@ impl Default for RedirectRecords {
 }
 
 impl RedirectRecords {
-    /// Size of the blob this version writes.
+    /// Size of the blob this version writes. Version 1 is the current layout,
+    /// so this is also the smallest size a valid blob can have.
     pub const SIZE: usize = std::mem::size_of::<connredir_record>();
 
     /// Empty records (no hops), current version.
@@ -223,6 +224,14 @@ impl RedirectRecords {
             Some(_) => RedirectState::PreviouslyRedirectedBySelf,
             None => RedirectState::RedirectedByOther,
         }
+    }
+
+    /// Sets who opened the flow (for tools and tests that build records by
+    /// hand; the kernel fills it in from the connecting process).
+    pub fn set_client(&mut self, client: ClientIdentity) {
+        self.raw.client_pid = client.pid;
+        self.raw.client_uid = client.uid;
+        self.raw.client_cgroup_id = client.cgroup_id;
     }
 
     /// Appends a hop (for tools and tests that build records by hand; the

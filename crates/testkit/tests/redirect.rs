@@ -55,30 +55,43 @@ impl Lab {
         self.tree.cgroup(relative).unwrap()
     }
 
+    /// Registers a service.
+    fn service(
+        &mut self,
+        name: &str,
+        listen: &[SocketAddr],
+        identity: Identity,
+        context: Option<&[u8]>,
+    ) -> ServiceId {
+        self.engine
+            .add_service(Service {
+                name: name.into(),
+                listen: listen.to_vec(),
+                identity,
+                context: context.map(<[u8]>::to_vec),
+            })
+            .expect("register service")
+    }
+
+    /// Sends TCP connections to `prefix` (on `port`, or any) to a service.
+    fn route(&mut self, id: ServiceId, prefix: &str, port: Option<u16>, priority: u32) {
+        self.engine
+            .add_rule(Rule {
+                destinations: vec![prefix.parse().unwrap()],
+                ports: port.map(|p| p..=p).into_iter().collect(),
+                priority,
+                ..Rule::tcp_to(id)
+            })
+            .expect("add rule");
+    }
+
     /// Registers a service (identity: its own cgroup) with one rule, and
     /// starts its proxy. Returns the service id and the proxy's index.
     fn proxy(&mut self, spec: ProxySpec) -> (ServiceId, usize) {
         let cgroup = self.cgroup(&format!("services/{}", spec.name));
-        let id = self
-            .engine
-            .add_service(Service {
-                name: spec.name.into(),
-                listen: spec.listen.clone(),
-                identity: Identity {
-                    cgroups: vec![cgroup.clone()],
-                    ..Default::default()
-                },
-                context: None,
-            })
-            .expect("register service");
-        self.engine
-            .add_rule(Rule {
-                destinations: vec![spec.destination.parse().unwrap()],
-                ports: vec![spec.port..=spec.port],
-                priority: spec.priority,
-                ..Rule::tcp_to(id)
-            })
-            .expect("add rule");
+        let identity = by_cgroup(&cgroup);
+        let id = self.service(spec.name, &spec.listen, identity, None);
+        self.route(id, &spec.destination, Some(spec.port), spec.priority);
         let index = self.start_proxy(&cgroup, None, spec.name, &spec.listen, spec.args);
         (id, index)
     }
@@ -161,6 +174,20 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+fn by_uid(uid: u32) -> Identity {
+    Identity {
+        uids: vec![uid],
+        ..Default::default()
+    }
+}
+
+fn by_cgroup(cgroup: &std::path::Path) -> Identity {
+    Identity {
+        cgroups: vec![cgroup.to_owned()],
+        ..Default::default()
     }
 }
 
@@ -471,17 +498,12 @@ fn set_from_an_unregistered_unprivileged_process_is_denied() {
     );
     assert!(lab.engine.counters().unwrap().denied_sets >= 1);
     // Once that uid is a registered service, it may.
-    lab.engine
-        .add_service(Service {
-            name: "nobody-proxy".into(),
-            listen: vec![free_addr("127.0.0.1")],
-            identity: Identity {
-                uids: vec![NOBODY],
-                ..Default::default()
-            },
-            context: None,
-        })
-        .unwrap();
+    lab.service(
+        "nobody-proxy",
+        &[free_addr("127.0.0.1")],
+        by_uid(NOBODY),
+        None,
+    );
     assert_eq!(lab.probe("services", Some(NOBODY), &["set"]), "ok");
 }
 
@@ -495,25 +517,8 @@ fn context_is_denied_to_a_process_that_is_not_the_redirecting_service() {
     let listen = vec![free_addr("127.0.0.1")];
     // The service's identity names a uid no process has; the listener is
     // another process, which may read the records but not the context.
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "elsewhere".into(),
-            listen: listen.clone(),
-            identity: Identity {
-                uids: vec![4242],
-                ..Default::default()
-            },
-            context: Some(b"secret".to_vec()),
-        })
-        .unwrap();
-    lab.engine
-        .add_rule(Rule {
-            destinations: vec!["127.0.0.2/32".parse().unwrap()],
-            ports: vec![dst.port()..=dst.port()],
-            ..Rule::tcp_to(id)
-        })
-        .unwrap();
+    let id = lab.service("elsewhere", &listen, by_uid(4242), Some(b"secret"));
+    lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
     let cgroup = lab.cgroup("services/impostor");
     let proxy = lab.start_proxy(&cgroup, None, "impostor", &listen, &[]);
     assert_eq!(lab.client("scope/client", dst, 100).unwrap()["ok"], true);
@@ -531,24 +536,8 @@ fn registered_context_reaches_its_service() {
     let dst = server.addr();
     let listen = vec![free_addr("127.0.0.1")];
     let cgroup = lab.cgroup("services/owner");
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "owner".into(),
-            listen: listen.clone(),
-            identity: Identity {
-                cgroups: vec![cgroup.clone()],
-                ..Default::default()
-            },
-            context: Some(b"policy=strict".to_vec()),
-        })
-        .unwrap();
-    lab.engine
-        .add_rule(Rule {
-            destinations: vec!["127.0.0.2/32".parse().unwrap()],
-            ..Rule::tcp_to(id)
-        })
-        .unwrap();
+    let id = lab.service("owner", &listen, by_cgroup(&cgroup), Some(b"policy=strict"));
+    lab.route(id, "127.0.0.2/32", None, 0);
     let proxy = lab.start_proxy(&cgroup, None, "owner", &listen, &[]);
     assert_eq!(lab.client("scope/client", dst, 100).unwrap()["ok"], true);
     let log = lab.wait_logged(proxy, 1);
@@ -603,24 +592,8 @@ fn refused_redirects_leave_no_handoff_entry_behind() {
     let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     // A registered service whose proxy is not running: connects are refused.
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "down".into(),
-            listen: vec![free_addr("127.0.0.1")],
-            identity: Identity {
-                uids: vec![4243],
-                ..Default::default()
-            },
-            context: None,
-        })
-        .unwrap();
-    lab.engine
-        .add_rule(Rule {
-            destinations: vec!["127.0.0.2/32".parse().unwrap()],
-            ..Rule::tcp_to(id)
-        })
-        .unwrap();
+    let id = lab.service("down", &[free_addr("127.0.0.1")], by_uid(4243), None);
+    lab.route(id, "127.0.0.2/32", None, 0);
     for _ in 0..5 {
         assert!(lab.client("scope/client", dst, 1).is_err());
     }
