@@ -293,41 +293,128 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
 
+    /// A connected loopback pair; this test process is in no cgroup the
+    /// layer is attached to, so the kernel itself answers the private level.
+    fn connected(at: &str) -> (TcpListener, TcpStream) {
+        let listener = TcpListener::bind(at).unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (listener, stream)
+    }
+
     #[test]
     fn a_pipe_is_not_a_socket() {
         let (read, _write) = std::io::pipe().unwrap();
         assert!(matches!(query_records(&read), Err(Error::NotASocket)));
+        assert!(matches!(query_context(&read), Err(Error::NotASocket)));
+        assert!(matches!(
+            set_records(&read, &RedirectRecords::new()),
+            Err(Error::NotASocket)
+        ));
+        assert!(matches!(
+            original_destination(&read),
+            Err(Error::NotASocket)
+        ));
     }
 
     #[test]
-    fn without_the_layer_queries_are_not_supported() {
-        // This test process is in no attached cgroup, so the kernel itself
-        // answers the unknown level.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        assert!(
-            matches!(query_records(&stream), Err(Error::NotSupported)),
-            "{:?}",
-            query_records(&stream)
-        );
+    fn without_the_layer_the_level_is_not_supported() {
+        let (_listener, stream) = connected("127.0.0.1:0");
+        for result in [
+            query_records(&stream).map(drop),
+            query_context(&stream).map(drop),
+            query_records_into(stream.as_fd(), &mut []).map(drop),
+            query_context_into(stream.as_fd(), &mut [0; 64]).map(drop),
+        ] {
+            assert!(matches!(result, Err(Error::NotSupported)), "{result:?}");
+        }
+        let onward =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let result = set_records(&onward, &RedirectRecords::new());
+        assert!(matches!(result, Err(Error::NotSupported)), "{result:?}");
+        assert!(Error::NotSupported.to_string().contains("not loaded"));
+    }
+
+    #[test]
+    fn original_destination_falls_back_to_the_kernel() {
+        // Without the layer the kernel answers: ENOPROTOOPT without
+        // conntrack, ENOENT or the real destination with it.
+        for at in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = TcpListener::bind(at) else {
+                continue; // no IPv6 here
+            };
+            let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            match original_destination(&stream) {
+                Ok(dst) => assert_eq!(dst, listener.local_addr().unwrap()),
+                Err(Error::NotSupported | Error::NotRedirected) => {}
+                Err(e) => panic!("{at}: {e:?}"),
+            }
+        }
     }
 
     #[test]
     fn buffers_under_a_u32_are_invalid_without_a_syscall() {
+        // A pipe would give NotASocket if the library made the syscall.
         let (read, _write) = std::io::pipe().unwrap();
-        let err = query_records_into(read.as_fd(), &mut [0u8; 2]).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        for len in 1..4 {
+            let mut buf = vec![0u8; len];
+            let err = query_records_into(read.as_fd(), &mut buf).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+            let err = query_context_into(read.as_fd(), &mut buf).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn errnos_map_to_errors() {
+        let map = |errno| Error::from_errno(std::io::Error::from_raw_os_error(errno));
+        assert!(matches!(map(libc::ENOTCONN), Error::NotConnected));
+        assert!(matches!(map(libc::ENOTSOCK), Error::NotASocket));
+        assert!(matches!(map(libc::EOPNOTSUPP), Error::NotSupported));
+        assert!(matches!(map(libc::ENOPROTOOPT), Error::NotSupported));
+        assert!(matches!(map(libc::EACCES), Error::AccessDenied));
+        assert!(matches!(map(libc::ENOENT), Error::NotRedirected));
+        assert!(matches!(map(libc::EINVAL), Error::InvalidArgument(_)));
+        match map(libc::EISCONN) {
+            Error::InvalidArgument(why) => assert!(why.contains("before connect"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(map(libc::EIO), Error::Io(_)));
     }
 
     #[test]
     fn sockaddrs_decode() {
-        let mut v4 = [0u8; 16];
-        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
-        v4[4..8].copy_from_slice(&[127, 0, 0, 2]);
+        let v4 = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 8080u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
+            },
+            sin_zero: [0; 8],
+        };
         assert_eq!(
-            decode_sockaddr(&v4),
+            decode_sockaddr(records::plain_bytes(&v4)),
             Some("127.0.0.2:8080".parse().unwrap())
         );
+        let mut v6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as u16,
+            sin6_port: 443u16.to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: "2001:db8::5".parse::<Ipv6Addr>().unwrap().octets(),
+            },
+            sin6_scope_id: 3,
+        };
+        assert_eq!(
+            decode_sockaddr(records::plain_bytes(&v6)),
+            Some("[2001:db8::5%3]:443".parse().unwrap())
+        );
+        v6.sin6_addr.s6_addr = "::ffff:192.0.2.9".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(
+            decode_sockaddr(records::plain_bytes(&v6)),
+            Some("192.0.2.9:443".parse().unwrap()),
+            "a v4-mapped destination is an IPv4 one"
+        );
+        assert_eq!(decode_sockaddr(&records::plain_bytes(&v6)[..20]), None);
+        assert_eq!(decode_sockaddr(&[]), None);
     }
 }

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use connredir_abi::{
-    connredir_default_context, connredir_endpoint, connredir_hop, connredir_record,
-    AF_INET, AF_INET6, CONNREDIR_MAX_HOPS, CONNREDIR_RECORD_MAGIC, CONNREDIR_RECORD_VERSION,
+    connredir_default_context, connredir_endpoint, connredir_hop, connredir_record, AF_INET,
+    AF_INET6, CONNREDIR_MAX_HOPS, CONNREDIR_RECORD_MAGIC, CONNREDIR_RECORD_VERSION,
 };
 
 use crate::Error;
@@ -55,11 +55,13 @@ pub struct ClientIdentity {
 pub struct Hop {
     /// The service that took the connection.
     pub service: ServiceId,
-    /// Where the connection was going before this redirect.
+    /// Where the connection was going before this redirect (`0.0.0.0:0` in
+    /// the unlikely case the layer could not record it).
     pub original_destination: SocketAddr,
     /// The redirected socket's own address, when known.
     pub local: Option<SocketAddr>,
-    /// When it happened (CLOCK_BOOTTIME).
+    /// When it happened: time since boot (`CLOCK_BOOTTIME`), zero in
+    /// records built by hand.
     pub since_boot: Duration,
 }
 
@@ -275,6 +277,10 @@ impl RedirectContext {
             return None;
         }
         let ctx: connredir_default_context = read_plain(&self.0);
+        // The local address may be unknown (family 0), never another family.
+        if !matches!(ctx.local.family, 0 | AF_INET | AF_INET6) {
+            return None;
+        }
         Some((ctx.remote.to_socket_addr()?, ctx.local.to_socket_addr()))
     }
 }
@@ -282,12 +288,16 @@ impl RedirectContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::mem::offset_of;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
 
     fn three_hops() -> RedirectRecords {
         let mut r = RedirectRecords::new();
         for id in [1, 2, 3] {
-            r.push_hop(ServiceId(id), "10.0.0.1:443".parse().unwrap())
-                .unwrap();
+            r.push_hop(ServiceId(id), addr("10.0.0.1:443")).unwrap();
         }
         r
     }
@@ -295,22 +305,47 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut r = three_hops();
-        r.push_hop(ServiceId(9), "[2001:db8::1]:80".parse().unwrap())
-            .unwrap();
-        let back = RedirectRecords::from_bytes(&r.to_bytes()).unwrap();
+        r.set_client(ClientIdentity {
+            pid: 42,
+            uid: 1000,
+            cgroup_id: 7,
+        });
+        r.push_hop(ServiceId(9), addr("[2001:db8::1]:80")).unwrap();
+        let bytes = r.to_bytes();
+        assert_eq!(bytes.len(), RedirectRecords::SIZE);
+        let back = RedirectRecords::from_bytes(&bytes).unwrap();
         assert_eq!(back, r);
+        assert_eq!(back.hop_count(), 4);
+        assert_eq!(back.client().pid, 42);
+        assert_eq!(back.client().cgroup_id, 7);
         assert_eq!(
             back.chain(),
-            vec![ServiceId(1), ServiceId(2), ServiceId(3), ServiceId(9)]
+            [1, 2, 3, 9].map(ServiceId).to_vec(),
+            "hops are kept oldest first"
         );
-        assert_eq!(
-            back.original_destination(),
-            Some("[2001:db8::1]:80".parse().unwrap())
-        );
-        assert_eq!(
-            back.first_destination(),
-            Some("10.0.0.1:443".parse().unwrap())
-        );
+        let last = back.hops().last().unwrap();
+        assert_eq!(last.local, None, "family 0 is an unknown local address");
+        assert_eq!(last.since_boot, Duration::ZERO);
+    }
+
+    #[test]
+    fn destinations_v4_and_v6() {
+        let mut r = RedirectRecords::new();
+        assert_eq!(r.original_destination(), None);
+        assert_eq!(r.first_destination(), None);
+        r.push_hop(ServiceId(1), addr("192.0.2.1:443")).unwrap();
+        assert_eq!(r.original_destination(), Some(addr("192.0.2.1:443")));
+        assert_eq!(r.first_destination(), Some(addr("192.0.2.1:443")));
+        r.push_hop(ServiceId(2), addr("[2001:db8::2]:8443"))
+            .unwrap();
+        assert_eq!(r.original_destination(), Some(addr("[2001:db8::2]:8443")));
+        assert_eq!(r.first_destination(), Some(addr("192.0.2.1:443")));
+
+        let mut r = RedirectRecords::new();
+        r.push_hop(ServiceId(1), addr("[2001:db8::1]:80")).unwrap();
+        r.push_hop(ServiceId(2), addr("127.0.0.1:3128")).unwrap();
+        assert_eq!(r.first_destination(), Some(addr("[2001:db8::1]:80")));
+        assert_eq!(r.original_destination(), Some(addr("127.0.0.1:3128")));
     }
 
     #[test]
@@ -321,67 +356,106 @@ mod tests {
             b[at..at + bytes.len()].copy_from_slice(bytes);
             RedirectRecords::from_bytes(&b)
         };
-        let version = std::mem::offset_of!(connredir_record, version);
-        let size = std::mem::offset_of!(connredir_record, size);
-        let hops = std::mem::offset_of!(connredir_record, hop_count);
-        assert!(RedirectRecords::from_bytes(&good[..good.len() - 1]).is_err());
-        assert!(set(0, b"XXXX").is_err());
-        assert!(set(version, &0u16.to_ne_bytes()).is_err());
-        assert!(set(version, &2u16.to_ne_bytes()).is_err());
-        assert!(set(hops, &9u16.to_ne_bytes()).is_err());
-        assert!(set(size, &(good.len() as u16 + 1).to_ne_bytes()).is_err());
+        let u16_at = |field: usize, v: u16| set(field, &v.to_ne_bytes());
+        let version = offset_of!(connredir_record, version);
+        let size = offset_of!(connredir_record, size);
+        let hops = offset_of!(connredir_record, hop_count);
+        let bad = [
+            (
+                "short blob",
+                RedirectRecords::from_bytes(&good[..good.len() - 1]),
+            ),
+            ("empty blob", RedirectRecords::from_bytes(&[])),
+            ("bad magic", set(0, b"XXXX")),
+            ("version 0", u16_at(version, 0)),
+            (
+                "version too new",
+                u16_at(version, CONNREDIR_RECORD_VERSION as u16 + 1),
+            ),
+            ("9 hops", u16_at(hops, 9)),
+            ("size past the blob", u16_at(size, good.len() as u16 + 1)),
+            ("size under v1", u16_at(size, 8)),
+        ];
+        for (what, result) in bad {
+            assert!(
+                matches!(result, Err(Error::InvalidArgument(_))),
+                "{what}: {result:?}"
+            );
+        }
         // A longer blob (a newer minor version) is read up to what we know.
         let mut longer = good.clone();
         longer.extend_from_slice(&[0; 16]);
-        assert_eq!(RedirectRecords::from_bytes(&longer).unwrap(), three_hops());
+        let grown = (good.len() + 16) as u16;
+        longer[size..size + 2].copy_from_slice(&grown.to_ne_bytes());
+        assert_eq!(
+            RedirectRecords::from_bytes(&longer).unwrap().chain(),
+            three_hops().chain()
+        );
     }
 
     #[test]
     fn states() {
-        let mut r = three_hops();
+        let r = three_hops();
         assert_eq!(r.state_for(ServiceId(3)), RedirectState::RedirectedBySelf);
         assert_eq!(
             r.state_for(ServiceId(1)),
             RedirectState::PreviouslyRedirectedBySelf
         );
+        assert_eq!(
+            r.state_for(ServiceId(2)),
+            RedirectState::PreviouslyRedirectedBySelf
+        );
         assert_eq!(r.state_for(ServiceId(7)), RedirectState::RedirectedByOther);
+        assert_eq!(
+            RedirectRecords::new().state_for(ServiceId(1)),
+            RedirectState::NotRedirected
+        );
         assert_eq!(
             redirect_state(None, ServiceId(1)),
             RedirectState::NotRedirected
         );
-        r = RedirectRecords::new();
-        assert_eq!(r.state_for(ServiceId(1)), RedirectState::NotRedirected);
+        assert_eq!(
+            redirect_state(Some(&r), ServiceId(3)),
+            RedirectState::RedirectedBySelf
+        );
     }
 
     #[test]
-    fn full_chain_refuses_a_ninth_hop() {
+    fn full_chain_refuses_another_hop() {
         let mut r = RedirectRecords::new();
         for id in 0..CONNREDIR_MAX_HOPS {
-            r.push_hop(ServiceId(id), "10.0.0.1:1".parse().unwrap())
-                .unwrap();
+            r.push_hop(ServiceId(id), addr("10.0.0.1:1")).unwrap();
         }
-        assert!(r
-            .push_hop(ServiceId(99), "10.0.0.1:1".parse().unwrap())
-            .is_err());
+        assert!(r.push_hop(ServiceId(99), addr("10.0.0.1:1")).is_err());
     }
 
     #[test]
     fn default_context_decodes() {
-        let ctx = connredir_default_context {
-            remote: connredir_endpoint::from_socket_addr(&"192.0.2.7:8443".parse().unwrap()),
-            local: connredir_endpoint::from_socket_addr(&"127.0.0.1:40000".parse().unwrap()),
+        let mut ctx = connredir_default_context {
+            remote: connredir_endpoint::from_socket_addr(&addr("192.0.2.7:8443")),
+            local: connredir_endpoint::from_socket_addr(&addr("127.0.0.1:40000")),
         };
-        let c = RedirectContext(plain_bytes(&ctx).to_vec());
+        let decode = |ctx: &connredir_default_context| {
+            RedirectContext(plain_bytes(ctx).to_vec()).original_addresses()
+        };
         assert_eq!(
-            c.original_addresses(),
-            Some((
-                "192.0.2.7:8443".parse().unwrap(),
-                Some("127.0.0.1:40000".parse().unwrap())
-            ))
+            decode(&ctx),
+            Some((addr("192.0.2.7:8443"), Some(addr("127.0.0.1:40000"))))
         );
+        ctx.local = connredir_endpoint::default();
+        assert_eq!(decode(&ctx), Some((addr("192.0.2.7:8443"), None)));
+        ctx.local.family = 7;
+        assert_eq!(decode(&ctx), None, "unknown local family");
+        ctx.local.family = 0;
+        ctx.remote.family = 0;
+        assert_eq!(decode(&ctx), None, "no remote address");
+        // A service's own context: not a default context, whatever its size.
         assert_eq!(
             RedirectContext(b"policy".to_vec()).original_addresses(),
             None
         );
+        let mut longer = plain_bytes(&ctx).to_vec();
+        longer.push(0);
+        assert_eq!(RedirectContext(longer).original_addresses(), None);
     }
 }
