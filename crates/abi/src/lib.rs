@@ -42,9 +42,11 @@ pub mod map_names {
     pub const HANDOFF: &str = name(super::CONNREDIR_MAP_HANDOFF);
     /// Per-CPU counters.
     pub const COUNTERS: &str = name(super::CONNREDIR_MAP_COUNTERS);
+    /// Records waiting for a records-less service's onward connection.
+    pub const INHERIT: &str = name(super::CONNREDIR_MAP_INHERIT);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -54,6 +56,7 @@ pub mod map_names {
         RULES,
         HANDOFF,
         COUNTERS,
+        INHERIT,
     ];
 }
 

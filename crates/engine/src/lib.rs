@@ -119,6 +119,9 @@ pub struct Counters {
     pub records_set: u64,
     /// `SO_ORIGINAL_DST` queries answered from a record.
     pub original_dst_answered: u64,
+    /// Onward connections of services that set no records, which took the
+    /// record of the connection they forward.
+    pub records_inherited: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -679,6 +682,7 @@ impl Engine {
             denied_sets: read(CONNREDIR_CNT_DENIED_SETS)?,
             records_set: read(CONNREDIR_CNT_RECORDS_SET)?,
             original_dst_answered: read(CONNREDIR_CNT_ORIGINAL_DST_ANSWERED)?,
+            records_inherited: read(CONNREDIR_CNT_RECORDS_INHERITED)?,
         })
     }
 

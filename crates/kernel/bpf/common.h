@@ -88,6 +88,13 @@ struct {
 } handoff SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CONNREDIR_MAX_INHERITS);
+	__type(key, struct connredir_inherit_key);
+	__type(value, struct connredir_record);
+} inherit SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CONNREDIR_CNT_MAX);
 	__type(key, __u32);

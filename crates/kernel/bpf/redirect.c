@@ -26,6 +26,48 @@ static __always_inline int in_chain(const struct connredir_record *record,
 	return 0;
 }
 
+/* Looks for a record kept for `service_id`'s connection to `dst`. */
+static __always_inline struct connredir_record *
+kept_record(__u32 service_id, const struct connredir_endpoint *dst,
+	    struct connredir_inherit_key *key)
+{
+	if (!service_id)
+		return NULL;
+	key->service_id = service_id;
+	key->dst = *dst;
+	return bpf_map_lookup_elem(&inherit, key);
+}
+
+/*
+ * A service's process connecting without records: if it just asked where an
+ * accepted connection was going (SO_ORIGINAL_DST) and now connects there,
+ * this socket carries that connection's record (see abi.h, inherit).
+ */
+static __always_inline struct connredir_sock_state *
+inherit_record(struct bpf_sock *sk, const struct caller_services *caller,
+	       const struct connredir_endpoint *dst)
+{
+	struct connredir_inherit_key key = {};
+	struct connredir_sock_state *state;
+	struct connredir_record *kept;
+
+	kept = kept_record(caller->by_pid, dst, &key);
+	if (!kept)
+		kept = kept_record(caller->by_cgroup, dst, &key);
+	if (!kept)
+		kept = kept_record(caller->by_uid, dst, &key);
+	if (!kept)
+		return NULL;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (state) {
+		state->record = *kept;
+		state->flags = 0;
+		count(CONNREDIR_CNT_RECORDS_INHERITED);
+	}
+	bpf_map_delete_elem(&inherit, &key);
+	return state;
+}
+
 /*
  * Decides the fate of a connect to `dst`. Returns the service's listening
  * endpoint to connect to instead, or NULL to leave the connection alone.
@@ -51,6 +93,8 @@ decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6)
 
 	caller_services(&caller);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state)
+		state = inherit_record(sk, &caller, dst);
 	if (state)
 		hop_count = clamp_hops(state->record.hop_count);
 

@@ -386,6 +386,46 @@ fn proxy_that_sets_no_records_does_not_loop() {
     assert!(counters.loops_prevented >= 3, "{counters:?}");
 }
 
+/// A proxy that sets no records (like an unmodified transparent proxy) in a
+/// chain with one that does, in both priority orders: its onward connection
+/// inherits the record of the connection it forwards, so the flow visits each
+/// service once instead of bouncing between them.
+#[test]
+fn records_less_proxy_chains_with_others_without_looping() {
+    for plain_first in [true, false] {
+        let Some(mut lab) = Lab::new("inherit") else {
+            return;
+        };
+        let server = EchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let mut plain = v4_proxy("plain", dst, if plain_first { 1 } else { 2 });
+        plain.args = &["--no-records"];
+        let (plain_id, plain_proxy) = lab.proxy(plain);
+        let (aware_id, aware_proxy) =
+            lab.proxy(v4_proxy("aware", dst, if plain_first { 2 } else { 1 }));
+        for bytes in [0, 10, 100_000] {
+            assert_eq!(lab.client("scope/client", dst, bytes).unwrap()["ok"], true);
+        }
+        let expected = if plain_first {
+            [vec![plain_id.0], vec![plain_id.0, aware_id.0]]
+        } else {
+            [vec![aware_id.0, plain_id.0], vec![aware_id.0]]
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        for (proxy, chain) in [(plain_proxy, &expected[0]), (aware_proxy, &expected[1])] {
+            let log = lab.proxy_log(proxy);
+            assert_eq!(log.len(), 3, "plain first: {plain_first}: {log:?}");
+            for entry in log {
+                assert_eq!(entry["chain"], serde_json::json!(chain), "{entry}");
+            }
+        }
+        assert_eq!(server.accepted().len(), 3);
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 6, "{counters:?}");
+        assert_eq!(counters.records_inherited, 3, "{counters:?}");
+    }
+}
+
 #[test]
 fn buffer_protocol_follows_the_wfp_control_codes() {
     let Some(mut lab) = Lab::new("buffers") else {

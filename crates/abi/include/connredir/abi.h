@@ -156,6 +156,21 @@ struct connredir_addr_key {
 	__u16 reserved;
 };
 
+/* ---- Records inherited by services that do not set them. */
+
+/*
+ * When a registered service's process learns a connection's original
+ * destination through SO_ORIGINAL_DST, the connection's record is kept here;
+ * if that service then connects to that destination without records (an
+ * unmodified transparent proxy), the new socket inherits the record, so the
+ * flow keeps its chain and cannot loop between services.
+ */
+struct connredir_inherit_key {
+	__u32 service_id;
+	__u32 reserved;
+	struct connredir_endpoint dst;
+};
+
 /* ---- Counters (indices of the per-CPU counters array). */
 
 enum connredir_counter {
@@ -167,7 +182,8 @@ enum connredir_counter {
 	CONNREDIR_CNT_DENIED_SETS = 5,
 	CONNREDIR_CNT_RECORDS_SET = 6,
 	CONNREDIR_CNT_ORIGINAL_DST_ANSWERED = 7,
-	CONNREDIR_CNT_MAX = 8,
+	CONNREDIR_CNT_RECORDS_INHERITED = 8,
+	CONNREDIR_CNT_MAX = 9,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
@@ -180,10 +196,12 @@ enum connredir_counter {
 #define CONNREDIR_MAP_RULES "rules"
 #define CONNREDIR_MAP_HANDOFF "handoff"
 #define CONNREDIR_MAP_COUNTERS "counters"
+#define CONNREDIR_MAP_INHERIT "inherit"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 131072
 #define CONNREDIR_MAX_HANDOFFS 65536
 #define CONNREDIR_MAX_IDENTITIES 1024
+#define CONNREDIR_MAX_INHERITS 16384
 
 #endif /* CONNREDIR_ABI_H */
