@@ -100,6 +100,15 @@ impl CgroupTree {
 impl Drop for CgroupTree {
     fn drop(&mut self) {
         let made = std::mem::take(&mut *self.made.lock().unwrap());
+        // Processes our children started (a daemon's helper, say) may still
+        // be in the tree: only our own processes can be there, so end them.
+        for path in &made {
+            let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         for path in made.iter().rev() {
             // A just-killed child may take a moment to leave its cgroup.
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -121,9 +130,19 @@ pub struct Proc {
 impl Proc {
     /// Starts the test-role binary with `args` in `cgroup`, optionally as `uid`.
     pub fn spawn(cgroup: &Path, uid: Option<u32>, args: &[&str]) -> Result<Proc> {
+        Proc::spawn_program(cgroup, uid, &testkit_bin(), args)
+    }
+
+    /// Starts any program with `args` in `cgroup`, optionally as `uid`.
+    pub fn spawn_program(
+        cgroup: &Path,
+        uid: Option<u32>,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<Proc> {
         let procs =
             std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
-        let mut command = Command::new(testkit_bin());
+        let mut command = Command::new(program);
         command
             .args(args)
             .stdout(Stdio::piped())
@@ -155,7 +174,7 @@ impl Proc {
         }
         let mut child = command
             .spawn()
-            .with_context(|| format!("start {} {args:?}", testkit_bin().display()))?;
+            .with_context(|| format!("start {} {args:?}", program.display()))?;
         let stdout = child.stdout.take().expect("piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
@@ -294,4 +313,45 @@ impl Drop for EchoServer {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
     }
+}
+
+/// Waits (at most 10 s) until something listens on `addr`, read from
+/// /proc/net/tcp{,6} so that no probe connection disturbs the listener.
+pub fn wait_listening(addr: SocketAddr) -> Result<()> {
+    let port = format!(":{:04X}", addr.port());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
+            let listening = text.lines().skip(1).any(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&port) && cols[3] == "0A"
+            });
+            if listening {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Finds a program on PATH. In CI a missing program fails the test (the
+/// setup script installs it); elsewhere the test is skipped, saying why.
+pub fn require_program(test: &str, name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: {name} is not installed (scripts/setup installs it)");
+        }
+        eprintln!("SKIPPED {test}: {name} is not installed (run scripts/setup)");
+    }
+    found
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! connredir-testkit proxy --name NAME --listen ADDR [--listen ADDR] [--no-records] [--check-buffers]
-//! connredir-testkit client --connect ADDR --bytes N
+//! connredir-testkit client --connect ADDR --bytes N [--no-half-close]
 //! connredir-testkit probe CASE [ADDR]
 //! connredir-testkit connect-loop --connect ADDR --count N
 //! ```
@@ -214,14 +214,25 @@ fn client(args: &[String]) -> Result<()> {
     let bytes: usize = value(args, "--bytes")?.parse()?;
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    // Some proxies close both directions at the client's EOF: with
+    // --no-half-close, read the whole echo back before closing.
+    let half_close = !args.iter().any(|a| a == "--no-half-close");
     let mut writer = stream.try_clone()?;
     let to_send = payload.clone();
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         writer.write_all(&to_send)?;
-        writer.shutdown(Shutdown::Write)
+        if half_close {
+            writer.shutdown(Shutdown::Write)?;
+        }
+        Ok(())
     });
     let mut received = Vec::new();
-    stream.read_to_end(&mut received)?;
+    if half_close {
+        stream.read_to_end(&mut received)?;
+    } else {
+        received.resize(bytes, 0);
+        stream.read_exact(&mut received)?;
+    }
     sender.join().expect("sender thread")?;
     let ok = received == payload;
     emit(

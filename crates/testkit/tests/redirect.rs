@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
-use connredir_testkit::{free_addr, require_privileges, CgroupTree, EchoServer, Proc};
+use connredir_testkit::{
+    free_addr, require_privileges, require_program, wait_listening, CgroupTree, EchoServer, Proc,
+};
 use serde_json::Value;
 
 /// One test's world. Fields drop in order: processes, then the engine
@@ -129,17 +131,20 @@ impl Lab {
 
     /// Runs the client role in `cgroup` and returns its report.
     fn client(&self, cgroup: &str, connect: SocketAddr, bytes: usize) -> Result<Value> {
-        let proc = Proc::spawn(
-            &self.cgroup(cgroup),
-            None,
-            &[
-                "client",
-                "--connect",
-                &connect.to_string(),
-                "--bytes",
-                &bytes.to_string(),
-            ],
-        )?;
+        self.client_with(cgroup, connect, bytes, &[])
+    }
+
+    fn client_with(
+        &self,
+        cgroup: &str,
+        connect: SocketAddr,
+        bytes: usize,
+        extra: &[&str],
+    ) -> Result<Value> {
+        let (connect, bytes) = (connect.to_string(), bytes.to_string());
+        let mut args = vec!["client", "--connect", &connect, "--bytes", &bytes];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(&self.cgroup(cgroup), None, &args)?;
         let pid = proc.pid();
         let (status, lines) = proc.finish()?;
         ensure!(
@@ -424,6 +429,49 @@ fn records_less_proxy_chains_with_others_without_looping() {
         assert_eq!(counters.redirects, 6, "{counters:?}");
         assert_eq!(counters.records_inherited, 3, "{counters:?}");
     }
+}
+
+/// An unmodified third-party transparent proxy (sslsplit, which finds the
+/// destination with SO_ORIGINAL_DST and knows nothing of records) chained
+/// after ours: every flow passes each once and arrives byte-exact.
+#[test]
+fn third_party_transparent_proxy_takes_part_in_a_chain() {
+    let Some(sslsplit) = require_program("sslsplit", "sslsplit") else {
+        return;
+    };
+    let Some(mut lab) = Lab::new("sslsplit") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let (ours, our_proxy) = lab.proxy(v4_proxy("ours", dst, 1));
+    let cgroup = lab.cgroup("services/sslsplit");
+    let listen = free_addr("127.0.0.1");
+    let theirs = lab.service("sslsplit", &[listen], by_cgroup(&cgroup), None);
+    lab.route(theirs, &format!("{}/32", dst.ip()), Some(dst.port()), 2);
+    let port = listen.port().to_string();
+    let args = ["-D", "-l", "/dev/stdout", "tcp", "127.0.0.1", &port];
+    let proc = Proc::spawn_program(&cgroup, None, &sslsplit, &args).unwrap();
+    lab.procs.push(proc);
+    wait_listening(listen).unwrap();
+
+    // sslsplit closes both directions at the client's EOF, so the client
+    // reads its whole echo before closing.
+    for bytes in [1, 1000, 300_000] {
+        let report = lab
+            .client_with("scope/client", dst, bytes, &["--no-half-close"])
+            .unwrap();
+        assert_eq!(report["ok"], true, "{report}");
+    }
+    let log = lab.wait_logged(our_proxy, 3);
+    assert_eq!(log.len(), 3, "{log:?}");
+    for entry in &log {
+        assert_eq!(entry["chain"], serde_json::json!([ours.0]), "{entry}");
+    }
+    assert_eq!(server.accepted().len(), 3);
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.redirects, 6, "{counters:?}");
+    assert_eq!(counters.records_inherited, 3, "{counters:?}");
 }
 
 #[test]
