@@ -20,6 +20,7 @@
 //! Everything the engine attached is detached when it is dropped, also when a
 //! later step fails: nothing is left half-attached.
 
+pub mod cgroup;
 mod rules;
 mod service;
 

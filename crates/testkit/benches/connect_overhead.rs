@@ -14,7 +14,7 @@ use std::net::TcpListener;
 
 use anyhow::{Context, Result};
 use connredir_engine::{Engine, Identity, Rule, Service};
-use connredir_testkit::{free_addr, require_privileges, CgroupTree, Proc};
+use connredir_testkit::{free_addr, require_privileges, test_tree, CgroupTree, Proc};
 
 const ROUNDS: usize = 21;
 const CONNECTS: u64 = 20_000;
@@ -93,7 +93,7 @@ fn main() -> Result<()> {
             drop(stream);
         }
     });
-    let tree = CgroupTree::new("bench")?;
+    let tree = test_tree("bench")?;
     tree.cgroup("bare")?;
     let one = engine_with_rules(&tree, "one", 1)?;
     let thousand = engine_with_rules(&tree, "thousand", 1000)?;

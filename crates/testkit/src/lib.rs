@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,18 +22,6 @@ pub fn testkit_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("target directory");
     dir.join("connredir-testkit")
-}
-
-/// Where cgroup v2 is mounted, read from /proc/self/mountinfo.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
 }
 
 /// Decides whether a privileged test can run here. In CI (`CI=true`) a
@@ -60,63 +47,14 @@ pub fn require_privileges(test: &str) -> bool {
     }
 }
 
-/// A cgroup tree owned by one test, removed (deepest first) on drop.
-pub struct CgroupTree {
-    root: PathBuf,
-    made: Mutex<Vec<PathBuf>>,
-}
+pub use connredir_engine::cgroup::{cgroup2_root, CgroupTree};
 
-impl CgroupTree {
-    /// Creates `<cgroup2 root>/connredir-test-<name>-<pid>`.
-    pub fn new(name: &str) -> Result<CgroupTree> {
-        let base = cgroup2_root().context("cgroup v2 is not mounted")?;
-        let root = base.join(format!("connredir-test-{name}-{}", std::process::id()));
-        std::fs::create_dir(&root).with_context(|| format!("mkdir {}", root.display()))?;
-        Ok(CgroupTree {
-            root: root.clone(),
-            made: Mutex::new(vec![root]),
-        })
-    }
-
-    /// The tree's top directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Creates (if needed) and returns a cgroup below the root, e.g. "scope/client".
-    pub fn cgroup(&self, relative: &str) -> Result<PathBuf> {
-        let mut path = self.root.clone();
-        for part in relative.split('/') {
-            path.push(part);
-            if !path.exists() {
-                std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
-                self.made.lock().unwrap().push(path.clone());
-            }
-        }
-        Ok(path)
-    }
-}
-
-impl Drop for CgroupTree {
-    fn drop(&mut self) {
-        let made = std::mem::take(&mut *self.made.lock().unwrap());
-        // Processes our children started (a daemon's helper, say) may still
-        // be in the tree: only our own processes can be there, so end them.
-        for path in &made {
-            let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        for path in made.iter().rev() {
-            // A just-killed child may take a moment to leave its cgroup.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while std::fs::remove_dir(path).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+/// The cgroup tree of one test: `<cgroup2 root>/connredir-test-<name>-<pid>`.
+pub fn test_tree(name: &str) -> Result<CgroupTree> {
+    Ok(CgroupTree::create(&format!(
+        "connredir-test-{name}-{}",
+        std::process::id()
+    ))?)
 }
 
 /// A child process started in a cgroup; killed (by its pid) on drop.
@@ -140,38 +78,12 @@ impl Proc {
         program: &Path,
         args: &[&str],
     ) -> Result<Proc> {
-        let procs =
-            std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
         let mut command = Command::new(program);
         command
             .args(args)
             .stdout(Stdio::piped())
             .stdin(Stdio::null());
-        // SAFETY: between fork and exec the closure only makes plain system
-        // calls on data prepared before the fork. It joins the cgroup first,
-        // while still root, and only then drops to `uid`.
-        unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(uid) = uid {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(uid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        connredir_engine::cgroup::run_in_cgroup(&mut command, cgroup, uid)?;
         let mut child = command
             .spawn()
             .with_context(|| format!("start {} {args:?}", program.display()))?;

@@ -10,7 +10,8 @@ use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
 use connredir_testkit::{
-    free_addr, require_privileges, require_program, wait_listening, CgroupTree, EchoServer, Proc,
+    free_addr, require_privileges, require_program, test_tree, wait_listening, CgroupTree,
+    EchoServer, Proc,
 };
 use serde_json::Value;
 
@@ -37,7 +38,7 @@ impl Lab {
         if !require_privileges(name) {
             return None;
         }
-        let tree = CgroupTree::new(name).expect("cgroup tree");
+        let tree = test_tree(name).expect("cgroup tree");
         let mut engine = Engine::load().expect("load the kernel programs");
         engine
             .attach(tree.cgroup("scope").unwrap())
