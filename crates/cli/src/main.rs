@@ -1,6 +1,7 @@
 //! `connredir`: cooperative connection redirection for Linux.
 
 mod config;
+mod demo;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show the whole facility on this machine, on loopback only: a web
+    /// server, two inspection proxies that each see the same request once,
+    /// and curl; prints what each proxy saw, then removes everything.
+    Demo,
     /// Attach the redirect layer as the configuration says and keep it
     /// attached until Ctrl-C or SIGTERM; everything is detached on exit.
     ///
@@ -49,6 +54,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Demo => demo::run(),
         Command::Check { file } => {
             let config = Config::load(&file)?;
             println!(
