@@ -5,6 +5,7 @@
 //! connredir-testkit client --connect ADDR --bytes N [--no-half-close]
 //! connredir-testkit probe CASE [ADDR]
 //! connredir-testkit connect-loop --connect ADDR --count N
+//! connredir-testkit many --connect ADDR --sizes N,N,... [--no-half-close]
 //! ```
 //!
 //! Each prints one JSON object per line on stdout; the proxy prints `ready`
@@ -27,6 +28,7 @@ fn main() -> Result<()> {
         Some("client") => client(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("connect-loop") => connect_loop(&args[1..]),
+        Some("many") => many(&args[1..]),
         _ => bail!("usage: connredir-testkit proxy|client|probe|connect-loop ..."),
     }
 }
@@ -212,11 +214,53 @@ fn check_buffers(fd: &impl AsFd) -> Value {
 fn client(args: &[String]) -> Result<()> {
     let addr: SocketAddr = value(args, "--connect")?.parse()?;
     let bytes: usize = value(args, "--bytes")?.parse()?;
+    let half_close = !args.iter().any(|a| a == "--no-half-close");
+    let report = echo_flow(addr, bytes, half_close)?;
+    let ok = report["ok"] == true;
+    emit(report);
+    if !ok {
+        bail!("echo mismatch");
+    }
+    Ok(())
+}
+
+/// All connections at once, one per size, each checked byte for byte;
+/// reports each flow's local address, size and outcome.
+fn many(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = value(args, "--connect")?.parse()?;
+    let half_close = !args.iter().any(|a| a == "--no-half-close");
+    let sizes: Vec<usize> = value(args, "--sizes")?
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(sizes.len()));
+    let flows: Vec<_> = sizes
+        .into_iter()
+        .map(|size| {
+            let start = std::sync::Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                echo_flow(addr, size, half_close).unwrap_or_else(
+                    |e| json!({ "ok": false, "sent": size, "error": format!("{e:#}") }),
+                )
+            })
+        })
+        .collect();
+    let reports: Vec<Value> = flows
+        .into_iter()
+        .map(|t| t.join().expect("flow thread"))
+        .collect();
+    let failed = reports.iter().filter(|r| r["ok"] != true).count();
+    emit(json!({ "flows": reports, "failed": failed }));
+    Ok(())
+}
+
+/// One connection: send `bytes` of a pattern, read the echo, compare.
+fn echo_flow(addr: SocketAddr, bytes: usize, half_close: bool) -> Result<Value> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
-    // Some proxies close both directions at the client's EOF: with
-    // --no-half-close, read the whole echo back before closing.
-    let half_close = !args.iter().any(|a| a == "--no-half-close");
+    // Some proxies close both directions at the client's EOF: without
+    // half-close, read the whole echo back before closing.
     let mut writer = stream.try_clone()?;
     let to_send = payload.clone();
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
@@ -234,14 +278,12 @@ fn client(args: &[String]) -> Result<()> {
         stream.read_exact(&mut received)?;
     }
     sender.join().expect("sender thread")?;
-    let ok = received == payload;
-    emit(
-        json!({ "ok": ok, "sent": bytes, "received": received.len(), "local": stream.local_addr()?.to_string() }),
-    );
-    if !ok {
-        bail!("echo mismatch");
-    }
-    Ok(())
+    Ok(json!({
+        "ok": received == payload,
+        "sent": bytes,
+        "received": received.len(),
+        "local": stream.local_addr()?.to_string(),
+    }))
 }
 
 /// A record with one hop, as a forger would build it.
