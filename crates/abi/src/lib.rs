@@ -36,8 +36,12 @@ pub mod map_names {
     pub const SERVICE_BY_UID: &str = name(super::CONNREDIR_MAP_SERVICE_BY_UID);
     /// Service id by listening address.
     pub const SERVICE_ADDRS: &str = name(super::CONNREDIR_MAP_SERVICE_ADDRS);
-    /// The rules LPM trie.
+    /// The rules LPM trie (two generations).
     pub const RULES: &str = name(super::CONNREDIR_MAP_RULES);
+    /// Which rule generation connects read (0 or 1).
+    pub const RULES_ACTIVE: &str = name(super::CONNREDIR_MAP_RULES_ACTIVE);
+    /// Per-rule hit counts (per CPU), by rule id.
+    pub const RULE_HITS: &str = name(super::CONNREDIR_MAP_RULE_HITS);
     /// Records in flight from a connecting socket to the accepted one.
     pub const HANDOFF: &str = name(super::CONNREDIR_MAP_HANDOFF);
     /// Per-CPU counters.
@@ -46,7 +50,7 @@ pub mod map_names {
     pub const INHERIT: &str = name(super::CONNREDIR_MAP_INHERIT);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -54,6 +58,8 @@ pub mod map_names {
         SERVICE_BY_UID,
         SERVICE_ADDRS,
         RULES,
+        RULES_ACTIVE,
+        RULE_HITS,
         HANDOFF,
         COUNTERS,
         INHERIT,

@@ -155,7 +155,11 @@ pub struct Engine {
     attachments: Vec<Attachment>,
     services: BTreeMap<ServiceId, Registered>,
     rules: BTreeMap<RuleId, Rule>,
-    installed: CompiledRules,
+    /// What each generation of the rule trie holds.
+    installed: [CompiledRules; 2],
+    /// The generation connects read.
+    rules_generation: u8,
+    rules_flipped_at: Option<std::time::Instant>,
     next_rule: u32,
 }
 
@@ -226,7 +230,9 @@ impl Engine {
             attachments: Vec::new(),
             services: BTreeMap::new(),
             rules: BTreeMap::new(),
-            installed: CompiledRules::new(),
+            installed: [CompiledRules::new(), CompiledRules::new()],
+            rules_generation: 0,
+            rules_flipped_at: None,
             next_rule: 1,
         })
     }
@@ -591,12 +597,44 @@ impl Engine {
         Ok(id)
     }
 
+    /// Replaces every rule with `rules`, in one step: each connect sees
+    /// either the whole old rule set or the whole new one.
+    pub fn replace_rules(&mut self, rules: Vec<Rule>) -> Result<Vec<RuleId>, Error> {
+        for rule in &rules {
+            rule.validate()?;
+            if !self.services.contains_key(&rule.service) {
+                return Err(Error::InvalidRule(format!(
+                    "it names {}, which is not registered",
+                    rule.service
+                )));
+            }
+        }
+        let ids: Vec<RuleId> = (0..rules.len() as u32)
+            .map(|i| RuleId(self.next_rule + i))
+            .collect();
+        let old = std::mem::replace(&mut self.rules, ids.iter().copied().zip(rules).collect());
+        if let Err(e) = self.sync_rules() {
+            self.rules = old;
+            return Err(e);
+        }
+        self.next_rule += ids.len() as u32;
+        Ok(ids)
+    }
+
     /// Removes a rule.
     pub fn remove_rule(&mut self, id: RuleId) -> Result<Rule, Error> {
         let rule = self.rules.remove(&id).ok_or(Error::UnknownRule(id.0))?;
         if let Err(e) = self.sync_rules() {
             self.rules.insert(id, rule);
             return Err(e);
+        }
+        // Its hit count goes with it (ids are not reused within an engine).
+        if let Ok(mut hits) = aya::maps::PerCpuHashMap::<&mut MapData, u32, u64>::try_from(
+            self.bpf
+                .map_mut(map_names::RULE_HITS)
+                .expect("checked at load"),
+        ) {
+            let _ = hits.remove(&id.0);
         }
         Ok(rule)
     }
@@ -606,63 +644,92 @@ impl Engine {
         self.rules.iter().map(|(id, r)| (*id, r))
     }
 
-    /// Compiles the rules and updates only the trie entries that changed:
-    /// new and changed prefixes first, stale ones last, so a connect sees
-    /// either the old or the new set for its prefix.
+    /// Compiles the rules and applies them all at once: the new set is
+    /// written under the inactive generation of the trie (only the prefixes
+    /// that differ from what that generation held), then `rules_active` is
+    /// flipped. A connect sees the old rule set or the new one, never a mix.
     fn sync_rules(&mut self) -> Result<(), Error> {
         let compiled = rules::compile(self.rules.iter().map(|(id, r)| (*id, r)))?;
-        let installed = std::mem::take(&mut self.installed);
-        let mut trie = self.trie()?;
-        let mut written = Ok(());
-        for (key, set) in &compiled {
-            if installed.get(key) != Some(set) {
-                written = trie.insert(&Key::new(key.0, key.1), Plain(*set), 0);
-                if written.is_err() {
-                    break;
-                }
+        let target = 1 - self.rules_generation;
+        // A connect that read the flag just before the last flip may still be
+        // reading `target`; connect programs run for microseconds.
+        if let Some(flipped) = self.rules_flipped_at {
+            let grace = std::time::Duration::from_millis(20);
+            if let Some(left) = grace.checked_sub(flipped.elapsed()) {
+                std::thread::sleep(left);
             }
         }
-        if written.is_ok() {
-            for key in installed.keys().filter(|k| !compiled.contains_key(k)) {
-                written = trie.remove(&Key::new(key.0, key.1));
-                if written.is_err() {
-                    break;
-                }
-            }
-        }
+        let previous = std::mem::take(&mut self.installed[target as usize]);
+        let written = self
+            .write_generation(target, &previous, &compiled)
+            .and_then(|()| self.set_rules_generation(target));
         if let Err(e) = written {
-            // Put back what was there; the caller restores its rule list.
-            self.installed = installed;
-            let _ = self.reinstall();
-            return Err(Error::Map {
-                name: map_names::RULES,
-                source: e,
-            });
+            // `target` is inactive and half written: empty it so that what it
+            // holds is known again.
+            let _ = self.write_generation(target, &previous, &CompiledRules::new());
+            return Err(e);
         }
         debug!(
+            generation = target,
             prefixes = compiled.len(),
             rules = self.rules.len(),
-            "rules synced"
+            "rules applied"
         );
-        self.installed = compiled;
+        self.installed[target as usize] = compiled;
+        self.rules_generation = target;
+        self.rules_flipped_at = Some(std::time::Instant::now());
         Ok(())
     }
 
-    /// Rewrites the trie from `self.installed` after a failed update.
-    fn reinstall(&mut self) -> Result<(), MapError> {
-        let installed = std::mem::take(&mut self.installed);
-        let mut result = Ok(());
-        if let Ok(mut trie) = self.trie() {
-            let stale: Vec<_> = trie.keys().filter_map(Result::ok).collect();
-            for key in stale {
-                let _ = trie.remove(&key);
-            }
-            for (key, set) in &installed {
-                result = result.and(trie.insert(&Key::new(key.0, key.1), Plain(*set), 0));
+    /// Turns generation `generation` of the trie from `from` into `to`.
+    fn write_generation(
+        &mut self,
+        generation: u8,
+        from: &CompiledRules,
+        to: &CompiledRules,
+    ) -> Result<(), Error> {
+        let mut trie = self.trie()?;
+        let key = |prefix| {
+            let (len, data) = rules::trie_key(generation, prefix);
+            Key::new(len, data)
+        };
+        for (prefix, set) in to {
+            if from.get(prefix) != Some(set) {
+                trie.insert(&key(prefix), Plain(*set), 0)
+                    .map_err(map_err(map_names::RULES))?;
             }
         }
-        self.installed = installed;
-        result
+        for prefix in from.keys().filter(|p| !to.contains_key(*p)) {
+            trie.remove(&key(prefix))
+                .map_err(map_err(map_names::RULES))?;
+        }
+        Ok(())
+    }
+
+    fn set_rules_generation(&mut self, generation: u8) -> Result<(), Error> {
+        let name = map_names::RULES_ACTIVE;
+        let mut active: Array<&mut MapData, u32> =
+            Array::try_from(self.bpf.map_mut(name).expect("checked at load"))
+                .map_err(map_err(name))?;
+        active
+            .set(0, u32::from(generation), 0)
+            .map_err(map_err(name))
+    }
+
+    /// Redirects per rule since the rule was added.
+    pub fn rule_hits(&self) -> Result<BTreeMap<RuleId, u64>, Error> {
+        let name = map_names::RULE_HITS;
+        let map = self.bpf.map(name).expect("checked at load");
+        let hits =
+            aya::maps::PerCpuHashMap::<&MapData, u32, u64>::try_from(map).map_err(map_err(name))?;
+        let mut out: BTreeMap<RuleId, u64> = self.rules.keys().map(|id| (*id, 0)).collect();
+        for entry in hits.iter() {
+            let (id, values) = entry.map_err(map_err(name))?;
+            if let Some(count) = out.get_mut(&RuleId(id)) {
+                *count = values.iter().sum();
+            }
+        }
+        Ok(out)
     }
 
     /// Reads the counters.

@@ -117,16 +117,19 @@ impl Rule {
     }
 }
 
-/// Key of one trie entry, exactly as the kernel's `connredir_rule_key` lays
-/// out the bytes after `prefixlen`: family tag, then the address.
+/// A compiled prefix: the prefix length including the 8-bit family tag, and
+/// the tag (4 or 6) followed by the address.
+pub(crate) type PrefixKey = (u32, [u8; 17]);
+
+/// The bytes after `prefixlen` in the kernel's `connredir_rule_key`
+/// (generation, family tag, address, padding).
 pub(crate) type TrieData = [u8; 20];
 
-/// The compiled trie: prefix length (including the 8 tag bits) and data, to
-/// the rule set stored there.
-pub(crate) type CompiledRules = BTreeMap<(u32, TrieData), connredir_rule_set>;
+/// The compiled rules: every prefix's rule set.
+pub(crate) type CompiledRules = BTreeMap<PrefixKey, connredir_rule_set>;
 
-fn trie_key(net: &IpNet) -> (u32, TrieData) {
-    let mut data = [0u8; 20];
+fn prefix_key(net: &IpNet) -> PrefixKey {
+    let mut data = [0u8; 17];
     match net {
         IpNet::V4(n) => {
             data[0] = 4;
@@ -138,6 +141,14 @@ fn trie_key(net: &IpNet) -> (u32, TrieData) {
         }
     }
     (8 + u32::from(net.prefix_len()), data)
+}
+
+/// The trie key of a prefix in one generation of the rules (see abi.h).
+pub(crate) fn trie_key(generation: u8, (len, tagged): &PrefixKey) -> (u32, TrieData) {
+    let mut data = [0u8; 20];
+    data[0] = generation;
+    data[1..18].copy_from_slice(tagged);
+    (8 + len, data)
 }
 
 /// Compiles rules into trie entries. Fails when more than
@@ -196,7 +207,7 @@ pub(crate) fn compile<'a>(
         for (slot, (_, _, entry)) in set.rules.iter_mut().zip(entries) {
             *slot = entry;
         }
-        compiled.insert(trie_key(net), set);
+        compiled.insert(prefix_key(net), set);
     }
     Ok(compiled)
 }
@@ -214,7 +225,7 @@ mod tests {
     }
 
     fn services_at(compiled: &CompiledRules, net: &str) -> Vec<u32> {
-        let set = &compiled[&trie_key(&net.parse().unwrap())];
+        let set = &compiled[&prefix_key(&net.parse().unwrap())];
         set.rules[..set.count as usize]
             .iter()
             .map(|r| r.service_id)
@@ -241,7 +252,7 @@ mod tests {
         let b = rule(2, &["127.0.0.0/8"], 0);
         let compiled = compile([(RuleId(1), &a), (RuleId(2), &b)]).unwrap();
         assert_eq!(services_at(&compiled, "127.0.0.2/32"), vec![1, 1, 2]);
-        let set = &compiled[&trie_key(&"127.0.0.2/32".parse().unwrap())];
+        let set = &compiled[&prefix_key(&"127.0.0.2/32".parse().unwrap())];
         assert_eq!((set.rules[1].port_min, set.rules[1].port_max), (8000, 8999));
     }
 
@@ -249,9 +260,12 @@ mod tests {
     fn host_bits_are_ignored_and_keys_carry_the_family_tag() {
         let a = rule(1, &["192.168.7.9/16"], 0);
         let compiled = compile([(RuleId(1), &a)]).unwrap();
-        let ((len, data), _) = compiled.iter().next().unwrap();
-        assert_eq!(*len, 8 + 16);
-        assert_eq!(&data[..5], &[4, 192, 168, 0, 0]);
+        let (prefix, _) = compiled.iter().next().unwrap();
+        assert_eq!(prefix.0, 8 + 16);
+        assert_eq!(&prefix.1[..5], &[4, 192, 168, 0, 0]);
+        let (len, data) = trie_key(1, prefix);
+        assert_eq!(len, 16 + 16);
+        assert_eq!(&data[..6], &[1, 4, 192, 168, 0, 0]);
     }
 
     #[test]

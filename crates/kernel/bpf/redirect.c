@@ -26,6 +26,26 @@ static __always_inline int in_chain(const struct connredir_record *record,
 	return 0;
 }
 
+/* The generation of the rules that connects read now (see abi.h). */
+static __always_inline __u8 rules_generation(void)
+{
+	__u32 zero = 0;
+	__u32 *active = bpf_map_lookup_elem(&rules_active, &zero);
+
+	return active && *active ? 1 : 0;
+}
+
+/* Counts a rule's redirect. */
+static __always_inline void count_hit(__u32 rule_id)
+{
+	__u64 one = 1, *hits = bpf_map_lookup_elem(&rule_hits, &rule_id);
+
+	if (hits)
+		*hits += 1;
+	else
+		bpf_map_update_elem(&rule_hits, &rule_id, &one, BPF_NOEXIST);
+}
+
 /* Looks for a record kept for `service_id`'s connection to `dst`. */
 static __always_inline struct connredir_record *
 kept_record(__u32 service_id, const struct connredir_endpoint *dst,
@@ -84,9 +104,10 @@ decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6)
 	__u16 port = bpf_ntohs(dst->port);
 	int skipped = 0;
 
-	key.data[0] = want_v6 ? 6 : 4;
-	key.prefixlen = 8 + (want_v6 ? 128 : 32);
-	__builtin_memcpy(&key.data[1], dst->addr, 16);
+	key.data[0] = rules_generation();
+	key.data[1] = want_v6 ? 6 : 4;
+	key.prefixlen = 16 + (want_v6 ? 128 : 32);
+	__builtin_memcpy(&key.data[2], dst->addr, 16);
 	set = bpf_map_lookup_elem(&rules, &key);
 	if (!set)
 		return NULL;
@@ -158,6 +179,7 @@ decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6)
 		state->record.hop_count = hop_count + 1;
 		state->flags |= CONNREDIR_SOCK_HANDOFF_PENDING;
 		count(CONNREDIR_CNT_REDIRECTS);
+		count_hit(rule->rule_id);
 		return want_v6 ? &service->listen6 : &service->listen4;
 	}
 	if (skipped)

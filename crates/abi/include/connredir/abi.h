@@ -114,12 +114,15 @@ struct connredir_default_context {
 #define CONNREDIR_ANY_UID 0xffffffffu
 
 /*
- * Key of the rules LPM trie. data[0] is the family tag (4 or 6), then the
- * address: prefixlen counts 8 bits for the tag plus the prefix length.
+ * Key of the rules LPM trie. data[0] is the generation (0 or 1), data[1] the
+ * family tag (4 or 6), then the address; prefixlen counts 16 bits for the
+ * two tags plus the prefix length. Connects read the generation named in
+ * rules_active while user space writes the whole new rule set under the
+ * other one, then flips rules_active: a change applies all at once.
  */
 struct connredir_rule_key {
 	__u32 prefixlen;
-	__u8 data[17];
+	__u8 data[18];
 };
 
 struct connredir_rule {
@@ -194,14 +197,17 @@ enum connredir_counter {
 #define CONNREDIR_MAP_SERVICE_BY_UID "service_by_uid"
 #define CONNREDIR_MAP_SERVICE_ADDRS "service_addrs"
 #define CONNREDIR_MAP_RULES "rules"
+#define CONNREDIR_MAP_RULES_ACTIVE "rules_active"
+#define CONNREDIR_MAP_RULE_HITS "rule_hits"
 #define CONNREDIR_MAP_HANDOFF "handoff"
 #define CONNREDIR_MAP_COUNTERS "counters"
 #define CONNREDIR_MAP_INHERIT "inherit"
 
 /* Capacity of the maps whose size user space needs to know. */
-#define CONNREDIR_MAX_RULE_PREFIXES 131072
+#define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */
 #define CONNREDIR_MAX_HANDOFFS 65536
 #define CONNREDIR_MAX_IDENTITIES 1024
 #define CONNREDIR_MAX_INHERITS 16384
+#define CONNREDIR_MAX_RULE_HITS 65536
 
 #endif /* CONNREDIR_ABI_H */
