@@ -2,6 +2,7 @@
 
 mod config;
 mod demo;
+mod run;
 
 use std::path::PathBuf;
 
@@ -39,6 +40,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run a command with its connections going through the redirect layer:
+    /// it and its children run in a fresh cgroup inside the scope (so it
+    /// works for statically linked programs too), removed when it ends.
+    /// Exits with the command's status.
+    ///
+    /// Example: connredir run -- curl https://example.com/
+    Run {
+        /// The scope cgroup to run in (default: the first of the
+        /// configuration's [scope] cgroups).
+        #[arg(long)]
+        scope: Option<PathBuf>,
+        /// The configuration file that names the scope.
+        #[arg(long, short, default_value = "/etc/connredir/connredir.toml")]
+        config: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
     /// Check a configuration file without attaching anything.
     Check {
         /// The configuration file.
@@ -67,6 +86,23 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Up { config } => up(&Config::load(&config)?),
+        Command::Run {
+            scope,
+            config,
+            command,
+        } => {
+            let scope = match scope {
+                Some(scope) => scope,
+                None => Config::load(&config)?
+                    .scope
+                    .cgroups
+                    .first()
+                    .cloned()
+                    .context("the configuration names no scope cgroup")?,
+            };
+            let status = run::run(&scope, &command)?;
+            std::process::exit(status);
+        }
     }
 }
 

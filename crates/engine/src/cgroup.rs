@@ -36,7 +36,18 @@ impl CgroupTree {
             path: PathBuf::from("/sys/fs/cgroup"),
             why: "cgroup v2 is not mounted (mount -t cgroup2 none /sys/fs/cgroup)".into(),
         })?;
-        let root = base.join(name);
+        CgroupTree::create_in(&base, name)
+    }
+
+    /// Creates `<parent>/<name>` inside an existing cgroup v2 directory.
+    pub fn create_in(parent: &Path, name: &str) -> Result<CgroupTree, Error> {
+        if !parent.join("cgroup.procs").exists() {
+            return Err(Error::Cgroup {
+                path: parent.to_owned(),
+                why: "not a cgroup v2 directory".into(),
+            });
+        }
+        let root = parent.join(name);
         std::fs::create_dir(&root).map_err(|e| Error::Cgroup {
             path: root.clone(),
             why: format!("cannot create it: {e}"),

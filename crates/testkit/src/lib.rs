@@ -13,15 +13,27 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// Path of the test-role binary built with this crate: cargo puts it in the
-/// directory above the test executables (`target/<profile>/deps/..`).
+/// Path of the test-role binary built with this crate.
 pub fn testkit_bin() -> PathBuf {
+    workspace_bin("connredir-testkit")
+}
+
+/// Path of a binary of the workspace: cargo puts binaries in the directory
+/// above the test executables (`target/<profile>/deps/..`). Binaries of
+/// other packages are there after `cargo build --workspace`.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target directory");
-    dir.join("connredir-testkit")
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests (scripts/test does)",
+        path.display()
+    );
+    path
 }
 
 /// Decides whether a privileged test can run here. In CI (`CI=true`) a
@@ -179,8 +191,19 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    /// Listens on `addr` (port 0 for any).
+    /// Listens on `addr` (port 0 for any); echoes each connection until the
+    /// client's EOF.
     pub fn start(addr: &str) -> Result<EchoServer> {
+        EchoServer::serve(addr, false)
+    }
+
+    /// Like `start`, but answers the first read by echoing it and closing:
+    /// for clients that wait for the server to close (curl, nc).
+    pub fn start_replying_once(addr: &str) -> Result<EchoServer> {
+        EchoServer::serve(addr, true)
+    }
+
+    fn serve(addr: &str, once: bool) -> Result<EchoServer> {
         let listener = TcpListener::bind(addr).with_context(|| format!("echo server on {addr}"))?;
         let addr = listener.local_addr()?;
         let accepted = Arc::new(Mutex::new(Vec::new()));
@@ -197,7 +220,14 @@ impl EchoServer {
                 }
                 std::thread::spawn(move || {
                     let (mut read, mut write) = (&stream, &stream);
-                    let _ = std::io::copy(&mut read, &mut write);
+                    if once {
+                        let mut buf = [0u8; 64 * 1024];
+                        if let Ok(n) = std::io::Read::read(&mut read, &mut buf) {
+                            let _ = std::io::Write::write_all(&mut write, &buf[..n]);
+                        }
+                    } else {
+                        let _ = std::io::copy(&mut read, &mut write);
+                    }
                     let _ = stream.shutdown(std::net::Shutdown::Write);
                 });
             }

@@ -10,8 +10,8 @@ use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
 use connredir_testkit::{
-    free_addr, require_privileges, require_program, test_tree, wait_listening, CgroupTree,
-    EchoServer, Proc,
+    free_addr, require_privileges, require_program, test_tree, wait_listening, workspace_bin,
+    CgroupTree, EchoServer, Proc,
 };
 use serde_json::Value;
 
@@ -804,4 +804,70 @@ fn rule_set_swaps_are_atomic_under_load() {
     }
     // Each flow reached the server once, through a proxy.
     assert_eq!(server.accepted().len(), FLOWS);
+}
+
+/// `connredir run -- CMD` puts a command (dynamically or statically linked)
+/// and its children into the scope, passes its exit status on, and leaves
+/// no cgroup behind.
+#[test]
+fn run_puts_a_command_in_the_scope() {
+    let Some(busybox) = require_program("run", "busybox") else {
+        return;
+    };
+    let Some(curl) = require_program("run", "curl") else {
+        return;
+    };
+    let Some(mut lab) = Lab::new("run") else {
+        return;
+    };
+    let server = EchoServer::start_replying_once("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let (id, proxy) = lab.proxy(v4_proxy("watcher", dst, 0));
+    let scope = lab.cgroup("scope");
+    let run = |args: &[&str], input: &[u8]| {
+        let mut child = std::process::Command::new(workspace_bin("connredir"))
+            .args(["run", "--scope", scope.to_str().unwrap(), "--"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+
+    // curl, dynamically linked; the echo server answers HTTP/0.9 style.
+    let url = format!("http://{dst}/through-the-layer");
+    let curl = curl.to_str().unwrap();
+    let out = run(&[curl, "--http0.9", "-sS", "--max-time", "10", &url], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("GET /through-the-layer"));
+    // busybox, statically linked: no preloaded library could catch it.
+    let (ip, port) = (dst.ip().to_string(), dst.port().to_string());
+    let out = run(
+        &[busybox.to_str().unwrap(), "nc", &ip, &port],
+        b"static hello\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"static hello\n");
+
+    let log = lab.wait_logged(proxy, 2);
+    assert_eq!(log.len(), 2, "{log:?}");
+    for entry in &log {
+        assert_eq!(entry["chain"], serde_json::json!([id.0]), "{entry}");
+    }
+    // The exit status passes through, and the run cgroups are gone.
+    let out = run(&["sh", "-c", "exit 7"], b"");
+    assert_eq!(out.status.code(), Some(7));
+    let left: Vec<_> = std::fs::read_dir(&scope)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("connredir-run-")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
