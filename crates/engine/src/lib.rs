@@ -21,20 +21,18 @@
 //! later step fails: nothing is left half-attached.
 
 pub mod cgroup;
+mod link;
 mod rules;
 mod service;
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
-use aya::programs::{
-    cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId,
-    sock_ops::SockOpsLinkId, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError,
-    SockOps,
-};
+use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
 use connredir_abi::{
     connredir_addr_key, connredir_handoff_key, connredir_record, connredir_rule_set,
@@ -68,6 +66,25 @@ pub enum Error {
         /// What the kernel said.
         #[source]
         source: ProgramError,
+    },
+    /// A program could not be attached to a cgroup (or its link pinned).
+    #[error("attaching {program} to {}: {source}", cgroup.display())]
+    Attach {
+        /// Program name.
+        program: &'static str,
+        /// The cgroup.
+        cgroup: PathBuf,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// bpffs is missing or a pin cannot be made.
+    #[error("pinning in {}: {why}", dir.display())]
+    Pin {
+        /// The pin directory.
+        dir: PathBuf,
+        /// What went wrong and what to do.
+        why: String,
     },
     /// A map operation failed.
     #[error("map {name}: {source}")]
@@ -133,14 +150,22 @@ struct Plain<T>(T);
 // integers and arrays of integers, for which every bit pattern is valid.
 unsafe impl<T: Copy + 'static> Pod for Plain<T> {}
 
-/// One cgroup with the five programs attached to it.
+/// The programs, in the order they are attached.
+const PROGRAMS: [&str; 5] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SOCKOPS,
+    programs::GETSOCKOPT,
+    programs::SETSOCKOPT,
+];
+
+/// One cgroup with the five programs attached to it, through links the
+/// engine holds (and, when pinning, also pinned in bpffs).
 struct Attachment {
     path: PathBuf,
-    connect4: Option<CgroupSockAddrLinkId>,
-    connect6: Option<CgroupSockAddrLinkId>,
-    sockops: Option<SockOpsLinkId>,
-    getsockopt: Option<CgroupSockoptLinkId>,
-    setsockopt: Option<CgroupSockoptLinkId>,
+    links: Vec<OwnedFd>,
+    /// Pins this engine created (removed on detach or failure).
+    pins: Vec<PathBuf>,
 }
 
 /// What the engine wrote to the maps for one service, to undo it exactly.
@@ -152,6 +177,10 @@ struct Registered {
 /// The loaded redirect layer.
 pub struct Engine {
     bpf: Ebpf,
+    /// Where maps and links are pinned; `None`: they live as long as we do.
+    pin_dir: Option<PathBuf>,
+    /// Services found in pinned maps, not registered again yet.
+    adopted: BTreeMap<ServiceId, connredir_service>,
     attachments: Vec<Attachment>,
     services: BTreeMap<ServiceId, Registered>,
     rules: BTreeMap<RuleId, Rule>,
@@ -201,11 +230,73 @@ fn normalize_ip(addr: &std::net::SocketAddr) -> [u8; 16] {
 impl Engine {
     /// Loads the kernel programs (not attached anywhere yet).
     pub fn load() -> Result<Engine, Error> {
+        Engine::load_with(None)
+    }
+
+    /// Loads the kernel programs with their maps and links pinned in `dir`
+    /// (on bpffs), so they outlive this process: a later `load_pinned` of
+    /// the same directory takes over the maps and links without a moment
+    /// in which connections go unredirected. [`Engine::remove_pinned`]
+    /// removes it all.
+    pub fn load_pinned(dir: &Path) -> Result<Engine, Error> {
+        let pin_err = |why: String| Error::Pin {
+            dir: dir.to_owned(),
+            why,
+        };
+        let parent = dir.parent().unwrap_or(Path::new("/"));
+        if !is_bpffs(parent) {
+            return Err(pin_err(format!(
+                "{} is not a bpffs mount (mount it: mount -t bpf bpf {})",
+                parent.display(),
+                parent.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| pin_err(format!("cannot create it: {e}")))?;
+        let mut engine = Engine::load_with(Some(dir))?;
+        engine.adopt_rules()?;
+        engine.adopt_services()?;
+        Ok(engine)
+    }
+
+    /// Removes everything a pinned engine left in `dir`: its links (which
+    /// detaches the programs), its maps, and the directory. Files it did not
+    /// make are left alone.
+    pub fn remove_pinned(dir: &Path) -> Result<usize, Error> {
+        let mut removed = 0;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(Error::Pin {
+                    dir: dir.to_owned(),
+                    why: e.to_string(),
+                })
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with("link-") || map_names::ALL.contains(&name.as_str());
+            if ours && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+        Ok(removed)
+    }
+
+    fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(Error::NotRoot);
         }
-        let mut bpf = EbpfLoader::new().load(connredir_kernel::object())?;
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = pin_dir
+            .map(|dir| map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect())
+            .unwrap_or_default();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut bpf = loader.load(connredir_kernel::object())?;
         for name in map_names::ALL {
             if bpf.map(name).is_none() {
                 return Err(Error::Map {
@@ -227,6 +318,8 @@ impl Engine {
         debug!("kernel programs loaded");
         Ok(Engine {
             bpf,
+            pin_dir: pin_dir.map(Path::to_owned),
+            adopted: BTreeMap::new(),
             attachments: Vec::new(),
             services: BTreeMap::new(),
             rules: BTreeMap::new(),
@@ -276,62 +369,71 @@ impl Engine {
         }
         let mut attachment = Attachment {
             path: path.clone(),
-            connect4: None,
-            connect6: None,
-            sockops: None,
-            getsockopt: None,
-            setsockopt: None,
+            links: Vec::new(),
+            pins: Vec::new(),
         };
-        match self.attach_all(&path, &mut attachment) {
+        match self.attach_all(&mut attachment) {
             Ok(()) => {
                 info!(cgroup = %path.display(), "programs attached");
                 self.attachments.push(attachment);
                 Ok(())
             }
             Err(e) => {
-                self.detach_links(attachment);
+                remove_pins(&attachment.pins);
                 Err(e)
             }
         }
     }
 
-    fn attach_all(&mut self, path: &Path, a: &mut Attachment) -> Result<(), Error> {
-        let open = || {
-            File::open(path).map_err(|e| Error::Cgroup {
-                path: path.to_owned(),
-                why: e.to_string(),
-            })
-        };
-        let mode = CgroupAttachMode::Single;
-        let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT4)?;
-        a.connect4 = Some(
-            p.attach(open()?, mode)
-                .map_err(program_err(programs::CONNECT4))?,
-        );
-        let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT6)?;
-        a.connect6 = Some(
-            p.attach(open()?, mode)
-                .map_err(program_err(programs::CONNECT6))?,
-        );
-        let p: &mut SockOps = program_mut(&mut self.bpf, programs::SOCKOPS)?;
-        a.sockops = Some(
-            p.attach(open()?, mode)
-                .map_err(program_err(programs::SOCKOPS))?,
-        );
-        let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::GETSOCKOPT)?;
-        a.getsockopt = Some(
-            p.attach(open()?, mode)
-                .map_err(program_err(programs::GETSOCKOPT))?,
-        );
-        let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::SETSOCKOPT)?;
-        a.setsockopt = Some(
-            p.attach(open()?, mode)
-                .map_err(program_err(programs::SETSOCKOPT))?,
-        );
+    /// Attaches (or, when pinning, adopts) the five links of one cgroup.
+    fn attach_all(&mut self, a: &mut Attachment) -> Result<(), Error> {
+        let cgroup = File::open(&a.path).map_err(|e| Error::Cgroup {
+            path: a.path.clone(),
+            why: e.to_string(),
+        })?;
+        let cgroup_id = cgroup_id(&a.path)?;
+        for name in PROGRAMS {
+            let program = self
+                .bpf
+                .program(name)
+                .expect("checked at load")
+                .fd()
+                .map_err(program_err(name))?
+                .as_fd();
+            let path = &a.path;
+            let attach_err = |e: std::io::Error| Error::Attach {
+                program: name,
+                cgroup: path.clone(),
+                source: e,
+            };
+            let pin = self
+                .pin_dir
+                .as_ref()
+                .map(|dir| dir.join(format!("link-{cgroup_id}-{name}")));
+            let link = match &pin {
+                // Pinned by an earlier run: keep the link, swap in this
+                // run's program in one step.
+                Some(pin) if pin.exists() => {
+                    let link = link::open_pinned(pin).map_err(attach_err)?;
+                    link::update(link.as_fd(), program).map_err(attach_err)?;
+                    link
+                }
+                _ => {
+                    let link = link::create(program, cgroup.as_fd(), link::attach_type(name))
+                        .map_err(attach_err)?;
+                    if let Some(pin) = pin {
+                        link::pin(link.as_fd(), &pin).map_err(attach_err)?;
+                        a.pins.push(pin);
+                    }
+                    link
+                }
+            };
+            a.links.push(link);
+        }
         Ok(())
     }
 
-    /// Detaches the programs from one cgroup.
+    /// Detaches the programs from one cgroup (and removes its pins).
     pub fn detach(&mut self, cgroup: impl AsRef<Path>) -> Result<(), Error> {
         let path = cgroup
             .as_ref()
@@ -346,38 +448,17 @@ impl Engine {
                 why: "is not attached".into(),
             })?;
         let attachment = self.attachments.remove(index);
-        self.detach_links(attachment);
+        if let Some(dir) = &self.pin_dir {
+            let id = cgroup_id(&path)?;
+            let pins: Vec<PathBuf> = PROGRAMS
+                .iter()
+                .map(|name| dir.join(format!("link-{id}-{name}")))
+                .collect();
+            remove_pins(&pins);
+        }
+        drop(attachment);
         info!(cgroup = %path.display(), "programs detached");
         Ok(())
-    }
-
-    fn detach_links(&mut self, a: Attachment) {
-        // Detaching a link we own cannot fail short of a kernel bug; report and go on.
-        let warn = |name: &str, r: Result<(), ProgramError>| {
-            if let Err(e) = r {
-                tracing::warn!(program = name, error = %e, "detach failed");
-            }
-        };
-        if let Some(id) = a.connect4 {
-            let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT4).unwrap();
-            warn(programs::CONNECT4, p.detach(id));
-        }
-        if let Some(id) = a.connect6 {
-            let p: &mut CgroupSockAddr = program_mut(&mut self.bpf, programs::CONNECT6).unwrap();
-            warn(programs::CONNECT6, p.detach(id));
-        }
-        if let Some(id) = a.sockops {
-            let p: &mut SockOps = program_mut(&mut self.bpf, programs::SOCKOPS).unwrap();
-            warn(programs::SOCKOPS, p.detach(id));
-        }
-        if let Some(id) = a.getsockopt {
-            let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::GETSOCKOPT).unwrap();
-            warn(programs::GETSOCKOPT, p.detach(id));
-        }
-        if let Some(id) = a.setsockopt {
-            let p: &mut CgroupSockopt = program_mut(&mut self.bpf, programs::SETSOCKOPT).unwrap();
-            warn(programs::SETSOCKOPT, p.detach(id));
-        }
     }
 
     /// Registers a service and returns its id.
@@ -393,9 +474,21 @@ impl Engine {
                 service.name
             )));
         }
-        let id = (1..CONNREDIR_MAX_SERVICES)
-            .map(ServiceId)
-            .find(|id| !self.services.contains_key(id))
+        // After a restart, a service keeps the id it had (found by its
+        // listening addresses), so records in flight keep their meaning.
+        let previous = self
+            .adopted
+            .iter()
+            .find(|(_, old)| {
+                (old.listen4, old.listen6, old.flags) == (value.listen4, value.listen6, value.flags)
+            })
+            .map(|(id, _)| *id);
+        let id = previous
+            .or_else(|| {
+                (1..CONNREDIR_MAX_SERVICES)
+                    .map(ServiceId)
+                    .find(|id| !self.services.contains_key(id) && !self.adopted.contains_key(id))
+            })
             .ok_or_else(|| {
                 Error::InvalidService(format!(
                     "{}: at most {} services can be registered",
@@ -419,6 +512,7 @@ impl Engine {
             self.erase_service(id, &registered);
             return Err(e);
         }
+        self.adopted.remove(&id);
         info!(%id, name = %registered.service.name, "service registered");
         self.services.insert(id, registered);
         Ok(id)
@@ -595,6 +689,102 @@ impl Engine {
         }
         self.next_rule += 1;
         Ok(id)
+    }
+
+    /// Reads what pinned maps hold from an earlier run: the active rule
+    /// generation and both generations' contents, so the next change is
+    /// written as a difference and nothing is missing meanwhile.
+    fn adopt_rules(&mut self) -> Result<(), Error> {
+        let name = map_names::RULES_ACTIVE;
+        let active: Array<&MapData, u32> =
+            Array::try_from(self.bpf.map(name).expect("checked at load")).map_err(map_err(name))?;
+        self.rules_generation = u8::from(active.get(&0, 0).map_err(map_err(name))? != 0);
+        let name = map_names::RULES;
+        let trie: LpmTrie<&MapData, TrieData, Plain<connredir_rule_set>> =
+            LpmTrie::try_from(self.bpf.map(name).expect("checked at load"))
+                .map_err(map_err(name))?;
+        for entry in trie.iter() {
+            let (key, Plain(set)) = entry.map_err(map_err(name))?;
+            let data = key.data();
+            let mut tagged = [0u8; 17];
+            tagged.copy_from_slice(&data[1..18]);
+            let generation = usize::from(data[0] & 1);
+            for rule in &set.rules[..(set.count as usize).min(set.rules.len())] {
+                self.next_rule = self.next_rule.max(rule.rule_id + 1);
+            }
+            self.installed[generation].insert((key.prefix_len() - 8, tagged), set);
+        }
+        if self.installed.iter().any(|g| !g.is_empty()) {
+            info!(
+                generation = self.rules_generation,
+                prefixes = self.installed[usize::from(self.rules_generation)].len(),
+                "took over the rules of the previous run"
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads the services a previous run registered in pinned maps.
+    fn adopt_services(&mut self) -> Result<(), Error> {
+        let services = self.services_map()?;
+        let mut found = BTreeMap::new();
+        for id in 1..CONNREDIR_MAX_SERVICES {
+            let Plain(value) = services.get(&id, 0).map_err(map_err(map_names::SERVICES))?;
+            if value.flags & connredir_abi::CONNREDIR_SERVICE_ACTIVE != 0 {
+                found.insert(ServiceId(id), value);
+            }
+        }
+        self.adopted = found;
+        Ok(())
+    }
+
+    /// After a restart, once the configuration is registered again: removes
+    /// what the previous run registered and this one did not (services,
+    /// identities, addresses, hit counts of rules that are gone).
+    pub fn finish_takeover(&mut self) -> Result<(), Error> {
+        for id in std::mem::take(&mut self.adopted).into_keys() {
+            let mut services = self.services_map()?;
+            services
+                .set(id.0, Plain(connredir_service::default()), 0)
+                .map_err(map_err(map_names::SERVICES))?;
+            info!(%id, "removed a service of the previous run");
+        }
+        self.purge::<u32>(map_names::SERVICE_BY_PID)?;
+        self.purge::<u32>(map_names::SERVICE_BY_UID)?;
+        self.purge::<u64>(map_names::SERVICE_BY_CGROUP)?;
+        self.purge::<Plain<connredir_addr_key>>(map_names::SERVICE_ADDRS)?;
+        let live: Vec<u32> = self.rules.keys().map(|id| id.0).collect();
+        let name = map_names::RULE_HITS;
+        let mut hits = aya::maps::PerCpuHashMap::<&mut MapData, u32, u64>::try_from(
+            self.bpf.map_mut(name).expect("checked at load"),
+        )
+        .map_err(map_err(name))?;
+        let stale: Vec<u32> = hits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(k))
+            .collect();
+        for key in stale {
+            let _ = hits.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Removes entries of an identity or address map that point at a
+    /// service this engine has not registered.
+    fn purge<K: Pod>(&mut self, name: &'static str) -> Result<(), Error> {
+        let live: Vec<u32> = self.services.keys().map(|id| id.0).collect();
+        let mut map = self.hash::<K, u32>(name)?;
+        let stale: Vec<K> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, id)| !live.contains(id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            map.remove(&key).map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     /// Replaces every rule with `rules`, in one step: each connect sees
@@ -790,10 +980,70 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        // Closing our link descriptors detaches unpinned links; pinned ones
+        // stay until `Engine::remove_pinned`.
         for attachment in std::mem::take(&mut self.attachments) {
-            let path = attachment.path.clone();
-            self.detach_links(attachment);
-            info!(cgroup = %path.display(), "programs detached");
+            if self.pin_dir.is_none() {
+                info!(cgroup = %attachment.path.display(), "programs detached");
+            }
+        }
+    }
+}
+
+/// The magic number of bpffs in `statfs.f_type`.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Is `path` on a bpffs mount?
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is valid; statfs writes into it.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
+    unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Makes sure bpffs is mounted at `path` (usually /sys/fs/bpf), mounting it
+/// when it is not.
+pub fn ensure_bpffs(path: &Path) -> Result<(), Error> {
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    let pin_err = |why: String| Error::Pin {
+        dir: path.to_owned(),
+        why,
+    };
+    std::fs::create_dir_all(path).map_err(|e| pin_err(format!("cannot create it: {e}")))?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| pin_err("path contains NUL".into()))?;
+    // SAFETY: all strings are NUL-terminated; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(pin_err(format!(
+            "bpffs is not mounted and mounting it failed: {} (mount -t bpf bpf {})",
+            std::io::Error::last_os_error(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes pin files (missing ones are fine).
+fn remove_pins(pins: &[PathBuf]) {
+    for pin in pins {
+        if let Err(e) = std::fs::remove_file(pin) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(pin = %pin.display(), error = %e, "cannot remove pin");
+            }
         }
     }
 }
