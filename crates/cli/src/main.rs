@@ -2,15 +2,13 @@
 
 mod config;
 mod demo;
+mod lifecycle;
 mod run;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use connredir_engine::Engine;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use tracing::info;
 
 use config::Config;
 
@@ -31,14 +29,23 @@ enum Command {
     /// server, two inspection proxies that each see the same request once,
     /// and curl; prints what each proxy saw, then removes everything.
     Demo,
-    /// Attach the redirect layer as the configuration says and keep it
-    /// attached until Ctrl-C or SIGTERM; everything is detached on exit.
+    /// Attach the redirect layer as the configuration says and run until
+    /// Ctrl-C or SIGTERM. Maps and links are pinned in bpffs, so the layer
+    /// stays attached when `up` stops or restarts (a new `up` takes over
+    /// without a gap); `connredir down` removes it.
     ///
     /// Example: connredir up --config /etc/connredir.toml
     Up {
         /// The configuration file (TOML): [scope], [[service]], [[rule]].
         #[arg(long, short)]
         config: PathBuf,
+        #[command(flatten)]
+        places: lifecycle::Places,
+    },
+    /// Stop a running `up` and remove everything it attached and pinned.
+    Down {
+        #[command(flatten)]
+        places: lifecycle::Places,
     },
     /// Run a command with its connections going through the redirect layer:
     /// it and its children run in a fresh cgroup inside the scope (so it
@@ -85,7 +92,8 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Up { config } => up(&Config::load(&config)?),
+        Command::Up { config, places } => lifecycle::up(&Config::load(&config)?, &places),
+        Command::Down { places } => lifecycle::down(&places),
         Command::Run {
             scope,
             config,
@@ -104,31 +112,4 @@ fn main() -> Result<()> {
             std::process::exit(status);
         }
     }
-}
-
-fn up(config: &Config) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .context("cannot install signal handlers")?;
-    // Every step below may fail; dropping `engine` then detaches what was attached.
-    let mut engine = Engine::load()?;
-    for cgroup in &config.scope.cgroups {
-        engine.attach(cgroup)?;
-    }
-    for service in config.services() {
-        engine.add_service(service)?;
-    }
-    for rule in config.rules(|name| engine.service_by_name(name))? {
-        engine.add_rule(rule)?;
-    }
-    info!(
-        services = engine.services().count(),
-        rules = engine.rules().count(),
-        "redirect layer up; Ctrl-C to stop"
-    );
-    let signal = signals.forever().next();
-    info!(?signal, "stopping");
-    let counters = engine.counters()?;
-    println!("{}", serde_json::to_string(&counters)?);
-    drop(engine);
-    Ok(())
 }

@@ -1,0 +1,157 @@
+//! `connredir up` and `connredir down`: the engine as a long-running service.
+//!
+//! `up` pins its maps and links in bpffs, so stopping or restarting it does
+//! not drop redirected connections, and a new `up` takes over without a
+//! moment in which rules are missing. `down` removes what `up` pinned and
+//! attached, and nothing else. A lock file keeps two `up`s from running.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use connredir_engine::{ensure_bpffs, Engine};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::info;
+
+use crate::config::Config;
+
+/// Where `up` keeps its state.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Places {
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/connredir")]
+    pub pin_dir: PathBuf,
+    /// Directory for the lock file (which holds the running `up`'s pid).
+    #[arg(long, default_value = "/run/connredir")]
+    pub state_dir: PathBuf,
+}
+
+/// The lock held by a running `up`.
+struct Lock {
+    file: File,
+}
+
+impl Lock {
+    /// Takes the lock, or says which process holds it.
+    fn take(state_dir: &Path) -> Result<Lock> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let path = state_dir.join("lock");
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = holder(&mut file).map_or("unknown".into(), |p| p.to_string());
+            bail!(
+                "connredir is already running (pid {pid}, lock {}): stop it first, or use `connredir down`",
+                path.display()
+            );
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        file.flush()?;
+        Ok(Lock { file })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// The pid written in a lock file.
+fn holder(file: &mut File) -> Option<i32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// Applies the configuration to an engine (fresh or taking over).
+fn apply(engine: &mut Engine, config: &Config) -> Result<()> {
+    for cgroup in &config.scope.cgroups {
+        engine.attach(cgroup)?;
+    }
+    for service in config.services() {
+        engine.add_service(service)?;
+    }
+    // All rules in one step: connects see the old set or the new one.
+    let rules = config.rules(|name| engine.service_by_name(name))?;
+    engine.replace_rules(rules)?;
+    engine.finish_takeover()?;
+    Ok(())
+}
+
+/// `connredir up`.
+pub fn up(config: &Config, places: &Places) -> Result<()> {
+    let _lock = Lock::take(&places.state_dir)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    if let Some(bpffs) = places.pin_dir.parent() {
+        ensure_bpffs(bpffs)?;
+    }
+    let fresh = !places.pin_dir.exists();
+    let mut engine = Engine::load_pinned(&places.pin_dir)?;
+    if let Err(e) = apply(&mut engine, config) {
+        drop(engine);
+        if fresh {
+            // Nothing of an earlier run to keep: leave nothing behind.
+            Engine::remove_pinned(&places.pin_dir)?;
+        }
+        return Err(e);
+    }
+    info!(
+        services = engine.services().count(),
+        rules = engine.rules().count(),
+        pins = %places.pin_dir.display(),
+        "redirect layer up{}",
+        if fresh { "" } else { " (took over the previous run)" }
+    );
+    let signal = signals.forever().next();
+    info!(
+        ?signal,
+        "stopping; the redirect layer stays attached (`connredir down` removes it)"
+    );
+    Ok(())
+}
+
+/// `connredir down`: stops a running `up`, then removes the pins, which
+/// detaches the programs.
+pub fn down(places: &Places) -> Result<()> {
+    let lock = places.state_dir.join("lock");
+    if let Ok(mut file) = File::open(&lock) {
+        // SAFETY: flock on a descriptor we own.
+        let held = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+        if held {
+            if let Some(pid) = holder(&mut file) {
+                info!(pid, "stopping the running `connredir up`");
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            // Its link descriptors keep the programs attached until it exits.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // SAFETY: as above.
+            while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                if Instant::now() > deadline {
+                    bail!("the running `connredir up` did not stop within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let removed = Engine::remove_pinned(&places.pin_dir)?;
+    println!(
+        "connredir is down: removed {removed} pinned maps and links from {}",
+        places.pin_dir.display()
+    );
+    Ok(())
+}
