@@ -6,6 +6,7 @@
 //! connredir-testkit probe CASE [ADDR]
 //! connredir-testkit connect-loop --connect ADDR --count N
 //! connredir-testkit many --connect ADDR --sizes N,N,... [--no-half-close]
+//! connredir-testkit hold --connect ADDR --until FILE
 //! ```
 //!
 //! Each prints one JSON object per line on stdout; the proxy prints `ready`
@@ -29,6 +30,7 @@ fn main() -> Result<()> {
         Some("probe") => probe(&args[1..]),
         Some("connect-loop") => connect_loop(&args[1..]),
         Some("many") => many(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         _ => bail!("usage: connredir-testkit proxy|client|probe|connect-loop ..."),
     }
 }
@@ -344,5 +346,27 @@ fn connect_loop(args: &[String]) -> Result<()> {
         socket.connect(&addr.into())?;
     }
     emit(json!({ "count": count, "elapsed_ns": start.elapsed().as_nanos() as u64 }));
+    Ok(())
+}
+
+/// Keeps one connection open across a change: an echo exchange, then a wait
+/// until FILE exists, then another exchange on the same connection.
+fn hold(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = value(args, "--connect")?.parse()?;
+    let until = std::path::PathBuf::from(value(args, "--until")?);
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
+    let mut exchange = |word: &str| -> Result<bool> {
+        stream.write_all(word.as_bytes())?;
+        let mut back = vec![0u8; word.len()];
+        stream.read_exact(&mut back)?;
+        Ok(back == word.as_bytes())
+    };
+    let first = exchange("first\n")?;
+    emit(json!({ "stage": "first", "ok": first }));
+    while !until.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = exchange("second\n")?;
+    emit(json!({ "stage": "second", "ok": second }));
     Ok(())
 }

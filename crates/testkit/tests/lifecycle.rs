@@ -1,0 +1,285 @@
+//! `connredir up` / `down` as a long-running service: pinning, restart
+//! without losing connections or rules, one `up` at a time, and nothing left
+//! behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use connredir_testkit::{
+    free_addr, require_privileges, require_program, test_tree, workspace_bin, CgroupTree,
+    EchoServer, Proc,
+};
+use serde_json::Value;
+
+/// One test's `up` setup: a cgroup tree, a config, a pin and state dir.
+struct Service {
+    tree: CgroupTree,
+    config: PathBuf,
+    pin_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Service {
+    fn new(
+        name: &str,
+        server: std::net::SocketAddr,
+        proxy: std::net::SocketAddr,
+    ) -> Option<Service> {
+        if !require_privileges(name) {
+            return None;
+        }
+        let tree = test_tree(name).unwrap();
+        let scope = tree.cgroup("scope").unwrap();
+        let services = tree.cgroup("services").unwrap();
+        let proxy_cgroup = tree.cgroup("services/proxy").unwrap();
+        tree.cgroup("engine").unwrap();
+        let dir = std::env::temp_dir().join(format!("connredir-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("connredir.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[scope]
+cgroups = ["{scope}", "{services}"]
+
+[[service]]
+name = "proxy"
+listen = ["{proxy}"]
+identity = {{ cgroups = ["{proxy_cgroup}"] }}
+
+[[rule]]
+service = "proxy"
+destinations = ["{ip}/32"]
+ports = ["{port}"]
+"#,
+                scope = scope.display(),
+                services = services.display(),
+                proxy_cgroup = proxy_cgroup.display(),
+                ip = server.ip(),
+                port = server.port(),
+            ),
+        )
+        .unwrap();
+        Some(Service {
+            tree,
+            config,
+            pin_dir: PathBuf::from(format!(
+                "/sys/fs/bpf/connredir-test-{name}-{}",
+                std::process::id()
+            )),
+            state_dir: dir.join("state"),
+        })
+    }
+
+    fn places(&self) -> Vec<String> {
+        vec![
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+        ]
+    }
+
+    /// Starts `connredir up` and waits until its links are pinned.
+    fn up(&self) -> Proc {
+        let mut args = vec![
+            "up".to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ];
+        args.extend(self.places());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn_program(
+            &self.tree.cgroup("engine").unwrap(),
+            None,
+            &workspace_bin("connredir"),
+            &args,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // 5 programs x 2 cgroups, and the lock names the new pid.
+        while !(self.links() == 10 && self.lock_pid() == Some(proc.pid())) {
+            assert!(Instant::now() < deadline, "up did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        proc
+    }
+
+    fn lock_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.state_dir.join("lock"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn links(&self) -> usize {
+        std::fs::read_dir(&self.pin_dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("link-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(workspace_bin("connredir"))
+            .args(args)
+            .args(self.places())
+            .output()
+            .unwrap()
+    }
+
+    fn cgroup(&self, relative: &str) -> PathBuf {
+        self.tree.cgroup(relative).unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Whatever happened, leave no pins behind.
+        let _ = self.command(&["down"]);
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Programs attached to a cgroup, as bpftool lists them.
+fn attached(bpftool: &Path, cgroup: &Path) -> Vec<String> {
+    let out = Command::new(bpftool)
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Stops `connredir up` the way a service manager does (SIGTERM).
+fn stop(proc: Proc) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(proc.pid() as i32, libc::SIGTERM) };
+    let (status, _) = proc.finish().unwrap();
+    assert!(status.success(), "up exited with {status}");
+}
+
+#[test]
+fn up_and_down_leave_nothing_behind_and_one_up_at_a_time() {
+    let Some(bpftool) = require_program("updown", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("updown", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    let scope = svc.cgroup("scope");
+    assert!(attached(&bpftool, &scope).is_empty());
+    assert!(!svc.pin_dir.exists());
+
+    let up = svc.up();
+    assert_eq!(
+        attached(&bpftool, &scope).len(),
+        5,
+        "{:?}",
+        attached(&bpftool, &scope)
+    );
+    // A second up says so instead of attaching twice.
+    let mut args = vec!["up", "--config", svc.config.to_str().unwrap()];
+    let places = svc.places();
+    args.extend(places.iter().map(String::as_str));
+    let second = Command::new(workspace_bin("connredir"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("already running (pid"), "{said}");
+    assert_eq!(attached(&bpftool, &scope).len(), 5);
+
+    // Stopping up keeps the layer; down removes all of it, and only it.
+    stop(up);
+    assert_eq!(attached(&bpftool, &scope).len(), 5);
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(attached(&bpftool, &scope).is_empty());
+    assert!(attached(&bpftool, &svc.cgroup("services")).is_empty());
+    assert!(!svc.pin_dir.exists());
+}
+
+#[test]
+fn restart_keeps_open_connections_and_redirects_the_next_one() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("restart", server.addr(), proxy_addr) else {
+        return;
+    };
+    let up = svc.up();
+    let proxy = Proc::spawn(
+        &svc.cgroup("services/proxy"),
+        None,
+        &[
+            "proxy",
+            "--name",
+            "proxy",
+            "--listen",
+            &proxy_addr.to_string(),
+        ],
+    )
+    .unwrap();
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+
+    let go = svc.config.with_file_name("go");
+    let held = Proc::spawn(
+        &svc.cgroup("scope/held"),
+        None,
+        &[
+            "hold",
+            "--connect",
+            &server.addr().to_string(),
+            "--until",
+            go.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    held.wait_line("first exchange", |l| l.contains("\"first\""))
+        .unwrap();
+
+    // Restart: stop up, start it again; then a new connection at once.
+    stop(up);
+    let _up = svc.up();
+    let client = Proc::spawn(
+        &svc.cgroup("scope/client"),
+        None,
+        &[
+            "client",
+            "--connect",
+            &server.addr().to_string(),
+            "--bytes",
+            "5000",
+        ],
+    )
+    .unwrap();
+    let (status, lines) = client.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+
+    std::fs::write(&go, b"").unwrap();
+    let (status, lines) = held.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let second: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(second["ok"], true, "{lines:?}");
+
+    // Both connections went through the proxy, once each.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logged = || proxy.lines().iter().filter(|l| l.starts_with('{')).count();
+    while logged() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(logged(), 2, "{:?}", proxy.lines());
+    assert_eq!(server.accepted().len(), 2);
+}
