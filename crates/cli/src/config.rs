@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use connredir_engine::{Identity, Protocol, Rule, Service, ServiceId};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -34,7 +34,7 @@ pub struct Scope {
 }
 
 /// One `[[service]]` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Unique name.
@@ -49,7 +49,7 @@ pub struct ServiceConfig {
 }
 
 /// The `identity` of a service.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Process ids.
@@ -64,7 +64,7 @@ pub struct IdentityConfig {
 }
 
 /// One `[[rule]]` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// Name of the service that gets matching connections.
@@ -147,38 +147,47 @@ impl Config {
 
     /// The services, as the engine takes them.
     pub fn services(&self) -> impl Iterator<Item = Service> + '_ {
-        self.services.iter().map(|s| Service {
-            name: s.name.clone(),
-            listen: s.listen.clone(),
-            identity: Identity {
-                pids: s.identity.pids.clone(),
-                cgroups: s.identity.cgroups.clone(),
-                uids: s.identity.uids.clone(),
-            },
-            context: s.context.as_ref().map(|c| c.as_bytes().to_vec()),
-        })
+        self.services.iter().map(ServiceConfig::to_service)
     }
 
     /// The rules, given how service names resolved to ids.
     pub fn rules(&self, id_of: impl Fn(&str) -> Option<ServiceId>) -> Result<Vec<Rule>> {
-        self.rules
-            .iter()
-            .map(|r| {
-                Ok(Rule {
-                    service: id_of(&r.service)
-                        .ok_or_else(|| anyhow!("service {} is not registered", r.service))?,
-                    protocol: r.protocol,
-                    destinations: r.destinations.clone(),
-                    ports: r
-                        .ports
-                        .iter()
-                        .map(|p| parse_ports(p))
-                        .collect::<Result<_>>()?,
-                    uid: r.uid,
-                    priority: r.priority,
-                })
-            })
-            .collect()
+        self.rules.iter().map(|r| r.to_rule(&id_of)).collect()
+    }
+}
+
+impl ServiceConfig {
+    /// The service, as the engine takes it.
+    pub fn to_service(&self) -> Service {
+        Service {
+            name: self.name.clone(),
+            listen: self.listen.clone(),
+            identity: Identity {
+                pids: self.identity.pids.clone(),
+                cgroups: self.identity.cgroups.clone(),
+                uids: self.identity.uids.clone(),
+            },
+            context: self.context.as_ref().map(|c| c.as_bytes().to_vec()),
+        }
+    }
+}
+
+impl RuleConfig {
+    /// The rule, given how service names resolve to ids.
+    pub fn to_rule(&self, id_of: impl Fn(&str) -> Option<ServiceId>) -> Result<Rule> {
+        Ok(Rule {
+            service: id_of(&self.service)
+                .ok_or_else(|| anyhow!("service {:?} is not registered", self.service))?,
+            protocol: self.protocol,
+            destinations: self.destinations.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| parse_ports(p))
+                .collect::<Result<_>>()?,
+            uid: self.uid,
+            priority: self.priority,
+        })
     }
 }
 

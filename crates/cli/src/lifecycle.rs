@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -17,15 +18,22 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::info;
 
 use crate::config::Config;
+use crate::control;
+
+/// What the engine loop of `up` reacts to.
+enum Event {
+    Request(control::Pending),
+    Stop(i32),
+}
 
 /// Where `up` keeps its state.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Places {
     /// bpffs directory for the pinned maps and links.
-    #[arg(long, default_value = "/sys/fs/bpf/connredir")]
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/connredir")]
     pub pin_dir: PathBuf,
-    /// Directory for the lock file (which holds the running `up`'s pid).
-    #[arg(long, default_value = "/run/connredir")]
+    /// Directory for the lock file and the control socket of `up`.
+    #[arg(long, global = true, default_value = "/run/connredir")]
     pub state_dir: PathBuf,
 }
 
@@ -116,11 +124,40 @@ pub fn up(config: &Config, places: &Places) -> Result<()> {
         "redirect layer up{}",
         if fresh { "" } else { " (took over the previous run)" }
     );
-    let signal = signals.forever().next();
-    info!(
-        ?signal,
-        "stopping; the redirect layer stays attached (`connredir down` removes it)"
-    );
+    // One queue for the engine: requests from the control socket, and the
+    // signal that ends the run. The engine is only touched here.
+    let (queue, events) = mpsc::channel::<Event>();
+    let (requests, pending) = mpsc::channel::<control::Pending>();
+    control::serve(&places.state_dir, requests)?;
+    let forward = queue.clone();
+    std::thread::spawn(move || {
+        for pending in pending {
+            if forward.send(Event::Request(pending)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let _ = queue.send(Event::Stop(signal));
+        }
+    });
+    for event in events {
+        match event {
+            Event::Request((request, reply)) => {
+                info!(?request, "control request");
+                let _ = reply.send(control::handle(&mut engine, request));
+            }
+            Event::Stop(signal) => {
+                info!(
+                    signal,
+                    "stopping; the redirect layer stays attached (`connredir down` removes it)"
+                );
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(control::socket_path(&places.state_dir));
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `connredir`: cooperative connection redirection for Linux.
 
 mod config;
+mod control;
 mod demo;
 mod lifecycle;
 mod run;
@@ -21,6 +22,8 @@ use config::Config;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    places: lifecycle::Places,
 }
 
 #[derive(Subcommand)]
@@ -39,14 +42,9 @@ enum Command {
         /// The configuration file (TOML): [scope], [[service]], [[rule]].
         #[arg(long, short)]
         config: PathBuf,
-        #[command(flatten)]
-        places: lifecycle::Places,
     },
     /// Stop a running `up` and remove everything it attached and pinned.
-    Down {
-        #[command(flatten)]
-        places: lifecycle::Places,
-    },
+    Down,
     /// Run a command with its connections going through the redirect layer:
     /// it and its children run in a fresh cgroup inside the scope (so it
     /// works for statically linked programs too), removed when it ends.
@@ -65,10 +63,101 @@ enum Command {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// Show the running engine: scopes, services (and whether something
+    /// listens on their addresses), rules with hit counts, counters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add, remove or list services of the running engine.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// Add, remove or list rules of the running engine; each change applies
+    /// to the next connection, all at once.
+    Rule {
+        #[command(subcommand)]
+        action: RuleAction,
+    },
     /// Check a configuration file without attaching anything.
     Check {
         /// The configuration file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Register a service.
+    ///
+    /// Example: connredir service add --name scanner --listen 127.0.0.1:15001 --uid 990
+    Add {
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+        /// Listening address (at most one IPv4 and one IPv6).
+        #[arg(long, required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        /// A process id that is this service.
+        #[arg(long)]
+        pid: Vec<u32>,
+        /// A cgroup v2 directory whose processes are this service.
+        #[arg(long)]
+        cgroup: Vec<PathBuf>,
+        /// A user id that is this service.
+        #[arg(long)]
+        uid: Vec<u32>,
+        /// The context handed to the service with each connection.
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Unregister a service (remove its rules first).
+    Del {
+        /// The service's name.
+        name: String,
+    },
+    /// List the services.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RuleAction {
+    /// Add a rule.
+    ///
+    /// Example: connredir rule add --service scanner --dst 0.0.0.0/0 --port 80 --port 443
+    Add {
+        /// The service that gets matching connections.
+        #[arg(long)]
+        service: String,
+        /// Destination prefix (repeatable; none: every destination).
+        #[arg(long)]
+        dst: Vec<ipnet::IpNet>,
+        /// Destination port or range like 8000-8999 (repeatable; none: all).
+        #[arg(long)]
+        port: Vec<String>,
+        /// Only connections opened by this uid.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Evaluation order, lower first.
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
+    },
+    /// Remove a rule by id (see `rule list`).
+    Del {
+        /// The rule's id.
+        id: u32,
+    },
+    /// List the rules with their hit counts.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -79,7 +168,9 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let places = cli.places;
+    match cli.command {
         Command::Demo => demo::run(),
         Command::Check { file } => {
             let config = Config::load(&file)?;
@@ -92,8 +183,14 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Up { config, places } => lifecycle::up(&Config::load(&config)?, &places),
-        Command::Down { places } => lifecycle::down(&places),
+        Command::Up { config } => lifecycle::up(&Config::load(&config)?, &places),
+        Command::Down => lifecycle::down(&places),
+        Command::Status { json } => {
+            let status = control::call(&places.state_dir, &control::Request::Status)?;
+            print_status(&status, json)
+        }
+        Command::Service { action } => service(action, &places),
+        Command::Rule { action } => rule(action, &places),
         Command::Run {
             scope,
             config,
@@ -112,4 +209,153 @@ fn main() -> Result<()> {
             std::process::exit(status);
         }
     }
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_services(services: &serde_json::Value) {
+    for s in services.as_array().into_iter().flatten() {
+        println!(
+            "  {:>3}  {:<16} {:<40} {}",
+            s["id"],
+            s["name"].as_str().unwrap_or(""),
+            s["listen"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            if s["up"] == true {
+                "up"
+            } else {
+                "not listening"
+            }
+        );
+    }
+}
+
+fn print_rules(rules: &serde_json::Value) {
+    for r in rules.as_array().into_iter().flatten() {
+        let list = |v: &serde_json::Value, none: &str| {
+            let items: Vec<&str> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect();
+            if items.is_empty() {
+                none.to_string()
+            } else {
+                items.join(",")
+            }
+        };
+        println!(
+            "  {:>3}  → {:<16} dst {:<24} ports {:<12} uid {:<6} priority {:<4} hits {}",
+            r["id"],
+            r["service"].as_str().unwrap_or("?"),
+            list(&r["destinations"], "any"),
+            list(&r["ports"], "any"),
+            r["uid"].as_u64().map_or("any".into(), |u| u.to_string()),
+            r["priority"],
+            r["hits"],
+        );
+    }
+}
+
+fn print_status(status: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        return print_json(status);
+    }
+    println!("scopes:");
+    for scope in status["scopes"].as_array().into_iter().flatten() {
+        println!("  {}", scope.as_str().unwrap_or(""));
+    }
+    println!("services:");
+    print_services(&status["services"]);
+    println!("rules:");
+    print_rules(&status["rules"]);
+    println!("counters:");
+    for (name, value) in status["counters"].as_object().into_iter().flatten() {
+        println!("  {name:<24} {value}");
+    }
+    Ok(())
+}
+
+fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
+    let dir = &places.state_dir;
+    match action {
+        ServiceAction::Add {
+            name,
+            listen,
+            pid,
+            cgroup,
+            uid,
+            context,
+        } => {
+            let service = config::ServiceConfig {
+                name,
+                listen,
+                identity: config::IdentityConfig {
+                    pids: pid,
+                    cgroups: cgroup,
+                    uids: uid,
+                },
+                context,
+            };
+            let data = control::call(dir, &control::Request::ServiceAdd { service })?;
+            println!("service {} added", data["id"]);
+        }
+        ServiceAction::Del { name } => {
+            control::call(dir, &control::Request::ServiceDel { name: name.clone() })?;
+            println!("service {name} removed");
+        }
+        ServiceAction::List { json } => {
+            let status = control::call(dir, &control::Request::Status)?;
+            if json {
+                return print_json(&status["services"]);
+            }
+            print_services(&status["services"]);
+        }
+    }
+    Ok(())
+}
+
+fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
+    let dir = &places.state_dir;
+    match action {
+        RuleAction::Add {
+            service,
+            dst,
+            port,
+            uid,
+            priority,
+        } => {
+            let rule = config::RuleConfig {
+                service,
+                protocol: Default::default(),
+                destinations: dst,
+                ports: port,
+                uid,
+                priority,
+            };
+            let data = control::call(dir, &control::Request::RuleAdd { rule })?;
+            println!("rule {} added", data["id"]);
+        }
+        RuleAction::Del { id } => {
+            control::call(dir, &control::Request::RuleDel { id })?;
+            println!("rule {id} removed");
+        }
+        RuleAction::List { json } => {
+            let status = control::call(dir, &control::Request::Status)?;
+            if json {
+                return print_json(&status["rules"]);
+            }
+            print_rules(&status["rules"]);
+        }
+    }
+    Ok(())
 }
