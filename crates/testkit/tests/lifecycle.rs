@@ -283,3 +283,93 @@ fn restart_keeps_open_connections_and_redirects_the_next_one() {
     assert_eq!(logged(), 2, "{:?}", proxy.lines());
     assert_eq!(server.accepted().len(), 2);
 }
+
+#[test]
+fn rules_and_services_change_at_run_time_through_the_control_socket() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("control", server.addr(), proxy_addr) else {
+        return;
+    };
+    let _up = svc.up();
+    let proxy = Proc::spawn(
+        &svc.cgroup("services/proxy"),
+        None,
+        &[
+            "proxy",
+            "--name",
+            "proxy",
+            "--listen",
+            &proxy_addr.to_string(),
+        ],
+    )
+    .unwrap();
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    let connect = || {
+        let client = Proc::spawn(
+            &svc.cgroup("scope/client"),
+            None,
+            &[
+                "client",
+                "--connect",
+                &server.addr().to_string(),
+                "--bytes",
+                "100",
+            ],
+        )
+        .unwrap();
+        let (status, lines) = client.finish().unwrap();
+        assert!(status.success(), "{lines:?}");
+    };
+    let logged = || proxy.lines().iter().filter(|l| l.starts_with('{')).count();
+    let settle = || std::thread::sleep(Duration::from_millis(200));
+    let status = || -> Value {
+        let out = svc.command(&["status", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    connect();
+    settle();
+    assert_eq!(logged(), 1);
+    let s = status();
+    assert_eq!(s["rules"][0]["hits"], 1, "{s}");
+    assert_eq!(s["services"][0]["up"], true, "{s}");
+
+    // Without the rule, the next connection goes direct.
+    let out = svc.command(&["rule", "del", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    connect();
+    settle();
+    assert_eq!(logged(), 1);
+
+    // A new rule applies to the next connection.
+    let dst = format!("{}/32", server.addr().ip());
+    let port = server.addr().port().to_string();
+    let out = svc.command(&[
+        "rule",
+        "add",
+        "--service",
+        "proxy",
+        "--dst",
+        &dst,
+        "--port",
+        &port,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    connect();
+    settle();
+    assert_eq!(logged(), 2);
+    assert_eq!(server.accepted().len(), 3);
+
+    // Mistakes are refused with a reason, and change nothing.
+    let out = svc.command(&["rule", "add", "--service", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" is not registered"));
+    let out = svc.command(&["service", "del", "proxy"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still has rules"),
+        "{out:?}"
+    );
+    assert_eq!(status()["rules"].as_array().unwrap().len(), 1);
+}
