@@ -133,21 +133,6 @@ pub fn handle(engine: &mut Engine, request: Request) -> Response {
     }
 }
 
-/// Is something listening on `addr`? (Read from /proc/net/tcp{,6}.)
-fn listening(addr: &std::net::SocketAddr) -> bool {
-    let port = format!(":{:04X}", addr.port());
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(table)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .any(|line| {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&port) && cols[3] == "0A"
-            })
-    })
-}
-
 fn rule_json(id: RuleId, rule: &Rule, engine: &Engine, hits: u64) -> Value {
     let service = engine
         .services()
@@ -177,7 +162,7 @@ fn status(engine: &Engine) -> Result<Value> {
                 "id": id.0,
                 "name": s.name,
                 "listen": s.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "up": s.listen.iter().all(listening),
+                "up": s.listen.iter().all(connredir_engine::is_listening),
             })
         })
         .collect();

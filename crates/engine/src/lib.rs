@@ -990,6 +990,24 @@ impl Drop for Engine {
     }
 }
 
+/// Is a TCP socket listening on `addr`'s port? Read from /proc/net/tcp and
+/// tcp6 (of this network namespace), so no probe connection disturbs the
+/// listener: how `status` tells whether a service is up.
+pub fn is_listening(addr: &std::net::SocketAddr) -> bool {
+    let port = format!(":{:04X}", addr.port());
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&port) && cols[3] == "0A"
+            })
+    })
+}
+
 /// The magic number of bpffs in `statfs.f_type`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 

@@ -260,25 +260,14 @@ impl Drop for EchoServer {
 /// Waits (at most 10 s) until something listens on `addr`, read from
 /// /proc/net/tcp{,6} so that no probe connection disturbs the listener.
 pub fn wait_listening(addr: SocketAddr) -> Result<()> {
-    let port = format!(":{:04X}", addr.port());
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let text = std::fs::read_to_string(table).unwrap_or_default();
-            // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
-            let listening = text.lines().skip(1).any(|line| {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&port) && cols[3] == "0A"
-            });
-            if listening {
-                return Ok(());
-            }
-        }
+    while !connredir_engine::is_listening(&addr) {
         if Instant::now() > deadline {
             bail!("nothing listens on {addr}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
 }
 
 /// Finds a program on PATH. In CI a missing program fails the test (the

@@ -135,6 +135,15 @@ ports = ["{port}"]
     fn cgroup(&self, relative: &str) -> PathBuf {
         self.tree.cgroup(relative).unwrap()
     }
+
+    /// Starts the service's proxy in its cgroup and waits until it listens.
+    fn start_proxy(&self, listen: std::net::SocketAddr) -> Proc {
+        let listen = listen.to_string();
+        let args = ["proxy", "--name", "proxy", "--listen", &listen];
+        let proxy = Proc::spawn(&self.cgroup("services/proxy"), None, &args).unwrap();
+        proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+        proxy
+    }
 }
 
 impl Drop for Service {
@@ -220,19 +229,7 @@ fn restart_keeps_open_connections_and_redirects_the_next_one() {
         return;
     };
     let up = svc.up();
-    let proxy = Proc::spawn(
-        &svc.cgroup("services/proxy"),
-        None,
-        &[
-            "proxy",
-            "--name",
-            "proxy",
-            "--listen",
-            &proxy_addr.to_string(),
-        ],
-    )
-    .unwrap();
-    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    let proxy = svc.start_proxy(proxy_addr);
 
     let go = svc.config.with_file_name("go");
     let held = Proc::spawn(
@@ -292,19 +289,7 @@ fn rules_and_services_change_at_run_time_through_the_control_socket() {
         return;
     };
     let _up = svc.up();
-    let proxy = Proc::spawn(
-        &svc.cgroup("services/proxy"),
-        None,
-        &[
-            "proxy",
-            "--name",
-            "proxy",
-            "--listen",
-            &proxy_addr.to_string(),
-        ],
-    )
-    .unwrap();
-    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    let proxy = svc.start_proxy(proxy_addr);
     let connect = || {
         let client = Proc::spawn(
             &svc.cgroup("scope/client"),
