@@ -1,1 +1,347 @@
-fn main() {}
+//! `connredir-proxy`: the reference inspecting proxy for connredir.
+//!
+//! `main` reads the command line, binds the listeners, prints `ready`, and
+//! runs an accept loop per listener; each connection is a task
+//! ([`conn::handle`]) that logs one JSON line when it ends. SIGINT/SIGTERM
+//! stop accepting, let connections drain, then close the rest.
+
+mod conn;
+mod inspect;
+mod log;
+mod policy;
+mod relay;
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::conn::{Redirect, Settings};
+use crate::log::LogSink;
+use crate::policy::{Policy, Rule};
+use crate::relay::Mode;
+
+const ABOUT: &str = "\
+A transparent TCP proxy that takes part in connredir redirect chains.
+
+The connredir layer sends selected outbound connections to this proxy. For each
+one it reads the redirect records (the services that already handled the flow)
+and the original destination, applies its rules, opens its own connection to
+that destination carrying the same records (so the flow goes on to the next
+service in the chain, or to the destination, and never back here), looks at
+what the client sends first (TLS server name, HTTP request line and Host) and
+relays the bytes both ways (splice(2) unless --no-splice). Each connection ends with one JSON line on stdout
+(or --log FILE): who, where, what, how many bytes, and the verdict.";
+
+const EXAMPLES: &str = "\
+Rules (--rule ACTION:KIND:VALUE, repeatable) are checked in the order given; the
+first that matches decides; a flow that matches none is allowed.
+  ACTION  allow | deny
+  KIND    host  server name (TLS SNI, else HTTP Host), case-insensitive glob (* and ?):
+                *.example.com (subdomains, not example.com itself), example.com
+          dst   destination address or prefix: 10.0.0.0/8, 2001:db8::/32, 192.0.2.7
+          port  destination port or range: 25, 8000-8999
+A denied HTTP request gets a 403; anything else denied is closed. Destination
+and port rules decide before the onward connection is opened; host rules after
+the client's first bytes, and then not one byte reaches the server.
+
+Examples:
+  connredir-proxy --name inspector --listen 127.0.0.1:15001 --listen [::1]:15001
+  connredir-proxy --name filter --listen 127.0.0.1:15002 \\
+      --rule allow:host:*.corp.example --rule deny:host:*.example \\
+      --rule deny:port:25 --rule deny:dst:10.0.0.0/8 --log /var/log/filter.jsonl
+Register it with the layer:
+  connredir service add --name inspector --listen 127.0.0.1:15001 --uid $(id -u)";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(version, about = ABOUT, after_help = EXAMPLES)]
+struct Cli {
+    /// This proxy's name in the log.
+    #[arg(long)]
+    name: String,
+    /// Address to listen on (IPv4 or IPv6); repeat for several.
+    #[arg(long, required = true, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// A policy rule, ACTION:KIND:VALUE (see below); repeat, first match wins.
+    #[arg(long = "rule", value_name = "ACTION:KIND:VALUE")]
+    rules: Vec<Rule>,
+    /// Close a connection after this long without a byte either way.
+    #[arg(long, default_value = "300s", value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// At SIGINT/SIGTERM, how long open connections may still run.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// How long to wait for the client's first bytes before relaying anyway.
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    inspect_timeout: Duration,
+    /// How long connecting to the destination may take.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Where the JSON lines go: a file (appended), or - for stdout.
+    #[arg(long, value_name = "FILE|-", default_value = "-")]
+    log: PathBuf,
+    /// Relay with read/write instead of zero-copy splice(2).
+    #[arg(long)]
+    no_splice: bool,
+}
+
+/// Durations as `500ms`, `2s`, `5m`, `1h`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 2s, 5m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "unknown unit {unit:?} in {text:?}: use ms, s, m or h"
+        )),
+    }
+}
+
+/// Startup failures: the configuration cannot work (exit code 2).
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    #[error("{0} is already in use by another process: choose another --listen address or stop that process")]
+    InUse(SocketAddr),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("cannot open the log file {0}: {1}")]
+    Log(PathBuf, #[source] std::io::Error),
+}
+
+/// Where the proxy is in its life; connections and accept loops watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and relaying.
+    Running,
+    /// No new connections; open ones finish.
+    Draining,
+    /// The drain timeout passed: close what is left.
+    Closing,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("connredir-proxy: {e:#}");
+            let startup = e.downcast_ref::<StartupError>().is_some();
+            ExitCode::from(if startup { 2 } else { 1 })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let sink = if cli.log.as_os_str() == "-" {
+        LogSink::stdout()
+    } else {
+        LogSink::file(&cli.log).map_err(|e| StartupError::Log(cli.log.clone(), e))?
+    };
+    let listeners = cli
+        .listen
+        .iter()
+        .map(|&addr| bind(addr))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Before `ready`, so a supervisor's signal right after it is handled.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Tests and supervisors wait for this line; after it stdout is JSON only.
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "ready")
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")?;
+    info!(name = %cli.name, listen = ?cli.listen, rules = cli.rules.len(), "listening");
+
+    let settings = Arc::new(Settings {
+        name: cli.name,
+        policy: Policy::new(cli.rules),
+        mode: if cli.no_splice {
+            Mode::Copy
+        } else {
+            Mode::Splice
+        },
+        idle_timeout: cli.idle_timeout,
+        inspect_timeout: cli.inspect_timeout,
+        connect_timeout: cli.connect_timeout,
+    });
+    let sink = Arc::new(sink);
+    let (phase, phase_rx) = watch::channel(Phase::Running);
+    // Every task holds a sender; `recv` returns None once all are gone.
+    let (done_tx, mut all_done) = mpsc::channel::<()>(1);
+    for listener in listeners {
+        let accepting = accept_loop(
+            listener,
+            settings.clone(),
+            sink.clone(),
+            phase_rx.clone(),
+            done_tx.clone(),
+        );
+        tokio::spawn(accepting);
+    }
+    drop(done_tx);
+
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    info!(drain = ?cli.drain_timeout, "stopping: no new connections, draining open ones");
+    phase.send_replace(Phase::Draining);
+    if tokio::time::timeout(cli.drain_timeout, all_done.recv())
+        .await
+        .is_err()
+    {
+        info!("drain timeout: closing the remaining connections");
+        phase.send_replace(Phase::Closing);
+        all_done.recv().await;
+    }
+    Ok(())
+}
+
+/// Binds one listener. IPv6 sockets are IPv6-only, so `[::]:P` and
+/// `0.0.0.0:P` can both be given.
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    let fail = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => StartupError::InUse(addr),
+        _ => StartupError::Bind(addr, e),
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    if addr.is_ipv6() {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid int option on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of_val(&on) as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+    }
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(1024).map_err(fail)
+}
+
+/// Accepts until the proxy stops running; one task per connection.
+async fn accept_loop(
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    sink: Arc<LogSink>,
+    mut phase: watch::Receiver<Phase>,
+    done: mpsc::Sender<()>,
+) {
+    loop {
+        let stopped = async {
+            let _ = phase.wait_for(|p| *p != Phase::Running).await;
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: back off, do not spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (settings, sink, done) = (settings.clone(), sink.clone(), done.clone());
+        let mut phase = phase.clone();
+        tokio::spawn(async move {
+            let redirect = Redirect::query(&stream);
+            let closing = async move {
+                let _ = phase.wait_for(|p| *p == Phase::Closing).await;
+            };
+            let entry = conn::handle(stream, peer, redirect, &settings, closing).await;
+            sink.write(&entry);
+            drop(done);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "1.5s", "10x", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_line() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "connredir-proxy",
+            "--name=p",
+            "--listen=127.0.0.1:1",
+            "--listen=[::1]:1",
+            "--rule=deny:dst:10.0.0.0/8",
+            "--rule=allow:host:*.example.com",
+        ])
+        .unwrap();
+        assert_eq!(cli.listen.len(), 2);
+        assert_eq!(cli.rules[1].to_string(), "allow:host:*.example.com");
+        assert_eq!(cli.idle_timeout, Duration::from_secs(300));
+        assert!(Cli::try_parse_from(["connredir-proxy", "--name=p"]).is_err());
+        assert!(
+            Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--rule=nope"]).is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_address_in_use_is_named() {
+        let taken = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = bind(addr).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{addr} is already in use by another process: choose another --listen address or stop that process")
+        );
+    }
+}

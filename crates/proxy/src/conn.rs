@@ -1,0 +1,402 @@
+//! One redirected connection, from accept to its log line: find the
+//! destination, decide, connect with the records, inspect, relay.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use connredir::{RedirectContext, RedirectRecords};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::inspect::{self, Inspection};
+use crate::log::{self, ConnectionLog, Verdict};
+use crate::policy::{Action, Policy};
+use crate::relay::{self, Direction, Mode, RelayError, Traffic};
+
+/// Settings all connections share.
+#[derive(Debug)]
+pub struct Settings {
+    /// `--name`, for the log.
+    pub name: String,
+    /// The rules.
+    pub policy: Policy,
+    /// Splice or copy.
+    pub mode: Mode,
+    /// No byte either way for this long closes the flow.
+    pub idle_timeout: Duration,
+    /// How long to wait for the client's first bytes.
+    pub inspect_timeout: Duration,
+    /// How long connecting onward may take.
+    pub connect_timeout: Duration,
+}
+
+/// What the redirect layer says about an accepted connection.
+#[derive(Debug, Default)]
+pub struct Redirect {
+    /// The records, to hand on; `None` when the layer has none for it.
+    pub records: Option<RedirectRecords>,
+    /// The context, when this proxy is the service that redirected it.
+    pub context: Option<RedirectContext>,
+    /// Where to connect.
+    pub destination: Option<SocketAddr>,
+    /// Why there is no destination.
+    pub problem: Option<String>,
+    /// The client process's command, read while it likely still runs.
+    pub command: Option<String>,
+}
+
+impl Redirect {
+    /// Asks the layer about `stream`. Failures are normal (no layer, or not
+    /// the redirecting service): they leave fields empty.
+    pub fn query(stream: &TcpStream) -> Redirect {
+        let records = match connredir::query_records(stream) {
+            Ok(records) => Some(records),
+            // No layer here, or a connection it did not redirect.
+            Err(e @ (connredir::Error::NotSupported | connredir::Error::NotRedirected)) => {
+                debug!(error = %e, "no redirect records");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the redirect records; going on without them");
+                None
+            }
+        };
+        let context = connredir::query_context(stream)
+            .inspect_err(|e| debug!(error = %e, "no redirect context"))
+            .ok();
+        let (destination, problem) = match connredir::original_destination(stream) {
+            Ok(dst) => (Some(dst), None),
+            Err(e) => match records.as_ref().and_then(|r| r.original_destination()) {
+                Some(dst) => (Some(dst), None),
+                None => (None, Some(format!("no original destination: {e}"))),
+            },
+        };
+        let command = records.as_ref().and_then(|r| {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", r.client().pid)).ok()?;
+            Some(comm.trim_end().to_string())
+        });
+        Redirect {
+            records,
+            context,
+            destination,
+            problem,
+            command,
+        }
+    }
+}
+
+/// Why a connection ended other than by both sides closing.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("{0}")]
+    NoDestination(String),
+    #[error("the destination {0} is this proxy itself (the connection was not redirected)")]
+    Loop(SocketAddr),
+    #[error("{0}")]
+    Denied(String),
+    #[error("cannot hand the records to the onward socket: {0}")]
+    Records(#[source] connredir::Error),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("connecting to {0}: no answer in {1:?}")]
+    ConnectTimeout(SocketAddr, Duration),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    #[error("closed at shutdown")]
+    Shutdown,
+}
+
+/// What the client-to-server side found, kept outside the futures so it
+/// survives their cancellation.
+#[derive(Debug, Default)]
+struct Seen {
+    inspection: Inspection,
+    rule: Option<String>,
+}
+
+/// Serves one accepted connection and returns its log line. `closing`
+/// resolves when the proxy stops waiting for open connections.
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    redirect: Redirect,
+    settings: &Settings,
+    closing: impl Future<Output = ()>,
+) -> ConnectionLog {
+    let started = Instant::now();
+    let traffic = Traffic::default();
+    let mut seen = Seen::default();
+    let result = tokio::select! {
+        result = serve(&client, &redirect, settings, &traffic, &mut seen) => result,
+        () = closing => Err(Ended::Shutdown),
+    };
+    let (verdict, reason) = match result {
+        Ok(()) => (Verdict::Allow, seen.rule),
+        Err(Ended::Denied(rule)) => (Verdict::Deny, Some(rule)),
+        Err(e @ (Ended::Relay(RelayError::Idle(_)) | Ended::Shutdown)) => {
+            (Verdict::Allow, Some(e.to_string()))
+        }
+        Err(e) => (Verdict::Error, Some(e.to_string())),
+    };
+    debug!(%peer, ?verdict, ?reason, "connection ended");
+    let records = redirect.records.as_ref();
+    ConnectionLog {
+        time: log::rfc3339(SystemTime::now()),
+        proxy: settings.name.clone(),
+        client: records.map(|r| log::Client {
+            pid: r.client().pid,
+            uid: r.client().uid,
+            cgroup_id: r.client().cgroup_id,
+            command: redirect.command.clone(),
+        }),
+        peer: peer.to_string(),
+        original_dst: redirect.destination.map(|d| d.to_string()),
+        server_name: seen.inspection.server_name,
+        http: seen.inspection.http,
+        bytes_up: traffic.up(),
+        bytes_down: traffic.down(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        chain: records.map_or_else(Vec::new, |r| r.chain().iter().map(|s| s.0).collect()),
+        context: redirect
+            .context
+            .as_ref()
+            .map(|c| match c.original_addresses() {
+                Some((remote, _)) => log::Context::Destination(remote.to_string()),
+                None => log::Context::Length(c.as_bytes().len()),
+            }),
+        verdict,
+        reason,
+    }
+}
+
+async fn serve(
+    client: &TcpStream,
+    redirect: &Redirect,
+    settings: &Settings,
+    traffic: &Traffic,
+    seen: &mut Seen,
+) -> Result<(), Ended> {
+    let no_destination = || Ended::NoDestination(redirect.problem.clone().unwrap_or_default());
+    let dst = redirect.destination.ok_or_else(no_destination)?;
+    // Without the layer, SO_ORIGINAL_DST may name our own listener.
+    if client.local_addr().is_ok_and(|local| local == dst) {
+        return Err(Ended::Loop(dst));
+    }
+    // Destination rules decide before any onward connection exists.
+    let early = settings.policy.before_connect(dst);
+    if let Some(decision) = early.as_ref().filter(|d| d.action == Action::Deny) {
+        return Err(Ended::Denied(decision.rule.clone().unwrap_or_default()));
+    }
+    let server = connect(dst, redirect.records.as_ref(), settings.connect_timeout).await?;
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+
+    let mode = settings.mode;
+    // Server-first protocols: the server's bytes flow during inspection.
+    let down = async {
+        relay::pump(&server, client, mode, Direction::Down, traffic).await?;
+        Ok(())
+    };
+    let up = async {
+        let first = inspect::read_first(client, settings.inspect_timeout)
+            .await
+            .map_err(RelayError::Up)?;
+        seen.inspection = first.inspection;
+        let decision = early.unwrap_or_else(|| {
+            let host = seen.inspection.host();
+            settings.policy.decide(dst, host.as_deref())
+        });
+        seen.rule = decision.rule;
+        if decision.action == Action::Deny {
+            if seen.inspection.http.is_some() {
+                forbid(client, &settings.name, traffic).await;
+            }
+            return Err(Ended::Denied(seen.rule.take().unwrap_or_default()));
+        }
+        relay::write_all(&server, &first.bytes, Direction::Up, traffic)
+            .await
+            .map_err(RelayError::Up)?;
+        if first.eof {
+            relay::shutdown_write(&server).map_err(RelayError::Up)?;
+        } else {
+            relay::pump(client, &server, mode, Direction::Up, traffic).await?;
+        }
+        Ok(())
+    };
+    relay::supervise(up, down, settings.idle_timeout, traffic).await
+}
+
+/// Opens the onward socket in the destination's family, hands it the
+/// records, and connects.
+async fn connect(
+    dst: SocketAddr,
+    records: Option<&RedirectRecords>,
+    limit: Duration,
+) -> Result<TcpStream, Ended> {
+    let socket = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| Ended::Connect(dst, e))?;
+    // Before connect: this is what keeps the flow from coming back to us.
+    if let Some(records) = records {
+        connredir::set_records(&socket, records).map_err(Ended::Records)?;
+    }
+    tokio::time::timeout(limit, socket.connect(dst))
+        .await
+        .map_err(|_| Ended::ConnectTimeout(dst, limit))?
+        .map_err(|e| Ended::Connect(dst, e))
+}
+
+/// Answers a denied HTTP request with a 403, then lets the client's
+/// remaining bytes drain briefly, so closing does not reset the answer away.
+async fn forbid(client: &TcpStream, proxy: &str, traffic: &Traffic) {
+    let body = format!("Forbidden by the connredir proxy {proxy:?}.\n");
+    let answer = format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if relay::write_all(client, answer.as_bytes(), Direction::Down, traffic)
+        .await
+        .and_then(|()| relay::shutdown_write(client))
+        .is_err()
+    {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        while client.readable().await.is_ok() {
+            match client.try_read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
+                _ => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::tests::client_hello;
+    use crate::relay::tests::pair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn settings(rules: &[&str]) -> Settings {
+        Settings {
+            name: "test".into(),
+            policy: Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect()),
+            mode: Mode::Splice,
+            idle_timeout: Duration::from_secs(10),
+            inspect_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Runs `handle` for a connection whose destination is `server`, as if
+    /// redirected; returns the client's end and the handler task.
+    async fn proxied(
+        server: SocketAddr,
+        settings: Settings,
+    ) -> (TcpStream, tokio::task::JoinHandle<ConnectionLog>) {
+        let (client, accepted) = pair().await;
+        let peer = accepted.peer_addr().unwrap();
+        let redirect = Redirect {
+            destination: Some(server),
+            ..Redirect::default()
+        };
+        let task = tokio::spawn(async move {
+            handle(accepted, peer, redirect, &settings, std::future::pending()).await
+        });
+        (client, task)
+    }
+
+    #[tokio::test]
+    async fn denied_http_gets_403_and_the_server_no_byte() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rules = ["allow:host:ok.test", "deny:host:*.test"];
+        let (mut client, task) = proxied(server.local_addr().unwrap(), settings(&rules)).await;
+        client
+            .write_all(b"GET /secret HTTP/1.1\r\nHost: www.blocked.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+        assert!(answer.contains("Connection: close"));
+        drop(client); // as clients do after `Connection: close`
+        let (mut onward, _) = server.accept().await.unwrap();
+        let mut got = Vec::new();
+        onward.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "the server got {got:?}");
+        let log = task.await.unwrap();
+        assert_eq!(log.verdict, Verdict::Deny);
+        assert_eq!(log.reason.as_deref(), Some("rule 2: deny:host:*.test"));
+        let http = log.http.unwrap();
+        assert_eq!(
+            (http.method.as_str(), http.path.as_str()),
+            ("GET", "/secret")
+        );
+        assert_eq!(log.bytes_up, 0);
+    }
+
+    #[tokio::test]
+    async fn destination_rules_deny_without_connecting() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let rule = format!("deny:port:{port}");
+        let (mut client, task) = proxied(server.local_addr().unwrap(), settings(&[&rule])).await;
+        let log = task.await.unwrap();
+        assert_eq!(log.verdict, Verdict::Deny);
+        assert_eq!(client.read(&mut [0; 1]).await.unwrap(), 0);
+        let accepted = tokio::time::timeout(Duration::from_millis(200), server.accept()).await;
+        assert!(accepted.is_err(), "no onward connection was opened");
+    }
+
+    #[tokio::test]
+    async fn server_first_protocols_and_tls_pass() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, task) = proxied(server.local_addr().unwrap(), settings(&[])).await;
+        let (mut onward, _) = server.accept().await.unwrap();
+        // The banner arrives while the proxy still waits for client bytes.
+        onward.write_all(b"220 ready\r\n").await.unwrap();
+        let mut banner = [0u8; 11];
+        client.read_exact(&mut banner).await.unwrap();
+        assert_eq!(&banner, b"220 ready\r\n");
+        let hello = client_hello("mail.example.org", 50);
+        client.write_all(&hello).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        onward.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, hello, "forwarded unchanged");
+        drop(onward);
+        let log = task.await.unwrap();
+        assert_eq!(log.verdict, Verdict::Allow, "{:?}", log.reason);
+        assert_eq!(log.server_name.as_deref(), Some("mail.example.org"));
+        assert_eq!((log.bytes_up, log.bytes_down), (hello.len() as u64, 11));
+        let line = serde_json::to_value(&log).unwrap();
+        assert_eq!(line["client"], serde_json::Value::Null);
+        assert_eq!(line["proxy"], "test");
+    }
+
+    #[tokio::test]
+    async fn no_destination_is_an_error() {
+        let (client, accepted) = pair().await;
+        let peer = accepted.peer_addr().unwrap();
+        let redirect = Redirect::query(&accepted);
+        let log = handle(
+            accepted,
+            peer,
+            redirect,
+            &settings(&[]),
+            std::future::pending(),
+        )
+        .await;
+        // Without the layer: no answer, or (with conntrack) our own address.
+        assert_eq!(log.verdict, Verdict::Error, "{log:?}");
+        drop(client);
+    }
+}

@@ -1,0 +1,166 @@
+//! The connection log: one JSON object per line, per connection, written
+//! when the connection ends.
+
+use std::fs::OpenOptions;
+use std::io::{self, LineWriter, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::inspect::HttpRequest;
+
+/// What happened to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Relayed (possibly ended by idleness or shutdown; see `reason`).
+    Allow,
+    /// Refused by a rule.
+    Deny,
+    /// Could not be relayed, or failed while relaying.
+    Error,
+}
+
+/// The process that opened the flow, from the redirect records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Client {
+    /// Process id.
+    pub pid: u32,
+    /// User id.
+    pub uid: u32,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// `/proc/PID/comm`, when the process was still there.
+    pub command: Option<String>,
+}
+
+/// The redirect context: the default context's original destination, or
+/// the length of a context the redirecting side chose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Context {
+    /// A default context: where the connection was going.
+    Destination(String),
+    /// Any other context: its length in bytes.
+    Length(usize),
+}
+
+/// One log line.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionLog {
+    /// When the connection ended, RFC 3339 UTC.
+    pub time: String,
+    /// This proxy's `--name`.
+    pub proxy: String,
+    /// Who opened the flow; null without records.
+    pub client: Option<Client>,
+    /// The client socket's address as accepted.
+    pub peer: String,
+    /// Where the flow was going.
+    pub original_dst: Option<String>,
+    /// TLS SNI.
+    pub server_name: Option<String>,
+    /// The HTTP request.
+    pub http: Option<HttpRequest>,
+    /// Bytes client → server.
+    pub bytes_up: u64,
+    /// Bytes to the client (the server's, or the proxy's 403).
+    pub bytes_down: u64,
+    /// From accept to close.
+    pub duration_ms: u64,
+    /// Service ids from the records, oldest first.
+    pub chain: Vec<u32>,
+    /// The redirect context, when this proxy may read it.
+    pub context: Option<Context>,
+    /// allow, deny or error.
+    pub verdict: Verdict,
+    /// The deciding rule, or what went wrong.
+    pub reason: Option<String>,
+}
+
+/// Where log lines go; shared by all connections, one line at a time.
+pub struct LogSink(Mutex<Box<dyn Write + Send>>);
+
+impl LogSink {
+    /// Lines to stdout.
+    pub fn stdout() -> LogSink {
+        LogSink(Mutex::new(Box::new(io::stdout())))
+    }
+
+    /// Lines appended to `path` (created when missing).
+    pub fn file(path: &Path) -> io::Result<LogSink> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(LogSink(Mutex::new(Box::new(LineWriter::new(file)))))
+    }
+
+    /// Writes one line; a failure is reported, never fatal.
+    pub fn write(&self, entry: &ConnectionLog) {
+        let mut line = serde_json::to_vec(entry).expect("log entries serialize");
+        line.push(b'\n');
+        let mut out = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "cannot write the connection log");
+        }
+    }
+}
+
+/// `t` as RFC 3339 UTC with milliseconds: `2026-03-01T12:34:56.789Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's algorithm.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_dates() {
+        let at = |secs: u64, millis: u64| {
+            rfc3339(UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_709_251_199, 999), "2024-02-29T23:59:59.999Z");
+        assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000Z");
+        assert_eq!(at(1_767_225_599, 0), "2025-12-31T23:59:59.000Z");
+    }
+
+    #[test]
+    fn context_and_verdict_shapes() {
+        let json = |v: serde_json::Result<String>| v.unwrap();
+        let dst = Context::Destination("192.0.2.1:443".into());
+        assert_eq!(json(serde_json::to_string(&dst)), "\"192.0.2.1:443\"");
+        assert_eq!(json(serde_json::to_string(&Context::Length(12))), "12");
+        assert_eq!(json(serde_json::to_string(&Verdict::Deny)), "\"deny\"");
+    }
+}

@@ -1,0 +1,309 @@
+//! The policy: `--rule ACTION:KIND:VALUE` rules, checked in the order given;
+//! the first rule that matches decides, and a flow no rule matches is allowed.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+/// What a matching rule does with the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Let it through.
+    Allow,
+    /// Close it (HTTP requests get a 403 first).
+    Deny,
+}
+
+/// What a rule looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// The server name (TLS SNI, else the HTTP Host without port): a
+    /// case-insensitive glob where `*` matches any run of characters
+    /// (dots included) and `?` one character.
+    Host(String),
+    /// The destination address lies in this prefix.
+    Dst(IpNet),
+    /// The destination port lies in this inclusive range.
+    Port(u16, u16),
+}
+
+/// One rule, as given with `--rule`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// What to do when it matches.
+    pub action: Action,
+    /// What it matches.
+    pub matches: Match,
+}
+
+/// Why a `--rule` could not be read: a message saying what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RuleError(String);
+
+impl FromStr for Rule {
+    type Err = RuleError;
+
+    fn from_str(text: &str) -> Result<Rule, RuleError> {
+        // The value may hold colons (IPv6 prefixes), so split twice only.
+        let mut parts = text.splitn(3, ':');
+        let (Some(action), Some(kind), Some(value)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(RuleError(
+                "expected ACTION:KIND:VALUE, e.g. deny:host:*.example.com or allow:dst:10.0.0.0/8"
+                    .into(),
+            ));
+        };
+        let action = match action {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny,
+            other => {
+                return Err(RuleError(format!(
+                    "unknown action {other:?}: use allow or deny"
+                )))
+            }
+        };
+        let bad = |kind, why| RuleError(format!("bad {kind} value {value:?}: {why}"));
+        let matches = match kind {
+            "host" if !value.is_empty() => Match::Host(value.to_ascii_lowercase()),
+            "host" => return Err(bad("host", "a host name or glob such as *.example.com")),
+            "dst" => Match::Dst(
+                // A bare address is a one-address prefix.
+                value
+                    .parse()
+                    .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| bad("dst", "an address or prefix such as 10.0.0.0/8"))?,
+            ),
+            "port" => {
+                let port = |s: &str| {
+                    s.parse::<u16>()
+                        .map_err(|_| bad("port", "PORT or LOW-HIGH"))
+                };
+                match value.split_once('-') {
+                    Some((lo, hi)) if port(lo)? <= port(hi)? => Match::Port(port(lo)?, port(hi)?),
+                    Some(_) => return Err(bad("port", "LOW-HIGH with LOW <= HIGH")),
+                    None => Match::Port(port(value)?, port(value)?),
+                }
+            }
+            other => {
+                return Err(RuleError(format!(
+                    "unknown kind {other:?}: use host, dst or port"
+                )))
+            }
+        };
+        Ok(Rule { action, matches })
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let action = match self.action {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        };
+        match &self.matches {
+            Match::Host(glob) => write!(f, "{action}:host:{glob}"),
+            Match::Dst(net) => write!(f, "{action}:dst:{net}"),
+            Match::Port(lo, hi) if lo == hi => write!(f, "{action}:port:{lo}"),
+            Match::Port(lo, hi) => write!(f, "{action}:port:{lo}-{hi}"),
+        }
+    }
+}
+
+/// The outcome for one flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow or deny.
+    pub action: Action,
+    /// The rule that decided (`rule 2: deny:port:25`), `None` for the default.
+    pub rule: Option<String>,
+}
+
+/// The ordered rules.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// A policy of these rules, in this order.
+    pub fn new(rules: Vec<Rule>) -> Policy {
+        Policy { rules }
+    }
+
+    /// Decides from the destination alone, before connecting. `None` when a
+    /// host rule comes before any destination rule that matches: then only
+    /// inspection can tell.
+    pub fn before_connect(&self, dst: SocketAddr) -> Option<Decision> {
+        self.evaluate(dst, None)
+    }
+
+    /// Decides with the server name known (`None`: the client named none, so
+    /// no host rule matches).
+    pub fn decide(&self, dst: SocketAddr, host: Option<&str>) -> Decision {
+        self.evaluate(dst, Some(host))
+            .expect("with the host known every rule can be evaluated")
+    }
+
+    fn evaluate(&self, dst: SocketAddr, host: Option<Option<&str>>) -> Option<Decision> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let hit = match &rule.matches {
+                Match::Host(pattern) => host?.is_some_and(|h| glob(pattern, h)),
+                Match::Dst(net) => net.contains(&dst.ip()),
+                Match::Port(lo, hi) => (*lo..=*hi).contains(&dst.port()),
+            };
+            if hit {
+                return Some(Decision {
+                    action: rule.action,
+                    rule: Some(format!("rule {}: {rule}", i + 1)),
+                });
+            }
+        }
+        Some(Decision {
+            action: Action::Allow,
+            rule: None,
+        })
+    }
+}
+
+/// Case-insensitive glob match: `*` any run (dots too), `?` one byte.
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    // Where the last `*` was, and where in `name` it currently stops.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(c) if *c == b'?' || c.eq_ignore_ascii_case(&n[ni]) => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                // Let the last star swallow one more byte and retry.
+                Some((sp, sn)) => {
+                    star = Some((sp, sn + 1));
+                    pi = sp + 1;
+                    ni = sn + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rules: &[&str]) -> Policy {
+        Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect())
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*.example.com", "www.example.com"));
+        assert!(glob("*.example.com", "a.b.EXAMPLE.com"));
+        assert!(!glob("*.example.com", "example.com"));
+        assert!(!glob("*.example.com", "evilexample.com"));
+        assert!(glob("example.com", "Example.Com"));
+        assert!(!glob("example.com", "example.com.evil"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxbyy"));
+        assert!(glob("ww?.example.*", "www.example.org"));
+        assert!(!glob("", "a"));
+    }
+
+    #[test]
+    fn rules_parse_and_print() {
+        for text in [
+            "allow:host:*.example.com",
+            "deny:dst:10.0.0.0/8",
+            "deny:dst:2001:db8::/32",
+            "deny:port:25",
+            "allow:port:8000-8999",
+        ] {
+            assert_eq!(text.parse::<Rule>().unwrap().to_string(), text);
+        }
+        let rule: Rule = "deny:dst:192.0.2.1".parse().unwrap();
+        assert_eq!(rule.to_string(), "deny:dst:192.0.2.1/32");
+        for bad in [
+            "deny",
+            "deny:host",
+            "deny:host:",
+            "block:host:x",
+            "deny:ip:1.2.3.4",
+            "deny:dst:10.0.0.0/33",
+            "deny:port:70000",
+            "deny:port:9-1",
+        ] {
+            assert!(bad.parse::<Rule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_match_decides_and_default_allows() {
+        let p = policy(&[
+            "allow:host:ok.example.com",
+            "deny:host:*.example.com",
+            "deny:port:25",
+        ]);
+        let d = |host| p.decide(addr("192.0.2.1:443"), host).action;
+        assert_eq!(d(Some("ok.example.com")), Action::Allow);
+        assert_eq!(d(Some("bad.example.com")), Action::Deny);
+        assert_eq!(d(Some("elsewhere.org")), Action::Allow);
+        assert_eq!(d(None), Action::Allow);
+        let deny = p.decide(addr("192.0.2.1:25"), None);
+        assert_eq!(deny.action, Action::Deny);
+        assert_eq!(deny.rule.as_deref(), Some("rule 3: deny:port:25"));
+        assert_eq!(p.decide(addr("192.0.2.1:443"), None).rule, None);
+    }
+
+    #[test]
+    fn destination_rules_decide_before_connect_unless_a_host_rule_comes_first() {
+        let p = policy(&[
+            "deny:dst:10.0.0.0/8",
+            "allow:host:*.ok.test",
+            "deny:port:1-1024",
+        ]);
+        let early = |a| p.before_connect(addr(a)).map(|d| d.action);
+        assert_eq!(early("10.1.2.3:80"), Some(Action::Deny));
+        assert_eq!(
+            early("192.0.2.1:80"),
+            None,
+            "the host rule must be seen first"
+        );
+        assert_eq!(
+            p.decide(addr("192.0.2.1:80"), Some("a.ok.test")).action,
+            Action::Allow
+        );
+        assert_eq!(
+            p.decide(addr("192.0.2.1:80"), Some("x.test")).action,
+            Action::Deny
+        );
+        assert_eq!(p.decide(addr("192.0.2.1:80"), None).action, Action::Deny);
+
+        let p = policy(&["deny:dst:2001:db8::/32"]);
+        assert_eq!(early_of(&p, "[2001:db8::1]:443"), Some(Action::Deny));
+        assert_eq!(early_of(&p, "[2001:db9::1]:443"), Some(Action::Allow));
+        assert_eq!(
+            early_of(&Policy::default(), "192.0.2.1:1"),
+            Some(Action::Allow)
+        );
+    }
+
+    fn early_of(p: &Policy, a: &str) -> Option<Action> {
+        p.before_connect(addr(a)).map(|d| d.action)
+    }
+}

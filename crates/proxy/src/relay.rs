@@ -1,0 +1,388 @@
+//! Moves bytes between two connected sockets, each direction on its own:
+//! EOF on one side shuts down the other's write side while the other
+//! direction goes on; an error or an idle timeout ends both.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Bytes moved per step: one pipe's default capacity, and the copy buffer.
+const CHUNK: usize = 64 * 1024;
+
+/// How bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Zero-copy, socket → pipe → socket with `splice(2)`.
+    Splice,
+    /// Read into a buffer, write it out.
+    Copy,
+}
+
+/// A direction of the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server.
+    Up,
+    /// Server to client.
+    Down,
+}
+
+/// Why a relay ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// No byte moved either way for this long.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    /// Client → server failed.
+    #[error("client to server: {0}")]
+    Up(#[source] io::Error),
+    /// Server → client failed.
+    #[error("server to client: {0}")]
+    Down(#[source] io::Error),
+}
+
+impl RelayError {
+    /// The error of `dir`.
+    pub fn io(dir: Direction) -> fn(io::Error) -> RelayError {
+        match dir {
+            Direction::Up => RelayError::Up,
+            Direction::Down => RelayError::Down,
+        }
+    }
+}
+
+/// Byte counts and the time of the last byte, shared by both directions
+/// (atomics, so the futures stay `Send`).
+#[derive(Debug)]
+pub struct Traffic {
+    start: Instant,
+    last_nanos: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Default for Traffic {
+    /// Nothing moved yet; idle time counts from now.
+    fn default() -> Traffic {
+        Traffic {
+            start: Instant::now(),
+            last_nanos: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Traffic {
+    /// Bytes moved client → server.
+    pub fn up(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Bytes moved server → client.
+    pub fn down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` bytes moved in `dir`, now.
+    pub fn moved(&self, dir: Direction, n: usize) {
+        let counter = match dir {
+            Direction::Up => &self.up,
+            Direction::Down => &self.down,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        let now = self.start.elapsed().as_nanos() as u64;
+        self.last_nanos.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Returns once no byte has moved for `limit`.
+    async fn idle(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed));
+            if Instant::now() >= last + limit {
+                return;
+            }
+            tokio::time::sleep_until(last + limit).await;
+        }
+    }
+}
+
+/// Runs two directions to completion; the first error, or idleness, ends
+/// both. The caller closes both sockets afterwards.
+pub async fn supervise<E: From<RelayError>>(
+    up: impl Future<Output = Result<(), E>>,
+    down: impl Future<Output = Result<(), E>>,
+    idle: Duration,
+    traffic: &Traffic,
+) -> Result<(), E> {
+    tokio::select! {
+        done = async { tokio::try_join!(up, down) } => done.map(|_| ()),
+        () = traffic.idle(idle) => Err(RelayError::Idle(idle).into()),
+    }
+}
+
+/// Moves bytes `from` → `to` until EOF, then shuts down `to`'s write side.
+pub async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    mode: Mode,
+    dir: Direction,
+    traffic: &Traffic,
+) -> Result<(), RelayError> {
+    let moved = match mode {
+        Mode::Splice => splice_all(from, to, dir, traffic).await,
+        Mode::Copy => copy_all(from, to, dir, traffic).await,
+    };
+    moved
+        .and_then(|()| shutdown_write(to))
+        .map_err(RelayError::io(dir))
+}
+
+/// Writes all of `buf` to `to`, counting it as moved in `dir`.
+pub async fn write_all(
+    to: &TcpStream,
+    mut buf: &[u8],
+    dir: Direction,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        to.writable().await?;
+        match to.try_write(buf) {
+            Ok(n) => {
+                traffic.moved(dir, n);
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Half-closes `stream`: the peer reads EOF, the other direction goes on.
+pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor `stream` owns; no memory involved.
+    if unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) } == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        // The peer is gone already: nothing left to tell it.
+        e if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// The plain loop: a bounded buffer, so a slow reader slows the writer.
+async fn copy_all(
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: Direction,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        from.readable().await?;
+        match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => write_all(to, &buf[..n], dir, traffic).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Zero-copy through a pipe: fill it from `from`, drain it into `to`, and
+/// only then read again, so at most one pipe of data is in flight.
+async fn splice_all(
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: Direction,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    let (pipe_out, pipe_in) = io::pipe()?;
+    // `async_io` waits for readiness, runs the call, and on EAGAIN clears
+    // the readiness and waits again.
+    loop {
+        let filled = from
+            .async_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe_in.as_raw_fd(), CHUNK)
+            })
+            .await?;
+        if filled == 0 {
+            return Ok(()); // EOF
+        }
+        let mut left = filled;
+        while left > 0 {
+            let n = to
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe_out.as_raw_fd(), to.as_raw_fd(), left)
+                })
+                .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            traffic.moved(dir, n);
+            left -= n;
+        }
+    }
+}
+
+/// One non-blocking `splice(2)` call.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: both descriptors stay open for the call (borrowed from live
+    // owners); null offsets mean "current position", as pipes and sockets need.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            flags,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// The plain relay, both ways without inspection: what the handler
+    /// does once inspection is over.
+    async fn relay(
+        client: &TcpStream,
+        server: &TcpStream,
+        mode: Mode,
+        idle: Duration,
+        traffic: &Traffic,
+    ) -> Result<(), RelayError> {
+        let up = pump(client, server, mode, Direction::Up, traffic);
+        let down = pump(server, client, mode, Direction::Down, traffic);
+        supervise(up, down, idle, traffic).await
+    }
+
+    /// A connected pair on 127.0.0.1: (the outside end, the proxy's end).
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outside = TcpStream::connect(listener.local_addr().unwrap());
+        let (outside, inside) = tokio::join!(outside, listener.accept());
+        (outside.unwrap(), inside.unwrap().0)
+    }
+
+    /// Client and server ends of a relay running in a task; the task
+    /// returns the result and the byte counts.
+    async fn relayed(
+        mode: Mode,
+        idle: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(Result<(), RelayError>, u64, u64)>,
+    ) {
+        let (client, client_in) = pair().await;
+        let (server, server_in) = pair().await;
+        let task = tokio::spawn(async move {
+            let traffic = Traffic::default();
+            let done = relay(&client_in, &server_in, mode, idle, &traffic).await;
+            (done, traffic.up(), traffic.down())
+        });
+        (client, server, task)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    /// Sends `data` and then EOF on `stream`, while reading all it gets.
+    async fn exchange(stream: TcpStream, data: Vec<u8>) -> Vec<u8> {
+        let (mut read, mut write) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            write.write_all(&data).await.unwrap();
+            write.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        read.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn moves_bytes_exactly_both_ways() {
+        for mode in [Mode::Splice, Mode::Copy] {
+            for len in [0, 1, 5 << 20] {
+                let (client, server, task) = relayed(mode, Duration::from_secs(30)).await;
+                let (up, down) = (pattern(len, 0x5a), pattern(len, 0xa5));
+                let (at_server, at_client) =
+                    tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
+                assert!(at_server == up, "{mode:?} {len}: upload differs");
+                assert!(at_client == down, "{mode:?} {len}: download differs");
+                let (done, up_count, down_count) = task.await.unwrap();
+                done.unwrap();
+                assert_eq!((up_count, down_count), (len as u64, len as u64));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn half_close_keeps_the_other_direction() {
+        for mode in [Mode::Splice, Mode::Copy] {
+            let (mut client, mut server, task) = relayed(mode, Duration::from_secs(30)).await;
+            client.write_all(b"question").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut asked = Vec::new();
+            server.read_to_end(&mut asked).await.unwrap();
+            assert_eq!(asked, b"question");
+            // The server answers after the client's EOF.
+            server.write_all(b"answer").await.unwrap();
+            drop(server);
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, b"answer", "{mode:?}");
+            assert!(task.await.unwrap().0.is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_ends_the_relay() {
+        for mode in [Mode::Splice, Mode::Copy] {
+            let (mut client, _server, task) = relayed(mode, Duration::from_millis(200)).await;
+            let started = Instant::now();
+            let (done, _, _) = task.await.unwrap();
+            assert!(matches!(done, Err(RelayError::Idle(_))), "{done:?}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+            // The relay dropped its ends: the client sees the close.
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_does_not_hang_the_other_side() {
+        for mode in [Mode::Splice, Mode::Copy] {
+            let (mut client, server, task) = relayed(mode, Duration::from_secs(30)).await;
+            server.set_zero_linger().unwrap();
+            drop(server); // RST
+            let (done, _, _) = tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the relay ends")
+                .unwrap();
+            assert!(
+                matches!(done, Err(RelayError::Down(_))),
+                "{mode:?}: {done:?}"
+            );
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest));
+            assert!(read.await.is_ok(), "the client is not left hanging");
+        }
+    }
+}
