@@ -220,10 +220,17 @@ pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
         })
 }
 
-fn normalize_ip(addr: &std::net::SocketAddr) -> [u8; 16] {
-    match addr.ip() {
+/// The service-address map key of a listening address (IPv4 as IPv4-mapped
+/// IPv6, as the sockops program sees it).
+fn addr_key(addr: &std::net::SocketAddr) -> connredir_addr_key {
+    let ip = match addr.ip() {
         std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
         std::net::IpAddr::V6(ip) => ip.octets(),
+    };
+    connredir_addr_key {
+        addr: ip,
+        port: addr.port(),
+        reserved: 0,
     }
 }
 
@@ -588,11 +595,7 @@ impl Engine {
         }
         let mut addrs = self.hash::<Plain<connredir_addr_key>, u32>(map_names::SERVICE_ADDRS)?;
         for addr in &r.service.listen {
-            let key = connredir_addr_key {
-                addr: normalize_ip(addr),
-                port: addr.port(),
-                reserved: 0,
-            };
+            let key = addr_key(addr);
             addrs
                 .insert(Plain(key), id.0, 0)
                 .map_err(map_err(map_names::SERVICE_ADDRS))?;
@@ -627,11 +630,7 @@ impl Engine {
         }
         if let Ok(mut m) = self.hash::<Plain<connredir_addr_key>, u32>(map_names::SERVICE_ADDRS) {
             for addr in &r.service.listen {
-                let key = connredir_addr_key {
-                    addr: normalize_ip(addr),
-                    port: addr.port(),
-                    reserved: 0,
-                };
+                let key = addr_key(addr);
                 let _ = m.remove(&Plain(key));
             }
         }

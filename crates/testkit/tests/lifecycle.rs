@@ -136,6 +136,15 @@ ports = ["{port}"]
         self.tree.cgroup(relative).unwrap()
     }
 
+    /// Runs one echo client in the scope and checks it succeeded.
+    fn client(&self, server: std::net::SocketAddr, bytes: usize) {
+        let (server, bytes) = (server.to_string(), bytes.to_string());
+        let args = ["client", "--connect", &server, "--bytes", &bytes];
+        let client = Proc::spawn(&self.cgroup("scope/client"), None, &args).unwrap();
+        let (status, lines) = client.finish().unwrap();
+        assert!(status.success(), "{lines:?}");
+    }
+
     /// Starts the service's proxy in its cgroup and waits until it listens.
     fn start_proxy(&self, listen: std::net::SocketAddr) -> Proc {
         let listen = listen.to_string();
@@ -250,20 +259,7 @@ fn restart_keeps_open_connections_and_redirects_the_next_one() {
     // Restart: stop up, start it again; then a new connection at once.
     stop(up);
     let _up = svc.up();
-    let client = Proc::spawn(
-        &svc.cgroup("scope/client"),
-        None,
-        &[
-            "client",
-            "--connect",
-            &server.addr().to_string(),
-            "--bytes",
-            "5000",
-        ],
-    )
-    .unwrap();
-    let (status, lines) = client.finish().unwrap();
-    assert!(status.success(), "{lines:?}");
+    svc.client(server.addr(), 5000);
 
     std::fs::write(&go, b"").unwrap();
     let (status, lines) = held.finish().unwrap();
@@ -290,22 +286,7 @@ fn rules_and_services_change_at_run_time_through_the_control_socket() {
     };
     let _up = svc.up();
     let proxy = svc.start_proxy(proxy_addr);
-    let connect = || {
-        let client = Proc::spawn(
-            &svc.cgroup("scope/client"),
-            None,
-            &[
-                "client",
-                "--connect",
-                &server.addr().to_string(),
-                "--bytes",
-                "100",
-            ],
-        )
-        .unwrap();
-        let (status, lines) = client.finish().unwrap();
-        assert!(status.success(), "{lines:?}");
-    };
+    let connect = || svc.client(server.addr(), 100);
     let logged = || proxy.lines().iter().filter(|l| l.starts_with('{')).count();
     let settle = || std::thread::sleep(Duration::from_millis(200));
     let status = || -> Value {
