@@ -48,9 +48,15 @@ pub mod map_names {
     pub const COUNTERS: &str = name(super::CONNREDIR_MAP_COUNTERS);
     /// Records waiting for a records-less service's onward connection.
     pub const INHERIT: &str = name(super::CONNREDIR_MAP_INHERIT);
+    /// Live redirected connections, by socket cookie.
+    pub const CONNS: &str = name(super::CONNREDIR_MAP_CONNS);
+    /// Ring buffer of redirect decisions.
+    pub const TRACE: &str = name(super::CONNREDIR_MAP_TRACE);
+    /// Whether decisions go to the trace (entry 0: 1 or 0).
+    pub const TRACE_CONTROL: &str = name(super::CONNREDIR_MAP_TRACE_CONTROL);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -63,6 +69,9 @@ pub mod map_names {
         HANDOFF,
         COUNTERS,
         INHERIT,
+        CONNS,
+        TRACE,
+        TRACE_CONTROL,
     ];
 }
 

@@ -46,6 +46,14 @@ pub struct ServiceConfig {
     pub identity: IdentityConfig,
     /// Optional context string handed to the service.
     pub context: Option<String>,
+    /// Whether the service's own connections (by its identity, without
+    /// records) count as redirected by self and skip it (default true).
+    #[serde(default = "yes")]
+    pub own_connections_by_self: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The `identity` of a service.
@@ -168,6 +176,7 @@ impl ServiceConfig {
                 uids: self.identity.uids.clone(),
             },
             context: self.context.as_ref().map(|c| c.as_bytes().to_vec()),
+            own_connections_by_self: self.own_connections_by_self,
         }
     }
 }

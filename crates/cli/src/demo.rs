@@ -98,6 +98,7 @@ fn start_proxy(
             ..Default::default()
         },
         context: None,
+        own_connections_by_self: true,
     })?;
     engine.add_rule(Rule {
         destinations: vec![format!("{}/32", origin.ip()).parse()?],

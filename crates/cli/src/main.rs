@@ -112,6 +112,10 @@ enum ServiceAction {
         /// The context handed to the service with each connection.
         #[arg(long)]
         context: Option<String>,
+        /// Let connections the service's own processes open without records
+        /// reach the service (by default they count as redirected by self).
+        #[arg(long)]
+        inspect_own_connections: bool,
     },
     /// Unregister a service (remove its rules first).
     Del {
@@ -295,6 +299,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
             cgroup,
             uid,
             context,
+            inspect_own_connections,
         } => {
             let service = config::ServiceConfig {
                 name,
@@ -305,6 +310,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
                     uids: uid,
                 },
                 context,
+                own_connections_by_self: !inspect_own_connections,
             };
             let data = control::call(dir, &control::Request::ServiceAdd { service })?;
             println!("service {} added", data["id"]);

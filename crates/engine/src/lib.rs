@@ -11,6 +11,7 @@
 //!     listen: vec!["127.0.0.1:8000".parse().unwrap()],
 //!     identity: Identity { uids: vec![990], ..Default::default() },
 //!     context: None,
+//!     own_connections_by_self: true,
 //! })?;
 //! engine.add_rule(Rule { ports: vec![80..=80, 443..=443], ..Rule::tcp_to(scanner) })?;
 //! // Programs stay attached until `engine` is dropped.
@@ -22,6 +23,7 @@
 
 pub mod cgroup;
 mod link;
+mod observe;
 mod rules;
 mod service;
 
@@ -41,6 +43,7 @@ use connredir_abi::{
 use connredir_kernel::programs;
 use tracing::{debug, info};
 
+pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};
 pub use rules::{Protocol, Rule, RuleId};
 pub use service::{Identity, Service, ServiceId};
 
@@ -140,6 +143,10 @@ pub struct Counters {
     /// Onward connections of services that set no records, which took the
     /// record of the connection they forward.
     pub records_inherited: u64,
+    /// Redirected connections missing from `conns` (its map was full).
+    pub conns_untracked: u64,
+    /// Decisions lost because the trace ring buffer was full.
+    pub trace_lost: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -940,6 +947,8 @@ impl Engine {
             records_set: read(CONNREDIR_CNT_RECORDS_SET)?,
             original_dst_answered: read(CONNREDIR_CNT_ORIGINAL_DST_ANSWERED)?,
             records_inherited: read(CONNREDIR_CNT_RECORDS_INHERITED)?,
+            conns_untracked: read(CONNREDIR_CNT_CONNS_UNTRACKED)?,
+            trace_lost: read(CONNREDIR_CNT_TRACE_LOST)?,
         })
     }
 

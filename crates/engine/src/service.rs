@@ -6,14 +6,14 @@ use std::path::PathBuf;
 pub use connredir::ServiceId;
 use connredir_abi::{
     connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACTIVE,
-    CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6,
+    CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6, CONNREDIR_SERVICE_OWN_BY_SELF,
 };
 
 use crate::Error;
 
-/// The processes that are the service. Their own connections never go back
-/// to the service (so a proxy that sets no records cannot loop on itself),
-/// they may query the service's context, and they may set records.
+/// The processes that are the service. Their own connections do not go back
+/// to the service (see [`Service::own_connections_by_self`]), they may query
+/// the service's context, and they may set records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     /// Process ids (thread group ids).
@@ -43,6 +43,12 @@ pub struct Service {
     /// The redirect context handed to the service (at most 1024 bytes);
     /// `None`: the original destination and local address.
     pub context: Option<Vec<u8>>,
+    /// Whether connections the service's own processes open without records
+    /// count as redirected by self, and so never reach the service. Keep it
+    /// on for proxies that forward without setting records (they would loop
+    /// otherwise); turn it off to have the service inspect its own other
+    /// connections, when it sets records on the ones it forwards.
+    pub own_connections_by_self: bool,
 }
 
 impl Service {
@@ -56,6 +62,9 @@ impl Service {
             flags: CONNREDIR_SERVICE_ACTIVE,
             ..Default::default()
         };
+        if self.own_connections_by_self {
+            value.flags |= CONNREDIR_SERVICE_OWN_BY_SELF;
+        }
         for addr in &self.listen {
             let (flag, slot) = match addr {
                 SocketAddr::V4(_) => (CONNREDIR_SERVICE_LISTEN4, &mut value.listen4),

@@ -109,6 +109,27 @@ struct {
 } inherit SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, CONNREDIR_MAX_CONNS);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct connredir_conn);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, CONNREDIR_TRACE_BYTES);
+} trace SEC(".maps");
+
+/* Entry 0 is 1 while someone reads the trace: decisions are only sent then. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} trace_control SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CONNREDIR_CNT_MAX);
 	__type(key, __u32);

@@ -9,6 +9,9 @@
  * accepted socket and the entry deleted. A connection that never reaches the
  * service (refused, reset, timed out) deletes its entry when the client socket
  * closes, so the map does not grow without bound.
+ *
+ * The redirected client socket is also listed in the conns map, from
+ * TCP_CONNECT_CB until it closes: the live redirected connections.
  */
 #include "common.h"
 
@@ -68,6 +71,34 @@ static __always_inline void handoff_key(struct connredir_handoff_key *key,
 	key->service_port = service_port;
 }
 
+/* Adds the redirected socket to the live-connection list (see abi.h). */
+static __always_inline int track(__u64 cookie, const struct connredir_sock_state *state,
+				 __u32 hop_count)
+{
+	struct connredir_conn conn = {};
+	const struct connredir_hop *last = &state->record.hops[(hop_count - 1) &
+							       (CONNREDIR_MAX_HOPS - 1)];
+
+	conn.time_ns = last->time_ns;
+	conn.cgroup_id = state->cgroup_id;
+	conn.pid = state->pid;
+	conn.uid = state->uid;
+	__builtin_memcpy(conn.comm, state->comm, sizeof(conn.comm));
+	conn.client_pid = state->record.client_pid;
+	conn.client_uid = state->record.client_uid;
+	conn.hop_count = hop_count;
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++)
+		conn.chain[i] = i < hop_count ? state->record.hops[i].service_id : 0;
+	conn.client = state->record.hops[0].local;
+	conn.local = last->local;
+	conn.original_dst = last->original_dst;
+	if (bpf_map_update_elem(&conns, &cookie, &conn, BPF_ANY)) {
+		count(CONNREDIR_CNT_CONNS_UNTRACKED);
+		return 0;
+	}
+	return 1;
+}
+
 static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
 				       const struct tuple *tp, __u32 cb_flags)
 {
@@ -76,6 +107,7 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	struct connredir_hop *hop;
 	struct tuple t = *tp;
 	__u32 hop_count;
+	int handed, tracked;
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
@@ -89,12 +121,13 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	endpoint_set_v6(&hop->local, t.local, bpf_htons(t.local_port));
 
 	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
-	if (bpf_map_update_elem(&handoff, &key, &state->record, BPF_ANY)) {
+	handed = bpf_map_update_elem(&handoff, &key, &state->record, BPF_ANY) == 0;
+	if (!handed)
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
-		return;
-	}
-	/* Ask for state changes so a failed connection removes its entry. */
-	bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	tracked = track(bpf_get_socket_cookie(skops), state, hop_count);
+	/* Ask for state changes: closing removes the entries made here. */
+	if (handed || tracked)
+		bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void on_passive_established(struct bpf_sock *sk, const struct tuple *tp)
@@ -126,13 +159,15 @@ static __always_inline void on_passive_established(struct bpf_sock *sk, const st
 	bpf_map_delete_elem(&handoff, &key);
 }
 
-static __always_inline void on_close(const struct tuple *tp)
+static __always_inline void on_close(struct bpf_sock_ops *skops, const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	const struct tuple t = *tp;
+	__u64 cookie = bpf_get_socket_cookie(skops);
 
 	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
 	bpf_map_delete_elem(&handoff, &key);
+	bpf_map_delete_elem(&conns, &cookie);
 }
 
 SEC("sockops")
@@ -160,7 +195,7 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (new_state == TCP_CLOSE)
-			on_close(&t);
+			on_close(skops, &t);
 		break;
 	}
 	return 1;

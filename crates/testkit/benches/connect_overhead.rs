@@ -30,6 +30,7 @@ fn engine_with_rules(tree: &CgroupTree, name: &str, rules: usize) -> Result<Engi
             ..Default::default()
         },
         context: None,
+        own_connections_by_self: true,
     })?;
     // One rule on the destination's prefix, but for another port.
     engine.add_rule(Rule {

@@ -72,6 +72,7 @@ impl Lab {
                 listen: listen.to_vec(),
                 identity,
                 context: context.map(<[u8]>::to_vec),
+                own_connections_by_self: true,
             })
             .expect("register service")
     }

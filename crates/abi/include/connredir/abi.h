@@ -79,7 +79,12 @@ struct connredir_record {
 struct connredir_sock_state {
 	struct connredir_record record;
 	__u32 flags;
+	/* The process that connected this socket, for the live-connection list. */
+	__u32 pid;
+	__u32 uid;
 	__u32 reserved;
+	__u64 cgroup_id;
+	__u8 comm[16];
 };
 
 /* ---- Services. */
@@ -90,6 +95,13 @@ struct connredir_sock_state {
 #define CONNREDIR_SERVICE_ACTIVE 1u
 #define CONNREDIR_SERVICE_LISTEN4 2u
 #define CONNREDIR_SERVICE_LISTEN6 4u
+/*
+ * The service's own connections (its pid, cgroup or uid connecting without
+ * records) count as redirected by self, so they never reach the service.
+ * Without it, only the records decide, and a service that forwards with
+ * records set can have its own other connections inspected by itself.
+ */
+#define CONNREDIR_SERVICE_OWN_BY_SELF 8u
 
 /* Value of the services array, indexed by service id (0 is never used). */
 struct connredir_service {
@@ -174,6 +186,63 @@ struct connredir_inherit_key {
 	struct connredir_endpoint dst;
 };
 
+/* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
+
+/* One redirected socket: a leg of a flow, from its client or a service. */
+struct connredir_conn {
+	__u64 time_ns; /* CLOCK_BOOTTIME of the redirect */
+	__u64 cgroup_id; /* of the process that connected */
+	__u32 pid; /* tgid of the process that connected */
+	__u32 uid;
+	__u8 comm[16];
+	__u32 client_pid; /* the process that opened the flow */
+	__u32 client_uid;
+	__u16 hop_count; /* services in chain, this leg's included */
+	__u16 reserved;
+	__u32 chain[CONNREDIR_MAX_HOPS]; /* service ids, oldest first */
+	struct connredir_endpoint client; /* the flow's first socket */
+	struct connredir_endpoint local; /* this leg's socket */
+	struct connredir_endpoint original_dst;
+};
+
+/* ---- Trace of redirect decisions (ring buffer, while trace_control is 1). */
+
+/* What the connect program decided. */
+enum connredir_decision {
+	CONNREDIR_DECISION_REDIRECTED = 1,
+	/* No rule covers the destination, port, protocol and uid. */
+	CONNREDIR_DECISION_NO_RULE = 2,
+	/* Every matching rule's service already had the flow (or opened it). */
+	CONNREDIR_DECISION_LOOP_PREVENTED = 3,
+	/* The record is full (CONNREDIR_MAX_HOPS): the flow goes direct. */
+	CONNREDIR_DECISION_HOP_LIMIT = 4,
+	/* The socket storage could not be allocated: the flow goes direct. */
+	CONNREDIR_DECISION_NO_MEMORY = 5,
+};
+
+/* The flow's redirect state for the deciding rule's service (as WFP's). */
+enum connredir_redirect_state {
+	CONNREDIR_STATE_NOT_REDIRECTED = 0,
+	CONNREDIR_STATE_BY_SELF = 1,
+	CONNREDIR_STATE_BY_OTHER = 2,
+	CONNREDIR_STATE_PREVIOUSLY_BY_SELF = 3,
+};
+
+struct connredir_trace_event {
+	__u64 time_ns; /* CLOCK_BOOTTIME */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 uid;
+	__u8 comm[16];
+	struct connredir_endpoint dst; /* the destination connect() asked for */
+	__u32 rule_id; /* 0: none */
+	__u32 service_id; /* 0: none */
+	__u16 hop_count; /* hops in the record before this decision */
+	__u8 decision; /* enum connredir_decision */
+	__u8 state; /* enum connredir_redirect_state */
+	__u32 reserved;
+};
+
 /* ---- Counters (indices of the per-CPU counters array). */
 
 enum connredir_counter {
@@ -186,7 +255,9 @@ enum connredir_counter {
 	CONNREDIR_CNT_RECORDS_SET = 6,
 	CONNREDIR_CNT_ORIGINAL_DST_ANSWERED = 7,
 	CONNREDIR_CNT_RECORDS_INHERITED = 8,
-	CONNREDIR_CNT_MAX = 9,
+	CONNREDIR_CNT_CONNS_UNTRACKED = 9, /* the conns map was full */
+	CONNREDIR_CNT_TRACE_LOST = 10, /* the trace ring buffer was full */
+	CONNREDIR_CNT_MAX = 11,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
@@ -202,6 +273,9 @@ enum connredir_counter {
 #define CONNREDIR_MAP_HANDOFF "handoff"
 #define CONNREDIR_MAP_COUNTERS "counters"
 #define CONNREDIR_MAP_INHERIT "inherit"
+#define CONNREDIR_MAP_CONNS "conns"
+#define CONNREDIR_MAP_TRACE "trace"
+#define CONNREDIR_MAP_TRACE_CONTROL "trace_control"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */
@@ -209,5 +283,7 @@ enum connredir_counter {
 #define CONNREDIR_MAX_IDENTITIES 1024
 #define CONNREDIR_MAX_INHERITS 16384
 #define CONNREDIR_MAX_RULE_HITS 65536
+#define CONNREDIR_MAX_CONNS 262144
+#define CONNREDIR_TRACE_BYTES (256 * 1024)
 
 #endif /* CONNREDIR_ABI_H */
