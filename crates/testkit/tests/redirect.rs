@@ -872,3 +872,152 @@ fn run_puts_a_command_in_the_scope() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Polls `what` until it returns Some, for at most 10 s.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn live_connections_show_each_leg_with_its_chain_until_it_closes() {
+    let Some(mut lab) = Lab::new("conns") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.1:0").unwrap();
+    let dst = server.addr();
+    let (first, proxy_a) = lab.proxy(v4_proxy("first", dst, 0));
+    let (second, _) = lab.proxy(v4_proxy("second", dst, 1));
+    let proxy_a_pid = lab.procs[proxy_a].pid();
+    let release = std::env::temp_dir().join(format!("connredir-conns-{}", std::process::id()));
+    let _ = std::fs::remove_file(&release);
+    let (connect, until) = (dst.to_string(), release.display().to_string());
+    let hold = Proc::spawn(
+        &lab.cgroup("scope/client"),
+        None,
+        &["hold", "--connect", &connect, "--until", &until],
+    )
+    .unwrap();
+    hold.wait_line("first exchange", |l| l.contains("\"first\""))
+        .unwrap();
+
+    let conns = eventually("two legs in the connection list", || {
+        let conns = lab.engine.connections().unwrap();
+        (conns.len() == 2).then_some(conns)
+    });
+    let leg = |hops: usize| conns.iter().find(|c| c.chain.len() == hops).unwrap();
+    let (client_leg, forward_leg) = (leg(1), leg(2));
+    assert_eq!(client_leg.chain, vec![first]);
+    assert_eq!(client_leg.pid, hold.pid());
+    assert_eq!(client_leg.command, "connredir-testk", "{client_leg:?}");
+    assert_eq!(client_leg.local, client_leg.client);
+    assert_eq!(forward_leg.chain, vec![first, second]);
+    assert_eq!(forward_leg.pid, proxy_a_pid);
+    assert_eq!(forward_leg.client_pid, hold.pid());
+    assert_eq!(forward_leg.client, client_leg.client);
+    for leg in [client_leg, forward_leg] {
+        assert_eq!(leg.original_destination, Some(dst), "{leg:?}");
+    }
+
+    std::fs::write(&release, b"").unwrap();
+    let (status, lines) = hold.finish().unwrap();
+    let _ = std::fs::remove_file(&release);
+    assert!(status.success(), "{lines:?}");
+    eventually("the list to empty once the flow closed", || {
+        lab.engine.connections().unwrap().is_empty().then_some(())
+    });
+    assert_eq!(lab.engine.counters().unwrap().conns_untracked, 0);
+}
+
+#[test]
+fn trace_reports_each_decision_with_rule_service_and_state() {
+    use connredir::RedirectState;
+    use connredir_engine::Decision;
+    let Some(mut lab) = Lab::new("trace") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.1:0").unwrap();
+    let unrouted = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let (id, proxy) = lab.proxy(v4_proxy("traced", dst, 0));
+    let proxy_pid = lab.procs[proxy].pid();
+    let rule = lab.engine.rules().next().unwrap().0;
+    let mut tracer = lab.engine.tracer().unwrap();
+    tracer.set_enabled(true).unwrap();
+
+    let redirected = lab.client("scope/client", dst, 10).unwrap();
+    let direct = lab.client("scope/client", unrouted.addr(), 10).unwrap();
+    let mut events = Vec::new();
+    let pid = |report: &Value| report["pid"].as_u64().unwrap() as u32;
+    eventually("three decisions", || {
+        events.extend(tracer.poll(Duration::from_millis(100)));
+        (events.len() >= 3).then_some(())
+    });
+
+    let find = |pid: u32| events.iter().find(|e| e.pid == pid).unwrap();
+    let client = find(pid(&redirected));
+    assert_eq!(client.decision, Decision::Redirected, "{client:?}");
+    assert_eq!(client.destination, dst);
+    assert_eq!((client.rule, client.service), (Some(rule.0), Some(id)));
+    assert_eq!(client.state, RedirectState::NotRedirected);
+    assert_eq!(client.command, "connredir-testk");
+    let forward = find(proxy_pid);
+    assert_eq!(forward.decision, Decision::LoopPrevented, "{forward:?}");
+    assert_eq!(forward.state, RedirectState::RedirectedBySelf);
+    assert_eq!((forward.destination, forward.hops), (dst, 1));
+    let other = find(pid(&direct));
+    assert_eq!(other.decision, Decision::NoRule, "{other:?}");
+    assert_eq!((other.rule, other.service), (None, None));
+
+    // Off again: nothing more arrives.
+    tracer.set_enabled(false).unwrap();
+    lab.client("scope/client", dst, 10).unwrap();
+    assert!(tracer.poll(Duration::from_millis(200)).is_empty());
+}
+
+#[test]
+fn own_connections_reach_the_service_only_when_it_says_so() {
+    let Some(mut lab) = Lab::new("own-by-self") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.1:0").unwrap();
+    let dst = server.addr();
+    let listen = vec![free_addr("127.0.0.1")];
+    let cgroup = lab.cgroup("services/curious");
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "curious".into(),
+            listen: listen.clone(),
+            identity: by_cgroup(&cgroup),
+            context: None,
+            own_connections_by_self: false,
+        })
+        .unwrap();
+    lab.route(id, "127.0.0.1/32", Some(dst.port()), 0);
+    let proxy = lab.start_proxy(&cgroup, None, "curious", &listen, &[]);
+
+    // A connection of the service's own cgroup, without records, is inspected
+    // by the service; its forwarding connection carries records and does not
+    // come back.
+    let report = lab.client("services/curious", dst, 1000).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let log = lab.wait_logged(proxy, 1);
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["client_pid"], report["pid"]);
+    assert_eq!(server.accepted().len(), 1);
+
+    // With the switch on (the default), such a connection goes direct.
+    let other = EchoServer::start("127.0.0.1:0").unwrap();
+    let shy = lab.proxy(v4_proxy("shy", other.addr(), 0)).1;
+    let report = lab.client("services/shy", other.addr(), 1000).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(other.accepted().len(), 1);
+    assert!(lab.proxy_log(shy).is_empty(), "{:?}", lab.proxy_log(shy));
+}
