@@ -181,7 +181,7 @@ impl Engine {
             };
             out.push(Connection::from_abi(&conn, now));
         }
-        out.sort_by(|a, b| b.age.cmp(&a.age));
+        out.sort_by_key(|c| std::cmp::Reverse(c.age));
         Ok(out)
     }
 
