@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
-use connredir_engine::{Engine, Rule, RuleId};
+use connredir_engine::{Engine, Rule, RuleId, ServiceId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -40,6 +40,11 @@ pub enum Request {
         /// The rule's id, as `rule list` shows it.
         id: u32,
     },
+    /// The live redirected connections.
+    Conns,
+    /// Stream redirect decisions (one JSON line each) until the client
+    /// closes the connection.
+    Trace,
 }
 
 /// The answer: `data` on success, `error` otherwise.
@@ -61,8 +66,13 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-/// Listens on the control socket and passes each request to `engine_queue`.
-pub fn serve(state_dir: &Path, engine_queue: mpsc::Sender<Pending>) -> Result<()> {
+/// Listens on the control socket and passes each request to `engine_queue`,
+/// trace requests to `hub`.
+pub fn serve(
+    state_dir: &Path,
+    engine_queue: mpsc::Sender<Pending>,
+    hub: Option<crate::trace::Hub>,
+) -> Result<()> {
     let path = socket_path(state_dir);
     // A socket file left by an earlier `up` (we hold the lock, so it is stale).
     let _ = std::fs::remove_file(&path);
@@ -72,18 +82,30 @@ pub fn serve(state_dir: &Path, engine_queue: mpsc::Sender<Pending>) -> Result<()
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let queue = engine_queue.clone();
+            let hub = hub.clone();
             std::thread::spawn(move || {
-                let _ = answer(stream, &queue);
+                let _ = answer(stream, &queue, hub.as_ref());
             });
         }
     });
     Ok(())
 }
 
-fn answer(stream: UnixStream, queue: &mpsc::Sender<Pending>) -> Result<()> {
+fn answer(
+    stream: UnixStream,
+    queue: &mpsc::Sender<Pending>,
+    hub: Option<&crate::trace::Hub>,
+) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Trace) => match hub {
+            Some(hub) => return hub.serve(stream),
+            None => Response {
+                data: Value::Null,
+                error: Some("this engine has no trace reader".into()),
+            },
+        },
         Ok(request) => {
             let (reply, answer) = mpsc::channel();
             queue.send((request, reply))?;
@@ -123,6 +145,8 @@ pub fn handle(engine: &mut Engine, request: Request) -> Response {
             .remove_rule(RuleId(id))
             .map(|_| Value::Null)
             .map_err(anyhow::Error::from),
+        Request::Conns => conns(engine),
+        Request::Trace => Err(anyhow::anyhow!("trace requests go to the trace hub")),
     };
     match result {
         Ok(data) => Response { data, error: None },
@@ -175,18 +199,55 @@ fn status(engine: &Engine) -> Result<Value> {
         "services": services,
         "rules": rules,
         "counters": engine.counters()?,
+        "live_connections": engine.connections()?.len(),
     }))
 }
 
-/// Sends one request to the running `up` and returns its data.
-pub fn call(state_dir: &Path, request: &Request) -> Result<Value> {
+fn service_name(engine: &Engine, id: ServiceId) -> Value {
+    engine.services().find(|(sid, _)| *sid == id).map_or_else(
+        || format!("#{}", id.0).into(),
+        |(_, s)| s.name.clone().into(),
+    )
+}
+
+/// One JSON object per redirected socket (a leg of a flow).
+fn conns(engine: &Engine) -> Result<Value> {
+    let text = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
+    Ok(engine
+        .connections()?
+        .iter()
+        .map(|c| {
+            json!({
+                "client": text(c.client),
+                "local": text(c.local),
+                "original_dst": text(c.original_destination),
+                "pid": c.pid,
+                "uid": c.uid,
+                "command": c.command,
+                "cgroup_id": c.cgroup_id,
+                "client_pid": c.client_pid,
+                "client_uid": c.client_uid,
+                "chain": c.chain.iter().map(|id| service_name(engine, *id)).collect::<Vec<_>>(),
+                "age_ms": c.age.as_millis() as u64,
+            })
+        })
+        .collect())
+}
+
+/// Connects to the control socket of the running `up`.
+pub fn connect(state_dir: &Path) -> Result<UnixStream> {
     let path = socket_path(state_dir);
-    let mut stream = UnixStream::connect(&path).with_context(|| {
+    UnixStream::connect(&path).with_context(|| {
         format!(
             "cannot reach a running `connredir up` at {} (is it running, and are you root?)",
             path.display()
         )
-    })?;
+    })
+}
+
+/// Sends one request to the running `up` and returns its data.
+pub fn call(state_dir: &Path, request: &Request) -> Result<Value> {
+    let mut stream = connect(state_dir)?;
     serde_json::to_writer(&mut stream, request)?;
     stream.write_all(b"\n")?;
     let mut line = String::new();

@@ -99,8 +99,8 @@ fn apply(engine: &mut Engine, config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `connredir up`.
-pub fn up(config: &Config, places: &Places) -> Result<()> {
+/// `connredir up`; `metrics`: where to serve the Prometheus endpoint.
+pub fn up(config: &Config, places: &Places, metrics: Option<std::net::SocketAddr>) -> Result<()> {
     let _lock = Lock::take(&places.state_dir)?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handlers")?;
@@ -128,7 +128,11 @@ pub fn up(config: &Config, places: &Places) -> Result<()> {
     // signal that ends the run. The engine is only touched here.
     let (queue, events) = mpsc::channel::<Event>();
     let (requests, pending) = mpsc::channel::<control::Pending>();
-    control::serve(&places.state_dir, requests)?;
+    let hub = trace_hub(&mut engine, requests.clone());
+    control::serve(&places.state_dir, requests.clone(), hub)?;
+    if let Some(addr) = metrics {
+        crate::metrics::serve(addr, requests)?;
+    }
     let forward = queue.clone();
     std::thread::spawn(move || {
         for pending in pending {
@@ -159,6 +163,32 @@ pub fn up(config: &Config, places: &Places) -> Result<()> {
     }
     let _ = std::fs::remove_file(control::socket_path(&places.state_dir));
     Ok(())
+}
+
+/// The trace hub around the engine's ring buffer; service names are asked
+/// of the engine thread through `requests`.
+fn trace_hub(
+    engine: &mut Engine,
+    requests: mpsc::Sender<control::Pending>,
+) -> Option<crate::trace::Hub> {
+    let tracer = match engine.tracer() {
+        Ok(tracer) => tracer,
+        Err(e) => {
+            tracing::warn!(error = %e, "no trace: `connredir trace` will not work");
+            return None;
+        }
+    };
+    let names = move |id: u32| -> Option<String> {
+        let (reply, answer) = mpsc::channel();
+        requests.send((control::Request::Status, reply)).ok()?;
+        let status = answer.recv().ok()?.data;
+        status["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["id"] == id)
+            .and_then(|s| s["name"].as_str().map(str::to_owned))
+    };
+    Some(crate::trace::Hub::start(tracer, names))
 }
 
 /// `connredir down`: stops a running `up`, then removes the pins, which

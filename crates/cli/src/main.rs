@@ -4,7 +4,9 @@ mod config;
 mod control;
 mod demo;
 mod lifecycle;
+mod metrics;
 mod run;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -42,6 +44,10 @@ enum Command {
         /// The configuration file (TOML): [scope], [[service]], [[rule]].
         #[arg(long, short)]
         config: PathBuf,
+        /// Serve the counters for Prometheus at http://ADDR/metrics
+        /// (for example 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Stop a running `up` and remove everything it attached and pinned.
     Down,
@@ -67,6 +73,27 @@ enum Command {
     /// listens on their addresses), rules with hit counts, counters.
     Status {
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the live redirected connections: for each flow, the process
+    /// that opened it, where it was going, and the services it went through.
+    Conns {
+        /// Print JSON (one object per redirected socket) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream redirect decisions as connections are made: time, process,
+    /// destination, rule, service, redirect state and decision.
+    ///
+    /// Example: connredir trace --decision loop-prevented --dst 10.0.0.0/8
+    Trace {
+        #[command(flatten)]
+        filter: trace::Filter,
+        /// Stop after this many decisions.
+        #[arg(long, short = 'n')]
+        count: Option<usize>,
+        /// Print one JSON object per decision.
         #[arg(long)]
         json: bool,
     },
@@ -187,7 +214,16 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Up { config } => lifecycle::up(&Config::load(&config)?, &places),
+        Command::Up { config, metrics } => lifecycle::up(&Config::load(&config)?, &places, metrics),
+        Command::Conns { json } => {
+            let conns = control::call(&places.state_dir, &control::Request::Conns)?;
+            print_conns(&conns, json)
+        }
+        Command::Trace {
+            filter,
+            count,
+            json,
+        } => trace::run(&places.state_dir, &filter, json, count),
         Command::Down => lifecycle::down(&places),
         Command::Status { json } => {
             let status = control::call(&places.state_dir, &control::Request::Status)?;
@@ -270,6 +306,61 @@ fn print_rules(rules: &serde_json::Value) {
     }
 }
 
+/// Prints one line per flow: its legs grouped by the flow's first socket,
+/// the client process from the first leg, the chain from the longest.
+fn print_conns(conns: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        return print_json(conns);
+    }
+    let legs = conns.as_array().cloned().unwrap_or_default();
+    let mut flows: std::collections::BTreeMap<String, Vec<&serde_json::Value>> = Default::default();
+    for leg in &legs {
+        let key = leg["client"].as_str().unwrap_or("?").to_string();
+        flows.entry(key).or_default().push(leg);
+    }
+    println!(
+        "{:<28} {:<28} {:<28} {:<40} AGE",
+        "CLIENT", "PROCESS", "ORIGINAL DESTINATION", "CHAIN"
+    );
+    let chain_len = |leg: &serde_json::Value| leg["chain"].as_array().map_or(0, Vec::len);
+    for (client, legs) in &flows {
+        let longest = legs
+            .iter()
+            .max_by_key(|l| chain_len(l))
+            .expect("a flow has a leg");
+        let process = match legs.iter().find(|l| chain_len(l) == 1) {
+            Some(first) => format!(
+                "{} {} (uid {})",
+                first["pid"],
+                first["command"].as_str().unwrap_or(""),
+                first["uid"]
+            ),
+            None => format!("{} (uid {})", longest["client_pid"], longest["client_uid"]),
+        };
+        let chain: Vec<&str> = longest["chain"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
+        let age = legs
+            .iter()
+            .filter_map(|l| l["age_ms"].as_u64())
+            .max()
+            .unwrap_or(0);
+        println!(
+            "{:<28} {:<28} {:<28} {:<40} {:.1}s",
+            client,
+            process,
+            longest["original_dst"].as_str().unwrap_or("?"),
+            chain.join(" → "),
+            age as f64 / 1000.0
+        );
+    }
+    println!("{} flows, {} redirected sockets", flows.len(), legs.len());
+    Ok(())
+}
+
 fn print_status(status: &serde_json::Value, json: bool) -> Result<()> {
     if json {
         return print_json(status);
@@ -286,6 +377,10 @@ fn print_status(status: &serde_json::Value, json: bool) -> Result<()> {
     for (name, value) in status["counters"].as_object().into_iter().flatten() {
         println!("  {name:<24} {value}");
     }
+    println!(
+        "live redirected connections: {}",
+        status["live_connections"]
+    );
     Ok(())
 }
 

@@ -83,12 +83,18 @@ ports = ["{port}"]
 
     /// Starts `connredir up` and waits until its links are pinned.
     fn up(&self) -> Proc {
+        self.up_with(&[])
+    }
+
+    /// `up` with more arguments.
+    fn up_with(&self, extra: &[&str]) -> Proc {
         let mut args = vec![
             "up".to_string(),
             "--config".into(),
             self.config.display().to_string(),
         ];
         args.extend(self.places());
+        args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = Proc::spawn_program(
             &self.tree.cgroup("engine").unwrap(),
@@ -338,4 +344,99 @@ fn rules_and_services_change_at_run_time_through_the_control_socket() {
         "{out:?}"
     );
     assert_eq!(status()["rules"].as_array().unwrap().len(), 1);
+}
+
+/// GET http://addr/metrics.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
+}
+
+#[test]
+fn conns_trace_and_metrics_show_a_redirected_connection() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("observe", server.addr(), proxy_addr) else {
+        return;
+    };
+    let metrics = free_addr("127.0.0.1");
+    let up = svc.up_with(&["--metrics", &metrics.to_string()]);
+    let _proxy = svc.start_proxy(proxy_addr);
+
+    // A flow held open: `conns` lists it with its chain and client.
+    let release = svc.config.with_file_name("release");
+    let (connect, until) = (server.addr().to_string(), release.display().to_string());
+    let hold = Proc::spawn(
+        &svc.cgroup("scope/client"),
+        None,
+        &["hold", "--connect", &connect, "--until", &until],
+    )
+    .unwrap();
+    hold.wait_line("first exchange", |l| l.contains("\"first\""))
+        .unwrap();
+    let out = svc.command(&["conns", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let conns: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let legs = conns.as_array().unwrap();
+    assert_eq!(legs.len(), 1, "{conns}");
+    assert_eq!(legs[0]["chain"], serde_json::json!(["proxy"]));
+    assert_eq!(legs[0]["pid"], hold.pid());
+    assert_eq!(legs[0]["original_dst"], server.addr().to_string());
+    let text = String::from_utf8(svc.command(&["conns"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("{} connredir-testk", hold.pid())),
+        "{text}"
+    );
+    assert!(text.contains("1 flows, 1 redirected sockets"), "{text}");
+
+    let scraped = scrape(metrics);
+    assert!(
+        scraped.contains("connredir_live_connections 1\n"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("connredir_redirects_total 1\n"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("connredir_service_up{service=\"proxy\"} 1\n"),
+        "{scraped}"
+    );
+    std::fs::write(&release, b"").unwrap();
+    assert!(hold.finish().unwrap().0.success());
+
+    // `trace` prints the decisions of new connections as they happen.
+    let mut args = vec!["trace", "--json", "-n", "1", "--decision", "redirected"];
+    let places = svc.places();
+    args.extend(places.iter().map(String::as_str));
+    let trace = Proc::spawn_program(
+        &svc.cgroup("engine"),
+        None,
+        &workspace_bin("connredir"),
+        &args,
+    )
+    .unwrap();
+    // The trace starts flowing once `trace` is connected: connect until seen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while trace.lines().is_empty() {
+        assert!(Instant::now() < deadline, "trace printed nothing");
+        svc.client(server.addr(), 10);
+    }
+    let (status, lines) = trace.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let event: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(event["decision"], "redirected", "{event}");
+    assert_eq!(event["service"], "proxy", "{event}");
+    assert_eq!(event["destination"], server.addr().to_string());
+    assert_eq!(event["command"], "connredir-testk");
+    assert_eq!(event["state"], "NotRedirected");
+    stop(up);
 }

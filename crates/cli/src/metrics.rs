@@ -1,0 +1,126 @@
+//! `connredir up --metrics ADDR`: the counters in the Prometheus text format
+//! (version 0.0.4) at `http://ADDR/metrics`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+
+use anyhow::{anyhow, Result};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::control::{Pending, Request};
+
+/// Serves the metrics on `addr`, asking the engine for each scrape.
+pub fn serve(addr: SocketAddr, engine_queue: mpsc::Sender<Pending>) -> Result<()> {
+    let server = tiny_http::Server::http(addr).map_err(|e| {
+        anyhow!("--metrics {addr}: cannot listen there: {e} (pick a free address and port)")
+    })?;
+    info!(%addr, "metrics at http://{addr}/metrics");
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let response = if request.url() == "/metrics" {
+                match scrape(&engine_queue) {
+                    Ok(text) => tiny_http::Response::from_string(text).with_header(
+                        "Content-Type: text/plain; version=0.0.4"
+                            .parse::<tiny_http::Header>()
+                            .expect("a valid header"),
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "metrics scrape failed");
+                        tiny_http::Response::from_string(format!("{e:#}\n")).with_status_code(500)
+                    }
+                }
+            } else {
+                tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+            };
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
+
+fn scrape(engine_queue: &mpsc::Sender<Pending>) -> Result<String> {
+    let (reply, answer) = mpsc::channel();
+    engine_queue.send((Request::Status, reply))?;
+    let response = answer.recv()?;
+    if let Some(error) = response.error {
+        return Err(anyhow!(error));
+    }
+    Ok(render(&response.data))
+}
+
+/// Label values escaped as the text format wants.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The status (as `connredir status --json` prints it) as metrics.
+pub fn render(status: &Value) -> String {
+    let mut out = String::new();
+    for (name, value) in status["counters"].as_object().into_iter().flatten() {
+        let metric = format!("connredir_{name}_total");
+        let _ = writeln!(out, "# HELP {metric} The layer's {name} counter.");
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        let _ = writeln!(out, "{metric} {value}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP connredir_rule_hits_total Connections redirected by each rule.\n\
+         # TYPE connredir_rule_hits_total counter"
+    );
+    for rule in status["rules"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "connredir_rule_hits_total{{rule=\"{}\",service=\"{}\"}} {}",
+            rule["id"],
+            label(rule["service"].as_str().unwrap_or("")),
+            rule["hits"]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP connredir_service_up Whether something listens on the service's addresses.\n\
+         # TYPE connredir_service_up gauge"
+    );
+    for service in status["services"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "connredir_service_up{{service=\"{}\"}} {}",
+            label(service["name"].as_str().unwrap_or("")),
+            u8::from(service["up"] == true)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP connredir_live_connections Redirected sockets open now.\n\
+         # TYPE connredir_live_connections gauge\n\
+         connredir_live_connections {}",
+        status["live_connections"]
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_renders_as_prometheus_text() {
+        let status = serde_json::json!({
+            "counters": { "redirects": 3, "loops_prevented": 1 },
+            "rules": [{ "id": 1, "service": "scan\"ner", "hits": 3 }],
+            "services": [{ "name": "scanner", "up": true }],
+            "live_connections": 2,
+        });
+        let text = render(&status);
+        assert!(text.contains("connredir_redirects_total 3\n"), "{text}");
+        assert!(text.contains("# TYPE connredir_loops_prevented_total counter\n"));
+        assert!(text.contains("connredir_rule_hits_total{rule=\"1\",service=\"scan\\\"ner\"} 3\n"));
+        assert!(text.contains("connredir_service_up{service=\"scanner\"} 1\n"));
+        assert!(text.contains("connredir_live_connections 2\n"));
+    }
+}
