@@ -9,11 +9,49 @@ use connredir_engine::{Identity, Protocol, Rule, Service, ServiceId};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// Where the keys that cross-checks complain about are written.
+#[derive(Debug, Default, Deserialize)]
+struct Spans {
+    scope: Option<toml::Spanned<toml::Value>>,
+    #[serde(default, rename = "service")]
+    services: Vec<NamedSpan>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleSpan>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NamedSpan {
+    name: Option<toml::Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RuleSpan {
+    service: Option<toml::Spanned<toml::Value>>,
+}
+
+/// An error at byte `at` of file `name`: "NAME, line N, key `K`: MESSAGE",
+/// then the line itself.
+fn located(name: &str, text: &str, at: Option<usize>, message: &str) -> anyhow::Error {
+    let Some(at) = at else {
+        return anyhow!("{name}: {message}");
+    };
+    let at = at.min(text.len());
+    let line = text[..at].matches('\n').count() + 1;
+    let source = text.lines().nth(line - 1).unwrap_or("");
+    let key = source
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['))
+        .map_or(String::new(), |key| format!(", key `{key}`"));
+    anyhow!("{name}, line {line}{key}: {message}\n  {line:>4} | {source}")
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the programs attach.
+    #[serde(default)]
     pub scope: Scope,
     /// The services, by name.
     #[serde(default, rename = "service")]
@@ -26,11 +64,58 @@ pub struct Config {
 /// The cgroups whose connections meet the rules. The services' own cgroups
 /// must be among them (or inside one): their onward connections meet the
 /// other services.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scope {
     /// cgroup v2 directories, none inside another.
+    #[serde(default)]
     pub cgroups: Vec<PathBuf>,
+    /// systemd units (services, scopes, slices): their cgroups.
+    #[serde(default)]
+    pub units: Vec<String>,
+    /// The whole host (the root cgroup); then no cgroups or units.
+    #[serde(default)]
+    pub host: bool,
+}
+
+impl Scope {
+    /// The cgroup directories the scope names, with units looked up in
+    /// systemd and `host` as the cgroup v2 root.
+    pub fn resolve(&self) -> Result<Vec<PathBuf>> {
+        let root = connredir_engine::cgroup::cgroup2_root()
+            .context("cgroup v2 is not mounted (connredir needs the unified hierarchy, usually at /sys/fs/cgroup)")?;
+        if self.host {
+            return Ok(vec![root]);
+        }
+        let mut out = self.cgroups.clone();
+        for unit in &self.units {
+            out.push(unit_cgroup(&root, unit)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The cgroup of a systemd unit, as systemd reports it.
+fn unit_cgroup(root: &Path, unit: &str) -> Result<PathBuf> {
+    let output = std::process::Command::new("systemctl")
+        .args(["show", "--property=ControlGroup", "--value", "--", unit])
+        .output()
+        .with_context(|| {
+            format!("[scope] units: cannot ask systemd about {unit:?} (is systemctl installed?)")
+        })?;
+    unit_cgroup_from(root, unit, &String::from_utf8_lossy(&output.stdout))
+}
+
+/// Joins systemd's `ControlGroup` answer to the cgroup root.
+fn unit_cgroup_from(root: &Path, unit: &str, answer: &str) -> Result<PathBuf> {
+    let group = answer.trim().trim_start_matches('/');
+    if group.is_empty() {
+        bail!(
+            "[scope] units: systemd reports no cgroup for {unit:?}: is it running? \
+             (`systemctl status {unit}`)"
+        );
+    }
+    Ok(root.join(group))
 }
 
 /// One `[[service]]` table.
@@ -82,10 +167,10 @@ pub struct RuleConfig {
     pub protocol: Protocol,
     /// Destination prefixes; none means all.
     #[serde(default)]
-    pub destinations: Vec<IpNet>,
+    pub destinations: Vec<Prefix>,
     /// Ports and ranges: "443", "8000-8999".
     #[serde(default)]
-    pub ports: Vec<String>,
+    pub ports: Vec<PortRange>,
     /// Only connections of this uid.
     pub uid: Option<u32>,
     /// Lower first.
@@ -93,26 +178,106 @@ pub struct RuleConfig {
     pub priority: u32,
 }
 
-/// Parses "443" or "8000-8999".
-pub fn parse_ports(text: &str) -> Result<RangeInclusive<u16>> {
-    let port = |s: &str| -> Result<u16> {
-        let n: u32 = s
-            .trim()
-            .parse()
-            .map_err(|_| anyhow!("{s:?} is not a port number"))?;
-        if n == 0 || n > 65535 {
-            bail!("port {n} is out of range: ports are 1 to 65535");
+/// A port or a port range: "443", "8000-8999" (or the number 443).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRange(pub RangeInclusive<u16>);
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<PortRange, String> {
+        let port = |s: &str| -> Result<u16, String> {
+            let n: u32 = s.trim().parse().map_err(|_| {
+                format!("{text:?} is not a port: write a port like \"443\" or a range like \"8000-8999\"")
+            })?;
+            if n == 0 || n > 65535 {
+                return Err(format!("port {n} is out of range: ports are 1 to 65535"));
+            }
+            Ok(n as u16)
+        };
+        let range = match text.split_once('-') {
+            Some((lo, hi)) => port(lo)?..=port(hi)?,
+            None => port(text)?..=port(text)?,
+        };
+        if range.start() > range.end() {
+            return Err(format!(
+                "port range {text:?} is empty: write the lower port first"
+            ));
         }
-        Ok(n as u16)
-    };
-    let range = match text.split_once('-') {
-        Some((lo, hi)) => port(lo)?..=port(hi)?,
-        None => port(text)?..=port(text)?,
-    };
-    if range.start() > range.end() {
-        bail!("port range {text:?} is empty: write the lower port first");
+        Ok(PortRange(range))
     }
-    Ok(range)
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.start() == self.0.end() {
+            write!(f, "{}", self.0.start())
+        } else {
+            write!(f, "{}-{}", self.0.start(), self.0.end())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PortRange, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Number(i64),
+            Text(String),
+        }
+        let text = match Text::deserialize(d)? {
+            Text::Number(n) => n.to_string(),
+            Text::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A destination prefix: "10.0.0.0/8", "fd00::/8", or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix(pub IpNet);
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Prefix, String> {
+        text.parse::<IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map(Prefix)
+            .map_err(|_| {
+                format!(
+                    "{text:?} is not an address prefix: write an address and a length, \
+                     like \"10.0.0.0/8\" or \"fd00::/8\", or one address"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Prefix, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl Config {
@@ -120,34 +285,73 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let config: Config =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks the text of a file called `name`.
+    pub fn parse(text: &str, name: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| located(name, text, e.span().map(|s| s.start), e.message()))?;
+        // A second, lenient pass only to find where things are written.
+        let spans: Spans = toml::from_str(text).unwrap_or_default();
         config
-            .check()
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            .check(&spans)
+            .map_err(|(at, message)| located(name, text, at, &message))?;
         Ok(config)
     }
 
-    fn check(&self) -> Result<()> {
-        if self.scope.cgroups.is_empty() {
-            bail!("[scope] cgroups is empty: name at least one cgroup v2 directory");
+    /// The checks that need more than one key at a time.
+    fn check(&self, spans: &Spans) -> Result<(), (Option<usize>, String)> {
+        let scope_at = spans.scope.as_ref().map(|s| s.span().start);
+        let scope = &self.scope;
+        if !scope.host && scope.cgroups.is_empty() && scope.units.is_empty() {
+            return Err((
+                scope_at,
+                "[scope] names no cgroup: give `cgroups` (cgroup v2 directories), \
+                 `units` (systemd units) or `host = true`"
+                    .into(),
+            ));
+        }
+        if scope.host && !(scope.cgroups.is_empty() && scope.units.is_empty()) {
+            return Err((
+                scope_at,
+                "[scope] `host = true` already covers every cgroup: remove `cgroups` and `units`"
+                    .into(),
+            ));
+        }
+        let at = |span: Option<&toml::Spanned<toml::Value>>| span.map(|s| s.span().start);
+        for (i, service) in self.services.iter().enumerate() {
+            let name_at = at(spans.services.get(i).and_then(|s| s.name.as_ref()));
+            if self.services[..i].iter().any(|s| s.name == service.name) {
+                return Err((
+                    name_at,
+                    format!(
+                        "service {:?} is defined twice: give each service its own name",
+                        service.name
+                    ),
+                ));
+            }
+            service
+                .to_service()
+                .check()
+                .map_err(|e| (name_at, e.to_string()))?;
         }
         for (i, rule) in self.rules.iter().enumerate() {
             if !self.services.iter().any(|s| s.name == rule.service) {
                 let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-                bail!(
-                    "rule {} names service {:?}, which is not defined (defined: {})",
-                    i + 1,
-                    rule.service,
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
-                );
-            }
-            for ports in &rule.ports {
-                parse_ports(ports).with_context(|| format!("rule {}: ports", i + 1))?;
+                return Err((
+                    at(spans.rules.get(i).and_then(|r| r.service.as_ref())),
+                    format!(
+                        "rule {} names service {:?}, which is not defined (defined: {})",
+                        i + 1,
+                        rule.service,
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
             }
         }
         Ok(())
@@ -188,12 +392,8 @@ impl RuleConfig {
             service: id_of(&self.service)
                 .ok_or_else(|| anyhow!("service {:?} is not registered", self.service))?,
             protocol: self.protocol,
-            destinations: self.destinations.clone(),
-            ports: self
-                .ports
-                .iter()
-                .map(|p| parse_ports(p))
-                .collect::<Result<_>>()?,
+            destinations: self.destinations.iter().map(|p| p.0).collect(),
+            ports: self.ports.iter().map(|p| p.0.clone()).collect(),
             uid: self.uid,
             priority: self.priority,
         })
@@ -204,15 +404,8 @@ impl RuleConfig {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Config> {
-        let config: Config = toml::from_str(text)?;
-        config.check()?;
-        Ok(config)
-    }
-
-    const GOOD: &str = r#"
-[scope]
-cgroups = ["/sys/fs/cgroup/unified/apps"]
+    const GOOD: &str = r#"[scope]
+cgroups = ["/sys/fs/cgroup/apps"]
 
 [[service]]
 name = "scanner"
@@ -221,53 +414,91 @@ identity = { uids = [990] }
 
 [[rule]]
 service = "scanner"
-destinations = ["0.0.0.0/0", "::/0"]
-ports = ["80", "8000-8999"]
+destinations = ["0.0.0.0/0", "::/0", "192.0.2.1"]
+ports = ["80", "8000-8999", 443]
 "#;
+
+    fn error(text: &str) -> String {
+        format!("{:#}", Config::parse(text, "t.toml").unwrap_err())
+    }
 
     #[test]
     fn a_complete_file_parses() {
-        let config = parse(GOOD).unwrap();
+        let config = Config::parse(GOOD, "t.toml").unwrap();
         let rules = config.rules(|_| Some(ServiceId(1))).unwrap();
-        assert_eq!(rules[0].ports, vec![80..=80, 8000..=8999]);
-        assert_eq!(config.services().next().unwrap().identity.uids, vec![990]);
+        assert_eq!(rules[0].ports, vec![80..=80, 8000..=8999, 443..=443]);
+        assert_eq!(rules[0].destinations[2].to_string(), "192.0.2.1/32");
+        let service = config.services().next().unwrap();
+        assert_eq!(service.identity.uids, vec![990]);
+        assert!(service.own_connections_by_self);
     }
 
     #[test]
-    fn unknown_keys_name_the_line_and_key() {
-        let err = parse(&GOOD.replace("priority", "x").replace("ports =", "portz =")).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("unknown field `portz`"), "{msg}");
-        assert!(msg.contains("line 13"), "{msg}");
-        assert!(msg.contains("expected one of `service`"), "{msg}");
-    }
-
-    #[test]
-    fn a_rule_naming_a_missing_service_is_refused() {
-        let err = parse(&GOOD.replace("service = \"scanner\"", "service = \"nope\""))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("\"nope\", which is not defined (defined: scanner)"),
-            "{err}"
+    fn unknown_keys_name_the_line_the_key_and_the_valid_ones() {
+        assert_eq!(
+            error(&GOOD.replace("ports =", "portz =")),
+            "t.toml, line 12, key `portz`: unknown field `portz`, expected one of `service`, \
+             `protocol`, `destinations`, `ports`, `uid`, `priority`\n    12 | portz = [\"80\", \"8000-8999\", 443]"
         );
     }
 
     #[test]
-    fn ports_out_of_range_are_refused() {
-        let err = parse(&GOOD.replace("\"80\"", "\"70000\"")).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("port 70000 is out of range"),
-            "{err:#}"
+    fn a_rule_naming_a_missing_service_is_refused_at_its_line() {
+        assert_eq!(
+            error(&GOOD.replace("service = \"scanner\"", "service = \"nope\"")),
+            "t.toml, line 10, key `service`: rule 1 names service \"nope\", which is not \
+             defined (defined: scanner)\n    10 | service = \"nope\""
         );
     }
 
     #[test]
-    fn bad_prefixes_are_refused_with_the_line() {
-        let err = parse(&GOOD.replace("0.0.0.0/0", "10.0.0.0/33"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("line 12"), "{err}");
-        assert!(err.contains("invalid IP address syntax"), "{err}");
+    fn a_scope_that_names_nothing_is_refused() {
+        assert_eq!(
+            error("[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\n"),
+            "t.toml: [scope] names no cgroup: give `cgroups` (cgroup v2 directories), \
+             `units` (systemd units) or `host = true`"
+        );
+        assert!(error("[scope]\nhost = true\nunits = [\"a.service\"]\n")
+            .starts_with("t.toml, line 1: [scope] `host = true` already covers every cgroup"));
+    }
+
+    #[test]
+    fn services_are_checked_before_anything_is_attached() {
+        let twice =
+            format!("{GOOD}\n[[service]]\nname = \"scanner\"\nlisten = [\"127.0.0.1:9\"]\n");
+        assert!(error(&twice)
+            .starts_with("t.toml, line 15, key `name`: service \"scanner\" is defined twice"));
+        assert!(error(&GOOD.replace("127.0.0.1:8000", "0.0.0.0:8000"))
+            .contains("listening address 0.0.0.0:8000 must be a concrete address and port"));
+    }
+
+    #[test]
+    fn ports_and_prefixes_say_what_would_be_valid() {
+        let cases = [
+            ("\"80\"", "\"70000\"", "port 70000 is out of range: ports are 1 to 65535"),
+            ("\"80\"", "\"http\"", "\"http\" is not a port: write a port like \"443\" or a range like \"8000-8999\""),
+            ("8000-8999", "8999-8000", "port range \"8999-8000\" is empty: write the lower port first"),
+            ("0.0.0.0/0", "10.0.0.0/33", "\"10.0.0.0/33\" is not an address prefix: write an address and a length, like \"10.0.0.0/8\" or \"fd00::/8\", or one address"),
+        ];
+        for (from, to, message) in cases {
+            let line = if from.contains('.') { 11 } else { 12 };
+            let key = if line == 11 { "destinations" } else { "ports" };
+            let err = error(&GOOD.replace(from, to));
+            assert!(
+                err.starts_with(&format!("t.toml, line {line}, key `{key}`: {message}\n")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn systemd_answers_become_cgroup_paths() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            unit_cgroup_from(root, "nginx.service", "/system.slice/nginx.service\n").unwrap(),
+            Path::new("/sys/fs/cgroup/system.slice/nginx.service")
+        );
+        let err = unit_cgroup_from(root, "gone.service", "\n").unwrap_err();
+        assert!(err.to_string().contains("is it running?"), "{err}");
     }
 }

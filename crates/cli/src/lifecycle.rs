@@ -86,7 +86,7 @@ fn holder(file: &mut File) -> Option<i32> {
 
 /// Applies the configuration to an engine (fresh or taking over).
 fn apply(engine: &mut Engine, config: &Config) -> Result<()> {
-    for cgroup in &config.scope.cgroups {
+    for cgroup in config.scope.resolve()? {
         engine.attach(cgroup)?;
     }
     for service in config.services() {

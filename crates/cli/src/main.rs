@@ -58,10 +58,10 @@ enum Command {
     ///
     /// Example: connredir run -- curl https://example.com/
     Run {
-        /// The scope cgroup to run in (default: the first of the
-        /// configuration's [scope] cgroups).
-        #[arg(long)]
-        scope: Option<PathBuf>,
+        /// The scope to run in: a cgroup v2 directory, or a systemd unit
+        /// (default: the first of the configuration's [scope]).
+        #[arg(long, value_name = "CGROUP|UNIT")]
+        scope: Option<String>,
         /// The configuration file that names the scope.
         #[arg(long, short, default_value = "/etc/connredir/connredir.toml")]
         config: PathBuf,
@@ -168,10 +168,10 @@ enum RuleAction {
         service: String,
         /// Destination prefix (repeatable; none: every destination).
         #[arg(long)]
-        dst: Vec<ipnet::IpNet>,
+        dst: Vec<config::Prefix>,
         /// Destination port or range like 8000-8999 (repeatable; none: all).
         #[arg(long)]
-        port: Vec<String>,
+        port: Vec<config::PortRange>,
         /// Only connections opened by this uid.
         #[arg(long)]
         uid: Option<u32>,
@@ -192,7 +192,16 @@ enum RuleAction {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        // The message is for people: what went wrong and what to do, without
+        // a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -205,10 +214,19 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::Check { file } => {
             let config = Config::load(&file)?;
+            let scope = &config.scope;
+            let scope = if scope.host {
+                "the whole host".to_string()
+            } else {
+                format!(
+                    "{} cgroups and {} systemd units in scope",
+                    scope.cgroups.len(),
+                    scope.units.len()
+                )
+            };
             println!(
-                "{}: ok ({} scope cgroups, {} services, {} rules)",
+                "{}: ok ({scope}, {} services, {} rules)",
                 file.display(),
-                config.scope.cgroups.len(),
                 config.services.len(),
                 config.rules.len()
             );
@@ -237,10 +255,16 @@ fn main() -> Result<()> {
             command,
         } => {
             let scope = match scope {
-                Some(scope) => scope,
+                Some(scope) if scope.contains('/') => PathBuf::from(scope),
+                Some(unit) => config::Scope {
+                    units: vec![unit],
+                    ..Default::default()
+                }
+                .resolve()?
+                .remove(0),
                 None => Config::load(&config)?
                     .scope
-                    .cgroups
+                    .resolve()?
                     .first()
                     .cloned()
                     .context("the configuration names no scope cgroup")?,

@@ -52,6 +52,12 @@ pub struct Service {
 }
 
 impl Service {
+    /// Checks the fields: a name, one IPv4 and one IPv6 listening address at
+    /// most, concrete addresses, a context of at most 1024 bytes.
+    pub fn check(&self) -> Result<(), Error> {
+        self.to_kernel().map(|_| ())
+    }
+
     /// Checks the fields and builds the kernel's view of the service.
     pub(crate) fn to_kernel(&self) -> Result<connredir_service, Error> {
         let invalid = |why: String| Error::InvalidService(format!("{}: {why}", self.name));

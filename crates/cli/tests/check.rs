@@ -1,0 +1,125 @@
+//! `connredir check FILE` as a person runs it: the exit status and the exact
+//! message for a good file and for several bad ones.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A file in a directory of this test run.
+fn file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("connredir-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `connredir check` in the file's directory, so messages carry the
+/// bare file name: (success, stdout, stderr).
+fn check(path: &PathBuf) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_connredir"))
+        .arg("check")
+        .arg(path.file_name().unwrap())
+        .current_dir(path.parent().unwrap())
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+const GOOD: &str = r#"[scope]
+cgroups = ["/sys/fs/cgroup/apps"]
+
+[[service]]
+name = "scanner"
+listen = ["127.0.0.1:15001"]
+identity = { uids = [990] }
+
+[[service]]
+name = "recorder"
+listen = ["127.0.0.1:15002", "[::1]:15002"]
+own_connections_by_self = false
+
+[[rule]]
+service = "scanner"
+destinations = ["0.0.0.0/0"]
+ports = ["80", "443"]
+
+[[rule]]
+service = "recorder"
+ports = ["8000-8999"]
+priority = 10
+"#;
+
+#[test]
+fn a_good_file_is_summarised() {
+    let (ok, out, err) = check(&file("good.toml", GOOD));
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "good.toml: ok (1 cgroups and 0 systemd units in scope, 2 services, 2 rules)\n"
+    );
+}
+
+#[test]
+fn bad_files_get_one_message_with_file_line_key_and_what_is_valid() {
+    let cases = [
+        (
+            "unknown-key.toml",
+            GOOD.replace("priority = 10", "prio = 10"),
+            "error: unknown-key.toml, line 22, key `prio`: unknown field `prio`, expected one of \
+             `service`, `protocol`, `destinations`, `ports`, `uid`, `priority`\n    22 | prio = 10\n",
+        ),
+        (
+            "bad-prefix.toml",
+            GOOD.replace("0.0.0.0/0", "0.0.0.0/40"),
+            "error: bad-prefix.toml, line 16, key `destinations`: \"0.0.0.0/40\" is not an address \
+             prefix: write an address and a length, like \"10.0.0.0/8\" or \"fd00::/8\", or one \
+             address\n    16 | destinations = [\"0.0.0.0/40\"]\n",
+        ),
+        (
+            "missing-service.toml",
+            GOOD.replace("service = \"recorder\"", "service = \"recordr\""),
+            "error: missing-service.toml, line 20, key `service`: rule 2 names service \
+             \"recordr\", which is not defined (defined: scanner, recorder)\n    20 | service = \
+             \"recordr\"\n",
+        ),
+        (
+            "port-range.toml",
+            GOOD.replace("\"443\"", "\"65536\""),
+            "error: port-range.toml, line 17, key `ports`: port 65536 is out of range: ports are \
+             1 to 65535\n    17 | ports = [\"80\", \"65536\"]\n",
+        ),
+        (
+            "two-ipv4.toml",
+            GOOD.replace("[\"127.0.0.1:15001\"]", "[\"127.0.0.1:15001\", \"127.0.0.2:15001\"]"),
+            "error: two-ipv4.toml, line 5, key `name`: invalid service scanner: more than one IPv4 \
+             listening address; give at most one IPv4 and one IPv6\n     5 | name = \"scanner\"\n",
+        ),
+        (
+            "no-scope.toml",
+            GOOD.replace("[scope]\ncgroups = [\"/sys/fs/cgroup/apps\"]\n", ""),
+            "error: no-scope.toml: [scope] names no cgroup: give `cgroups` (cgroup v2 \
+             directories), `units` (systemd units) or `host = true`\n",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let (ok, out, err) = check(&file(name, &text));
+        assert!(!ok, "{name} passed: {out}");
+        assert_eq!(err, expected, "{name}");
+    }
+}
+
+#[test]
+fn a_missing_file_says_so() {
+    let path = file("present.toml", GOOD).with_file_name("absent.toml");
+    let (ok, _, err) = check(&path);
+    assert!(!ok);
+    assert_eq!(
+        err,
+        "error: cannot read absent.toml: No such file or directory (os error 2)\n"
+    );
+}
