@@ -1,7 +1,7 @@
 //! `connredir check FILE` as a person runs it: the exit status and the exact
 //! message for a good file and for several bad ones.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A file in a directory of this test run.
@@ -15,7 +15,7 @@ fn file(name: &str, text: &str) -> PathBuf {
 
 /// Runs `connredir check` in the file's directory, so messages carry the
 /// bare file name: (success, stdout, stderr).
-fn check(path: &PathBuf) -> (bool, String, String) {
+fn check(path: &Path) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_connredir"))
         .arg("check")
         .arg(path.file_name().unwrap())
