@@ -335,6 +335,18 @@ impl Config {
                 .to_service()
                 .check()
                 .map_err(|e| (name_at, e.to_string()))?;
+            if let Some((other, addr)) = self.services[..i].iter().find_map(|other| {
+                let addr = service.listen.iter().find(|a| other.listen.contains(a))?;
+                Some((other, addr))
+            }) {
+                return Err((
+                    name_at,
+                    format!(
+                        "service {:?} listens on {addr}, as service {:?} does: give each service its own address",
+                        service.name, other.name
+                    ),
+                ));
+            }
         }
         for (i, rule) in self.rules.iter().enumerate() {
             if !self.services.iter().any(|s| s.name == rule.service) {
@@ -468,6 +480,10 @@ ports = ["80", "8000-8999", 443]
             format!("{GOOD}\n[[service]]\nname = \"scanner\"\nlisten = [\"127.0.0.1:9\"]\n");
         assert!(error(&twice)
             .starts_with("t.toml, line 15, key `name`: service \"scanner\" is defined twice"));
+        let shared = format!("{GOOD}\n[[service]]\nname = \"b\"\nlisten = [\"[::1]:8000\"]\n");
+        assert!(error(&shared).starts_with(
+            "t.toml, line 15, key `name`: service \"b\" listens on [::1]:8000, as service \"scanner\" does"
+        ), "{}", error(&shared));
         assert!(error(&GOOD.replace("127.0.0.1:8000", "0.0.0.0:8000"))
             .contains("listening address 0.0.0.0:8000 must be a concrete address and port"));
     }

@@ -61,7 +61,31 @@ pub enum Error {
     /// The object could not be loaded.
     #[error("loading the BPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
-    /// A program was rejected (the message carries the verifier's log).
+    /// The verifier rejected a program.
+    #[error(
+        "the kernel's verifier rejected program {name} ({errno}); its last words:\n{last_lines}\n\
+         (this is a bug in connredir or a kernel it was not built for: please report it with `uname -r`)"
+    )]
+    Verifier {
+        /// Program name.
+        name: &'static str,
+        /// The error the kernel returned.
+        errno: std::io::Error,
+        /// The end of the verifier's log.
+        last_lines: String,
+    },
+    /// The kernel does not have a program type or hook the layer needs.
+    #[error(
+        "this kernel cannot load program {name} ({errno}): connredir needs Linux 5.18 or later \
+         built with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_BPF_JIT"
+    )]
+    Unsupported {
+        /// Program name.
+        name: &'static str,
+        /// The error the kernel returned.
+        errno: std::io::Error,
+    },
+    /// A program could not be loaded or attached for another reason.
     #[error("program {name} could not be loaded or attached: {source}")]
     Program {
         /// Program name.
@@ -209,8 +233,42 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Lines of the verifier's log worth showing: its end, where it says why.
+const VERIFIER_LINES: usize = 12;
+
 fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> Error {
-    move |source| Error::Program { name, source }
+    move |source| match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            // 524 is the kernel's ENOTSUPP, which some BPF paths return.
+            let unsupported = matches!(
+                io_error.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+            );
+            if lines.is_empty() && unsupported {
+                Error::Unsupported {
+                    name,
+                    errno: io_error,
+                }
+            } else {
+                let tail = lines[lines.len().saturating_sub(VERIFIER_LINES)..]
+                    .iter()
+                    .map(|l| format!("  {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                Error::Verifier {
+                    name,
+                    errno: io_error,
+                    last_lines: tail,
+                }
+            }
+        }
+        source => Error::Program { name, source },
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -534,6 +592,16 @@ impl Engine {
 
     fn check_identity_free(&self, service: &Service, cgroup_ids: &[u64]) -> Result<(), Error> {
         for (other_id, other) in &self.services {
+            if let Some(addr) = service
+                .listen
+                .iter()
+                .find(|a| other.service.listen.contains(a))
+            {
+                return Err(Error::InvalidService(format!(
+                    "{}: address {addr} is already where {} ({other_id}) listens; give each service its own address",
+                    service.name, other.service.name
+                )));
+            }
             let clash = service
                 .identity
                 .pids
@@ -1083,4 +1151,37 @@ where
         source: ProgramError::UnexpectedProgramType,
     })?;
     program.try_into().map_err(program_err(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_error(errno: i32, log: &str) -> Error {
+        program_err("connredir_connect4")(ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(log.into()),
+        })
+    }
+
+    #[test]
+    fn a_verifier_rejection_shows_the_end_of_its_log() {
+        let log: String = (1..=40).map(|i| format!("{i}: insn\n")).collect::<String>()
+            + "R1 invalid mem access 'scalar'\nprocessed 9 insns\n";
+        let text = load_error(libc::EACCES, &log).to_string();
+        assert!(text.starts_with(
+            "the kernel's verifier rejected program connredir_connect4 (Permission denied (os error 13)); its last words:\n  31: insn\n"
+        ), "{text}");
+        assert!(text.contains("  R1 invalid mem access 'scalar'\n  processed 9 insns\n"));
+        assert!(!text.contains("30: insn"), "{text}");
+    }
+
+    #[test]
+    fn a_kernel_without_the_hook_is_named_as_such() {
+        let text = load_error(libc::EINVAL, "").to_string();
+        assert!(
+            text.contains("connredir needs Linux 5.18 or later"),
+            "{text}"
+        );
+    }
 }
