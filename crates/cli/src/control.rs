@@ -223,7 +223,7 @@ fn conns(engine: &Engine) -> Result<Value> {
                 "original_dst": text(c.original_destination),
                 "pid": c.pid,
                 "uid": c.uid,
-                "command": c.command,
+                "command": crate::trace::process_name(c.pid).unwrap_or_else(|| c.command.clone()),
                 "cgroup_id": c.cgroup_id,
                 "client_pid": c.client_pid,
                 "client_uid": c.client_uid,

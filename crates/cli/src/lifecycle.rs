@@ -149,7 +149,13 @@ pub fn up(config: &Config, places: &Places, metrics: Option<std::net::SocketAddr
     for event in events {
         match event {
             Event::Request((request, reply)) => {
-                info!(?request, "control request");
+                match request {
+                    // Reads (status, scrapes) are frequent: keep them out of the log.
+                    control::Request::Status | control::Request::Conns => {
+                        tracing::debug!(?request, "control request")
+                    }
+                    _ => info!(?request, "control request"),
+                }
                 let _ = reply.send(control::handle(&mut engine, request));
             }
             Event::Stop(signal) => {

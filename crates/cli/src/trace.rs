@@ -53,7 +53,7 @@ impl TraceLine {
             time: humantime::format_rfc3339_millis(wall).to_string(),
             pid: event.pid,
             uid: event.uid,
-            command: event.command.clone(),
+            command: process_name(event.pid).unwrap_or_else(|| event.command.clone()),
             cgroup_id: event.cgroup_id,
             destination: event.destination,
             rule: event.rule,
@@ -64,6 +64,14 @@ impl TraceLine {
             decision: event.decision.name().into(),
         }
     }
+}
+
+/// The process's name (its main thread's), when it still runs: the kernel
+/// reports the name of the thread that connected, such as a runtime's
+/// worker thread.
+pub fn process_name(pid: u32) -> Option<String> {
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(name.trim_end().to_owned())
 }
 
 /// The `up` side: a handle to ask the hub for a stream.
@@ -257,7 +265,7 @@ pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) 
     }
     if !json {
         println!(
-            "{:<23} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} DECISION",
+            "{:<24} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} DECISION",
             "TIME", "PID", "COMMAND", "DESTINATION", "SERVICE", "RULE", "STATE"
         );
     }
@@ -271,7 +279,7 @@ pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) 
             println!("{}", serde_json::to_string(&line)?);
         } else {
             println!(
-                "{:<23} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} {}",
+                "{:<24} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} {}",
                 line.time,
                 line.pid,
                 line.command,
