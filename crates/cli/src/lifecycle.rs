@@ -101,6 +101,10 @@ fn apply(engine: &mut Engine, config: &Config) -> Result<()> {
 
 /// `connredir up`; `metrics`: where to serve the Prometheus endpoint.
 pub fn up(config: &Config, places: &Places, metrics: Option<std::net::SocketAddr>) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(connredir_engine::Error::NotRoot.into());
+    }
     let _lock = Lock::take(&places.state_dir)?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handlers")?;

@@ -440,3 +440,33 @@ fn conns_trace_and_metrics_show_a_redirected_connection() {
     assert_eq!(event["state"], "NotRedirected");
     stop(up);
 }
+
+#[test]
+fn up_as_an_ordinary_user_says_it_needs_root() {
+    use std::os::unix::process::CommandExt;
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("notroot", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    // The config must be readable by the user.
+    let dir = svc.config.parent().unwrap();
+    Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(dir)
+        .status()
+        .unwrap();
+    let out = Command::new(workspace_bin("connredir"))
+        .args(["up", "--config"])
+        .arg(&svc.config)
+        .args(svc.places())
+        .uid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: connredir must run as root to load BPF programs (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)\n"
+    );
+    assert!(!svc.state_dir.exists(), "nothing is made before the check");
+}
