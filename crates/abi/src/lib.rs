@@ -54,9 +54,13 @@ pub mod map_names {
     pub const TRACE: &str = name(super::CONNREDIR_MAP_TRACE);
     /// Whether decisions go to the trace (entry 0: 1 or 0).
     pub const TRACE_CONTROL: &str = name(super::CONNREDIR_MAP_TRACE_CONTROL);
+    /// Accelerated sockets (sockhash), by their 4-tuple.
+    pub const ACCEL_SOCKS: &str = name(super::CONNREDIR_MAP_ACCEL_SOCKS);
+    /// Flags of accelerated sockets, by their 4-tuple.
+    pub const ACCEL_STATE: &str = name(super::CONNREDIR_MAP_ACCEL_STATE);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -72,6 +76,8 @@ pub mod map_names {
         CONNS,
         TRACE,
         TRACE_CONTROL,
+        ACCEL_SOCKS,
+        ACCEL_STATE,
     ];
 }
 

@@ -135,6 +135,10 @@ pub struct ServiceConfig {
     /// records) count as redirected by self and skip it (default true).
     #[serde(default = "yes")]
     pub own_connections_by_self: bool,
+    /// Sockmap acceleration of the service's local legs (default false);
+    /// the service must read accelerated sockets with read(), not splice().
+    #[serde(default)]
+    pub accelerate: bool,
 }
 
 fn yes() -> bool {
@@ -393,6 +397,7 @@ impl ServiceConfig {
             },
             context: self.context.as_ref().map(|c| c.as_bytes().to_vec()),
             own_connections_by_self: self.own_connections_by_self,
+            accelerate: self.accelerate,
         }
     }
 }

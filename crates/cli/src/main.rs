@@ -143,6 +143,11 @@ enum ServiceAction {
         /// reach the service (by default they count as redirected by self).
         #[arg(long)]
         inspect_own_connections: bool,
+        /// Move the data of the service's local connections socket to
+        /// socket, without the TCP stack (sockmap); the service must read
+        /// them with read(), not splice() (connredir-proxy does).
+        #[arg(long)]
+        accelerate: bool,
     },
     /// Unregister a service (remove its rules first).
     Del {
@@ -419,6 +424,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
             uid,
             context,
             inspect_own_connections,
+            accelerate,
         } => {
             let service = config::ServiceConfig {
                 name,
@@ -430,6 +436,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
                 },
                 context,
                 own_connections_by_self: !inspect_own_connections,
+                accelerate,
             };
             let data = control::call(dir, &control::Request::ServiceAdd { service })?;
             println!("service {} added", data["id"]);

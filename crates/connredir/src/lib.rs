@@ -48,6 +48,8 @@ pub mod sockopt {
     pub const RECORDS: i32 = connredir_abi::CONNREDIR_SO_RECORDS as i32;
     /// get: the redirect context (only for the service that redirected).
     pub const CONTEXT: i32 = connredir_abi::CONNREDIR_SO_CONTEXT as i32;
+    /// get: whether the socket is accelerated (4-byte 0 or 1).
+    pub const ACCELERATED: i32 = connredir_abi::CONNREDIR_SO_ACCELERATED as i32;
     /// `SO_ORIGINAL_DST` at `SOL_IP`, answered from the records.
     pub const SO_ORIGINAL_DST: i32 = connredir_abi::CONNREDIR_SO_ORIGINAL_DST as i32;
     /// `IP6T_SO_ORIGINAL_DST` at `SOL_IPV6`, answered from the records.
@@ -209,6 +211,32 @@ pub fn query_records(fd: &impl AsFd) -> Result<RedirectRecords, Error> {
 /// redirected it (state redirected-by-self or previously-redirected-by-self).
 pub fn query_context(fd: &impl AsFd) -> Result<RedirectContext, Error> {
     query_vec(fd.as_fd(), sockopt::CONTEXT).map(RedirectContext)
+}
+
+/// Whether the socket's data bypasses the TCP stack (sockmap acceleration,
+/// for services registered with `accelerate`). Such a socket must be read
+/// with read()/recv(): splice() does not see its data, and a read may fail
+/// with a spurious `EAGAIN` (wait for readiness, or a moment, and retry).
+/// `Err(NotSupported)` where the layer is not active.
+pub fn is_accelerated(fd: &impl AsFd) -> Result<bool, Error> {
+    let fd = fd.as_fd();
+    let mut value: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: value is valid for len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            sockopt::LEVEL,
+            sockopt::ACCELERATED,
+            (&mut value as *mut u32).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value != 0)
+    } else {
+        Err(Error::from_errno(std::io::Error::last_os_error()))
+    }
 }
 
 /// Hands `records` to a new, not yet connected socket.

@@ -12,6 +12,7 @@
 //!     identity: Identity { uids: vec![990], ..Default::default() },
 //!     context: None,
 //!     own_connections_by_self: true,
+//!     accelerate: false,
 //! })?;
 //! engine.add_rule(Rule { ports: vec![80..=80, 443..=443], ..Rule::tcp_to(scanner) })?;
 //! // Programs stay attached until `engine` is dropped.
@@ -233,6 +234,30 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Loads the sk_msg program and attaches it to the accelerated-socket map.
+/// The attachment lives as long as the map (pinned maps outlive us), so it
+/// is left in place on purpose rather than detached when the engine drops.
+fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
+    let name = map_names::ACCEL_SOCKS;
+    let map = bpf.map(name).expect("checked at load");
+    let socks =
+        aya::maps::SockHash::<&MapData, Plain<connredir_abi::connredir_pair_key>>::try_from(map)
+            .map_err(map_err(name))?;
+    let fd = socks.fd().try_clone().map_err(|e| Error::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error: e,
+        }),
+    })?;
+    let prog: &mut aya::programs::SkMsg = program_mut(bpf, programs::ACCEL)?;
+    prog.load().map_err(program_err(programs::ACCEL))?;
+    let link = prog.attach(&fd).map_err(program_err(programs::ACCEL))?;
+    let link = prog.take_link(link).map_err(program_err(programs::ACCEL))?;
+    std::mem::forget(link);
+    Ok(())
+}
+
 /// Lines of the verifier's log worth showing: its end, where it says why.
 const VERIFIER_LINES: usize = 12;
 
@@ -387,6 +412,7 @@ impl Engine {
             let prog: &mut CgroupSockopt = program_mut(&mut bpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
+        attach_accel(&mut bpf)?;
         debug!("kernel programs loaded");
         Ok(Engine {
             bpf,

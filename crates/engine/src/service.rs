@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 pub use connredir::ServiceId;
 use connredir_abi::{
-    connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACTIVE,
-    CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6, CONNREDIR_SERVICE_OWN_BY_SELF,
+    connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACCELERATE,
+    CONNREDIR_SERVICE_ACTIVE, CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6,
+    CONNREDIR_SERVICE_OWN_BY_SELF,
 };
 
 use crate::Error;
@@ -49,6 +50,12 @@ pub struct Service {
     /// otherwise); turn it off to have the service inspect its own other
     /// connections, when it sets records on the ones it forwards.
     pub own_connections_by_self: bool,
+    /// Sockmap acceleration: connections redirected to the service, and its
+    /// onward connections to local destinations, move their data socket to
+    /// socket without the TCP stack. The service must then read those
+    /// sockets with read()/recv(), not splice() (ask with
+    /// `connredir::is_accelerated`).
+    pub accelerate: bool,
 }
 
 impl Service {
@@ -70,6 +77,9 @@ impl Service {
         };
         if self.own_connections_by_self {
             value.flags |= CONNREDIR_SERVICE_OWN_BY_SELF;
+        }
+        if self.accelerate {
+            value.flags |= CONNREDIR_SERVICE_ACCELERATE;
         }
         for addr in &self.listen {
             let (flag, slot) = match addr {

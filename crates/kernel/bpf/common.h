@@ -130,6 +130,21 @@ struct {
 } trace_control SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, CONNREDIR_MAX_ACCEL);
+	__type(key, struct connredir_pair_key);
+	__type(value, __u32); /* a socket fd when user space updates it */
+} accel_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, CONNREDIR_MAX_ACCEL);
+	__type(key, struct connredir_pair_key);
+	__type(value, __u32);
+} accel_state SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CONNREDIR_CNT_MAX);
 	__type(key, __u32);
@@ -247,6 +262,54 @@ static __always_inline int caller_is(const struct caller_services *caller,
 static __always_inline __u32 clamp_hops(__u32 hop_count)
 {
 	return hop_count > CONNREDIR_MAX_HOPS ? CONNREDIR_MAX_HOPS : hop_count;
+}
+
+/* ---- The 4-tuple of a sockops callback. */
+
+struct tuple {
+	__u32 local[4];
+	__u32 remote[4];
+	__u16 local_port; /* host order */
+	__u16 remote_port; /* host order */
+};
+
+/*
+ * Reads the 4-tuple, every ctx field once, unconditionally and through
+ * ctx_read. IPv4 addresses become IPv4-mapped IPv6.
+ */
+static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct tuple *t)
+{
+	__u32 family = ctx_read(skops->family);
+	__u32 remote_port = ctx_read(skops->remote_port);
+	__u32 local_port = ctx_read(skops->local_port);
+	__u32 local4 = ctx_read(skops->local_ip4);
+	__u32 remote4 = ctx_read(skops->remote_ip4);
+	__u32 l0 = ctx_read(skops->local_ip6[0]), l1 = ctx_read(skops->local_ip6[1]);
+	__u32 l2 = ctx_read(skops->local_ip6[2]), l3 = ctx_read(skops->local_ip6[3]);
+	__u32 r0 = ctx_read(skops->remote_ip6[0]), r1 = ctx_read(skops->remote_ip6[1]);
+	__u32 r2 = ctx_read(skops->remote_ip6[2]), r3 = ctx_read(skops->remote_ip6[3]);
+
+	t->local_port = (__u16)local_port;
+	/* remote_port holds the network-order port in its upper 16 bits. */
+	t->remote_port = bpf_ntohs((__u16)(remote_port >> 16));
+	if (family == AF_INET) {
+		l0 = 0;
+		l1 = 0;
+		l2 = bpf_htonl(0xffff);
+		l3 = local4;
+		r0 = 0;
+		r1 = 0;
+		r2 = bpf_htonl(0xffff);
+		r3 = remote4;
+	}
+	t->local[0] = l0;
+	t->local[1] = l1;
+	t->local[2] = l2;
+	t->local[3] = l3;
+	t->remote[0] = r0;
+	t->remote[1] = r1;
+	t->remote[2] = r2;
+	t->remote[3] = r3;
 }
 
 #endif /* CONNREDIR_COMMON_H */

@@ -15,52 +15,6 @@
  */
 #include "common.h"
 
-struct tuple {
-	__u32 local[4];
-	__u32 remote[4];
-	__u16 local_port; /* host order */
-	__u16 remote_port; /* host order */
-};
-
-/*
- * Reads the 4-tuple, every ctx field once, unconditionally and through
- * ctx_read. IPv4 addresses become IPv4-mapped IPv6.
- */
-static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct tuple *t)
-{
-	__u32 family = ctx_read(skops->family);
-	__u32 remote_port = ctx_read(skops->remote_port);
-	__u32 local_port = ctx_read(skops->local_port);
-	__u32 local4 = ctx_read(skops->local_ip4);
-	__u32 remote4 = ctx_read(skops->remote_ip4);
-	__u32 l0 = ctx_read(skops->local_ip6[0]), l1 = ctx_read(skops->local_ip6[1]);
-	__u32 l2 = ctx_read(skops->local_ip6[2]), l3 = ctx_read(skops->local_ip6[3]);
-	__u32 r0 = ctx_read(skops->remote_ip6[0]), r1 = ctx_read(skops->remote_ip6[1]);
-	__u32 r2 = ctx_read(skops->remote_ip6[2]), r3 = ctx_read(skops->remote_ip6[3]);
-
-	t->local_port = (__u16)local_port;
-	/* remote_port holds the network-order port in its upper 16 bits. */
-	t->remote_port = bpf_ntohs((__u16)(remote_port >> 16));
-	if (family == AF_INET) {
-		l0 = 0;
-		l1 = 0;
-		l2 = bpf_htonl(0xffff);
-		l3 = local4;
-		r0 = 0;
-		r1 = 0;
-		r2 = bpf_htonl(0xffff);
-		r3 = remote4;
-	}
-	t->local[0] = l0;
-	t->local[1] = l1;
-	t->local[2] = l2;
-	t->local[3] = l3;
-	t->remote[0] = r0;
-	t->remote[1] = r1;
-	t->remote[2] = r2;
-	t->remote[3] = r3;
-}
-
 static __always_inline void handoff_key(struct connredir_handoff_key *key,
 					const __u32 client[4], __u16 client_port,
 					const __u32 service[4], __u16 service_port)
@@ -179,8 +133,8 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 	__u32 new_state = skops->args[1];
 	struct tuple t = {};
 
-	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_STATE_CB)
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	read_tuple(skops, &t);
 
@@ -189,13 +143,20 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 		if (sk)
 			on_connect(skops, sk, &t, cb_flags);
 		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (sk)
+			accel_on_active(skops, sk, &t, cb_flags);
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		if (sk)
 			on_passive_established(sk, &t);
+		accel_on_passive(skops, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (new_state == TCP_CLOSE)
+		if (new_state == TCP_CLOSE) {
 			on_close(skops, &t);
+			accel_on_close(&t);
+		}
 		break;
 	}
 	return 1;

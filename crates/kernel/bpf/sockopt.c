@@ -201,6 +201,20 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 	struct connredir_sock_state *state;
 	__u32 sk_state;
 
+	if (level == CONNREDIR_SOL && optname == CONNREDIR_SO_ACCELERATED) {
+		__u32 *out = optval;
+
+		if (!sk || optlen < (__s32)sizeof(*out) || (void *)(out + 1) > optval_end) {
+			ctx->retval = -EINVAL;
+			return 1;
+		}
+		*out = accel_socket(sk);
+		/* Two separate 4-byte stores: clang would merge them into one
+		 * 8-byte store, which the verifier refuses. */
+		*(volatile __s32 *)&ctx->optlen = sizeof(*out);
+		*(volatile __s32 *)&ctx->retval = 0;
+		return 1;
+	}
 	if (level == CONNREDIR_SOL) {
 		if (optname != CONNREDIR_SO_RECORDS && optname != CONNREDIR_SO_CONTEXT) {
 			ctx->retval = -ENOPROTOOPT;
@@ -236,6 +250,29 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 			get_original_dst(ctx, level, optlen, optval, optval_end, state);
 	}
 	return 1;
+}
+
+/* Does one of the caller's services ask for acceleration? */
+static __always_inline int caller_accelerates(void)
+{
+	struct caller_services caller;
+	__u32 ids[3];
+
+	caller_services(&caller);
+	ids[0] = caller.by_pid;
+	ids[1] = caller.by_cgroup;
+	ids[2] = caller.by_uid;
+	for (int i = 0; i < 3; i++) {
+		struct connredir_service *service;
+		__u32 id = ids[i];
+
+		if (!id)
+			continue;
+		service = bpf_map_lookup_elem(&services, &id);
+		if (service && (service->flags & CONNREDIR_SERVICE_ACCELERATE))
+			return 1;
+	}
+	return 0;
 }
 
 /* Only root and registered services may set records: a forged record would
@@ -292,7 +329,7 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 		return reject(-ENOMEM);
 	state->record = *in;
 	state->record.size = sizeof(*in);
-	state->flags = 0;
+	state->flags = caller_accelerates() ? CONNREDIR_SOCK_ACCEL_ONWARD : 0;
 	count(CONNREDIR_CNT_RECORDS_SET);
 	/* Consumed here: the kernel never sees this private level. */
 	ctx->optlen = -1;

@@ -5,7 +5,8 @@
 //!   is decided;
 //! - `handoff.c`: `sockops`, which carries the record to the accepted socket;
 //! - `sockopt.c`: `cgroup/getsockopt` and `cgroup/setsockopt`, the redirect
-//!   operations at the syscall level and `SO_ORIGINAL_DST`.
+//!   operations at the syscall level and `SO_ORIGINAL_DST`;
+//! - `accel.c`: `sk_msg`, the sockmap acceleration of local legs.
 
 /// Wrapper that gives the embedded object the alignment the ELF parser needs.
 #[repr(C, align(8))]
@@ -33,6 +34,8 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "connredir_getsockopt";
     /// `cgroup/setsockopt`.
     pub const SETSOCKOPT: &str = "connredir_setsockopt";
+    /// `sk_msg`: sockmap acceleration of local legs.
+    pub const ACCEL: &str = "connredir_accel";
 }
 
 #[cfg(test)]
@@ -58,6 +61,7 @@ mod tests {
             super::programs::SOCKOPS,
             super::programs::GETSOCKOPT,
             super::programs::SETSOCKOPT,
+            super::programs::ACCEL,
         ] {
             assert!(contains(name), "program {name} missing from the object");
         }

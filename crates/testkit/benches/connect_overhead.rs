@@ -31,6 +31,7 @@ fn engine_with_rules(tree: &CgroupTree, name: &str, rules: usize) -> Result<Engi
         },
         context: None,
         own_connections_by_self: true,
+        accelerate: false,
     })?;
     // One rule on the destination's prefix, but for another port.
     engine.add_rule(Rule {

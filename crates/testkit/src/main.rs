@@ -23,7 +23,11 @@ use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--retry-eagain") {
+        args.remove(at);
+        RETRY_EAGAIN.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     match args.first().map(String::as_str) {
         Some("proxy") => proxy(&args[1..]),
         Some("client") => client(&args[1..]),
@@ -31,7 +35,8 @@ fn main() -> Result<()> {
         Some("connect-loop") => connect_loop(&args[1..]),
         Some("many") => many(&args[1..]),
         Some("hold") => hold(&args[1..]),
-        _ => bail!("usage: connredir-testkit proxy|client|probe|connect-loop ..."),
+        Some("echo") => echo(&args[1..]),
+        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo ..."),
     }
 }
 
@@ -156,6 +161,8 @@ fn handle(client: TcpStream, options: &ProxyOptions) -> Result<()> {
         .connect(&destination.into())
         .with_context(|| format!("connect to {destination}"))?;
     let onward: TcpStream = onward.into();
+    line["accelerated"] = json!(connredir::is_accelerated(&client).unwrap_or(false));
+    line["onward_accelerated"] = json!(connredir::is_accelerated(&onward).unwrap_or(false));
     emit(line);
     relay(client, onward)
 }
@@ -164,14 +171,35 @@ fn handle(client: TcpStream, options: &ProxyOptions) -> Result<()> {
 fn relay(a: TcpStream, b: TcpStream) -> Result<()> {
     let (mut a_read, mut b_write) = (a.try_clone()?, b.try_clone()?);
     let upstream = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut a_read, &mut b_write);
+        let _ = copy(&mut a_read, &mut b_write);
         let _ = b_write.shutdown(Shutdown::Write);
     });
     let (mut b_read, mut a_write) = (b, a);
-    let _ = std::io::copy(&mut b_read, &mut a_write);
+    let _ = copy(&mut b_read, &mut a_write);
     let _ = a_write.shutdown(Shutdown::Write);
     let _ = upstream.join();
     Ok(())
+}
+
+/// read/write until end of stream. An accelerated socket's read may fail with
+/// a spurious EAGAIN even when blocking: wait a moment and read again.
+fn copy(from: &mut TcpStream, to: &mut TcpStream) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                to.write_all(&buf[..n])?;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Exercises the WFP buffer protocol on an accepted, redirected socket.
@@ -211,6 +239,26 @@ fn check_buffers(fd: &impl AsFd) -> Value {
         });
     }
     report
+}
+
+/// An echo server (for tests that need the destination inside a cgroup):
+/// prints `ready`, then echoes every connection until end of stream.
+fn echo(args: &[String]) -> Result<()> {
+    let addr = value(args, "--listen")?;
+    let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
+    println!("ready");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let mut reader = stream;
+            if copy(&mut reader, &mut writer).is_ok() {
+                let _ = writer.shutdown(Shutdown::Write);
+            }
+        });
+    }
+    Ok(())
 }
 
 fn client(args: &[String]) -> Result<()> {
@@ -257,6 +305,15 @@ fn many(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Set by `--retry-eagain`: clients treat a read's EAGAIN as "try again",
+/// the way event-loop clients do. A blocking read on a socket accelerated
+/// through sockmap returns one spurious EAGAIN at end of stream.
+static RETRY_EAGAIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn retry_eagain() -> bool {
+    RETRY_EAGAIN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One connection: send `bytes` of a pattern, read the echo, compare.
 fn echo_flow(addr: SocketAddr, bytes: usize, half_close: bool) -> Result<Value> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
@@ -273,7 +330,21 @@ fn echo_flow(addr: SocketAddr, bytes: usize, half_close: bool) -> Result<Value> 
         Ok(())
     });
     let mut received = Vec::new();
-    if half_close {
+    if retry_eagain() {
+        // As an event-loop client would: EAGAIN means "not yet".
+        let mut buf = vec![0u8; 64 * 1024];
+        while half_close || received.len() < bytes {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    } else if half_close {
         stream.read_to_end(&mut received)?;
     } else {
         received.resize(bytes, 0);

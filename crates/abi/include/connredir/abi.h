@@ -22,6 +22,13 @@
 /* get: the redirect context, for the service that redirected the flow. */
 #define CONNREDIR_SO_CONTEXT 2
 
+/*
+ * get: a 4-byte 1 when the socket's peer is local and its data bypasses the
+ * TCP stack (sockmap acceleration): read it with read()/recv(), not
+ * splice(), which does not see that data. 0 otherwise.
+ */
+#define CONNREDIR_SO_ACCELERATED 4
+
 /* Linux transparent-proxy compatibility: answered from the record. */
 #define CONNREDIR_SO_ORIGINAL_DST 80 /* SOL_IP, SO_ORIGINAL_DST */
 #define CONNREDIR_IP6T_SO_ORIGINAL_DST 80 /* SOL_IPV6, IP6T_SO_ORIGINAL_DST */
@@ -75,6 +82,8 @@ struct connredir_record {
 
 /* The connect program redirected this socket; sockops hands the record on. */
 #define CONNREDIR_SOCK_HANDOFF_PENDING 1u
+/* An accelerated service set records on this (onward) socket. */
+#define CONNREDIR_SOCK_ACCEL_ONWARD 2u
 
 struct connredir_sock_state {
 	struct connredir_record record;
@@ -102,6 +111,13 @@ struct connredir_sock_state {
  * records set can have its own other connections inspected by itself.
  */
 #define CONNREDIR_SERVICE_OWN_BY_SELF 8u
+/*
+ * Sockmap acceleration: connections redirected to the service, and the
+ * service's onward connections to a local destination, move their data
+ * socket to socket without the TCP stack once both ends are known. The
+ * service must read such sockets with read()/recv() (CONNREDIR_SO_ACCELERATED).
+ */
+#define CONNREDIR_SERVICE_ACCELERATE 16u
 
 /* Value of the services array, indexed by service id (0 is never used). */
 struct connredir_service {
@@ -185,6 +201,20 @@ struct connredir_inherit_key {
 	__u32 reserved;
 	struct connredir_endpoint dst;
 };
+
+/* ---- Sockmap acceleration (the accel_socks sockhash and accel_state). */
+
+/* A socket by its own view of its 4-tuple: IPv4 as IPv4-mapped, host-order ports. */
+struct connredir_pair_key {
+	__u8 local_addr[16];
+	__u8 remote_addr[16];
+	__u16 local_port;
+	__u16 remote_port;
+};
+
+/* The socket sent data through TCP before its peer joined: it stays on TCP,
+ * so its data cannot overtake what is already queued. */
+#define CONNREDIR_ACCEL_PASSED 1u
 
 /* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
 
@@ -276,6 +306,8 @@ enum connredir_counter {
 #define CONNREDIR_MAP_CONNS "conns"
 #define CONNREDIR_MAP_TRACE "trace"
 #define CONNREDIR_MAP_TRACE_CONTROL "trace_control"
+#define CONNREDIR_MAP_ACCEL_SOCKS "accel_socks"
+#define CONNREDIR_MAP_ACCEL_STATE "accel_state"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */
@@ -285,5 +317,6 @@ enum connredir_counter {
 #define CONNREDIR_MAX_RULE_HITS 65536
 #define CONNREDIR_MAX_CONNS 262144
 #define CONNREDIR_TRACE_BYTES (256 * 1024)
+#define CONNREDIR_MAX_ACCEL 131072
 
 #endif /* CONNREDIR_ABI_H */
