@@ -192,7 +192,14 @@ async fn serve(
     let server = connect(dst, redirect.records.as_ref(), settings.connect_timeout).await?;
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
 
-    let mode = settings.mode;
+    // splice(2) does not see the data of a socket accelerated through
+    // sockmap (it arrives in the socket's own queue, not TCP's): copy then.
+    let accelerated = |s: &TcpStream| connredir::is_accelerated(s).unwrap_or(false);
+    let mode = if accelerated(client) || accelerated(&server) {
+        Mode::Copy
+    } else {
+        settings.mode
+    };
     // Server-first protocols: the server's bytes flow during inspection.
     let down = async {
         relay::pump(&server, client, mode, Direction::Down, traffic).await?;

@@ -1024,12 +1024,13 @@ fn own_connections_reach_the_service_only_when_it_says_so() {
     assert!(lab.proxy_log(shy).is_empty(), "{:?}", lab.proxy_log(shy));
 }
 
-#[test]
-fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
-    let Some(mut lab) = Lab::new("accel") else {
-        return;
-    };
-    // The destination runs inside the scope, so both legs can be accelerated.
+/// A service with sockmap acceleration, its destination an echo server inside
+/// the scope (so both legs can be accelerated), and `proxy` started by
+/// `start` in the service's cgroup. Returns the destination and the proxy.
+fn accelerated_lab(
+    lab: &mut Lab,
+    start: impl FnOnce(&std::path::Path, &[SocketAddr]) -> Proc,
+) -> (SocketAddr, usize) {
     let dst = free_addr("127.0.0.3");
     let listen = dst.to_string();
     let echo = Proc::spawn(
@@ -1054,20 +1055,19 @@ fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
         })
         .unwrap();
     lab.route(id, "127.0.0.3/32", Some(dst.port()), 0);
-    let proxy = lab.start_proxy(&cgroup, None, "fast", &proxy_listen, &[]);
+    let proxy = start(&cgroup, &proxy_listen);
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proxy);
+    (dst, lab.procs.len() - 1)
+}
 
-    // Blocking reads on accelerated sockets see one spurious EAGAIN at end
-    // of stream (the kernel's tcp_bpf): these clients retry, as event-loop
-    // clients do.
-    for bytes in [0, 1, 100_000, 8_000_000] {
-        let report = lab
-            .client_with("scope/client", dst, bytes, &["--retry-eagain"])
-            .unwrap();
-        assert_eq!(report["ok"], true, "{bytes} bytes: {report}");
-    }
+/// 64 concurrent flows of up to 300 kB, each checked byte for byte.
+/// Blocking reads on accelerated sockets see one spurious EAGAIN at end of
+/// stream (the kernel's tcp_bpf): these clients retry, as event-loop
+/// clients do.
+fn many_accelerated_flows(lab: &Lab, dst: SocketAddr) {
     let sizes: Vec<String> = (0..64).map(|i| (i * 7919 % 300_000).to_string()).collect();
-    let sizes = sizes.join(",");
-    let connect = dst.to_string();
+    let (sizes, connect) = (sizes.join(","), dst.to_string());
     let (status, lines) = Proc::spawn(
         &lab.cgroup("scope/client"),
         None,
@@ -1086,11 +1086,47 @@ fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
     assert!(status.success(), "{lines:?}");
     let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(report["failed"], 0, "{report}");
+}
 
+#[test]
+fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
+    let Some(mut lab) = Lab::new("accel") else {
+        return;
+    };
+    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
+        let listen = listen[0].to_string();
+        let args = ["proxy", "--name", "fast", "--listen", &listen];
+        Proc::spawn(cgroup, None, &args).unwrap()
+    });
+    for bytes in [0, 1, 100_000, 8_000_000] {
+        let report = lab
+            .client_with("scope/client", dst, bytes, &["--retry-eagain"])
+            .unwrap();
+        assert_eq!(report["ok"], true, "{bytes} bytes: {report}");
+    }
+    many_accelerated_flows(&lab, dst);
     let log = lab.wait_logged(proxy, 68);
     assert_eq!(log.len(), 68);
     for entry in &log {
         assert_eq!(entry["accelerated"], true, "{entry}");
         assert_eq!(entry["onward_accelerated"], true, "{entry}");
     }
+}
+
+#[test]
+fn reference_proxy_relays_accelerated_flows_byte_exact() {
+    let Some(mut lab) = Lab::new("accel-ref") else {
+        return;
+    };
+    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
+        let listen = listen[0].to_string();
+        let args = ["--name", "fast", "--listen", &listen];
+        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
+    });
+    many_accelerated_flows(&lab, dst);
+    let log = lab.wait_logged(proxy, 64);
+    assert_eq!(log.len(), 64, "{log:?}");
+    let total: u64 = log.iter().map(|l| l["bytes_up"].as_u64().unwrap()).sum();
+    let expected: u64 = (0..64u64).map(|i| i * 7919 % 300_000).sum();
+    assert_eq!(total, expected);
 }
