@@ -185,6 +185,19 @@ impl Engine {
         Ok(out)
     }
 
+    /// Number of sockets in the sockmap acceleration now.
+    pub fn accelerated_sockets(&self) -> Result<usize, Error> {
+        let name = map_names::ACCEL_STATE;
+        let map = self.bpf.map(name).ok_or(Error::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        let state =
+            HashMap::<&MapData, Plain<connredir_abi::connredir_pair_key>, u32>::try_from(map)
+                .map_err(map_err(name))?;
+        Ok(state.keys().count())
+    }
+
     /// Takes the trace reader out of the engine (there is one). Decisions
     /// flow only while a [`Tracer`] is enabled.
     pub fn tracer(&mut self) -> Result<Tracer, Error> {

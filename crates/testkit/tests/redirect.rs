@@ -1111,6 +1111,10 @@ fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
         assert_eq!(entry["accelerated"], true, "{entry}");
         assert_eq!(entry["onward_accelerated"], true, "{entry}");
     }
+    // Closed sockets leave the acceleration maps.
+    eventually("the acceleration maps to empty", || {
+        (lab.engine.accelerated_sockets().unwrap() == 0).then_some(())
+    });
 }
 
 #[test]
