@@ -152,6 +152,10 @@ pub async fn handle(
             command: redirect.command.clone(),
         }),
         peer: peer.to_string(),
+        flow: records
+            .and_then(|r| r.hops().next())
+            .and_then(|hop| hop.local)
+            .map(|local| local.to_string()),
         original_dst: redirect.destination.map(|d| d.to_string()),
         server_name: seen.inspection.server_name,
         http: seen.inspection.http,

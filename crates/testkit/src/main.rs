@@ -350,7 +350,8 @@ fn connect_loop(args: &[String]) -> Result<()> {
 }
 
 /// Keeps one connection open across a change: an echo exchange, then a wait
-/// until FILE exists, then another exchange on the same connection.
+/// until FILE exists, then another exchange on the same connection (its
+/// failure is reported, with the I/O error kind, before the role fails).
 fn hold(args: &[String]) -> Result<()> {
     let addr: SocketAddr = value(args, "--connect")?.parse()?;
     let until = std::path::PathBuf::from(value(args, "--until")?);
@@ -366,7 +367,20 @@ fn hold(args: &[String]) -> Result<()> {
     while !until.exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let second = exchange("second\n")?;
-    emit(json!({ "stage": "second", "ok": second }));
-    Ok(())
+    // The connection may have died meanwhile (a killed proxy): report how.
+    match exchange("second\n") {
+        Ok(second) => {
+            emit(json!({ "stage": "second", "ok": second }));
+            Ok(())
+        }
+        Err(e) => {
+            let kind = e
+                .downcast_ref::<std::io::Error>()
+                .map(|io| format!("{:?}", io.kind()));
+            emit(
+                json!({ "stage": "second", "ok": false, "error": format!("{e:#}"), "kind": kind }),
+            );
+            Err(e)
+        }
+    }
 }
