@@ -327,11 +327,28 @@ fn probe(args: &[String]) -> Result<()> {
             outcome(&connredir::set_records_from(&new_socket()?, &bytes))
         }
         "set" => outcome(&connredir::set_records(&new_socket()?, &forged())),
+        "service" => service_outcome(&TcpListener::bind(addr()?)?),
+        "service-not-listening" => {
+            let socket = new_socket()?;
+            socket.bind(&addr()?.into())?;
+            service_outcome(&socket)
+        }
         "connected-query" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
         other => bail!("unknown probe case {other}"),
     };
     emit(json!({ "case": case, "result": result }));
     Ok(())
+}
+
+/// What `registered_service` says: `ok:ID` or the error's variant name.
+fn service_outcome(listener: &impl AsFd) -> String {
+    match connredir::registered_service(listener) {
+        Ok(id) => format!("ok:{}", id.0),
+        Err(connredir::ServiceError::NotRegistered(_)) => "NotRegistered".into(),
+        Err(connredir::ServiceError::LayerNotActive(_)) => "LayerNotActive".into(),
+        Err(connredir::ServiceError::NotListening) => "NotListening".into(),
+        Err(connredir::ServiceError::Other(e)) => kind(&e).into(),
+    }
 }
 
 /// Connects and closes `--count` times (reset on close, so no TIME_WAIT piles
