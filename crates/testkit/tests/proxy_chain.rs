@@ -426,3 +426,143 @@ fn haproxy_and_the_reference_proxy_chain_in_both_orders() {
         );
     }
 }
+
+/// Runs a probe case in `cgroup` and returns its result.
+fn probe(lab: &Lab, cgroup: &str, args: &[&str]) -> String {
+    let mut all = vec!["probe"];
+    all.extend_from_slice(args);
+    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), None, &all)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(status.success(), "probe {args:?} failed: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    report["result"].as_str().unwrap().to_string()
+}
+
+/// `registered_service` on a listening socket names the service registered
+/// for its address (IPv4 and IPv6), and says when none is, when the layer
+/// does not cover the caller, and when the socket does not listen.
+#[test]
+fn a_listener_learns_which_service_it_is() {
+    let Some(mut lab) = Lab::new("psvcid") else {
+        return;
+    };
+    let (v4, v6) = (free_addr("127.0.0.1"), free_addr("::1"));
+    let cgroup = lab.cgroup("services/known");
+    let id = lab.service("known", &[v4, v6], by_cgroup(&cgroup), None);
+    let ok = format!("ok:{}", id.0);
+    let (v4s, v6s) = (v4.to_string(), v6.to_string());
+    assert_eq!(probe(&lab, "services/known", &["service", &v4s]), ok);
+    assert_eq!(probe(&lab, "services/known", &["service", &v6s]), ok);
+    // Any process of an attached cgroup may ask, not only the service's.
+    assert_eq!(probe(&lab, "scope/other", &["service", &v4s]), ok);
+    let elsewhere = free_addr("127.0.0.1").to_string();
+    assert_eq!(
+        probe(&lab, "services/known", &["service", &elsewhere]),
+        "NotRegistered"
+    );
+    assert_eq!(
+        probe(&lab, "services/known", &["service-not-listening", &v4s]),
+        "NotListening"
+    );
+    assert_eq!(probe(&lab, "outside", &["service", &v4s]), "LayerNotActive");
+    // Unregistered, the address is nobody's again.
+    lab.engine.remove_service(id).unwrap();
+    assert_eq!(
+        probe(&lab, "services/known", &["service", &v4s]),
+        "NotRegistered"
+    );
+}
+
+/// Runs `connredir-proxy ARGS` in `cgroup` until it exits (at most 10 s);
+/// returns its exit code and what it said on stderr.
+fn proxy_exit(lab: &Lab, cgroup: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(workspace_bin("connredir-proxy"));
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    connredir_engine::cgroup::run_in_cgroup(&mut command, &lab.cgroup(cgroup), None).unwrap();
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("connredir-proxy {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.code(), stderr)
+}
+
+/// The proxy checks at startup that each listening address is a registered
+/// service and, when not, exits saying which address and what to do;
+/// `--standalone` runs it without the layer.
+#[test]
+fn the_proxy_refuses_an_unregistered_listening_address() {
+    let Some(mut lab) = Lab::new("punreg") else {
+        return;
+    };
+    let registered = free_addr("127.0.0.1");
+    let cgroup = lab.cgroup("services/lonely");
+    lab.service("lonely", &[registered], by_cgroup(&cgroup), None);
+    let unregistered = free_addr("127.0.0.1").to_string();
+    let registered = registered.to_string();
+
+    // One of two addresses is not registered.
+    let args = [
+        "--name",
+        "lonely",
+        "--listen",
+        &registered,
+        "--listen",
+        &unregistered,
+    ];
+    let (code, stderr) = proxy_exit(&lab, "services/lonely", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{unregistered} is not a registered connredir service"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "connredir service add --name lonely --listen {unregistered}"
+        )),
+        "{stderr}"
+    );
+    // Where the layer is not attached at all, it says that.
+    let args = ["--name", "lonely", "--listen", &registered];
+    let (code, stderr) = proxy_exit(&lab, "outside", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the connredir layer is not active"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&registered), "{stderr}");
+
+    // Registered: it starts. Unregistered but --standalone: it starts too.
+    for args in [
+        vec!["--name", "lonely", "--listen", &registered],
+        vec![
+            "--name",
+            "lonely",
+            "--listen",
+            &unregistered,
+            "--standalone",
+        ],
+    ] {
+        let proxy = workspace_bin("connredir-proxy");
+        let proc = Proc::spawn_program(&cgroup, None, &proxy, &args).unwrap();
+        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    }
+}
