@@ -142,6 +142,12 @@ enum StartupError {
     )]
     NotRegistered { addr: SocketAddr, name: String },
     #[error(
+        "{0} is not a registered connredir service, and cannot be one: services listen on a \
+         concrete address (such as 127.0.0.1:15001). Listen on the address the service is \
+         registered with, or pass --standalone to run without the layer (SO_ORIGINAL_DST only)"
+    )]
+    Unspecified(SocketAddr),
+    #[error(
         "the connredir layer is not active for this process (checked on {0}): start `connredir up` \
          and run this proxy in a cgroup of its scope (e.g. `connredir run -- connredir-proxy ...`), \
          or pass --standalone to run without the layer (SO_ORIGINAL_DST only)"
@@ -298,6 +304,9 @@ fn check_registered(
         Ok(id) => {
             info!(%addr, service = id.0, "registered service");
             Ok(())
+        }
+        Err(connredir::ServiceError::NotRegistered(_)) if addr.ip().is_unspecified() => {
+            Err(StartupError::Unspecified(addr))
         }
         Err(connredir::ServiceError::NotRegistered(_)) => Err(StartupError::NotRegistered {
             addr,

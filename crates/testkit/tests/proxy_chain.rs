@@ -540,6 +540,11 @@ fn the_proxy_refuses_an_unregistered_listening_address() {
         )),
         "{stderr}"
     );
+    // A wildcard address cannot be a service's.
+    let args = ["--name", "lonely", "--listen", "0.0.0.0:0"];
+    let (code, stderr) = proxy_exit(&lab, "services/lonely", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("concrete address"), "{stderr}");
     // Where the layer is not attached at all, it says that.
     let args = ["--name", "lonely", "--listen", &registered];
     let (code, stderr) = proxy_exit(&lab, "outside", &args);
