@@ -48,6 +48,9 @@ pub mod sockopt {
     pub const RECORDS: i32 = connredir_abi::CONNREDIR_SO_RECORDS as i32;
     /// get: the redirect context (only for the service that redirected).
     pub const CONTEXT: i32 = connredir_abi::CONNREDIR_SO_CONTEXT as i32;
+    /// get, on a listening socket: the id of the service registered for its
+    /// address (see [`registered_service`](crate::registered_service)).
+    pub const SERVICE: i32 = connredir_abi::CONNREDIR_SO_SERVICE as i32;
     /// get: whether the socket is accelerated (4-byte 0 or 1).
     pub const ACCELERATED: i32 = connredir_abi::CONNREDIR_SO_ACCELERATED as i32;
     /// `SO_ORIGINAL_DST` at `SOL_IP`, answered from the records.
@@ -109,6 +112,93 @@ impl Error {
             _ => Error::Io(err),
         }
     }
+}
+
+/// Why [`registered_service`] found no service for a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The layer is active here, but no service is registered for this
+    /// listening address: no connection will be redirected to it, and the
+    /// process's own connections count as anybody's.
+    #[error(
+        "no connredir service is registered for {0}: register one that listens there \
+         (`connredir service add --name NAME --listen {0} --cgroup DIR|--uid UID|--pid PID`, \
+         or a [[service]] with listen = [\"{0}\"] in the configuration)"
+    )]
+    NotRegistered(SocketAddr),
+    /// The redirect layer does not cover the socket: no `connredir up`, or
+    /// the process is not in a cgroup it is attached to (or the running
+    /// layer is too old to answer this query).
+    #[error(
+        "the connredir layer is not active for this process (checked on {0}): \
+         is `connredir up` running, and is this process in a cgroup of its scope?"
+    )]
+    LayerNotActive(SocketAddr),
+    /// The socket is not listening: ask after `listen()`.
+    #[error("the socket is not listening: ask which service it is after listen()")]
+    NotListening,
+    /// Any other failure (not a socket, a system error).
+    #[error(transparent)]
+    Other(#[from] Error),
+}
+
+/// The id of the service registered for a listening socket's local address,
+/// so a proxy can tell at startup that the layer will send it connections
+/// (and treat its own onward connections as the service's).
+///
+/// Fails with [`ServiceError::NotRegistered`] when no service listens at that
+/// address, [`ServiceError::LayerNotActive`] when the layer does not cover
+/// the caller's cgroup, and [`ServiceError::NotListening`] before `listen()`.
+/// The syscall is `getsockopt(fd, LEVEL, SERVICE, &u32, &len)`.
+pub fn registered_service(listener: &impl AsFd) -> Result<ServiceId, ServiceError> {
+    let fd = listener.as_fd();
+    let mut id = [0u8; std::mem::size_of::<u32>()];
+    match getsockopt(fd, sockopt::LEVEL, sockopt::SERVICE, &mut id) {
+        Ok(n) if n == id.len() => Ok(ServiceId(u32::from_ne_bytes(id))),
+        Ok(n) => Err(ServiceError::Other(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the service id answer is {n} bytes, not 4"),
+        )))),
+        Err(e) => Err(match e.raw_os_error() {
+            Some(libc::ENOENT) => ServiceError::NotRegistered(local_address(fd)?),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT) => {
+                ServiceError::LayerNotActive(local_address(fd)?)
+            }
+            Some(libc::EINVAL) => ServiceError::NotListening,
+            _ => ServiceError::Other(Error::from_errno(e)),
+        }),
+    }
+}
+
+/// The local address of a socket (getsockname).
+fn local_address(fd: BorrowedFd<'_>) -> Result<SocketAddr, Error> {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of_val(&storage) as libc::socklen_t;
+    // SAFETY: storage is valid for len bytes.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::from_errno(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel wrote `len` bytes of storage.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&storage as *const libc::sockaddr_storage).cast::<u8>(),
+            len as usize,
+        )
+    };
+    decode_sockaddr(bytes).ok_or_else(|| {
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the socket's address is not an IPv4 or IPv6 socket address",
+        ))
+    })
 }
 
 /// getsockopt into `buf` (NULL with length 0 for a size query); returns the length.
@@ -377,6 +467,29 @@ mod tests {
                 Err(e) => panic!("{at}: {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn without_the_layer_no_service_is_registered_anywhere() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        match registered_service(&listener) {
+            Err(e @ ServiceError::LayerNotActive(at)) => {
+                assert_eq!(at, addr);
+                assert!(e.to_string().contains(&addr.to_string()), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (read, _write) = std::io::pipe().unwrap();
+        assert!(matches!(
+            registered_service(&read),
+            Err(ServiceError::Other(Error::NotASocket))
+        ));
+        let not_registered = ServiceError::NotRegistered(addr).to_string();
+        assert!(
+            not_registered.contains(&format!("--listen {addr}")),
+            "{not_registered}"
+        );
     }
 
     #[test]

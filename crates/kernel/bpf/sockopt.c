@@ -125,6 +125,56 @@ static __always_inline void get_context(struct bpf_sockopt *ctx, __s32 optlen, v
 	ctx->retval = 0;
 }
 
+/* The service registered for a listening socket's local address. */
+static __always_inline void get_service(struct bpf_sockopt *ctx, __s32 optlen, void *optval,
+					void *optval_end, struct bpf_sock *sk)
+{
+	struct connredir_addr_key key = {};
+	__u32 *out = optval;
+	__u32 sk_state, family, port, ip4, ip6[4];
+	__u32 *id;
+
+	if (!sk) {
+		ctx->retval = -EINVAL;
+		return;
+	}
+	sk_state = ctx_read(sk->state);
+	family = ctx_read(sk->family);
+	port = ctx_read(sk->src_port);
+	ip4 = ctx_read(sk->src_ip4);
+	ip6[0] = ctx_read(sk->src_ip6[0]);
+	ip6[1] = ctx_read(sk->src_ip6[1]);
+	ip6[2] = ctx_read(sk->src_ip6[2]);
+	ip6[3] = ctx_read(sk->src_ip6[3]);
+	if (sk_state != TCP_LISTEN) {
+		ctx->retval = -EINVAL;
+		return;
+	}
+	/* The key as the engine writes it: IPv4 as IPv4-mapped IPv6. */
+	if (family == AF_INET) {
+		ip6[0] = 0;
+		ip6[1] = 0;
+		ip6[2] = bpf_htonl(0xffff);
+		ip6[3] = ip4;
+	}
+	__builtin_memcpy(key.addr, ip6, sizeof(ip6));
+	key.port = port;
+	id = bpf_map_lookup_elem(&service_addrs, &key);
+	if (!id) {
+		ctx->retval = -ENOENT;
+		return;
+	}
+	if (buffer_check(ctx, optlen, sizeof(*out)))
+		return;
+	if ((void *)(out + 1) > optval_end) {
+		ctx->retval = -ENOBUFS;
+		return;
+	}
+	*out = *id;
+	ctx->optlen = sizeof(*out);
+	ctx->retval = 0;
+}
+
 /*
  * The caller is about to open its onward connection to `dst`. If it is the
  * service this flow was redirected to, keep the record for that connection,
@@ -216,6 +266,10 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 		return 1;
 	}
 	if (level == CONNREDIR_SOL) {
+		if (optname == CONNREDIR_SO_SERVICE) {
+			get_service(ctx, optlen, optval, optval_end, sk);
+			return 1;
+		}
 		if (optname != CONNREDIR_SO_RECORDS && optname != CONNREDIR_SO_CONTEXT) {
 			ctx->retval = -ENOPROTOOPT;
 			return 1;

@@ -30,6 +30,8 @@ pub struct Settings {
     pub inspect_timeout: Duration,
     /// How long connecting onward may take.
     pub connect_timeout: Duration,
+    /// `--standalone`: no layer, SO_ORIGINAL_DST only.
+    pub standalone: bool,
 }
 
 /// What the redirect layer says about an accepted connection.
@@ -83,6 +85,23 @@ impl Redirect {
             destination,
             problem,
             command,
+        }
+    }
+}
+
+impl Redirect {
+    /// Without the layer (`--standalone`): the destination from
+    /// SO_ORIGINAL_DST (conntrack's answer), no records and no context.
+    pub fn original_destination_only(stream: &TcpStream) -> Redirect {
+        match connredir::original_destination(stream) {
+            Ok(dst) => Redirect {
+                destination: Some(dst),
+                ..Redirect::default()
+            },
+            Err(e) => Redirect {
+                problem: Some(format!("no original destination: {e}")),
+                ..Redirect::default()
+            },
         }
     }
 }
@@ -152,6 +171,10 @@ pub async fn handle(
             command: redirect.command.clone(),
         }),
         peer: peer.to_string(),
+        flow: records
+            .and_then(|r| r.hops().next())
+            .and_then(|hop| hop.local)
+            .map(|local| local.to_string()),
         original_dst: redirect.destination.map(|d| d.to_string()),
         server_name: seen.inspection.server_name,
         http: seen.inspection.http,
@@ -300,6 +323,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             inspect_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(5),
+            standalone: true,
         }
     }
 

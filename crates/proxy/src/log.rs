@@ -58,6 +58,10 @@ pub struct ConnectionLog {
     pub client: Option<Client>,
     /// The client socket's address as accepted.
     pub peer: String,
+    /// The flow's id: the address of the socket that opened the flow (the
+    /// `local` of the first hop in the records), the same in every proxy's
+    /// line about this flow; null without records.
+    pub flow: Option<String>,
     /// Where the flow was going.
     pub original_dst: Option<String>,
     /// TLS SNI.

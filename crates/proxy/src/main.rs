@@ -1,7 +1,8 @@
 //! `connredir-proxy`: the reference inspecting proxy for connredir.
 //!
-//! `main` reads the command line, binds the listeners, prints `ready`, and
-//! runs an accept loop per listener; each connection is a task
+//! `main` reads the command line, binds the listeners, checks that the
+//! layer knows each as a registered service (unless `--standalone`), prints
+//! `ready`, and runs an accept loop per listener; each connection is a task
 //! ([`conn::handle`]) that logs one JSON line when it ends. SIGINT/SIGTERM
 //! stop accepting, let connections drain, then close the rest.
 
@@ -60,7 +61,9 @@ Examples:
   connredir-proxy --name filter --listen 127.0.0.1:15002 \\
       --rule allow:host:*.corp.example --rule deny:host:*.example \\
       --rule deny:port:25 --rule deny:dst:10.0.0.0/8 --log /var/log/filter.jsonl
-Register it with the layer:
+Register it with the layer first: at startup each --listen address must be a
+registered service, or the proxy exits (code 2) saying what to do; --standalone
+runs it without the layer (SO_ORIGINAL_DST only, e.g. behind iptables REDIRECT).
   connredir service add --name inspector --listen 127.0.0.1:15001 --uid $(id -u)";
 
 /// The command line.
@@ -94,6 +97,11 @@ struct Cli {
     /// Relay with read/write instead of zero-copy splice(2).
     #[arg(long)]
     no_splice: bool,
+    /// Run without the connredir layer: do not require each --listen address
+    /// to be a registered service, and find destinations with SO_ORIGINAL_DST
+    /// only (e.g. behind iptables REDIRECT), without redirect records.
+    #[arg(long)]
+    standalone: bool,
 }
 
 /// Durations as `500ms`, `2s`, `5m`, `1h`; a bare number is seconds.
@@ -125,6 +133,28 @@ enum StartupError {
     Bind(SocketAddr, #[source] std::io::Error),
     #[error("cannot open the log file {0}: {1}")]
     Log(PathBuf, #[source] std::io::Error),
+    #[error(
+        "{addr} is not a registered connredir service: no connection would be redirected here, \
+         and this proxy's own connections would be redirected like anybody's. Register it first: \
+         `connredir service add --name {name} --listen {addr} --cgroup DIR|--uid UID|--pid PID`, \
+         or a [[service]] with listen = [\"{addr}\"] in the configuration of `connredir up`; \
+         or pass --standalone to run without the layer (SO_ORIGINAL_DST only)"
+    )]
+    NotRegistered { addr: SocketAddr, name: String },
+    #[error(
+        "{0} is not a registered connredir service, and cannot be one: services listen on a \
+         concrete address (such as 127.0.0.1:15001). Listen on the address the service is \
+         registered with, or pass --standalone to run without the layer (SO_ORIGINAL_DST only)"
+    )]
+    Unspecified(SocketAddr),
+    #[error(
+        "the connredir layer is not active for this process (checked on {0}): start `connredir up` \
+         and run this proxy in a cgroup of its scope (e.g. `connredir run -- connredir-proxy ...`), \
+         or pass --standalone to run without the layer (SO_ORIGINAL_DST only)"
+    )]
+    LayerNotActive(SocketAddr),
+    #[error("cannot ask the connredir layer which service listens on {0}: {1}")]
+    ServiceCheck(SocketAddr, #[source] connredir::ServiceError),
 }
 
 /// Where the proxy is in its life; connections and accept loops watch it.
@@ -169,6 +199,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|&addr| bind(addr))
         .collect::<Result<Vec<_>, _>>()?;
+    if !cli.standalone {
+        for (listener, &requested) in listeners.iter().zip(&cli.listen) {
+            let addr = listener.local_addr().unwrap_or(requested);
+            check_registered(listener, addr, &cli.name)?;
+        }
+    }
     // Before `ready`, so a supervisor's signal right after it is handled.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -190,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         idle_timeout: cli.idle_timeout,
         inspect_timeout: cli.inspect_timeout,
         connect_timeout: cli.connect_timeout,
+        standalone: cli.standalone,
     });
     let sink = Arc::new(sink);
     let (phase, phase_rx) = watch::channel(Phase::Running);
@@ -257,6 +294,29 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     socket.listen(1024).map_err(fail)
 }
 
+/// Checks that the layer knows `listener`'s address (`addr`) as a service's.
+fn check_registered(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<(), StartupError> {
+    match connredir::registered_service(listener) {
+        Ok(id) => {
+            info!(%addr, service = id.0, "registered service");
+            Ok(())
+        }
+        Err(connredir::ServiceError::NotRegistered(_)) if addr.ip().is_unspecified() => {
+            Err(StartupError::Unspecified(addr))
+        }
+        Err(connredir::ServiceError::NotRegistered(_)) => Err(StartupError::NotRegistered {
+            addr,
+            name: name.to_string(),
+        }),
+        Err(connredir::ServiceError::LayerNotActive(_)) => Err(StartupError::LayerNotActive(addr)),
+        Err(e) => Err(StartupError::ServiceCheck(addr, e)),
+    }
+}
+
 /// Accepts until the proxy stops running; one task per connection.
 async fn accept_loop(
     listener: TcpListener,
@@ -285,7 +345,11 @@ async fn accept_loop(
         let (settings, sink, done) = (settings.clone(), sink.clone(), done.clone());
         let mut phase = phase.clone();
         tokio::spawn(async move {
-            let redirect = Redirect::query(&stream);
+            let redirect = if settings.standalone {
+                Redirect::original_destination_only(&stream)
+            } else {
+                Redirect::query(&stream)
+            };
             let closing = async move {
                 let _ = phase.wait_for(|p| *p == Phase::Closing).await;
             };
@@ -328,10 +392,39 @@ mod tests {
         assert_eq!(cli.listen.len(), 2);
         assert_eq!(cli.rules[1].to_string(), "allow:host:*.example.com");
         assert_eq!(cli.idle_timeout, Duration::from_secs(300));
+        assert!(!cli.standalone);
+        let cli = Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--standalone"]);
+        assert!(cli.unwrap().standalone);
         assert!(Cli::try_parse_from(["connredir-proxy", "--name=p"]).is_err());
         assert!(
             Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--rule=nope"]).is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn without_the_layer_startup_says_what_to_do() {
+        // This test process is in no cgroup the layer is attached to.
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let err = check_registered(&listener, addr, "p").unwrap_err();
+        assert!(
+            matches!(err, StartupError::LayerNotActive(a) if a == addr),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains(&addr.to_string()), "{message}");
+        assert!(message.contains("connredir up"), "{message}");
+        assert!(message.contains("--standalone"), "{message}");
+        let message = StartupError::NotRegistered {
+            addr,
+            name: "p".into(),
+        }
+        .to_string();
+        assert!(
+            message.contains(&format!("connredir service add --name p --listen {addr}")),
+            "{message}"
+        );
+        assert!(message.contains("--standalone"), "{message}");
     }
 
     #[tokio::test]

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
+use serde_json::Value;
 
 /// Path of the test-role binary built with this crate.
 pub fn testkit_bin() -> PathBuf {
@@ -142,6 +144,23 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Kills the process with SIGKILL (by its pid) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL")?;
+        self.child.wait().context("reap the killed process")?;
+        Ok(())
+    }
+
+    /// The lines printed so far that are JSON objects (the per-connection
+    /// reports of the proxies and clients).
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
     }
 
     /// Waits for the process to exit (at most 30 s) and returns its output.
@@ -285,4 +304,126 @@ pub fn require_program(test: &str, name: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED {test}: {name} is not installed (run scripts/setup)");
     }
     found
+}
+
+/// One test's world: a cgroup tree with `scope` (clients) and `services`
+/// (proxies) attached, `outside` not attached, the loaded engine, and the
+/// processes the test started. Fields drop in order: processes, then the
+/// engine (detaching the programs), then the cgroup tree.
+pub struct Lab {
+    /// Processes started for the test, killed on drop.
+    pub procs: Vec<Proc>,
+    /// The loaded, attached kernel programs and their maps.
+    pub engine: Engine,
+    /// The test's cgroup tree.
+    pub tree: CgroupTree,
+}
+
+impl Lab {
+    /// None when the test must be skipped (not root, outside CI).
+    pub fn new(name: &str) -> Option<Lab> {
+        if !require_privileges(name) {
+            return None;
+        }
+        let tree = test_tree(name).expect("cgroup tree");
+        let mut engine = Engine::load().expect("load the kernel programs");
+        engine
+            .attach(tree.cgroup("scope").unwrap())
+            .expect("attach scope");
+        engine
+            .attach(tree.cgroup("services").unwrap())
+            .expect("attach services");
+        tree.cgroup("outside").unwrap();
+        Some(Lab {
+            procs: Vec::new(),
+            engine,
+            tree,
+        })
+    }
+
+    /// A cgroup of the tree (made when missing), e.g. `scope/client`.
+    pub fn cgroup(&self, relative: &str) -> PathBuf {
+        self.tree.cgroup(relative).unwrap()
+    }
+
+    /// Registers a service.
+    pub fn service(
+        &mut self,
+        name: &str,
+        listen: &[SocketAddr],
+        identity: Identity,
+        context: Option<&[u8]>,
+    ) -> ServiceId {
+        self.engine
+            .add_service(Service {
+                name: name.into(),
+                listen: listen.to_vec(),
+                identity,
+                context: context.map(<[u8]>::to_vec),
+                own_connections_by_self: true,
+                accelerate: false,
+            })
+            .expect("register service")
+    }
+
+    /// Sends TCP connections to `prefix` (on `port`, or any) to a service.
+    pub fn route(&mut self, id: ServiceId, prefix: &str, port: Option<u16>, priority: u32) {
+        self.engine
+            .add_rule(Rule {
+                destinations: vec![prefix.parse().unwrap()],
+                ports: port.map(|p| p..=p).into_iter().collect(),
+                priority,
+                ..Rule::tcp_to(id)
+            })
+            .expect("add rule");
+    }
+
+    /// JSON lines a proxy (`procs[index]`) printed about connections.
+    pub fn proxy_log(&self, index: usize) -> Vec<Value> {
+        self.procs[index].json_lines()
+    }
+
+    /// Waits (at most 10 s) until proxy `index` has logged `n` connections.
+    pub fn wait_logged(&self, index: usize, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.proxy_log(index);
+            if log.len() >= n || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A service identity: the processes running as `uid`.
+pub fn by_uid(uid: u32) -> Identity {
+    Identity {
+        uids: vec![uid],
+        ..Default::default()
+    }
+}
+
+/// A service identity: the processes in `cgroup`.
+pub fn by_cgroup(cgroup: &Path) -> Identity {
+    Identity {
+        cgroups: vec![cgroup.to_owned()],
+        ..Default::default()
+    }
+}
+
+/// All permutations of 0..n.
+pub fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for rest in permutations(n - 1) {
+        for at in 0..=rest.len() {
+            let mut p = rest.clone();
+            p.insert(at, n - 1);
+            out.push(p);
+        }
+    }
+    out
 }

@@ -398,11 +398,28 @@ fn probe(args: &[String]) -> Result<()> {
             outcome(&connredir::set_records_from(&new_socket()?, &bytes))
         }
         "set" => outcome(&connredir::set_records(&new_socket()?, &forged())),
+        "service" => service_outcome(&TcpListener::bind(addr()?)?),
+        "service-not-listening" => {
+            let socket = new_socket()?;
+            socket.bind(&addr()?.into())?;
+            service_outcome(&socket)
+        }
         "connected-query" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
         other => bail!("unknown probe case {other}"),
     };
     emit(json!({ "case": case, "result": result }));
     Ok(())
+}
+
+/// What `registered_service` says: `ok:ID` or the error's variant name.
+fn service_outcome(listener: &impl AsFd) -> String {
+    match connredir::registered_service(listener) {
+        Ok(id) => format!("ok:{}", id.0),
+        Err(connredir::ServiceError::NotRegistered(_)) => "NotRegistered".into(),
+        Err(connredir::ServiceError::LayerNotActive(_)) => "LayerNotActive".into(),
+        Err(connredir::ServiceError::NotListening) => "NotListening".into(),
+        Err(connredir::ServiceError::Other(e)) => kind(&e).into(),
+    }
 }
 
 /// Connects and closes `--count` times (reset on close, so no TIME_WAIT piles
@@ -421,7 +438,8 @@ fn connect_loop(args: &[String]) -> Result<()> {
 }
 
 /// Keeps one connection open across a change: an echo exchange, then a wait
-/// until FILE exists, then another exchange on the same connection.
+/// until FILE exists, then another exchange on the same connection (its
+/// failure is reported, with the I/O error kind, before the role fails).
 fn hold(args: &[String]) -> Result<()> {
     let addr: SocketAddr = value(args, "--connect")?.parse()?;
     let until = std::path::PathBuf::from(value(args, "--until")?);
@@ -437,7 +455,20 @@ fn hold(args: &[String]) -> Result<()> {
     while !until.exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let second = exchange("second\n")?;
-    emit(json!({ "stage": "second", "ok": second }));
-    Ok(())
+    // The connection may have died meanwhile (a killed proxy): report how.
+    match exchange("second\n") {
+        Ok(second) => {
+            emit(json!({ "stage": "second", "ok": second }));
+            Ok(())
+        }
+        Err(e) => {
+            let kind = e
+                .downcast_ref::<std::io::Error>()
+                .map(|io| format!("{:?}", io.kind()));
+            emit(
+                json!({ "stage": "second", "ok": false, "error": format!("{e:#}"), "kind": kind }),
+            );
+            Err(e)
+        }
+    }
 }

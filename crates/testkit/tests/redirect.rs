@@ -3,25 +3,16 @@
 //! connections on loopback.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
-use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
+use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
-    free_addr, require_privileges, require_program, test_tree, wait_listening, workspace_bin,
-    CgroupTree, EchoServer, Proc,
+    by_cgroup, by_uid, free_addr, permutations, require_program, wait_listening, workspace_bin,
+    EchoServer, Lab, Proc,
 };
 use serde_json::Value;
-
-/// One test's world. Fields drop in order: processes, then the engine
-/// (detaching the programs), then the cgroup tree.
-struct Lab {
-    procs: Vec<Proc>,
-    engine: Engine,
-    tree: CgroupTree,
-}
 
 struct ProxySpec<'a> {
     name: &'a str,
@@ -32,64 +23,29 @@ struct ProxySpec<'a> {
     args: &'a [&'a str],
 }
 
-impl Lab {
-    /// None when the test must be skipped (not root, outside CI).
-    fn new(name: &str) -> Option<Lab> {
-        if !require_privileges(name) {
-            return None;
-        }
-        let tree = test_tree(name).expect("cgroup tree");
-        let mut engine = Engine::load().expect("load the kernel programs");
-        engine
-            .attach(tree.cgroup("scope").unwrap())
-            .expect("attach scope");
-        engine
-            .attach(tree.cgroup("services").unwrap())
-            .expect("attach services");
-        tree.cgroup("outside").unwrap();
-        Some(Lab {
-            procs: Vec::new(),
-            engine,
-            tree,
-        })
-    }
-
-    fn cgroup(&self, relative: &str) -> PathBuf {
-        self.tree.cgroup(relative).unwrap()
-    }
-
-    /// Registers a service.
-    fn service(
+/// The test kit's own proxy and client roles, on a lab.
+trait ToyRoles {
+    fn proxy(&mut self, spec: ProxySpec) -> (ServiceId, usize);
+    fn start_proxy(
         &mut self,
+        cgroup: &std::path::Path,
+        uid: Option<u32>,
         name: &str,
         listen: &[SocketAddr],
-        identity: Identity,
-        context: Option<&[u8]>,
-    ) -> ServiceId {
-        self.engine
-            .add_service(Service {
-                name: name.into(),
-                listen: listen.to_vec(),
-                identity,
-                context: context.map(<[u8]>::to_vec),
-                own_connections_by_self: true,
-                accelerate: false,
-            })
-            .expect("register service")
-    }
+        extra: &[&str],
+    ) -> usize;
+    fn client(&self, cgroup: &str, connect: SocketAddr, bytes: usize) -> Result<Value>;
+    fn client_with(
+        &self,
+        cgroup: &str,
+        connect: SocketAddr,
+        bytes: usize,
+        extra: &[&str],
+    ) -> Result<Value>;
+    fn probe(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> String;
+}
 
-    /// Sends TCP connections to `prefix` (on `port`, or any) to a service.
-    fn route(&mut self, id: ServiceId, prefix: &str, port: Option<u16>, priority: u32) {
-        self.engine
-            .add_rule(Rule {
-                destinations: vec![prefix.parse().unwrap()],
-                ports: port.map(|p| p..=p).into_iter().collect(),
-                priority,
-                ..Rule::tcp_to(id)
-            })
-            .expect("add rule");
-    }
-
+impl ToyRoles for Lab {
     /// Registers a service (identity: its own cgroup) with one rule, and
     /// starts its proxy. Returns the service id and the proxy's index.
     fn proxy(&mut self, spec: ProxySpec) -> (ServiceId, usize) {
@@ -120,16 +76,6 @@ impl Lab {
         proc.wait_line("proxy ready", |l| l == "ready").unwrap();
         self.procs.push(proc);
         self.procs.len() - 1
-    }
-
-    /// JSON lines a proxy printed about connections.
-    fn proxy_log(&self, index: usize) -> Vec<Value> {
-        self.procs[index]
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
     }
 
     /// Runs the client role in `cgroup` and returns its report.
@@ -170,32 +116,6 @@ impl Lab {
         assert!(status.success(), "probe {args:?} failed: {lines:?}");
         let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
         report["result"].as_str().unwrap().to_string()
-    }
-
-    /// Waits until proxy `index` has logged `n` connections.
-    fn wait_logged(&self, index: usize, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.proxy_log(index);
-            if log.len() >= n || Instant::now() > deadline {
-                return log;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-fn by_uid(uid: u32) -> Identity {
-    Identity {
-        uids: vec![uid],
-        ..Default::default()
-    }
-}
-
-fn by_cgroup(cgroup: &std::path::Path) -> Identity {
-    Identity {
-        cgroups: vec![cgroup.to_owned()],
-        ..Default::default()
     }
 }
 
@@ -292,22 +212,6 @@ fn ipv4_mapped_destination_follows_the_ipv4_rules() {
         },
         "v4mapped",
     );
-}
-
-/// All permutations of 0..n.
-fn permutations(n: usize) -> Vec<Vec<usize>> {
-    if n == 0 {
-        return vec![vec![]];
-    }
-    let mut out = Vec::new();
-    for rest in permutations(n - 1) {
-        for at in 0..=rest.len() {
-            let mut p = rest.clone();
-            p.insert(at, n - 1);
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// n services whose rules all match one destination, started in every order:

@@ -21,6 +21,13 @@
 #define CONNREDIR_SO_RECORDS 1
 /* get: the redirect context, for the service that redirected the flow. */
 #define CONNREDIR_SO_CONTEXT 2
+/*
+ * get, on a listening socket: the id (__u32) of the service registered for
+ * the socket's local address; ENOENT when none is, EINVAL when the socket
+ * does not listen. Where the layer is not active the kernel answers
+ * EOPNOTSUPP, as for every option of this level.
+ */
+#define CONNREDIR_SO_SERVICE 3
 
 /*
  * get: a 4-byte 1 when the socket's peer is local and its data bypasses the

@@ -1,0 +1,573 @@
+//! End-to-end tests of the reference proxy, `connredir-proxy`, under the real
+//! redirect layer: independent proxies chained on one flow, a proxy killed
+//! mid-flow, deny rules, a third-party transparent proxy in the chain, and
+//! the startup check that a proxy's listener is a registered service.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use connredir_engine::{Rule, ServiceId};
+use connredir_testkit::{
+    by_cgroup, free_addr, permutations, require_program, wait_listening, workspace_bin, EchoServer,
+    Lab, Proc,
+};
+use serde_json::{json, Value};
+
+/// One reference proxy of a test: its service's name, rule and arguments.
+struct Spec<'a> {
+    name: &'a str,
+    /// Destination prefix of its rule.
+    prefix: &'a str,
+    /// Destination ports of its rule; `None`: every port.
+    ports: Option<RangeInclusive<u16>>,
+    priority: u32,
+    /// Extra `connredir-proxy` arguments (`--rule ...`).
+    args: &'a [&'a str],
+}
+
+/// Registers a service for `spec` (identity: its own cgroup
+/// `services/NAME`, listening on a free loopback port) with one rule, then
+/// starts `connredir-proxy` there. Returns the service id and the proxy's
+/// index in `lab.procs`.
+fn reference_proxy(lab: &mut Lab, spec: &Spec) -> (ServiceId, usize) {
+    let cgroup = lab.cgroup(&format!("services/{}", spec.name));
+    let listen = free_addr("127.0.0.1");
+    let id = lab.service(spec.name, &[listen], by_cgroup(&cgroup), None);
+    lab.engine
+        .add_rule(Rule {
+            destinations: vec![spec.prefix.parse().unwrap()],
+            ports: spec.ports.clone().into_iter().collect(),
+            priority: spec.priority,
+            ..Rule::tcp_to(id)
+        })
+        .expect("add rule");
+    let listen = listen.to_string();
+    let mut args = vec!["--name", spec.name, "--listen", &listen];
+    args.extend_from_slice(spec.args);
+    let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
+        .expect("start connredir-proxy");
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
+    (id, lab.procs.len() - 1)
+}
+
+/// Runs the `many` client role in `scope/client` and returns its per-flow
+/// reports (the role itself always succeeds; each flow says how it went).
+fn many(lab: &Lab, dst: SocketAddr, sizes: &[usize]) -> Vec<Value> {
+    let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
+    let dst = dst.to_string();
+    let sizes = sizes.join(",");
+    let args = ["many", "--connect", &dst, "--sizes", &sizes];
+    let client = Proc::spawn(&lab.cgroup("scope/client"), None, &args).unwrap();
+    let (status, lines) = client.finish().unwrap();
+    assert!(status.success(), "many: {status}: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    report["flows"].as_array().expect("flows").clone()
+}
+
+/// Waits (at most 20 s) until proxy `index` has logged `n` connections.
+fn wait_for_log(lab: &Lab, index: usize, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = lab.proxy_log(index);
+        if log.len() >= n || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The payload sizes of the concurrent flows: mostly small, from 0 bytes
+/// up, and a few of several MiB.
+fn flow_sizes() -> Vec<usize> {
+    const MIB: usize = 1 << 20;
+    let small = [0, 1, 100, 1_460, 16_384, 65_536, 200_000];
+    let mut sizes: Vec<usize> = (0..206).map(|i| small[i % small.len()]).collect();
+    sizes.extend([2 * MIB, 3 * MIB, 5 * MIB, 8 * MIB]);
+    sizes
+}
+
+/// Three independent proxies whose rules overlap (one prefix for one
+/// address, one port range, one whole /8), started and registered in every
+/// order, with 210 concurrent flows of 0 bytes to 8 MiB: every flow arrives
+/// and comes back byte-exact, each proxy logs each flow exactly once, and
+/// the chain each proxy sees follows the rules' priorities, whatever the
+/// start order.
+#[test]
+fn three_reference_proxies_chain_every_flow_once_in_every_start_order() {
+    let sizes = flow_sizes();
+    for order in permutations(3) {
+        let Some(mut lab) = Lab::new("pchain") else {
+            return;
+        };
+        let server = EchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let port = dst.port();
+        // In priority order: the chain must be narrow, ports, wide.
+        let specs = [
+            Spec {
+                name: "narrow",
+                prefix: "127.0.0.2/32",
+                ports: None,
+                priority: 10,
+                args: &[],
+            },
+            Spec {
+                name: "ports",
+                prefix: "127.0.0.0/24",
+                ports: Some(port.saturating_sub(50)..=port.saturating_add(50)),
+                priority: 20,
+                args: &[],
+            },
+            Spec {
+                name: "wide",
+                prefix: "127.0.0.0/8",
+                ports: None,
+                priority: 30,
+                args: &["--rule", "deny:host:never.test"],
+            },
+        ];
+        let mut started = vec![None; specs.len()];
+        for &which in &order {
+            started[which] = Some(reference_proxy(&mut lab, &specs[which]));
+        }
+        let started: Vec<(ServiceId, usize)> = started.into_iter().map(Option::unwrap).collect();
+        let ids: Vec<u32> = started.iter().map(|(id, _)| id.0).collect();
+
+        let flows = many(&lab, dst, &sizes);
+        assert_eq!(flows.len(), sizes.len());
+        let mut sent_by_flow = HashMap::new();
+        for flow in &flows {
+            assert_eq!(flow["ok"], true, "order {order:?}: {flow}");
+            assert_eq!(flow["received"], flow["sent"], "order {order:?}: {flow}");
+            let local = flow["local"].as_str().unwrap().to_string();
+            sent_by_flow.insert(local, flow["sent"].as_u64().unwrap());
+        }
+        assert_eq!(sent_by_flow.len(), sizes.len(), "flows have distinct ids");
+
+        for (position, spec) in specs.iter().enumerate() {
+            let log = wait_for_log(&lab, started[position].1, sizes.len());
+            assert_eq!(
+                log.len(),
+                sizes.len(),
+                "order {order:?}: {} logged {} flows",
+                spec.name,
+                log.len()
+            );
+            let mut seen = HashMap::new();
+            for entry in &log {
+                let what = format!("order {order:?}, {}: {entry}", spec.name);
+                assert_eq!(entry["proxy"], spec.name, "{what}");
+                assert_eq!(entry["verdict"], "allow", "{what}");
+                assert_eq!(entry["chain"], json!(ids[..=position]), "{what}");
+                assert_eq!(entry["original_dst"], dst.to_string(), "{what}");
+                let flow = entry["flow"].as_str().expect("a flow id").to_string();
+                let sent = *sent_by_flow.get(&flow).unwrap_or_else(|| panic!("{what}"));
+                assert_eq!(entry["bytes_up"], sent, "{what}");
+                assert_eq!(entry["bytes_down"], sent, "{what}");
+                *seen.entry(flow).or_insert(0) += 1;
+            }
+            assert!(
+                seen.values().all(|&n| n == 1) && seen.len() == sizes.len(),
+                "order {order:?}: {} did not log each flow exactly once",
+                spec.name
+            );
+        }
+        assert_eq!(server.accepted().len(), sizes.len(), "order {order:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 3 * sizes.len() as u64, "{counters:?}");
+        assert_eq!(counters.hop_limit, 0, "{counters:?}");
+        assert_eq!(counters.handoff_misses, 0, "{counters:?}");
+    }
+}
+
+/// A proxy killed (SIGKILL) while a flow runs through it, first or second
+/// in a chain of two: the client is not left hanging but sees the
+/// connection end (EOF or reset), and the surviving proxy closes and logs
+/// its side.
+#[test]
+fn a_proxy_killed_mid_flow_does_not_hang_the_client() {
+    for victim in [0, 1] {
+        let Some(mut lab) = Lab::new("pkill") else {
+            return;
+        };
+        let server = EchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let prefix = format!("{}/32", dst.ip());
+        let mut proxies = Vec::new();
+        for (name, priority) in [("first", 1), ("second", 2)] {
+            let spec = Spec {
+                name,
+                prefix: &prefix,
+                ports: Some(dst.port()..=dst.port()),
+                priority,
+                args: &[],
+            };
+            proxies.push(reference_proxy(&mut lab, &spec).1);
+        }
+        let go = std::env::temp_dir().join(format!(
+            "connredir-pkill-{}-{victim}.go",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&go);
+        let dst_arg = dst.to_string();
+        let args = [
+            "hold",
+            "--connect",
+            &dst_arg,
+            "--until",
+            go.to_str().unwrap(),
+        ];
+        let held = Proc::spawn(&lab.cgroup("scope/client"), None, &args).unwrap();
+        held.wait_line("first exchange", |l| l.contains("\"first\""))
+            .unwrap();
+        assert!(
+            held.lines()[0].contains("\"ok\":true"),
+            "{:?}",
+            held.lines()
+        );
+
+        lab.procs[proxies[victim]].kill().unwrap();
+        std::fs::write(&go, b"").unwrap();
+        // finish() gives up after 30 s: only a hang gets there.
+        let (status, lines) = held.finish().unwrap();
+        let _ = std::fs::remove_file(&go);
+        assert!(!status.success(), "victim {victim}: {lines:?}");
+        let second: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+        assert_eq!(second["stage"], "second", "victim {victim}: {lines:?}");
+        assert_eq!(second["ok"], false, "victim {victim}: {second}");
+        let kind = second["kind"].as_str().unwrap_or_default();
+        assert!(
+            ["UnexpectedEof", "ConnectionReset", "BrokenPipe"].contains(&kind),
+            "victim {victim}: {second}"
+        );
+
+        let survivor = proxies[1 - victim];
+        let log = wait_for_log(&lab, survivor, 1);
+        assert_eq!(log.len(), 1, "victim {victim}: {log:?}");
+        assert_eq!(server.accepted().len(), 1);
+    }
+}
+
+/// A deny rule of the reference proxy: an HTTP request for a denied host
+/// gets a 403 and never reaches the server; an allowed host does; a denied
+/// non-HTTP flow is closed without an onward connection.
+#[test]
+fn deny_rules_answer_http_with_403_and_close_other_flows() {
+    let Some(curl) = require_program("pdeny", "curl") else {
+        return;
+    };
+    let Some(mut lab) = Lab::new("pdeny") else {
+        return;
+    };
+    let web = EchoServer::start_replying_once("127.0.0.2:0").unwrap();
+    let other = EchoServer::start("127.0.0.3:0").unwrap();
+    let (_, proxy) = reference_proxy(
+        &mut lab,
+        &Spec {
+            name: "filter",
+            prefix: "127.0.0.0/8",
+            ports: None,
+            priority: 1,
+            // The destination rule first: then it decides before connecting.
+            args: &[
+                "--rule",
+                "deny:dst:127.0.0.3",
+                "--rule",
+                "deny:host:*.blocked.test",
+            ],
+        },
+    );
+    let curl = |host: &str, path: &str, extra: &[&str]| -> (bool, Vec<String>) {
+        let url = format!("http://{}{path}", web.addr());
+        let header = format!("Host: {host}");
+        let mut args = vec!["-sS", "--max-time", "10", "-H", &header];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let proc = Proc::spawn_program(&lab.cgroup("scope/curl"), None, &curl, &args).unwrap();
+        let (status, lines) = proc.finish().unwrap();
+        (status.success(), lines)
+    };
+
+    let (ok, lines) = curl(
+        "www.blocked.test",
+        "/secret",
+        &["-o", "/dev/null", "-w", "%{http_code}\n"],
+    );
+    assert!(ok, "{lines:?}");
+    assert_eq!(lines, ["403"]);
+    // The same server through the same proxy, for a host no rule denies:
+    // the echo server sends the request back.
+    let (ok, lines) = curl("fine.test", "/open", &["--http0.9"]);
+    assert!(ok, "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("GET /open")),
+        "{lines:?}"
+    );
+
+    // Not HTTP, to a denied destination: closed, nothing comes back.
+    let flows = many(&lab, other.addr(), &[1000]);
+    assert_eq!(flows[0]["ok"], false, "{flows:?}");
+    assert!(flows[0]["received"].as_u64().unwrap_or(0) == 0, "{flows:?}");
+
+    let log = wait_for_log(&lab, proxy, 3);
+    assert_eq!(log.len(), 3, "{log:?}");
+    let find = |dst: SocketAddr, verdict: &str| {
+        log.iter()
+            .find(|e| e["original_dst"] == dst.to_string() && e["verdict"] == verdict)
+            .unwrap_or_else(|| panic!("no {verdict} line for {dst}: {log:?}"))
+    };
+    let denied = find(web.addr(), "deny");
+    assert_eq!(
+        denied["reason"], "rule 2: deny:host:*.blocked.test",
+        "{denied}"
+    );
+    assert_eq!(denied["http"]["host"], "www.blocked.test", "{denied}");
+    assert_eq!(denied["bytes_up"], 0, "{denied}");
+    let allowed = find(web.addr(), "allow");
+    assert!(allowed["bytes_up"].as_u64().unwrap() > 0, "{allowed}");
+    let closed = find(other.addr(), "deny");
+    assert_eq!(
+        closed["reason"], "rule 1: deny:dst:127.0.0.3/32",
+        "{closed}"
+    );
+    // A destination rule decides before any onward connection is opened.
+    assert!(other.accepted().is_empty(), "{:?}", other.accepted());
+}
+
+/// haproxy (`option transparent`: it reads SO_ORIGINAL_DST and knows
+/// nothing of records) and the reference proxy on one flow, in both
+/// priority orders: no loop, byte-exact, and the reference proxy sees the
+/// chain in priority order.
+#[test]
+fn haproxy_and_the_reference_proxy_chain_in_both_orders() {
+    let Some(haproxy) = require_program("phaproxy", "haproxy") else {
+        return;
+    };
+    for haproxy_first in [false, true] {
+        let Some(mut lab) = Lab::new("phaproxy") else {
+            return;
+        };
+        let server = EchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let prefix = format!("{}/32", dst.ip());
+        let (ours_priority, theirs_priority) = if haproxy_first { (2, 1) } else { (1, 2) };
+        let (ours, our_proxy) = reference_proxy(
+            &mut lab,
+            &Spec {
+                name: "ours",
+                prefix: &prefix,
+                ports: Some(dst.port()..=dst.port()),
+                priority: ours_priority,
+                args: &[],
+            },
+        );
+        let cgroup = lab.cgroup("services/haproxy");
+        let listen = free_addr("127.0.0.1");
+        let theirs = lab.service("haproxy", &[listen], by_cgroup(&cgroup), None);
+        lab.route(theirs, &prefix, Some(dst.port()), theirs_priority);
+        let config =
+            std::env::temp_dir().join(format!("connredir-phaproxy-{}.cfg", std::process::id()));
+        std::fs::write(
+            &config,
+            format!(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend inbound\n  bind {listen}\n  default_backend original\n\
+                 backend original\n  option transparent\n"
+            ),
+        )
+        .unwrap();
+        let args = ["-f", config.to_str().unwrap(), "-db"];
+        let proc = Proc::spawn_program(&cgroup, None, &haproxy, &args).unwrap();
+        lab.procs.push(proc);
+        wait_listening(listen).unwrap();
+
+        // One flow at a time: haproxy sets no records, so its onward
+        // connection inherits the record kept for (service, destination),
+        // which concurrent flows to one destination would share. No empty
+        // flow either: haproxy may drop a client that closes before
+        // sending anything, without connecting to the server.
+        let sizes = [1, 1_000, 300_000, 3 << 20];
+        let mut locals = Vec::new();
+        for &size in &sizes {
+            let flow = &many(&lab, dst, &[size])[0];
+            assert_eq!(flow["ok"], true, "haproxy first: {haproxy_first}: {flow}");
+            locals.push(flow["local"].as_str().unwrap().to_string());
+        }
+        let _ = std::fs::remove_file(&config);
+
+        let chain = if haproxy_first {
+            json!([theirs.0, ours.0])
+        } else {
+            json!([ours.0])
+        };
+        let log = wait_for_log(&lab, our_proxy, sizes.len());
+        assert_eq!(log.len(), sizes.len(), "{log:?}");
+        for (entry, (local, size)) in log.iter().zip(locals.iter().zip(sizes)) {
+            assert_eq!(
+                entry["chain"], chain,
+                "haproxy first: {haproxy_first}: {entry}"
+            );
+            assert_eq!(entry["verdict"], "allow", "{entry}");
+            assert_eq!(entry["original_dst"], dst.to_string(), "{entry}");
+            assert_eq!(entry["flow"], local.as_str(), "{entry}");
+            assert_eq!(entry["bytes_up"], size, "{entry}");
+            assert_eq!(entry["bytes_down"], size, "{entry}");
+        }
+        assert_eq!(server.accepted().len(), sizes.len());
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 2 * sizes.len() as u64, "{counters:?}");
+        assert_eq!(
+            counters.records_inherited,
+            sizes.len() as u64,
+            "{counters:?}"
+        );
+    }
+}
+
+/// Runs a probe case in `cgroup` and returns its result.
+fn probe(lab: &Lab, cgroup: &str, args: &[&str]) -> String {
+    let mut all = vec!["probe"];
+    all.extend_from_slice(args);
+    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), None, &all)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(status.success(), "probe {args:?} failed: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    report["result"].as_str().unwrap().to_string()
+}
+
+/// `registered_service` on a listening socket names the service registered
+/// for its address (IPv4 and IPv6), and says when none is, when the layer
+/// does not cover the caller, and when the socket does not listen.
+#[test]
+fn a_listener_learns_which_service_it_is() {
+    let Some(mut lab) = Lab::new("psvcid") else {
+        return;
+    };
+    let (v4, v6) = (free_addr("127.0.0.1"), free_addr("::1"));
+    let cgroup = lab.cgroup("services/known");
+    let id = lab.service("known", &[v4, v6], by_cgroup(&cgroup), None);
+    let ok = format!("ok:{}", id.0);
+    let (v4s, v6s) = (v4.to_string(), v6.to_string());
+    assert_eq!(probe(&lab, "services/known", &["service", &v4s]), ok);
+    assert_eq!(probe(&lab, "services/known", &["service", &v6s]), ok);
+    // Any process of an attached cgroup may ask, not only the service's.
+    assert_eq!(probe(&lab, "scope/other", &["service", &v4s]), ok);
+    let elsewhere = free_addr("127.0.0.1").to_string();
+    assert_eq!(
+        probe(&lab, "services/known", &["service", &elsewhere]),
+        "NotRegistered"
+    );
+    assert_eq!(
+        probe(&lab, "services/known", &["service-not-listening", &v4s]),
+        "NotListening"
+    );
+    assert_eq!(probe(&lab, "outside", &["service", &v4s]), "LayerNotActive");
+    // Unregistered, the address is nobody's again.
+    lab.engine.remove_service(id).unwrap();
+    assert_eq!(
+        probe(&lab, "services/known", &["service", &v4s]),
+        "NotRegistered"
+    );
+}
+
+/// Runs `connredir-proxy ARGS` in `cgroup` until it exits (at most 10 s);
+/// returns its exit code and what it said on stderr.
+fn proxy_exit(lab: &Lab, cgroup: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(workspace_bin("connredir-proxy"));
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    connredir_engine::cgroup::run_in_cgroup(&mut command, &lab.cgroup(cgroup), None).unwrap();
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("connredir-proxy {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.code(), stderr)
+}
+
+/// The proxy checks at startup that each listening address is a registered
+/// service and, when not, exits saying which address and what to do;
+/// `--standalone` runs it without the layer.
+#[test]
+fn the_proxy_refuses_an_unregistered_listening_address() {
+    let Some(mut lab) = Lab::new("punreg") else {
+        return;
+    };
+    let registered = free_addr("127.0.0.1");
+    let cgroup = lab.cgroup("services/lonely");
+    lab.service("lonely", &[registered], by_cgroup(&cgroup), None);
+    let unregistered = free_addr("127.0.0.1").to_string();
+    let registered = registered.to_string();
+
+    // One of two addresses is not registered.
+    let args = [
+        "--name",
+        "lonely",
+        "--listen",
+        &registered,
+        "--listen",
+        &unregistered,
+    ];
+    let (code, stderr) = proxy_exit(&lab, "services/lonely", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{unregistered} is not a registered connredir service"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "connredir service add --name lonely --listen {unregistered}"
+        )),
+        "{stderr}"
+    );
+    // A wildcard address cannot be a service's.
+    let args = ["--name", "lonely", "--listen", "0.0.0.0:0"];
+    let (code, stderr) = proxy_exit(&lab, "services/lonely", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("concrete address"), "{stderr}");
+    // Where the layer is not attached at all, it says that.
+    let args = ["--name", "lonely", "--listen", &registered];
+    let (code, stderr) = proxy_exit(&lab, "outside", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the connredir layer is not active"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&registered), "{stderr}");
+
+    // Registered: it starts. Unregistered but --standalone: it starts too.
+    for args in [
+        vec!["--name", "lonely", "--listen", &registered],
+        vec![
+            "--name",
+            "lonely",
+            "--listen",
+            &unregistered,
+            "--standalone",
+        ],
+    ] {
+        let proxy = workspace_bin("connredir-proxy");
+        let proc = Proc::spawn_program(&cgroup, None, &proxy, &args).unwrap();
+        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    }
+}
