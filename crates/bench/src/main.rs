@@ -46,6 +46,11 @@ struct Cli {
     /// Print the results only; write no report or plot.
     #[arg(long)]
     no_write: bool,
+    /// Instead of the scenarios: run one variant's small-request load for a
+    /// while (VARIANT:CLIENTS:SECONDS, e.g. connredir:16:10), to profile it
+    /// from outside (perf record -a).
+    #[arg(long, value_name = "VARIANT:CLIENTS:SECONDS")]
+    soak: Option<String>,
     #[command(subcommand)]
     worker: Option<WorkerCommand>,
 }
@@ -93,6 +98,9 @@ fn main() -> Result<()> {
     } else {
         cli.only.clone()
     };
+    if let Some(soak) = &cli.soak {
+        return scenarios::soak(soak);
+    }
     let results = scenarios::run_all(&only, cli.quick)?;
     println!("{}", serde_json::to_string_pretty(&results)?);
     if !cli.no_write {

@@ -295,7 +295,7 @@ pub fn render(r: &Results, notes: &str) -> String {
         );
         let _ = writeln!(
             o,
-            "\nBPF map `memlock` (all maps of the engine): {} before, {} with the {} connections, \
+            "\nBPF map `memlock` (the maps of this scenario's engine, from fdinfo): {} before, {} with the {} connections, \
              {} after. Hand-off entries pending while they were open: {}. After closing: socket \
              option memory {} B in the namespace, slab {:+.1} MiB against before (other work on \
              the machine moves the slab too). Per connection over {:.0} connections.\n",

@@ -350,6 +350,28 @@ pub fn run_all(only: &[Scenario], quick: bool) -> Result<Results> {
     Ok(results)
 }
 
+/// Runs one variant's small-request load for a while (for profiling).
+pub fn soak(spec: &str) -> Result<()> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    ensure!(parts.len() == 3, "--soak wants VARIANT:CLIENTS:SECONDS");
+    let (clients, secs): (usize, u64) = (parts[1].parse()?, parts[2].parse()?);
+    let mut bench = Bench::new()?;
+    let setup = ProxySetup::new(&mut bench)?;
+    let variants = bench.variants()?;
+    let v = variants
+        .iter()
+        .find(|v| v.name == parts[0])
+        .with_context(|| format!("no variant {}", parts[0]))?;
+    eprintln!("soak: {} with {clients} clients for {secs}s", v.name);
+    let (rate, p50, p99, errors) = load_run(&bench, v, clients, secs * 1000)?;
+    println!(
+        "{}: {rate:.0} conn/s, p50 {p50} µs, p99 {p99} µs, {errors} failed",
+        v.name
+    );
+    drop(setup);
+    Ok(())
+}
+
 // ---- Scenario 1: layer overhead.
 
 fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
@@ -822,6 +844,8 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         sink.wait_line(Duration::from_secs(10), |l| l == "ready")?;
         sinks.push(sink);
     }
+    // The maps of the engines loaded before this one (other scenarios).
+    let others = sys::maps_memlock()?;
     let mut engine = Engine::load()?;
     engine.attach(&attached)?;
     let service = engine.add_service(Service {
@@ -856,7 +880,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
             };
             std::thread::sleep(Duration::from_millis(500));
             let slab0 = sys::slab()?;
-            let lock0 = sys::maps_memlock()?;
+            let lock0 = sys::maps_memlock()? - others;
             let redirects0 = engine.counters()?.redirects;
             let started = std::time::Instant::now();
             let mut holds = Vec::new();
@@ -889,7 +913,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
             let opened_in = started.elapsed();
             std::thread::sleep(Duration::from_millis(500));
             let slab1 = sys::slab()?;
-            let lock1 = sys::maps_memlock()?;
+            let lock1 = sys::maps_memlock()? - others;
             let (opt, sockets) = sys::optmem(&mem)?;
             let redirected_now = engine.counters()?.redirects - redirects0;
             if redirected {
@@ -907,7 +931,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
             }
             std::thread::sleep(Duration::from_millis(1500));
             let slab2 = sys::slab()?;
-            let lock2 = sys::maps_memlock()?;
+            let lock2 = sys::maps_memlock()? - others;
             let (opt2, _) = sys::optmem(&mem)?;
             eprintln!(
                 "  round {round} {}: {n} connections in {:.1}s, {sockets} sockets; slab +{} MiB, after {:+} MiB; optmem {} KiB, after {} KiB; memlock {} / {} / {} KiB",
