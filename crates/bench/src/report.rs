@@ -245,8 +245,12 @@ pub fn render(r: &Results, notes: &str) -> String {
             o,
             "**Proxy resident memory.** {} idle proxied connections (the client sent a few bytes, \
              the origin holds the connection open and sends nothing) through the already warm \
-             proxy; RSS from /proc/<pid>/status once its descriptor count stops growing.\n",
-            m.rss_connections
+             proxy; RSS from /proc/<pid>/status once its descriptor count stops growing. \
+             A proxied connection costs the proxy 6 descriptors; with RLIMIT_NOFILE at {} \
+             (raising it needs CAP_SYS_RESOURCE) at most {} connections are held.\n",
+            m.rss_connections,
+            r.nofile,
+            10_000.min(r.nofile.saturating_sub(500) / 6)
         );
         let _ = writeln!(
             o,
