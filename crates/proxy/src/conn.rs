@@ -240,13 +240,17 @@ async fn serve(
         seen.rule = decision.rule;
         if decision.action == Action::Deny {
             if seen.inspection.http.is_some() {
-                forbid(client, &settings.name, traffic).await;
+                // Boxed: its drain buffer need not be part of every task.
+                Box::pin(forbid(client, &settings.name, traffic)).await;
             }
             return Err(Ended::Denied(seen.rule.take().unwrap_or_default()));
         }
         relay::write_all(&server, &first.bytes, Direction::Up, traffic)
             .await
             .map_err(RelayError::Up)?;
+        // Free the inspection buffer (16 KiB) before relaying: an idle
+        // connection would otherwise keep it for its whole life.
+        drop(first.bytes);
         if first.eof {
             relay::shutdown_write(&server).map_err(RelayError::Up)?;
         } else {
@@ -254,7 +258,9 @@ async fn serve(
         }
         Ok(())
     };
-    relay::supervise(up, down, settings.idle_timeout, traffic).await
+    // Boxed: passed by value, the two futures would otherwise be laid out
+    // twice in this task's state, which every open connection keeps.
+    relay::supervise(Box::pin(up), Box::pin(down), settings.idle_timeout, traffic).await
 }
 
 /// Opens the onward socket in the destination's family, hands it the

@@ -12,6 +12,9 @@ use tokio::time::Instant;
 /// Inspection reads at most this much before giving up.
 pub const LIMIT: usize = 16 * 1024;
 
+/// The inspection buffer's first size; it doubles up to [`LIMIT`].
+const FIRST_READ: usize = 2 * 1024;
+
 /// An HTTP/1.x request, as far as the log and the policy care.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HttpRequest {
@@ -82,7 +85,10 @@ pub struct FirstBytes {
 /// `timeout`, whichever comes first.
 pub async fn read_first(client: &TcpStream, timeout: Duration) -> io::Result<FirstBytes> {
     let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; LIMIT];
+    // Start small and grow up to LIMIT: most first flights (an HTTP
+    // request line, a TLS ClientHello) fit in a few KiB, and many
+    // connections are inspected at once.
+    let mut buf = vec![0u8; FIRST_READ];
     let mut len = 0;
     let mut eof = false;
     let mut inspection = Inspection::default();
@@ -93,6 +99,9 @@ pub async fn read_first(client: &TcpStream, timeout: Duration) -> io::Result<Fir
         }
         if len == LIMIT {
             break;
+        }
+        if len == buf.len() {
+            buf.resize((len * 2).min(LIMIT), 0);
         }
         match tokio::time::timeout_at(deadline, client.readable()).await {
             Err(_) => break, // a client that waits for the server first, or a slow one

@@ -1,0 +1,331 @@
+//! Writes `BENCHMARKS.md` from the results. Text after the notes marker in
+//! an existing file (the analysis written by people) is kept.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::scenarios::{Results, VariantFigures};
+use crate::stats::Spread;
+
+/// Everything after this line survives a rewrite.
+pub const NOTES_MARKER: &str = "<!-- notes: kept when the benchmark rewrites this file -->";
+
+/// A goal a figure should reach.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    /// At least this ratio.
+    AtLeast(f64),
+    /// Below this many bytes.
+    Below(f64),
+}
+
+/// "met" or "missed by N %".
+pub fn verdict(value: f64, goal: Goal) -> String {
+    match goal {
+        Goal::AtLeast(g) if value >= g => "met".into(),
+        Goal::AtLeast(g) => format!("**missed** by {:.1} % of the goal", (g - value) / g * 100.0),
+        Goal::Below(g) if value < g => "met".into(),
+        Goal::Below(g) => format!("**missed** by {:.1} % of the goal", (value - g) / g * 100.0),
+    }
+}
+
+fn kib(bytes: f64) -> String {
+    format!("{:.1} KiB", bytes / 1024.0)
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+fn us(s: &Spread) -> String {
+    format!("{:.0} µs ({:.0}–{:.0})", s.median, s.min, s.max)
+}
+
+/// The summary rows: (figure, goal text, spread or value, verdict).
+pub fn goals(r: &Results) -> Vec<(String, String, String, String)> {
+    let mut rows = Vec::new();
+    if let Some(o) = &r.overhead {
+        if let Some((_, s)) = o.ratios.iter().find(|(n, _)| *n == 100_000) {
+            rows.push((
+                "connect+close rate, 100,000 rules, no match (× no programs)".into(),
+                "≥ 0.97×".into(),
+                s.ratio(),
+                verdict(s.median, Goal::AtLeast(0.97)),
+            ));
+        }
+    }
+    for p in &r.proxied {
+        rows.push((
+            format!("new proxied conn/s, {} clients (× nftables)", p.concurrency),
+            "≥ 1.1×".into(),
+            p.vs_nft.ratio(),
+            verdict(p.vs_nft.median, Goal::AtLeast(1.1)),
+        ));
+        rows.push((
+            format!("new proxied conn/s, {} clients (× direct)", p.concurrency),
+            "≥ 0.45×".into(),
+            p.vs_direct.ratio(),
+            verdict(p.vs_direct.median, Goal::AtLeast(0.45)),
+        ));
+    }
+    if let Some(b) = &r.bulk {
+        rows.push((
+            "bulk throughput through the proxy (× direct)".into(),
+            "≥ 0.45×".into(),
+            b.vs_direct.ratio(),
+            verdict(b.vs_direct.median, Goal::AtLeast(0.45)),
+        ));
+    }
+    if let Some(m) = &r.memory {
+        rows.push((
+            "proxy RSS per idle proxied connection".into(),
+            "< 16 KiB".into(),
+            kib(m.rss_per_conn_redir),
+            verdict(m.rss_per_conn_redir, Goal::Below(16.0 * 1024.0)),
+        ));
+    }
+    rows
+}
+
+fn variant_rows(out: &mut String, variants: &[VariantFigures], unit: &str, latency: bool) {
+    let direct = variants[0].rate.median;
+    let nft = variants
+        .iter()
+        .find(|v| v.name == "nftables")
+        .map_or(f64::NAN, |v| v.rate.median);
+    for v in variants {
+        let _ = write!(
+            out,
+            "| {} | {:.1} {unit} ({:.1}–{:.1}) | {:.2}× | {:.2}× |",
+            v.name,
+            v.rate.median,
+            v.rate.min,
+            v.rate.max,
+            v.rate.median / direct,
+            v.rate.median / nft
+        );
+        if latency {
+            let _ = write!(
+                out,
+                " {} | {} | {} |",
+                us(&v.p50_us),
+                us(&v.p99_us),
+                v.errors
+            );
+        }
+        out.push('\n');
+    }
+}
+
+/// Renders the report.
+pub fn render(r: &Results, notes: &str) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# Benchmarks\n");
+    let _ = writeln!(
+        o,
+        "Written by `scripts/bench` (the `connredir-bench` crate, release build) on {}.\n\n\
+         Machine: {}, {} cores, Linux {}. The machine is shared and noisy; that is why every \
+         figure is a ratio of runs interleaved in one process run (A B C, A B C, …, the order \
+         rotated each round), quoted as the median over rounds with the min–max spread in \
+         parentheses. Absolute rates drift with the neighbours' load; the ratios hold.\n",
+        r.date, r.cpu, r.cores, r.kernel
+    );
+    if r.quick {
+        let _ = writeln!(
+            o,
+            "> **Quick run** (`--quick`): few short rounds and small counts; a smoke test, not numbers to quote.\n"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "Everything runs on loopback inside network namespaces the benchmark creates and deletes, \
+         in a cgroup tree it creates under the cgroup v2 root (programs are attached only there) \
+         and removes at the end. Variants:\n\n\
+         - **direct**: the client connects to the origin server.\n\
+         - **connredir**: the client runs in a cgroup the layer is attached to; a rule sends its \
+           connections to the reference proxy (`connredir-proxy`, splice relay after inspecting \
+           the first bytes), which reads the records and original destination, and connects \
+           onward carrying the records.\n\
+         - **nftables**: in its own namespace, `nat output` rule `redirect to :15001` for the \
+           origin's address (conntrack), the same proxy binary reading `SO_ORIGINAL_DST` from \
+           conntrack (it finds no layer, so no records); its own connections are excluded by \
+           `meta skuid`. The proxies run as an unprivileged uid in both paths.\n"
+    );
+    let _ = writeln!(o, "![ratios](benchmarks.png)\n");
+    let _ = writeln!(o, "## Against the goals\n");
+    let _ = writeln!(
+        o,
+        "| figure | goal | median (min–max) | |\n|---|---|---|---|"
+    );
+    for (figure, goal, value, verdict) in goals(r) {
+        let _ = writeln!(o, "| {figure} | {goal} | {value} | {verdict} |");
+    }
+    o.push('\n');
+
+    if let Some(ov) = &r.overhead {
+        let _ = writeln!(o, "## 1. Layer overhead\n");
+        let _ = writeln!(
+            o,
+            "A process in a cgroup opens and closes (with a reset) {} connections to an \
+             accept-and-close server, one after the other; the connections match no rule \
+             (one rule names the destination's /8 but another port, so the lookup finds a rule \
+             set and walks it; the others are /32s in 10.0.0.0/8). Each configuration has its \
+             own cgroup and its own loaded engine; the rate is divided by the same round's rate \
+             in a cgroup without programs ({:.0} conn/s median).\n",
+            ov.connects, ov.bare_rate
+        );
+        let _ = writeln!(o, "| rules | rate × no programs | rounds |\n|---|---|---|");
+        for (rules, s) in &ov.ratios {
+            let _ = writeln!(o, "| {rules} | {} | {} |", s.ratio(), s.n);
+        }
+        o.push('\n');
+    }
+
+    if !r.proxied.is_empty() {
+        let _ = writeln!(o, "## 2. Proxied connections\n");
+        let _ = writeln!(
+            o,
+            "N clients at once, each in a loop: connect, send a {}-byte HTTP request, read the \
+             {}-byte answer to the server's close, close. Latency is connect-to-first-byte of the \
+             answer, per connection; p50/p99 per run, then median (min–max) over rounds. Ratios \
+             in the table are of the medians; the goal rows above are medians of per-round ratios.\n",
+            crate::worker::REQUEST.len(),
+            crate::worker::RESPONSE.len()
+        );
+        for p in &r.proxied {
+            let _ = writeln!(
+                o,
+                "### {} concurrent client{}\n",
+                p.concurrency,
+                if p.concurrency == 1 { "" } else { "s" }
+            );
+            let _ = writeln!(
+                o,
+                "| variant | conn/s | × direct | × nftables | p50 | p99 | failed |\n|---|---|---|---|---|---|---|"
+            );
+            variant_rows(&mut o, &p.variants, "/s", true);
+            let _ = writeln!(
+                o,
+                "\nPer-round ratios: connredir × direct {}, connredir × nftables {}, nftables × direct {}.\n",
+                p.vs_direct.ratio(),
+                p.vs_nft.ratio(),
+                p.nft_vs_direct.ratio()
+            );
+        }
+    }
+
+    if let Some(b) = &r.bulk {
+        let _ = writeln!(o, "## 3. Bulk throughput\n");
+        let _ = writeln!(
+            o,
+            "One connection asks for {} MiB and reads it to the end (256 KiB reads); the proxy \
+             inspects the first bytes, then relays with splice(2). Gbit/s from connect to the \
+             last byte.\n",
+            b.bytes >> 20
+        );
+        let _ = writeln!(
+            o,
+            "| variant | throughput | × direct | × nftables |\n|---|---|---|---|"
+        );
+        variant_rows(&mut o, &b.variants, "Gbit/s", false);
+        let _ = writeln!(
+            o,
+            "\nPer-round ratios: connredir × direct {}, connredir × nftables {}, nftables × direct {}.\n",
+            b.vs_direct.ratio(),
+            b.vs_nft.ratio(),
+            b.nft_vs_direct.ratio()
+        );
+    }
+
+    if let Some(m) = &r.memory {
+        let _ = writeln!(o, "## 4. Memory\n");
+        let _ = writeln!(
+            o,
+            "**Proxy resident memory.** {} idle proxied connections (the client sent a few bytes, \
+             the origin holds the connection open and sends nothing) through the already warm \
+             proxy; RSS from /proc/<pid>/status once its descriptor count stops growing. \
+             A proxied connection costs the proxy 6 descriptors; with RLIMIT_NOFILE at {} \
+             (raising it needs CAP_SYS_RESOURCE) at most {} connections are held.\n",
+            m.rss_connections,
+            r.nofile,
+            10_000.min(r.nofile.saturating_sub(500) / 6)
+        );
+        let _ = writeln!(
+            o,
+            "| path | RSS before | with the connections | after they closed | per connection |\n|---|---|---|---|---|"
+        );
+        for (name, rss, per) in [
+            ("connredir", m.rss_redir, m.rss_per_conn_redir),
+            ("nftables", m.rss_nft, m.rss_per_conn_nft),
+        ] {
+            let _ = writeln!(
+                o,
+                "| {name} | {} | {} | {} | {} |",
+                mib(rss[0] as f64),
+                mib(rss[1] as f64),
+                mib(rss[2] as f64),
+                kib(per)
+            );
+        }
+        let n = m.kernel_connections as f64;
+        let per100k = |per: f64| mib(per * 100_000.0);
+        let _ = writeln!(
+            o,
+            "\n**Kernel memory of redirected connections.** {} live connections (4 source \
+             addresses, port range widened in the namespace) held open against an accept-only \
+             sink, redirected to it by a rule (so both ends carry a record: the connecting \
+             socket's and the accepted socket's), against the same number of direct connections; \
+             {} round(s) of each. Per-socket BPF storage is charged to the socket's option memory \
+             (`ss -m`, `o` field), not to the map's `memlock`, which counts only the maps' fixed \
+             part.\n",
+            m.kernel_connections, m.kernel_rounds
+        );
+        let _ = writeln!(o, "| reading | direct | redirected | layer's share, per 100,000 connections |\n|---|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| socket option memory (BPF socket storage) per connection | {:.0} B | {:.0} B | {} |",
+            m.optmem_per_conn[0],
+            m.optmem_per_conn[1],
+            per100k(m.optmem_per_conn[1] - m.optmem_per_conn[0])
+        );
+        let _ = writeln!(
+            o,
+            "| slab growth per connection (both sockets, all kernel objects; noisy) | {:.0} B | {:.0} B | {} |",
+            m.slab_per_conn[0],
+            m.slab_per_conn[1],
+            per100k(m.slab_per_conn[1] - m.slab_per_conn[0])
+        );
+        let _ = writeln!(
+            o,
+            "\nBPF map `memlock` (the maps of this scenario's engine, from fdinfo): {} before, {} with the {} connections, \
+             {} after. Hand-off entries pending while they were open: {}. After closing: socket \
+             option memory {} B in the namespace, slab {:+.1} MiB against before (other work on \
+             the machine moves the slab too). Per connection over {:.0} connections.\n",
+            kib(m.memlock[0] as f64),
+            kib(m.memlock[1] as f64),
+            m.kernel_connections,
+            kib(m.memlock[2] as f64),
+            m.pending_handoffs,
+            m.optmem_after,
+            m.slab_after_redir / (1024.0 * 1024.0),
+            n
+        );
+    }
+    o.push_str(NOTES_MARKER);
+    o.push('\n');
+    o.push_str(notes);
+    o
+}
+
+/// Writes the report to `path`, keeping the notes of an existing one.
+pub fn write(path: &Path, r: &Results) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let notes = old
+        .split_once(NOTES_MARKER)
+        .map(|(_, notes)| notes.trim_start_matches('\n').to_string())
+        .unwrap_or_default();
+    std::fs::write(path, render(r, &notes))?;
+    Ok(())
+}

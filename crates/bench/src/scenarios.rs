@@ -1,0 +1,989 @@
+//! The four scenarios and the setup they share.
+//!
+//! Layout: a cgroup tree `<cgroup2>/connredir-bench-<pid>` and network
+//! namespaces `connredir-bench-<pid>-{plain,nat,mem}`.
+//! - `plain`: servers, direct clients, and the connredir path (clients in
+//!   the attached cgroup `redir/clients`, the proxy in `redir/proxy`).
+//! - `nat`: the same servers and proxy, with an nftables REDIRECT rule
+//!   (conntrack) sending the clients' connections to the proxy, which reads
+//!   `SO_ORIGINAL_DST`; the proxy's own connections are excluded by its uid.
+//! - `mem`: many held connections, its port range widened.
+//!
+//! A variant is a (cgroup, namespace) pair the clients start in; a further
+//! variant (e.g. a sockmap-accelerated layer) is one more entry in
+//! [`Bench::variants`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use connredir_engine::cgroup::CgroupTree;
+use connredir_engine::{Engine, Identity, Rule, Service};
+use serde::Serialize;
+
+use crate::stats::{median, ratios, Spread};
+use crate::sys::{self, check_interrupted, Netns, Place, Proc};
+use crate::Scenario;
+
+/// The uid the proxies run as (what the nftables rule excludes).
+const PROXY_UID: u32 = 4245;
+/// Where the proxies listen, in their namespace.
+const PROXY_ADDR: &str = "127.0.0.1:15001";
+/// The origin servers, in both namespaces: small answers, bulk, hold.
+const ORIGIN_REPLY: &str = "127.0.0.2:8080";
+const ORIGIN_BULK: &str = "127.0.0.2:8081";
+const ORIGIN_HOLD: &str = "127.0.0.2:8082";
+/// The accept-and-close server of the overhead scenario.
+const SINK_DROP: &str = "127.0.0.2:7000";
+
+/// How much each scenario does.
+struct Sizes {
+    overhead_rounds: usize,
+    overhead_connects: u64,
+    proxied_rounds: usize,
+    proxied_ms: u64,
+    concurrency: Vec<usize>,
+    bulk_rounds: usize,
+    bulk_bytes: u64,
+    rss_connections: usize,
+    kernel_connections: usize,
+    kernel_rounds: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool, nofile: u64) -> Sizes {
+        let mut sizes = Sizes::wanted(quick);
+        // A proxied connection costs the proxy 6 descriptors (two sockets,
+        // two pipes); without CAP_SYS_RESOURCE the hard limit may be low.
+        let fit = (nofile.saturating_sub(500) / 6) as usize;
+        sizes.rss_connections = sizes.rss_connections.min(fit);
+        sizes
+    }
+
+    fn wanted(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                overhead_rounds: 3,
+                overhead_connects: 2_000,
+                proxied_rounds: 2,
+                proxied_ms: 300,
+                concurrency: vec![1, 16, 256],
+                bulk_rounds: 2,
+                bulk_bytes: 128 << 20,
+                rss_connections: 1_000,
+                kernel_connections: 10_000,
+                kernel_rounds: 1,
+            }
+        } else {
+            Sizes {
+                overhead_rounds: 11,
+                overhead_connects: 10_000,
+                proxied_rounds: 9,
+                proxied_ms: 1_000,
+                concurrency: vec![1, 16, 256],
+                bulk_rounds: 9,
+                bulk_bytes: 1 << 30,
+                rss_connections: 10_000,
+                kernel_connections: 100_000,
+                kernel_rounds: 2,
+            }
+        }
+    }
+}
+
+/// Everything measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    /// A smoke run.
+    pub quick: bool,
+    /// CPU model.
+    pub cpu: String,
+    /// Cores.
+    pub cores: usize,
+    /// Kernel release.
+    pub kernel: String,
+    /// Date (UTC).
+    pub date: String,
+    /// The descriptor limit (RLIMIT_NOFILE) the processes ran with.
+    pub nofile: u64,
+    /// Scenario 1.
+    pub overhead: Option<Overhead>,
+    /// Scenario 2, one entry per concurrency.
+    pub proxied: Vec<Proxied>,
+    /// Scenario 3.
+    pub bulk: Option<Bulk>,
+    /// Scenario 4.
+    pub memory: Option<Memory>,
+}
+
+/// Layer overhead for connections that match no rule.
+#[derive(Debug, Serialize)]
+pub struct Overhead {
+    /// Connections per run.
+    pub connects: u64,
+    /// Rate without programs (median over rounds), conn/s.
+    pub bare_rate: f64,
+    /// (rules, rate with programs / rate without, per round).
+    pub ratios: Vec<(usize, Spread)>,
+}
+
+/// Per-variant figures of one run set.
+#[derive(Debug, Serialize)]
+pub struct VariantFigures {
+    /// Variant name.
+    pub name: String,
+    /// conn/s (or Gbit/s for bulk), over rounds.
+    pub rate: Spread,
+    /// p50 connect-to-first-byte latency, µs, over rounds.
+    pub p50_us: Spread,
+    /// p99, µs, over rounds.
+    pub p99_us: Spread,
+    /// Failed connections over all rounds.
+    pub errors: u64,
+}
+
+/// Small requests at one concurrency.
+#[derive(Debug, Serialize)]
+pub struct Proxied {
+    /// Clients at once.
+    pub concurrency: usize,
+    /// Figures per variant.
+    pub variants: Vec<VariantFigures>,
+    /// connredir conn/s ÷ direct, per round.
+    pub vs_direct: Spread,
+    /// connredir conn/s ÷ nftables, per round.
+    pub vs_nft: Spread,
+    /// nftables conn/s ÷ direct, per round.
+    pub nft_vs_direct: Spread,
+}
+
+/// Bulk download through the proxy.
+#[derive(Debug, Serialize)]
+pub struct Bulk {
+    /// Bytes per run.
+    pub bytes: u64,
+    /// Gbit/s per variant.
+    pub variants: Vec<VariantFigures>,
+    /// connredir ÷ direct.
+    pub vs_direct: Spread,
+    /// connredir ÷ nftables.
+    pub vs_nft: Spread,
+    /// nftables ÷ direct.
+    pub nft_vs_direct: Spread,
+}
+
+/// Memory.
+#[derive(Debug, Serialize)]
+pub struct Memory {
+    /// Idle proxied connections held for the RSS reading.
+    pub rss_connections: usize,
+    /// Proxy RSS growth per idle connection (bytes): connredir path.
+    pub rss_per_conn_redir: f64,
+    /// The same through nftables.
+    pub rss_per_conn_nft: f64,
+    /// Proxy RSS before, with, and after the connections (connredir path).
+    pub rss_redir: [u64; 3],
+    /// The same, nftables path.
+    pub rss_nft: [u64; 3],
+    /// Live connections held for the kernel reading.
+    pub kernel_connections: usize,
+    /// Rounds (direct, redirected pairs).
+    pub kernel_rounds: usize,
+    /// BPF map memlock sum (bytes): before, with, after (redirected).
+    pub memlock: [u64; 3],
+    /// Socket option memory (BPF socket storage) per connection, bytes:
+    /// direct, redirected.
+    pub optmem_per_conn: [f64; 2],
+    /// Option memory left after the connections closed (redirected).
+    pub optmem_after: u64,
+    /// Slab growth per connection (bytes, median over rounds): direct,
+    /// redirected.
+    pub slab_per_conn: [f64; 2],
+    /// Slab after closing minus before (redirected, bytes, median).
+    pub slab_after_redir: f64,
+    /// Hand-off entries pending while the connections were open.
+    pub pending_handoffs: usize,
+}
+
+/// What the benchmark set up; removed on drop (fields drop in order:
+/// processes, engines, namespaces, then the cgroup tree).
+struct Bench {
+    procs: Vec<Proc>,
+    plain: Netns,
+    nat: Option<Netns>,
+    tree: CgroupTree,
+    exe: PathBuf,
+    proxy_bin: PathBuf,
+}
+
+impl Bench {
+    fn new() -> Result<Bench> {
+        let exe = std::env::current_exe()?;
+        let proxy_bin = exe.with_file_name("connredir-proxy");
+        ensure!(
+            proxy_bin.exists(),
+            "{} is missing: build it first (scripts/bench does: cargo build --release -p connredir-proxy -p connredir-bench)",
+            proxy_bin.display()
+        );
+        let pid = std::process::id();
+        let tree = CgroupTree::create(&format!("connredir-bench-{pid}"))?;
+        let plain = Netns::create(
+            &format!("connredir-bench-{pid}-plain"),
+            &["net.core.somaxconn=65535"],
+        )?;
+        Ok(Bench {
+            procs: Vec::new(),
+            plain,
+            nat: None,
+            tree,
+            exe,
+            proxy_bin,
+        })
+    }
+
+    fn cgroup(&self, name: &str) -> Result<PathBuf> {
+        Ok(self.tree.cgroup(name)?)
+    }
+
+    /// Starts a worker role at `place`.
+    fn worker(&self, place: Place<'_>, args: &[&str]) -> Result<Proc> {
+        let mut all = vec!["worker".to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        Proc::spawn(place, &self.exe, &all)
+    }
+
+    /// Starts a server that lives until the end, and waits for `ready`.
+    fn server(&mut self, nat: bool, listen: &str, mode: &str) -> Result<()> {
+        let cgroup = self.cgroup("servers")?;
+        let netns = if nat {
+            self.nat.as_ref().context("no nat namespace")?
+        } else {
+            &self.plain
+        };
+        let place = Place {
+            cgroup: &cgroup,
+            netns: Some(netns),
+            uid: None,
+        };
+        let mut proc = self.worker(place, &["server", "--listen", listen, "--mode", mode])?;
+        proc.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        self.procs.push(proc);
+        Ok(())
+    }
+
+    /// Starts the reference proxy in `cgroup` of `netns` as [`PROXY_UID`];
+    /// `standalone`: without the layer (the nftables path).
+    fn proxy(&self, cgroup: &Path, netns: &Netns, standalone: bool) -> Result<Proc> {
+        let mut args: Vec<String> = [
+            "--name",
+            "bench",
+            "--listen",
+            PROXY_ADDR,
+            "--log",
+            "/dev/null",
+            "--idle-timeout",
+            "600s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if standalone {
+            args.push("--standalone".into());
+        }
+        let place = Place {
+            cgroup,
+            netns: Some(netns),
+            uid: Some(PROXY_UID),
+        };
+        let mut proc = Proc::spawn(place, &self.proxy_bin, &args)?;
+        proc.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        Ok(proc)
+    }
+}
+
+/// Runs the chosen scenarios.
+pub fn run_all(only: &[Scenario], quick: bool) -> Result<Results> {
+    let nofile = sys::raise_nofile(400_000)?;
+    let sizes = Sizes::new(quick, nofile);
+    let (cpu, cores, kernel) = sys::machine();
+    let mut results = Results {
+        quick,
+        cpu,
+        cores,
+        kernel,
+        date: sys::today(),
+        nofile,
+        ..Results::default()
+    };
+    let mut bench = Bench::new()?;
+    if only.contains(&Scenario::Overhead) {
+        eprintln!("== layer overhead");
+        results.overhead = Some(overhead(&mut bench, &sizes)?);
+    }
+    let proxied = [Scenario::Proxied, Scenario::Bulk, Scenario::Memory];
+    if proxied.iter().any(|s| only.contains(s)) {
+        let mut setup = ProxySetup::new(&mut bench)?;
+        if only.contains(&Scenario::Proxied) {
+            eprintln!("== proxied connections");
+            for &c in &sizes.concurrency {
+                results
+                    .proxied
+                    .push(proxied_small(&bench, &mut setup, &sizes, c)?);
+            }
+        }
+        if only.contains(&Scenario::Bulk) {
+            eprintln!("== bulk");
+            results.bulk = Some(bulk(&bench, &setup, &sizes)?);
+        }
+        if only.contains(&Scenario::Memory) {
+            eprintln!("== memory");
+            let (rss_redir, rss_nft) = proxy_rss(&bench, &setup, &sizes)?;
+            let mut memory = kernel_memory(&mut bench, &sizes, nofile)?;
+            memory.rss_connections = sizes.rss_connections;
+            let n = sizes.rss_connections as f64;
+            memory.rss_per_conn_redir = rss_redir[1].saturating_sub(rss_redir[0]) as f64 / n;
+            memory.rss_per_conn_nft = rss_nft[1].saturating_sub(rss_nft[0]) as f64 / n;
+            memory.rss_redir = rss_redir;
+            memory.rss_nft = rss_nft;
+            results.memory = Some(memory);
+        }
+        drop(setup);
+    }
+    drop(bench);
+    Ok(results)
+}
+
+/// Runs one variant's small-request load for a while (for profiling).
+pub fn soak(spec: &str) -> Result<()> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    ensure!(parts.len() == 3, "--soak wants VARIANT:CLIENTS:SECONDS");
+    let (clients, secs): (usize, u64) = (parts[1].parse()?, parts[2].parse()?);
+    let mut bench = Bench::new()?;
+    let setup = ProxySetup::new(&mut bench)?;
+    let variants = bench.variants()?;
+    let v = variants
+        .iter()
+        .find(|v| v.name == parts[0])
+        .with_context(|| format!("no variant {}", parts[0]))?;
+    eprintln!("soak: {} with {clients} clients for {secs}s", v.name);
+    let (rate, p50, p99, errors) = load_run(&bench, v, clients, secs * 1000)?;
+    println!(
+        "{}: {rate:.0} conn/s, p50 {p50} µs, p99 {p99} µs, {errors} failed",
+        v.name
+    );
+    drop(setup);
+    Ok(())
+}
+
+// ---- Scenario 1: layer overhead.
+
+fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
+    let mut engine = Engine::load()?;
+    engine.attach(cgroup)?;
+    let id = engine.add_service(Service {
+        name: "bench".into(),
+        listen: vec!["127.0.0.1:9".parse()?],
+        identity: Identity {
+            uids: vec![PROXY_UID + 1],
+            ..Default::default()
+        },
+        context: None,
+        own_connections_by_self: true,
+        accelerate: false,
+    })?;
+    // One rule on the destination's own prefix but another port, so the
+    // lookup finds a rule set and walks it; the rest elsewhere.
+    let mut all = vec![Rule {
+        destinations: vec!["127.0.0.0/8".parse()?],
+        ports: vec![1..=1],
+        ..Rule::tcp_to(id)
+    }];
+    for i in 1..rules {
+        let i = i as u32;
+        all.push(Rule {
+            destinations: vec![format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255).parse()?],
+            ports: vec![80..=80],
+            ..Rule::tcp_to(id)
+        });
+    }
+    let started = std::time::Instant::now();
+    engine.replace_rules(all)?;
+    eprintln!("  {rules} rules installed in {:?}", started.elapsed());
+    Ok(engine)
+}
+
+fn overhead(bench: &mut Bench, sizes: &Sizes) -> Result<Overhead> {
+    bench.server(false, SINK_DROP, "drop")?;
+    let configs: [(&str, usize); 4] = [("bare", 0), ("r1", 1), ("r1k", 1_000), ("r100k", 100_000)];
+    let mut engines = Vec::new();
+    for (name, rules) in configs {
+        let cgroup = bench.cgroup(name)?;
+        if rules > 0 {
+            engines.push(overhead_engine(&cgroup, rules)?);
+        }
+    }
+    let count = sizes.overhead_connects.to_string();
+    let run = |name: &str| -> Result<f64> {
+        let cgroup = bench.cgroup(name)?;
+        let place = Place {
+            cgroup: &cgroup,
+            netns: Some(&bench.plain),
+            uid: None,
+        };
+        let proc = bench.worker(
+            place,
+            &["connect-loop", "--connect", SINK_DROP, "--count", &count],
+        )?;
+        let report = proc.finish(Duration::from_secs(120))?;
+        let ns = report["elapsed_ns"].as_f64().context("elapsed_ns")?;
+        Ok(sizes.overhead_connects as f64 / (ns / 1e9))
+    };
+    // Warm-up.
+    for (name, _) in configs {
+        run(name)?;
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..sizes.overhead_rounds {
+        check_interrupted()?;
+        let mut order: Vec<usize> = (0..configs.len()).collect();
+        order.rotate_left(round % configs.len());
+        for i in order {
+            rates[i].push(run(configs[i].0)?);
+        }
+        eprintln!(
+            "  round {round}: {}",
+            configs
+                .iter()
+                .zip(&rates)
+                .map(|((n, _), r)| format!("{n} {:.0}/s", r[round]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for engine in &engines {
+        ensure!(
+            engine.counters()?.redirects == 0,
+            "a connection matched a rule in the overhead scenario"
+        );
+    }
+    drop(engines);
+    Ok(Overhead {
+        connects: sizes.overhead_connects,
+        bare_rate: median(&rates[0]),
+        ratios: configs
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, (_, rules))| (*rules, Spread::of(&ratios(&rates[i], &rates[0]))))
+            .collect(),
+    })
+}
+
+// ---- Scenarios 2 and 3: through the proxy.
+
+/// The proxy paths: the engine for the connredir path, the proxies, the
+/// origins, and the nftables namespace.
+struct ProxySetup {
+    engine: Engine,
+    redir_proxy: Proc,
+    nft_proxy: Proc,
+}
+
+/// A way for clients to reach the origin.
+struct Variant {
+    name: &'static str,
+    cgroup: PathBuf,
+    nat: bool,
+}
+
+impl Bench {
+    fn variants(&self) -> Result<Vec<Variant>> {
+        Ok(vec![
+            Variant {
+                name: "direct",
+                cgroup: self.cgroup("direct")?,
+                nat: false,
+            },
+            Variant {
+                name: "connredir",
+                cgroup: self.cgroup("redir/clients")?,
+                nat: false,
+            },
+            Variant {
+                name: "nftables",
+                cgroup: self.cgroup("nft/clients")?,
+                nat: true,
+            },
+        ])
+    }
+
+    fn place<'a>(&'a self, v: &'a Variant) -> Place<'a> {
+        Place {
+            cgroup: &v.cgroup,
+            netns: Some(if v.nat {
+                self.nat.as_ref().expect("made by ProxySetup")
+            } else {
+                &self.plain
+            }),
+            uid: None,
+        }
+    }
+}
+
+impl ProxySetup {
+    fn new(bench: &mut Bench) -> Result<ProxySetup> {
+        let pid = std::process::id();
+        let nat = Netns::create(
+            &format!("connredir-bench-{pid}-nat"),
+            &["net.core.somaxconn=65535"],
+        )?;
+        let port = |a: &str| a.rsplit(':').next().unwrap().to_string();
+        let rules = format!(
+            "table ip connredir_bench {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    ip daddr 127.0.0.2 tcp dport {{ {}, {}, {} }} meta skuid != {PROXY_UID} redirect to :{}\n  }}\n}}\n",
+            port(ORIGIN_REPLY),
+            port(ORIGIN_BULK),
+            port(ORIGIN_HOLD),
+            port(PROXY_ADDR)
+        );
+        nat.exec("nft", &["-f", "-"], Some(&rules)).context(
+            "installing the nftables REDIRECT rule (is nftables installed? scripts/setup)",
+        )?;
+        bench.nat = Some(nat);
+        for nat in [false, true] {
+            bench.server(nat, ORIGIN_REPLY, "reply")?;
+            bench.server(nat, ORIGIN_BULK, "bulk")?;
+            bench.server(nat, ORIGIN_HOLD, "hold")?;
+        }
+
+        let redir = bench.cgroup("redir")?;
+        let proxy_cgroup = bench.cgroup("redir/proxy")?;
+        bench.cgroup("redir/clients")?;
+        let mut engine = Engine::load()?;
+        engine.attach(&redir)?;
+        let service = engine.add_service(Service {
+            name: "bench-proxy".into(),
+            listen: vec![PROXY_ADDR.parse()?],
+            identity: Identity {
+                cgroups: vec![proxy_cgroup.clone()],
+                ..Default::default()
+            },
+            context: None,
+            own_connections_by_self: true,
+            accelerate: false,
+        })?;
+        let origin: SocketAddr = ORIGIN_REPLY.parse()?;
+        engine.add_rule(Rule {
+            destinations: vec![format!("{}/32", origin.ip()).parse()?],
+            ports: vec![8080..=8082],
+            ..Rule::tcp_to(service)
+        })?;
+        let redir_proxy = bench.proxy(&proxy_cgroup, &bench.plain, false)?;
+        let nft_proxy = bench.proxy(
+            &bench.cgroup("nft/proxy")?,
+            bench.nat.as_ref().unwrap(),
+            true,
+        )?;
+        Ok(ProxySetup {
+            engine,
+            redir_proxy,
+            nft_proxy,
+        })
+    }
+}
+
+/// One load run; returns (conn/s, p50 µs, p99 µs, errors).
+fn load_run(
+    bench: &Bench,
+    v: &Variant,
+    concurrency: usize,
+    ms: u64,
+) -> Result<(f64, f64, f64, u64)> {
+    let c = concurrency.to_string();
+    let ms_arg = ms.to_string();
+    let proc = bench.worker(
+        bench.place(v),
+        &[
+            "load",
+            "--connect",
+            ORIGIN_REPLY,
+            "--concurrency",
+            &c,
+            "--duration-ms",
+            &ms_arg,
+        ],
+    )?;
+    let r = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
+    let count = r["count"].as_f64().context("count")?;
+    let errors = r["errors"].as_u64().unwrap_or(0);
+    if errors > 0 {
+        eprintln!(
+            "  {}: {errors} failed connections (last: {})",
+            v.name, r["last_error"]
+        );
+    }
+    let secs = r["elapsed_ns"].as_f64().context("elapsed_ns")? / 1e9;
+    Ok((
+        count / secs,
+        r["p50_us"].as_f64().unwrap_or(0.0),
+        r["p99_us"].as_f64().unwrap_or(0.0),
+        errors,
+    ))
+}
+
+fn proxied_small(
+    bench: &Bench,
+    setup: &mut ProxySetup,
+    sizes: &Sizes,
+    concurrency: usize,
+) -> Result<Proxied> {
+    let variants = bench.variants()?;
+    for v in &variants {
+        load_run(bench, v, concurrency, 200)?;
+    }
+    let before = setup.engine.counters()?.redirects;
+    let n = variants.len();
+    let (mut rate, mut p50, mut p99, mut errors) = (
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![0; n],
+    );
+    for round in 0..sizes.proxied_rounds {
+        check_interrupted()?;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.rotate_left(round % n);
+        for i in order {
+            let (r, a, b, e) = load_run(bench, &variants[i], concurrency, sizes.proxied_ms)?;
+            rate[i].push(r);
+            p50[i].push(a);
+            p99[i].push(b);
+            errors[i] += e;
+        }
+        eprintln!(
+            "  c={concurrency} round {round}: {}",
+            variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!(
+                    "{} {:.0}/s p50 {}µs p99 {}µs",
+                    v.name, rate[i][round], p50[i][round], p99[i][round]
+                ))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    ensure!(
+        setup.engine.counters()?.redirects > before,
+        "the connredir variant's connections were not redirected"
+    );
+    Ok(Proxied {
+        concurrency,
+        vs_direct: Spread::of(&ratios(&rate[1], &rate[0])),
+        vs_nft: Spread::of(&ratios(&rate[1], &rate[2])),
+        nft_vs_direct: Spread::of(&ratios(&rate[2], &rate[0])),
+        variants: variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VariantFigures {
+                name: v.name.into(),
+                rate: Spread::of(&rate[i]),
+                p50_us: Spread::of(&p50[i]),
+                p99_us: Spread::of(&p99[i]),
+                errors: errors[i],
+            })
+            .collect(),
+    })
+}
+
+fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
+    let _ = setup;
+    let variants = bench.variants()?;
+    let bytes = sizes.bulk_bytes.to_string();
+    let run = |v: &Variant, bytes: &str| -> Result<f64> {
+        let proc = bench.worker(
+            bench.place(v),
+            &["bulk", "--connect", ORIGIN_BULK, "--bytes", bytes],
+        )?;
+        let r = proc.finish(Duration::from_secs(120))?;
+        let b = r["bytes"].as_f64().context("bytes")?;
+        let secs = r["elapsed_ns"].as_f64().context("elapsed_ns")? / 1e9;
+        Ok(b * 8.0 / secs / 1e9)
+    };
+    for v in &variants {
+        run(v, &(16u64 << 20).to_string())?;
+    }
+    let n = variants.len();
+    let mut gbps = vec![Vec::new(); n];
+    for round in 0..sizes.bulk_rounds {
+        check_interrupted()?;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.rotate_left(round % n);
+        for i in order {
+            gbps[i].push(run(&variants[i], &bytes)?);
+        }
+        eprintln!(
+            "  round {round}: {}",
+            variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{} {:.1} Gbit/s", v.name, gbps[i][round]))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    let none = Spread::of(&[0.0]);
+    Ok(Bulk {
+        bytes: sizes.bulk_bytes,
+        vs_direct: Spread::of(&ratios(&gbps[1], &gbps[0])),
+        vs_nft: Spread::of(&ratios(&gbps[1], &gbps[2])),
+        nft_vs_direct: Spread::of(&ratios(&gbps[2], &gbps[0])),
+        variants: variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VariantFigures {
+                name: v.name.into(),
+                rate: Spread::of(&gbps[i]),
+                p50_us: none,
+                p99_us: none,
+                errors: 0,
+            })
+            .collect(),
+    })
+}
+
+// ---- Scenario 4: memory.
+
+/// Number of open file descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Proxy RSS before, with `rss_connections` idle proxied connections, and
+/// after they closed; for the connredir and the nftables path.
+fn proxy_rss(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<([u64; 3], [u64; 3])> {
+    let variants = bench.variants()?;
+    let n = sizes.rss_connections;
+    let mut out = Vec::new();
+    for (v, proxy) in [
+        (&variants[1], &setup.redir_proxy),
+        (&variants[2], &setup.nft_proxy),
+    ] {
+        let pid = proxy.pid();
+        let fds0 = open_fds(pid);
+        let before = sys::rss(pid)?;
+        let mut hold = bench.worker(
+            bench.place(v),
+            &["hold", "--connect", ORIGIN_HOLD, "--count", &n.to_string()],
+        )?;
+        hold.wait_report(Duration::from_secs(120))?;
+        // Wait until the proxy holds both sockets of every connection and
+        // has set up its relays (its descriptor count stops growing).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut last = (0, std::time::Instant::now());
+        loop {
+            check_interrupted()?;
+            let fds = open_fds(pid);
+            if fds != last.0 {
+                last = (fds, std::time::Instant::now());
+            } else if fds >= fds0 + 2 * n && last.1.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "{}: the proxy holds {fds} descriptors, expected at least {}",
+                v.name,
+                fds0 + 2 * n
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let with = sys::rss(pid)?;
+        hold.tell("close")?;
+        hold.finish(Duration::from_secs(60))?;
+        std::thread::sleep(Duration::from_millis(1000));
+        let after = sys::rss(pid)?;
+        eprintln!(
+            "  {} proxy RSS: {} KiB, with {n} idle connections {} KiB, after {} KiB",
+            v.name,
+            before >> 10,
+            with >> 10,
+            after >> 10
+        );
+        out.push([before, with, after]);
+    }
+    Ok((out[0], out[1]))
+}
+
+/// Kernel memory of `kernel_connections` live connections held by an
+/// accept-only sink, redirected to it by the layer, against the same
+/// number of direct connections.
+fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory> {
+    let pid = std::process::id();
+    let mem = Netns::create(
+        &format!("connredir-bench-{pid}-mem"),
+        &[
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.core.somaxconn=65535",
+        ],
+    )?;
+    let sink_addr = "127.0.0.1:9100";
+    let attached = bench.cgroup("mem")?;
+    let sink_cgroup = bench.cgroup("mem/sink")?;
+    let redir_cgroup = bench.cgroup("mem/clients")?;
+    let direct_cgroup = bench.cgroup("memdirect")?;
+    let n = sizes.kernel_connections;
+    // Each process stays well inside the descriptor limit: several sinks
+    // share the address (SO_REUSEPORT), several clients share the work.
+    let per_process = (nofile.saturating_sub(500) as usize).min(20_000) * 2 / 3;
+    let processes = n.div_ceil(per_process).max(1);
+    let mut sinks = Vec::new();
+    for _ in 0..processes + 1 {
+        let mut sink = bench.worker(
+            Place {
+                cgroup: &sink_cgroup,
+                netns: Some(&mem),
+                uid: None,
+            },
+            &[
+                "server",
+                "--listen",
+                sink_addr,
+                "--mode",
+                "hold",
+                "--reuseport",
+            ],
+        )?;
+        sink.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        sinks.push(sink);
+    }
+    // The maps of the engines loaded before this one (other scenarios).
+    let others = sys::maps_memlock()?;
+    let mut engine = Engine::load()?;
+    engine.attach(&attached)?;
+    let service = engine.add_service(Service {
+        name: "sink".into(),
+        listen: vec![sink_addr.parse()?],
+        identity: Identity {
+            cgroups: vec![sink_cgroup.clone()],
+            ..Default::default()
+        },
+        context: None,
+        own_connections_by_self: true,
+        accelerate: false,
+    })?;
+    engine.add_rule(Rule {
+        destinations: vec!["127.0.0.0/8".parse()?],
+        ports: vec![9..=9],
+        ..Rule::tcp_to(service)
+    })?;
+    // 4 source addresses × up to 64,512 ports each.
+    let sources = ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13"];
+    let mut slab = [Vec::new(), Vec::new()];
+    let mut slab_after_redir = Vec::new();
+    let mut optmem = [0.0; 2];
+    let mut memlock = [0u64; 3];
+    let mut optmem_after = 0;
+    let mut pending = 0;
+    for round in 0..sizes.kernel_rounds {
+        for (i, redirected) in [(0, false), (1, true)] {
+            check_interrupted()?;
+            let (cgroup, target) = if redirected {
+                (&redir_cgroup, "127.0.0.3:9")
+            } else {
+                (&direct_cgroup, sink_addr)
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let slab0 = sys::slab()?;
+            let lock0 = sys::maps_memlock()? - others;
+            let redirects0 = engine.counters()?.redirects;
+            let started = std::time::Instant::now();
+            let mut holds = Vec::new();
+            for p in 0..processes {
+                let count = n / processes + usize::from(p < n % processes);
+                let mut args = vec![
+                    "hold".to_string(),
+                    "--connect".into(),
+                    target.into(),
+                    "--count".into(),
+                    count.to_string(),
+                ];
+                for s in sources {
+                    args.push("--source".into());
+                    args.push(s.into());
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                holds.push(bench.worker(
+                    Place {
+                        cgroup,
+                        netns: Some(&mem),
+                        uid: None,
+                    },
+                    &args,
+                )?);
+            }
+            for hold in &mut holds {
+                hold.wait_report(Duration::from_secs(300))?;
+            }
+            let opened_in = started.elapsed();
+            std::thread::sleep(Duration::from_millis(500));
+            let slab1 = sys::slab()?;
+            let lock1 = sys::maps_memlock()? - others;
+            let (opt, sockets) = sys::optmem(&mem)?;
+            let redirected_now = engine.counters()?.redirects - redirects0;
+            if redirected {
+                ensure!(
+                    redirected_now as usize == n,
+                    "{redirected_now} of {n} connections were redirected"
+                );
+                pending = engine.pending_handoffs()?;
+            }
+            for hold in &mut holds {
+                hold.tell("close")?;
+            }
+            for hold in holds {
+                hold.finish(Duration::from_secs(120))?;
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            let slab2 = sys::slab()?;
+            let lock2 = sys::maps_memlock()? - others;
+            let (opt2, _) = sys::optmem(&mem)?;
+            eprintln!(
+                "  round {round} {}: {n} connections in {:.1}s, {sockets} sockets; slab +{} MiB, after {:+} MiB; optmem {} KiB, after {} KiB; memlock {} / {} / {} KiB",
+                if redirected { "redirected" } else { "direct" },
+                opened_in.as_secs_f64(),
+                (slab1 as i64 - slab0 as i64) >> 20,
+                (slab2 as i64 - slab0 as i64) >> 20,
+                opt >> 10,
+                opt2 >> 10,
+                lock0 >> 10,
+                lock1 >> 10,
+                lock2 >> 10,
+            );
+            slab[i].push((slab1 as f64 - slab0 as f64) / n as f64);
+            optmem[i] = opt as f64 / n as f64;
+            if redirected {
+                slab_after_redir.push(slab2 as f64 - slab0 as f64);
+                memlock = [lock0, lock1, lock2];
+                optmem_after = opt2;
+            }
+        }
+    }
+    drop(engine);
+    drop(sinks);
+    drop(mem);
+    Ok(Memory {
+        rss_connections: 0,
+        rss_per_conn_redir: 0.0,
+        rss_per_conn_nft: 0.0,
+        rss_redir: [0; 3],
+        rss_nft: [0; 3],
+        kernel_connections: n,
+        kernel_rounds: sizes.kernel_rounds,
+        memlock,
+        optmem_per_conn: optmem,
+        optmem_after,
+        slab_per_conn: [median(&slab[0]), median(&slab[1])],
+        slab_after_redir: median(&slab_after_redir),
+        pending_handoffs: pending,
+    })
+}

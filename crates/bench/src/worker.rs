@@ -1,0 +1,366 @@
+//! The programs the benchmark runs inside its cgroups and namespaces: the
+//! same executable, started again with `worker <role>`. Each role prints one
+//! JSON line (its report) on stdout; servers print `ready` first.
+
+use std::io::BufRead;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The small request of the proxied-connection scenario: an HTTP request,
+/// so the proxy's inspection recognises it.
+pub const REQUEST: &[u8] =
+    b"GET /bench HTTP/1.1\r\nHost: origin.bench\r\nUser-Agent: connredir-bench\r\n\r\n";
+
+/// The origin's answer to it (about 100 bytes).
+pub const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 38\r\nConnection: close\r\n\r\nhello from the connredir bench origin\n";
+
+/// A worker role.
+#[derive(Debug, Subcommand)]
+pub enum Role {
+    /// Connect and close (with a reset) COUNT times, one after the other.
+    ConnectLoop {
+        /// Where to connect.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// How many connections.
+        #[arg(long)]
+        count: u64,
+    },
+    /// A server: prints `ready`, then serves until killed.
+    Server {
+        /// Where to listen.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// What to do with each connection.
+        #[arg(long, value_enum)]
+        mode: ServerMode,
+        /// Share the address with other servers (SO_REUSEPORT).
+        #[arg(long)]
+        reuseport: bool,
+    },
+    /// CONCURRENCY clients, each in a loop for DURATION: connect, send the
+    /// small request, read the answer to its end, close.
+    Load {
+        /// Where to connect.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Clients at once.
+        #[arg(long)]
+        concurrency: usize,
+        /// How long, in milliseconds.
+        #[arg(long)]
+        duration_ms: u64,
+    },
+    /// One connection that asks for BYTES and reads them to the end.
+    Bulk {
+        /// Where to connect.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// How many bytes to download.
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Opens COUNT connections (round robin over the source addresses),
+    /// sends a few bytes on each, reports, then waits for a line on stdin
+    /// and closes them all.
+    Hold {
+        /// Where to connect.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// How many connections.
+        #[arg(long)]
+        count: usize,
+        /// Local addresses to bind (port chosen at connect); none: any.
+        #[arg(long = "source")]
+        sources: Vec<Ipv4Addr>,
+    },
+}
+
+/// What a [`Role::Server`] does with a connection.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ServerMode {
+    /// Accept and close at once.
+    Drop,
+    /// Read the request, send [`RESPONSE`], close.
+    Reply,
+    /// Read a decimal byte count and a newline, send that many bytes, close.
+    Bulk,
+    /// Read whatever comes and keep the connection until the peer closes.
+    Hold,
+}
+
+/// Runs a role.
+pub fn run(role: Role) -> Result<()> {
+    match role {
+        Role::ConnectLoop { connect, count } => connect_loop(connect, count),
+        Role::Server {
+            listen,
+            mode,
+            reuseport,
+        } => runtime()?.block_on(server(listen, mode, reuseport)),
+        Role::Load {
+            connect,
+            concurrency,
+            duration_ms,
+        } => runtime()?.block_on(load(
+            connect,
+            concurrency,
+            Duration::from_millis(duration_ms),
+        )),
+        Role::Bulk { connect, bytes } => runtime()?.block_on(bulk(connect, bytes)),
+        Role::Hold {
+            connect,
+            count,
+            sources,
+        } => hold(connect, count, &sources),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn emit(value: serde_json::Value) {
+    println!("{value}");
+}
+
+/// Connects and closes `count` times with a reset on close (no TIME_WAIT
+/// piles up): the layer-overhead workload.
+fn connect_loop(addr: SocketAddr, count: u64) -> Result<()> {
+    let start = Instant::now();
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_linger(Some(Duration::ZERO))?;
+        socket.connect(&addr.into())?;
+    }
+    emit(json!({ "count": count, "elapsed_ns": start.elapsed().as_nanos() as u64 }));
+    Ok(())
+}
+
+async fn server(addr: SocketAddr, mode: ServerMode, reuseport: bool) -> Result<()> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuseport)?;
+    socket.bind(addr)?;
+    // A deep backlog: an overflowing accept queue drops SYNs, and a
+    // dropped SYN costs a one-second retransmit.
+    let listener: TcpListener = socket.listen(65_535)?;
+    println!("ready");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        match mode {
+            ServerMode::Drop => drop(stream),
+            ServerMode::Reply => {
+                tokio::spawn(reply(stream));
+            }
+            ServerMode::Bulk => {
+                tokio::spawn(send_bulk(stream));
+            }
+            ServerMode::Hold => {
+                tokio::spawn(keep(stream));
+            }
+        }
+    }
+}
+
+async fn reply(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 || len + n == buf.len() {
+            break;
+        }
+        len += n;
+    }
+    stream.write_all(RESPONSE).await?;
+    stream.shutdown().await
+}
+
+async fn send_bulk(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).await? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    let mut left: u64 = String::from_utf8_lossy(&line).trim().parse().unwrap_or(0);
+    let chunk = vec![0x5a; 256 * 1024];
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        stream.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    stream.shutdown().await
+}
+
+async fn keep(mut stream: TcpStream) {
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+async fn load(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<()> {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut errors = 0u64;
+            let mut last_error = None;
+            let mut buf = vec![0u8; 4096];
+            while tokio::time::Instant::now() < deadline {
+                let t0 = Instant::now();
+                let result: std::io::Result<u32> = async {
+                    let mut stream = TcpStream::connect(addr).await?;
+                    stream.write_all(REQUEST).await?;
+                    let n = stream.read(&mut buf).await?;
+                    let first = t0.elapsed().as_micros() as u32;
+                    let mut total = n;
+                    if n > 0 {
+                        loop {
+                            let n = stream.read(&mut buf).await?;
+                            if n == 0 {
+                                break;
+                            }
+                            total += n;
+                        }
+                    }
+                    if total != RESPONSE.len() {
+                        return Err(std::io::Error::other(format!(
+                            "answer of {total} bytes, expected {}",
+                            RESPONSE.len()
+                        )));
+                    }
+                    Ok(first)
+                }
+                .await;
+                match result {
+                    Ok(first) => latencies.push(first),
+                    Err(e) => {
+                        errors += 1;
+                        last_error = Some(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            (latencies, errors, last_error)
+        }));
+    }
+    let mut all = Vec::new();
+    let (mut errors, mut last_error) = (0, None);
+    for task in tasks {
+        let (latencies, e, last) = task.await?;
+        all.extend(latencies);
+        errors += e;
+        last_error = last_error.or(last);
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    emit(json!({
+        "count": all.len(),
+        "errors": errors,
+        "last_error": last_error,
+        "elapsed_ns": elapsed.as_nanos() as u64,
+        "p50_us": percentile(&all, 0.50),
+        "p99_us": percentile(&all, 0.99),
+    }));
+    Ok(())
+}
+
+async fn bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(format!("{bytes}\n").as_bytes()).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(got == bytes, "got {got} bytes of {bytes}");
+    emit(json!({ "bytes": got, "elapsed_ns": elapsed.as_nanos() as u64 }));
+    Ok(())
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: bind the address now, the port at connect.
+fn set_bind_address_no_port(socket: &Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn hold(addr: SocketAddr, count: usize, sources: &[Ipv4Addr]) -> Result<()> {
+    let start = Instant::now();
+    let mut open = Vec::with_capacity(count);
+    for i in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if !sources.is_empty() {
+            // Let connect pick the port, so each source address has the
+            // whole port range for this destination.
+            set_bind_address_no_port(&socket)?;
+            let src = SocketAddr::from((sources[i % sources.len()], 0));
+            socket.bind(&src.into())?;
+        }
+        socket
+            .connect(&addr.into())
+            .with_context(|| format!("connection {i} to {addr}"))?;
+        socket.send(b"hold\r\n\r\n")?;
+        socket.set_linger(Some(Duration::ZERO))?;
+        open.push(socket);
+    }
+    emit(json!({ "opened": open.len(), "elapsed_ns": start.elapsed().as_nanos() as u64 }));
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    drop(open);
+    emit(json!({ "closed": count }));
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! The benchmark runs: a quick layer-overhead round set (a few seconds),
+//! nothing written. Needs root and cgroup v2, like the end-to-end tests:
+//! skipped without them, except in CI (`CI=true`), where that fails.
+
+use std::process::Command;
+
+#[test]
+fn quick_overhead_run() {
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("it needs root")
+    } else if connredir_engine::cgroup::cgroup2_root().is_none() {
+        Some("it needs cgroup v2")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the benchmark smoke test cannot run in CI because {why}"
+        );
+        eprintln!("SKIPPED quick_overhead_run: {why}");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_connredir-bench"))
+        .args(["--quick", "--only", "overhead", "--no-write"])
+        .output()
+        .expect("start connredir-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "connredir-bench failed: {stderr}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the results as JSON on stdout");
+    let ratios = results["overhead"]["ratios"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 3, "{results}");
+    for r in ratios {
+        let median = r[1]["median"].as_f64().expect("a median");
+        assert!(median > 0.0 && median.is_finite(), "{r}");
+    }
+}
