@@ -113,6 +113,12 @@ fn bars(r: &Results) -> Vec<Bar> {
             None,
             ORANGE,
         ));
+        bars.push((
+            format!("conn/s c={c}: sockmap x direct"),
+            p.sockmap_vs_direct,
+            None,
+            GREEN,
+        ));
     }
     if let Some(b) = &r.bulk {
         bars.push((
@@ -123,6 +129,12 @@ fn bars(r: &Results) -> Vec<Bar> {
         ));
         bars.push(("bulk: connredir x nft".into(), b.vs_nft, None, GREEN));
         bars.push(("bulk: nft x direct".into(), b.nft_vs_direct, None, ORANGE));
+        bars.push((
+            "bulk: sockmap x direct".into(),
+            b.sockmap_vs_direct,
+            Some(1.0),
+            GREEN,
+        ));
     }
     bars
 }

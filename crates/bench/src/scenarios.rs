@@ -34,6 +34,11 @@ const PROXY_ADDR: &str = "127.0.0.1:15001";
 const ORIGIN_REPLY: &str = "127.0.0.2:8080";
 const ORIGIN_BULK: &str = "127.0.0.2:8081";
 const ORIGIN_HOLD: &str = "127.0.0.2:8082";
+/// The accelerated proxy, and its origins: the same servers, run inside the
+/// accelerating engine's scope so both legs can be accelerated.
+const PROXY_ACCEL_ADDR: &str = "127.0.0.1:15002";
+const ACCEL_REPLY: &str = "127.0.0.3:8080";
+const ACCEL_BULK: &str = "127.0.0.3:8081";
 /// The accept-and-close server of the overhead scenario.
 const SINK_DROP: &str = "127.0.0.2:7000";
 
@@ -156,6 +161,8 @@ pub struct Proxied {
     pub vs_nft: Spread,
     /// nftables conn/s ÷ direct, per round.
     pub nft_vs_direct: Spread,
+    /// connredir with sockmap acceleration conn/s ÷ direct, per round.
+    pub sockmap_vs_direct: Spread,
 }
 
 /// Bulk download through the proxy.
@@ -171,6 +178,8 @@ pub struct Bulk {
     pub vs_nft: Spread,
     /// nftables ÷ direct.
     pub nft_vs_direct: Spread,
+    /// connredir with sockmap acceleration ÷ direct.
+    pub sockmap_vs_direct: Spread,
 }
 
 /// Memory.
@@ -255,7 +264,12 @@ impl Bench {
 
     /// Starts a server that lives until the end, and waits for `ready`.
     fn server(&mut self, nat: bool, listen: &str, mode: &str) -> Result<()> {
-        let cgroup = self.cgroup("servers")?;
+        self.server_in("servers", nat, listen, mode)
+    }
+
+    /// A server in cgroup `group` of the tree.
+    fn server_in(&mut self, group: &str, nat: bool, listen: &str, mode: &str) -> Result<()> {
+        let cgroup = self.cgroup(group)?;
         let netns = if nat {
             self.nat.as_ref().context("no nat namespace")?
         } else {
@@ -275,11 +289,22 @@ impl Bench {
     /// Starts the reference proxy in `cgroup` of `netns` as [`PROXY_UID`];
     /// `standalone`: without the layer (the nftables path).
     fn proxy(&self, cgroup: &Path, netns: &Netns, standalone: bool) -> Result<Proc> {
+        self.proxy_at(cgroup, netns, standalone, PROXY_ADDR)
+    }
+
+    /// [`Bench::proxy`] listening on `listen`.
+    fn proxy_at(
+        &self,
+        cgroup: &Path,
+        netns: &Netns,
+        standalone: bool,
+        listen: &str,
+    ) -> Result<Proc> {
         let mut args: Vec<String> = [
             "--name",
             "bench",
             "--listen",
-            PROXY_ADDR,
+            listen,
             "--log",
             "/dev/null",
             "--idle-timeout",
@@ -488,6 +513,11 @@ struct ProxySetup {
     engine: Engine,
     redir_proxy: Proc,
     nft_proxy: Proc,
+    /// The sockmap variant's own engine (scope `accel`) and proxy, held for
+    /// the run: dropping them detaches the programs and stops the proxy.
+    accel_engine: Engine,
+    #[allow(dead_code)]
+    accel_proxy: Proc,
 }
 
 /// A way for clients to reach the origin.
@@ -495,6 +525,10 @@ struct Variant {
     name: &'static str,
     cgroup: PathBuf,
     nat: bool,
+    /// The origin of small requests.
+    reply: &'static str,
+    /// The origin of bulk downloads.
+    bulk: &'static str,
 }
 
 impl Bench {
@@ -504,16 +538,30 @@ impl Bench {
                 name: "direct",
                 cgroup: self.cgroup("direct")?,
                 nat: false,
+                reply: ORIGIN_REPLY,
+                bulk: ORIGIN_BULK,
             },
             Variant {
                 name: "connredir",
                 cgroup: self.cgroup("redir/clients")?,
                 nat: false,
+                reply: ORIGIN_REPLY,
+                bulk: ORIGIN_BULK,
             },
             Variant {
                 name: "nftables",
                 cgroup: self.cgroup("nft/clients")?,
                 nat: true,
+                reply: ORIGIN_REPLY,
+                bulk: ORIGIN_BULK,
+            },
+            // connredir with sockmap acceleration of both local legs.
+            Variant {
+                name: "sockmap",
+                cgroup: self.cgroup("accel/clients")?,
+                nat: false,
+                reply: ACCEL_REPLY,
+                bulk: ACCEL_BULK,
             },
         ])
     }
@@ -584,10 +632,41 @@ impl ProxySetup {
             bench.nat.as_ref().unwrap(),
             true,
         )?;
+
+        // The sockmap variant: its own engine on its own scope, an
+        // accelerated service, and origins inside that scope.
+        let accel = bench.cgroup("accel")?;
+        let accel_proxy_cgroup = bench.cgroup("accel/proxy")?;
+        bench.cgroup("accel/clients")?;
+        let mut accel_engine = Engine::load()?;
+        accel_engine.attach(&accel)?;
+        bench.server_in("accel/servers", false, ACCEL_REPLY, "reply")?;
+        bench.server_in("accel/servers", false, ACCEL_BULK, "bulk")?;
+        let accel_service = accel_engine.add_service(Service {
+            name: "bench-proxy-sockmap".into(),
+            listen: vec![PROXY_ACCEL_ADDR.parse()?],
+            identity: Identity {
+                cgroups: vec![accel_proxy_cgroup.clone()],
+                ..Default::default()
+            },
+            context: None,
+            own_connections_by_self: true,
+            accelerate: true,
+        })?;
+        let accel_origin: SocketAddr = ACCEL_REPLY.parse()?;
+        accel_engine.add_rule(Rule {
+            destinations: vec![format!("{}/32", accel_origin.ip()).parse()?],
+            ports: vec![8080..=8081],
+            ..Rule::tcp_to(accel_service)
+        })?;
+        let accel_proxy =
+            bench.proxy_at(&accel_proxy_cgroup, &bench.plain, false, PROXY_ACCEL_ADDR)?;
         Ok(ProxySetup {
             engine,
             redir_proxy,
             nft_proxy,
+            accel_engine,
+            accel_proxy,
         })
     }
 }
@@ -606,7 +685,7 @@ fn load_run(
         &[
             "load",
             "--connect",
-            ORIGIN_REPLY,
+            v.reply,
             "--concurrency",
             &c,
             "--duration-ms",
@@ -682,6 +761,7 @@ fn proxied_small(
         vs_direct: Spread::of(&ratios(&rate[1], &rate[0])),
         vs_nft: Spread::of(&ratios(&rate[1], &rate[2])),
         nft_vs_direct: Spread::of(&ratios(&rate[2], &rate[0])),
+        sockmap_vs_direct: Spread::of(&ratios(&rate[3], &rate[0])),
         variants: variants
             .iter()
             .enumerate()
@@ -697,13 +777,12 @@ fn proxied_small(
 }
 
 fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
-    let _ = setup;
     let variants = bench.variants()?;
     let bytes = sizes.bulk_bytes.to_string();
     let run = |v: &Variant, bytes: &str| -> Result<f64> {
         let proc = bench.worker(
             bench.place(v),
-            &["bulk", "--connect", ORIGIN_BULK, "--bytes", bytes],
+            &["bulk", "--connect", v.bulk, "--bytes", bytes],
         )?;
         let r = proc.finish(Duration::from_secs(120))?;
         let b = r["bytes"].as_f64().context("bytes")?;
@@ -732,12 +811,18 @@ fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
                 .join(" | ")
         );
     }
+    let accel = setup.accel_engine.counters()?;
+    eprintln!(
+        "  sockmap: {} sockets joined, {} of them stayed on TCP",
+        accel.accel_joined, accel.accel_passed
+    );
     let none = Spread::of(&[0.0]);
     Ok(Bulk {
         bytes: sizes.bulk_bytes,
         vs_direct: Spread::of(&ratios(&gbps[1], &gbps[0])),
         vs_nft: Spread::of(&ratios(&gbps[1], &gbps[2])),
         nft_vs_direct: Spread::of(&ratios(&gbps[2], &gbps[0])),
+        sockmap_vs_direct: Spread::of(&ratios(&gbps[3], &gbps[0])),
         variants: variants
             .iter()
             .enumerate()

@@ -172,6 +172,10 @@ pub struct Counters {
     pub conns_untracked: u64,
     /// Decisions lost because the trace ring buffer was full.
     pub trace_lost: u64,
+    /// Sockets that joined the sockmap acceleration.
+    pub accel_joined: u64,
+    /// Joined sockets that wrote before their peer joined, so stayed on TCP.
+    pub accel_passed: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -1043,6 +1047,8 @@ impl Engine {
             records_inherited: read(CONNREDIR_CNT_RECORDS_INHERITED)?,
             conns_untracked: read(CONNREDIR_CNT_CONNS_UNTRACKED)?,
             trace_lost: read(CONNREDIR_CNT_TRACE_LOST)?,
+            accel_joined: read(CONNREDIR_CNT_ACCEL_JOINED)?,
+            accel_passed: read(CONNREDIR_CNT_ACCEL_PASSED)?,
         })
     }
 

@@ -64,6 +64,7 @@ static __always_inline void accel_join(struct bpf_sock_ops *skops, const struct 
 	}
 	/* Closing removes the state entry (the sockhash drops closed sockets). */
 	bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	count(CONNREDIR_CNT_ACCEL_JOINED);
 }
 
 /* ACTIVE_ESTABLISHED_CB: a connecting socket that may join. */
@@ -184,6 +185,7 @@ int connredir_accel(struct sk_msg_md *msg)
 	if (!bpf_map_lookup_elem(&accel_state, &peer)) {
 		/* The peer is not (yet) in the map: this socket stays on TCP. */
 		*state |= CONNREDIR_ACCEL_PASSED;
+		count(CONNREDIR_CNT_ACCEL_PASSED);
 		return SK_PASS;
 	}
 	return bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS);

@@ -294,7 +294,9 @@ enum connredir_counter {
 	CONNREDIR_CNT_RECORDS_INHERITED = 8,
 	CONNREDIR_CNT_CONNS_UNTRACKED = 9, /* the conns map was full */
 	CONNREDIR_CNT_TRACE_LOST = 10, /* the trace ring buffer was full */
-	CONNREDIR_CNT_MAX = 11,
+	CONNREDIR_CNT_ACCEL_JOINED = 11, /* sockets that joined the acceleration */
+	CONNREDIR_CNT_ACCEL_PASSED = 12, /* joined sockets that stayed on TCP */
+	CONNREDIR_CNT_MAX = 13,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
