@@ -105,40 +105,16 @@ static __always_inline void accel_on_close(const struct tuple *tp)
 	bpf_map_delete_elem(&accel_state, &key);
 }
 
-/* Is the socket of a getsockopt caller accelerated? Every field is read
- * once, unconditionally (the verifier refuses computed sock pointers). */
+/* Is the socket of a getsockopt caller accelerated? */
 static __always_inline int accel_socket(struct bpf_sock *sk)
 {
 	struct connredir_pair_key key = {};
-	__u32 family = ctx_read(sk->family);
 	__u32 src_port = ctx_read(sk->src_port);
 	__u16 dst_port = ctx_read(sk->dst_port);
-	__u32 src4 = ctx_read(sk->src_ip4), dst4 = ctx_read(sk->dst_ip4);
-	__u32 l0 = ctx_read(sk->src_ip6[0]), l1 = ctx_read(sk->src_ip6[1]);
-	__u32 l2 = ctx_read(sk->src_ip6[2]), l3 = ctx_read(sk->src_ip6[3]);
-	__u32 r0 = ctx_read(sk->dst_ip6[0]), r1 = ctx_read(sk->dst_ip6[1]);
-	__u32 r2 = ctx_read(sk->dst_ip6[2]), r3 = ctx_read(sk->dst_ip6[3]);
-	__u32 l[4], r[4];
+	struct tuple t;
 
-	if (family == AF_INET) {
-		l0 = 0;
-		l1 = 0;
-		l2 = bpf_htonl(0xffff);
-		l3 = src4;
-		r0 = 0;
-		r1 = 0;
-		r2 = bpf_htonl(0xffff);
-		r3 = dst4;
-	}
-	l[0] = l0;
-	l[1] = l1;
-	l[2] = l2;
-	l[3] = l3;
-	r[0] = r0;
-	r[1] = r1;
-	r[2] = r2;
-	r[3] = r3;
-	pair_key(&key, l, (__u16)src_port, r, bpf_ntohs(dst_port));
+	read_addrs(sk, &t, src_ip4, dst_ip4, src_ip6, dst_ip6);
+	pair_key(&key, t.local, (__u16)src_port, t.remote, bpf_ntohs(dst_port));
 	return bpf_map_lookup_elem(&accel_state, &key) != NULL;
 }
 
@@ -146,38 +122,15 @@ SEC("sk_msg")
 int connredir_accel(struct sk_msg_md *msg)
 {
 	struct connredir_pair_key self = {}, peer = {};
-	__u32 family = ctx_read(msg->family);
 	__u32 remote_port = ctx_read(msg->remote_port);
 	__u32 local_port = ctx_read(msg->local_port);
-	__u32 local4 = ctx_read(msg->local_ip4), remote4 = ctx_read(msg->remote_ip4);
-	__u32 l0 = ctx_read(msg->local_ip6[0]), l1 = ctx_read(msg->local_ip6[1]);
-	__u32 l2 = ctx_read(msg->local_ip6[2]), l3 = ctx_read(msg->local_ip6[3]);
-	__u32 r0 = ctx_read(msg->remote_ip6[0]), r1 = ctx_read(msg->remote_ip6[1]);
-	__u32 r2 = ctx_read(msg->remote_ip6[2]), r3 = ctx_read(msg->remote_ip6[3]);
-	__u32 l[4], r[4];
 	__u16 lport = (__u16)local_port, rport = bpf_ntohs((__u16)remote_port);
+	struct tuple t;
 	__u32 *state;
 
-	if (family == AF_INET) {
-		l0 = 0;
-		l1 = 0;
-		l2 = bpf_htonl(0xffff);
-		l3 = local4;
-		r0 = 0;
-		r1 = 0;
-		r2 = bpf_htonl(0xffff);
-		r3 = remote4;
-	}
-	l[0] = l0;
-	l[1] = l1;
-	l[2] = l2;
-	l[3] = l3;
-	r[0] = r0;
-	r[1] = r1;
-	r[2] = r2;
-	r[3] = r3;
-	pair_key(&self, l, lport, r, rport);
-	pair_key(&peer, r, rport, l, lport);
+	read_addrs(msg, &t, local_ip4, remote_ip4, local_ip6, remote_ip6);
+	pair_key(&self, t.local, lport, t.remote, rport);
+	pair_key(&peer, t.remote, rport, t.local, lport);
 
 	state = bpf_map_lookup_elem(&accel_state, &self);
 	if (!state || (*state & CONNREDIR_ACCEL_PASSED))

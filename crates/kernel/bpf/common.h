@@ -274,42 +274,51 @@ struct tuple {
 };
 
 /*
- * Reads the 4-tuple, every ctx field once, unconditionally and through
- * ctx_read. IPv4 addresses become IPv4-mapped IPv6.
+ * Reads a context's local and remote addresses into a tuple, IPv4 as
+ * IPv4-mapped IPv6. Every field is read once, unconditionally and through
+ * ctx_read (the verifier refuses computed context pointers). The field names
+ * differ between context types (sock_ops and sk_msg_md: local_ip4 ...,
+ * bpf_sock: src_ip4 ...), hence a macro.
  */
+#define read_addrs(ctx, t, local4, remote4, local6, remote6)                             \
+	do {                                                                               \
+		__u32 family_ = ctx_read((ctx)->family);                                    \
+		__u32 l4_ = ctx_read((ctx)->local4), r4_ = ctx_read((ctx)->remote4);        \
+		__u32 l0_ = ctx_read((ctx)->local6[0]), l1_ = ctx_read((ctx)->local6[1]);   \
+		__u32 l2_ = ctx_read((ctx)->local6[2]), l3_ = ctx_read((ctx)->local6[3]);   \
+		__u32 r0_ = ctx_read((ctx)->remote6[0]), r1_ = ctx_read((ctx)->remote6[1]); \
+		__u32 r2_ = ctx_read((ctx)->remote6[2]), r3_ = ctx_read((ctx)->remote6[3]); \
+                                                                                           \
+		if (family_ == AF_INET) {                                                  \
+			l0_ = 0;                                                           \
+			l1_ = 0;                                                           \
+			l2_ = bpf_htonl(0xffff);                                           \
+			l3_ = l4_;                                                         \
+			r0_ = 0;                                                           \
+			r1_ = 0;                                                           \
+			r2_ = bpf_htonl(0xffff);                                           \
+			r3_ = r4_;                                                         \
+		}                                                                          \
+		(t)->local[0] = l0_;                                                       \
+		(t)->local[1] = l1_;                                                       \
+		(t)->local[2] = l2_;                                                       \
+		(t)->local[3] = l3_;                                                       \
+		(t)->remote[0] = r0_;                                                      \
+		(t)->remote[1] = r1_;                                                      \
+		(t)->remote[2] = r2_;                                                      \
+		(t)->remote[3] = r3_;                                                      \
+	} while (0)
+
+/* The 4-tuple of a sockops callback. */
 static __always_inline void read_tuple(struct bpf_sock_ops *skops, struct tuple *t)
 {
-	__u32 family = ctx_read(skops->family);
 	__u32 remote_port = ctx_read(skops->remote_port);
 	__u32 local_port = ctx_read(skops->local_port);
-	__u32 local4 = ctx_read(skops->local_ip4);
-	__u32 remote4 = ctx_read(skops->remote_ip4);
-	__u32 l0 = ctx_read(skops->local_ip6[0]), l1 = ctx_read(skops->local_ip6[1]);
-	__u32 l2 = ctx_read(skops->local_ip6[2]), l3 = ctx_read(skops->local_ip6[3]);
-	__u32 r0 = ctx_read(skops->remote_ip6[0]), r1 = ctx_read(skops->remote_ip6[1]);
-	__u32 r2 = ctx_read(skops->remote_ip6[2]), r3 = ctx_read(skops->remote_ip6[3]);
 
+	read_addrs(skops, t, local_ip4, remote_ip4, local_ip6, remote_ip6);
 	t->local_port = (__u16)local_port;
 	/* remote_port holds the network-order port in its upper 16 bits. */
 	t->remote_port = bpf_ntohs((__u16)(remote_port >> 16));
-	if (family == AF_INET) {
-		l0 = 0;
-		l1 = 0;
-		l2 = bpf_htonl(0xffff);
-		l3 = local4;
-		r0 = 0;
-		r1 = 0;
-		r2 = bpf_htonl(0xffff);
-		r3 = remote4;
-	}
-	t->local[0] = l0;
-	t->local[1] = l1;
-	t->local[2] = l2;
-	t->local[3] = l3;
-	t->remote[0] = r0;
-	t->remote[1] = r1;
-	t->remote[2] = r2;
-	t->remote[3] = r3;
 }
 
 #endif /* CONNREDIR_COMMON_H */
