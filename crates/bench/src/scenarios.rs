@@ -579,6 +579,48 @@ impl Bench {
     }
 }
 
+/// One redirected path: a scope cgroup `group` (with `proxy` and `clients`
+/// inside) and its own engine, a service, and a rule sending the origin's
+/// address and `ports` to it.
+struct RedirectedPath {
+    group: &'static str,
+    service: &'static str,
+    listen: &'static str,
+    origin: &'static str,
+    ports: std::ops::RangeInclusive<u16>,
+    accelerate: bool,
+}
+
+impl Bench {
+    /// Sets up `path`; returns its engine and its proxy.
+    fn redirected_path(&self, path: RedirectedPath) -> Result<(Engine, Proc)> {
+        let scope = self.cgroup(path.group)?;
+        let proxy_cgroup = self.cgroup(&format!("{}/proxy", path.group))?;
+        self.cgroup(&format!("{}/clients", path.group))?;
+        let mut engine = Engine::load()?;
+        engine.attach(&scope)?;
+        let service = engine.add_service(Service {
+            name: path.service.into(),
+            listen: vec![path.listen.parse()?],
+            identity: Identity {
+                cgroups: vec![proxy_cgroup.clone()],
+                ..Default::default()
+            },
+            context: None,
+            own_connections_by_self: true,
+            accelerate: path.accelerate,
+        })?;
+        let origin: SocketAddr = path.origin.parse()?;
+        engine.add_rule(Rule {
+            destinations: vec![format!("{}/32", origin.ip()).parse()?],
+            ports: vec![path.ports],
+            ..Rule::tcp_to(service)
+        })?;
+        let proxy = self.proxy_at(&proxy_cgroup, &self.plain, false, path.listen)?;
+        Ok((engine, proxy))
+    }
+}
+
 impl ProxySetup {
     fn new(bench: &mut Bench) -> Result<ProxySetup> {
         let pid = std::process::id();
@@ -604,63 +646,31 @@ impl ProxySetup {
             bench.server(nat, ORIGIN_HOLD, "hold")?;
         }
 
-        let redir = bench.cgroup("redir")?;
-        let proxy_cgroup = bench.cgroup("redir/proxy")?;
-        bench.cgroup("redir/clients")?;
-        let mut engine = Engine::load()?;
-        engine.attach(&redir)?;
-        let service = engine.add_service(Service {
-            name: "bench-proxy".into(),
-            listen: vec![PROXY_ADDR.parse()?],
-            identity: Identity {
-                cgroups: vec![proxy_cgroup.clone()],
-                ..Default::default()
-            },
-            context: None,
-            own_connections_by_self: true,
+        let (engine, redir_proxy) = bench.redirected_path(RedirectedPath {
+            group: "redir",
+            service: "bench-proxy",
+            listen: PROXY_ADDR,
+            origin: ORIGIN_REPLY,
+            ports: 8080..=8082,
             accelerate: false,
         })?;
-        let origin: SocketAddr = ORIGIN_REPLY.parse()?;
-        engine.add_rule(Rule {
-            destinations: vec![format!("{}/32", origin.ip()).parse()?],
-            ports: vec![8080..=8082],
-            ..Rule::tcp_to(service)
-        })?;
-        let redir_proxy = bench.proxy(&proxy_cgroup, &bench.plain, false)?;
         let nft_proxy = bench.proxy(
             &bench.cgroup("nft/proxy")?,
             bench.nat.as_ref().unwrap(),
             true,
         )?;
-
-        // The sockmap variant: its own engine on its own scope, an
-        // accelerated service, and origins inside that scope.
-        let accel = bench.cgroup("accel")?;
-        let accel_proxy_cgroup = bench.cgroup("accel/proxy")?;
-        bench.cgroup("accel/clients")?;
-        let mut accel_engine = Engine::load()?;
-        accel_engine.attach(&accel)?;
+        // The sockmap variant: its own engine on its own scope, with the
+        // origins inside that scope so both local legs can be accelerated.
         bench.server_in("accel/servers", false, ACCEL_REPLY, "reply")?;
         bench.server_in("accel/servers", false, ACCEL_BULK, "bulk")?;
-        let accel_service = accel_engine.add_service(Service {
-            name: "bench-proxy-sockmap".into(),
-            listen: vec![PROXY_ACCEL_ADDR.parse()?],
-            identity: Identity {
-                cgroups: vec![accel_proxy_cgroup.clone()],
-                ..Default::default()
-            },
-            context: None,
-            own_connections_by_self: true,
+        let (accel_engine, accel_proxy) = bench.redirected_path(RedirectedPath {
+            group: "accel",
+            service: "bench-proxy-sockmap",
+            listen: PROXY_ACCEL_ADDR,
+            origin: ACCEL_REPLY,
+            ports: 8080..=8081,
             accelerate: true,
         })?;
-        let accel_origin: SocketAddr = ACCEL_REPLY.parse()?;
-        accel_engine.add_rule(Rule {
-            destinations: vec![format!("{}/32", accel_origin.ip()).parse()?],
-            ports: vec![8080..=8081],
-            ..Rule::tcp_to(accel_service)
-        })?;
-        let accel_proxy =
-            bench.proxy_at(&accel_proxy_cgroup, &bench.plain, false, PROXY_ACCEL_ADDR)?;
         Ok(ProxySetup {
             engine,
             redir_proxy,
