@@ -366,6 +366,44 @@ impl Lab {
             .expect("register service")
     }
 
+    /// Registers haproxy (`option transparent`: it finds the destination with
+    /// SO_ORIGINAL_DST and knows nothing of records) as a service whose rule
+    /// sends `prefix` on `port` to it, and starts it in its own cgroup.
+    /// Returns the service id and where haproxy listens.
+    pub fn haproxy(
+        &mut self,
+        haproxy: &Path,
+        prefix: &str,
+        port: u16,
+        priority: u32,
+    ) -> (ServiceId, SocketAddr) {
+        let cgroup = self.cgroup("services/haproxy");
+        let listen = free_addr("127.0.0.1");
+        let id = self.service("haproxy", &[listen], by_cgroup(&cgroup), None);
+        self.route(id, prefix, Some(port), priority);
+        let config = std::env::temp_dir().join(format!(
+            "connredir-haproxy-{}-{}.cfg",
+            std::process::id(),
+            listen.port()
+        ));
+        std::fs::write(
+            &config,
+            format!(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend inbound\n  bind {listen}\n  default_backend original\n\
+                 backend original\n  option transparent\n"
+            ),
+        )
+        .expect("write the haproxy configuration");
+        let args = ["-f", config.to_str().expect("a UTF-8 path"), "-db"];
+        let proc = Proc::spawn_program(&cgroup, None, haproxy, &args).expect("start haproxy");
+        self.procs.push(proc);
+        wait_listening(listen).expect("haproxy listens");
+        // Read at start-up: nothing needs it any more.
+        let _ = std::fs::remove_file(&config);
+        (id, listen)
+    }
+
     /// Sends TCP connections to `prefix` (on `port`, or any) to a service.
     pub fn route(&mut self, id: ServiceId, prefix: &str, port: Option<u16>, priority: u32) {
         self.engine

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Rule, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, permutations, require_program, wait_listening, workspace_bin, EchoServer,
-    Lab, Proc,
+    by_cgroup, free_addr, permutations, require_program, workspace_bin, EchoServer, Lab, Proc,
 };
 use serde_json::{json, Value};
 
@@ -364,25 +363,7 @@ fn haproxy_and_the_reference_proxy_chain_in_both_orders() {
                 args: &[],
             },
         );
-        let cgroup = lab.cgroup("services/haproxy");
-        let listen = free_addr("127.0.0.1");
-        let theirs = lab.service("haproxy", &[listen], by_cgroup(&cgroup), None);
-        lab.route(theirs, &prefix, Some(dst.port()), theirs_priority);
-        let config =
-            std::env::temp_dir().join(format!("connredir-phaproxy-{}.cfg", std::process::id()));
-        std::fs::write(
-            &config,
-            format!(
-                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-                 frontend inbound\n  bind {listen}\n  default_backend original\n\
-                 backend original\n  option transparent\n"
-            ),
-        )
-        .unwrap();
-        let args = ["-f", config.to_str().unwrap(), "-db"];
-        let proc = Proc::spawn_program(&cgroup, None, &haproxy, &args).unwrap();
-        lab.procs.push(proc);
-        wait_listening(listen).unwrap();
+        let (theirs, _) = lab.haproxy(&haproxy, &prefix, dst.port(), theirs_priority);
 
         // One flow at a time: haproxy sets no records, so its onward
         // connection inherits the record kept for (service, destination),
@@ -396,7 +377,6 @@ fn haproxy_and_the_reference_proxy_chain_in_both_orders() {
             assert_eq!(flow["ok"], true, "haproxy first: {haproxy_first}: {flow}");
             locals.push(flow["local"].as_str().unwrap().to_string());
         }
-        let _ = std::fs::remove_file(&config);
 
         let chain = if haproxy_first {
             json!([theirs.0, ours.0])

@@ -9,8 +9,8 @@ use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, free_addr, permutations, require_program, wait_listening, workspace_bin,
-    EchoServer, Lab, Proc,
+    by_cgroup, by_uid, free_addr, permutations, require_program, workspace_bin, EchoServer, Lab,
+    Proc,
 };
 use serde_json::Value;
 
@@ -353,24 +353,7 @@ fn third_party_transparent_proxy_takes_part_in_a_chain() {
     let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let (ours, our_proxy) = lab.proxy(v4_proxy("ours", dst, 1));
-    let cgroup = lab.cgroup("services/haproxy");
-    let listen = free_addr("127.0.0.1");
-    let theirs = lab.service("haproxy", &[listen], by_cgroup(&cgroup), None);
-    lab.route(theirs, &format!("{}/32", dst.ip()), Some(dst.port()), 2);
-    let config = std::env::temp_dir().join(format!("connredir-haproxy-{}.cfg", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend inbound\n  bind {listen}\n  default_backend original\n\
-             backend original\n  option transparent\n"
-        ),
-    )
-    .unwrap();
-    let args = ["-f", config.to_str().unwrap(), "-db"];
-    let proc = Proc::spawn_program(&cgroup, None, &haproxy, &args).unwrap();
-    lab.procs.push(proc);
-    wait_listening(listen).unwrap();
+    lab.haproxy(&haproxy, &format!("{}/32", dst.ip()), dst.port(), 2);
 
     // (No empty flow: haproxy may drop a connection whose client closes
     // before sending anything, without connecting to the server.)
@@ -378,7 +361,6 @@ fn third_party_transparent_proxy_takes_part_in_a_chain() {
         let report = lab.client("scope/client", dst, bytes).unwrap();
         assert_eq!(report["ok"], true, "{report}");
     }
-    let _ = std::fs::remove_file(&config);
     let log = lab.wait_logged(our_proxy, 3);
     assert_eq!(log.len(), 3, "{log:?}");
     for entry in &log {
