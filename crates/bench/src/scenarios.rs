@@ -382,8 +382,11 @@ pub fn run_all(only: &[Scenario], quick: bool) -> Result<Results> {
 /// Runs one variant's small-request load for a while (for profiling).
 pub fn soak(spec: &str) -> Result<()> {
     let parts: Vec<&str> = spec.split(':').collect();
-    ensure!(parts.len() == 3, "--soak wants VARIANT:CLIENTS:SECONDS");
-    let (clients, secs): (usize, u64) = (parts[1].parse()?, parts[2].parse()?);
+    ensure!(
+        parts.len() == 3,
+        "--soak wants VARIANT:CLIENTS:SECONDS or VARIANT:bulk:SECONDS"
+    );
+    let secs: u64 = parts[2].parse()?;
     let mut bench = Bench::new()?;
     let setup = ProxySetup::new(&mut bench)?;
     let variants = bench.variants()?;
@@ -391,6 +394,18 @@ pub fn soak(spec: &str) -> Result<()> {
         .iter()
         .find(|v| v.name == parts[0])
         .with_context(|| format!("no variant {}", parts[0]))?;
+    if parts[1] == "bulk" {
+        eprintln!("soak: {} bulk downloads for {secs}s", v.name);
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < until {
+            check_interrupted()?;
+            let gbps = bulk_run(&bench, v, 1 << 30)?;
+            println!("{}: {gbps:.1} Gbit/s", v.name);
+        }
+        drop(setup);
+        return Ok(());
+    }
+    let clients: usize = parts[1].parse()?;
     eprintln!("soak: {} with {clients} clients for {secs}s", v.name);
     let (rate, p50, p99, errors) = load_run(&bench, v, clients, secs * 1000)?;
     println!(
@@ -786,21 +801,23 @@ fn proxied_small(
     })
 }
 
+/// One download of `bytes` by variant `v`; returns Gbit/s.
+fn bulk_run(bench: &Bench, v: &Variant, bytes: u64) -> Result<f64> {
+    let bytes = bytes.to_string();
+    let proc = bench.worker(
+        bench.place(v),
+        &["bulk", "--connect", v.bulk, "--bytes", &bytes],
+    )?;
+    let r = proc.finish(Duration::from_secs(120))?;
+    let b = r["bytes"].as_f64().context("bytes")?;
+    let secs = r["elapsed_ns"].as_f64().context("elapsed_ns")? / 1e9;
+    Ok(b * 8.0 / secs / 1e9)
+}
+
 fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
     let variants = bench.variants()?;
-    let bytes = sizes.bulk_bytes.to_string();
-    let run = |v: &Variant, bytes: &str| -> Result<f64> {
-        let proc = bench.worker(
-            bench.place(v),
-            &["bulk", "--connect", v.bulk, "--bytes", bytes],
-        )?;
-        let r = proc.finish(Duration::from_secs(120))?;
-        let b = r["bytes"].as_f64().context("bytes")?;
-        let secs = r["elapsed_ns"].as_f64().context("elapsed_ns")? / 1e9;
-        Ok(b * 8.0 / secs / 1e9)
-    };
     for v in &variants {
-        run(v, &(16u64 << 20).to_string())?;
+        bulk_run(bench, v, 16 << 20)?;
     }
     let n = variants.len();
     let mut gbps = vec![Vec::new(); n];
@@ -809,7 +826,7 @@ fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
         let mut order: Vec<usize> = (0..n).collect();
         order.rotate_left(round % n);
         for i in order {
-            gbps[i].push(run(&variants[i], &bytes)?);
+            gbps[i].push(bulk_run(bench, &variants[i], sizes.bulk_bytes)?);
         }
         eprintln!(
             "  round {round}: {}",

@@ -176,6 +176,9 @@ pub struct Counters {
     pub accel_joined: u64,
     /// Joined sockets that wrote before their peer joined, so stayed on TCP.
     pub accel_passed: u64,
+    /// Writes of joined sockets moved straight into their peer's receive
+    /// queue, past TCP.
+    pub accel_sends: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -1049,6 +1052,7 @@ impl Engine {
             trace_lost: read(CONNREDIR_CNT_TRACE_LOST)?,
             accel_joined: read(CONNREDIR_CNT_ACCEL_JOINED)?,
             accel_passed: read(CONNREDIR_CNT_ACCEL_PASSED)?,
+            accel_sends: read(CONNREDIR_CNT_ACCEL_SENDS)?,
         })
     }
 

@@ -124,7 +124,8 @@ int connredir_accel(struct sk_msg_md *msg)
 	struct connredir_pair_key self = {}, peer = {};
 	__u32 remote_port = ctx_read(msg->remote_port);
 	__u32 local_port = ctx_read(msg->local_port);
-	__u16 lport = (__u16)local_port, rport = bpf_ntohs((__u16)remote_port);
+	/* As in sockops: the network-order port sits in the upper 16 bits. */
+	__u16 lport = (__u16)local_port, rport = bpf_ntohs((__u16)(remote_port >> 16));
 	struct tuple t;
 	__u32 *state;
 

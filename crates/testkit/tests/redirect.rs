@@ -974,6 +974,15 @@ fn many_accelerated_flows(lab: &Lab, dst: SocketAddr) {
     assert_eq!(report["failed"], 0, "{report}");
 }
 
+/// The data really went socket to socket: writes were moved past TCP, and
+/// no joined socket had to stay on TCP.
+fn assert_moved_past_tcp(lab: &Lab, flows: u64) {
+    let counters = lab.engine.counters().unwrap();
+    assert!(counters.accel_joined >= 4 * flows, "{counters:?}");
+    assert_eq!(counters.accel_passed, 0, "{counters:?}");
+    assert!(counters.accel_sends >= flows, "{counters:?}");
+}
+
 #[test]
 fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
     let Some(mut lab) = Lab::new("accel") else {
@@ -991,6 +1000,7 @@ fn accelerated_service_moves_data_socket_to_socket_byte_exact() {
         assert_eq!(report["ok"], true, "{bytes} bytes: {report}");
     }
     many_accelerated_flows(&lab, dst);
+    assert_moved_past_tcp(&lab, 68);
     let log = lab.wait_logged(proxy, 68);
     assert_eq!(log.len(), 68);
     for entry in &log {
@@ -1014,6 +1024,7 @@ fn reference_proxy_relays_accelerated_flows_byte_exact() {
         Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
     });
     many_accelerated_flows(&lab, dst);
+    assert_moved_past_tcp(&lab, 64);
     let log = lab.wait_logged(proxy, 64);
     assert_eq!(log.len(), 64, "{log:?}");
     let total: u64 = log.iter().map(|l| l["bytes_up"].as_u64().unwrap()).sum();

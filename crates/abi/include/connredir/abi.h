@@ -296,7 +296,8 @@ enum connredir_counter {
 	CONNREDIR_CNT_TRACE_LOST = 10, /* the trace ring buffer was full */
 	CONNREDIR_CNT_ACCEL_JOINED = 11, /* sockets that joined the acceleration */
 	CONNREDIR_CNT_ACCEL_PASSED = 12, /* joined sockets that stayed on TCP */
-	CONNREDIR_CNT_MAX = 13,
+	CONNREDIR_CNT_ACCEL_SENDS = 13, /* writes moved socket to socket */
+	CONNREDIR_CNT_MAX = 14,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
