@@ -12,8 +12,11 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Bytes moved per step: one pipe's default capacity, and the copy buffer.
+/// Bytes moved per splice: one pipe's default capacity.
 const CHUNK: usize = 64 * 1024;
+
+/// Bytes moved per read of the copy loop.
+const COPY_CHUNK: usize = 256 * 1024;
 
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,23 +181,60 @@ pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// The plain loop: a bounded buffer, so a slow reader slows the writer.
+/// The plain loop. Reads go into the worker thread's scratch buffer (one
+/// large buffer per thread, not per connection) and are written out at once;
+/// only what the writer cannot take yet is kept, in `pending`, and flushed
+/// before the next read, so a slow reader slows the writer and an idle
+/// connection holds no buffer.
 async fn copy_all(
     from: &TcpStream,
     to: &TcpStream,
     dir: Direction,
     traffic: &Traffic,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; CHUNK];
+    let mut pending = Vec::new();
     loop {
+        if !pending.is_empty() {
+            write_all(to, &pending, dir, traffic).await?;
+            pending = Vec::new();
+        }
         from.readable().await?;
-        match from.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => write_all(to, &buf[..n], dir, traffic).await?,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        let step = SCRATCH.with_borrow_mut(|buf| {
+            let n = match from.try_read(buf) {
+                Ok(0) => return Ok(Step::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Again),
+                Err(e) => return Err(e),
+            };
+            let mut written = 0;
+            while written < n {
+                match to.try_write(&buf[written..n]) {
+                    Ok(k) => written += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            traffic.moved(dir, written);
+            pending.extend_from_slice(&buf[written..n]);
+            Ok(Step::Again)
+        })?;
+        if let Step::Eof = step {
+            return Ok(());
         }
     }
+}
+
+/// What one read of [`copy_all`] found.
+enum Step {
+    Eof,
+    Again,
+}
+
+thread_local! {
+    /// The copy buffer of this worker thread: large, so a bulk flow moves in
+    /// few system calls (it matters most on sockmap-accelerated sockets,
+    /// where every byte is copied in and out of the proxy).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_CHUNK]);
 }
 
 /// Zero-copy through a pipe: fill it from `from`, drain it into `to`, and
