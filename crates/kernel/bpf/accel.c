@@ -142,5 +142,6 @@ int connredir_accel(struct sk_msg_md *msg)
 		count(CONNREDIR_CNT_ACCEL_PASSED);
 		return SK_PASS;
 	}
+	count(CONNREDIR_CNT_ACCEL_SENDS);
 	return bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS);
 }
