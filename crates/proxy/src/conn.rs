@@ -215,17 +215,17 @@ async fn serve(
     let server = connect(dst, redirect.records.as_ref(), settings.connect_timeout).await?;
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
 
-    // splice(2) does not see the data of a socket accelerated through
-    // sockmap (it arrives in the socket's own queue, not TCP's): copy then.
-    let accelerated = |s: &TcpStream| connredir::is_accelerated(s).unwrap_or(false);
-    let mode = if accelerated(client) || accelerated(&server) {
-        Mode::Copy
-    } else {
-        settings.mode
+    // splice(2) cannot read the data of a socket accelerated through sockmap
+    // (it arrives in the socket's own queue, not TCP's): a direction reading
+    // from such a socket copies. Splicing into one is fine.
+    let reading = |s: &TcpStream| match connredir::is_accelerated(s) {
+        Ok(true) => Mode::Copy,
+        _ => settings.mode,
     };
+    let (up_mode, down_mode) = (reading(client), reading(&server));
     // Server-first protocols: the server's bytes flow during inspection.
     let down = async {
-        relay::pump(&server, client, mode, Direction::Down, traffic).await?;
+        relay::pump(&server, client, down_mode, Direction::Down, traffic).await?;
         Ok(())
     };
     let up = async {
@@ -254,7 +254,7 @@ async fn serve(
         if first.eof {
             relay::shutdown_write(&server).map_err(RelayError::Up)?;
         } else {
-            relay::pump(client, &server, mode, Direction::Up, traffic).await?;
+            relay::pump(client, &server, up_mode, Direction::Up, traffic).await?;
         }
         Ok(())
     };

@@ -917,14 +917,19 @@ fn accelerated_lab(
     lab: &mut Lab,
     start: impl FnOnce(&std::path::Path, &[SocketAddr]) -> Proc,
 ) -> (SocketAddr, usize) {
+    accelerated_lab_with_server_in(lab, "scope/server", start)
+}
+
+/// [`accelerated_lab`] with the echo server in cgroup `server`: outside the
+/// scope, only the client-to-proxy leg can be accelerated.
+fn accelerated_lab_with_server_in(
+    lab: &mut Lab,
+    server: &str,
+    start: impl FnOnce(&std::path::Path, &[SocketAddr]) -> Proc,
+) -> (SocketAddr, usize) {
     let dst = free_addr("127.0.0.3");
     let listen = dst.to_string();
-    let echo = Proc::spawn(
-        &lab.cgroup("scope/server"),
-        None,
-        &["echo", "--listen", &listen],
-    )
-    .unwrap();
+    let echo = Proc::spawn(&lab.cgroup(server), None, &["echo", "--listen", &listen]).unwrap();
     echo.wait_line("echo ready", |l| l == "ready").unwrap();
     lab.procs.push(echo);
     let cgroup = lab.cgroup("services/fast");
@@ -1030,4 +1035,29 @@ fn reference_proxy_relays_accelerated_flows_byte_exact() {
     let total: u64 = log.iter().map(|l| l["bytes_up"].as_u64().unwrap()).sum();
     let expected: u64 = (0..64u64).map(|i| i * 7919 % 300_000).sum();
     assert_eq!(total, expected);
+}
+
+#[test]
+fn reference_proxy_with_only_the_client_leg_accelerated_is_byte_exact() {
+    let Some(mut lab) = Lab::new("accel-client-leg") else {
+        return;
+    };
+    // The origin is outside the scope: its end never joins, so the proxy's
+    // onward socket stays on TCP and the proxy splices into the accelerated
+    // client socket while copying out of it.
+    let (dst, proxy) = accelerated_lab_with_server_in(&mut lab, "outside", |cgroup, listen| {
+        let listen = listen[0].to_string();
+        let args = ["--name", "fast", "--listen", &listen];
+        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
+    });
+    many_accelerated_flows(&lab, dst);
+    let counters = lab.engine.counters().unwrap();
+    // Client and proxy end of each flow, and the proxy's onward socket,
+    // which finds no peer and stays on TCP at its first write.
+    assert!(counters.accel_joined >= 3 * 64, "{counters:?}");
+    assert!(counters.accel_sends >= 64, "{counters:?}");
+    let log = lab.wait_logged(proxy, 64);
+    let down: u64 = log.iter().map(|l| l["bytes_down"].as_u64().unwrap()).sum();
+    let expected: u64 = (0..64u64).map(|i| i * 7919 % 300_000).sum();
+    assert_eq!(down, expected);
 }
