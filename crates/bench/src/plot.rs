@@ -135,6 +135,12 @@ fn bars(r: &Results) -> Vec<Bar> {
             Some(1.0),
             GREEN,
         ));
+        bars.push((
+            "bulk: sockmap client leg x direct".into(),
+            b.sockmap_client_leg_vs_direct,
+            Some(0.9),
+            GREEN,
+        ));
     }
     bars
 }

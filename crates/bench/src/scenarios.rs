@@ -39,6 +39,9 @@ const ORIGIN_HOLD: &str = "127.0.0.2:8082";
 const PROXY_ACCEL_ADDR: &str = "127.0.0.1:15002";
 const ACCEL_REPLY: &str = "127.0.0.3:8080";
 const ACCEL_BULK: &str = "127.0.0.3:8081";
+/// A bulk origin outside the accelerating scope, sent to the same
+/// accelerated proxy: only the client-to-proxy leg can be accelerated.
+const ACCEL_CLIENT_LEG_BULK: &str = "127.0.0.4:8081";
 /// The accept-and-close server of the overhead scenario.
 const SINK_DROP: &str = "127.0.0.2:7000";
 
@@ -178,8 +181,10 @@ pub struct Bulk {
     pub vs_nft: Spread,
     /// nftables ÷ direct.
     pub nft_vs_direct: Spread,
-    /// connredir with sockmap acceleration ÷ direct.
+    /// connredir with sockmap acceleration of both legs ÷ direct.
     pub sockmap_vs_direct: Spread,
+    /// connredir with only the client-to-proxy leg accelerated ÷ direct.
+    pub sockmap_client_leg_vs_direct: Spread,
 }
 
 /// Memory.
@@ -389,7 +394,7 @@ pub fn soak(spec: &str) -> Result<()> {
     let secs: u64 = parts[2].parse()?;
     let mut bench = Bench::new()?;
     let setup = ProxySetup::new(&mut bench)?;
-    let variants = bench.variants()?;
+    let variants = bench.bulk_variants()?;
     let v = variants
         .iter()
         .find(|v| v.name == parts[0])
@@ -581,6 +586,20 @@ impl Bench {
         ])
     }
 
+    /// The variants of the bulk scenario: [`Bench::variants`], then the
+    /// sockmap path with only the client-to-proxy leg accelerated.
+    fn bulk_variants(&self) -> Result<Vec<Variant>> {
+        let mut variants = self.variants()?;
+        variants.push(Variant {
+            name: "sockmap-client-leg",
+            cgroup: self.cgroup("accel/clients")?,
+            nat: false,
+            reply: ACCEL_REPLY,
+            bulk: ACCEL_CLIENT_LEG_BULK,
+        });
+        Ok(variants)
+    }
+
     fn place<'a>(&'a self, v: &'a Variant) -> Place<'a> {
         Place {
             cgroup: &v.cgroup,
@@ -678,13 +697,25 @@ impl ProxySetup {
         // origins inside that scope so both local legs can be accelerated.
         bench.server_in("accel/servers", false, ACCEL_REPLY, "reply")?;
         bench.server_in("accel/servers", false, ACCEL_BULK, "bulk")?;
-        let (accel_engine, accel_proxy) = bench.redirected_path(RedirectedPath {
+        let (mut accel_engine, accel_proxy) = bench.redirected_path(RedirectedPath {
             group: "accel",
             service: "bench-proxy-sockmap",
             listen: PROXY_ACCEL_ADDR,
             origin: ACCEL_REPLY,
             ports: 8080..=8081,
             accelerate: true,
+        })?;
+        // Its origin outside the scope: the origin's end never joins, so the
+        // proxy-to-origin leg stays on TCP.
+        bench.server(false, ACCEL_CLIENT_LEG_BULK, "bulk")?;
+        let accel_service = accel_engine
+            .service_by_name("bench-proxy-sockmap")
+            .context("the sockmap service")?;
+        let client_leg: SocketAddr = ACCEL_CLIENT_LEG_BULK.parse()?;
+        accel_engine.add_rule(Rule {
+            destinations: vec![format!("{}/32", client_leg.ip()).parse()?],
+            ports: vec![client_leg.port()..=client_leg.port()],
+            ..Rule::tcp_to(accel_service)
         })?;
         Ok(ProxySetup {
             engine,
@@ -815,7 +846,7 @@ fn bulk_run(bench: &Bench, v: &Variant, bytes: u64) -> Result<f64> {
 }
 
 fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
-    let variants = bench.variants()?;
+    let variants = bench.bulk_variants()?;
     for v in &variants {
         bulk_run(bench, v, 16 << 20)?;
     }
@@ -850,6 +881,7 @@ fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
         vs_nft: Spread::of(&ratios(&gbps[1], &gbps[2])),
         nft_vs_direct: Spread::of(&ratios(&gbps[2], &gbps[0])),
         sockmap_vs_direct: Spread::of(&ratios(&gbps[3], &gbps[0])),
+        sockmap_client_leg_vs_direct: Spread::of(&ratios(&gbps[4], &gbps[0])),
         variants: variants
             .iter()
             .enumerate()
