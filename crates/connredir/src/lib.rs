@@ -292,15 +292,49 @@ fn query_vec(fd: BorrowedFd<'_>, name: i32) -> Result<Vec<u8>, Error> {
     }
 }
 
-/// The redirect records of an accepted connection.
+/// Reads a blob with one getsockopt into a buffer of `N` bytes, the most
+/// this layer answers, and hands the bytes to `parse`. Only a larger answer
+/// (a newer layer) costs the size query and a second read.
+fn query_once<const N: usize, T>(
+    fd: BorrowedFd<'_>,
+    name: i32,
+    parse: impl FnOnce(&[u8]) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut buf = [0u8; N];
+    match query_into(fd, name, &mut buf) {
+        Ok(n) => parse(&buf[..n.min(N)]),
+        Err(Error::InsufficientBuffer { .. }) => parse(&query_vec(fd, name)?),
+        Err(e) => Err(e),
+    }
+}
+
+/// The most bytes of records this layer answers.
+const RECORDS_MAX: usize = std::mem::size_of::<connredir_abi::connredir_record>();
+
+/// The most bytes of context this layer answers: a service's own context,
+/// or the default one.
+const CONTEXT_MAX: usize = {
+    let own = connredir_abi::CONNREDIR_MAX_CONTEXT as usize;
+    let default = std::mem::size_of::<connredir_abi::connredir_default_context>();
+    if own > default {
+        own
+    } else {
+        default
+    }
+};
+
+/// The redirect records of an accepted connection (one getsockopt).
 pub fn query_records(fd: &impl AsFd) -> Result<RedirectRecords, Error> {
-    RedirectRecords::from_bytes(&query_vec(fd.as_fd(), sockopt::RECORDS)?)
+    query_once::<RECORDS_MAX, _>(fd.as_fd(), sockopt::RECORDS, RedirectRecords::from_bytes)
 }
 
 /// The redirect context of an accepted connection, for the service that
 /// redirected it (state redirected-by-self or previously-redirected-by-self).
+/// One getsockopt.
 pub fn query_context(fd: &impl AsFd) -> Result<RedirectContext, Error> {
-    query_vec(fd.as_fd(), sockopt::CONTEXT).map(RedirectContext)
+    query_once::<CONTEXT_MAX, _>(fd.as_fd(), sockopt::CONTEXT, |bytes| {
+        Ok(RedirectContext(bytes.to_vec()))
+    })
 }
 
 /// Whether the socket's data bypasses the TCP stack (sockmap acceleration,

@@ -107,9 +107,12 @@ impl Default for RedirectRecords {
 }
 
 impl RedirectRecords {
-    /// Size of the blob this version writes. Version 1 is the current layout,
-    /// so this is also the smallest size a valid blob can have.
+    /// Size of the blob this version writes.
     pub const SIZE: usize = std::mem::size_of::<connredir_record>();
+
+    /// Size of a version 1 blob, the smallest a valid blob can have: the
+    /// current layout up to the client's command, which version 2 added.
+    pub const V1_SIZE: usize = std::mem::offset_of!(connredir_record, client_comm);
 
     /// Empty records (no hops), current version.
     pub fn new() -> RedirectRecords {
@@ -125,17 +128,18 @@ impl RedirectRecords {
 
     /// Parses a blob: checks the magic, the version (1 to the current one),
     /// the size field and the hop count. A longer blob from a newer minor
-    /// version is read up to what this version knows.
+    /// version is read up to what this version knows; a version 1 blob reads
+    /// as the current version without the client's command.
     pub fn from_bytes(bytes: &[u8]) -> Result<RedirectRecords, Error> {
         let invalid = |why: String| Err(Error::InvalidArgument(why));
-        if bytes.len() < Self::SIZE {
+        if bytes.len() < Self::V1_SIZE {
             return invalid(format!(
                 "records blob is {} bytes; a valid one has at least {}",
                 bytes.len(),
-                Self::SIZE
+                Self::V1_SIZE
             ));
         }
-        let raw: connredir_record = read_plain(bytes);
+        let mut raw: connredir_record = read_plain(bytes);
         if raw.magic != CONNREDIR_RECORD_MAGIC {
             return invalid("records blob does not start with the connredir magic".into());
         }
@@ -145,13 +149,25 @@ impl RedirectRecords {
                 raw.version
             ));
         }
-        if (raw.size as usize) < Self::SIZE || raw.size as usize > bytes.len() {
+        let least = if raw.version == 1 {
+            Self::V1_SIZE
+        } else {
+            Self::SIZE
+        };
+        if (raw.size as usize) < least || raw.size as usize > bytes.len() {
             return invalid(format!(
-                "records size field says {} bytes, blob has {}",
+                "records size field says {} bytes, blob has {} (version {} has at least {least})",
                 raw.size,
-                bytes.len()
+                bytes.len(),
+                raw.version
             ));
         }
+        if raw.version == 1 {
+            // Whatever follows a version 1 blob is not a command.
+            raw.client_comm = Default::default();
+        }
+        raw.version = CONNREDIR_RECORD_VERSION as u16;
+        raw.size = Self::SIZE as u16;
         if u32::from(raw.hop_count) > CONNREDIR_MAX_HOPS {
             return invalid(format!(
                 "records claim {} hops; at most {CONNREDIR_MAX_HOPS} exist",
@@ -215,6 +231,25 @@ impl RedirectRecords {
             uid: self.raw.client_uid,
             cgroup_id: self.raw.client_cgroup_id,
         }
+    }
+
+    /// The command name (comm) of the thread that opened the flow, as the
+    /// layer saw it at connect time; `None` when unknown (version 1 records,
+    /// or records built by hand).
+    pub fn client_command(&self) -> Option<String> {
+        let comm = &self.raw.client_comm;
+        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        (len > 0).then(|| String::from_utf8_lossy(&comm[..len]).into_owned())
+    }
+
+    /// Sets the client's command name (for tools and tests that build records
+    /// by hand); longer names are cut to the 15 bytes the kernel keeps.
+    pub fn set_client_command(&mut self, command: &str) {
+        let comm = &mut self.raw.client_comm;
+        *comm = Default::default();
+        let bytes = command.as_bytes();
+        let len = bytes.len().min(comm.len() - 1);
+        comm[..len].copy_from_slice(&bytes[..len]);
     }
 
     /// The connection's state from `service`'s point of view.
@@ -391,6 +426,34 @@ mod tests {
             RedirectRecords::from_bytes(&longer).unwrap().chain(),
             three_hops().chain()
         );
+    }
+
+    #[test]
+    fn version_1_blobs_read_without_a_command() {
+        let mut r = three_hops();
+        r.set_client_command("curl");
+        assert_eq!(r.client_command().as_deref(), Some("curl"));
+        let mut v1 = r.to_bytes();
+        v1.truncate(RedirectRecords::V1_SIZE);
+        let version = offset_of!(connredir_record, version);
+        let size = offset_of!(connredir_record, size);
+        v1[version..version + 2].copy_from_slice(&1u16.to_ne_bytes());
+        v1[size..size + 2].copy_from_slice(&(RedirectRecords::V1_SIZE as u16).to_ne_bytes());
+        let back = RedirectRecords::from_bytes(&v1).unwrap();
+        assert_eq!(back.chain(), r.chain());
+        assert_eq!(back.client_command(), None);
+        assert_eq!(
+            back.to_bytes().len(),
+            RedirectRecords::SIZE,
+            "written as the current version"
+        );
+        // A version 2 blob must be whole.
+        let mut short = r.to_bytes();
+        short.truncate(RedirectRecords::V1_SIZE);
+        short[size..size + 2].copy_from_slice(&(RedirectRecords::V1_SIZE as u16).to_ne_bytes());
+        assert!(RedirectRecords::from_bytes(&short).is_err());
+        r.set_client_command("a-very-long-command-name");
+        assert_eq!(r.client_command().as_deref(), Some("a-very-long-com"));
     }
 
     #[test]

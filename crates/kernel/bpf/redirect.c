@@ -235,6 +235,8 @@ decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6,
 			state->record.client_pid = bpf_get_current_pid_tgid() >> 32;
 			state->record.client_uid = caller.uid;
 			state->record.client_cgroup_id = bpf_get_current_cgroup_id();
+			bpf_get_current_comm(state->record.client_comm,
+					     sizeof(state->record.client_comm));
 		}
 		hop = &state->record.hops[hop_count & (CONNREDIR_MAX_HOPS - 1)];
 		hop->service_id = service_id;

@@ -371,17 +371,28 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	sk_state = sk->state;
 	if (sk_state != TCP_CLOSE)
 		return reject(sk_state == TCP_LISTEN ? -EINVAL : -EISCONN);
-	if (optlen < (__s32)sizeof(*in) || (void *)(in + 1) > optval_end)
+	/* A version 1 blob ends before client_comm. */
+	if (optlen < (__s32)CONNREDIR_RECORD_V1_SIZE ||
+	    (void *)in + CONNREDIR_RECORD_V1_SIZE > optval_end)
 		return reject(-EINVAL);
 	if (in->magic != CONNREDIR_RECORD_MAGIC || in->version == 0 ||
-	    in->version > CONNREDIR_RECORD_VERSION || in->size < sizeof(*in) ||
-	    in->size > optlen || in->hop_count > CONNREDIR_MAX_HOPS)
+	    in->version > CONNREDIR_RECORD_VERSION || in->size > optlen ||
+	    in->size < (in->version == 1 ? CONNREDIR_RECORD_V1_SIZE : sizeof(*in)) ||
+	    in->hop_count > CONNREDIR_MAX_HOPS)
 		return reject(-EINVAL);
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
 		return reject(-ENOMEM);
-	state->record = *in;
+	if (in->version >= 2 && (void *)(in + 1) <= optval_end) {
+		state->record = *in;
+	} else {
+		__builtin_memcpy(&state->record, in, CONNREDIR_RECORD_V1_SIZE);
+		__builtin_memset(state->record.client_comm, 0,
+				 sizeof(state->record.client_comm));
+	}
+	/* Kept as this layer's version, whatever the blob's. */
+	state->record.version = CONNREDIR_RECORD_VERSION;
 	state->record.size = sizeof(*in);
 	state->flags = caller_accelerates() ? CONNREDIR_SOCK_ACCEL_ONWARD : 0;
 	count(CONNREDIR_CNT_RECORDS_SET);

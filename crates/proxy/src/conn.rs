@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use connredir::{RedirectContext, RedirectRecords};
+use connredir::{RedirectContext, RedirectRecords, RedirectState, ServiceId};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -34,6 +34,16 @@ pub struct Settings {
     pub standalone: bool,
 }
 
+/// What an accept loop knows about its listener, for its connections.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listener {
+    /// The listening address when it is a concrete one (then it is every
+    /// accepted socket's local address); `None` for `0.0.0.0` or `[::]`.
+    pub addr: Option<SocketAddr>,
+    /// The service the layer has registered for it; `None` standalone.
+    pub service: Option<ServiceId>,
+}
+
 /// What the redirect layer says about an accepted connection.
 #[derive(Debug, Default)]
 pub struct Redirect {
@@ -45,14 +55,16 @@ pub struct Redirect {
     pub destination: Option<SocketAddr>,
     /// Why there is no destination.
     pub problem: Option<String>,
-    /// The client process's command, read while it likely still runs.
+    /// The command name of the client thread that opened the flow.
     pub command: Option<String>,
 }
 
 impl Redirect {
-    /// Asks the layer about `stream`. Failures are normal (no layer, or not
-    /// the redirecting service): they leave fields empty.
-    pub fn query(stream: &TcpStream) -> Redirect {
+    /// Asks the layer about `stream`, accepted on `listener`. Failures are
+    /// normal (no layer, or not the redirecting service): they leave fields
+    /// empty. With records this is one getsockopt, two when the records say
+    /// this proxy's service redirected the flow (the context).
+    pub fn query(stream: &TcpStream, listener: &Listener) -> Redirect {
         let records = match connredir::query_records(stream) {
             Ok(records) => Some(records),
             // No layer here, or a connection it did not redirect.
@@ -65,22 +77,42 @@ impl Redirect {
                 None
             }
         };
-        let context = connredir::query_context(stream)
-            .inspect_err(|e| debug!(error = %e, "no redirect context"))
-            .ok();
-        let (destination, problem) = match connredir::original_destination(stream) {
-            Ok(dst) => (Some(dst), None),
-            Err(e) => match records.as_ref().and_then(|r| r.original_destination()) {
-                Some(dst) => (Some(dst), None),
-                None => (None, Some(format!("no original destination: {e}"))),
+        let Some(records) = records else {
+            // No records, no context either: only SO_ORIGINAL_DST may know.
+            return Redirect::original_destination_only(stream);
+        };
+        // Only the service that redirected the flow (now or earlier) may
+        // read its context; the layer refuses anybody else.
+        let ours = listener.service.is_none_or(|service| {
+            matches!(
+                records.state_for(service),
+                RedirectState::RedirectedBySelf | RedirectState::PreviouslyRedirectedBySelf
+            )
+        });
+        let context = if ours {
+            connredir::query_context(stream)
+                .inspect_err(|e| debug!(error = %e, "no redirect context"))
+                .ok()
+        } else {
+            None
+        };
+        // The records carry the destination (what SO_ORIGINAL_DST would
+        // answer from them) and the client's command, as the layer saw it
+        // at connect time.
+        let (destination, problem) = match records.original_destination() {
+            Some(dst) => (Some(dst), None),
+            None => match connredir::original_destination(stream) {
+                Ok(dst) => (Some(dst), None),
+                Err(e) => (None, Some(format!("no original destination: {e}"))),
             },
         };
-        let command = records.as_ref().and_then(|r| {
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", r.client().pid)).ok()?;
-            Some(comm.trim_end().to_string())
+        // Records from an older writer have no command: ask /proc then.
+        let command = records.client_command().or_else(|| {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", records.client().pid));
+            Some(comm.ok()?.trim_end().to_string())
         });
         Redirect {
-            records,
+            records: Some(records),
             context,
             destination,
             problem,
@@ -140,6 +172,7 @@ struct Seen {
 pub async fn handle(
     client: TcpStream,
     peer: SocketAddr,
+    listener: &Listener,
     redirect: Redirect,
     settings: &Settings,
     closing: impl Future<Output = ()>,
@@ -148,7 +181,7 @@ pub async fn handle(
     let traffic = Traffic::default();
     let mut seen = Seen::default();
     let result = tokio::select! {
-        result = serve(&client, &redirect, settings, &traffic, &mut seen) => result,
+        result = serve(&client, listener, &redirect, settings, &traffic, &mut seen) => result,
         () = closing => Err(Ended::Shutdown),
     };
     let (verdict, reason) = match result {
@@ -159,7 +192,7 @@ pub async fn handle(
         }
         Err(e) => (Verdict::Error, Some(e.to_string())),
     };
-    debug!(%peer, ?verdict, ?reason, "connection ended");
+    debug!(%peer, ?verdict, ?reason, spliced = traffic.spliced(), "connection ended");
     let records = redirect.records.as_ref();
     ConnectionLog {
         time: log::rfc3339(SystemTime::now()),
@@ -196,6 +229,7 @@ pub async fn handle(
 
 async fn serve(
     client: &TcpStream,
+    listener: &Listener,
     redirect: &Redirect,
     settings: &Settings,
     traffic: &Traffic,
@@ -203,8 +237,11 @@ async fn serve(
 ) -> Result<(), Ended> {
     let no_destination = || Ended::NoDestination(redirect.problem.clone().unwrap_or_default());
     let dst = redirect.destination.ok_or_else(no_destination)?;
-    // Without the layer, SO_ORIGINAL_DST may name our own listener.
-    if client.local_addr().is_ok_and(|local| local == dst) {
+    // Without the layer, SO_ORIGINAL_DST may name our own listener (and a
+    // rule may cover it). A concrete listening address is the accepted
+    // socket's own: no need to ask.
+    let local = listener.addr.map_or_else(|| client.local_addr(), Ok);
+    if local.is_ok_and(|local| local == dst) {
         return Err(Ended::Loop(dst));
     }
     // Destination rules decide before any onward connection exists.
@@ -212,17 +249,11 @@ async fn serve(
     if let Some(decision) = early.as_ref().filter(|d| d.action == Action::Deny) {
         return Err(Ended::Denied(decision.rule.clone().unwrap_or_default()));
     }
+    // The client socket has TCP_NODELAY from the listener; `connect` sets it
+    // on the onward one.
     let server = connect(dst, redirect.records.as_ref(), settings.connect_timeout).await?;
-    let _ = (client.set_nodelay(true), server.set_nodelay(true));
-
-    // splice(2) cannot read the data of a socket accelerated through sockmap
-    // (it arrives in the socket's own queue, not TCP's): a direction reading
-    // from such a socket copies. Splicing into one is fine.
-    let reading = |s: &TcpStream| match connredir::is_accelerated(s) {
-        Ok(true) => Mode::Copy,
-        _ => settings.mode,
-    };
-    let (up_mode, down_mode) = (reading(client), reading(&server));
+    let down_mode = relay::mode_reading(&server, settings.mode);
+    let up_mode = relay::mode_reading(client, settings.mode);
     // Server-first protocols: the server's bytes flow during inspection.
     let down = async {
         relay::pump(&server, client, down_mode, Direction::Down, traffic).await?;
@@ -275,6 +306,7 @@ async fn connect(
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| Ended::Connect(dst, e))?;
+    let _ = socket.set_nodelay(true);
     // Before connect: this is what keeps the flow from coming back to us.
     if let Some(records) = records {
         connredir::set_records(&socket, records).map_err(Ended::Records)?;
@@ -346,7 +378,16 @@ mod tests {
             ..Redirect::default()
         };
         let task = tokio::spawn(async move {
-            handle(accepted, peer, redirect, &settings, std::future::pending()).await
+            let listener = Listener::default();
+            handle(
+                accepted,
+                peer,
+                &listener,
+                redirect,
+                &settings,
+                std::future::pending(),
+            )
+            .await
         });
         (client, task)
     }
@@ -423,10 +464,12 @@ mod tests {
     async fn no_destination_is_an_error() {
         let (client, accepted) = pair().await;
         let peer = accepted.peer_addr().unwrap();
-        let redirect = Redirect::query(&accepted);
+        let listener = Listener::default();
+        let redirect = Redirect::query(&accepted, &listener);
         let log = handle(
             accepted,
             peer,
+            &listener,
             redirect,
             &settings(&[]),
             std::future::pending(),

@@ -32,7 +32,9 @@ pub struct Client {
     pub uid: u32,
     /// cgroup v2 id.
     pub cgroup_id: u64,
-    /// `/proc/PID/comm`, when the process was still there.
+    /// The command name (comm) of the thread that opened the flow, as the
+    /// layer recorded it at connect time (`/proc/PID/comm` for records
+    /// that do not carry it, when the process is still there).
     pub command: Option<String>,
 }
 

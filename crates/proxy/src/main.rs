@@ -22,12 +22,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use connredir::ServiceId;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::conn::{Redirect, Settings};
+use crate::conn::{Listener, Redirect, Settings};
 use crate::log::LogSink;
 use crate::policy::{Policy, Rule};
 use crate::relay::Mode;
@@ -199,11 +200,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|&addr| bind(addr))
         .collect::<Result<Vec<_>, _>>()?;
-    if !cli.standalone {
-        for (listener, &requested) in listeners.iter().zip(&cli.listen) {
-            let addr = listener.local_addr().unwrap_or(requested);
-            check_registered(listener, addr, &cli.name)?;
-        }
+    let mut infos = Vec::with_capacity(listeners.len());
+    for (listener, &requested) in listeners.iter().zip(&cli.listen) {
+        let addr = listener.local_addr().unwrap_or(requested);
+        let service = if cli.standalone {
+            None
+        } else {
+            Some(check_registered(listener, addr, &cli.name)?)
+        };
+        infos.push(Listener {
+            addr: (!addr.ip().is_unspecified()).then_some(addr),
+            service,
+        });
     }
     // Before `ready`, so a supervisor's signal right after it is handled.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -232,9 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (phase, phase_rx) = watch::channel(Phase::Running);
     // Every task holds a sender; `recv` returns None once all are gone.
     let (done_tx, mut all_done) = mpsc::channel::<()>(1);
-    for listener in listeners {
+    for (listener, info) in listeners.into_iter().zip(infos) {
         let accepting = accept_loop(
             listener,
+            info,
             settings.clone(),
             sink.clone(),
             phase_rx.clone(),
@@ -274,6 +283,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     }
     .map_err(fail)?;
     socket.set_reuseaddr(true).map_err(fail)?;
+    // Accepted sockets inherit it: one setsockopt here, none per connection.
+    socket.set_nodelay(true).map_err(fail)?;
     if addr.is_ipv6() {
         let on: libc::c_int = 1;
         // SAFETY: setsockopt with a valid int option on a socket we own.
@@ -294,16 +305,17 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     socket.listen(1024).map_err(fail)
 }
 
-/// Checks that the layer knows `listener`'s address (`addr`) as a service's.
+/// Checks that the layer knows `listener`'s address (`addr`) as a service's,
+/// and returns that service.
 fn check_registered(
     listener: &TcpListener,
     addr: SocketAddr,
     name: &str,
-) -> Result<(), StartupError> {
+) -> Result<ServiceId, StartupError> {
     match connredir::registered_service(listener) {
         Ok(id) => {
             info!(%addr, service = id.0, "registered service");
-            Ok(())
+            Ok(id)
         }
         Err(connredir::ServiceError::NotRegistered(_)) if addr.ip().is_unspecified() => {
             Err(StartupError::Unspecified(addr))
@@ -320,6 +332,7 @@ fn check_registered(
 /// Accepts until the proxy stops running; one task per connection.
 async fn accept_loop(
     listener: TcpListener,
+    info: Listener,
     settings: Arc<Settings>,
     sink: Arc<LogSink>,
     mut phase: watch::Receiver<Phase>,
@@ -348,12 +361,12 @@ async fn accept_loop(
             let redirect = if settings.standalone {
                 Redirect::original_destination_only(&stream)
             } else {
-                Redirect::query(&stream)
+                Redirect::query(&stream, &info)
             };
             let closing = async move {
                 let _ = phase.wait_for(|p| *p == Phase::Closing).await;
             };
-            let entry = conn::handle(stream, peer, redirect, &settings, closing).await;
+            let entry = conn::handle(stream, peer, &info, redirect, &settings, closing).await;
             sink.write(&entry);
             drop(done);
         });

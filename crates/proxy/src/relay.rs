@@ -18,10 +18,22 @@ const CHUNK: usize = 64 * 1024;
 /// Bytes moved per read of the copy loop.
 const COPY_CHUNK: usize = 256 * 1024;
 
+/// In splice mode, a direction starts by copying through a buffer this
+/// big: most flows are a few hundred bytes, for which two pipes (and their
+/// creation and closing) cost more than they save.
+const FIRST_BUFFER: usize = 16 * 1024;
+
+/// A direction switches to splice once it has copied this many bytes, or
+/// sooner when a read fills [`FIRST_BUFFER`]: then it is a bulk flow.
+const SPLICE_AFTER: u64 = 64 * 1024;
+
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Zero-copy, socket → pipe → socket with `splice(2)`.
+    /// Zero-copy, socket → pipe → socket with `splice(2)`, for the bulk of
+    /// a flow: each direction copies its first bytes, and splices once it
+    /// has moved [`SPLICE_AFTER`] bytes or a read filled its buffer. Not
+    /// for a socket accelerated through sockmap: see [`mode_reading`].
     Splice,
     /// Read into a buffer, write it out.
     Copy,
@@ -68,6 +80,7 @@ pub struct Traffic {
     last_nanos: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
+    spliced: AtomicU64,
 }
 
 impl Default for Traffic {
@@ -78,6 +91,7 @@ impl Default for Traffic {
             last_nanos: AtomicU64::new(0),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
         }
     }
 }
@@ -91,6 +105,12 @@ impl Traffic {
     /// Bytes moved server → client.
     pub fn down(&self) -> u64 {
         self.down.load(Ordering::Relaxed)
+    }
+
+    /// Bytes either way that went through a pipe (`splice(2)`), not
+    /// through a buffer.
+    pub fn spliced(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
     }
 
     /// Counts `n` bytes moved in `dir`, now.
@@ -139,7 +159,7 @@ pub async fn pump(
     traffic: &Traffic,
 ) -> Result<(), RelayError> {
     let moved = match mode {
-        Mode::Splice => splice_all(from, to, dir, traffic).await,
+        Mode::Splice => copy_then_splice(from, to, dir, traffic).await,
         Mode::Copy => copy_all(from, to, dir, traffic).await,
     };
     moved
@@ -237,6 +257,68 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_CHUNK]);
 }
 
+/// Reads once into `buf`'s capacity (waiting for data) and writes what came;
+/// returns the bytes moved, 0 at EOF.
+async fn copy_step(
+    from: &TcpStream,
+    to: &TcpStream,
+    buf: &mut Vec<u8>,
+    dir: Direction,
+    traffic: &Traffic,
+) -> io::Result<usize> {
+    loop {
+        buf.clear();
+        from.readable().await?;
+        match from.try_read_buf(buf) {
+            Ok(0) => return Ok(0),
+            Ok(n) => {
+                write_all(to, buf, dir, traffic).await?;
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Splice mode: copies the first bytes through a small buffer; a direction
+/// that turns out to be bulk (see [`SPLICE_AFTER`]) goes on with splice, so
+/// short flows never create pipes.
+async fn copy_then_splice(
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: Direction,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(FIRST_BUFFER);
+    let mut copied = 0u64;
+    loop {
+        let n = copy_step(from, to, &mut buf, dir, traffic).await?;
+        if n == 0 {
+            return Ok(()); // EOF
+        }
+        copied += n as u64;
+        if n == buf.capacity() || copied >= SPLICE_AFTER {
+            break;
+        }
+    }
+    drop(buf);
+    splice_all(from, to, dir, traffic).await
+}
+
+/// The mode for a direction reading from `from`: `wanted`, unless `from`
+/// is accelerated through sockmap (its data arrives in the socket's own
+/// queue, which splice does not read; splicing into such a socket is fine).
+///
+/// Ask before the direction moves any byte: asking a busy accelerated
+/// socket between reads was seen to end its stream early.
+pub fn mode_reading(from: &TcpStream, wanted: Mode) -> Mode {
+    match connredir::is_accelerated(from) {
+        Ok(true) => Mode::Copy,
+        _ => wanted,
+    }
+}
+
 /// Zero-copy through a pipe: fill it from `from`, drain it into `to`, and
 /// only then read again, so at most one pipe of data is in flight.
 async fn splice_all(
@@ -268,6 +350,7 @@ async fn splice_all(
                 return Err(io::ErrorKind::WriteZero.into());
             }
             traffic.moved(dir, n);
+            traffic.spliced.fetch_add(n as u64, Ordering::Relaxed);
             left -= n;
         }
     }
@@ -327,14 +410,14 @@ pub(crate) mod tests {
     ) -> (
         TcpStream,
         TcpStream,
-        tokio::task::JoinHandle<(Result<(), RelayError>, u64, u64)>,
+        tokio::task::JoinHandle<(Result<(), RelayError>, u64, u64, u64)>,
     ) {
         let (client, client_in) = pair().await;
         let (server, server_in) = pair().await;
         let task = tokio::spawn(async move {
             let traffic = Traffic::default();
             let done = relay(&client_in, &server_in, mode, idle, &traffic).await;
-            (done, traffic.up(), traffic.down())
+            (done, traffic.up(), traffic.down(), traffic.spliced())
         });
         (client, server, task)
     }
@@ -366,11 +449,50 @@ pub(crate) mod tests {
                     tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
                 assert!(at_server == up, "{mode:?} {len}: upload differs");
                 assert!(at_client == down, "{mode:?} {len}: download differs");
-                let (done, up_count, down_count) = task.await.unwrap();
+                let (done, up_count, down_count, _) = task.await.unwrap();
                 done.unwrap();
                 assert_eq!((up_count, down_count), (len as u64, len as u64));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn splice_mode_copies_small_flows_and_splices_bulk_ones() {
+        let small = 700;
+        // Sizes around the switch, and far past it.
+        for len in [
+            small,
+            FIRST_BUFFER - 1,
+            SPLICE_AFTER as usize + 1,
+            3 * SPLICE_AFTER as usize + 12_345,
+            5 << 20,
+        ] {
+            let (client, server, task) = relayed(Mode::Splice, Duration::from_secs(30)).await;
+            let (up, down) = (pattern(len, 0x33), pattern(small, 0xcc));
+            let (at_server, at_client) =
+                tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
+            assert!(at_server == up, "{len}: upload differs across the switch");
+            assert!(at_client == down, "{len}: download differs");
+            let (done, up_count, down_count, spliced) = task.await.unwrap();
+            done.unwrap();
+            assert_eq!((up_count, down_count), (len as u64, small as u64));
+            if len <= FIRST_BUFFER {
+                assert_eq!(spliced, 0, "{len}: a short flow went through a pipe");
+            }
+            if len >= 2 * SPLICE_AFTER as usize {
+                assert!(
+                    spliced >= len as u64 - SPLICE_AFTER - FIRST_BUFFER as u64,
+                    "{len}: only {spliced} bytes spliced"
+                );
+            }
+        }
+        // Copy mode never splices.
+        let (client, server, task) = relayed(Mode::Copy, Duration::from_secs(30)).await;
+        let data = pattern(1 << 20, 1);
+        let (at_server, _) =
+            tokio::join!(exchange(server, Vec::new()), exchange(client, data.clone()));
+        assert!(at_server == data);
+        assert_eq!(task.await.unwrap().3, 0);
     }
 
     #[tokio::test]
@@ -397,7 +519,7 @@ pub(crate) mod tests {
         for mode in [Mode::Splice, Mode::Copy] {
             let (mut client, _server, task) = relayed(mode, Duration::from_millis(200)).await;
             let started = Instant::now();
-            let (done, _, _) = task.await.unwrap();
+            let (done, ..) = task.await.unwrap();
             assert!(matches!(done, Err(RelayError::Idle(_))), "{done:?}");
             assert!(started.elapsed() < Duration::from_secs(2));
             // The relay dropped its ends: the client sees the close.
@@ -412,7 +534,7 @@ pub(crate) mod tests {
             let (mut client, server, task) = relayed(mode, Duration::from_secs(30)).await;
             server.set_zero_linger().unwrap();
             drop(server); // RST
-            let (done, _, _) = tokio::time::timeout(Duration::from_secs(5), task)
+            let (done, ..) = tokio::time::timeout(Duration::from_secs(5), task)
                 .await
                 .expect("the relay ends")
                 .unwrap();

@@ -253,8 +253,11 @@ fn echo(args: &[String]) -> Result<()> {
                 return;
             };
             let mut reader = stream;
-            if copy(&mut reader, &mut writer).is_ok() {
-                let _ = writer.shutdown(Shutdown::Write);
+            match copy(&mut reader, &mut writer) {
+                Ok(_) => {
+                    let _ = writer.shutdown(Shutdown::Write);
+                }
+                Err(e) => eprintln!("echo: {e}"),
             }
         });
     }

@@ -44,8 +44,11 @@
 
 /* "CNRR", first field of every record blob. */
 #define CONNREDIR_RECORD_MAGIC 0x52524e43u
-/* The version written by this layer; readers accept 1..=this. */
-#define CONNREDIR_RECORD_VERSION 1
+/*
+ * The version written by this layer; readers accept 1..=this. Version 2
+ * appends client_comm; a version 1 blob ends before it (no command known).
+ */
+#define CONNREDIR_RECORD_VERSION 2
 /* A flow is redirected at most this many times; past that it goes direct. */
 #define CONNREDIR_MAX_HOPS 8
 
@@ -83,7 +86,13 @@ struct connredir_record {
 	__u32 reserved;
 	__u64 client_cgroup_id;
 	struct connredir_hop hops[CONNREDIR_MAX_HOPS];
+	/* Version 2: the command name (comm) of the thread that opened the
+	 * flow, NUL-padded; all zero when unknown. */
+	__u8 client_comm[16];
 };
+
+/* Size of a version 1 record: everything before client_comm. */
+#define CONNREDIR_RECORD_V1_SIZE __builtin_offsetof(struct connredir_record, client_comm)
 
 /* ---- Per-socket state held by the layer (SK_STORAGE value). */
 
