@@ -18,9 +18,9 @@ const CHUNK: usize = 64 * 1024;
 /// Bytes moved per read of the copy loop.
 const COPY_CHUNK: usize = 256 * 1024;
 
-/// In splice mode, a direction starts by copying through a buffer this
-/// big: most flows are a few hundred bytes, for which two pipes (and their
-/// creation and closing) cost more than they save.
+/// In splice mode, a direction starts by copying, in reads of at most
+/// this many bytes: most flows are a few hundred bytes, for which two pipes
+/// (and their creation and closing) cost more than they save.
 const FIRST_BUFFER: usize = 16 * 1024;
 
 /// A direction switches to splice once it has copied this many bytes, or
@@ -201,17 +201,32 @@ pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// The plain loop. Reads go into the worker thread's scratch buffer (one
-/// large buffer per thread, not per connection) and are written out at once;
-/// only what the writer cannot take yet is kept, in `pending`, and flushed
-/// before the next read, so a slow reader slows the writer and an idle
-/// connection holds no buffer.
+/// The plain loop, until EOF.
 async fn copy_all(
     from: &TcpStream,
     to: &TcpStream,
     dir: Direction,
     traffic: &Traffic,
 ) -> io::Result<()> {
+    copy_until(from, to, dir, traffic, COPY_CHUNK, |_| false).await?;
+    Ok(())
+}
+
+/// Copies reads of at most `max_read` bytes until EOF (returns true) or
+/// until `bulk(n)` says a read of `n` bytes makes this a bulk flow (returns
+/// false, everything read written out). Reads go into the worker thread's
+/// scratch buffer (one large buffer per thread, not per connection) and are
+/// written out at once; only what the writer cannot take yet is kept, in
+/// `pending`, and flushed before the next read. So a slow reader slows the
+/// writer, and a connection waiting for data holds no buffer.
+async fn copy_until(
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: Direction,
+    traffic: &Traffic,
+    max_read: usize,
+    mut bulk: impl FnMut(usize) -> bool,
+) -> io::Result<bool> {
     let mut pending = Vec::new();
     loop {
         if !pending.is_empty() {
@@ -220,6 +235,7 @@ async fn copy_all(
         }
         from.readable().await?;
         let step = SCRATCH.with_borrow_mut(|buf| {
+            let buf = &mut buf[..max_read.min(COPY_CHUNK)];
             let n = match from.try_read(buf) {
                 Ok(0) => return Ok(Step::Eof),
                 Ok(n) => n,
@@ -236,18 +252,24 @@ async fn copy_all(
             }
             traffic.moved(dir, written);
             pending.extend_from_slice(&buf[written..n]);
-            Ok(Step::Again)
+            Ok(Step::Read(n))
         })?;
-        if let Step::Eof = step {
-            return Ok(());
+        match step {
+            Step::Eof => return Ok(true),
+            Step::Read(n) if bulk(n) => {
+                write_all(to, &pending, dir, traffic).await?;
+                return Ok(false);
+            }
+            Step::Read(_) | Step::Again => {}
         }
     }
 }
 
-/// What one read of [`copy_all`] found.
+/// What one read of [`copy_until`] found.
 enum Step {
     Eof,
     Again,
+    Read(usize),
 }
 
 thread_local! {
@@ -257,52 +279,23 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_CHUNK]);
 }
 
-/// Reads once into `buf`'s capacity (waiting for data) and writes what came;
-/// returns the bytes moved, 0 at EOF.
-async fn copy_step(
-    from: &TcpStream,
-    to: &TcpStream,
-    buf: &mut Vec<u8>,
-    dir: Direction,
-    traffic: &Traffic,
-) -> io::Result<usize> {
-    loop {
-        buf.clear();
-        from.readable().await?;
-        match from.try_read_buf(buf) {
-            Ok(0) => return Ok(0),
-            Ok(n) => {
-                write_all(to, buf, dir, traffic).await?;
-                return Ok(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Splice mode: copies the first bytes through a small buffer; a direction
-/// that turns out to be bulk (see [`SPLICE_AFTER`]) goes on with splice, so
-/// short flows never create pipes.
+/// Splice mode: copies the first bytes; a direction that turns out to be
+/// bulk (see [`SPLICE_AFTER`]) goes on with splice, so short flows never
+/// create pipes.
 async fn copy_then_splice(
     from: &TcpStream,
     to: &TcpStream,
     dir: Direction,
     traffic: &Traffic,
 ) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(FIRST_BUFFER);
     let mut copied = 0u64;
-    loop {
-        let n = copy_step(from, to, &mut buf, dir, traffic).await?;
-        if n == 0 {
-            return Ok(()); // EOF
-        }
+    let turned_bulk = |n: usize| {
         copied += n as u64;
-        if n == buf.capacity() || copied >= SPLICE_AFTER {
-            break;
-        }
+        n == FIRST_BUFFER || copied >= SPLICE_AFTER
+    };
+    if copy_until(from, to, dir, traffic, FIRST_BUFFER, turned_bulk).await? {
+        return Ok(()); // EOF
     }
-    drop(buf);
     splice_all(from, to, dir, traffic).await
 }
 
