@@ -241,8 +241,8 @@ pub fn render(r: &Results, notes: &str) -> String {
         let _ = writeln!(
             o,
             "One connection asks for {} MiB and reads it to the end (256 KiB reads); the proxy \
-             inspects the first bytes, then relays with splice(2). Gbit/s from connect to the \
-             last byte.\n",
+             inspects the first bytes, copies the first 64 KiB, then relays with splice(2) \
+             (read(2) from sockmap-accelerated sockets). Gbit/s from connect to the last byte.\n",
             b.bytes >> 20
         );
         let _ = writeln!(

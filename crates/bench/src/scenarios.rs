@@ -421,6 +421,32 @@ pub fn soak(spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// Measures `n` configurations for `rounds` rounds, interleaved: each
+/// round runs every configuration once, the order rotated by one each
+/// round, so drift in the machine's load falls on all of them alike.
+/// Returns each configuration's figures, in round order, and prints a
+/// progress line per round (`describe` gives a configuration's part).
+fn interleaved<T>(
+    prefix: &str,
+    n: usize,
+    rounds: usize,
+    mut measure: impl FnMut(usize) -> Result<T>,
+    describe: impl Fn(usize, &T) -> String,
+) -> Result<Vec<Vec<T>>> {
+    let mut figures: Vec<Vec<T>> = (0..n).map(|_| Vec::with_capacity(rounds)).collect();
+    for round in 0..rounds {
+        check_interrupted()?;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.rotate_left(round % n);
+        for i in order {
+            figures[i].push(measure(i)?);
+        }
+        let line: Vec<String> = (0..n).map(|i| describe(i, &figures[i][round])).collect();
+        eprintln!("  {prefix}round {round}: {}", line.join(" | "));
+    }
+    Ok(figures)
+}
+
 // ---- Scenario 1: layer overhead.
 
 fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
@@ -488,24 +514,13 @@ fn overhead(bench: &mut Bench, sizes: &Sizes) -> Result<Overhead> {
     for (name, _) in configs {
         run(name)?;
     }
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
-    for round in 0..sizes.overhead_rounds {
-        check_interrupted()?;
-        let mut order: Vec<usize> = (0..configs.len()).collect();
-        order.rotate_left(round % configs.len());
-        for i in order {
-            rates[i].push(run(configs[i].0)?);
-        }
-        eprintln!(
-            "  round {round}: {}",
-            configs
-                .iter()
-                .zip(&rates)
-                .map(|((n, _), r)| format!("{n} {:.0}/s", r[round]))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    let rates = interleaved(
+        "",
+        configs.len(),
+        sizes.overhead_rounds,
+        |i| run(configs[i].0),
+        |i, rate| format!("{} {rate:.0}/s", configs[i].0),
+    )?;
     for engine in &engines {
         ensure!(
             engine.counters()?.redirects == 0,
@@ -777,37 +792,20 @@ fn proxied_small(
         load_run(bench, v, concurrency, 200)?;
     }
     let before = setup.engine.counters()?.redirects;
-    let n = variants.len();
-    let (mut rate, mut p50, mut p99, mut errors) = (
-        vec![Vec::new(); n],
-        vec![Vec::new(); n],
-        vec![Vec::new(); n],
-        vec![0; n],
-    );
-    for round in 0..sizes.proxied_rounds {
-        check_interrupted()?;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.rotate_left(round % n);
-        for i in order {
-            let (r, a, b, e) = load_run(bench, &variants[i], concurrency, sizes.proxied_ms)?;
-            rate[i].push(r);
-            p50[i].push(a);
-            p99[i].push(b);
-            errors[i] += e;
-        }
-        eprintln!(
-            "  c={concurrency} round {round}: {}",
-            variants
-                .iter()
-                .enumerate()
-                .map(|(i, v)| format!(
-                    "{} {:.0}/s p50 {}µs p99 {}µs",
-                    v.name, rate[i][round], p50[i][round], p99[i][round]
-                ))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
+    let runs = interleaved(
+        &format!("c={concurrency} "),
+        variants.len(),
+        sizes.proxied_rounds,
+        |i| load_run(bench, &variants[i], concurrency, sizes.proxied_ms),
+        |i, (rate, p50, p99, _)| {
+            format!("{} {rate:.0}/s p50 {p50}µs p99 {p99}µs", variants[i].name)
+        },
+    )?;
+    let column = |pick: fn(&(f64, f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
+        runs.iter().map(|r| r.iter().map(pick).collect()).collect()
+    };
+    let (rate, p50, p99) = (column(|r| r.0), column(|r| r.1), column(|r| r.2));
+    let errors: Vec<u64> = runs.iter().map(|r| r.iter().map(|r| r.3).sum()).collect();
     ensure!(
         setup.engine.counters()?.redirects > before,
         "the connredir variant's connections were not redirected"
@@ -850,25 +848,13 @@ fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
     for v in &variants {
         bulk_run(bench, v, 16 << 20)?;
     }
-    let n = variants.len();
-    let mut gbps = vec![Vec::new(); n];
-    for round in 0..sizes.bulk_rounds {
-        check_interrupted()?;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.rotate_left(round % n);
-        for i in order {
-            gbps[i].push(bulk_run(bench, &variants[i], sizes.bulk_bytes)?);
-        }
-        eprintln!(
-            "  round {round}: {}",
-            variants
-                .iter()
-                .enumerate()
-                .map(|(i, v)| format!("{} {:.1} Gbit/s", v.name, gbps[i][round]))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
+    let gbps = interleaved(
+        "",
+        variants.len(),
+        sizes.bulk_rounds,
+        |i| bulk_run(bench, &variants[i], sizes.bulk_bytes),
+        |i, gbps| format!("{} {gbps:.1} Gbit/s", variants[i].name),
+    )?;
     let accel = setup.accel_engine.counters()?;
     eprintln!(
         "  sockmap: {} sockets joined, {} of them stayed on TCP",
