@@ -306,6 +306,9 @@ async fn copy_then_splice(
 /// Ask before the direction moves any byte: asking a busy accelerated
 /// socket between reads was seen to end its stream early.
 pub fn mode_reading(from: &TcpStream, wanted: Mode) -> Mode {
+    if wanted == Mode::Copy {
+        return Mode::Copy; // nothing to ask
+    }
     match connredir::is_accelerated(from) {
         Ok(true) => Mode::Copy,
         _ => wanted,
