@@ -16,7 +16,8 @@ fn main() {
     );
 
     let status = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+        // v3: the atomic fetch-and-add and compare-and-swap of the cut-through.
+        .args(["-target", "bpf", "-mcpu=v3", "-O2", "-g", "-Wall", "-Werror"])
         .arg("-I/usr/include/x86_64-linux-gnu")
         .arg(format!("-I{}", connredir_abi::HEADER_DIR))
         .args(["-c", "bpf/connredir.bpf.c", "-o"])

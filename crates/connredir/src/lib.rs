@@ -31,11 +31,13 @@
 
 #![warn(missing_docs)]
 
+mod cut_through;
 mod records;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
+pub use cut_through::{bytes_written_into, cut_through, CutThroughError};
 pub use records::{
     redirect_state, ClientIdentity, Hop, RedirectContext, RedirectRecords, RedirectState, ServiceId,
 };
@@ -53,6 +55,10 @@ pub mod sockopt {
     pub const SERVICE: i32 = connredir_abi::CONNREDIR_SO_SERVICE as i32;
     /// get: whether the socket is accelerated (4-byte 0 or 1).
     pub const ACCELERATED: i32 = connredir_abi::CONNREDIR_SO_ACCELERATED as i32;
+    /// set: hand a direction of an accelerated flow to the kernel (see
+    /// [`cut_through`](crate::cut_through)); get: the bytes written into
+    /// the socket (see [`bytes_written_into`](crate::bytes_written_into)).
+    pub const CUT_THROUGH: i32 = connredir_abi::CONNREDIR_SO_CUT_THROUGH as i32;
     /// `SO_ORIGINAL_DST` at `SOL_IP`, answered from the records.
     pub const SO_ORIGINAL_DST: i32 = connredir_abi::CONNREDIR_SO_ORIGINAL_DST as i32;
     /// `IP6T_SO_ORIGINAL_DST` at `SOL_IPV6`, answered from the records.

@@ -179,6 +179,11 @@ pub struct Counters {
     /// Writes of joined sockets moved straight into their peer's receive
     /// queue, past TCP.
     pub accel_sends: u64,
+    /// Directions of accelerated flows a service handed to the kernel
+    /// after inspecting them (cut-through).
+    pub cut_throughs: u64,
+    /// Writes moved straight to the far end of a flow, past its service.
+    pub cut_through_sends: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -1053,6 +1058,8 @@ impl Engine {
             accel_joined: read(CONNREDIR_CNT_ACCEL_JOINED)?,
             accel_passed: read(CONNREDIR_CNT_ACCEL_PASSED)?,
             accel_sends: read(CONNREDIR_CNT_ACCEL_SENDS)?,
+            cut_throughs: read(CONNREDIR_CNT_CUT_THROUGHS)?,
+            cut_through_sends: read(CONNREDIR_CNT_CUT_THROUGH_SENDS)?,
         })
     }
 

@@ -192,9 +192,12 @@ impl Engine {
             name,
             source: aya::maps::MapError::InvalidName { name: name.into() },
         })?;
-        let state =
-            HashMap::<&MapData, Plain<connredir_abi::connredir_pair_key>, u32>::try_from(map)
-                .map_err(map_err(name))?;
+        let state = HashMap::<
+            &MapData,
+            Plain<connredir_abi::connredir_pair_key>,
+            Plain<connredir_abi::connredir_accel_state>,
+        >::try_from(map)
+        .map_err(map_err(name))?;
         Ok(state.keys().count())
     }
 

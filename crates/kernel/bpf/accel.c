@@ -12,6 +12,16 @@
  *    (passive side), so a pair is only ever complete, never half.
  * A socket that has written through TCP before its peer joined stays on TCP
  * (CONNREDIR_ACCEL_PASSED): its later data must not overtake the earlier.
+ *
+ * Cut-through (CONNREDIR_SO_CUT_THROUGH): once the service has inspected a
+ * direction, the writer's data goes to the far socket directly. Ordering
+ * rests on one 64-bit word per writer, `sent`: the sk_msg program adds each
+ * write's size to it atomically and reads, in the same step, whether the
+ * cut-through bit is set; the service sets that bit with a compare-and-swap
+ * that succeeds only while `sent` equals what the service has read. So a
+ * write either was counted before the switch (the service reads and
+ * forwards it, then asks again) or comes after it (it goes straight to the
+ * far end, behind everything the service forwarded).
  */
 #include "common.h"
 
@@ -32,28 +42,45 @@ static __always_inline int is_loopback(const __u32 addr[4])
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
 }
 
-/* Does the service listening at `addr`:`port` ask for acceleration? */
-static __always_inline int service_accelerates(const __u32 addr[4], __u16 port)
+static __always_inline void swap_key(struct connredir_pair_key *out,
+				     const struct connredir_pair_key *in)
+{
+	__builtin_memcpy(out->local_addr, in->remote_addr, 16);
+	__builtin_memcpy(out->remote_addr, in->local_addr, 16);
+	out->local_port = in->remote_port;
+	out->remote_port = in->local_port;
+}
+
+/* The service registered at `addr`:`port`, or 0. */
+static __always_inline __u32 service_at(const __u32 addr[4], __u16 port)
 {
 	struct connredir_addr_key key = {};
-	struct connredir_service *service;
 	__u32 *id;
 
 	__builtin_memcpy(key.addr, addr, 16);
 	key.port = port;
 	id = bpf_map_lookup_elem(&service_addrs, &key);
+	return id ? *id : 0;
+}
+
+/* Does the service listening at `addr`:`port` ask for acceleration? */
+static __always_inline int service_accelerates(const __u32 addr[4], __u16 port)
+{
+	struct connredir_service *service;
+	__u32 id = service_at(addr, port);
+
 	if (!id)
 		return 0;
-	service = bpf_map_lookup_elem(&services, id);
+	service = bpf_map_lookup_elem(&services, &id);
 	return service && (service->flags & CONNREDIR_SERVICE_ACCELERATE);
 }
 
 static __always_inline void accel_join(struct bpf_sock_ops *skops, const struct tuple *tp,
-				       __u32 cb_flags)
+				       __u32 cb_flags, __u32 owner)
 {
+	struct connredir_accel_state fresh = { .owner = owner };
 	struct connredir_pair_key key = {};
 	const struct tuple t = *tp;
-	__u32 fresh = 0;
 
 	pair_key(&key, t.local, t.local_port, t.remote, t.remote_port);
 	if (bpf_map_update_elem(&accel_state, &key, &fresh, BPF_NOEXIST))
@@ -73,15 +100,16 @@ static __always_inline void accel_on_active(struct bpf_sock_ops *skops, struct b
 {
 	const struct tuple t = *tp;
 	struct connredir_sock_state *state;
-	int join;
+	int join, onward;
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state)
 		return;
-	join = service_accelerates(t.remote, t.remote_port) ||
-	       ((state->flags & CONNREDIR_SOCK_ACCEL_ONWARD) && is_loopback(t.remote));
+	onward = state->flags & CONNREDIR_SOCK_ACCEL_ONWARD;
+	join = service_accelerates(t.remote, t.remote_port) || (onward && is_loopback(t.remote));
+	/* An onward socket is its service's; a redirected client's is no one's. */
 	if (join)
-		accel_join(skops, tp, cb_flags);
+		accel_join(skops, tp, cb_flags, onward ? state->onward_service : 0);
 }
 
 /* PASSIVE_ESTABLISHED_CB: the accepting end joins when its peer did. */
@@ -92,8 +120,9 @@ static __always_inline void accel_on_passive(struct bpf_sock_ops *skops, const s
 	const struct tuple t = *tp;
 
 	pair_key(&peer, t.remote, t.remote_port, t.local, t.local_port);
+	/* Accepted on a service's address: that service's socket. */
 	if (bpf_map_lookup_elem(&accel_state, &peer))
-		accel_join(skops, tp, cb_flags);
+		accel_join(skops, tp, cb_flags, service_at(t.local, t.local_port));
 }
 
 static __always_inline void accel_on_close(const struct tuple *tp)
@@ -105,43 +134,115 @@ static __always_inline void accel_on_close(const struct tuple *tp)
 	bpf_map_delete_elem(&accel_state, &key);
 }
 
-/* Is the socket of a getsockopt caller accelerated? */
-static __always_inline int accel_socket(struct bpf_sock *sk)
+/* The accel_state key of a sockopt caller's socket. */
+static __always_inline void sock_key(struct bpf_sock *sk, struct connredir_pair_key *key)
 {
-	struct connredir_pair_key key = {};
 	__u32 src_port = ctx_read(sk->src_port);
 	__u16 dst_port = ctx_read(sk->dst_port);
 	struct tuple t;
 
 	read_addrs(sk, &t, src_ip4, dst_ip4, src_ip6, dst_ip6);
-	pair_key(&key, t.local, (__u16)src_port, t.remote, bpf_ntohs(dst_port));
+	pair_key(key, t.local, (__u16)src_port, t.remote, bpf_ntohs(dst_port));
+}
+
+/* Is the socket of a getsockopt caller accelerated? */
+static __always_inline int accel_socket(struct bpf_sock *sk)
+{
+	struct connredir_pair_key key = {};
+
+	sock_key(sk, &key);
 	return bpf_map_lookup_elem(&accel_state, &key) != NULL;
+}
+
+/* The state of the socket writing into the caller's socket `sk`. */
+static __always_inline struct connredir_accel_state *writer_into(struct bpf_sock *sk)
+{
+	struct connredir_pair_key own = {}, writer = {};
+
+	sock_key(sk, &own);
+	swap_key(&writer, &own);
+	return bpf_map_lookup_elem(&accel_state, &writer);
+}
+
+/* CONNREDIR_SO_CUT_THROUGH, set (see abi.h): 0 or a negative errno. */
+static __always_inline int accel_cut_through(struct bpf_sock *sk,
+					     const struct connredir_cut_through *req)
+{
+	struct connredir_accel_state *own, *writer, *to, *far;
+	struct connredir_pair_key key = {}, far_key = {};
+	struct caller_services caller;
+	__u64 received = req->received;
+
+	sock_key(sk, &key);
+	own = bpf_map_lookup_elem(&accel_state, &key);
+	writer = writer_into(sk);
+	to = bpf_map_lookup_elem(&accel_state, &req->to);
+	swap_key(&far_key, &req->to);
+	far = bpf_map_lookup_elem(&accel_state, &far_key);
+	/* Both writers must be on sockmap from their first byte: data they
+	 * sent through TCP would not be counted, or could be overtaken. */
+	if (!own || !writer || !to || !far || (writer->flags & CONNREDIR_ACCEL_PASSED) ||
+	    (to->flags & CONNREDIR_ACCEL_PASSED))
+		return -EOPNOTSUPP;
+	caller_services(&caller);
+	if (!own->owner || own->owner != to->owner || !caller_is(&caller, own->owner))
+		return -EACCES;
+	if (received & CONNREDIR_ACCEL_CUT_THROUGH)
+		return -EINVAL;
+	if (writer->sent & CONNREDIR_ACCEL_CUT_THROUGH)
+		return -EALREADY;
+	/* Read by the sk_msg program only once the bit is set. */
+	writer->target = far_key;
+	if (__sync_val_compare_and_swap(&writer->sent, received,
+					received | CONNREDIR_ACCEL_CUT_THROUGH) != received)
+		return -EAGAIN;
+	count(CONNREDIR_CNT_CUT_THROUGHS);
+	return 0;
+}
+
+/* CONNREDIR_SO_CUT_THROUGH, get: the writer's byte count, or -ENOENT. */
+static __always_inline __s64 accel_written_into(struct bpf_sock *sk)
+{
+	struct connredir_accel_state *writer = writer_into(sk);
+
+	if (!writer)
+		return -ENOENT;
+	return (__s64)(writer->sent & ~CONNREDIR_ACCEL_CUT_THROUGH);
 }
 
 SEC("sk_msg")
 int connredir_accel(struct sk_msg_md *msg)
 {
-	struct connredir_pair_key self = {}, peer = {};
+	struct connredir_pair_key self = {}, peer = {}, target;
 	__u32 remote_port = ctx_read(msg->remote_port);
 	__u32 local_port = ctx_read(msg->local_port);
+	__u32 size = ctx_read(msg->size);
 	/* As in sockops: the network-order port sits in the upper 16 bits. */
 	__u16 lport = (__u16)local_port, rport = bpf_ntohs((__u16)(remote_port >> 16));
+	struct connredir_accel_state *state;
 	struct tuple t;
-	__u32 *state;
+	__u64 sent;
 
 	read_addrs(msg, &t, local_ip4, remote_ip4, local_ip6, remote_ip6);
 	pair_key(&self, t.local, lport, t.remote, rport);
 	pair_key(&peer, t.remote, rport, t.local, lport);
 
 	state = bpf_map_lookup_elem(&accel_state, &self);
-	if (!state || (*state & CONNREDIR_ACCEL_PASSED))
+	if (!state || (state->flags & CONNREDIR_ACCEL_PASSED))
 		return SK_PASS;
 	if (!bpf_map_lookup_elem(&accel_state, &peer)) {
 		/* The peer is not (yet) in the map: this socket stays on TCP. */
-		*state |= CONNREDIR_ACCEL_PASSED;
+		state->flags |= CONNREDIR_ACCEL_PASSED;
 		count(CONNREDIR_CNT_ACCEL_PASSED);
 		return SK_PASS;
 	}
 	count(CONNREDIR_CNT_ACCEL_SENDS);
+	/* Counted and checked in one step: see the cut-through above. */
+	sent = __sync_fetch_and_add(&state->sent, (__u64)size);
+	if (sent & CONNREDIR_ACCEL_CUT_THROUGH) {
+		target = state->target;
+		count(CONNREDIR_CNT_CUT_THROUGH_SENDS);
+		return bpf_msg_redirect_hash(msg, &accel_socks, &target, BPF_F_INGRESS);
+	}
 	return bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS);
 }

@@ -141,7 +141,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, CONNREDIR_MAX_ACCEL);
 	__type(key, struct connredir_pair_key);
-	__type(value, __u32);
+	__type(value, struct connredir_accel_state);
 } accel_state SEC(".maps");
 
 struct {

@@ -265,6 +265,24 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 		*(volatile __s32 *)&ctx->retval = 0;
 		return 1;
 	}
+	if (level == CONNREDIR_SOL && optname == CONNREDIR_SO_CUT_THROUGH) {
+		__u64 *out = optval;
+		__s64 written;
+
+		if (!sk || optlen < (__s32)sizeof(*out) || (void *)(out + 1) > optval_end) {
+			ctx->retval = -EINVAL;
+			return 1;
+		}
+		written = accel_written_into(sk);
+		if (written < 0) {
+			ctx->retval = (__s32)written;
+			return 1;
+		}
+		*out = (__u64)written;
+		*(volatile __s32 *)&ctx->optlen = sizeof(*out);
+		*(volatile __s32 *)&ctx->retval = 0;
+		return 1;
+	}
 	if (level == CONNREDIR_SOL) {
 		if (optname == CONNREDIR_SO_SERVICE) {
 			get_service(ctx, optlen, optval, optval_end, sk);
@@ -306,8 +324,8 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-/* Does one of the caller's services ask for acceleration? */
-static __always_inline int caller_accelerates(void)
+/* The caller's service that asks for acceleration, or 0. */
+static __always_inline __u32 caller_accelerates(void)
 {
 	struct caller_services caller;
 	__u32 ids[3];
@@ -324,7 +342,7 @@ static __always_inline int caller_accelerates(void)
 			continue;
 		service = bpf_map_lookup_elem(&services, &id);
 		if (service && (service->flags & CONNREDIR_SERVICE_ACCELERATE))
-			return 1;
+			return id;
 	}
 	return 0;
 }
@@ -360,6 +378,18 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 
 	if (level != CONNREDIR_SOL)
 		return 1;
+	if (optname == CONNREDIR_SO_CUT_THROUGH) {
+		const struct connredir_cut_through *req = optval;
+		int err;
+
+		if (!sk || optlen < (__s32)sizeof(*req) || (void *)(req + 1) > optval_end)
+			return reject(-EINVAL);
+		err = accel_cut_through(sk, req);
+		if (err)
+			return reject(err);
+		ctx->optlen = -1;
+		return 1;
+	}
 	if (optname != CONNREDIR_SO_RECORDS)
 		return reject(-ENOPROTOOPT);
 	if (!may_set_records()) {
@@ -394,7 +424,8 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	/* Kept as this layer's version, whatever the blob's. */
 	state->record.version = CONNREDIR_RECORD_VERSION;
 	state->record.size = sizeof(*in);
-	state->flags = caller_accelerates() ? CONNREDIR_SOCK_ACCEL_ONWARD : 0;
+	state->onward_service = caller_accelerates();
+	state->flags = state->onward_service ? CONNREDIR_SOCK_ACCEL_ONWARD : 0;
 	count(CONNREDIR_CNT_RECORDS_SET);
 	/* Consumed here: the kernel never sees this private level. */
 	ctx->optlen = -1;

@@ -36,6 +36,25 @@
  */
 #define CONNREDIR_SO_ACCELERATED 4
 
+/*
+ * Cut-through, for a service whose flow is accelerated on both of its legs.
+ * set, on the socket a direction reads from (struct connredir_cut_through):
+ * from now on, what this socket's peer writes goes straight to the peer of
+ * the caller's other socket named in `to`, without passing through the
+ * caller. The caller has inspected the first bytes and wants the rest moved
+ * by the kernel. `received` is how many bytes the caller has read from
+ * this socket in all; it must have written them all to `to` first. When the
+ * peer has written more than that (bytes in flight), the answer is EAGAIN:
+ * read them, forward them, and ask again, so no byte overtakes another.
+ * EOPNOTSUPP when one of the four sockets is not accelerated, EACCES when
+ * the two sockets are not both the caller's service's, EALREADY when done.
+ * After it, the socket only reads EOF (or an error) when the peer closes.
+ * get: a 64-bit count of all bytes this socket's peer has written socket
+ * to socket, read by the caller or, after the cut-through, moved past it
+ * (for idle detection and byte counts). ENOENT when not accelerated.
+ */
+#define CONNREDIR_SO_CUT_THROUGH 5
+
 /* Linux transparent-proxy compatibility: answered from the record. */
 #define CONNREDIR_SO_ORIGINAL_DST 80 /* SOL_IP, SO_ORIGINAL_DST */
 #define CONNREDIR_IP6T_SO_ORIGINAL_DST 80 /* SOL_IPV6, IP6T_SO_ORIGINAL_DST */
@@ -107,7 +126,8 @@ struct connredir_sock_state {
 	/* The process that connected this socket, for the live-connection list. */
 	__u32 pid;
 	__u32 uid;
-	__u32 reserved;
+	/* With CONNREDIR_SOCK_ACCEL_ONWARD: the service that set the records. */
+	__u32 onward_service;
 	__u64 cgroup_id;
 	__u8 comm[16];
 };
@@ -232,6 +252,31 @@ struct connredir_pair_key {
  * so its data cannot overtake what is already queued. */
 #define CONNREDIR_ACCEL_PASSED 1u
 
+/* In connredir_accel_state.sent: this socket's writes are cut through. */
+#define CONNREDIR_ACCEL_CUT_THROUGH (1ull << 63)
+
+/* One joined socket (the accel_state value). */
+struct connredir_accel_state {
+	/* Bytes written socket to socket, counted before they move; the top
+	 * bit (CONNREDIR_ACCEL_CUT_THROUGH) is set, in one atomic step with
+	 * the count, once they go to `target` instead of the peer. */
+	__u64 sent;
+	/* While cut through: the socket whose receive queue gets the data. */
+	struct connredir_pair_key target;
+	__u32 flags; /* CONNREDIR_ACCEL_PASSED */
+	/* The service whose proxy holds this socket (it accepted it on the
+	 * service's address, or set records on it); 0 for others. */
+	__u32 owner;
+};
+
+/* The CONNREDIR_SO_CUT_THROUGH request. */
+struct connredir_cut_through {
+	/* Bytes the caller has read from the socket, in all. */
+	__u64 received;
+	/* The caller's socket to send to, by its own 4-tuple. */
+	struct connredir_pair_key to;
+};
+
 /* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
 
 /* One redirected socket: a leg of a flow, from its client or a service. */
@@ -306,7 +351,9 @@ enum connredir_counter {
 	CONNREDIR_CNT_ACCEL_JOINED = 11, /* sockets that joined the acceleration */
 	CONNREDIR_CNT_ACCEL_PASSED = 12, /* joined sockets that stayed on TCP */
 	CONNREDIR_CNT_ACCEL_SENDS = 13, /* writes moved socket to socket */
-	CONNREDIR_CNT_MAX = 14,
+	CONNREDIR_CNT_CUT_THROUGHS = 14, /* directions handed to the kernel */
+	CONNREDIR_CNT_CUT_THROUGH_SENDS = 15, /* writes moved past the service */
+	CONNREDIR_CNT_MAX = 16,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
