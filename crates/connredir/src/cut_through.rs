@@ -46,13 +46,23 @@ pub enum CutThroughError {
 /// (or an error) when its peer closes; forward that as usual.
 pub fn cut_through(from: &impl AsFd, to: &impl AsFd, received: u64) -> Result<(), CutThroughError> {
     let to = to.as_fd();
-    let key = |e: std::io::Error| CutThroughError::Io(e);
+    let io = CutThroughError::Io;
+    let local = socket_addr(to, libc::getsockname).map_err(io)?;
+    let peer = socket_addr(to, libc::getpeername).map_err(io)?;
+    cut_through_to(from, local, peer, received)
+}
+
+/// [`cut_through`] for a `to` socket named by its own address and its
+/// peer's, for a caller that knows them (it saves two system calls).
+pub fn cut_through_to(
+    from: &impl AsFd,
+    to_local: SocketAddr,
+    to_peer: SocketAddr,
+    received: u64,
+) -> Result<(), CutThroughError> {
     let request = connredir_cut_through {
         received,
-        to: pair_key(
-            socket_addr(to, libc::getsockname).map_err(key)?,
-            socket_addr(to, libc::getpeername).map_err(key)?,
-        ),
+        to: pair_key(to_local, to_peer),
     };
     // SAFETY: request is valid for its size.
     let rc = unsafe {
@@ -77,10 +87,11 @@ pub fn cut_through(from: &impl AsFd, to: &impl AsFd, received: u64) -> Result<()
     })
 }
 
-/// All bytes `from`'s peer has written socket to socket: those the caller
-/// read and, after a cut-through, those the layer moved past it. It grows
-/// while a cut-through direction is busy, which the caller cannot see
-/// otherwise. `Err(NotRedirected)` when the socket is not accelerated.
+/// All bytes `from`'s peer has written into it socket to socket: those the
+/// caller read and, after a cut-through, those the layer moved past it. It
+/// grows while a cut-through direction is busy, which the caller cannot see
+/// otherwise, and stays readable after the peer closed (the count is kept
+/// with `from`). `Err(NotRedirected)` when the socket is not accelerated.
 pub fn bytes_written_into(from: &impl AsFd) -> Result<u64, Error> {
     let mut buf = [0u8; 8];
     let n = getsockopt(from.as_fd(), sockopt::LEVEL, sockopt::CUT_THROUGH, &mut buf)

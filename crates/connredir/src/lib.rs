@@ -37,7 +37,7 @@ mod records;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-pub use cut_through::{bytes_written_into, cut_through, CutThroughError};
+pub use cut_through::{bytes_written_into, cut_through, cut_through_to, CutThroughError};
 pub use records::{
     redirect_state, ClientIdentity, Hop, RedirectContext, RedirectRecords, RedirectState, ServiceId,
 };

@@ -14,14 +14,16 @@
  * (CONNREDIR_ACCEL_PASSED): its later data must not overtake the earlier.
  *
  * Cut-through (CONNREDIR_SO_CUT_THROUGH): once the service has inspected a
- * direction, the writer's data goes to the far socket directly. Ordering
- * rests on one 64-bit word per writer, `sent`: the sk_msg program adds each
- * write's size to it atomically and reads, in the same step, whether the
- * cut-through bit is set; the service sets that bit with a compare-and-swap
- * that succeeds only while `sent` equals what the service has read. So a
- * write either was counted before the switch (the service reads and
- * forwards it, then asks again) or comes after it (it goes straight to the
- * far end, behind everything the service forwarded).
+ * flow, what its peer writes into one of its sockets goes to the far socket
+ * directly. Ordering rests on one 64-bit word per receiving socket,
+ * `arrived`: the sk_msg program adds each write's size to it atomically and
+ * reads, in the same step, whether the cut-through bit is set; the service
+ * sets that bit with a compare-and-swap that succeeds only while `arrived`
+ * equals what the service has read. So a write either was counted before
+ * the switch (the service reads and forwards it, then asks again) or comes
+ * after it (it goes straight to the far end, behind everything the service
+ * forwarded). The count stays with the service's socket, which outlives
+ * the peer's close, so the service can read the flow's total at EOF.
  */
 #include "common.h"
 
@@ -125,12 +127,28 @@ static __always_inline void accel_on_passive(struct bpf_sock_ops *skops, const s
 		accel_join(skops, tp, cb_flags, service_at(t.local, t.local_port));
 }
 
-static __always_inline void accel_on_close(const struct tuple *tp)
+static __always_inline void accel_on_close(struct bpf_sock *sk, const struct tuple *tp)
 {
+	struct connredir_accel_state *accel;
 	struct connredir_pair_key key = {};
+	struct connredir_sock_state *state;
 	const struct tuple t = *tp;
+	__u64 arrived;
 
 	pair_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	accel = bpf_map_lookup_elem(&accel_state, &key);
+	if (!accel)
+		return;
+	arrived = accel->arrived;
+	/* A cut-through count outlives the TCP state: its owner reads it at
+	 * EOF, which can come after both FINs closed the socket. */
+	if ((arrived & CONNREDIR_ACCEL_CUT_THROUGH) && sk) {
+		state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (state) {
+			state->cut_through_bytes = arrived & ~CONNREDIR_ACCEL_CUT_THROUGH;
+			state->flags |= CONNREDIR_SOCK_CUT_COUNTED;
+		}
+	}
 	bpf_map_delete_elem(&accel_state, &key);
 }
 
@@ -154,28 +172,19 @@ static __always_inline int accel_socket(struct bpf_sock *sk)
 	return bpf_map_lookup_elem(&accel_state, &key) != NULL;
 }
 
-/* The state of the socket writing into the caller's socket `sk`. */
-static __always_inline struct connredir_accel_state *writer_into(struct bpf_sock *sk)
-{
-	struct connredir_pair_key own = {}, writer = {};
-
-	sock_key(sk, &own);
-	swap_key(&writer, &own);
-	return bpf_map_lookup_elem(&accel_state, &writer);
-}
-
 /* CONNREDIR_SO_CUT_THROUGH, set (see abi.h): 0 or a negative errno. */
 static __always_inline int accel_cut_through(struct bpf_sock *sk,
 					     const struct connredir_cut_through *req)
 {
+	struct connredir_pair_key key = {}, writer_key = {}, far_key = {};
 	struct connredir_accel_state *own, *writer, *to, *far;
-	struct connredir_pair_key key = {}, far_key = {};
 	struct caller_services caller;
 	__u64 received = req->received;
 
 	sock_key(sk, &key);
 	own = bpf_map_lookup_elem(&accel_state, &key);
-	writer = writer_into(sk);
+	swap_key(&writer_key, &key);
+	writer = bpf_map_lookup_elem(&accel_state, &writer_key);
 	to = bpf_map_lookup_elem(&accel_state, &req->to);
 	swap_key(&far_key, &req->to);
 	far = bpf_map_lookup_elem(&accel_state, &far_key);
@@ -189,25 +198,33 @@ static __always_inline int accel_cut_through(struct bpf_sock *sk,
 		return -EACCES;
 	if (received & CONNREDIR_ACCEL_CUT_THROUGH)
 		return -EINVAL;
-	if (writer->sent & CONNREDIR_ACCEL_CUT_THROUGH)
+	if (own->arrived & CONNREDIR_ACCEL_CUT_THROUGH)
 		return -EALREADY;
 	/* Read by the sk_msg program only once the bit is set. */
-	writer->target = far_key;
-	if (__sync_val_compare_and_swap(&writer->sent, received,
+	own->target = far_key;
+	if (__sync_val_compare_and_swap(&own->arrived, received,
 					received | CONNREDIR_ACCEL_CUT_THROUGH) != received)
 		return -EAGAIN;
 	count(CONNREDIR_CNT_CUT_THROUGHS);
 	return 0;
 }
 
-/* CONNREDIR_SO_CUT_THROUGH, get: the writer's byte count, or -ENOENT. */
+/* CONNREDIR_SO_CUT_THROUGH, get: the bytes written into `sk`, or -ENOENT. */
 static __always_inline __s64 accel_written_into(struct bpf_sock *sk)
 {
-	struct connredir_accel_state *writer = writer_into(sk);
+	struct connredir_pair_key key = {};
+	struct connredir_accel_state *own;
 
-	if (!writer)
-		return -ENOENT;
-	return (__s64)(writer->sent & ~CONNREDIR_ACCEL_CUT_THROUGH);
+	struct connredir_sock_state *state;
+
+	sock_key(sk, &key);
+	own = bpf_map_lookup_elem(&accel_state, &key);
+	if (own)
+		return (__s64)(own->arrived & ~CONNREDIR_ACCEL_CUT_THROUGH);
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (state && (state->flags & CONNREDIR_SOCK_CUT_COUNTED))
+		return (__s64)state->cut_through_bytes;
+	return -ENOENT;
 }
 
 SEC("sk_msg")
@@ -219,9 +236,9 @@ int connredir_accel(struct sk_msg_md *msg)
 	__u32 size = ctx_read(msg->size);
 	/* As in sockops: the network-order port sits in the upper 16 bits. */
 	__u16 lport = (__u16)local_port, rport = bpf_ntohs((__u16)(remote_port >> 16));
-	struct connredir_accel_state *state;
+	struct connredir_accel_state *state, *peer_state;
 	struct tuple t;
-	__u64 sent;
+	__u64 arrived;
 
 	read_addrs(msg, &t, local_ip4, remote_ip4, local_ip6, remote_ip6);
 	pair_key(&self, t.local, lport, t.remote, rport);
@@ -230,7 +247,8 @@ int connredir_accel(struct sk_msg_md *msg)
 	state = bpf_map_lookup_elem(&accel_state, &self);
 	if (!state || (state->flags & CONNREDIR_ACCEL_PASSED))
 		return SK_PASS;
-	if (!bpf_map_lookup_elem(&accel_state, &peer)) {
+	peer_state = bpf_map_lookup_elem(&accel_state, &peer);
+	if (!peer_state) {
 		/* The peer is not (yet) in the map: this socket stays on TCP. */
 		state->flags |= CONNREDIR_ACCEL_PASSED;
 		count(CONNREDIR_CNT_ACCEL_PASSED);
@@ -238,9 +256,9 @@ int connredir_accel(struct sk_msg_md *msg)
 	}
 	count(CONNREDIR_CNT_ACCEL_SENDS);
 	/* Counted and checked in one step: see the cut-through above. */
-	sent = __sync_fetch_and_add(&state->sent, (__u64)size);
-	if (sent & CONNREDIR_ACCEL_CUT_THROUGH) {
-		target = state->target;
+	arrived = __sync_fetch_and_add(&peer_state->arrived, (__u64)size);
+	if (arrived & CONNREDIR_ACCEL_CUT_THROUGH) {
+		target = peer_state->target;
 		count(CONNREDIR_CNT_CUT_THROUGH_SENDS);
 		return bpf_msg_redirect_hash(msg, &accel_socks, &target, BPF_F_INGRESS);
 	}

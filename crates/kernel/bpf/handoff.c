@@ -155,7 +155,7 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (new_state == TCP_CLOSE) {
 			on_close(skops, &t);
-			accel_on_close(&t);
+			accel_on_close(sk, &t);
 		}
 		break;
 	}

@@ -24,6 +24,9 @@ pub struct Settings {
     pub policy: Policy,
     /// Splice or copy.
     pub mode: Mode,
+    /// Hand inspected directions of flows accelerated on both legs to the
+    /// kernel (not with [`Mode::Copy`]).
+    pub cut_through: bool,
     /// No byte either way for this long closes the flow.
     pub idle_timeout: Duration,
     /// How long to wait for the client's first bytes.
@@ -181,7 +184,7 @@ pub async fn handle(
     let traffic = Traffic::default();
     let mut seen = Seen::default();
     let result = tokio::select! {
-        result = serve(&client, listener, &redirect, settings, &traffic, &mut seen) => result,
+        result = serve(&client, peer, listener, &redirect, settings, &traffic, &mut seen) => result,
         () = closing => Err(Ended::Shutdown),
     };
     let (verdict, reason) = match result {
@@ -213,6 +216,7 @@ pub async fn handle(
         http: seen.inspection.http,
         bytes_up: traffic.up(),
         bytes_down: traffic.down(),
+        cut_through: traffic.cut_through(),
         duration_ms: started.elapsed().as_millis() as u64,
         chain: records.map_or_else(Vec::new, |r| r.chain().iter().map(|s| s.0).collect()),
         context: redirect
@@ -229,6 +233,7 @@ pub async fn handle(
 
 async fn serve(
     client: &TcpStream,
+    peer: SocketAddr,
     listener: &Listener,
     redirect: &Redirect,
     settings: &Settings,
@@ -241,7 +246,7 @@ async fn serve(
     // rule may cover it). A concrete listening address is the accepted
     // socket's own: no need to ask.
     let local = listener.addr.map_or_else(|| client.local_addr(), Ok);
-    if local.is_ok_and(|local| local == dst) {
+    if local.as_ref().is_ok_and(|local| *local == dst) {
         return Err(Ended::Loop(dst));
     }
     // Destination rules decide before any onward connection exists.
@@ -252,11 +257,30 @@ async fn serve(
     // The client socket has TCP_NODELAY from the listener; `connect` sets it
     // on the onward one.
     let server = connect(dst, redirect.records.as_ref(), settings.connect_timeout).await?;
-    let down_mode = relay::mode_reading(&server, settings.mode);
-    let up_mode = relay::mode_reading(client, settings.mode);
+    let plan = relay::plan(client, &server, settings.mode, settings.cut_through);
+    let cut_ends = plan
+        .cut_through
+        .then(|| cut_through_ends(peer, local.as_ref().ok(), &server))
+        .flatten();
+    // Fired once the client's first bytes are inspected and allowed.
+    let inspected = tokio::sync::Notify::new();
     // Server-first protocols: the server's bytes flow during inspection.
     let down = async {
-        relay::pump(&server, client, down_mode, Direction::Down, traffic).await?;
+        match cut_ends {
+            Some((to_client, _)) => {
+                let allowed = inspected.notified();
+                relay::pump_cut_through(
+                    &server,
+                    client,
+                    to_client,
+                    Direction::Down,
+                    traffic,
+                    allowed,
+                )
+                .await?
+            }
+            None => relay::pump(&server, client, plan.down, Direction::Down, traffic).await?,
+        }
         Ok(())
     };
     let up = async {
@@ -282,16 +306,50 @@ async fn serve(
         // Free the inspection buffer (16 KiB) before relaying: an idle
         // connection would otherwise keep it for its whole life.
         drop(first.bytes);
+        inspected.notify_one();
         if first.eof {
             relay::shutdown_write(&server).map_err(RelayError::Up)?;
+        } else if let Some((_, to_server)) = cut_ends {
+            let allowed = std::future::ready(());
+            relay::pump_cut_through(client, &server, to_server, Direction::Up, traffic, allowed)
+                .await?;
         } else {
-            relay::pump(client, &server, up_mode, Direction::Up, traffic).await?;
+            relay::pump(client, &server, plan.up, Direction::Up, traffic).await?;
         }
         Ok(())
     };
     // Boxed: passed by value, the two futures would otherwise be laid out
     // twice in this task's state, which every open connection keeps.
-    relay::supervise(Box::pin(up), Box::pin(down), settings.idle_timeout, traffic).await
+    let ends = [client, &server];
+    relay::supervise(
+        Box::pin(up),
+        Box::pin(down),
+        settings.idle_timeout,
+        traffic,
+        ends,
+    )
+    .await
+}
+
+/// The sockets each cut-through direction sends to, by their addresses:
+/// (the client's, the server's). `None` when one cannot be read; the flow
+/// then stays in the proxy.
+fn cut_through_ends(
+    client_peer: SocketAddr,
+    client_local: Option<&SocketAddr>,
+    server: &TcpStream,
+) -> Option<(relay::Ends, relay::Ends)> {
+    let to_client = relay::Ends {
+        local: *client_local?,
+        peer: client_peer,
+    };
+    // Not `dst`: the layer may have sent the onward connection to the next
+    // service of a chain.
+    let to_server = relay::Ends {
+        local: server.local_addr().ok()?,
+        peer: server.peer_addr().ok()?,
+    };
+    Some((to_client, to_server))
 }
 
 /// Opens the onward socket in the destination's family, hands it the
@@ -358,6 +416,7 @@ mod tests {
             name: "test".into(),
             policy: Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect()),
             mode: Mode::Splice,
+            cut_through: true,
             idle_timeout: Duration::from_secs(10),
             inspect_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(5),

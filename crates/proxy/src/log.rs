@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::inspect::HttpRequest;
+use crate::relay::Direction;
 
 /// What happened to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,6 +75,12 @@ pub struct ConnectionLog {
     pub bytes_up: u64,
     /// Bytes to the client (the server's, or the proxy's 403).
     pub bytes_down: u64,
+    /// Directions handed to the kernel after their first bytes (flows
+    /// accelerated on both legs): their later bytes moved socket to socket
+    /// past the proxy and are not in `bytes_up` / `bytes_down`. Absent
+    /// when none was.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cut_through: Vec<Direction>,
     /// From accept to close.
     pub duration_ms: u64,
     /// Service ids from the records, oldest first.

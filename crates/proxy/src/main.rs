@@ -95,9 +95,16 @@ struct Cli {
     /// Where the JSON lines go: a file (appended), or - for stdout.
     #[arg(long, value_name = "FILE|-", default_value = "-")]
     log: PathBuf,
-    /// Relay with read/write instead of zero-copy splice(2).
+    /// Relay with read/write instead of zero-copy splice(2) (and never
+    /// cut through).
     #[arg(long)]
     no_splice: bool,
+    /// Keep relaying flows accelerated on both legs in the proxy. By
+    /// default, once a direction of such a flow has moved its first 64 KiB
+    /// (inspected), the proxy hands it to the kernel, which moves the rest
+    /// socket to socket past the proxy (cut-through).
+    #[arg(long)]
+    no_cut_through: bool,
     /// Run without the connredir layer: do not require each --listen address
     /// to be a registered service, and find destinations with SO_ORIGINAL_DST
     /// only (e.g. behind iptables REDIRECT), without redirect records.
@@ -231,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             Mode::Splice
         },
+        cut_through: !cli.no_cut_through,
         idle_timeout: cli.idle_timeout,
         inspect_timeout: cli.inspect_timeout,
         connect_timeout: cli.connect_timeout,

@@ -4,13 +4,15 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tracing::{debug, warn};
 
 /// Bytes moved per splice: one pipe's default capacity.
 const CHUNK: usize = 64 * 1024;
@@ -27,20 +29,76 @@ const FIRST_BUFFER: usize = 16 * 1024;
 /// sooner when a read fills [`FIRST_BUFFER`]: then it is a bulk flow.
 const SPLICE_AFTER: u64 = 64 * 1024;
 
+/// How many times a direction asks for the cut-through while its writer
+/// keeps having bytes in flight, before it stays in the proxy.
+const CUT_THROUGH_ATTEMPTS: usize = 64;
+
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Zero-copy, socket → pipe → socket with `splice(2)`, for the bulk of
     /// a flow: each direction copies its first bytes, and splices once it
     /// has moved [`SPLICE_AFTER`] bytes or a read filled its buffer. Not
-    /// for a socket accelerated through sockmap: see [`mode_reading`].
+    /// for a socket accelerated through sockmap: see [`plan`].
     Splice,
     /// Read into a buffer, write it out.
     Copy,
 }
 
-/// A direction of the flow.
+/// How a flow's two directions move, from what the layer says of its
+/// sockets (see [`plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Client → server.
+    pub up: Mode,
+    /// Server → client.
+    pub down: Mode,
+    /// Both sockets are accelerated through sockmap and cut-through is
+    /// allowed: once the flow is inspected and allowed, both directions go
+    /// to the kernel (see [`pump_cut_through`]).
+    pub cut_through: bool,
+}
+
+/// The plan for a flow, from `wanted` and what the layer says of the two
+/// sockets. A socket accelerated through sockmap is read by copying (its
+/// data arrives in the socket's own queue, which splice does not read;
+/// splicing into one is fine).
+///
+/// Ask before the directions move any byte: asking a busy accelerated
+/// socket whether it is accelerated, between reads, was seen to end its
+/// stream early.
+pub fn plan(client: &TcpStream, server: &TcpStream, wanted: Mode, cut_through: bool) -> Plan {
+    if wanted == Mode::Copy {
+        // Nothing to ask: copy mode means every byte through the proxy.
+        return Plan {
+            up: Mode::Copy,
+            down: Mode::Copy,
+            cut_through: false,
+        };
+    }
+    let accelerated = |socket| matches!(connredir::is_accelerated(socket), Ok(true));
+    let (client_fast, server_fast) = (accelerated(client), accelerated(server));
+    let reading = |fast: bool| if fast { Mode::Copy } else { wanted };
+    Plan {
+        up: reading(client_fast),
+        down: reading(server_fast),
+        cut_through: cut_through && client_fast && server_fast,
+    }
+}
+
+/// Where a cut-through direction writes: the `to` socket's own address
+/// and its peer's (the layer names sockets by their 4-tuple).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ends {
+    /// The socket's own address.
+    pub local: SocketAddr,
+    /// Its peer's.
+    pub peer: SocketAddr,
+}
+
+/// A direction of the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Client to server.
     Up,
@@ -81,6 +139,8 @@ pub struct Traffic {
     up: AtomicU64,
     down: AtomicU64,
     spliced: AtomicU64,
+    cut_up: AtomicBool,
+    cut_down: AtomicBool,
 }
 
 impl Default for Traffic {
@@ -92,6 +152,8 @@ impl Default for Traffic {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             spliced: AtomicU64::new(0),
+            cut_up: AtomicBool::new(false),
+            cut_down: AtomicBool::new(false),
         }
     }
 }
@@ -113,6 +175,45 @@ impl Traffic {
         self.spliced.load(Ordering::Relaxed)
     }
 
+    /// Bytes moved in `dir` by the proxy.
+    fn count(&self, dir: Direction) -> u64 {
+        match dir {
+            Direction::Up => self.up(),
+            Direction::Down => self.down(),
+        }
+    }
+
+    /// The directions handed to the kernel (cut-through): their later
+    /// bytes do not pass through the proxy, so are not counted here.
+    pub fn cut_through(&self) -> Vec<Direction> {
+        let cut = [
+            (Direction::Up, &self.cut_up),
+            (Direction::Down, &self.cut_down),
+        ];
+        cut.into_iter()
+            .filter(|(_, flag)| flag.load(Ordering::Relaxed))
+            .map(|(dir, _)| dir)
+            .collect()
+    }
+
+    fn cut(&self, dir: Direction) {
+        match dir {
+            Direction::Up => &self.cut_up,
+            Direction::Down => &self.cut_down,
+        }
+        .store(true, Ordering::Relaxed);
+    }
+
+    /// Raises the count of `dir` to `total`, the layer's count of a
+    /// cut-through direction.
+    fn saw_total(&self, dir: Direction, total: u64) {
+        match dir {
+            Direction::Up => &self.up,
+            Direction::Down => &self.down,
+        }
+        .fetch_max(total, Ordering::Relaxed);
+    }
+
     /// Counts `n` bytes moved in `dir`, now.
     pub fn moved(&self, dir: Direction, n: usize) {
         let counter = match dir {
@@ -120,16 +221,36 @@ impl Traffic {
             Direction::Down => &self.down,
         };
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.active();
+    }
+
+    /// Notes that the flow is active now.
+    fn active(&self) {
         let now = self.start.elapsed().as_nanos() as u64;
         self.last_nanos.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// Returns once no byte has moved for `limit`.
-    async fn idle(&self, limit: Duration) {
+    /// Returns once no byte has moved for `limit`. Bytes of a cut-through
+    /// direction do not pass here: the layer's count of them, read from
+    /// the two sockets, tells whether they still move.
+    async fn idle(&self, limit: Duration, ends: [&TcpStream; 2]) {
+        let mut kernel_seen = None;
         loop {
             let last = self.start + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed));
             if Instant::now() >= last + limit {
-                return;
+                if self.cut_through().is_empty() {
+                    return;
+                }
+                let written = ends
+                    .iter()
+                    .map(|end| connredir::bytes_written_into(*end).unwrap_or(0))
+                    .sum::<u64>();
+                if kernel_seen == Some(written) {
+                    return;
+                }
+                kernel_seen = Some(written);
+                self.active();
+                continue;
             }
             tokio::time::sleep_until(last + limit).await;
         }
@@ -137,16 +258,18 @@ impl Traffic {
 }
 
 /// Runs two directions to completion; the first error, or idleness, ends
-/// both. The caller closes both sockets afterwards.
+/// both. `ends` are the client's and the server's sockets (the caller
+/// closes them afterwards).
 pub async fn supervise<E: From<RelayError>>(
     up: impl Future<Output = Result<(), E>>,
     down: impl Future<Output = Result<(), E>>,
     idle: Duration,
     traffic: &Traffic,
+    ends: [&TcpStream; 2],
 ) -> Result<(), E> {
     tokio::select! {
         done = async { tokio::try_join!(up, down) } => done.map(|_| ()),
-        () = traffic.idle(idle) => Err(RelayError::Idle(idle).into()),
+        () = traffic.idle(idle, ends) => Err(RelayError::Idle(idle).into()),
     }
 }
 
@@ -279,40 +402,120 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_CHUNK]);
 }
 
+/// Copies the first bytes of a direction, until it turns out to be bulk
+/// (see [`SPLICE_AFTER`]); true at EOF.
+async fn copy_first_bytes(
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: Direction,
+    traffic: &Traffic,
+) -> io::Result<bool> {
+    let mut copied = 0u64;
+    let turned_bulk = |n: usize| {
+        copied += n as u64;
+        n == FIRST_BUFFER || copied >= SPLICE_AFTER
+    };
+    copy_until(from, to, dir, traffic, FIRST_BUFFER, turned_bulk).await
+}
+
 /// Splice mode: copies the first bytes; a direction that turns out to be
-/// bulk (see [`SPLICE_AFTER`]) goes on with splice, so short flows never
-/// create pipes.
+/// bulk goes on with splice, so short flows never create pipes.
 async fn copy_then_splice(
     from: &TcpStream,
     to: &TcpStream,
     dir: Direction,
     traffic: &Traffic,
 ) -> io::Result<()> {
-    let mut copied = 0u64;
-    let turned_bulk = |n: usize| {
-        copied += n as u64;
-        n == FIRST_BUFFER || copied >= SPLICE_AFTER
-    };
-    if copy_until(from, to, dir, traffic, FIRST_BUFFER, turned_bulk).await? {
+    if copy_first_bytes(from, to, dir, traffic).await? {
         return Ok(()); // EOF
     }
     splice_all(from, to, dir, traffic).await
 }
 
-/// The mode for a direction reading from `from`: `wanted`, unless `from`
-/// is accelerated through sockmap (its data arrives in the socket's own
-/// queue, which splice does not read; splicing into such a socket is fine).
+/// Moves bytes `from` → `to` (both accelerated) by copying until
+/// `inspected` resolves (the flow was inspected and allowed), then hands
+/// the direction to the kernel, which moves the rest straight from `from`'s
+/// peer to `to`'s (`to_ends`); at EOF, shuts down `to`'s write side.
 ///
-/// Ask before the direction moves any byte: asking a busy accelerated
-/// socket between reads was seen to end its stream early.
-pub fn mode_reading(from: &TcpStream, wanted: Mode) -> Mode {
-    if wanted == Mode::Copy {
-        return Mode::Copy; // nothing to ask
+/// The layer accepts only once every byte written into `from` has been
+/// read here (and so written on): until then it answers "in flight", and
+/// the proxy forwards what came and asks again. A writer that never pauses
+/// can keep the direction in the proxy; after [`CUT_THROUGH_ATTEMPTS`] it
+/// stays there.
+pub async fn pump_cut_through(
+    from: &TcpStream,
+    to: &TcpStream,
+    to_ends: Ends,
+    dir: Direction,
+    traffic: &Traffic,
+    inspected: impl Future<Output = ()>,
+) -> Result<(), RelayError> {
+    copy_then_cut_through(from, to, to_ends, dir, traffic, inspected)
+        .await
+        .and_then(|()| shutdown_write(to))
+        .map_err(RelayError::io(dir))
+}
+
+async fn copy_then_cut_through(
+    from: &TcpStream,
+    to: &TcpStream,
+    to_ends: Ends,
+    dir: Direction,
+    traffic: &Traffic,
+    inspected: impl Future<Output = ()>,
+) -> io::Result<()> {
+    // Until the decision, copy: a server may speak first.
+    let mut inspected = std::pin::pin!(inspected);
+    loop {
+        let data = tokio::select! {
+            biased;
+            () = &mut inspected => false,
+            ready = from.readable() => ready.map(|()| true)?,
+        };
+        if !data {
+            break;
+        }
+        // One read, all of it written: not cancelled half way.
+        if copy_until(from, to, dir, traffic, COPY_CHUNK, |_| true).await? {
+            return Ok(()); // EOF
+        }
     }
-    match connredir::is_accelerated(from) {
-        Ok(true) => Mode::Copy,
-        _ => wanted,
+    let mut cut = false;
+    for _ in 0..CUT_THROUGH_ATTEMPTS {
+        // Everything read from `from` has been written to `to` and counted.
+        let received = traffic.count(dir);
+        match connredir::cut_through_to(from, to_ends.local, to_ends.peer, received) {
+            Ok(()) => {
+                traffic.cut(dir);
+                cut = true;
+                break;
+            }
+            Err(connredir::CutThroughError::InFlight) => {
+                // Forward one more read (or find EOF), then ask again.
+                if copy_until(from, to, dir, traffic, COPY_CHUNK, |_| true).await? {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, ?dir, "no cut-through: relaying in the proxy");
+                break;
+            }
+        }
     }
+    // After a cut-through only EOF (or an error) comes; a byte would mean
+    // the layer broke its promise, and is still forwarded.
+    let before = traffic.count(dir);
+    copy_all(from, to, dir, traffic).await?;
+    if cut {
+        if traffic.count(dir) != before {
+            warn!(?dir, "bytes arrived after the cut-through");
+        }
+        // The layer counted every byte of the direction, ours and its own.
+        if let Ok(total) = connredir::bytes_written_into(from) {
+            traffic.saw_total(dir, total);
+        }
+    }
+    Ok(())
 }
 
 /// Zero-copy through a pipe: fill it from `from`, drain it into `to`, and
@@ -387,7 +590,7 @@ pub(crate) mod tests {
     ) -> Result<(), RelayError> {
         let up = pump(client, server, mode, Direction::Up, traffic);
         let down = pump(server, client, mode, Direction::Down, traffic);
-        supervise(up, down, idle, traffic).await
+        supervise(up, down, idle, traffic, [client, server]).await
     }
 
     /// A connected pair on 127.0.0.1: (the outside end, the proxy's end).

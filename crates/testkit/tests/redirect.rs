@@ -12,7 +12,7 @@ use connredir_testkit::{
     by_cgroup, by_uid, free_addr, permutations, require_program, workspace_bin, EchoServer, Lab,
     Proc,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 
 struct ProxySpec<'a> {
     name: &'a str,
@@ -1025,16 +1025,84 @@ fn reference_proxy_relays_accelerated_flows_byte_exact() {
     };
     let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
         let listen = listen[0].to_string();
-        let args = ["--name", "fast", "--listen", &listen];
+        let args = ["--name", "fast", "--listen", &listen, "--no-cut-through"];
         Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
     });
     many_accelerated_flows(&lab, dst);
     assert_moved_past_tcp(&lab, 64);
     let log = lab.wait_logged(proxy, 64);
     assert_eq!(log.len(), 64, "{log:?}");
+    // Cut-through directions are not counted by the proxy.
+    assert!(
+        log.iter().all(|l| l.get("cut_through").is_none()),
+        "{log:?}"
+    );
     let total: u64 = log.iter().map(|l| l["bytes_up"].as_u64().unwrap()).sum();
     let expected: u64 = (0..64u64).map(|i| i * 7919 % 300_000).sum();
     assert_eq!(total, expected);
+}
+
+#[test]
+fn reference_proxy_cuts_inspected_bulk_directions_through_the_kernel() {
+    let Some(mut lab) = Lab::new("accel-cut") else {
+        return;
+    };
+    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
+        let listen = listen[0].to_string();
+        let args = ["--name", "fast", "--listen", &listen];
+        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
+    });
+    // Byte-exact both ways, across the switch and far past it.
+    for bytes in [70_000, 8_000_000] {
+        let report = lab
+            .client_with("scope/client", dst, bytes, &["--retry-eagain"])
+            .unwrap();
+        assert_eq!(report["ok"], true, "{bytes} bytes: {report}");
+    }
+    many_accelerated_flows(&lab, dst);
+    assert_moved_past_tcp(&lab, 66);
+    let counters = lab.engine.counters().unwrap();
+    // Once the client's first bytes are inspected, each direction that is
+    // still open goes to the kernel, and data then moves past the proxy.
+    assert!(counters.cut_throughs >= 66, "{counters:?}");
+    assert!(counters.cut_through_sends >= 1, "{counters:?}");
+    let log = lab.wait_logged(proxy, 66);
+    assert!(
+        log.iter()
+            .all(|l| l["cut_through"].as_array().is_some_and(|d| !d.is_empty())),
+        "{log:?}"
+    );
+    // The log still counts every byte: the layer's count of a cut-through
+    // direction covers what the proxy never saw.
+    let sizes = (0..64u64)
+        .map(|i| i * 7919 % 300_000)
+        .chain([70_000, 8_000_000]);
+    let expected: u64 = sizes.sum();
+    for field in ["bytes_up", "bytes_down"] {
+        let total: u64 = log.iter().map(|l| l[field].as_u64().unwrap()).sum();
+        assert_eq!(total, expected, "{field}");
+    }
+}
+
+#[test]
+fn without_cut_through_the_reference_proxy_relays_every_byte() {
+    let Some(mut lab) = Lab::new("accel-nocut") else {
+        return;
+    };
+    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
+        let listen = listen[0].to_string();
+        let args = ["--name", "fast", "--listen", &listen, "--no-cut-through"];
+        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
+    });
+    let report = lab
+        .client_with("scope/client", dst, 3_000_000, &["--retry-eagain"])
+        .unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.cut_throughs, 0, "{counters:?}");
+    let log = lab.wait_logged(proxy, 1);
+    assert_eq!(log[0]["bytes_up"], 3_000_000, "{log:?}");
+    assert_eq!(log[0]["bytes_down"], 3_000_000, "{log:?}");
 }
 
 #[test]

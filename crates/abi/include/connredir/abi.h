@@ -49,9 +49,10 @@
  * EOPNOTSUPP when one of the four sockets is not accelerated, EACCES when
  * the two sockets are not both the caller's service's, EALREADY when done.
  * After it, the socket only reads EOF (or an error) when the peer closes.
- * get: a 64-bit count of all bytes this socket's peer has written socket
- * to socket, read by the caller or, after the cut-through, moved past it
- * (for idle detection and byte counts). ENOENT when not accelerated.
+ * get: a 64-bit count of all bytes this socket's peer has written into it
+ * socket to socket, read by the caller or, after the cut-through, moved
+ * past it (for idle detection and byte counts). ENOENT when not
+ * accelerated.
  */
 #define CONNREDIR_SO_CUT_THROUGH 5
 
@@ -119,6 +120,8 @@ struct connredir_record {
 #define CONNREDIR_SOCK_HANDOFF_PENDING 1u
 /* An accelerated service set records on this (onward) socket. */
 #define CONNREDIR_SOCK_ACCEL_ONWARD 2u
+/* The socket closed while cut through: cut_through_bytes holds its count. */
+#define CONNREDIR_SOCK_CUT_COUNTED 4u
 
 struct connredir_sock_state {
 	struct connredir_record record;
@@ -130,6 +133,10 @@ struct connredir_sock_state {
 	__u32 onward_service;
 	__u64 cgroup_id;
 	__u8 comm[16];
+	/* With CONNREDIR_SOCK_CUT_COUNTED: the bytes its peer wrote into it
+	 * (the acceleration state goes at TCP close, before the owner may
+	 * have read it; the socket's own storage lasts until it is freed). */
+	__u64 cut_through_bytes;
 };
 
 /* ---- Services. */
@@ -252,16 +259,16 @@ struct connredir_pair_key {
  * so its data cannot overtake what is already queued. */
 #define CONNREDIR_ACCEL_PASSED 1u
 
-/* In connredir_accel_state.sent: this socket's writes are cut through. */
+/* In connredir_accel_state.arrived: what the peer writes is cut through. */
 #define CONNREDIR_ACCEL_CUT_THROUGH (1ull << 63)
 
 /* One joined socket (the accel_state value). */
 struct connredir_accel_state {
-	/* Bytes written socket to socket, counted before they move; the top
-	 * bit (CONNREDIR_ACCEL_CUT_THROUGH) is set, in one atomic step with
-	 * the count, once they go to `target` instead of the peer. */
-	__u64 sent;
-	/* While cut through: the socket whose receive queue gets the data. */
+	/* Bytes the peer wrote into this socket, socket to socket, counted as
+	 * they move; the top bit (CONNREDIR_ACCEL_CUT_THROUGH) is set, in one
+	 * atomic step with the count, once they go to `target` instead. */
+	__u64 arrived;
+	/* While cut through: the socket whose receive queue gets them. */
 	struct connredir_pair_key target;
 	__u32 flags; /* CONNREDIR_ACCEL_PASSED */
 	/* The service whose proxy holds this socket (it accepted it on the
