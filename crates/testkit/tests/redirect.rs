@@ -12,7 +12,7 @@ use connredir_testkit::{
     by_cgroup, by_uid, free_addr, permutations, require_program, workspace_bin, EchoServer, Lab,
     Proc,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 
 struct ProxySpec<'a> {
     name: &'a str,
