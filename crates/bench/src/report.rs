@@ -166,8 +166,10 @@ pub fn render(r: &Results, notes: &str) -> String {
            `meta skuid`. The proxies run as an unprivileged uid in both paths.\n\
          - **sockmap**: the connredir path with the service's sockmap acceleration on, its own \
            engine, proxy and origin servers (inside its scope, so both local legs, client to \
-           proxy and proxy to origin, move their data socket to socket without the TCP stack; \
-           the proxy reads those sockets with read(2), as splice cannot see that data).\n\
+           proxy and proxy to origin, move their data socket to socket without the TCP stack). \
+           Once the proxy has inspected the client's first bytes it hands both directions to \
+           the kernel (cut-through): from then on each end writes straight into the other's \
+           receive queue, past the proxy.\n\
          - **sockmap-client-leg** (bulk only): the same accelerated proxy, for an origin outside \
            the scope, so only the client-to-proxy leg moves socket to socket; the proxy \
            splices from the origin's TCP socket into the accelerated client socket.\n"
@@ -242,7 +244,8 @@ pub fn render(r: &Results, notes: &str) -> String {
             o,
             "One connection asks for {} MiB and reads it to the end (256 KiB reads); the proxy \
              inspects the first bytes, copies the first 64 KiB, then relays with splice(2) \
-             (read(2) from sockmap-accelerated sockets). Gbit/s from connect to the last byte.\n",
+             (read(2) from sockmap-accelerated sockets; with both legs accelerated, the flow is \
+             cut through once the request is inspected). Gbit/s from connect to the last byte.\n",
             b.bytes >> 20
         );
         let _ = writeln!(
