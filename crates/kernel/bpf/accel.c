@@ -214,7 +214,6 @@ static __always_inline __s64 accel_written_into(struct bpf_sock *sk)
 {
 	struct connredir_pair_key key = {};
 	struct connredir_accel_state *own;
-
 	struct connredir_sock_state *state;
 
 	sock_key(sk, &key);

@@ -175,12 +175,17 @@ impl Traffic {
         self.spliced.load(Ordering::Relaxed)
     }
 
+    /// The byte counter of `dir`.
+    fn counter(&self, dir: Direction) -> &AtomicU64 {
+        match dir {
+            Direction::Up => &self.up,
+            Direction::Down => &self.down,
+        }
+    }
+
     /// Bytes moved in `dir` by the proxy.
     fn count(&self, dir: Direction) -> u64 {
-        match dir {
-            Direction::Up => self.up(),
-            Direction::Down => self.down(),
-        }
+        self.counter(dir).load(Ordering::Relaxed)
     }
 
     /// The directions handed to the kernel (cut-through): their later
@@ -207,20 +212,12 @@ impl Traffic {
     /// Raises the count of `dir` to `total`, the layer's count of a
     /// cut-through direction.
     fn saw_total(&self, dir: Direction, total: u64) {
-        match dir {
-            Direction::Up => &self.up,
-            Direction::Down => &self.down,
-        }
-        .fetch_max(total, Ordering::Relaxed);
+        self.counter(dir).fetch_max(total, Ordering::Relaxed);
     }
 
     /// Counts `n` bytes moved in `dir`, now.
     pub fn moved(&self, dir: Direction, n: usize) {
-        let counter = match dir {
-            Direction::Up => &self.up,
-            Direction::Down => &self.down,
-        };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.counter(dir).fetch_add(n as u64, Ordering::Relaxed);
         self.active();
     }
 
@@ -638,18 +635,26 @@ pub(crate) mod tests {
         got
     }
 
+    /// Relays `up_len` bytes up and `down_len` down in `mode`, checks both
+    /// arrive byte for byte and the relay ends well, and returns its
+    /// (up, down, spliced) counts.
+    async fn round_trip(mode: Mode, up_len: usize, down_len: usize) -> (u64, u64, u64) {
+        let (client, server, task) = relayed(mode, Duration::from_secs(30)).await;
+        let (up, down) = (pattern(up_len, 0x5a), pattern(down_len, 0xa5));
+        let (at_server, at_client) =
+            tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
+        assert!(at_server == up, "{mode:?} {up_len}: upload differs");
+        assert!(at_client == down, "{mode:?} {down_len}: download differs");
+        let (done, up_count, down_count, spliced) = task.await.unwrap();
+        done.unwrap();
+        (up_count, down_count, spliced)
+    }
+
     #[tokio::test]
     async fn moves_bytes_exactly_both_ways() {
         for mode in [Mode::Splice, Mode::Copy] {
             for len in [0, 1, 5 << 20] {
-                let (client, server, task) = relayed(mode, Duration::from_secs(30)).await;
-                let (up, down) = (pattern(len, 0x5a), pattern(len, 0xa5));
-                let (at_server, at_client) =
-                    tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
-                assert!(at_server == up, "{mode:?} {len}: upload differs");
-                assert!(at_client == down, "{mode:?} {len}: download differs");
-                let (done, up_count, down_count, _) = task.await.unwrap();
-                done.unwrap();
+                let (up_count, down_count, _) = round_trip(mode, len, len).await;
                 assert_eq!((up_count, down_count), (len as u64, len as u64));
             }
         }
@@ -666,14 +671,7 @@ pub(crate) mod tests {
             3 * SPLICE_AFTER as usize + 12_345,
             5 << 20,
         ] {
-            let (client, server, task) = relayed(Mode::Splice, Duration::from_secs(30)).await;
-            let (up, down) = (pattern(len, 0x33), pattern(small, 0xcc));
-            let (at_server, at_client) =
-                tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
-            assert!(at_server == up, "{len}: upload differs across the switch");
-            assert!(at_client == down, "{len}: download differs");
-            let (done, up_count, down_count, spliced) = task.await.unwrap();
-            done.unwrap();
+            let (up_count, down_count, spliced) = round_trip(Mode::Splice, len, small).await;
             assert_eq!((up_count, down_count), (len as u64, small as u64));
             if len <= FIRST_BUFFER {
                 assert_eq!(spliced, 0, "{len}: a short flow went through a pipe");

@@ -952,6 +952,19 @@ fn accelerated_lab_with_server_in(
     (dst, lab.procs.len() - 1)
 }
 
+/// Starts the reference proxy as the accelerated service, with `extra`
+/// options (a `start` for [`accelerated_lab`]).
+fn reference_proxy(
+    extra: &'static [&'static str],
+) -> impl FnOnce(&std::path::Path, &[SocketAddr]) -> Proc {
+    move |cgroup, listen| {
+        let listen = listen[0].to_string();
+        let mut args = vec!["--name", "fast", "--listen", &listen];
+        args.extend_from_slice(extra);
+        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
+    }
+}
+
 /// 64 concurrent flows of up to 300 kB, each checked byte for byte.
 /// Blocking reads on accelerated sockets see one spurious EAGAIN at end of
 /// stream (the kernel's tcp_bpf): these clients retry, as event-loop
@@ -1023,11 +1036,7 @@ fn reference_proxy_relays_accelerated_flows_byte_exact() {
     let Some(mut lab) = Lab::new("accel-ref") else {
         return;
     };
-    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
-        let listen = listen[0].to_string();
-        let args = ["--name", "fast", "--listen", &listen, "--no-cut-through"];
-        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
-    });
+    let (dst, proxy) = accelerated_lab(&mut lab, reference_proxy(&["--no-cut-through"]));
     many_accelerated_flows(&lab, dst);
     assert_moved_past_tcp(&lab, 64);
     let log = lab.wait_logged(proxy, 64);
@@ -1047,11 +1056,7 @@ fn reference_proxy_cuts_inspected_bulk_directions_through_the_kernel() {
     let Some(mut lab) = Lab::new("accel-cut") else {
         return;
     };
-    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
-        let listen = listen[0].to_string();
-        let args = ["--name", "fast", "--listen", &listen];
-        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
-    });
+    let (dst, proxy) = accelerated_lab(&mut lab, reference_proxy(&[]));
     // Byte-exact both ways, across the switch and far past it.
     for bytes in [70_000, 8_000_000] {
         let report = lab
@@ -1091,11 +1096,7 @@ fn without_cut_through_the_reference_proxy_relays_every_byte() {
     let Some(mut lab) = Lab::new("accel-nocut") else {
         return;
     };
-    let (dst, proxy) = accelerated_lab(&mut lab, |cgroup, listen| {
-        let listen = listen[0].to_string();
-        let args = ["--name", "fast", "--listen", &listen, "--no-cut-through"];
-        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
-    });
+    let (dst, proxy) = accelerated_lab(&mut lab, reference_proxy(&["--no-cut-through"]));
     let report = lab
         .client_with("scope/client", dst, 3_000_000, &["--retry-eagain"])
         .unwrap();
@@ -1115,11 +1116,7 @@ fn reference_proxy_with_only_the_client_leg_accelerated_is_byte_exact() {
     // The origin is outside the scope: its end never joins, so the proxy's
     // onward socket stays on TCP and the proxy splices into the accelerated
     // client socket while copying out of it.
-    let (dst, proxy) = accelerated_lab_with_server_in(&mut lab, "outside", |cgroup, listen| {
-        let listen = listen[0].to_string();
-        let args = ["--name", "fast", "--listen", &listen];
-        Proc::spawn_program(cgroup, None, &workspace_bin("connredir-proxy"), &args).unwrap()
-    });
+    let (dst, proxy) = accelerated_lab_with_server_in(&mut lab, "outside", reference_proxy(&[]));
     many_accelerated_flows(&lab, dst);
     let counters = lab.engine.counters().unwrap();
     // Client and proxy end of each flow, and the proxy's onward socket,
