@@ -462,6 +462,7 @@ fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        on_down: Default::default(),
     })?;
     // One rule on the destination's own prefix but another port, so the
     // lookup finds a rule set and walks it; the rest elsewhere.
@@ -658,6 +659,7 @@ impl Bench {
             context: None,
             own_connections_by_self: true,
             accelerate: path.accelerate,
+            on_down: Default::default(),
         })?;
         let origin: SocketAddr = path.origin.parse()?;
         engine.add_rule(Rule {
@@ -1000,6 +1002,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        on_down: Default::default(),
     })?;
     engine.add_rule(Rule {
         destinations: vec!["127.0.0.0/8".parse()?],

@@ -398,6 +398,7 @@ impl ServiceConfig {
             context: self.context.as_ref().map(|c| c.as_bytes().to_vec()),
             own_connections_by_self: self.own_connections_by_self,
             accelerate: self.accelerate,
+            on_down: Default::default(),
         }
     }
 }

@@ -100,6 +100,7 @@ fn start_proxy(
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        on_down: Default::default(),
     })?;
     engine.add_rule(Rule {
         destinations: vec![format!("{}/32", origin.ip()).parse()?],

@@ -13,6 +13,7 @@
 //!     context: None,
 //!     own_connections_by_self: true,
 //!     accelerate: false,
+//!     on_down: Default::default(),
 //! })?;
 //! engine.add_rule(Rule { ports: vec![80..=80, 443..=443], ..Rule::tcp_to(scanner) })?;
 //! // Programs stay attached until `engine` is dropped.
@@ -46,7 +47,7 @@ use tracing::{debug, info};
 
 pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};
 pub use rules::{Protocol, Rule, RuleId};
-pub use service::{Identity, Service, ServiceId};
+pub use service::{Identity, OnDown, Service, ServiceId};
 
 use rules::{CompiledRules, TrieData};
 

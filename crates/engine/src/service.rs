@@ -6,8 +6,8 @@ use std::path::PathBuf;
 pub use connredir::ServiceId;
 use connredir_abi::{
     connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACCELERATE,
-    CONNREDIR_SERVICE_ACTIVE, CONNREDIR_SERVICE_LISTEN4, CONNREDIR_SERVICE_LISTEN6,
-    CONNREDIR_SERVICE_OWN_BY_SELF,
+    CONNREDIR_SERVICE_ACTIVE, CONNREDIR_SERVICE_BYPASS_WHEN_DOWN, CONNREDIR_SERVICE_LISTEN4,
+    CONNREDIR_SERVICE_LISTEN6, CONNREDIR_SERVICE_OWN_BY_SELF,
 };
 
 use crate::Error;
@@ -56,6 +56,31 @@ pub struct Service {
     /// sockets with read()/recv(), not splice() (ask with
     /// `connredir::is_accelerated`).
     pub accelerate: bool,
+    /// What a selected connection does while nothing of the service's own
+    /// listens on its address (it is stopped or restarting).
+    pub on_down: OnDown,
+}
+
+/// A service's failure policy, decided in the kernel at connect time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnDown {
+    /// Refuse the connect (`ECONNREFUSED`): no selected flow gets past a
+    /// service that is down. The default.
+    #[default]
+    Block,
+    /// Skip the service: the flow meets the next matching rule, or goes
+    /// direct. For services whose inspection is optional.
+    Bypass,
+}
+
+impl OnDown {
+    /// The name used in configuration files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDown::Block => "block",
+            OnDown::Bypass => "bypass",
+        }
+    }
 }
 
 impl Service {
@@ -80,6 +105,9 @@ impl Service {
         }
         if self.accelerate {
             value.flags |= CONNREDIR_SERVICE_ACCELERATE;
+        }
+        if self.on_down == OnDown::Bypass {
+            value.flags |= CONNREDIR_SERVICE_BYPASS_WHEN_DOWN;
         }
         for addr in &self.listen {
             let (flag, slot) = match addr {

@@ -362,6 +362,7 @@ impl Lab {
                 context: context.map(<[u8]>::to_vec),
                 own_connections_by_self: true,
                 accelerate: false,
+                on_down: Default::default(),
             })
             .expect("register service")
     }

@@ -886,6 +886,7 @@ fn own_connections_reach_the_service_only_when_it_says_so() {
             context: None,
             own_connections_by_self: false,
             accelerate: false,
+            on_down: Default::default(),
         })
         .unwrap();
     lab.route(id, "127.0.0.1/32", Some(dst.port()), 0);
@@ -943,6 +944,7 @@ fn accelerated_lab_with_server_in(
             context: None,
             own_connections_by_self: true,
             accelerate: true,
+            on_down: Default::default(),
         })
         .unwrap();
     lab.route(id, "127.0.0.3/32", Some(dst.port()), 0);

@@ -161,6 +161,14 @@ struct connredir_sock_state {
  * service must read such sockets with read()/recv() (CONNREDIR_SO_ACCELERATED).
  */
 #define CONNREDIR_SERVICE_ACCELERATE 16u
+/*
+ * Failure policy: while nothing of the service's own listens on its
+ * address, skip the service (the flow goes on to the next matching rule or
+ * direct) instead of refusing the connect. Without it (the default) such a
+ * connect fails with ECONNREFUSED at once: a flow the rule selects is never
+ * let past a service that is down.
+ */
+#define CONNREDIR_SERVICE_BYPASS_WHEN_DOWN 32u
 
 /* Value of the services array, indexed by service id (0 is never used). */
 struct connredir_service {
