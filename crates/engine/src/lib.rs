@@ -185,6 +185,21 @@ pub struct Counters {
     pub cut_throughs: u64,
     /// Writes moved straight to the far end of a flow, past its service.
     pub cut_through_sends: u64,
+    /// Selected connects refused because the layer could not write their
+    /// record (the socket's option memory was full): never let through.
+    pub failed_closed: u64,
+    /// Selected connects refused while their service's own listener was
+    /// absent (`on_down = "block"`).
+    pub service_down_blocked: u64,
+    /// Services skipped while their own listener was absent
+    /// (`on_down = "bypass"`).
+    pub service_down_bypassed: u64,
+    /// Binds of a service's address refused to processes that are not the
+    /// service.
+    pub binds_refused: u64,
+    /// Connects of a service's listening process that its own rule would
+    /// have sent back to itself, kept from looping.
+    pub self_loops: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -1061,6 +1076,11 @@ impl Engine {
             accel_sends: read(CONNREDIR_CNT_ACCEL_SENDS)?,
             cut_throughs: read(CONNREDIR_CNT_CUT_THROUGHS)?,
             cut_through_sends: read(CONNREDIR_CNT_CUT_THROUGH_SENDS)?,
+            failed_closed: read(CONNREDIR_CNT_FAILED_CLOSED)?,
+            service_down_blocked: read(CONNREDIR_CNT_SERVICE_DOWN_BLOCKED)?,
+            service_down_bypassed: read(CONNREDIR_CNT_SERVICE_DOWN_BYPASSED)?,
+            binds_refused: read(CONNREDIR_CNT_BINDS_REFUSED)?,
+            self_loops: read(CONNREDIR_CNT_SELF_LOOPS)?,
         })
     }
 

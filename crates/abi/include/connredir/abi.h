@@ -368,7 +368,18 @@ enum connredir_counter {
 	CONNREDIR_CNT_ACCEL_SENDS = 13, /* writes moved socket to socket */
 	CONNREDIR_CNT_CUT_THROUGHS = 14, /* directions handed to the kernel */
 	CONNREDIR_CNT_CUT_THROUGH_SENDS = 15, /* writes moved past the service */
-	CONNREDIR_CNT_MAX = 16,
+	/* Selected connects refused because their record could not be written. */
+	CONNREDIR_CNT_FAILED_CLOSED = 16,
+	/* Selected connects refused: the service's own listener was absent. */
+	CONNREDIR_CNT_SERVICE_DOWN_BLOCKED = 17,
+	/* Services skipped (on_down = bypass) while their listener was absent. */
+	CONNREDIR_CNT_SERVICE_DOWN_BYPASSED = 18,
+	/* Binds of a service's address by a process that is not the service. */
+	CONNREDIR_CNT_BINDS_REFUSED = 19,
+	/* A service's listening process connecting where its own rule would
+	 * send it back to itself: treated as its own flow, not redirected. */
+	CONNREDIR_CNT_SELF_LOOPS = 20,
+	CONNREDIR_CNT_MAX = 21,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
