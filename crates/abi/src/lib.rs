@@ -58,9 +58,11 @@ pub mod map_names {
     pub const ACCEL_SOCKS: &str = name(super::CONNREDIR_MAP_ACCEL_SOCKS);
     /// Flags of accelerated sockets, by their 4-tuple.
     pub const ACCEL_STATE: &str = name(super::CONNREDIR_MAP_ACCEL_STATE);
+    /// Listening sockets that are a service's own (socket storage).
+    pub const LISTENERS: &str = name(super::CONNREDIR_MAP_LISTENERS);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -78,6 +80,7 @@ pub mod map_names {
         TRACE_CONTROL,
         ACCEL_SOCKS,
         ACCEL_STATE,
+        LISTENERS,
     ];
 }
 

@@ -18,9 +18,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 /// Runs one attack case; `args` follow the case name.
 pub fn run(args: &[String]) -> Result<Value> {
     let case = args.first().context("missing attack case")?.as_str();
-    let addr = |i: usize| -> Result<SocketAddr> {
-        Ok(args.get(i).context("missing ADDR")?.parse()?)
-    };
+    let addr =
+        |i: usize| -> Result<SocketAddr> { Ok(args.get(i).context("missing ADDR")?.parse()?) };
     match case {
         "reconnect-unspec" => reconnect_unspec(addr(1)?),
         "reconnect-refused" => reconnect_refused(addr(1)?),
@@ -28,7 +27,10 @@ pub fn run(args: &[String]) -> Result<Value> {
         "fill-optmem" => fill_optmem(addr(1)?),
         "bind" => impostor(addr(1)?, false),
         "bind-reuseport" => impostor(addr(1)?, true),
-        "flows" => flows(addr(1)?, args.get(2).context("missing MILLISECONDS")?.parse()?),
+        "flows" => flows(
+            addr(1)?,
+            args.get(2).context("missing MILLISECONDS")?.parse()?,
+        ),
         other => bail!("unknown attack case {other}"),
     }
 }
@@ -205,7 +207,9 @@ fn impostor(addr: SocketAddr, reuseport: bool) -> Result<Value> {
     while Instant::now() < deadline {
         match listener.accept() {
             Ok((stream, peer)) => {
-                let records = connredir::query_records(&stream).map(|r| r.client().pid).ok();
+                let records = connredir::query_records(&stream)
+                    .map(|r| r.client().pid)
+                    .ok();
                 accepted.push(json!({ "peer": peer.to_string(), "client_pid": records }));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -219,13 +223,18 @@ fn impostor(addr: SocketAddr, reuseport: bool) -> Result<Value> {
 
 /// New connections in a loop for `millis` ms, each an echo round trip:
 /// counts the connects that failed and the round trips that broke, and lists
-/// the local address of every connection that got through.
+/// the local address of every connection that got through. IPv4 flows leave
+/// from 127.0.0.3, an address nothing else uses, so the destination can tell
+/// a direct connection of this client by its source address alone.
 fn flows(dst: SocketAddr, millis: u64) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_millis(millis);
     let (mut refused, mut broken, mut locals) = (0u64, 0u64, Vec::new());
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
     while Instant::now() < deadline {
         let socket = stream_socket(dst)?;
+        if dst.is_ipv4() {
+            socket.bind(&SocketAddr::from(([127, 0, 0, 3], 0)).into())?;
+        }
         match socket.connect(&dst.into()) {
             Err(e) => {
                 refused += 1;
@@ -243,5 +252,7 @@ fn flows(dst: SocketAddr, millis: u64) -> Result<Value> {
             }
         }
     }
-    Ok(json!({ "refused": refused, "broken": broken, "connected": locals.len(), "locals": locals, "errors": errors }))
+    Ok(
+        json!({ "refused": refused, "broken": broken, "connected": locals.len(), "locals": locals, "errors": errors }),
+    )
 }

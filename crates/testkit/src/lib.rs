@@ -51,7 +51,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 /// others, the file itself readable and executable by others.
 fn readable_by_everyone(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).unwrap_or(0);
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
     mode(path) & 0o005 == 0o005
         && path
             .ancestors()
