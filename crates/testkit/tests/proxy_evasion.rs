@@ -12,7 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,18 +26,21 @@ const NOBODY: u32 = 65534;
 const DENIED: &str = "denied.example";
 const ALLOWED: &str = "allowed.test";
 
+/// The bytes one connection brought, shared with its thread.
+type Received = Arc<Mutex<Vec<u8>>>;
+
 /// The origin server: records, per connection, every byte it receives, and
 /// answers each HTTP request head it sees with a small keep-alive 200.
 struct Origin {
     addr: SocketAddr,
-    connections: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    connections: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Origin {
     fn start() -> Origin {
         let listener = TcpListener::bind("127.0.0.2:0").expect("origin listens");
         let addr = listener.local_addr().unwrap();
-        let connections: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let connections: Arc<Mutex<Vec<Received>>> = Arc::default();
         let all = Arc::clone(&connections);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -53,7 +56,10 @@ impl Origin {
     /// What each connection brought so far.
     fn received(&self) -> Vec<Vec<u8>> {
         let connections = self.connections.lock().unwrap();
-        connections.iter().map(|c| c.lock().unwrap().clone()).collect()
+        connections
+            .iter()
+            .map(|c| c.lock().unwrap().clone())
+            .collect()
     }
 
     /// Whether any byte sequence `needle` reached the origin.
@@ -216,19 +222,22 @@ print(json.dumps(report), flush=True)
 
 /// Runs the Python client as the unprivileged user in the scope and returns
 /// its report.
-fn python_client(lab: &Lab, python: &PathBuf, dst: SocketAddr, mode: &[&str]) -> Value {
+fn python_client(lab: &Lab, python: &Path, dst: SocketAddr, mode: &[&str]) -> Value {
     let (host, port) = (dst.ip().to_string(), dst.port().to_string());
     let mut args = vec!["-c", CLIENT, mode[0], &host, &port];
     args.extend_from_slice(&mode[1..]);
     let proc = Proc::spawn_program(&lab.cgroup("scope/client"), Some(NOBODY), python, &args)
         .expect("start the python client");
     let (status, lines) = proc.finish().unwrap();
-    assert!(status.success(), "python client {mode:?}: {status}: {lines:?}");
+    assert!(
+        status.success(),
+        "python client {mode:?}: {status}: {lines:?}"
+    );
     serde_json::from_str(lines.last().expect("a report")).unwrap()
 }
 
 /// Runs curl as the unprivileged user in the scope; returns what it printed.
-fn curl(lab: &Lab, curl: &PathBuf, args: &[&str]) -> Vec<String> {
+fn curl(lab: &Lab, curl: &Path, args: &[&str]) -> Vec<String> {
     let proc = Proc::spawn_program(&lab.cgroup("scope/client"), Some(NOBODY), curl, args)
         .expect("start curl");
     let (status, lines) = proc.finish().unwrap();
@@ -272,7 +281,11 @@ fn a_late_client_hello_is_denied_under_a_host_rule() {
     let dst = origin.addr;
     let late = python_client(&lab, &python, dst, &["hello", DENIED, "2.5", "0"]);
     let log = logged(&lab, proxy, 1);
-    assert_eq!(log[0]["verdict"], "deny", "late hello: {:#?} {late}", log[0]);
+    assert_eq!(
+        log[0]["verdict"], "deny",
+        "late hello: {:#?} {late}",
+        log[0]
+    );
     let reason = log[0]["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("no host name") && reason.contains("2s"),
@@ -395,9 +408,8 @@ fn every_request_on_a_keep_alive_connection_is_checked() {
     assert!(!origin.saw("/two"), "{:?}", origin.received());
 
     // Pipelined: both requests in one write.
-    let pipelined = format!(
-        "GET /three HTTP/1.1\r\n{allowed}\r\n\r\nGET /four HTTP/1.1\r\n{denied}\r\n\r\n"
-    );
+    let pipelined =
+        format!("GET /three HTTP/1.1\r\n{allowed}\r\n\r\nGET /four HTTP/1.1\r\n{denied}\r\n\r\n");
     python_client(&lab, &python, dst, &["raw", &hex(pipelined.as_bytes())]);
     let log = logged(&lab, proxy, 2);
     assert_eq!(log[1]["verdict"], "deny", "{:#?}", log[1]);
