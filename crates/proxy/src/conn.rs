@@ -437,7 +437,7 @@ fn reason(decision: &Decision, why: impl FnOnce() -> String) -> String {
     }
 }
 
-/// Reads after a single read's worth, at most.
+/// Room made in the buffer for each read of [`check_requests`].
 const REQUEST_READ: usize = 64 * 1024;
 
 /// Relays the client's HTTP/1 requests one by one, starting with the first
@@ -517,15 +517,11 @@ async fn check_requests(
                     buf = Vec::new();
                 }
                 client.readable().await.map_err(RelayError::Up)?;
-                let at = buf.len();
-                buf.resize(at + REQUEST_READ, 0);
-                match client.try_read(&mut buf[at..]) {
-                    Ok(0) => {
-                        buf.truncate(at);
-                        eof = true;
-                    }
-                    Ok(n) => buf.truncate(at + n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf.truncate(at),
+                buf.reserve(REQUEST_READ);
+                match client.try_read_buf(&mut buf) {
+                    Ok(0) => eof = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(RelayError::Up(e).into()),
                 }
             }
