@@ -412,8 +412,9 @@ async fn serve(
     )
     .await;
     match relayed {
-        // The server-to-client direction has stopped: the 403 cannot be
-        // mixed into a response.
+        // The server-to-client direction was stopped with the other, so the
+        // 403 cannot land inside an answer being relayed (a pipelining
+        // client may find the answer before it cut short).
         Err(Ended::DeniedHttp(reason)) => {
             // Boxed: its drain buffer need not be part of every task.
             Box::pin(forbid(client, &settings.name, traffic)).await;

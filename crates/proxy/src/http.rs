@@ -579,6 +579,36 @@ mod tests {
     }
 
     #[test]
+    fn garbage_after_a_request_never_panics() {
+        let mut state = 0x9e37_79b9u32;
+        let mut random = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    // Mostly the bytes framing is made of.
+                    let alphabet = b"0123456789abcdefGET /:\r\n \x16\xff";
+                    alphabet[state as usize % alphabet.len()]
+                })
+                .collect()
+        };
+        let starts = [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 7\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: x\r\n\r\n",
+        ];
+        for round in 0..4000 {
+            let mut stream = starts[round % starts.len()].as_bytes().to_vec();
+            stream.extend(random(1 + round % 200));
+            for piece in [1, 13, 4096] {
+                let _ = follow(&stream, piece);
+            }
+        }
+    }
+
+    #[test]
     fn after_an_upgrade_requests_are_still_checked_and_other_bytes_pass() {
         let upgrade = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
         let frame = [0x81u8, 0x85, 1, 2, 3, 4, b'h', b'e', b'l', b'l', b'o'];

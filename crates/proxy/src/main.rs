@@ -104,7 +104,7 @@ struct Cli {
     /// Close a connection whose client sent nothing at all for this long
     /// after connecting (raise it for server-first protocols whose client
     /// may wait longer).
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_positive_duration)]
     first_bytes_timeout: Duration,
     /// At most this many connections at once; more are closed at once, each
     /// with a log line.
@@ -145,6 +145,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(text)
         .map_err(|e| format!("{text:?} is not a duration such as 500ms, 2s, 5m or 1h: {e}"))
+}
+
+/// A duration above zero (zero would close every connection at once).
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("{text:?}: must be more than zero")),
+        d => Ok(d),
+    }
 }
 
 /// Startup failures: the configuration cannot work (exit code 2).
@@ -469,6 +477,8 @@ mod tests {
         for bad in ["", "s", "10x", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        assert!(parse_positive_duration("0s").is_err());
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
     }
 
     #[test]
@@ -486,6 +496,11 @@ mod tests {
         assert_eq!(cli.listen.len(), 2);
         assert_eq!(cli.rules[1].to_string(), "allow:host:*.example.com");
         assert_eq!(cli.idle_timeout, Duration::from_secs(300));
+        assert_eq!(cli.first_bytes_timeout, Duration::from_secs(30));
+        assert_eq!(cli.max_connections, 4096);
+        assert!(!cli.allow_unknown_host);
+        let limited = ["x", "--name=p", "--listen=1.2.3.4:1", "--max-connections=0"];
+        assert!(Cli::try_parse_from(limited).is_err());
         assert!(!cli.standalone);
         let cli = Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--standalone"]);
         assert!(cli.unwrap().standalone);
