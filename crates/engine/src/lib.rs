@@ -213,6 +213,9 @@ struct Plain<T>(T);
 // integers and arrays of integers, for which every bit pattern is valid.
 unsafe impl<T: Copy + 'static> Pod for Plain<T> {}
 
+/// How many programs the engine attaches to each cgroup (one link each).
+pub const CGROUP_PROGRAMS: usize = PROGRAMS.len();
+
 /// The programs, in the order they are attached.
 const PROGRAMS: [&str; 7] = [
     programs::CONNECT4,

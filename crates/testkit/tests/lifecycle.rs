@@ -104,8 +104,10 @@ ports = ["{port}"]
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        // 5 programs x 2 cgroups, and the lock names the new pid.
-        while !(self.links() == 10 && self.lock_pid() == Some(proc.pid())) {
+        // Every program in both cgroups, and the lock names the new pid.
+        while !(self.links() == 2 * connredir_engine::CGROUP_PROGRAMS
+            && self.lock_pid() == Some(proc.pid()))
+        {
             assert!(Instant::now() < deadline, "up did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -209,7 +211,7 @@ fn up_and_down_leave_nothing_behind_and_one_up_at_a_time() {
     let up = svc.up();
     assert_eq!(
         attached(&bpftool, &scope).len(),
-        5,
+        connredir_engine::CGROUP_PROGRAMS,
         "{:?}",
         attached(&bpftool, &scope)
     );
