@@ -187,6 +187,7 @@ fn status(engine: &Engine) -> Result<Value> {
                 "name": s.name,
                 "listen": s.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "up": s.listen.iter().all(connredir_engine::is_listening),
+                "on_down": s.on_down.as_str(),
             })
         })
         .collect();
