@@ -159,9 +159,7 @@ pub struct ServiceConfig {
 
 /// A service's failure policy as written in files, on the command line and
 /// in the control protocol.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OnDownConfig {
     /// Refuse the connection at once while the service is down.

@@ -48,6 +48,11 @@ enum Command {
         /// (for example 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Let members of this group use the control socket (status, conns,
+        /// trace, rule and service changes) as root can; overrides the
+        /// configuration's `[control] group`. Default: root only.
+        #[arg(long, value_name = "GROUP")]
+        control_group: Option<String>,
     },
     /// Stop a running `up` and remove everything it attached and pinned.
     Down,
@@ -242,7 +247,16 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Up { config, metrics } => lifecycle::up(&Config::load(&config)?, &places, metrics),
+        Command::Up {
+            config,
+            metrics,
+            control_group,
+        } => lifecycle::up(
+            &Config::load(&config)?,
+            &places,
+            metrics,
+            control_group.as_deref(),
+        ),
         Command::Conns { json } => {
             let conns = control::call(&places.state_dir, &control::Request::Conns)?;
             print_conns(&conns, json)

@@ -130,16 +130,15 @@ fn bad_files_get_one_message_with_file_line_key_and_what_is_valid() {
 
 #[test]
 fn failure_policies_and_the_control_group_are_accepted() {
-    let text = GOOD
-        .replace(
+    let text =
+        GOOD.replace(
             "identity = { uids = [990] }",
             "identity = { uids = [990] }\non_down = \"bypass\"",
         )
         .replace(
             "own_connections_by_self = false",
             "own_connections_by_self = false\non_down = \"block\"",
-        )
-        + "\n[control]\ngroup = \"connredir\"\n";
+        ) + "\n[control]\ngroup = \"connredir\"\n";
     let (ok, out, err) = check(&file("policies.toml", &text));
     assert!(ok, "{err}");
     assert_eq!(

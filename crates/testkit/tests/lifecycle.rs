@@ -470,3 +470,112 @@ fn up_as_an_ordinary_user_says_it_needs_root() {
     );
     assert!(!svc.state_dir.exists(), "nothing is made before the check");
 }
+
+/// Runs `connredir ARGS` (with the test's places) as uid 65534 and `gid`,
+/// without supplementary groups.
+fn as_nobody(svc: &Service, gid: u32, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(workspace_bin("connredir"))
+        .args(args)
+        .args(svc.places())
+        .uid(65534)
+        .gid(gid)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+/// The rule ids `status` shows, asked as root.
+fn rule_ids(svc: &Service) -> Vec<u64> {
+    let out = svc.command(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_control_socket_serves_root_and_a_named_group_and_refuses_everyone_else() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("control-access", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    // The user must be able to reach the state directory to be refused by
+    // the socket itself rather than by the path.
+    let dir = svc.config.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let up = svc.up();
+    let socket = svc.state_dir.join("control.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid(), meta.gid()),
+        (0o600, 0, 0),
+        "root's alone"
+    );
+    let root_only = "the control socket accepts root only (`connredir up --control-group GROUP` \
+                     or [control] group lets a group in)\n";
+
+    // The socket's mode keeps an ordinary user out, and the command says so.
+    let out = as_nobody(&svc, 65534, &["status"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("error: connredir status: permission denied: {root_only}")
+    );
+
+    // Even with a socket anyone may open (an administrator's chmod), the
+    // engine checks who is asking: nothing is read out or changed.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for (args, command) in [
+        (&["status"][..], "status"),
+        (&["rule", "del", "1"][..], "rule del"),
+        (&["conns", "--json"][..], "conns"),
+        (&["trace", "-n", "1"][..], "trace"),
+    ] {
+        let out = as_nobody(&svc, 65534, args);
+        assert!(!out.status.success(), "{args:?} was served: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("error: connredir {command}: permission denied: {root_only}"),
+            "{args:?}"
+        );
+    }
+    assert_eq!(
+        rule_ids(&svc),
+        vec![1],
+        "the refused rule del changed nothing"
+    );
+    stop(up);
+
+    // A named group: its members are served, others are still refused.
+    let _up = svc.up_with(&["--control-group", "nogroup"]);
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 65534));
+    let out = as_nobody(&svc, 65534, &["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["services"][0]["name"], "proxy", "{status}");
+    let out = as_nobody(&svc, 4242, &["status"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: connredir status: permission denied: the control socket accepts root and \
+         members of group nogroup\n"
+    );
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let rules = rule_ids(&svc);
+    let first = rules[0].to_string();
+    let out = as_nobody(&svc, 4242, &["rule", "del", &first]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: connredir rule del: permission denied: the control socket accepts root and \
+         members of group nogroup\n"
+    );
+    assert_eq!(rule_ids(&svc), rules);
+}
