@@ -102,3 +102,20 @@ pub(crate) fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let (attr, _path) = path_attr(path, None)?;
     bpf(bpf_cmd::BPF_OBJ_GET, &attr).map(take_fd)
 }
+
+/// The program a link runs now, opened, so that it stays loaded and the link
+/// can be pointed back at it ([`update`]) if a takeover is undone.
+pub(crate) fn program_of(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // struct bpf_link_info begins with type, id, prog_id.
+    let mut info = [0u32; 16];
+    let mut attr = Attr::default();
+    let pointer = info.as_mut_ptr() as u64;
+    attr.words[0] = link.as_raw_fd() as u32; // info.bpf_fd
+    attr.words[1] = std::mem::size_of_val(&info) as u32; // info.info_len
+    attr.words[2] = pointer as u32; // info.info (low half)
+    attr.words[3] = (pointer >> 32) as u32; // info.info (high half)
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    let mut attr = Attr::default();
+    attr.words[0] = info[2]; // prog_id
+    bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &attr).map(take_fd)
+}

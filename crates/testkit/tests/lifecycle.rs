@@ -103,7 +103,8 @@ ports = ["{port}"]
             &args,
         )
         .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Loading the programs takes seconds on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
         // 5 programs x 2 cgroups, and the lock names the new pid.
         while !(self.links() == 10 && self.lock_pid() == Some(proc.pid())) {
             assert!(Instant::now() < deadline, "up did not come up");
@@ -578,4 +579,191 @@ fn the_control_socket_serves_root_and_a_named_group_and_refuses_everyone_else() 
          members of group nogroup\n"
     );
     assert_eq!(rule_ids(&svc), rules);
+}
+
+/// Runs `connredir up` with another configuration text (and more
+/// arguments), expecting it to fail; returns what it said.
+fn failed_up(svc: &Service, name: &str, config: &str, extra: &[&str]) -> String {
+    let path = svc.config.with_file_name(name);
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(workspace_bin("connredir"))
+        .arg("up")
+        .arg("--config")
+        .arg(&path)
+        .args(svc.places())
+        .args(extra)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{name}: up succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Configurations that `check` accepts but `up` cannot apply, each failing
+/// at a different step: (file name, text, extra arguments, what up says).
+fn failing_configs(
+    svc: &Service,
+    taken: std::net::SocketAddr,
+) -> Vec<(&'static str, String, Vec<String>, String)> {
+    let good = std::fs::read_to_string(&svc.config).unwrap();
+    let root = svc.tree.root().display().to_string();
+    let scope = svc.cgroup("scope").display().to_string();
+    let inner = svc.cgroup("scope/inner").display().to_string();
+    let scope_line = good.lines().nth(1).unwrap().to_string();
+    let with_scope = |extra: &str| {
+        good.replace(
+            &scope_line,
+            &scope_line.replace("\"]", &format!("\", \"{extra}\"]")),
+        )
+    };
+    // A second service with a uid identity and a rule, registered before
+    // the third one fails: its entries must not stay.
+    let more_services = format!(
+        "{good}\n[[service]]\nname = \"extra\"\nlisten = [\"{extra}\"]\nidentity = {{ uids = [4242] }}\n\
+         \n[[service]]\nname = \"ghost\"\nlisten = [\"{ghost}\"]\nidentity = {{ cgroups = [\"{root}/gone\"] }}\n",
+        extra = free_addr("127.0.0.1"),
+        ghost = free_addr("127.0.0.1"),
+    );
+    let with_rule = format!(
+        "{good}\n[[service]]\nname = \"extra\"\nlisten = [\"{extra}\"]\nidentity = {{ uids = [4242] }}\n\
+         \n[[rule]]\nservice = \"extra\"\nports = [\"1-65535\"]\n",
+        extra = free_addr("127.0.0.1"),
+    );
+    vec![
+        (
+            "missing-cgroup.toml",
+            with_scope(&format!("{root}/missing")),
+            vec![],
+            format!("{root}/missing"),
+        ),
+        (
+            "overlapping.toml",
+            with_scope(&inner),
+            vec![],
+            format!("overlaps {scope}"),
+        ),
+        (
+            "missing-identity.toml",
+            more_services,
+            vec![],
+            format!("{root}/gone"),
+        ),
+        (
+            "metrics-taken.toml",
+            with_rule,
+            vec!["--metrics".into(), taken.to_string()],
+            format!("--metrics {taken}: cannot listen there"),
+        ),
+    ]
+}
+
+/// What the layer looks like from outside: the programs attached to each
+/// cgroup (with their ids), the pin directory, and the maps `up` writes.
+fn layer_state(bpftool: &Path, svc: &Service) -> Vec<String> {
+    let mut state = vec![];
+    for cgroup in ["scope", "services", "scope/inner"] {
+        state.push(format!(
+            "{cgroup}: {:?}",
+            attached(bpftool, &svc.cgroup(cgroup))
+        ));
+    }
+    let mut pins: Vec<String> = std::fs::read_dir(&svc.pin_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    pins.sort();
+    state.push(format!("pins: {pins:?}"));
+    for map in [
+        "services",
+        "service_by_pid",
+        "service_by_uid",
+        "service_by_cgroup",
+        "service_addrs",
+        "rules",
+        "rules_active",
+        "rule_hits",
+    ] {
+        let out = Command::new(bpftool)
+            .args(["map", "dump", "pinned"])
+            .arg(svc.pin_dir.join(map))
+            .output()
+            .unwrap();
+        state.push(format!("{map}: {}", String::from_utf8_lossy(&out.stdout)));
+    }
+    state
+}
+
+#[test]
+fn a_failed_first_up_leaves_nothing_behind() {
+    let Some(bpftool) = require_program("failed-up", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("failed-up", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    for (name, text, extra, says) in failing_configs(&svc, taken.local_addr().unwrap()) {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let said = failed_up(&svc, name, &text, &extra);
+        assert!(said.contains(&says), "{name}: {said}");
+        for cgroup in ["scope", "services", "scope/inner"] {
+            let programs = attached(&bpftool, &svc.cgroup(cgroup));
+            assert!(programs.is_empty(), "{name}: {cgroup} has {programs:?}");
+        }
+        assert!(!svc.pin_dir.exists(), "{name}: pins left behind");
+        assert!(
+            !svc.state_dir.join("control.sock").exists(),
+            "{name}: control socket left behind"
+        );
+        let status = svc.command(&["status"]);
+        assert!(!status.status.success(), "{name}: {status:?}");
+    }
+}
+
+#[test]
+fn a_failed_takeover_leaves_the_previous_layer_as_it_was() {
+    let Some(bpftool) = require_program("failed-takeover", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("failed-takeover", server.addr(), proxy_addr) else {
+        return;
+    };
+    let proxy = svc.start_proxy(proxy_addr);
+    // The previous run: attached, registered, pinned, then stopped as a
+    // service manager stops it.
+    stop(svc.up());
+    let before = layer_state(&bpftool, &svc);
+    assert!(before[0].contains("connect4"), "{before:?}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    for (name, text, extra, says) in failing_configs(&svc, taken.local_addr().unwrap()) {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let said = failed_up(&svc, name, &text, &extra);
+        assert!(said.contains(&says), "{name}: {said}");
+        let after = layer_state(&bpftool, &svc);
+        for (was, is) in before.iter().zip(&after) {
+            assert_eq!(was, is, "{name} changed the layer");
+        }
+        assert!(!svc.state_dir.join("control.sock").exists(), "{name}");
+    }
+
+    // The previous layer still works, and a good up takes it over.
+    svc.client(server.addr(), 100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.lines().iter().filter(|l| l.starts_with('{')).count() < 1 {
+        assert!(Instant::now() < deadline, "{:?}", proxy.lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _up = svc.up();
+    let out = svc.command(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["services"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["rules"].as_array().unwrap().len(), 1, "{status}");
 }
