@@ -345,6 +345,52 @@ fn rules_and_services_change_at_run_time_through_the_control_socket() {
         "{out:?}"
     );
     assert_eq!(status()["rules"].as_array().unwrap().len(), 1);
+
+    // A service's failure policy is set with it and shown.
+    let optional = free_addr("127.0.0.1").to_string();
+    let out = svc.command(&[
+        "service",
+        "add",
+        "--name",
+        "optional",
+        "--listen",
+        &optional,
+        "--uid",
+        "4243",
+        "--on-down",
+        "bypass",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let s = status();
+    let policies: Vec<(&str, &str)> = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["on_down"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        policies,
+        [("proxy", "block"), ("optional", "bypass")],
+        "{s}"
+    );
+    let text = String::from_utf8(svc.command(&["service", "list"]).stdout).unwrap();
+    assert!(text.contains("on down: bypass"), "{text}");
+    let out = svc.command(&[
+        "service",
+        "add",
+        "--name",
+        "x",
+        "--listen",
+        &optional,
+        "--on-down",
+        "open",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("invalid value 'open' for '--on-down <ON_DOWN>'"),
+        "{out:?}"
+    );
 }
 
 /// GET http://addr/metrics.
@@ -766,4 +812,51 @@ fn a_failed_takeover_leaves_the_previous_layer_as_it_was() {
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["services"].as_array().unwrap().len(), 1, "{status}");
     assert_eq!(status["rules"].as_array().unwrap().len(), 1, "{status}");
+}
+
+#[test]
+fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
+    let Some(bpftool) = require_program("narrower", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("narrower", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    stop(svc.up());
+    let services = svc.cgroup("services");
+    assert_eq!(attached(&bpftool, &services).len(), 5);
+
+    // The next run's scope no longer names the services' cgroup.
+    let good = std::fs::read_to_string(&svc.config).unwrap();
+    let narrower = good.replace(&format!(", \"{}\"", services.display()), "");
+    assert_ne!(good, narrower);
+    let config = svc.config.with_file_name("narrower.toml");
+    std::fs::write(&config, narrower).unwrap();
+    let mut args = vec![
+        "up".to_string(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    args.extend(svc.places());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let up = Proc::spawn_program(
+        &svc.cgroup("engine"),
+        None,
+        &workspace_bin("connredir"),
+        &args,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(svc.lock_pid() == Some(up.pid()) && svc.links() == 5) {
+        assert!(Instant::now() < deadline, "up did not take over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        attached(&bpftool, &services).is_empty(),
+        "{:?}",
+        attached(&bpftool, &services)
+    );
+    assert_eq!(attached(&bpftool, &svc.cgroup("scope")).len(), 5);
+    stop(up);
 }
