@@ -320,6 +320,9 @@ pub struct Engine {
     adopted: BTreeMap<ServiceId, connredir_service>,
     /// The state a pinned engine took over, until the takeover is finished.
     previous: Option<Previous>,
+    /// The acceleration program the pinned socket map had before this
+    /// engine attached its own, until the takeover is finished.
+    accel_before: Option<OwnedFd>,
     attachments: Vec<Attachment>,
     services: BTreeMap<ServiceId, Registered>,
     rules: BTreeMap<RuleId, Rule>,
@@ -344,7 +347,10 @@ impl std::fmt::Debug for Engine {
 /// Loads the sk_msg program and attaches it to the accelerated-socket map.
 /// The attachment lives as long as the map (pinned maps outlive us), so it
 /// is left in place on purpose rather than detached when the engine drops.
-fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
+///
+/// Returns the program the map had before (of an earlier run, when the map
+/// is pinned), so that an unfinished takeover can put it back.
+fn attach_accel(bpf: &mut Ebpf) -> Result<Option<OwnedFd>, Error> {
     let name = map_names::ACCEL_SOCKS;
     let map = bpf.map(name).expect("checked at load");
     let socks =
@@ -357,12 +363,16 @@ fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
             io_error: e,
         }),
     })?;
+    let before = link::map_program(
+        fd.as_fd(),
+        aya_obj::generated::bpf_attach_type::BPF_SK_MSG_VERDICT,
+    );
     let prog: &mut aya::programs::SkMsg = program_mut(bpf, programs::ACCEL)?;
     prog.load().map_err(program_err(programs::ACCEL))?;
     let link = prog.attach(&fd).map_err(program_err(programs::ACCEL))?;
     let link = prog.take_link(link).map_err(program_err(programs::ACCEL))?;
     std::mem::forget(link);
-    Ok(())
+    Ok(before)
 }
 
 /// Lines of the verifier's log worth showing: its end, where it says why.
@@ -635,13 +645,14 @@ impl Engine {
             let prog: &mut CgroupSockopt = program_mut(&mut bpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
-        attach_accel(&mut bpf)?;
+        let accel_before = attach_accel(&mut bpf)?;
         debug!("kernel programs loaded");
         Ok(Engine {
             bpf,
             pin_dir: pin_dir.map(Path::to_owned),
             adopted: BTreeMap::new(),
             previous: None,
+            accel_before: pin_dir.and(accel_before),
             attachments: Vec::new(),
             services: BTreeMap::new(),
             rules: BTreeMap::new(),
@@ -1128,6 +1139,7 @@ impl Engine {
         // Committed: the earlier run's programs may go, and so may its links
         // to cgroups that are no longer in scope.
         self.previous = None;
+        self.accel_before = None;
         let mut kept = std::collections::BTreeSet::new();
         for attachment in &mut self.attachments {
             attachment.replaced.clear();
@@ -1379,6 +1391,25 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if let Some(previous) = self.previous.take() {
             self.roll_back(previous);
+        }
+        if let Some(program) = self.accel_before.take() {
+            // The earlier run's acceleration program, back on its map.
+            let name = map_names::ACCEL_SOCKS;
+            if let Some(map) = self.bpf.map(name) {
+                if let Ok(socks) = aya::maps::SockHash::<
+                    &MapData,
+                    Plain<connredir_abi::connredir_pair_key>,
+                >::try_from(map)
+                {
+                    if let Err(e) = link::attach_to_map(
+                        socks.fd().as_fd(),
+                        program.as_fd(),
+                        aya_obj::generated::bpf_attach_type::BPF_SK_MSG_VERDICT,
+                    ) {
+                        tracing::warn!(error = %e, "cannot restore the acceleration program");
+                    }
+                }
+            }
         }
         // Closing our link descriptors detaches unpinned links; pinned ones
         // stay until `Engine::remove_pinned`.

@@ -739,6 +739,22 @@ fn layer_state(bpftool: &Path, svc: &Service) -> Vec<String> {
             .unwrap();
         state.push(format!("{map}: {}", String::from_utf8_lossy(&out.stdout)));
     }
+    // The acceleration program attached to the pinned socket map.
+    let json = |args: &[&str]| -> Value {
+        let out = Command::new(bpftool).arg("-j").args(args).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let accel = svc.pin_dir.join("accel_socks").display().to_string();
+    let map_id = json(&["map", "show", "pinned", &accel])["id"].clone();
+    let programs: Vec<u64> = json(&["prog", "show"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"] == "sk_msg")
+        .filter(|p| p["map_ids"].as_array().is_some_and(|m| m.contains(&map_id)))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    state.push(format!("accel programs: {programs:?}"));
     state
 }
 
@@ -786,13 +802,24 @@ fn a_failed_takeover_leaves_the_previous_layer_as_it_was() {
     stop(svc.up());
     let before = layer_state(&bpftool, &svc);
     assert!(before[0].contains("connect4"), "{before:?}");
+    let accel = before.last().unwrap();
+    assert!(
+        !accel.ends_with("[]") && !accel.contains(','),
+        "one acceleration program: {accel}"
+    );
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     for (name, text, extra, says) in failing_configs(&svc, taken.local_addr().unwrap()) {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let said = failed_up(&svc, name, &text, &extra);
         assert!(said.contains(&says), "{name}: {said}");
-        let after = layer_state(&bpftool, &svc);
+        // The failed run's own programs are freed shortly after it exits.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut after = layer_state(&bpftool, &svc);
+        while after != before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            after = layer_state(&bpftool, &svc);
+        }
         for (was, is) in before.iter().zip(&after) {
             assert_eq!(was, is, "{name} changed the layer");
         }
