@@ -695,6 +695,12 @@ fn failing_configs(
             format!("{root}/gone"),
         ),
         (
+            "no-such-group.toml",
+            good.clone(),
+            vec!["--control-group".into(), "connredir-no-such-group".into()],
+            "control group \"connredir-no-such-group\" does not exist".into(),
+        ),
+        (
             "metrics-taken.toml",
             with_rule,
             vec!["--metrics".into(), taken.to_string()],
