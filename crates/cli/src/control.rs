@@ -259,9 +259,14 @@ impl ControlSocket {
     /// the group) there, then moved into place.
     pub fn bind(state_dir: &Path, access: Access) -> Result<ControlSocket> {
         let path = socket_path(state_dir);
+        // Directories left by runs that died while binding (we hold the
+        // lock, so no other `up` is binding now).
+        for entry in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".bind-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         let private = state_dir.join(format!(".bind-{}", std::process::id()));
-        // Left by a run of ours that died here (same pid); nobody else's.
-        let _ = std::fs::remove_dir_all(&private);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&private)
