@@ -12,6 +12,10 @@ use connredir_testkit::{
 };
 use serde_json::Value;
 
+/// Programs `up` attaches to each cgroup of its scope: connect4/6,
+/// bind4/6, sockops, getsockopt, setsockopt.
+const PER_CGROUP: usize = 7;
+
 /// One test's `up` setup: a cgroup tree, a config, a pin and state dir.
 struct Service {
     tree: CgroupTree,
@@ -105,8 +109,8 @@ ports = ["{port}"]
         .unwrap();
         // Loading the programs takes seconds on a busy machine.
         let deadline = Instant::now() + Duration::from_secs(60);
-        // 5 programs x 2 cgroups, and the lock names the new pid.
-        while !(self.links() == 10 && self.lock_pid() == Some(proc.pid())) {
+        // The programs of 2 cgroups, and the lock names the new pid.
+        while !(self.links() == 2 * PER_CGROUP && self.lock_pid() == Some(proc.pid())) {
             assert!(Instant::now() < deadline, "up did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -210,7 +214,7 @@ fn up_and_down_leave_nothing_behind_and_one_up_at_a_time() {
     let up = svc.up();
     assert_eq!(
         attached(&bpftool, &scope).len(),
-        5,
+        PER_CGROUP,
         "{:?}",
         attached(&bpftool, &scope)
     );
@@ -225,11 +229,11 @@ fn up_and_down_leave_nothing_behind_and_one_up_at_a_time() {
     assert!(!second.status.success());
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(said.contains("already running (pid"), "{said}");
-    assert_eq!(attached(&bpftool, &scope).len(), 5);
+    assert_eq!(attached(&bpftool, &scope).len(), PER_CGROUP);
 
     // Stopping up keeps the layer; down removes all of it, and only it.
     stop(up);
-    assert_eq!(attached(&bpftool, &scope).len(), 5);
+    assert_eq!(attached(&bpftool, &scope).len(), PER_CGROUP);
     let down = svc.command(&["down"]);
     assert!(down.status.success(), "{down:?}");
     assert!(attached(&bpftool, &scope).is_empty());
@@ -858,7 +862,7 @@ fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
     };
     stop(svc.up());
     let services = svc.cgroup("services");
-    assert_eq!(attached(&bpftool, &services).len(), 5);
+    assert_eq!(attached(&bpftool, &services).len(), PER_CGROUP);
 
     // The next run's scope no longer names the services' cgroup.
     let good = std::fs::read_to_string(&svc.config).unwrap();
@@ -881,7 +885,7 @@ fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(svc.lock_pid() == Some(up.pid()) && svc.links() == 5) {
+    while !(svc.lock_pid() == Some(up.pid()) && svc.links() == PER_CGROUP) {
         assert!(Instant::now() < deadline, "up did not take over");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -890,6 +894,6 @@ fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
         "{:?}",
         attached(&bpftool, &services)
     );
-    assert_eq!(attached(&bpftool, &svc.cgroup("scope")).len(), 5);
+    assert_eq!(attached(&bpftool, &svc.cgroup("scope")).len(), PER_CGROUP);
     stop(up);
 }
