@@ -114,6 +114,12 @@ ports = ["{port}"]
             assert!(Instant::now() < deadline, "up did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Answered once its services and rules are registered: a proxy
+        // started after this finds its address registered when it binds.
+        while !self.command(&["status"]).status.success() {
+            assert!(Instant::now() < deadline, "up does not answer");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         proc
     }
 
