@@ -323,6 +323,9 @@ pub struct Engine {
     /// The acceleration program the pinned socket map had before this
     /// engine attached its own, until the takeover is finished.
     accel_before: Option<OwnedFd>,
+    /// Listeners this engine marked during a takeover, with the mark each
+    /// had before, until the takeover is finished.
+    remarked: Vec<(OwnedFd, Option<connredir_listener>)>,
     attachments: Vec<Attachment>,
     services: BTreeMap<ServiceId, Registered>,
     rules: BTreeMap<RuleId, Rule>,
@@ -572,6 +575,18 @@ impl Engine {
             for id in ours {
                 let _ = hits.remove(&id);
             }
+            let name = map_names::LISTENERS;
+            let mut marks = SkStorage::<&mut MapData, Plain<connredir_listener>>::try_from(
+                self.bpf.map_mut(name).expect("checked at load"),
+            )
+            .map_err(map_err(name))?;
+            // Latest first, so a listener marked twice gets its first mark.
+            for (socket, before) in self.remarked.drain(..).rev() {
+                let _ = match before {
+                    Some(mark) => marks.insert(&socket, Plain(mark), 0),
+                    None => marks.remove(&socket),
+                };
+            }
             Ok(())
         })();
         if let Err(e) = restored {
@@ -653,6 +668,7 @@ impl Engine {
             adopted: BTreeMap::new(),
             previous: None,
             accel_before: pin_dir.and(accel_before),
+            remarked: Vec::new(),
             attachments: Vec::new(),
             services: BTreeMap::new(),
             rules: BTreeMap::new(),
@@ -874,6 +890,14 @@ impl Engine {
                 tgid: pid,
                 cgroup_id: 0,
             };
+            if self.previous.is_some() {
+                // A takeover that is undone gives the listener its old mark.
+                let before = storage.get(&socket, 0).ok().map(|Plain(m)| m);
+                match socket.try_clone() {
+                    Ok(held) => self.remarked.push((held, before)),
+                    Err(e) => debug!(%id, pid, "cannot keep a listener to restore: {e}"),
+                }
+            }
             match storage.insert(&socket, Plain(mark), 0) {
                 Ok(()) => debug!(%id, pid, "marked a listener opened before registration"),
                 Err(e) => debug!(%id, pid, "cannot mark a listener: {e}"),
@@ -1140,6 +1164,7 @@ impl Engine {
         // to cgroups that are no longer in scope.
         self.previous = None;
         self.accel_before = None;
+        self.remarked.clear();
         let mut kept = std::collections::BTreeSet::new();
         for attachment in &mut self.attachments {
             attachment.replaced.clear();

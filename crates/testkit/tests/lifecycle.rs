@@ -705,6 +705,18 @@ fn failing_configs(
             format!("{root}/gone"),
         ),
         (
+            // The proxy's service changes (so gets a new id, and its
+            // listener is marked anew) before a later one fails.
+            "changed-policy.toml",
+            format!(
+                "{}\n[[service]]\nname = \"ghost\"\nlisten = [\"{ghost}\"]\nidentity = {{ cgroups = [\"{root}/gone\"] }}\n",
+                good.replace("name = \"proxy\"\n", "name = \"proxy\"\non_down = \"bypass\"\n"),
+                ghost = free_addr("127.0.0.1"),
+            ),
+            vec![],
+            format!("{root}/gone"),
+        ),
+        (
             "no-such-group.toml",
             good.clone(),
             vec!["--control-group".into(), "connredir-no-such-group".into()],
