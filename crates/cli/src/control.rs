@@ -561,3 +561,50 @@ pub fn call(state_dir: &Path, request: &Request) -> Result<Value> {
     }
     Ok(response.data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        Peer {
+            pid: 1,
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn root_always_and_a_named_group_by_primary_or_supplementary_id() {
+        let root_only = Access::default();
+        assert!(root_only.allows(&peer(0, 0, &[])));
+        assert!(
+            !root_only.allows(&peer(1000, 0, &[0])),
+            "group root is not root"
+        );
+        let group = Access {
+            group: Some(("connredir".into(), 990)),
+        };
+        assert!(group.allows(&peer(0, 0, &[])));
+        assert!(group.allows(&peer(1000, 990, &[])));
+        assert!(group.allows(&peer(1000, 1000, &[27, 990])));
+        assert!(!group.allows(&peer(1000, 1000, &[27])));
+        assert_eq!(
+            group.refusal(),
+            "permission denied: the control socket accepts root and members of group connredir"
+        );
+    }
+
+    #[test]
+    fn an_unknown_group_is_named() {
+        let err = Access::new(Some("connredir-no-such-group")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "control group \"connredir-no-such-group\" does not exist: create it \
+             (groupadd connredir-no-such-group) or name another"
+        );
+        assert_eq!(gid_of("root"), Some(0));
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+    }
+}
