@@ -891,7 +891,7 @@ impl Engine {
             let mark = connredir_listener {
                 service_id: id.0,
                 tgid: pid,
-                cgroup_id: 0,
+                ..Default::default()
             };
             if self.previous.is_some() {
                 // A takeover that is undone gives the listener its old mark.

@@ -443,7 +443,11 @@ fn a_records_less_service_whose_cgroup_was_recreated_does_not_loop() {
     std::fs::create_dir(&cgroup).unwrap();
     std::fs::write(cgroup.join("cgroup.procs"), &pid).unwrap();
 
-    let report = attack_in(&lab, "scope/client", &["reconnect-refused", &dst.to_string()]);
+    let report = attack_in(
+        &lab,
+        "scope/client",
+        &["reconnect-refused", &dst.to_string()],
+    );
     assert_eq!(report["first"]["ok"], true, "{report}");
     std::thread::sleep(Duration::from_millis(500));
     let log = lab.proxy_log(proxy);
@@ -453,4 +457,33 @@ fn a_records_less_service_whose_cgroup_was_recreated_does_not_loop() {
         log.len()
     );
     assert_eq!(server.accepted().len(), 1, "{:?}", server.accepted());
+}
+
+#[test]
+fn a_proxy_started_before_its_service_is_registered_gets_its_flows() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let Some(mut lab) = Lab::new("late-registration") else {
+        return;
+    };
+    let cgroup = lab.cgroup("services/early");
+    let listen = free_addr("127.0.0.1");
+    let listen_arg = listen.to_string();
+    let proc = Proc::spawn(
+        &cgroup,
+        None,
+        &["proxy", "--name", "early", "--listen", &listen_arg],
+    )
+    .unwrap();
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
+    let id = lab.service("early", &[listen], by_cgroup(&cgroup), None);
+    lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), 0);
+    let report = attack_in(
+        &lab,
+        "scope/client",
+        &["reconnect-refused", &dst.to_string()],
+    );
+    assert_eq!(report["first"]["ok"], true, "{report}");
+    assert_eq!(lab.wait_logged(0, 1).len(), 1);
 }

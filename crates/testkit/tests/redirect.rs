@@ -511,7 +511,11 @@ fn a_listener_that_is_not_the_services_own_gets_no_flow() {
     let proxy = lab.start_proxy(&cgroup, None, "impostor", &listen, &[]);
     assert!(lab.client("scope/client", dst, 100).is_err());
     std::thread::sleep(Duration::from_millis(200));
-    assert!(lab.proxy_log(proxy).is_empty(), "{:?}", lab.proxy_log(proxy));
+    assert!(
+        lab.proxy_log(proxy).is_empty(),
+        "{:?}",
+        lab.proxy_log(proxy)
+    );
     assert!(server.accepted().is_empty());
     let counters = lab.engine.counters().unwrap();
     assert_eq!(counters.service_down_blocked, 1, "{counters:?}");
