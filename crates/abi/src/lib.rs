@@ -60,9 +60,11 @@ pub mod map_names {
     pub const ACCEL_STATE: &str = name(super::CONNREDIR_MAP_ACCEL_STATE);
     /// Listening sockets that are a service's own (socket storage).
     pub const LISTENERS: &str = name(super::CONNREDIR_MAP_LISTENERS);
+    /// The secret key that seals records (root only, like every map).
+    pub const SEAL_KEY: &str = name(super::CONNREDIR_MAP_SEAL_KEY);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -81,6 +83,7 @@ pub mod map_names {
         ACCEL_SOCKS,
         ACCEL_STATE,
         LISTENERS,
+        SEAL_KEY,
     ];
 }
 

@@ -86,6 +86,11 @@ pub(crate) fn plain_bytes<T: Copy>(value: &T) -> &[u8] {
 /// The chain of services that redirected a connection, and who opened it.
 /// To a proxy this is an opaque blob to carry from the accepted socket to the
 /// onward one; the accessors are there for logging and policy.
+///
+/// The layer seals the records it hands out with a key only it holds; a
+/// service's process may set only records the layer issued whose last hop is
+/// its own service, exactly as read. Records built or changed here (`new`,
+/// `push_hop`, `set_client`, ...) are unsealed: only root may set them.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RedirectRecords {
     raw: connredir_record,
@@ -114,6 +119,10 @@ impl RedirectRecords {
     /// current layout up to the client's command, which version 2 added.
     pub const V1_SIZE: usize = std::mem::offset_of!(connredir_record, client_comm);
 
+    /// Size of a version 2 blob: the current layout up to the seal, which
+    /// version 3 added.
+    pub const V2_SIZE: usize = std::mem::offset_of!(connredir_record, seal);
+
     /// Empty records (no hops), current version.
     pub fn new() -> RedirectRecords {
         RedirectRecords {
@@ -129,7 +138,9 @@ impl RedirectRecords {
     /// Parses a blob: checks the magic, the version (1 to the current one),
     /// the size field and the hop count. A longer blob from a newer minor
     /// version is read up to what this version knows; a version 1 blob reads
-    /// as the current version without the client's command.
+    /// as the current version without the client's command, a version 1 or
+    /// 2 blob as an unsealed one. The seal is kept as it is, not checked
+    /// (only the layer can).
     pub fn from_bytes(bytes: &[u8]) -> Result<RedirectRecords, Error> {
         let invalid = |why: String| Err(Error::InvalidArgument(why));
         if bytes.len() < Self::V1_SIZE {
@@ -149,10 +160,10 @@ impl RedirectRecords {
                 raw.version
             ));
         }
-        let least = if raw.version == 1 {
-            Self::V1_SIZE
-        } else {
-            Self::SIZE
+        let least = match raw.version {
+            1 => Self::V1_SIZE,
+            2 => Self::V2_SIZE,
+            _ => Self::SIZE,
         };
         if (raw.size as usize) < least || raw.size as usize > bytes.len() {
             return invalid(format!(
@@ -165,6 +176,10 @@ impl RedirectRecords {
         if raw.version == 1 {
             // Whatever follows a version 1 blob is not a command.
             raw.client_comm = Default::default();
+        }
+        if raw.version <= 2 {
+            // Nor is what follows a version 2 blob a seal.
+            raw.seal = 0;
         }
         raw.version = CONNREDIR_RECORD_VERSION as u16;
         raw.size = Self::SIZE as u16;
@@ -245,6 +260,7 @@ impl RedirectRecords {
     /// Sets the client's command name (for tools and tests that build records
     /// by hand); longer names are cut to the 15 bytes the kernel keeps.
     pub fn set_client_command(&mut self, command: &str) {
+        self.raw.seal = 0;
         let comm = &mut self.raw.client_comm;
         *comm = Default::default();
         let bytes = command.as_bytes();
@@ -266,6 +282,7 @@ impl RedirectRecords {
     /// Sets who opened the flow (for tools and tests that build records by
     /// hand; the kernel fills it in from the connecting process).
     pub fn set_client(&mut self, client: ClientIdentity) {
+        self.raw.seal = 0;
         self.raw.client_pid = client.pid;
         self.raw.client_uid = client.uid;
         self.raw.client_cgroup_id = client.cgroup_id;
@@ -284,6 +301,7 @@ impl RedirectRecords {
                 "a chain holds at most {CONNREDIR_MAX_HOPS} hops"
             )));
         }
+        self.raw.seal = 0;
         self.raw.hops[at] = connredir_hop {
             service_id: service.0,
             original_dst: connredir_endpoint::from_socket_addr(&original_destination),
@@ -454,6 +472,49 @@ mod tests {
         assert!(RedirectRecords::from_bytes(&short).is_err());
         r.set_client_command("a-very-long-command-name");
         assert_eq!(r.client_command().as_deref(), Some("a-very-long-com"));
+    }
+
+    #[test]
+    fn the_seal_is_carried_as_read_and_cleared_by_changes() {
+        let seal = offset_of!(connredir_record, seal);
+        let mut issued = three_hops().to_bytes();
+        issued[seal..seal + 8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_ne_bytes());
+        let read = RedirectRecords::from_bytes(&issued).unwrap();
+        assert_eq!(read.to_bytes(), issued, "carried byte for byte");
+        for change in [
+            (|r: &mut RedirectRecords| r.set_client_command("x")) as fn(&mut RedirectRecords),
+            |r| {
+                r.set_client(ClientIdentity {
+                    pid: 1,
+                    uid: 2,
+                    cgroup_id: 3,
+                })
+            },
+            |r| r.push_hop(ServiceId(4), addr("10.0.0.1:1")).unwrap(),
+        ] {
+            let mut changed = read;
+            change(&mut changed);
+            assert_eq!(changed.raw.seal, 0, "a changed record is unsealed");
+        }
+        // A version 2 blob ends before the seal: nothing after it is one.
+        let version = offset_of!(connredir_record, version);
+        let size = offset_of!(connredir_record, size);
+        let mut v2 = issued.clone();
+        v2[version..version + 2].copy_from_slice(&2u16.to_ne_bytes());
+        v2[size..size + 2].copy_from_slice(&(RedirectRecords::V2_SIZE as u16).to_ne_bytes());
+        let back = RedirectRecords::from_bytes(&v2).unwrap();
+        assert_eq!(back.raw.seal, 0);
+        assert_eq!(back.chain(), three_hops().chain());
+        v2.truncate(RedirectRecords::V2_SIZE);
+        assert!(
+            RedirectRecords::from_bytes(&v2).is_ok(),
+            "a whole version 2 blob"
+        );
+        v2.pop();
+        assert!(
+            RedirectRecords::from_bytes(&v2).is_err(),
+            "a short version 2 blob"
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
 use connredir_abi::{
     connredir_addr_key, connredir_handoff_key, connredir_listener, connredir_record,
-    connredir_rule_set, connredir_service, map_names, CONNREDIR_MAX_SERVICES,
+    connredir_rule_set, connredir_seal_key, connredir_service, map_names, CONNREDIR_MAX_SERVICES,
 };
 use connredir_kernel::programs;
 use tracing::{debug, info};
@@ -127,6 +127,9 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    /// The kernel gave no random bytes for the key that seals records.
+    #[error("cannot read random bytes for the record seal key (getrandom): {0}")]
+    SealKey(#[source] std::io::Error),
     /// A cgroup path is unusable.
     #[error("cgroup {path}: {why}")]
     Cgroup {
@@ -203,6 +206,10 @@ pub struct Counters {
     /// Connects of a service's listening process that its own rule would
     /// have sent back to itself, kept from looping.
     pub self_loops: u64,
+    /// Record sets refused to a service's process because the record was
+    /// not one the layer issued to that service (forged, changed, or the
+    /// last hop another service's).
+    pub forged_records: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -379,6 +386,53 @@ fn attach_accel(bpf: &mut Ebpf) -> Result<Option<OwnedFd>, Error> {
     let link = prog.take_link(link).map_err(program_err(programs::ACCEL))?;
     std::mem::forget(link);
     Ok(before)
+}
+
+/// Gives the layer its record seal key: 16 random bytes, written only while
+/// the map holds none (all zero), so a takeover of pinned maps keeps the key
+/// and every record already handed out stays valid. Nothing but the kernel
+/// programs and root (BPF maps need CAP_BPF) can read it.
+fn ensure_seal_key(bpf: &mut Ebpf) -> Result<(), Error> {
+    let name = map_names::SEAL_KEY;
+    let mut map = Array::<&mut MapData, Plain<connredir_seal_key>>::try_from(
+        bpf.map_mut(name).expect("checked at load"),
+    )
+    .map_err(map_err(name))?;
+    let Plain(current) = map.get(&0, 0).map_err(map_err(name))?;
+    if current.k0 != 0 || current.k1 != 0 {
+        debug!("record seal key kept from the pinned map");
+        return Ok(());
+    }
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: the pointer and length describe the unfilled part of `bytes`.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::SealKey(e));
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    let (k0, k1) = bytes.split_at(8);
+    let key = connredir_seal_key {
+        k0: u64::from_ne_bytes(k0.try_into().expect("8 bytes")),
+        k1: u64::from_ne_bytes(k1.try_into().expect("8 bytes")),
+    };
+    if key.k0 == 0 && key.k1 == 0 {
+        // Means "no key" to the programs; 2^-128, but never silently.
+        return Err(Error::SealKey(std::io::Error::other(
+            "getrandom gave 16 zero bytes",
+        )));
+    }
+    map.set(0, Plain(key), 0).map_err(map_err(name))?;
+    debug!("record seal key made");
+    Ok(())
 }
 
 /// Lines of the verifier's log worth showing: its end, where it says why.
@@ -648,6 +702,7 @@ impl Engine {
                 });
             }
         }
+        ensure_seal_key(&mut bpf)?;
         for name in [
             programs::CONNECT4,
             programs::CONNECT6,
@@ -1378,6 +1433,7 @@ impl Engine {
             service_down_bypassed: read(CONNREDIR_CNT_SERVICE_DOWN_BYPASSED)?,
             binds_refused: read(CONNREDIR_CNT_BINDS_REFUSED)?,
             self_loops: read(CONNREDIR_CNT_SELF_LOOPS)?,
+            forged_records: read(CONNREDIR_CNT_FORGED_RECORDS)?,
         })
     }
 

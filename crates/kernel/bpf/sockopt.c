@@ -12,6 +12,7 @@
  */
 #include "common.h"
 #include "inherit.h"
+#include "seal.h"
 
 static __always_inline int is_connected(__u32 state)
 {
@@ -59,6 +60,7 @@ static __always_inline void get_records(struct bpf_sockopt *ctx, __s32 optlen, v
 					const struct connredir_sock_state *state)
 {
 	struct connredir_record *out = optval;
+	const struct connredir_seal_key *key;
 
 	if (buffer_check(ctx, optlen, sizeof(*out)))
 		return;
@@ -67,6 +69,15 @@ static __always_inline void get_records(struct bpf_sockopt *ctx, __s32 optlen, v
 		return;
 	}
 	*out = state->record;
+	/*
+	 * Sealed here, as the record leaves the layer, rather than wherever the
+	 * layer writes records (connect, hand-off, inheritance, set): one place
+	 * covers every writer, and connections whose records nobody asks for
+	 * pay nothing. The stored record never needs a seal: only what comes
+	 * back through setsockopt is checked.
+	 */
+	key = seal_key_get();
+	out->seal = key ? seal_of(key, (const __u64 *)&state->record) : 0;
 	ctx->optlen = sizeof(*out);
 	ctx->retval = 0;
 }
@@ -326,14 +337,33 @@ static __always_inline __u32 caller_accelerates(void)
 	return 0;
 }
 
-/* Only root and registered services may set records: a forged record would
- * let a client skip inspection. */
-static __always_inline int may_set_records(void)
+/*
+ * May a process that is not root hand this well-formed record to a socket?
+ * Only a record the layer issued (version 3, sealed under the layer's key)
+ * whose last hop is one of the caller's services: the record of a flow the
+ * caller's service accepted. Anything else could name other services (so
+ * they are skipped), fill the chain (so the flow goes direct) or invent a
+ * client. `in` holds a whole version 3 record when this is called.
+ */
+static __always_inline int is_callers_sealed_record(const struct connredir_record *in,
+						    const struct caller_services *caller)
 {
-	struct caller_services caller;
+	const struct connredir_seal_key *key;
+	__u32 hop_count = in->hop_count, last = 0;
 
-	caller_services(&caller);
-	return caller.uid == 0 || caller.by_pid || caller.by_cgroup || caller.by_uid;
+	if (in->version != CONNREDIR_RECORD_VERSION || in->size != sizeof(*in))
+		return 0;
+	/* Fixed offsets only: the verifier loses the bounds of a blob pointer
+	 * moved by a value read from the blob. */
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		if (i + 1 == hop_count)
+			last = in->hops[i].service_id;
+	}
+	/* 0 when hop_count is 0 or past the chain; never a service id. */
+	if (!caller_is(caller, last))
+		return 0;
+	key = seal_key_get();
+	return key && seal_of(key, (const __u64 *)in) == in->seal;
 }
 
 static __always_inline int reject(__s32 err)
@@ -353,7 +383,8 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	void *optval_end = ctx->optval_end;
 	const struct connredir_record *in = optval;
 	struct connredir_sock_state *state;
-	__u32 sk_state;
+	struct caller_services caller;
+	__u32 sk_state, least;
 
 	if (level != CONNREDIR_SOL)
 		return 1;
@@ -371,7 +402,10 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	}
 	if (optname != CONNREDIR_SO_RECORDS)
 		return reject(-ENOPROTOOPT);
-	if (!may_set_records()) {
+	/* Root and registered services only: a forged record would let a
+	 * client skip inspection. */
+	caller_services(&caller);
+	if (caller.uid != 0 && !caller.by_pid && !caller.by_cgroup && !caller.by_uid) {
 		count(CONNREDIR_CNT_DENIED_SETS);
 		return reject(-EACCES);
 	}
@@ -380,29 +414,42 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	sk_state = sk->state;
 	if (sk_state != TCP_CLOSE)
 		return reject(sk_state == TCP_LISTEN ? -EINVAL : -EISCONN);
-	/* A version 1 blob ends before client_comm. */
+	/* A version 1 blob ends before client_comm, a version 2 before the seal. */
 	if (optlen < (__s32)CONNREDIR_RECORD_V1_SIZE ||
 	    (void *)in + CONNREDIR_RECORD_V1_SIZE > optval_end)
 		return reject(-EINVAL);
+	least = in->version == 1   ? CONNREDIR_RECORD_V1_SIZE :
+		in->version == 2 ? CONNREDIR_RECORD_V2_SIZE :
+				   sizeof(*in);
 	if (in->magic != CONNREDIR_RECORD_MAGIC || in->version == 0 ||
-	    in->version > CONNREDIR_RECORD_VERSION || in->size > optlen ||
-	    in->size < (in->version == 1 ? CONNREDIR_RECORD_V1_SIZE : sizeof(*in)) ||
+	    in->version > CONNREDIR_RECORD_VERSION || in->size > optlen || in->size < least ||
 	    in->hop_count > CONNREDIR_MAX_HOPS)
 		return reject(-EINVAL);
+	/* Root may set any well-formed record (as administrators on Windows);
+	 * a service only its own, as the layer issued it. */
+	if (caller.uid != 0 &&
+	    ((void *)(in + 1) > optval_end || !is_callers_sealed_record(in, &caller))) {
+		count(CONNREDIR_CNT_FORGED_RECORDS);
+		return reject(-EACCES);
+	}
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
 		return reject(-ENOMEM);
-	if (in->version >= 2 && (void *)(in + 1) <= optval_end) {
+	if (in->version >= 3 && (void *)(in + 1) <= optval_end) {
 		state->record = *in;
+	} else if (in->version == 2 && (void *)in + CONNREDIR_RECORD_V2_SIZE <= optval_end) {
+		__builtin_memcpy(&state->record, in, CONNREDIR_RECORD_V2_SIZE);
 	} else {
 		__builtin_memcpy(&state->record, in, CONNREDIR_RECORD_V1_SIZE);
 		__builtin_memset(state->record.client_comm, 0,
 				 sizeof(state->record.client_comm));
 	}
-	/* Kept as this layer's version, whatever the blob's. */
+	/* Kept as this layer's version, whatever the blob's; the seal is made
+	 * afresh whenever the record is handed out. */
 	state->record.version = CONNREDIR_RECORD_VERSION;
 	state->record.size = sizeof(*in);
+	state->record.seal = 0;
 	state->onward_service = caller_accelerates();
 	state->flags = state->onward_service ? CONNREDIR_SOCK_ACCEL_ONWARD : 0;
 	count(CONNREDIR_CNT_RECORDS_SET);

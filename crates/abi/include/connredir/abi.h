@@ -67,8 +67,9 @@
 /*
  * The version written by this layer; readers accept 1..=this. Version 2
  * appends client_comm; a version 1 blob ends before it (no command known).
+ * Version 3 appends the seal: records belong to the layer.
  */
-#define CONNREDIR_RECORD_VERSION 2
+#define CONNREDIR_RECORD_VERSION 3
 /* A flow is redirected at most this many times; past that it goes direct. */
 #define CONNREDIR_MAX_HOPS 8
 
@@ -109,10 +110,29 @@ struct connredir_record {
 	/* Version 2: the command name (comm) of the thread that opened the
 	 * flow, NUL-padded; all zero when unknown. */
 	__u8 client_comm[16];
+	/*
+	 * Version 3: SipHash-2-4 of every byte before this field, under the
+	 * layer's secret key (the seal_key map). The layer computes it when it
+	 * hands the records out (CONNREDIR_SO_RECORDS) and checks it when a
+	 * service hands them back: a process that is not root may only set a
+	 * record the layer issued whose last hop is its own service. Opaque:
+	 * readers ignore it; a record built or changed by hand is unsealed.
+	 */
+	__u64 seal;
 };
 
 /* Size of a version 1 record: everything before client_comm. */
 #define CONNREDIR_RECORD_V1_SIZE __builtin_offsetof(struct connredir_record, client_comm)
+/* Size of a version 2 record, and the bytes the seal covers. */
+#define CONNREDIR_RECORD_V2_SIZE __builtin_offsetof(struct connredir_record, seal)
+
+/* The key of the record seal (value of the one-entry seal_key array): 16
+ * random bytes the engine writes once; all zero means none yet, and then
+ * no record passes as sealed. */
+struct connredir_seal_key {
+	__u64 k0;
+	__u64 k1;
+};
 
 /* ---- Per-socket state held by the layer (SK_STORAGE value). */
 
@@ -424,7 +444,10 @@ enum connredir_counter {
 	/* A service's listening process connecting where its own rule would
 	 * send it back to itself: treated as its own flow, not redirected. */
 	CONNREDIR_CNT_SELF_LOOPS = 20,
-	CONNREDIR_CNT_MAX = 21,
+	/* Sets refused to a service: a record the layer did not issue, or not
+	 * the caller's (its last hop is another service's). */
+	CONNREDIR_CNT_FORGED_RECORDS = 21,
+	CONNREDIR_CNT_MAX = 22,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
@@ -446,6 +469,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_ACCEL_SOCKS "accel_socks"
 #define CONNREDIR_MAP_ACCEL_STATE "accel_state"
 #define CONNREDIR_MAP_LISTENERS "listeners"
+#define CONNREDIR_MAP_SEAL_KEY "seal_key"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */
