@@ -9,6 +9,8 @@
 //! connredir-testkit many --connect ADDR --sizes N,N,... [--no-half-close]
 //! connredir-testkit hold --connect ADDR --until FILE
 //! connredir-testkit attack CASE ADDR [ARG]
+//! connredir-testkit forge --listen ADDR --connect ADDR --other ID [--iterations N] [--seed S]
+//! connredir-testkit set-blob --hex HEX --connect ADDR
 //! ```
 //!
 //! Each prints one JSON object per line on stdout; the proxy prints `ready`
@@ -19,7 +21,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use connredir::{Error as RedirectError, RedirectRecords};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
@@ -44,7 +46,9 @@ fn main() -> Result<()> {
             emit(attack::run(&args[1..])?);
             Ok(())
         }
-        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|attack ..."),
+        Some("forge") => forge(&args[1..]),
+        Some("set-blob") => set_blob(&args[1..]),
+        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|attack|forge|set-blob ..."),
     }
 }
 
@@ -505,4 +509,345 @@ fn hold(args: &[String]) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// The offset of a record field.
+macro_rules! at {
+    ($field:ident) => {
+        std::mem::offset_of!(connredir_abi::connredir_record, $field)
+    };
+}
+
+/// Byte offsets in a record blob, for forgeries.
+const HOP_SIZE: usize = std::mem::size_of::<connredir_abi::connredir_hop>();
+
+fn put_u16(blob: &mut [u8], at: usize, value: u16) {
+    blob[at..at + 2].copy_from_slice(&value.to_ne_bytes());
+}
+
+fn put_u32(blob: &mut [u8], at: usize, value: u32) {
+    blob[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+}
+
+/// Where hop `i`'s service id sits in a blob.
+fn hop_service_at(i: usize) -> usize {
+    at!(hops) + i * HOP_SIZE
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Result<Vec<u8>> {
+    ensure!(text.len() % 2 == 0, "odd hex length");
+    (0..text.len())
+        .step_by(2)
+        .map(|i| Ok(u8::from_str_radix(&text[i..i + 2], 16)?))
+        .collect()
+}
+
+/// setsockopt(CONNREDIR_SO_RECORDS) straight, so every errno is seen as is.
+fn raw_set(fd: &impl AsFd, blob: &[u8]) -> std::result::Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: blob is valid for blob.len() bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            connredir_abi::CONNREDIR_SOL as i32,
+            connredir_abi::CONNREDIR_SO_RECORDS as i32,
+            blob.as_ptr().cast(),
+            blob.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+fn errno_name(errno: i32) -> String {
+    match errno {
+        libc::EINVAL => "EINVAL".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::ENOMEM => "ENOMEM".into(),
+        libc::EISCONN => "EISCONN".into(),
+        other => format!("errno {other}"),
+    }
+}
+
+/// Sets `blob` on a new socket; when the layer takes it, connects to `dst`
+/// and says where the connection went (`peer`: a service's address, or `dst`
+/// itself when every service was skipped).
+fn set_and_connect(blob: &[u8], dst: SocketAddr) -> Value {
+    let socket = match Socket::new(Domain::for_address(dst), Type::STREAM, None) {
+        Ok(s) => s,
+        Err(e) => return json!({ "result": format!("socket: {e}") }),
+    };
+    match raw_set(&socket, blob) {
+        Err(errno) => json!({ "result": errno_name(errno) }),
+        Ok(()) => {
+            let peer = socket
+                .connect(&dst.into())
+                .and_then(|()| socket.peer_addr())
+                .map(|p| p.as_socket().map(|a| a.to_string()).unwrap_or_default())
+                .unwrap_or_else(|e| format!("connect failed: {e}"));
+            json!({ "result": "ok", "peer": peer })
+        }
+    }
+}
+
+/// The forgeries a service's process could try with a record it received
+/// (`genuine`, whose last hop is its own service) to make a flow skip
+/// `other` or go direct, or to lie about the client.
+fn forgeries(genuine: &[u8], other: u32) -> Vec<(&'static str, Vec<u8>)> {
+    let count = at!(hop_count);
+    let hops = usize::from(u16::from_ne_bytes([genuine[count], genuine[count + 1]]));
+    let last = hops.max(1) - 1;
+    let mut cases = vec![("genuine", genuine.to_vec())];
+
+    // The other service's hop slipped in before ours: it counts as done.
+    let mut b = genuine.to_vec();
+    b.copy_within(
+        at!(hops) + last * HOP_SIZE..at!(hops) + hops * HOP_SIZE,
+        at!(hops) + hops * HOP_SIZE,
+    );
+    put_u32(&mut b, hop_service_at(last), other);
+    put_u16(&mut b, count, hops as u16 + 1);
+    cases.push(("other-service-hop", b));
+
+    // The same record built by hand, as a forger with the library would.
+    let mut records = RedirectRecords::from_bytes(genuine).expect("a genuine record parses");
+    let dst = records
+        .original_destination()
+        .unwrap_or_else(|| "127.0.0.9:9".parse().unwrap());
+    let own = records
+        .chain()
+        .last()
+        .copied()
+        .unwrap_or(connredir::ServiceId(0));
+    let mut built = RedirectRecords::new();
+    built.set_client(records.client());
+    built.push_hop(connredir::ServiceId(other), dst).unwrap();
+    built.push_hop(own, dst).unwrap();
+    cases.push(("other-service-hop-built", built.to_bytes()));
+
+    // The last hop renamed: the record is not the caller's.
+    let mut b = genuine.to_vec();
+    put_u32(&mut b, hop_service_at(last), other);
+    cases.push(("last-hop-other-service", b));
+
+    // A full chain of empty hops: the hop limit sends the flow direct.
+    let mut b = genuine.to_vec();
+    put_u16(&mut b, count, 8);
+    cases.push(("eight-empty-hops", b));
+
+    // A full chain whose last hop is the caller's own.
+    let mut b = genuine.to_vec();
+    put_u16(&mut b, count, 8);
+    b.copy_within(
+        at!(hops) + last * HOP_SIZE..at!(hops) + (last + 1) * HOP_SIZE,
+        at!(hops) + 7 * HOP_SIZE,
+    );
+    cases.push(("eight-hops-own-last", b));
+
+    let mut b = genuine.to_vec();
+    put_u16(&mut b, count, 9);
+    cases.push(("nine-hops", b));
+
+    // Another client: pid 1, uid 0.
+    let mut b = genuine.to_vec();
+    put_u32(&mut b, at!(client_pid), 1);
+    put_u32(&mut b, at!(client_uid), 0);
+    cases.push(("invented-client", b));
+
+    // The record as an older version, which has no seal.
+    let v1 = at!(client_comm);
+    let mut b = genuine[..v1].to_vec();
+    put_u16(&mut b, at!(version), 1);
+    put_u16(&mut b, at!(size), v1 as u16);
+    cases.push(("version-1-copy", b));
+
+    records.set_client_command("invented");
+    cases.push(("changed-command", records.to_bytes()));
+
+    let mut b = genuine.to_vec();
+    *b.last_mut().unwrap() ^= 1;
+    cases.push(("last-byte-flipped", b));
+    cases
+}
+
+/// A small, seedable generator (xorshift64*), so a failing run can be
+/// repeated with its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// One mutation of `genuine`: bit flips, random bytes of any length up to
+/// twice a record, truncations, extensions, overwritten ranges, or a
+/// well-formed record with random hops, client and seal whose last hop is
+/// the caller's (so it reaches the seal check).
+fn mutate(rng: &mut Rng, genuine: &[u8]) -> Vec<u8> {
+    let size = genuine.len();
+    match rng.below(7) {
+        0 => {
+            let mut b = genuine.to_vec();
+            for _ in 0..1 + rng.below(8) {
+                let bit = rng.below(size * 8);
+                b[bit / 8] ^= 1 << (bit % 8);
+            }
+            b
+        }
+        1 => {
+            let n = rng.below(2 * size + 1);
+            rng.bytes(n)
+        }
+        2 => genuine[..rng.below(size)].to_vec(),
+        3 => {
+            let mut b = genuine.to_vec();
+            let extra = 1 + rng.below(size);
+            b.extend(rng.bytes(extra));
+            // Sometimes flip a bit of the record part too.
+            if rng.below(2) == 0 {
+                let bit = rng.below(size * 8);
+                b[bit / 8] ^= 1 << (bit % 8);
+            }
+            b
+        }
+        4 => {
+            let mut b = genuine.to_vec();
+            let from = rng.below(size);
+            let len = 1 + rng.below(size - from);
+            let noise = rng.bytes(len);
+            b[from..from + len].copy_from_slice(&noise);
+            b
+        }
+        5 => {
+            // A single byte changed to any value, anywhere.
+            let mut b = genuine.to_vec();
+            let at = rng.below(size);
+            b[at] = b[at].wrapping_add(1 + rng.below(255) as u8);
+            b
+        }
+        _ => {
+            let count = at!(hop_count);
+            let own_hops = usize::from(u16::from_ne_bytes([genuine[count], genuine[count + 1]]));
+            let own = u32::from_ne_bytes(
+                genuine[hop_service_at(own_hops.max(1) - 1)..][..4]
+                    .try_into()
+                    .unwrap(),
+            );
+            let mut b = genuine.to_vec();
+            let header = at!(hop_count);
+            let tail = rng.bytes(size - header);
+            b[header..].copy_from_slice(&tail);
+            let hops = 1 + rng.below(8);
+            put_u16(&mut b, count, hops as u16);
+            put_u32(&mut b, hop_service_at(hops - 1), own);
+            b
+        }
+    }
+}
+
+/// Where a forging service's process starts: it is the service. It accepts
+/// one redirected connection, prints the record it got (hex), echoes the
+/// client's bytes until its end, then sets each forgery (see `forgeries`) on a new
+/// socket and reports what the layer said and, when it took one, where the
+/// connection to `--connect` went. With `--iterations N` it then sends N
+/// random mutations through setsockopt and reports the tally.
+fn forge(args: &[String]) -> Result<()> {
+    let listen = value(args, "--listen")?;
+    let dst: SocketAddr = value(args, "--connect")?.parse()?;
+    let other: u32 = value(args, "--other")?.parse()?;
+    let iterations: u64 = value(args, "--iterations").map_or(Ok(0), str::parse)?;
+    let seed: u64 = value(args, "--seed").map_or(Ok(0x5eed), str::parse)?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+    println!("ready");
+    let (stream, _) = listener.accept()?;
+    let mut buf = vec![0u8; 4096];
+    let n = connredir::query_records_into(stream.as_fd(), &mut buf)
+        .map_err(|e| anyhow::anyhow!("query the records: {e}"))?;
+    buf.truncate(n);
+    let genuine = buf;
+    emit(json!({ "record": to_hex(&genuine) }));
+    // The client's exchange ends before the forgeries begin.
+    let (mut read, mut write) = (&stream, &stream);
+    std::io::copy(&mut read, &mut write)?;
+    stream.shutdown(Shutdown::Write)?;
+    for (case, blob) in forgeries(&genuine, other) {
+        let mut line = set_and_connect(&blob, dst);
+        line["case"] = json!(case);
+        emit(line);
+    }
+    if iterations > 0 {
+        emit(json!({ "fuzz": fuzz(&genuine, iterations, seed)? }));
+    }
+    Ok(())
+}
+
+/// Sends `iterations` mutations of `genuine` through the real setsockopt.
+/// The oracle: the layer takes a blob only when its record part is the
+/// genuine record byte for byte; it refuses every other one with EINVAL or
+/// EACCES. A genuine set afterwards still works.
+fn fuzz(genuine: &[u8], iterations: u64, seed: u64) -> Result<Value> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let mut rng = Rng(seed | 1);
+    let (mut taken, mut forged_taken, mut einval, mut eacces) = (0u64, 0u64, 0u64, 0u64);
+    let mut other = std::collections::BTreeMap::<String, u64>::new();
+    let mut first_forged: Option<String> = None;
+    let start = std::time::Instant::now();
+    for _ in 0..iterations {
+        let blob = mutate(&mut rng, genuine);
+        match raw_set(&socket, &blob) {
+            Ok(()) if blob.len() >= genuine.len() && blob[..genuine.len()] == *genuine => {
+                taken += 1
+            }
+            Ok(()) => {
+                forged_taken += 1;
+                first_forged.get_or_insert_with(|| to_hex(&blob));
+            }
+            Err(libc::EINVAL) => einval += 1,
+            Err(libc::EACCES) => eacces += 1,
+            Err(errno) => *other.entry(errno_name(errno)).or_default() += 1,
+        }
+    }
+    let elapsed = start.elapsed();
+    let genuine_after = raw_set(&socket, genuine).map_or_else(errno_name, |()| "ok".into());
+    Ok(json!({
+        "iterations": iterations,
+        "seed": seed,
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "genuine_taken": taken,
+        "forged_taken": forged_taken,
+        "first_forged": first_forged,
+        "einval": einval,
+        "eacces": eacces,
+        "other_errors": other,
+        "genuine_after": genuine_after,
+    }))
+}
+
+/// Sets a record blob given in hex (as `forge` prints it) on a new socket,
+/// and, when the layer takes it, connects to `--connect`.
+fn set_blob(args: &[String]) -> Result<()> {
+    let blob = from_hex(value(args, "--hex")?)?;
+    let dst: SocketAddr = value(args, "--connect")?.parse()?;
+    emit(set_and_connect(&blob, dst));
+    Ok(())
 }

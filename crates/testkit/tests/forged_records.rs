@@ -1,0 +1,280 @@
+//! Records belong to the layer: a service's process may hand on only a record
+//! the layer issued to its service, as it was issued. Each test drives the
+//! real programs: a client's connection is redirected to service A, whose
+//! process (uid 65534, unprivileged) takes the record it received and tries
+//! to forge it on new sockets, through the real setsockopt; service B's
+//! proxy would be next in the chain.
+//!
+//! The randomized test sends `CONNREDIR_FUZZ_ITERATIONS` mutations (default
+//! 100,000, about two seconds); for a longer run:
+//!
+//! ```sh
+//! CONNREDIR_FUZZ_ITERATIONS=5000000 cargo test -p connredir-testkit \
+//!     --test forged_records -- --nocapture mutated
+//! ```
+//! (`CONNREDIR_FUZZ_SEED` repeats a run.)
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use connredir_engine::ServiceId;
+use connredir_testkit::{by_cgroup, free_addr, EchoServer, Lab, Proc};
+use serde_json::Value;
+
+/// The unprivileged user every process of these tests runs as.
+const NOBODY: u32 = 65534;
+
+/// A lab with the chain client → A → B → destination, where A's process
+/// is the forger.
+struct Chain {
+    lab: Lab,
+    server: EchoServer,
+    a: ServiceId,
+    b: ServiceId,
+    b_listen: SocketAddr,
+    /// What A's process reported: the record (hex), each case, the tally.
+    report: Vec<Value>,
+}
+
+impl Chain {
+    /// Sets up the chain, sends one client connection through it and runs
+    /// A's forgeries (and `iterations` random mutations).
+    fn run(name: &str, iterations: u64) -> Option<Chain> {
+        let mut lab = Lab::new(name)?;
+        let server = EchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let prefix = format!("{}/32", dst.ip());
+
+        let a_cgroup = lab.cgroup("services/a");
+        let a_listen = free_addr("127.0.0.1");
+        let a = lab.service("a", &[a_listen], by_cgroup(&a_cgroup), None);
+        lab.route(a, &prefix, Some(dst.port()), 10);
+
+        let b_cgroup = lab.cgroup("services/b");
+        let b_listen = free_addr("127.0.0.1");
+        let b = lab.service("b", &[b_listen], by_cgroup(&b_cgroup), None);
+        lab.route(b, &prefix, Some(dst.port()), 20);
+        let b_args = ["proxy", "--name", "b", "--listen", &b_listen.to_string()];
+        let proxy = Proc::spawn(&b_cgroup, Some(NOBODY), &b_args).unwrap();
+        proxy.wait_line("proxy b ready", |l| l == "ready").unwrap();
+        lab.procs.push(proxy);
+
+        let seed = std::env::var("CONNREDIR_FUZZ_SEED").unwrap_or_else(|_| "24397".into());
+        let (a_addr, dst_text) = (a_listen.to_string(), dst.to_string());
+        let (other, iterations_text) = (b.0.to_string(), iterations.to_string());
+        let forge_args = [
+            "forge",
+            "--listen",
+            &a_addr,
+            "--connect",
+            &dst_text,
+            "--other",
+            &other,
+            "--iterations",
+            &iterations_text,
+            "--seed",
+            &seed,
+        ];
+        let forger = Proc::spawn(&a_cgroup, Some(NOBODY), &forge_args).unwrap();
+        forger.wait_line("forger ready", |l| l == "ready").unwrap();
+
+        let client_cgroup = lab.cgroup("scope/client");
+        let client_args = ["client", "--connect", &dst_text, "--bytes", "16"];
+        let (status, lines) = Proc::spawn(&client_cgroup, Some(NOBODY), &client_args)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(status.success(), "client: {lines:?}");
+
+        // About 2 µs a mutation in a debug build, with a wide margin.
+        let budget = Duration::from_secs(30 + iterations / 20_000);
+        let (status, report) = finish_within(forger, budget);
+        assert!(status.success(), "forger failed: {report:?}");
+        Some(Chain {
+            lab,
+            server,
+            a,
+            b,
+            b_listen,
+            report: report
+                .iter()
+                .filter(|l| l.starts_with('{'))
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        })
+    }
+
+    /// The genuine record A received, in hex.
+    fn record_hex(&self) -> String {
+        self.report[0]["record"].as_str().unwrap().to_string()
+    }
+
+    /// What the layer answered to one forgery case.
+    fn case(&self, name: &str) -> &Value {
+        self.report
+            .iter()
+            .find(|l| l["case"] == name)
+            .unwrap_or_else(|| panic!("no case {name} in {:?}", self.report))
+    }
+
+    /// Asserts the layer refused a case with `errno` (and, when it took it
+    /// instead, says where the connection went: the proof of the bypass).
+    fn assert_refused(&self, name: &str, errno: &str) {
+        let case = self.case(name);
+        assert_eq!(
+            case["result"],
+            errno,
+            "{name}: the layer took a forged record; the connection went to {} \
+             (B listens on {}, the destination is {})",
+            case["peer"],
+            self.b_listen,
+            self.server.addr()
+        );
+    }
+}
+
+/// Waits (within `budget`) for the forger's last line: its tally, or its
+/// last forgery case when there is no random run; then for it to exit.
+fn finish_within(proc: Proc, budget: Duration) -> (std::process::ExitStatus, Vec<String>) {
+    let done = |l: &String| l.contains("\"fuzz\"") || l.contains("\"case\":\"last-byte-flipped\"");
+    let deadline = Instant::now() + budget;
+    while Instant::now() < deadline && !proc.lines().iter().any(done) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc.finish().unwrap()
+}
+
+#[test]
+fn a_service_cannot_forge_another_services_hop() {
+    let Some(chain) = Chain::run("forgehop", 0) else {
+        return;
+    };
+    for case in [
+        "other-service-hop",
+        "other-service-hop-built",
+        "last-hop-other-service",
+    ] {
+        chain.assert_refused(case, "EACCES");
+    }
+    let counters = chain.lab.engine.counters().unwrap();
+    assert!(counters.forged_records >= 3, "{counters:?}");
+}
+
+#[test]
+fn hop_count_forgeries_are_refused() {
+    let Some(chain) = Chain::run("forgecount", 0) else {
+        return;
+    };
+    chain.assert_refused("eight-empty-hops", "EACCES");
+    chain.assert_refused("eight-hops-own-last", "EACCES");
+    chain.assert_refused("nine-hops", "EINVAL");
+}
+
+#[test]
+fn an_invented_client_or_a_changed_record_is_refused() {
+    let Some(chain) = Chain::run("forgeclient", 0) else {
+        return;
+    };
+    for case in [
+        "invented-client",
+        "changed-command",
+        "version-1-copy",
+        "last-byte-flipped",
+    ] {
+        chain.assert_refused(case, "EACCES");
+    }
+}
+
+#[test]
+fn a_record_of_one_service_is_refused_to_another() {
+    let Some(chain) = Chain::run("forgeother", 0) else {
+        return;
+    };
+    let (hex, dst) = (chain.record_hex(), chain.server.addr().to_string());
+    let set = |uid: Option<u32>| -> Value {
+        let args = ["set-blob", "--hex", &hex, "--connect", &dst];
+        let (status, lines) = Proc::spawn(&chain.lab.cgroup("services/b"), uid, &args)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(status.success(), "{lines:?}");
+        serde_json::from_str(lines.last().unwrap()).unwrap()
+    };
+    // B's process, with A's record: B would be skipped.
+    let by_b = set(Some(NOBODY));
+    assert_eq!(
+        by_b["result"], "EACCES",
+        "B's process set A's record; its connection went to {}",
+        by_b["peer"]
+    );
+    // Root keeps the right to set any well-formed record.
+    assert_eq!(set(None)["result"], "ok");
+}
+
+#[test]
+fn a_record_the_layer_issued_passes_and_the_chain_goes_on() {
+    let Some(chain) = Chain::run("forgegenuine", 0) else {
+        return;
+    };
+    let genuine = chain.case("genuine");
+    assert_eq!(genuine["result"], "ok", "{genuine}");
+    assert_eq!(
+        genuine["peer"],
+        chain.b_listen.to_string(),
+        "A's onward connection goes on to B"
+    );
+    let logged = chain.lab.wait_logged(0, 1);
+    let seen: Vec<u32> = logged[0]["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(seen, [chain.a.0, chain.b.0], "{logged:?}");
+}
+
+#[test]
+fn mutated_and_forged_records_are_never_accepted() {
+    let iterations: u64 = std::env::var("CONNREDIR_FUZZ_ITERATIONS")
+        .map(|n| n.parse().expect("CONNREDIR_FUZZ_ITERATIONS is a number"))
+        .unwrap_or(100_000);
+    let Some(chain) = Chain::run("forgefuzz", iterations) else {
+        return;
+    };
+    let line = chain
+        .report
+        .iter()
+        .find(|l| l.get("fuzz").is_some())
+        .expect("the forger's tally");
+    let fuzz = &line["fuzz"];
+    eprintln!("{fuzz}");
+    assert_eq!(fuzz["iterations"], iterations);
+    assert_eq!(
+        fuzz["forged_taken"], 0,
+        "a forged record was taken: {}",
+        fuzz["first_forged"]
+    );
+    let other: BTreeMap<String, u64> =
+        serde_json::from_value(fuzz["other_errors"].clone()).unwrap();
+    assert!(
+        other.is_empty(),
+        "errors other than EINVAL/EACCES: {other:?}"
+    );
+    let refused = fuzz["einval"].as_u64().unwrap() + fuzz["eacces"].as_u64().unwrap();
+    assert_eq!(
+        refused + fuzz["genuine_taken"].as_u64().unwrap(),
+        iterations
+    );
+    assert!(
+        fuzz["eacces"].as_u64().unwrap() > 0,
+        "some reach the seal check"
+    );
+    assert!(fuzz["einval"].as_u64().unwrap() > 0, "some are malformed");
+    assert_eq!(fuzz["genuine_after"], "ok", "the layer still works");
+    let counters = chain.lab.engine.counters().unwrap();
+    assert!(
+        counters.forged_records >= fuzz["eacces"].as_u64().unwrap(),
+        "{counters:?}"
+    );
+}
