@@ -257,7 +257,9 @@ pub fn query_context_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, E
 }
 
 /// Sets the records blob on a new socket, before it connects. Only root and
-/// registered services' processes may.
+/// registered services' processes may; a service's process only a blob the
+/// layer issued whose last hop is its own service, as it was read (the
+/// layer seals what it hands out): anything else is `AccessDenied`.
 pub fn set_records_from(fd: &impl AsFd, blob: &[u8]) -> Result<(), Error> {
     let fd = fd.as_fd();
     // SAFETY: blob is valid for blob.len() bytes.

@@ -483,14 +483,21 @@ fn set_from_an_unregistered_unprivileged_process_is_denied() {
         "AccessDenied"
     );
     assert!(lab.engine.counters().unwrap().denied_sets >= 1);
-    // Once that uid is a registered service, it may.
-    lab.service(
+    // Once that uid is a registered service, it may set records, but only
+    // ones the layer issued to it: this one is made by hand (see
+    // forged_records.rs for records the layer issued).
+    let id = lab.service(
         "nobody-proxy",
         &[free_addr("127.0.0.1")],
         by_uid(NOBODY),
         None,
     );
-    assert_eq!(lab.probe("services", Some(NOBODY), &["set"]), "ok");
+    assert_eq!(id.0, 1, "the hand-made record's hop names this service");
+    assert_eq!(
+        lab.probe("services", Some(NOBODY), &["set"]),
+        "AccessDenied"
+    );
+    assert!(lab.engine.counters().unwrap().forged_records >= 1);
 }
 
 #[test]
