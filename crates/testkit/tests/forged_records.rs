@@ -16,10 +16,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use connredir_engine::ServiceId;
-use connredir_testkit::{by_cgroup, free_addr, EchoServer, Lab, Proc};
+use connredir_engine::{ensure_bpffs, Engine, ServiceId};
+use connredir_testkit::{
+    by_cgroup, free_addr, require_privileges, test_tree, EchoServer, Lab, Proc,
+};
 use serde_json::Value;
 
 /// The unprivileged user every process of these tests runs as.
@@ -41,7 +44,10 @@ impl Chain {
     /// Sets up the chain, sends one client connection through it and runs
     /// A's forgeries (and `iterations` random mutations).
     fn run(name: &str, iterations: u64) -> Option<Chain> {
-        let mut lab = Lab::new(name)?;
+        Some(Chain::run_in(Lab::new(name)?, iterations))
+    }
+
+    fn run_in(mut lab: Lab, iterations: u64) -> Chain {
         let server = EchoServer::start("127.0.0.2:0").unwrap();
         let dst = server.addr();
         let prefix = format!("{}/32", dst.ip());
@@ -91,7 +97,7 @@ impl Chain {
         let budget = Duration::from_secs(30 + iterations / 20_000);
         let (status, report) = finish_within(forger, budget);
         assert!(status.success(), "forger failed: {report:?}");
-        Some(Chain {
+        Chain {
             lab,
             server,
             a,
@@ -102,7 +108,20 @@ impl Chain {
                 .filter(|l| l.starts_with('{'))
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect(),
-        })
+        }
+    }
+
+    /// Sets a record blob (hex) on a new socket of a process in `cgroup`
+    /// (as `uid`), which then connects to the destination.
+    fn set_blob(&self, cgroup: &str, uid: Option<u32>, hex: &str) -> Value {
+        let dst = self.server.addr().to_string();
+        let args = ["set-blob", "--hex", hex, "--connect", &dst];
+        let (status, lines) = Proc::spawn(&self.lab.cgroup(cgroup), uid, &args)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(status.success(), "{lines:?}");
+        serde_json::from_str(lines.last().unwrap()).unwrap()
     }
 
     /// The genuine record A received, in hex.
@@ -191,16 +210,8 @@ fn a_record_of_one_service_is_refused_to_another() {
     let Some(chain) = Chain::run("forgeother", 0) else {
         return;
     };
-    let (hex, dst) = (chain.record_hex(), chain.server.addr().to_string());
-    let set = |uid: Option<u32>| -> Value {
-        let args = ["set-blob", "--hex", &hex, "--connect", &dst];
-        let (status, lines) = Proc::spawn(&chain.lab.cgroup("services/b"), uid, &args)
-            .unwrap()
-            .finish()
-            .unwrap();
-        assert!(status.success(), "{lines:?}");
-        serde_json::from_str(lines.last().unwrap()).unwrap()
-    };
+    let hex = chain.record_hex();
+    let set = |uid: Option<u32>| chain.set_blob("services/b", uid, &hex);
     // B's process, with A's record: B would be skipped.
     let by_b = set(Some(NOBODY));
     assert_eq!(
@@ -277,4 +288,64 @@ fn mutated_and_forged_records_are_never_accepted() {
         counters.forged_records >= fuzz["eacces"].as_u64().unwrap(),
         "{counters:?}"
     );
+}
+
+/// Removes a pin directory when the test ends, on failure too (before the
+/// cgroup tree goes).
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = Engine::remove_pinned(&self.0);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_takeover_of_pinned_maps_keeps_issued_records_valid() {
+    if !require_privileges("forgetakeover") {
+        return;
+    }
+    ensure_bpffs(Path::new("/sys/fs/bpf")).unwrap();
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/connredir-test-forgetakeover-{}",
+        std::process::id()
+    ));
+    let tree = test_tree("forgetakeover").unwrap();
+    let mut engine = Engine::load_pinned(&dir).expect("load pinned");
+    let pins = Pins(dir.clone());
+    let (scope, services) = (
+        tree.cgroup("scope").unwrap(),
+        tree.cgroup("services").unwrap(),
+    );
+    engine.attach(&scope).unwrap();
+    engine.attach(&services).unwrap();
+    let lab = Lab {
+        procs: Vec::new(),
+        engine,
+        tree,
+    };
+    let mut chain = Chain::run_in(lab, 0);
+    let hex = chain.record_hex();
+    assert_eq!(
+        chain.set_blob("services/a", Some(NOBODY), &hex)["result"],
+        "ok"
+    );
+
+    // A new engine takes over the pinned maps and swaps its programs in.
+    let mut next = Engine::load_pinned(&dir).expect("take over the pinned maps");
+    next.attach(&scope).unwrap();
+    next.attach(&services).unwrap();
+    chain.lab.engine = next;
+    let after = chain.set_blob("services/a", Some(NOBODY), &hex);
+    assert_eq!(
+        after["result"], "ok",
+        "a record issued before the takeover is refused after it"
+    );
+    assert_eq!(
+        after["peer"],
+        chain.b_listen.to_string(),
+        "and goes on to B"
+    );
+    drop(pins);
 }
