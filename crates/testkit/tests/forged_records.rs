@@ -19,9 +19,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use connredir_abi::map_names;
 use connredir_engine::{ensure_bpffs, Engine, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, require_privileges, test_tree, EchoServer, Lab, Proc,
+    by_cgroup, free_addr, require_privileges, require_program, test_tree, EchoServer, Lab, Proc,
 };
 use serde_json::Value;
 
@@ -95,7 +96,7 @@ impl Chain {
 
         // About 2 µs a mutation in a debug build, with a wide margin.
         let budget = Duration::from_secs(30 + iterations / 20_000);
-        let (status, report) = finish_within(forger, budget);
+        let (status, report) = finish_within(forger, iterations > 0, budget);
         assert!(status.success(), "forger failed: {report:?}");
         Chain {
             lab,
@@ -155,8 +156,17 @@ impl Chain {
 
 /// Waits (within `budget`) for the forger's last line: its tally, or its
 /// last forgery case when there is no random run; then for it to exit.
-fn finish_within(proc: Proc, budget: Duration) -> (std::process::ExitStatus, Vec<String>) {
-    let done = |l: &String| l.contains("\"fuzz\"") || l.contains("\"case\":\"last-byte-flipped\"");
+fn finish_within(
+    proc: Proc,
+    fuzzing: bool,
+    budget: Duration,
+) -> (std::process::ExitStatus, Vec<String>) {
+    let last = if fuzzing {
+        "\"fuzz\""
+    } else {
+        "\"case\":\"last-byte-flipped\""
+    };
+    let done = |l: &String| l.contains(last);
     let deadline = Instant::now() + budget;
     while Instant::now() < deadline && !proc.lines().iter().any(done) {
         std::thread::sleep(Duration::from_millis(50));
@@ -327,6 +337,9 @@ fn a_takeover_of_pinned_maps_keeps_issued_records_valid() {
     };
     let mut chain = Chain::run_in(lab, 0);
     let hex = chain.record_hex();
+    if let Some(bpftool) = require_program("forgetakeover", "bpftool") {
+        assert_is_siphash_2_4(&bpftool, &dir.join(map_names::SEAL_KEY), &hex);
+    }
     assert_eq!(
         chain.set_blob("services/a", Some(NOBODY), &hex)["result"],
         "ok"
@@ -348,4 +361,45 @@ fn a_takeover_of_pinned_maps_keeps_issued_records_valid() {
         "and goes on to B"
     );
     drop(pins);
+}
+
+/// The seal is SipHash-2-4 (the reference: the standard library's
+/// `SipHasher`, deprecated for hash tables, not for this) of the record's
+/// bytes before it, under the key in the pinned map, which root can read.
+fn assert_is_siphash_2_4(bpftool: &Path, key_map: &Path, record_hex: &str) {
+    let out = std::process::Command::new(bpftool)
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(key_map)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let value = &dump[0]["value"];
+    // With BTF, bpftool prints the struct's fields; without, the bytes.
+    let (k0, k1) = if let Some(k0) = value.get("k0") {
+        (k0.as_u64().unwrap(), value["k1"].as_u64().unwrap())
+    } else {
+        let bytes: Vec<u8> = value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+            .collect();
+        let word = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap());
+        (word(0), word(8))
+    };
+    assert!(k0 != 0 || k1 != 0, "the engine wrote a key");
+    let record: Vec<u8> = (0..record_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&record_hex[i..i + 2], 16).unwrap())
+        .collect();
+    let (covered, seal) = record.split_at(record.len() - 8);
+    #[allow(deprecated)]
+    let mut reference = std::hash::SipHasher::new_with_keys(k0, k1);
+    std::hash::Hasher::write(&mut reference, covered);
+    assert_eq!(
+        u64::from_ne_bytes(seal.try_into().unwrap()),
+        std::hash::Hasher::finish(&reference),
+        "the seal is SipHash-2-4 of the record under the layer's key"
+    );
 }
