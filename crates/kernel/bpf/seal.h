@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
- * The record seal: SipHash-2-4 (64-bit output) of a record's bytes before
- * its seal field, under a 128-bit key that only the layer holds (the
+ * The record seal: SipHash-2-4 (64-bit output) of what the layer reads of
+ * a record (below), under a 128-bit key that only the layer holds (the
  * seal_key map; BPF maps are root-only). SipHash is a keyed MAC made for
  * short inputs: without the key, no one can make a seal that checks, nor
  * change a sealed record so that it still checks.
@@ -18,9 +18,21 @@ struct {
 	__type(value, struct connredir_seal_key);
 } seal_key SEC(".maps");
 
-/* The words the seal covers; CONNREDIR_RECORD_V2_SIZE is a multiple of 8. */
-#define SEAL_WORDS (CONNREDIR_RECORD_V2_SIZE / 8)
-_Static_assert(CONNREDIR_RECORD_V2_SIZE % 8 == 0, "the seal covers whole words");
+/*
+ * What the seal covers: every byte of the record the layer reads, that is
+ * the header, the hop_count hops in use and client_comm; not the unused hop
+ * slots (the layer zeroes them when it takes a record), so a one-hop record
+ * costs 14 words of SipHash, not 70.
+ */
+#define SEAL_HEAD_WORDS (__builtin_offsetof(struct connredir_record, hops) / 8)
+#define SEAL_HOP_WORDS (sizeof(struct connredir_hop) / 8)
+#define SEAL_MAX_WORDS (SEAL_HEAD_WORDS + CONNREDIR_MAX_HOPS * SEAL_HOP_WORDS)
+_Static_assert(__builtin_offsetof(struct connredir_record, hops) % 8 == 0 &&
+		       sizeof(struct connredir_hop) % 8 == 0,
+	       "the seal covers whole words");
+_Static_assert(__builtin_offsetof(struct connredir_record, client_comm) == SEAL_MAX_WORDS * 8 &&
+		       sizeof(((struct connredir_record *)0)->client_comm) == 16,
+	       "client_comm is the two words after the hops");
 _Static_assert(__builtin_offsetof(struct connredir_record, seal) + 8 ==
 		       sizeof(struct connredir_record),
 	       "the seal is the record's last field");
@@ -57,27 +69,44 @@ static __always_inline const struct connredir_seal_key *seal_key_get(void)
 	return key;
 }
 
+/* One 8-byte message word through SipHash's compression (c = 2). */
+#define SIP_WORD(v0, v1, v2, v3, m)                                                       \
+	do {                                                                               \
+		__u64 m_ = (m);                                                            \
+		v3 ^= m_;                                                                  \
+		SIP_ROUND(v0, v1, v2, v3);                                                 \
+		SIP_ROUND(v0, v1, v2, v3);                                                 \
+		v0 ^= m_;                                                                  \
+	} while (0)
+
 /*
- * SipHash-2-4 of the SEAL_WORDS words at `words` (little-endian words, as
- * the reference reads them on this little-endian target; the input length
- * is a multiple of 8, so the last block holds only the length).
+ * SipHash-2-4 of the covered bytes of `record` (see above): the header and
+ * used hops, then client_comm, read as little-endian words as the reference
+ * does on this little-endian target. Every part is a whole number of words,
+ * so the last block holds only the length. `record` must hold a whole
+ * record; its hop_count must be at most CONNREDIR_MAX_HOPS.
  */
-static __always_inline __u64 seal_of(const struct connredir_seal_key *key, const __u64 *words)
+static __always_inline __u64 seal_of(const struct connredir_seal_key *key,
+				     const struct connredir_record *record)
 {
+	const __u64 *words = (const __u64 *)record;
+	const __u64 *comm = (const __u64 *)record->client_comm;
+	__u32 used = SEAL_HEAD_WORDS + clamp_hops(record->hop_count) * SEAL_HOP_WORDS;
 	__u64 v0 = key->k0 ^ 0x736f6d6570736575ULL;
 	__u64 v1 = key->k1 ^ 0x646f72616e646f6dULL;
 	__u64 v2 = key->k0 ^ 0x6c7967656e657261ULL;
 	__u64 v3 = key->k1 ^ 0x7465646279746573ULL;
-	__u64 last = (__u64)CONNREDIR_RECORD_V2_SIZE << 56;
+	__u64 last;
 
-	for (__u32 i = 0; i < SEAL_WORDS; i++) {
-		__u64 m = words[i];
-
-		v3 ^= m;
-		SIP_ROUND(v0, v1, v2, v3);
-		SIP_ROUND(v0, v1, v2, v3);
-		v0 ^= m;
+	/* Fixed offsets for the verifier: a counted loop, left when done. */
+	for (__u32 i = 0; i < SEAL_MAX_WORDS; i++) {
+		if (i >= used)
+			break;
+		SIP_WORD(v0, v1, v2, v3, words[i]);
 	}
+	SIP_WORD(v0, v1, v2, v3, comm[0]);
+	SIP_WORD(v0, v1, v2, v3, comm[1]);
+	last = (__u64)((used + 2) * 8) << 56;
 	v3 ^= last;
 	SIP_ROUND(v0, v1, v2, v3);
 	SIP_ROUND(v0, v1, v2, v3);

@@ -77,7 +77,7 @@ static __always_inline void get_records(struct bpf_sockopt *ctx, __s32 optlen, v
 	 * back through setsockopt is checked.
 	 */
 	key = seal_key_get();
-	out->seal = key ? seal_of(key, (const __u64 *)&state->record) : 0;
+	out->seal = key ? seal_of(key, &state->record) : 0;
 	ctx->optlen = sizeof(*out);
 	ctx->retval = 0;
 }
@@ -363,7 +363,7 @@ static __always_inline int is_callers_sealed_record(const struct connredir_recor
 	if (!caller_is(caller, last))
 		return 0;
 	key = seal_key_get();
-	return key && seal_of(key, (const __u64 *)in) == in->seal;
+	return key && seal_of(key, in) == in->seal;
 }
 
 static __always_inline int reject(__s32 err)
@@ -450,6 +450,11 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	state->record.version = CONNREDIR_RECORD_VERSION;
 	state->record.size = sizeof(*in);
 	state->record.seal = 0;
+	/* The seal does not cover unused hop slots: nothing of them is kept. */
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		if (i >= in->hop_count)
+			__builtin_memset(&state->record.hops[i], 0, sizeof(state->record.hops[i]));
+	}
 	state->onward_service = caller_accelerates();
 	state->flags = state->onward_service ? CONNREDIR_SOCK_ACCEL_ONWARD : 0;
 	count(CONNREDIR_CNT_RECORDS_SET);

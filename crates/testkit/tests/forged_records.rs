@@ -15,11 +15,12 @@
 //! (`CONNREDIR_FUZZ_SEED` repeats a run.)
 
 use std::collections::BTreeMap;
+use std::mem::offset_of;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use connredir_abi::map_names;
+use connredir_abi::{connredir_hop, connredir_record, map_names};
 use connredir_engine::{ensure_bpffs, Engine, ServiceId};
 use connredir_testkit::{
     by_cgroup, free_addr, require_privileges, require_program, test_tree, EchoServer, Lab, Proc,
@@ -245,6 +246,17 @@ fn a_record_the_layer_issued_passes_and_the_chain_goes_on() {
         chain.b_listen.to_string(),
         "A's onward connection goes on to B"
     );
+    // Bytes the layer never reads (an unused hop slot) change nothing.
+    let junk = chain.case("junk-in-unused-hops");
+    assert_eq!(junk["result"], "ok", "{junk}");
+    assert_eq!(junk["peer"], chain.b_listen.to_string());
+    let kept = from_hex(junk["kept"].as_str().unwrap());
+    let hop = |i: usize| {
+        let at = offset_of!(connredir_record, hops) + i * std::mem::size_of::<connredir_hop>();
+        &kept[at..at + std::mem::size_of::<connredir_hop>()]
+    };
+    assert!(hop(7).iter().all(|&b| b == 0), "unused slots are not kept");
+    assert_eq!(&hop(1)[..4], &chain.b.0.to_ne_bytes(), "B's hop follows");
     let logged = chain.lab.wait_logged(0, 1);
     let seen: Vec<u32> = logged[0]["chain"]
         .as_array()
@@ -389,17 +401,28 @@ fn assert_is_siphash_2_4(bpftool: &Path, key_map: &Path, record_hex: &str) {
         (word(0), word(8))
     };
     assert!(k0 != 0 || k1 != 0, "the engine wrote a key");
-    let record: Vec<u8> = (0..record_hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&record_hex[i..i + 2], 16).unwrap())
-        .collect();
-    let (covered, seal) = record.split_at(record.len() - 8);
+    let record = from_hex(record_hex);
+    // What the seal covers: the header and the used hops, then the command.
+    let field = |at: usize| u16::from_ne_bytes([record[at], record[at + 1]]);
+    let hops = usize::from(field(offset_of!(connredir_record, hop_count)));
+    let hop_size = std::mem::size_of::<connredir_hop>();
+    let used = offset_of!(connredir_record, hops) + hops * hop_size;
+    let comm = offset_of!(connredir_record, client_comm);
+    let (body, seal) = record.split_at(record.len() - 8);
+    let covered = [&body[..used], &body[comm..]].concat();
     #[allow(deprecated)]
     let mut reference = std::hash::SipHasher::new_with_keys(k0, k1);
-    std::hash::Hasher::write(&mut reference, covered);
+    std::hash::Hasher::write(&mut reference, &covered);
     assert_eq!(
         u64::from_ne_bytes(seal.try_into().unwrap()),
         std::hash::Hasher::finish(&reference),
         "the seal is SipHash-2-4 of the record under the layer's key"
     );
+}
+
+fn from_hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
 }

@@ -111,8 +111,10 @@ struct connredir_record {
 	 * flow, NUL-padded; all zero when unknown. */
 	__u8 client_comm[16];
 	/*
-	 * Version 3: SipHash-2-4 of every byte before this field, under the
-	 * layer's secret key (the seal_key map). The layer computes it when it
+	 * Version 3: SipHash-2-4, under the layer's secret key (the seal_key
+	 * map), of every byte the layer reads: the header (the bytes before
+	 * hops), the hop_count hops in use, then client_comm; unused hop slots
+	 * are not covered, and the layer zeroes them when it takes a record. The layer computes it when it
 	 * hands the records out (CONNREDIR_SO_RECORDS) and checks it when a
 	 * service hands them back: a process that is not root may only set a
 	 * record the layer issued whose last hop is its own service. Opaque:
@@ -123,7 +125,7 @@ struct connredir_record {
 
 /* Size of a version 1 record: everything before client_comm. */
 #define CONNREDIR_RECORD_V1_SIZE __builtin_offsetof(struct connredir_record, client_comm)
-/* Size of a version 2 record, and the bytes the seal covers. */
+/* Size of a version 2 record: everything before the seal. */
 #define CONNREDIR_RECORD_V2_SIZE __builtin_offsetof(struct connredir_record, seal)
 
 /* The key of the record seal (value of the one-entry seal_key array): 16
