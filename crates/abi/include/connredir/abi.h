@@ -114,11 +114,12 @@ struct connredir_record {
 	 * Version 3: SipHash-2-4, under the layer's secret key (the seal_key
 	 * map), of every byte the layer reads: the header (the bytes before
 	 * hops), the hop_count hops in use, then client_comm; unused hop slots
-	 * are not covered, and the layer zeroes them when it takes a record. The layer computes it when it
-	 * hands the records out (CONNREDIR_SO_RECORDS) and checks it when a
-	 * service hands them back: a process that is not root may only set a
-	 * record the layer issued whose last hop is its own service. Opaque:
-	 * readers ignore it; a record built or changed by hand is unsealed.
+	 * are not covered, and the layer zeroes them when it takes a record.
+	 * The layer computes it when it hands the records out
+	 * (CONNREDIR_SO_RECORDS) and checks it when a service hands them back:
+	 * a process that is not root may only set a record the layer issued
+	 * whose last hop is its own service. Opaque: readers ignore it; a
+	 * record built or changed by hand is unsealed.
 	 */
 	__u64 seal;
 };
