@@ -9,6 +9,8 @@
 //! connredir-testkit hold --connect ADDR --until FILE
 //! ```
 //!
+//! and the roles of the isolation tests (see `isolation.rs`).
+//!
 //! Each prints one JSON object per line on stdout; the proxy prints `ready`
 //! once it listens. The proxy is a plain thread-per-connection forwarder built
 //! on the `connredir` library, the way a proxy author would write one.
@@ -21,6 +23,8 @@ use anyhow::{bail, Context, Result};
 use connredir::{Error as RedirectError, RedirectRecords};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
+
+mod isolation;
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,7 +40,11 @@ fn main() -> Result<()> {
         Some("many") => many(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("echo") => echo(&args[1..]),
-        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo ..."),
+        Some("netns-attacker") => isolation::netns_attacker(&args[1..]),
+        Some("stalled-service") => isolation::stalled_service(&args[1..]),
+        Some("bound-client") => isolation::bound_client(&args[1..]),
+        Some("service-probe") => isolation::service_probe(&args[1..]),
+        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|netns-attacker|stalled-service|bound-client|service-probe ..."),
     }
 }
 

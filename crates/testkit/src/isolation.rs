@@ -1,0 +1,283 @@
+//! Roles for the tests of isolation: a client in a network namespace of its
+//! own, a service whose accept queue is full, a client bound to a chosen
+//! source address, and a probe of what a process may do as a service.
+//!
+//! ```text
+//! connredir-testkit netns-attacker MODE --listen ADDR --bind ADDR [--connect ADDR] [--until FILE]
+//! connredir-testkit stalled-service --listen ADDR --until FILE --expect N
+//! connredir-testkit bound-client --bind ADDR --connect ADDR --bytes N
+//! connredir-testkit service-probe --connect ADDR
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use socket2::{Domain, Socket, Type};
+
+use crate::{emit, kind, outcome, value};
+
+/// Enters a user and network namespace of its own (as `unshare -Urn`),
+/// mapping the caller's uid to root there, and brings its loopback up. The
+/// process stays in its cgroup, so the layer's programs still run for it.
+fn enter_own_network_namespace() -> Result<()> {
+    // SAFETY: plain system calls; the process is single-threaded here.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWUSER|CLONE_NEWNET)");
+    }
+    std::fs::write("/proc/self/setgroups", "deny").context("setgroups")?;
+    std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")).context("uid_map")?;
+    std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")).context("gid_map")?;
+    // SAFETY: an all-zero ifreq is valid; the ioctls read and write it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket for ioctl");
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let up = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0
+        };
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if !up {
+            return Err(err).context("bring lo up");
+        }
+    }
+    Ok(())
+}
+
+/// A listener with an accept queue of one, so a second connection's SYN is
+/// dropped and the client stays in SYN_SENT (retrying) until it is drained.
+fn small_backlog_listener(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
+    socket.listen(0)?;
+    Ok(socket.into())
+}
+
+/// A socket bound to `bind` (so the test chooses the 4-tuple).
+fn bound_socket(bind: SocketAddr) -> Result<Socket> {
+    let socket = Socket::new(Domain::for_address(bind), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&bind.into())
+        .with_context(|| format!("bind {bind}"))?;
+    Ok(socket)
+}
+
+/// What the accepted end of a connection carries: records and their client.
+fn accepted_report(stream: &TcpStream) -> Value {
+    let records = connredir::query_records(stream);
+    let mut line = json!({
+        "peer": stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "records": outcome(&records),
+    });
+    if let Ok(r) = &records {
+        line["client_pid"] = json!(r.client().pid);
+        line["chain"] = json!(r.chain().iter().map(|s| s.0).collect::<Vec<_>>());
+    }
+    line
+}
+
+fn wait_for(file: &PathBuf, at_most: Duration) {
+    let deadline = Instant::now() + at_most;
+    while !file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A process of the scope in a network namespace of its own, using the
+/// same addresses as a host flow:
+/// - `take`: listens on the service's address and connects to it from the
+///   host client's address, without being redirected: does its accepted
+///   socket get the host flow's pending record?
+/// - `replace`: the same, but through a redirected connect to the selected
+///   destination: its own record travels under the host flow's 4-tuple.
+/// - `accel`: a redirected connect to an accelerated service's address in
+///   its own namespace, then keeps only the accepted end (the host flow's
+///   service-side key) and reports every byte that arrives on it until FILE
+///   exists.
+/// - `hold`: see [`hold_half_open`].
+pub fn netns_attacker(args: &[String]) -> Result<()> {
+    let mode = args.first().context("missing mode")?.clone();
+    let listen: SocketAddr = value(args, "--listen")?.parse()?;
+    let bind: SocketAddr = value(args, "--bind")?.parse()?;
+    enter_own_network_namespace()?;
+    if mode == "hold" {
+        return hold_half_open(args, listen);
+    }
+    let listener = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+    let target = match mode.as_str() {
+        "take" => listen,
+        "replace" | "accel" => value(args, "--connect")?.parse()?,
+        other => bail!("unknown mode {other}"),
+    };
+    let socket = bound_socket(bind)?;
+    socket
+        .connect(&target.into())
+        .with_context(|| format!("connect to {target}"))?;
+    let client: TcpStream = socket.into();
+    let (accepted, _) = listener.accept()?;
+    let mut report = accepted_report(&accepted);
+    report["mode"] = json!(mode);
+    report["pid"] = json!(std::process::id());
+    if mode != "accel" {
+        emit(report);
+        return Ok(());
+    }
+    // Only the accepted end stays: it holds the key a host flow's service
+    // side would have.
+    drop(client);
+    report["stage"] = json!("ready");
+    emit(report);
+    let until = PathBuf::from(value(args, "--until")?);
+    accepted.set_nonblocking(true)?;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stolen = (&accepted).read(&mut buf);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Read past EOF too: data moved by the sockmap lands in the
+        // socket's own queue whatever its TCP state.
+        if let Ok(n) = stolen {
+            got += n;
+        }
+        if until.exists() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        stolen = (&accepted).read(&mut buf);
+    }
+    if let Ok(n) = (&accepted).read(&mut buf) {
+        got += n;
+    }
+    emit(json!({ "mode": mode, "stage": "done", "received": got }));
+    Ok(())
+}
+
+/// `hold`: `--count` redirected connects to `--connect` that never complete
+/// (the namespace's own listener on the service's address has a full accept
+/// queue, so their SYNs are dropped), held until FILE exists.
+fn hold_half_open(args: &[String], listen: SocketAddr) -> Result<()> {
+    let connect: SocketAddr = value(args, "--connect")?.parse()?;
+    let count: usize = value(args, "--count")?.parse()?;
+    let until = PathBuf::from(value(args, "--until")?);
+    let listener = small_backlog_listener(listen)?;
+    // Not redirected (no rule for the service's own address): fills the queue.
+    let filler = TcpStream::connect(listen)?;
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&connect.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => held.push(socket),
+            other => bail!("connect {} of {count}: {other:?}", held.len() + 1),
+        }
+    }
+    emit(json!({ "held": held.len() }));
+    wait_for(&until, Duration::from_secs(60));
+    drop((held, filler, listener));
+    Ok(())
+}
+
+/// A service whose accept queue is full (a connection it has not accepted
+/// yet, which the test makes): the next redirected client's SYN is dropped,
+/// so its record waits in the hand-off map. Once FILE exists it accepts
+/// `--expect` connections and reports what each carries.
+pub fn stalled_service(args: &[String]) -> Result<()> {
+    let listen: SocketAddr = value(args, "--listen")?.parse()?;
+    let until = PathBuf::from(value(args, "--until")?);
+    let expect: usize = value(args, "--expect")?.parse()?;
+    let listener = small_backlog_listener(listen)?;
+    println!("ready");
+    wait_for(&until, Duration::from_secs(30));
+    for _ in 0..expect {
+        let (stream, _) = listener.accept()?;
+        emit(accepted_report(&stream));
+    }
+    Ok(())
+}
+
+/// Connects from `--bind` to `--connect`, sends `--bytes` bytes and reads
+/// them back (at most 5 s), reporting what came back.
+pub fn bound_client(args: &[String]) -> Result<()> {
+    let bind: SocketAddr = value(args, "--bind")?.parse()?;
+    let connect: SocketAddr = value(args, "--connect")?.parse()?;
+    let bytes: usize = value(args, "--bytes")?.parse()?;
+    let socket = bound_socket(bind)?;
+    socket
+        .connect(&connect.into())
+        .with_context(|| format!("connect to {connect}"))?;
+    let mut stream: TcpStream = socket.into();
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&payload)?;
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received.len() < bytes && Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            // Timeouts, and the spurious EAGAIN of accelerated sockets.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    emit(json!({
+        "ok": received == payload,
+        "sent": bytes,
+        "received": received.len(),
+        "local": stream.local_addr()?.to_string(),
+        "pid": std::process::id(),
+    }));
+    Ok(())
+}
+
+/// What this process may do as (or against) a service: set records on a new
+/// socket, connect to `--connect` (redirected or not), and read the context
+/// of that connection.
+pub fn service_probe(args: &[String]) -> Result<()> {
+    let connect: SocketAddr = value(args, "--connect")?.parse()?;
+    let socket = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
+    let mut records = connredir::RedirectRecords::new();
+    records
+        .push_hop(connredir::ServiceId(1), "127.0.0.9:9".parse().unwrap())
+        .expect("an empty chain has room");
+    let set = connredir::set_records(&socket, &records);
+    let stream = TcpStream::connect(connect).with_context(|| format!("connect to {connect}"))?;
+    let own = connredir::query_records(&stream);
+    let context = connredir::query_context(&stream);
+    let mut report = json!({
+        "pid": std::process::id(),
+        "set": outcome(&set),
+        "records": outcome(&own),
+        "context": outcome(&context),
+    });
+    if let Ok(r) = &own {
+        report["chain"] = json!(r.chain().iter().map(|s| s.0).collect::<Vec<_>>());
+    }
+    if let Err(e) = &set {
+        report["set_error"] = json!(kind(e));
+    }
+    emit(report);
+    Ok(())
+}
