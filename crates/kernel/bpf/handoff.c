@@ -6,7 +6,9 @@
  * TCP_CONNECT_CB (client side, source address now bound): the record goes into
  * the hand-off map under the connection's 4-tuple. PASSIVE_ESTABLISHED_CB
  * (service side, in the listener's cgroup): the record is copied onto the
- * accepted socket and the entry deleted. A connection that never reaches the
+ * accepted socket and the entry deleted. The key is the 4-tuple and the
+ * network namespace: a socket of another namespace with the same addresses
+ * never reads, replaces or deletes this connection's entry. A connection that never reaches the
  * service (refused, reset, timed out) deletes its entry when the client socket
  * closes, so the map does not grow without bound.
  *
@@ -15,10 +17,11 @@
  */
 #include "common.h"
 
-static __always_inline void handoff_key(struct connredir_handoff_key *key,
+static __always_inline void handoff_key(struct connredir_handoff_key *key, __u64 netns,
 					const __u32 client[4], __u16 client_port,
 					const __u32 service[4], __u16 service_port)
 {
+	key->netns = netns;
 	__builtin_memcpy(key->client_addr, client, 16);
 	__builtin_memcpy(key->service_addr, service, 16);
 	key->client_port = client_port;
@@ -54,7 +57,7 @@ static __always_inline int track(__u64 cookie, const struct connredir_sock_state
 }
 
 static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-				       const struct tuple *tp, __u32 cb_flags)
+				       __u64 netns, const struct tuple *tp, __u32 cb_flags)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_sock_state *state;
@@ -74,7 +77,7 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	hop = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)];
 	endpoint_set_v6(&hop->local, t.local, bpf_htons(t.local_port));
 
-	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
 	handed = bpf_map_update_elem(&handoff, &key, &state->record, BPF_ANY) == 0;
 	if (!handed)
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
@@ -84,7 +87,8 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 		bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-static __always_inline void on_passive_established(struct bpf_sock *sk, const struct tuple *tp)
+static __always_inline void on_passive_established(struct bpf_sock *sk, __u64 netns,
+						   const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_addr_key addr = {};
@@ -92,7 +96,7 @@ static __always_inline void on_passive_established(struct bpf_sock *sk, const st
 	struct connredir_record *record;
 	const struct tuple t = *tp;
 
-	handoff_key(&key, t.remote, t.remote_port, t.local, t.local_port);
+	handoff_key(&key, netns, t.remote, t.remote_port, t.local, t.local_port);
 	record = bpf_map_lookup_elem(&handoff, &key);
 	if (!record) {
 		/* Only a service's listener is owed a record. */
@@ -113,13 +117,14 @@ static __always_inline void on_passive_established(struct bpf_sock *sk, const st
 	bpf_map_delete_elem(&handoff, &key);
 }
 
-static __always_inline void on_close(struct bpf_sock_ops *skops, const struct tuple *tp)
+static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
+				     const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	const struct tuple t = *tp;
 	__u64 cookie = bpf_get_socket_cookie(skops);
 
-	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
 	bpf_map_delete_elem(&handoff, &key);
 	bpf_map_delete_elem(&conns, &cookie);
 }
@@ -132,30 +137,33 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 	__u32 cb_flags = skops->bpf_sock_ops_cb_flags;
 	__u32 new_state = skops->args[1];
 	struct tuple t = {};
+	__u64 netns;
 
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	read_tuple(skops, &t);
+	/* Every key that names a socket by address carries its namespace. */
+	netns = bpf_get_netns_cookie(skops);
 
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		if (sk)
-			on_connect(skops, sk, &t, cb_flags);
+			on_connect(skops, sk, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		if (sk)
-			accel_on_active(skops, sk, &t, cb_flags);
+			accel_on_active(skops, sk, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		if (sk)
-			on_passive_established(sk, &t);
-		accel_on_passive(skops, &t, cb_flags);
+			on_passive_established(sk, netns, &t);
+		accel_on_passive(skops, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (new_state == TCP_CLOSE) {
-			on_close(skops, &t);
-			accel_on_close(sk, &t);
+			on_close(skops, netns, &t);
+			accel_on_close(sk, netns, &t);
 		}
 		break;
 	}

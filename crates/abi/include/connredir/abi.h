@@ -223,12 +223,19 @@ struct connredir_rule_set {
 
 /* ---- Hand-off of records from the connecting socket to the accepted one. */
 
-/* Addresses are IPv6 or IPv4-mapped IPv6; ports in host order. */
+/*
+ * Addresses are IPv6 or IPv4-mapped IPv6; ports in host order. `netns` is
+ * the network namespace's cookie (bpf_get_netns_cookie): the same 4-tuple
+ * in another namespace is another connection, whose record never meets
+ * this one's.
+ */
 struct connredir_handoff_key {
+	__u64 netns;
 	__u8 client_addr[16];
 	__u8 service_addr[16];
 	__u16 client_port;
 	__u16 service_port;
+	__u32 reserved; /* zero: keys are compared byte for byte */
 };
 
 /* Key of the service_addrs hash: a listening endpoint, normalised as above. */
@@ -255,12 +262,23 @@ struct connredir_inherit_key {
 
 /* ---- Sockmap acceleration (the accel_socks sockhash and accel_state). */
 
-/* A socket by its own view of its 4-tuple: IPv4 as IPv4-mapped, host-order ports. */
-struct connredir_pair_key {
+/* A socket's own view of its 4-tuple: IPv4 as IPv4-mapped, host-order ports. */
+struct connredir_sock_tuple {
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
 	__u16 local_port;
 	__u16 remote_port;
+};
+
+/*
+ * A socket in the acceleration maps: its network namespace's cookie and its
+ * 4-tuple. Only the layer builds these (a caller never names a namespace):
+ * sockets of different namespaces that share addresses are never joined.
+ */
+struct connredir_pair_key {
+	__u64 netns;
+	struct connredir_sock_tuple tuple;
+	__u32 reserved; /* zero: keys are compared byte for byte */
 };
 
 /* The socket sent data through TCP before its peer joined: it stays on TCP,
@@ -288,8 +306,10 @@ struct connredir_accel_state {
 struct connredir_cut_through {
 	/* Bytes the caller has read from the socket, in all. */
 	__u64 received;
-	/* The caller's socket to send to, by its own 4-tuple. */
-	struct connredir_pair_key to;
+	/* The caller's socket to send to, by its own 4-tuple; the layer looks
+	 * it up in the namespace of the socket the option is set on. */
+	struct connredir_sock_tuple to;
+	__u32 reserved;
 };
 
 /* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
