@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -91,7 +91,7 @@ fn accepted_report(stream: &TcpStream) -> Value {
     line
 }
 
-fn wait_for(file: &PathBuf, at_most: Duration) {
+fn wait_for(file: &Path, at_most: Duration) {
     let deadline = Instant::now() + at_most;
     while !file.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
