@@ -1,0 +1,137 @@
+//! pid identities die with their process: once a service's registered
+//! process exits, the next process to get that pid (here an unprivileged
+//! one, given the pid on purpose) is not the service.
+
+use std::time::Duration;
+
+use connredir_engine::{Identity, Service};
+use connredir_testkit::{free_addr, EchoServer, Lab, Proc};
+use serde_json::Value;
+
+const NOBODY: u32 = 65534;
+
+/// Starts `args` in `cgroup` as `uid` with process id `pid`, by setting the
+/// kernel's last-allocated pid just before the fork (other forks on the
+/// machine can take it first: a few tries).
+fn spawn_with_pid(lab: &Lab, cgroup: &str, uid: u32, pid: u32, args: &[&str]) -> Proc {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("write ns_last_pid (needs root)");
+        let proc = Proc::spawn(&lab.cgroup(cgroup), Some(uid), args).unwrap();
+        if proc.pid() == pid {
+            return proc;
+        }
+        // Not the pid we wanted: let it finish, and try again.
+        let _ = proc.finish();
+    }
+    panic!("could not start a process with pid {pid}");
+}
+
+/// A long-lived process of the test, in `cgroup`, to register by its pid.
+fn worker(lab: &Lab, cgroup: &str) -> Proc {
+    let proc = Proc::spawn(
+        &lab.cgroup(cgroup),
+        None,
+        &["echo", "--listen", "127.0.0.1:0"],
+    )
+    .unwrap();
+    proc.wait_line("worker ready", |l| l == "ready").unwrap();
+    proc
+}
+
+#[test]
+fn a_new_process_with_a_departed_services_pid_is_not_the_service() {
+    let Some(mut lab) = Lab::new("pid-reuse") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let mut departed = worker(&lab, "scope/worker");
+    let pid = departed.pid();
+    // The service: its proxy (by cgroup) and one more process (by pid).
+    let cgroup = lab.cgroup("services/guarded");
+    let listen = free_addr("127.0.0.1");
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "guarded".into(),
+            listen: vec![listen],
+            identity: Identity {
+                pids: vec![pid],
+                cgroups: vec![cgroup.clone()],
+                ..Default::default()
+            },
+            context: Some(b"only for the service".to_vec()),
+            own_connections_by_self: true,
+            accelerate: false,
+            on_down: Default::default(),
+        })
+        .unwrap();
+    lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
+    let proxy = Proc::spawn(
+        &cgroup,
+        None,
+        &[
+            "proxy",
+            "--name",
+            "guarded",
+            "--listen",
+            &listen.to_string(),
+        ],
+    )
+    .unwrap();
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proxy);
+
+    departed.kill().unwrap();
+    // The identity goes when the process does; give that a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let connect = dst.to_string();
+    let (status, lines) = spawn_with_pid(
+        &lab,
+        "scope/client",
+        NOBODY,
+        pid,
+        &["service-probe", "--connect", &connect],
+    )
+    .finish()
+    .unwrap();
+    assert!(status.success(), "{lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(report["pid"], pid, "{report}");
+    // Not the service: it may not set records,
+    assert_eq!(report["set"], "AccessDenied", "{report}");
+    // its connection is the service's to inspect (not "by self"),
+    assert_eq!(report["records"], "ok", "{report}");
+    assert_eq!(report["chain"], serde_json::json!([id.0]), "{report}");
+    // and the service's context is not for it.
+    assert_eq!(report["context"], "AccessDenied", "{report}");
+    let log = lab.wait_logged(0, 1);
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["client_pid"], pid, "{log:?}");
+}
+
+#[test]
+fn registering_a_pid_that_does_not_exist_is_an_error() {
+    let Some(mut lab) = Lab::new("pid-absent") else {
+        return;
+    };
+    let mut gone = worker(&lab, "scope/worker");
+    let pid = gone.pid();
+    gone.kill().unwrap();
+    let added = lab.engine.add_service(Service {
+        name: "ghost".into(),
+        listen: vec![free_addr("127.0.0.1")],
+        identity: Identity {
+            pids: vec![pid],
+            ..Default::default()
+        },
+        context: None,
+        own_connections_by_self: true,
+        accelerate: false,
+        on_down: Default::default(),
+    });
+    let err = added.expect_err("a pid with no process is no identity");
+    assert!(err.to_string().contains(&format!("pid {pid}")), "{err}");
+    assert_eq!(lab.engine.services().count(), 0);
+}
