@@ -25,6 +25,7 @@
 
 pub mod cgroup;
 mod link;
+mod liveness;
 mod observe;
 mod rules;
 mod service;
@@ -235,6 +236,8 @@ pub struct Engine {
     rules_generation: u8,
     rules_flipped_at: Option<std::time::Instant>,
     next_rule: u32,
+    /// The registered pids, removed from the kernel when their process exits.
+    pids: liveness::PidIdentities,
 }
 
 impl std::fmt::Debug for Engine {
@@ -269,6 +272,30 @@ fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
     let link = prog.take_link(link).map_err(program_err(programs::ACCEL))?;
     std::mem::forget(link);
     Ok(())
+}
+
+/// Starts watching the processes of pid identities, with a descriptor of
+/// the `service_by_pid` map of its own.
+fn pid_identities(bpf: &Ebpf) -> Result<liveness::PidIdentities, Error> {
+    let name = map_names::SERVICE_BY_PID;
+    let io_err = |call: &'static str| {
+        move |io_error: std::io::Error| Error::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        }
+    };
+    let aya::maps::Map::HashMap(data) = bpf.map(name).expect("checked at load") else {
+        return Err(Error::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        });
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io_err("dup"))?;
+    liveness::PidIdentities::start(fd).map_err(io_err("start the pid watcher"))
 }
 
 /// Lines of the verifier's log worth showing: its end, where it says why.
@@ -426,6 +453,7 @@ impl Engine {
             prog.load().map_err(program_err(name))?;
         }
         attach_accel(&mut bpf)?;
+        let pids = pid_identities(&bpf)?;
         debug!("kernel programs loaded");
         Ok(Engine {
             bpf,
@@ -438,6 +466,7 @@ impl Engine {
             rules_generation: 0,
             rules_flipped_at: None,
             next_rule: 1,
+            pids,
         })
     }
 
@@ -645,7 +674,8 @@ impl Engine {
                 .identity
                 .pids
                 .iter()
-                .find(|p| other.service.identity.pids.contains(p))
+                // A pid whose process exited is nobody's any more.
+                .find(|p| other.service.identity.pids.contains(p) && self.pids.is_live(**p))
                 .map(|p| format!("pid {p}"))
                 .or_else(|| {
                     service
@@ -689,11 +719,9 @@ impl Engine {
         r: &Registered,
         value: &connredir_service,
     ) -> Result<(), Error> {
-        let mut by_pid = self.hash::<u32, u32>(map_names::SERVICE_BY_PID)?;
+        // Each pid for as long as its process lives (none: an error).
         for pid in &r.service.identity.pids {
-            by_pid
-                .insert(pid, id.0, 0)
-                .map_err(map_err(map_names::SERVICE_BY_PID))?;
+            self.pids.register(*pid, id.0)?;
         }
         let mut by_uid = self.hash::<u32, u32>(map_names::SERVICE_BY_UID)?;
         for uid in &r.service.identity.uids {
@@ -725,12 +753,8 @@ impl Engine {
         if let Ok(mut services) = self.services_map() {
             let _ = services.set(id.0, Plain(connredir_service::default()), 0);
         }
-        if let Ok(mut m) = self.hash::<u32, u32>(map_names::SERVICE_BY_PID) {
-            r.service
-                .identity
-                .pids
-                .iter()
-                .for_each(|k| drop(m.remove(k)));
+        for pid in &r.service.identity.pids {
+            self.pids.unregister(*pid, id.0);
         }
         if let Ok(mut m) = self.hash::<u32, u32>(map_names::SERVICE_BY_UID) {
             r.service
@@ -862,7 +886,7 @@ impl Engine {
                 .map_err(map_err(map_names::SERVICES))?;
             info!(%id, "removed a service of the previous run");
         }
-        self.purge::<u32>(map_names::SERVICE_BY_PID)?;
+        self.purge_pids()?;
         self.purge::<u32>(map_names::SERVICE_BY_UID)?;
         self.purge::<u64>(map_names::SERVICE_BY_CGROUP)?;
         self.purge::<Plain<connredir_addr_key>>(map_names::SERVICE_ADDRS)?;
@@ -879,6 +903,29 @@ impl Engine {
             .collect();
         for key in stale {
             let _ = hits.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Removes the pid identities that this engine does not watch: those of
+    /// the previous run that were not registered again (their processes may
+    /// be gone, and their pids someone else's).
+    fn purge_pids(&mut self) -> Result<(), Error> {
+        let name = map_names::SERVICE_BY_PID;
+        let stale: Vec<u32> = {
+            let map = self.hash::<u32, u32>(name)?;
+            map.keys().filter_map(Result::ok).collect()
+        };
+        let stale: Vec<u32> = stale
+            .into_iter()
+            .filter(|p| !self.pids.is_live(*p))
+            .collect();
+        let mut map = self.hash::<u32, u32>(name)?;
+        for pid in stale {
+            match map.remove(&pid) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
         }
         Ok(())
     }
