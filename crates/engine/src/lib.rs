@@ -274,6 +274,42 @@ fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
     Ok(())
 }
 
+/// Tells the kernel programs which network namespace is the layer's own
+/// (this process's, where its services listen): sockets of the others
+/// share a bounded part of the hand-off map (abi.h,
+/// CONNREDIR_MAX_FOREIGN_HANDOFFS).
+fn set_home_netns(bpf: &mut Ebpf) -> Result<(), Error> {
+    let name = map_names::HANDOFF_BUDGET;
+    let io_err = |io_error: std::io::Error| Error::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "getsockopt(SO_NETNS_COOKIE)",
+            io_error,
+        }),
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io_err)?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the kernel to write.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    let mut budget: Array<&mut MapData, u64> =
+        Array::try_from(bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))?;
+    budget
+        .set(connredir_abi::CONNREDIR_BUDGET_HOME_NETNS, cookie, 0)
+        .map_err(map_err(name))
+}
+
 /// Starts watching the processes of pid identities, with a descriptor of
 /// the `service_by_pid` map of its own.
 fn pid_identities(bpf: &Ebpf) -> Result<liveness::PidIdentities, Error> {
@@ -454,6 +490,7 @@ impl Engine {
         }
         attach_accel(&mut bpf)?;
         let pids = pid_identities(&bpf)?;
+        set_home_netns(&mut bpf)?;
         debug!("kernel programs loaded");
         Ok(Engine {
             bpf,

@@ -17,6 +17,39 @@
  */
 #include "common.h"
 
+/* See CONNREDIR_MAX_FOREIGN_HANDOFFS in abi.h. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CONNREDIR_BUDGET_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} handoff_budget SEC(".maps");
+
+/* The count of entries held by other namespaces when `netns` is one of
+ * them; NULL for the layer's own namespace (or before the engine said
+ * which that is). */
+static __always_inline __u64 *foreign_held(__u64 netns)
+{
+	__u32 home_at = CONNREDIR_BUDGET_HOME_NETNS, held_at = CONNREDIR_BUDGET_FOREIGN_HELD;
+	__u64 *home = bpf_map_lookup_elem(&handoff_budget, &home_at);
+
+	if (!home || *home == 0 || *home == netns)
+		return NULL;
+	return bpf_map_lookup_elem(&handoff_budget, &held_at);
+}
+
+/* Deletes a hand-off entry, and gives its place back to its namespace. */
+static __always_inline void handoff_delete(const struct connredir_handoff_key *key)
+{
+	__u64 *held;
+
+	if (bpf_map_delete_elem(&handoff, key))
+		return;
+	held = foreign_held(key->netns);
+	if (held)
+		__sync_fetch_and_add(held, -1);
+}
+
 static __always_inline void handoff_key(struct connredir_handoff_key *key, __u64 netns,
 					const __u32 client[4], __u16 client_port,
 					const __u32 service[4], __u16 service_port)
@@ -65,6 +98,7 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	struct tuple t = *tp;
 	__u32 hop_count;
 	int handed, tracked;
+	__u64 *held;
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
@@ -78,7 +112,16 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	endpoint_set_v6(&hop->local, t.local, bpf_htons(t.local_port));
 
 	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
-	handed = bpf_map_update_elem(&handoff, &key, &state->record, BPF_ANY) == 0;
+	held = foreign_held(netns);
+	if (held && (__s64)*held >= CONNREDIR_MAX_FOREIGN_HANDOFFS) {
+		/* Other namespaces hold their share: the host's flows keep theirs. */
+		handed = 0;
+	} else {
+		handed = bpf_map_update_elem(&handoff, &key, &state->record,
+					     held ? BPF_NOEXIST : BPF_ANY) == 0;
+		if (handed && held)
+			__sync_fetch_and_add(held, 1);
+	}
 	if (!handed)
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
 	tracked = track(bpf_get_socket_cookie(skops), state, hop_count);
@@ -114,7 +157,7 @@ static __always_inline void on_passive_established(struct bpf_sock *sk, __u64 ne
 	} else {
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
 	}
-	bpf_map_delete_elem(&handoff, &key);
+	handoff_delete(&key);
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
@@ -125,7 +168,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
 	__u64 cookie = bpf_get_socket_cookie(skops);
 
 	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
-	bpf_map_delete_elem(&handoff, &key);
+	handoff_delete(&key);
 	bpf_map_delete_elem(&conns, &cookie);
 }
 

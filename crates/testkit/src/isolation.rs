@@ -174,6 +174,7 @@ fn hold_half_open(args: &[String], listen: SocketAddr) -> Result<()> {
     let connect: SocketAddr = value(args, "--connect")?.parse()?;
     let count: usize = value(args, "--count")?.parse()?;
     let until = PathBuf::from(value(args, "--until")?);
+    raise_fd_limit()?;
     let listener = small_backlog_listener(listen)?;
     // Not redirected (no rule for the service's own address): fills the queue.
     let filler = TcpStream::connect(listen)?;
@@ -189,6 +190,25 @@ fn hold_half_open(args: &[String], listen: SocketAddr) -> Result<()> {
     emit(json!({ "held": held.len() }));
     wait_for(&until, Duration::from_secs(60));
     drop((held, filler, listener));
+    Ok(())
+}
+
+/// Raises the soft limit of open files to the hard limit, as any process may.
+fn raise_fd_limit() -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid rlimit for both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit");
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit");
+        }
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use connredir_engine::Service;
-use connredir_testkit::{by_cgroup, free_addr, Lab, Proc};
+use connredir_testkit::{by_cgroup, free_addr, EchoServer, Lab, Proc};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -351,6 +351,111 @@ fn hand_off_entries_of_a_namespace_go_with_its_sockets() {
     let (status, lines) = attacker.finish().unwrap();
     assert!(status.success(), "{lines:?}");
     eventually("the namespace's entries to go", || {
+        (lab.engine.pending_handoffs().unwrap() == 0).then_some(())
+    });
+}
+
+/// Namespaces of the scope holding as many half-open redirected connections
+/// as they can hold together at most a bounded share of the hand-off map, so
+/// they cannot keep the host's own flows from handing their records to their
+/// service. (Without the bound, four namespaces of 17,000 each filled all
+/// 65,536 entries and a host flow lost its record.)
+#[test]
+fn namespaces_cannot_fill_the_hand_off_map_for_the_host() {
+    let Some(mut lab) = Lab::new("ns-flood") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let cgroup = lab.cgroup("services/inspector");
+    let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
+    lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
+    let listen_arg = listen.to_string();
+    let proxy = Proc::spawn(
+        &cgroup,
+        None,
+        &["proxy", "--name", "inspector", "--listen", &listen_arg],
+    )
+    .unwrap();
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proxy);
+
+    // More than other namespaces may hold together (8,192 of 65,536).
+    const EACH: usize = 5_000;
+    let release = Release::new("ns-flood");
+    let (connect, until, each) = (dst.to_string(), release.arg(), EACH.to_string());
+    let attackers: Vec<Proc> = (0..2)
+        .map(|_| {
+            Proc::spawn(
+                &lab.cgroup("scope/attacker"),
+                Some(NOBODY),
+                &[
+                    "netns-attacker",
+                    "hold",
+                    "--listen",
+                    &listen_arg,
+                    "--bind",
+                    "127.0.0.1:0",
+                    "--connect",
+                    &connect,
+                    "--until",
+                    &until,
+                    "--count",
+                    &each,
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    for attacker in &attackers {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let line = loop {
+            if let Some(line) = attacker
+                .lines()
+                .into_iter()
+                .find(|l| l.contains("\"held\""))
+            {
+                break line;
+            }
+            assert!(Instant::now() < deadline, "{:?}", attacker.lines());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let held: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(held["held"], EACH, "{held}");
+    }
+    let pending = lab.engine.pending_handoffs().unwrap();
+    eprintln!(
+        "{} half-open connections held in {:?}; hand-off entries: {pending}",
+        2 * EACH,
+        started.elapsed()
+    );
+    let bound = connredir_abi::CONNREDIR_MAX_FOREIGN_HANDOFFS as usize;
+    assert_eq!(pending, bound, "other namespaces hold their share, no more");
+
+    let before = lab.engine.counters().unwrap().handoff_misses;
+    let bytes = "1000";
+    let (status, lines) = Proc::spawn(
+        &lab.cgroup("scope/client"),
+        None,
+        &["client", "--connect", &connect, "--bytes", bytes],
+    )
+    .unwrap()
+    .finish()
+    .unwrap();
+    let misses = lab.engine.counters().unwrap().handoff_misses - before;
+    release.release();
+    for attacker in attackers {
+        let (status, lines) = attacker.finish().unwrap();
+        assert!(status.success(), "{lines:?}");
+    }
+    let log = lab.wait_logged(0, 1);
+    assert_eq!(misses, 0, "the host flow's record was lost: {log:?}");
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(report(&lines)["ok"], true, "{lines:?}");
+    assert_eq!(log[0]["records"], "ok", "{log:?}");
+    eventually("the namespaces' entries to go", || {
         (lab.engine.pending_handoffs().unwrap() == 0).then_some(())
     });
 }

@@ -238,6 +238,27 @@ struct connredir_handoff_key {
 	__u32 reserved; /* zero: keys are compared byte for byte */
 };
 
+/*
+ * Hand-off entries that sockets of network namespaces other than the
+ * layer's own may hold together. Any process of the scope can enter a
+ * namespace of its own and keep redirected connections half-open there
+ * (its own listener on the service's address never accepts them); without
+ * a bound such entries could fill the map, and the host's own flows would
+ * lose their records. Pending hand-offs last one handshake, so this is far
+ * more than other namespaces (containers with a proxy of their own) need.
+ */
+#define CONNREDIR_MAX_FOREIGN_HANDOFFS 8192 /* an eighth of CONNREDIR_MAX_HANDOFFS */
+
+/* Indices of the handoff_budget array (__u64 values). */
+enum connredir_handoff_budget {
+	/* The cookie of the network namespace the engine runs in, where its
+	 * services listen; 0 until the engine writes it (then no bound). */
+	CONNREDIR_BUDGET_HOME_NETNS = 0,
+	/* Hand-off entries held now by sockets of other namespaces. */
+	CONNREDIR_BUDGET_FOREIGN_HELD = 1,
+	CONNREDIR_BUDGET_MAX = 2,
+};
+
 /* Key of the service_addrs hash: a listening endpoint, normalised as above. */
 struct connredir_addr_key {
 	__u8 addr[16];
@@ -402,6 +423,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_RULES_ACTIVE "rules_active"
 #define CONNREDIR_MAP_RULE_HITS "rule_hits"
 #define CONNREDIR_MAP_HANDOFF "handoff"
+#define CONNREDIR_MAP_HANDOFF_BUDGET "handoff_budget"
 #define CONNREDIR_MAP_COUNTERS "counters"
 #define CONNREDIR_MAP_INHERIT "inherit"
 #define CONNREDIR_MAP_CONNS "conns"
