@@ -135,3 +135,108 @@ fn registering_a_pid_that_does_not_exist_is_an_error() {
     assert!(err.to_string().contains(&format!("pid {pid}")), "{err}");
     assert_eq!(lab.engine.services().count(), 0);
 }
+
+/// Removes a pin directory (which detaches its links) when dropped.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = connredir_engine::Engine::remove_pinned(&self.0);
+    }
+}
+
+/// The kernel tells a departed service process from a later one with its
+/// pid also when no engine runs to remove the identity: a pinned layer whose
+/// engine has stopped (as between `connredir up` runs).
+#[test]
+fn without_a_running_engine_a_reused_pid_is_still_not_the_service() {
+    let name = "pid-pinned";
+    if !connredir_testkit::require_privileges(name) {
+        return;
+    }
+    // Dropped in reverse: processes, then the pins (detaching), then the tree.
+    let tree = connredir_testkit::test_tree(name).unwrap();
+    let pins = Pins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/connredir-test-{name}-{}",
+        std::process::id()
+    )));
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let mut engine = connredir_engine::Engine::load_pinned(&pins.0).unwrap();
+    for cgroup in ["scope", "services"] {
+        engine.attach(tree.cgroup(cgroup).unwrap()).unwrap();
+    }
+    let spawn = |cgroup: &str, uid: Option<u32>, args: &[&str]| {
+        Proc::spawn(&tree.cgroup(cgroup).unwrap(), uid, args).unwrap()
+    };
+    let mut departed = spawn("scope/worker", None, &["echo", "--listen", "127.0.0.1:0"]);
+    departed
+        .wait_line("worker ready", |l| l == "ready")
+        .unwrap();
+    let pid = departed.pid();
+    let cgroup = tree.cgroup("services/guarded").unwrap();
+    let listen = free_addr("127.0.0.1");
+    let id = engine
+        .add_service(Service {
+            name: "guarded".into(),
+            listen: vec![listen],
+            identity: Identity {
+                pids: vec![pid],
+                cgroups: vec![cgroup.clone()],
+                ..Default::default()
+            },
+            context: Some(b"only for the service".to_vec()),
+            own_connections_by_self: true,
+            accelerate: false,
+            on_down: Default::default(),
+        })
+        .unwrap();
+    engine
+        .add_rule(connredir_engine::Rule {
+            destinations: vec!["127.0.0.2/32".parse().unwrap()],
+            ports: vec![dst.port()..=dst.port()],
+            ..connredir_engine::Rule::tcp_to(id)
+        })
+        .unwrap();
+    let proxy = spawn(
+        "services/guarded",
+        None,
+        &[
+            "proxy",
+            "--name",
+            "guarded",
+            "--listen",
+            &listen.to_string(),
+        ],
+    );
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    // The engine stops; the layer stays attached, its identities with it.
+    drop(engine);
+    departed.kill().unwrap();
+
+    let connect = dst.to_string();
+    let mut impostor = None;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let proc = spawn(
+            "scope/client",
+            Some(NOBODY),
+            &["service-probe", "--connect", &connect],
+        );
+        if proc.pid() == pid {
+            impostor = Some(proc);
+            break;
+        }
+        let _ = proc.finish();
+    }
+    let (status, lines) = impostor.expect("a process with the pid").finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(report["pid"], pid, "{report}");
+    assert_eq!(report["set"], "AccessDenied", "{report}");
+    assert_eq!(report["records"], "ok", "{report}");
+    assert_eq!(report["context"], "AccessDenied", "{report}");
+    drop(proxy);
+    drop(pins);
+    drop(tree);
+}
