@@ -950,14 +950,14 @@ impl Engine {
     fn purge_pids(&mut self) -> Result<(), Error> {
         let name = map_names::SERVICE_BY_PID;
         let stale: Vec<u32> = {
-            let map = self.hash::<u32, u32>(name)?;
+            let map = self.hash::<u32, Plain<connredir_abi::connredir_pid_identity>>(name)?;
             map.keys().filter_map(Result::ok).collect()
         };
         let stale: Vec<u32> = stale
             .into_iter()
             .filter(|p| !self.pids.is_live(*p))
             .collect();
-        let mut map = self.hash::<u32, u32>(name)?;
+        let mut map = self.hash::<u32, Plain<connredir_abi::connredir_pid_identity>>(name)?;
         for pid in stale {
             match map.remove(&pid) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}

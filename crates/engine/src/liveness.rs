@@ -6,18 +6,17 @@
 //! fails for a pid with no process) and a watcher thread polls them: the
 //! moment a process exits, its `service_by_pid` entry is deleted.
 //!
-//! What is left: the watcher runs while the engine does. A pinned layer
-//! whose `up` has stopped keeps its pid entries until the next `up`
-//! registers its configuration again (a pid that is gone by then is an
-//! error), and between a process's exit and the deletion there are a few
-//! microseconds in which a new process could only get that pid if the pid
-//! space wrapped around meanwhile.
+//! The kernel checks too: each entry holds its process's start time, and a
+//! process whose start time differs is not the service, even with that pid.
+//! That covers the moment between an exit and the deletion, and a pinned
+//! layer whose `up` has stopped (no watcher runs then).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use connredir_abi::{connredir_pid_identity, CONNREDIR_CLOCK_TICKS_PER_SEC};
 use tracing::{info, warn};
 
 use crate::Error;
@@ -80,22 +79,30 @@ impl PidIdentities {
     /// Makes `pid` an identity of `service`, in the kernel too, for as long
     /// as its process lives. A pid with no process is an error.
     pub(crate) fn register(&self, pid: u32, service: u32) -> Result<(), Error> {
+        let invalid =
+            |why: String| Error::InvalidService(format!("pid {pid} cannot be an identity: {why}"));
+        let gone = || invalid("no process has it".into());
         let pidfd = pidfd_open(pid).map_err(|e| {
-            Error::InvalidService(format!(
-                "pid {pid} cannot be an identity: {}",
-                if e.raw_os_error() == Some(libc::ESRCH) {
-                    "no process has it".to_string()
-                } else {
-                    e.to_string()
-                }
-            ))
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                gone()
+            } else {
+                invalid(e.to_string())
+            }
         })?;
+        // Read while the pidfd holds the process: if it is still running
+        // afterwards, the start time is its own, not a later process's.
+        let start_ticks = start_ticks(pid).map_err(|_| gone())?;
+        if exited(&pidfd) {
+            return Err(gone());
+        }
+        let value = connredir_pid_identity {
+            service_id: service,
+            reserved: 0,
+            start_ticks,
+        };
         let mut watched = self.shared.watched.lock().unwrap();
-        map_update(&self.shared.map, pid, service).map_err(|e| {
-            Error::InvalidService(format!(
-                "pid {pid}: the kernel's identity map refused it: {e}"
-            ))
-        })?;
+        map_update(&self.shared.map, pid, &value)
+            .map_err(|e| invalid(format!("the kernel's identity map refused it: {e}")))?;
         watched.pids.insert(
             pid,
             Entry {
@@ -205,6 +212,35 @@ fn watch(shared: &Shared) {
     }
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// /proc/PID/stat), the unit the kernel programs compare in.
+fn start_ticks(pid: u32) -> std::io::Result<u64> {
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz != CONNREDIR_CLOCK_TICKS_PER_SEC as libc::c_long {
+        return Err(std::io::Error::other(format!(
+            "this kernel counts {hz} clock ticks a second, the layer {CONNREDIR_CLOCK_TICKS_PER_SEC}"
+        )));
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold anything.
+    stat.rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().nth(19))
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("unexpected /proc/{pid}/stat: {stat}")))
+}
+
+/// Has the process behind `pidfd` exited (its pidfd is readable then)?
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    unsafe { libc::poll(&mut fd, 1, 0) != 0 }
+}
+
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -233,13 +269,13 @@ fn map_elem(
     cmd: libc::c_long,
     map: &OwnedFd,
     key: &u32,
-    value: Option<&mut u32>,
+    value: Option<&mut connredir_pid_identity>,
 ) -> std::io::Result<()> {
     let mut attr = ElemAttr {
         map_fd: map.as_raw_fd() as u32,
         pad: 0,
         key: key as *const u32 as u64,
-        value: value.map_or(0, |v| v as *mut u32 as u64),
+        value: value.map_or(0, |v| v as *mut connredir_pid_identity as u64),
         flags: 0,
     };
     // SAFETY: attr is a valid bpf_attr prefix whose pointers outlive the call.
@@ -257,16 +293,18 @@ fn map_elem(
     Ok(())
 }
 
-fn map_update(map: &OwnedFd, pid: u32, service: u32) -> std::io::Result<()> {
-    let mut value = service;
+fn map_update(map: &OwnedFd, pid: u32, value: &connredir_pid_identity) -> std::io::Result<()> {
+    let mut value = *value;
     map_elem(BPF_MAP_UPDATE_ELEM, map, &pid, Some(&mut value))
 }
 
 /// Deletes `pid`'s entry if it names `service` (the caller holds the lock,
 /// so nothing of ours writes it in between).
 fn remove_if(map: &OwnedFd, pid: u32, service: u32) {
-    let mut current = 0u32;
-    if map_elem(BPF_MAP_LOOKUP_ELEM, map, &pid, Some(&mut current)).is_ok() && current == service {
+    let mut current = connredir_pid_identity::default();
+    if map_elem(BPF_MAP_LOOKUP_ELEM, map, &pid, Some(&mut current)).is_ok()
+        && current.service_id == service
+    {
         let _ = map_elem(BPF_MAP_DELETE_ELEM, map, &pid, None);
     }
 }

@@ -6,7 +6,7 @@
 //! connredir-testkit netns-attacker MODE --listen ADDR --bind ADDR [--connect ADDR] [--until FILE]
 //! connredir-testkit stalled-service --listen ADDR --until FILE --expect N
 //! connredir-testkit bound-client --bind ADDR --connect ADDR --bytes N
-//! connredir-testkit service-probe --connect ADDR
+//! connredir-testkit service-probe --connect ADDR [--after FILE]
 //! ```
 
 use std::io::{Read, Write};
@@ -277,6 +277,12 @@ pub fn bound_client(args: &[String]) -> Result<()> {
 /// of that connection.
 pub fn service_probe(args: &[String]) -> Result<()> {
     let connect: SocketAddr = value(args, "--connect")?.parse()?;
+    // `--after FILE`: says `ready`, then waits for FILE (so the test can
+    // register this very process first).
+    if let Ok(after) = value(args, "--after") {
+        println!("ready");
+        wait_for(Path::new(after), Duration::from_secs(30));
+    }
     let socket = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
     let mut records = connredir::RedirectRecords::new();
     records

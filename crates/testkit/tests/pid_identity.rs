@@ -27,6 +27,30 @@ fn spawn_with_pid(lab: &Lab, cgroup: &str, uid: u32, pid: u32, args: &[&str]) ->
     panic!("could not start a process with pid {pid}");
 }
 
+/// A file whose creation releases a waiting role; removed on drop.
+struct Release(std::path::PathBuf);
+
+impl Release {
+    fn new(test: &str) -> Release {
+        let path =
+            std::env::temp_dir().join(format!("connredir-{test}-{}-release", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Release(path)
+    }
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+    fn release(&self) {
+        std::fs::write(&self.0, b"").unwrap();
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A long-lived process of the test, in `cgroup`, to register by its pid.
 fn worker(lab: &Lab, cgroup: &str) -> Proc {
     let proc = Proc::spawn(
@@ -46,7 +70,21 @@ fn a_new_process_with_a_departed_services_pid_is_not_the_service() {
     };
     let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
-    let mut departed = worker(&lab, "scope/worker");
+    let release = Release::new("pid-reuse");
+    let connect = dst.to_string();
+    let departed = Proc::spawn(
+        &lab.cgroup("scope/worker"),
+        None,
+        &[
+            "service-probe",
+            "--connect",
+            &connect,
+            "--after",
+            &release.arg(),
+        ],
+    )
+    .unwrap();
+    departed.wait_line("probe ready", |l| l == "ready").unwrap();
     let pid = departed.pid();
     // The service: its proxy (by cgroup) and one more process (by pid).
     let cgroup = lab.cgroup("services/guarded");
@@ -83,10 +121,16 @@ fn a_new_process_with_a_departed_services_pid_is_not_the_service() {
     proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
     lab.procs.push(proxy);
 
-    departed.kill().unwrap();
+    // While it lives, the process is the service: it may set records, and
+    // its own connection is not redirected to itself.
+    release.release();
+    let (status, lines) = departed.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(report["set"], "ok", "{report}");
+    assert_eq!(report["records"], "NotRedirected", "{report}");
     // The identity goes when the process does; give that a moment.
     std::thread::sleep(Duration::from_millis(200));
-    let connect = dst.to_string();
     let (status, lines) = spawn_with_pid(
         &lab,
         "scope/client",
@@ -169,10 +213,20 @@ fn without_a_running_engine_a_reused_pid_is_still_not_the_service() {
     let spawn = |cgroup: &str, uid: Option<u32>, args: &[&str]| {
         Proc::spawn(&tree.cgroup(cgroup).unwrap(), uid, args).unwrap()
     };
-    let mut departed = spawn("scope/worker", None, &["echo", "--listen", "127.0.0.1:0"]);
-    departed
-        .wait_line("worker ready", |l| l == "ready")
-        .unwrap();
+    let release = Release::new(name);
+    let connect = dst.to_string();
+    let departed = spawn(
+        "scope/worker",
+        None,
+        &[
+            "service-probe",
+            "--connect",
+            &connect,
+            "--after",
+            &release.arg(),
+        ],
+    );
+    departed.wait_line("probe ready", |l| l == "ready").unwrap();
     let pid = departed.pid();
     let cgroup = tree.cgroup("services/guarded").unwrap();
     let listen = free_addr("127.0.0.1");
@@ -212,9 +266,14 @@ fn without_a_running_engine_a_reused_pid_is_still_not_the_service() {
     proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
     // The engine stops; the layer stays attached, its identities with it.
     drop(engine);
-    departed.kill().unwrap();
+    // The process, the service while it lives (the kernel agrees), exits.
+    release.release();
+    let (status, lines) = departed.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(report["set"], "ok", "{report}");
+    assert_eq!(report["records"], "NotRedirected", "{report}");
 
-    let connect = dst.to_string();
     let mut impostor = None;
     for _ in 0..50 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();

@@ -170,6 +170,23 @@ struct connredir_sock_state {
  */
 #define CONNREDIR_SERVICE_BYPASS_WHEN_DOWN 32u
 
+/*
+ * Value of the service_by_pid hash (key: the process id, tgid). A pid names
+ * the service only while the process that had it when it was registered
+ * lives: its start time tells it from a later process given the same pid,
+ * in the kernel, also while no engine runs to remove the entry.
+ */
+struct connredir_pid_identity {
+	__u32 service_id;
+	__u32 reserved;
+	/* When the process started, in clock ticks since boot
+	 * (CONNREDIR_CLOCK_TICKS_PER_SEC), as field 22 of /proc/PID/stat. */
+	__u64 start_ticks;
+};
+
+/* USER_HZ: the unit of process start times in /proc/PID/stat. */
+#define CONNREDIR_CLOCK_TICKS_PER_SEC 100
+
 /* Value of the services array, indexed by service id (0 is never used). */
 struct connredir_service {
 	__u32 flags;
