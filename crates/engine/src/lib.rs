@@ -274,6 +274,48 @@ fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
     Ok(())
 }
 
+/// Maps pinned by an earlier run are reused as they are, whatever their
+/// layout: one pinned by a connredir whose ABI differs (a key without the
+/// network namespace, say) would be read with the wrong sizes. Such a pin
+/// directory is refused, saying what to do, before anything is reused.
+fn check_pinned_layouts(dir: &Path) -> Result<(), Error> {
+    let pin_err = |why: String| Error::Pin {
+        dir: dir.to_owned(),
+        why,
+    };
+    let object = aya_obj::Object::parse(connredir_kernel::object())
+        .map_err(|e| pin_err(format!("cannot read the kernel object: {e}")))?;
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        let Some(wanted) = object.maps.get(name) else {
+            continue;
+        };
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .map_err(|e| pin_err(format!("cannot read the pinned map {name}: {e}")))?;
+        let have = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        let want = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        if have != want {
+            return Err(pin_err(format!(
+                "map {name} was pinned by another version of connredir (key {} bytes, value {}, \
+                 {} entries; this version needs {}, {}, {}): remove that layer first with its \
+                 own `connredir down` (or remove {}), then start this one",
+                have.0,
+                have.1,
+                have.2,
+                want.0,
+                want.1,
+                want.2,
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Tells the kernel programs which network namespace is the layer's own
 /// (this process's, where its services listen): sockets of the others
 /// share a bounded part of the hand-off map (abi.h,
@@ -466,6 +508,9 @@ impl Engine {
         let pins: Vec<(&str, PathBuf)> = pin_dir
             .map(|dir| map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect())
             .unwrap_or_default();
+        if let Some(dir) = pin_dir {
+            check_pinned_layouts(dir)?;
+        }
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }

@@ -459,3 +459,91 @@ fn namespaces_cannot_fill_the_hand_off_map_for_the_host() {
         (lab.engine.pending_handoffs().unwrap() == 0).then_some(())
     });
 }
+
+/// Creates a BPF hash map with the given sizes and pins it at `path`.
+fn pin_hash_map(path: &Path, key_size: u32, value_size: u32, max_entries: u32) {
+    // union bpf_attr for BPF_MAP_CREATE (its first fields) and BPF_OBJ_PIN.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        rest: [u32; 27],
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let mut create = Create {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: BPF_F_NO_PREALLOC,
+        ..Default::default()
+    };
+    let size = std::mem::size_of::<Create>() as libc::c_uint;
+    // SAFETY: create is a valid bpf_attr prefix for BPF_MAP_CREATE (0).
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &mut create as *mut Create, size) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = Pin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    let size = std::mem::size_of::<Pin>() as libc::c_uint;
+    // SAFETY: pin is a valid bpf_attr prefix for BPF_OBJ_PIN (6).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, &mut pin as *mut Pin, size) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: fd is ours; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}
+
+/// A layer pinned by a connredir whose hand-off key had no namespace (36
+/// bytes) is not taken over with keys of another size: the engine refuses
+/// the pin directory and says what to do.
+#[test]
+fn a_layer_pinned_with_keys_without_namespaces_is_not_taken_over() {
+    if !connredir_testkit::require_privileges("ns-pins") {
+        return;
+    }
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0.join("handoff"));
+            let _ = connredir_engine::Engine::remove_pinned(&self.0);
+        }
+    }
+    let dir = Dir(PathBuf::from(format!(
+        "/sys/fs/bpf/connredir-test-ns-pins-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let record = std::mem::size_of::<connredir_abi::connredir_record>() as u32;
+    pin_hash_map(
+        &dir.0.join("handoff"),
+        36,
+        record,
+        connredir_abi::CONNREDIR_MAX_HANDOFFS,
+    );
+    let err = connredir_engine::Engine::load_pinned(&dir.0)
+        .expect_err("a hand-off map with 36-byte keys must not be reused");
+    let text = err.to_string();
+    assert!(text.contains("map handoff"), "{text}");
+    assert!(text.contains("connredir down"), "{text}");
+}
