@@ -61,9 +61,11 @@ pub mod map_names {
     pub const ACCEL_SOCKS: &str = name(super::CONNREDIR_MAP_ACCEL_SOCKS);
     /// Flags of accelerated sockets, by their 4-tuple.
     pub const ACCEL_STATE: &str = name(super::CONNREDIR_MAP_ACCEL_STATE);
+    /// Listening sockets that are a service's own (socket storage).
+    pub const LISTENERS: &str = name(super::CONNREDIR_MAP_LISTENERS);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -82,6 +84,7 @@ pub mod map_names {
         TRACE_CONTROL,
         ACCEL_SOCKS,
         ACCEL_STATE,
+        LISTENERS,
     ];
 }
 

@@ -314,6 +314,9 @@ impl Bench {
             "/dev/null",
             "--idle-timeout",
             "600s",
+            // The memory scenario holds 10,000 idle connections.
+            "--max-connections",
+            "20000",
         ]
         .iter()
         .map(|s| s.to_string())

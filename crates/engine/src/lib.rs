@@ -25,6 +25,7 @@
 
 pub mod cgroup;
 mod link;
+mod listeners;
 mod liveness;
 mod observe;
 mod rules;
@@ -36,12 +37,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, SkStorage,
+};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
 use connredir_abi::{
-    connredir_addr_key, connredir_handoff_key, connredir_record, connredir_rule_set,
-    connredir_service, map_names, CONNREDIR_MAX_SERVICES,
+    connredir_addr_key, connredir_handoff_key, connredir_listener, connredir_record,
+    connredir_rule_set, connredir_service, map_names, CONNREDIR_MAX_SERVICES,
 };
 use connredir_kernel::programs;
 use tracing::{debug, info};
@@ -186,6 +189,21 @@ pub struct Counters {
     pub cut_throughs: u64,
     /// Writes moved straight to the far end of a flow, past its service.
     pub cut_through_sends: u64,
+    /// Selected connects refused because the layer could not write their
+    /// record (the socket's option memory was full): never let through.
+    pub failed_closed: u64,
+    /// Selected connects refused while their service's own listener was
+    /// absent (`on_down = "block"`).
+    pub service_down_blocked: u64,
+    /// Services skipped while their own listener was absent
+    /// (`on_down = "bypass"`).
+    pub service_down_bypassed: u64,
+    /// Binds of a service's address refused to processes that are not the
+    /// service.
+    pub binds_refused: u64,
+    /// Connects of a service's listening process that its own rule would
+    /// have sent back to itself, kept from looping.
+    pub self_loops: u64,
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
@@ -197,9 +215,11 @@ struct Plain<T>(T);
 unsafe impl<T: Copy + 'static> Pod for Plain<T> {}
 
 /// The programs, in the order they are attached.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 7] = [
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::BIND4,
+    programs::BIND6,
     programs::SOCKOPS,
     programs::GETSOCKOPT,
     programs::SETSOCKOPT,
@@ -523,7 +543,12 @@ impl Engine {
                 });
             }
         }
-        for name in [programs::CONNECT4, programs::CONNECT6] {
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::BIND4,
+            programs::BIND6,
+        ] {
             let prog: &mut CgroupSockAddr = program_mut(&mut bpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
@@ -735,9 +760,34 @@ impl Engine {
             return Err(e);
         }
         self.adopted.remove(&id);
+        self.mark_existing_listeners(id, &registered.service);
         info!(%id, name = %registered.service.name, "service registered");
         self.services.insert(id, registered);
         Ok(id)
+    }
+
+    /// Marks the service's own listeners that were opened before it was
+    /// registered (see `listeners`); later binds are marked by the kernel.
+    fn mark_existing_listeners(&mut self, id: ServiceId, service: &Service) {
+        let name = map_names::LISTENERS;
+        let Some(map) = self.bpf.map_mut(name) else {
+            return;
+        };
+        let Ok(mut storage) = SkStorage::<&mut MapData, Plain<connredir_listener>>::try_from(map)
+        else {
+            return;
+        };
+        for (socket, pid) in listeners::own_listeners(&service.listen, &service.identity) {
+            let mark = connredir_listener {
+                service_id: id.0,
+                tgid: pid,
+                cgroup_id: 0,
+            };
+            match storage.insert(&socket, Plain(mark), 0) {
+                Ok(()) => debug!(%id, pid, "marked a listener opened before registration"),
+                Err(e) => debug!(%id, pid, "cannot mark a listener: {e}"),
+            }
+        }
     }
 
     fn check_identity_free(&self, service: &Service, cgroup_ids: &[u64]) -> Result<(), Error> {
@@ -1190,6 +1240,11 @@ impl Engine {
             accel_sends: read(CONNREDIR_CNT_ACCEL_SENDS)?,
             cut_throughs: read(CONNREDIR_CNT_CUT_THROUGHS)?,
             cut_through_sends: read(CONNREDIR_CNT_CUT_THROUGH_SENDS)?,
+            failed_closed: read(CONNREDIR_CNT_FAILED_CLOSED)?,
+            service_down_blocked: read(CONNREDIR_CNT_SERVICE_DOWN_BLOCKED)?,
+            service_down_bypassed: read(CONNREDIR_CNT_SERVICE_DOWN_BYPASSED)?,
+            binds_refused: read(CONNREDIR_CNT_BINDS_REFUSED)?,
+            self_loops: read(CONNREDIR_CNT_SELF_LOOPS)?,
         })
     }
 

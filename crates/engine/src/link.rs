@@ -19,6 +19,8 @@ pub(crate) fn attach_type(program: &str) -> bpf_attach_type {
     match program {
         p::CONNECT4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
         p::CONNECT6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+        p::BIND4 => bpf_attach_type::BPF_CGROUP_INET4_BIND,
+        p::BIND6 => bpf_attach_type::BPF_CGROUP_INET6_BIND,
         p::SOCKOPS => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
         p::GETSOCKOPT => bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
         p::SETSOCKOPT => bpf_attach_type::BPF_CGROUP_SETSOCKOPT,

@@ -12,8 +12,9 @@ use connredir::{RedirectState, ServiceId};
 use connredir_abi::{
     connredir_conn, connredir_endpoint, connredir_trace_event, map_names,
     CONNREDIR_DECISION_HOP_LIMIT, CONNREDIR_DECISION_LOOP_PREVENTED, CONNREDIR_DECISION_NO_MEMORY,
-    CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_REDIRECTED, CONNREDIR_STATE_BY_OTHER,
-    CONNREDIR_STATE_BY_SELF, CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
+    CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_REDIRECTED, CONNREDIR_DECISION_SERVICE_DOWN,
+    CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED, CONNREDIR_STATE_BY_OTHER, CONNREDIR_STATE_BY_SELF,
+    CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
 };
 
 use crate::{map_err, Engine, Error, Plain};
@@ -59,8 +60,15 @@ pub enum Decision {
     LoopPrevented,
     /// The chain was full: the connection went direct.
     HopLimit,
-    /// The layer could not allocate the socket's record: it went direct.
+    /// The layer could not allocate the socket's record: the connect was
+    /// refused (a selected flow never goes without its record).
     NoMemory,
+    /// The service's own listener was absent and its policy is to block:
+    /// the connect was refused.
+    ServiceDown,
+    /// The service's own listener was absent and its policy is to bypass:
+    /// it was skipped, and no later rule took the connection.
+    ServiceDownBypassed,
 }
 
 impl Decision {
@@ -71,6 +79,8 @@ impl Decision {
             CONNREDIR_DECISION_LOOP_PREVENTED => Decision::LoopPrevented,
             CONNREDIR_DECISION_HOP_LIMIT => Decision::HopLimit,
             CONNREDIR_DECISION_NO_MEMORY => Decision::NoMemory,
+            CONNREDIR_DECISION_SERVICE_DOWN => Decision::ServiceDown,
+            CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED => Decision::ServiceDownBypassed,
             _ => return None,
         })
     }
@@ -83,6 +93,8 @@ impl Decision {
             Decision::LoopPrevented => "loop-prevented",
             Decision::HopLimit => "hop-limit",
             Decision::NoMemory => "no-memory",
+            Decision::ServiceDown => "service-down",
+            Decision::ServiceDownBypassed => "service-down-bypassed",
         }
     }
 }

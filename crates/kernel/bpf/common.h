@@ -105,8 +105,15 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, CONNREDIR_MAX_INHERITS);
 	__type(key, struct connredir_inherit_key);
-	__type(value, struct connredir_record);
+	__type(value, struct connredir_inherit);
 } inherit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct connredir_listener);
+} listeners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -16,6 +16,7 @@
  * TCP_CONNECT_CB until it closes: the live redirected connections.
  */
 #include "common.h"
+#include "inherit.h"
 
 /* See CONNREDIR_MAX_FOREIGN_HANDOFFS in abi.h. */
 struct {
@@ -130,8 +131,9 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 		bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-static __always_inline void on_passive_established(struct bpf_sock *sk, __u64 netns,
-						   const struct tuple *tp)
+/* Returns 1 when the accepted socket got its flow's record. */
+static __always_inline int on_passive_established(struct bpf_sock *sk, __u64 netns,
+						  const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_addr_key addr = {};
@@ -147,17 +149,18 @@ static __always_inline void on_passive_established(struct bpf_sock *sk, __u64 ne
 		addr.port = t.local_port;
 		if (bpf_map_lookup_elem(&service_addrs, &addr))
 			count(CONNREDIR_CNT_HANDOFF_MISSES);
-		return;
+		return 0;
 	}
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (state) {
 		state->record = *record;
-		state->flags = 0;
+		state->flags = CONNREDIR_SOCK_ACCEPTED;
 		count(CONNREDIR_CNT_HANDOFFS);
 	} else {
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
 	}
 	handoff_delete(&key);
+	return state != NULL;
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
@@ -199,13 +202,17 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 			accel_on_active(skops, sk, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		if (sk)
-			on_passive_established(sk, netns, &t);
+		/* Closing removes what a records-less service kept (inherit.h). */
+		if (sk && on_passive_established(sk, netns, &t)) {
+			cb_flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
+			bpf_sock_ops_cb_flags_set(skops, cb_flags);
+		}
 		accel_on_passive(skops, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (new_state == TCP_CLOSE) {
 			on_close(skops, netns, &t);
+			inherit_on_close(skops, sk);
 			accel_on_close(sk, netns, &t);
 		}
 		break;

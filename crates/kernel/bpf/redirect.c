@@ -10,23 +10,64 @@
  * socket's redirect record) or, unless the service says otherwise, when the
  * connecting process is the service itself; the first remaining rule wins: the destination becomes the
  * service's listening address and a hop is appended to the record.
+ *
+ * The promise holds against the client: a socket's own earlier redirect is
+ * taken back before each connect (the attempt may have failed or been
+ * disconnected), a service is only ever reached through its own listener
+ * (listener.h) and its failure policy decides while that is absent, and a
+ * selected connect whose record cannot be written is refused, never let
+ * through.
  */
 #include "common.h"
+#include "inherit.h"
+#include "listener.h"
 
-/* The flow's redirect state for `service_id`, from its record (see abi.h). */
-static __always_inline __u8 chain_state(const struct connredir_record *record,
-					__u32 hop_count, __u32 service_id)
+/* What decide() tells the connect program to do. */
+enum verdict {
+	VERDICT_LEAVE = 0, /* the connection goes where it was going */
+	VERDICT_REDIRECT = 1, /* to the service's listener */
+	VERDICT_REFUSE = 2, /* connect() fails with the errno in `refusal` */
+};
+
+/*
+ * The services in a flow's chain, gathered once per connect so the rule loop
+ * needs no inner loop: a bit per service id (ids are below
+ * CONNREDIR_MAX_SERVICES = 64) and the id of the newest hop.
+ */
+struct chain_summary {
+	__u64 seen;
+	__u32 last;
+	__u32 hop_count;
+};
+
+static __always_inline void summarise_chain(const struct connredir_record *record,
+					    __u32 hop_count, struct chain_summary *out)
 {
-	__u8 state = hop_count ? CONNREDIR_STATE_BY_OTHER : CONNREDIR_STATE_NOT_REDIRECTED;
-
+	out->seen = 0;
+	out->last = 0;
+	out->hop_count = hop_count;
 	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		__u32 id;
+
 		if (i >= hop_count)
 			break;
-		if (record->hops[i].service_id == service_id)
-			state = i + 1 == hop_count ? CONNREDIR_STATE_BY_SELF
-						   : CONNREDIR_STATE_PREVIOUSLY_BY_SELF;
+		id = record->hops[i].service_id;
+		if (id < CONNREDIR_MAX_SERVICES)
+			out->seen |= 1ull << id;
+		out->last = id;
 	}
-	return state;
+}
+
+/* The flow's redirect state for `service_id` (see abi.h). */
+static __always_inline __u8 chain_state(const struct chain_summary *chain, __u32 service_id)
+{
+	if (!chain->hop_count)
+		return CONNREDIR_STATE_NOT_REDIRECTED;
+	if (chain->last == service_id)
+		return CONNREDIR_STATE_BY_SELF;
+	if (service_id < CONNREDIR_MAX_SERVICES && (chain->seen & (1ull << service_id)))
+		return CONNREDIR_STATE_PREVIOUSLY_BY_SELF;
+	return CONNREDIR_STATE_BY_OTHER;
 }
 
 /* The generation of the rules that connects read now (see abi.h). */
@@ -47,48 +88,6 @@ static __always_inline void count_hit(__u32 rule_id)
 		*hits += 1;
 	else
 		bpf_map_update_elem(&rule_hits, &rule_id, &one, BPF_NOEXIST);
-}
-
-/* Looks for a record kept for `service_id`'s connection to `dst`. */
-static __always_inline struct connredir_record *
-kept_record(__u32 service_id, const struct connredir_endpoint *dst,
-	    struct connredir_inherit_key *key)
-{
-	if (!service_id)
-		return NULL;
-	key->service_id = service_id;
-	key->dst = *dst;
-	return bpf_map_lookup_elem(&inherit, key);
-}
-
-/*
- * A service's process connecting without records: if it just asked where an
- * accepted connection was going (SO_ORIGINAL_DST) and now connects there,
- * this socket carries that connection's record (see abi.h, inherit).
- */
-static __always_inline struct connredir_sock_state *
-inherit_record(struct bpf_sock *sk, const struct caller_services *caller,
-	       const struct connredir_endpoint *dst)
-{
-	struct connredir_inherit_key key = {};
-	struct connredir_sock_state *state;
-	struct connredir_record *kept;
-
-	kept = kept_record(caller->by_pid, dst, &key);
-	if (!kept)
-		kept = kept_record(caller->by_cgroup, dst, &key);
-	if (!kept)
-		kept = kept_record(caller->by_uid, dst, &key);
-	if (!kept)
-		return NULL;
-	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (state) {
-		state->record = *kept;
-		state->flags = 0;
-		count(CONNREDIR_CNT_RECORDS_INHERITED);
-	}
-	bpf_map_delete_elem(&inherit, &key);
-	return state;
 }
 
 /* Is someone reading the trace? */
@@ -130,23 +129,114 @@ static __always_inline void note_connecting_process(struct connredir_sock_state 
 	bpf_get_current_comm(state->comm, sizeof(state->comm));
 }
 
+/* What judge_rule() needs to know of the connect, gathered once. */
+struct judge_env {
+	struct caller_services caller;
+	struct chain_summary chain;
+	__u32 tgid;
+	__u32 uid;
+	__u32 port; /* host order */
+	__u32 want_v6;
+	__u8 flow_state; /* out: the flow's state for the rule's service */
+	__u8 reserved[7];
+};
+
+/* How one rule stands for a connect. */
+enum judged {
+	JUDGED_NO_MATCH = 0, /* protocol, port, uid or listener family differ */
+	JUDGED_BY_SELF = 1, /* its service handled (or opened) the flow */
+	JUDGED_SELF_LOOP = 2, /* the caller is its service's listening process */
+	JUDGED_BYPASSED = 3, /* its service is down and lets flows pass */
+	JUDGED_DOWN = 4, /* it decides, but its service is down: refuse */
+	JUDGED_TAKE = 5, /* it decides: redirect to its service */
+};
+
+__noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule *rule,
+			  struct judge_env *env)
+{
+	struct connredir_service *service;
+	__u32 service_id;
+	__u8 flow_state;
+	int listener;
+
+	if (!ctx || !rule || !env)
+		return JUDGED_NO_MATCH;
+	if (rule->protocol != CONNREDIR_PROTO_TCP || env->port < rule->port_min ||
+	    env->port > rule->port_max)
+		return JUDGED_NO_MATCH;
+	if (rule->uid != CONNREDIR_ANY_UID && rule->uid != env->uid)
+		return JUDGED_NO_MATCH;
+	service_id = rule->service_id;
+	service = bpf_map_lookup_elem(&services, &service_id);
+	if (!service || !(service->flags & CONNREDIR_SERVICE_ACTIVE))
+		return JUDGED_NO_MATCH;
+	if (!(service->flags &
+	      (env->want_v6 ? CONNREDIR_SERVICE_LISTEN6 : CONNREDIR_SERVICE_LISTEN4)))
+		return JUDGED_NO_MATCH;
+
+	/* A service never takes a flow it handled (or, if it says so, opened). */
+	flow_state = chain_state(&env->chain, service_id);
+	if ((service->flags & CONNREDIR_SERVICE_OWN_BY_SELF) && caller_is(&env->caller, service_id) &&
+	    (flow_state == CONNREDIR_STATE_NOT_REDIRECTED || flow_state == CONNREDIR_STATE_BY_OTHER))
+		flow_state = CONNREDIR_STATE_BY_SELF;
+	env->flow_state = flow_state;
+	if (flow_state == CONNREDIR_STATE_BY_SELF ||
+	    flow_state == CONNREDIR_STATE_PREVIOUSLY_BY_SELF)
+		return JUDGED_BY_SELF;
+
+	listener = listener_state(ctx, service_id, env->want_v6, env->tgid);
+	if (listener == LISTENER_CALLER) {
+		/* The service's own listening process, not known by its
+		 * identity (which may have drifted): its flow, not a loop. */
+		env->flow_state = CONNREDIR_STATE_BY_SELF;
+		return JUDGED_SELF_LOOP;
+	}
+	if (listener == LISTENER_ABSENT)
+		return (service->flags & CONNREDIR_SERVICE_BYPASS_WHEN_DOWN) ? JUDGED_BYPASSED
+									       : JUDGED_DOWN;
+	return JUDGED_TAKE;
+}
+
 /*
- * Decides the fate of a connect to `dst`. Returns the service's listening
- * endpoint to connect to instead, or NULL to leave the connection alone;
- * `ev` gets the decision, the rule, the service and the redirect state.
- * `want_v6` asks for the service's IPv6 listener (native IPv6 destination).
+ * Takes back the hop this socket's own earlier connect() appended: that
+ * attempt was refused, failed or was disconnected, and this one is decided
+ * afresh (state written at connect time is provisional, see abi.h).
  */
-static __always_inline const struct connredir_endpoint *
-decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6,
-       struct connredir_trace_event *ev)
+static __always_inline void undo_own_hop(struct connredir_sock_state *state)
+{
+	if (!(state->flags & CONNREDIR_SOCK_OWN_HOP))
+		return;
+	if (state->record.hop_count > 0)
+		state->record.hop_count -= 1;
+	state->flags &= ~(CONNREDIR_SOCK_OWN_HOP | CONNREDIR_SOCK_HANDOFF_PENDING);
+}
+
+/*
+ * Decides the fate of a connect to `dst`: VERDICT_REDIRECT with `*target`
+ * the service's listening endpoint, VERDICT_LEAVE, or VERDICT_REFUSE with
+ * `*refusal` the errno. `ev` gets the decision, the rule, the service and
+ * the redirect state. `want_v6` asks for the service's IPv6 listener (native
+ * IPv6 destination).
+ */
+static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+				  const struct connredir_endpoint *dst, int want_v6,
+				  struct connredir_trace_event *ev,
+				  const struct connredir_endpoint **target, int *refusal)
 {
 	struct connredir_rule_key key = {};
 	struct connredir_rule_set *set;
 	struct connredir_sock_state *state;
 	struct caller_services caller;
-	__u32 hop_count = 0, count_rules;
+	struct chain_summary chain = {};
+	const struct connredir_rule *rule;
+	struct connredir_service *service;
+	struct connredir_hop *hop;
+	__u32 hop_count = 0, count_rules, service_id;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u16 port = bpf_ntohs(dst->port);
-	int skipped = 0;
+	struct judge_env env = {};
+	int skipped = 0, bypassed = 0, down = 0, chosen = -1;
+	__u8 chosen_state = 0;
 
 	ev->decision = CONNREDIR_DECISION_NO_RULE;
 	key.data[0] = rules_generation();
@@ -155,121 +245,149 @@ decide(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6,
 	__builtin_memcpy(&key.data[2], dst->addr, 16);
 	set = bpf_map_lookup_elem(&rules, &key);
 	if (!set)
-		return NULL;
+		return VERDICT_LEAVE;
 
 	caller_services(&caller);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state)
-		state = inherit_record(sk, &caller, dst);
+	if (state)
+		undo_own_hop(state);
+	else
+		state = inherit_take(ctx, sk, dst);
 	if (state)
 		hop_count = clamp_hops(state->record.hop_count);
 	ev->hop_count = hop_count;
+	if (state)
+		summarise_chain(&state->record, hop_count, &chain);
 
+	/* Find the deciding rule; what it leads to is worked out after the
+	 * loop, once. Each rule is judged by a global function, verified once
+	 * on its own: inline, its branches multiplied by the loop's iterations
+	 * exceed the verifier's budget. */
+	env.tgid = tgid;
+	env.uid = caller.uid;
+	env.port = port;
+	env.want_v6 = want_v6;
+	env.caller = caller;
+	env.chain = chain;
 	count_rules = set->count;
 	for (__u32 i = 0; i < CONNREDIR_MAX_RULES_PER_PREFIX; i++) {
-		const struct connredir_rule *rule;
-		struct connredir_service *service;
-		struct connredir_hop *hop;
-		__u32 service_id;
-		__u8 flow_state;
+		int judged;
 
 		if (i >= count_rules)
 			break;
 		rule = &set->rules[i];
-		if (rule->protocol != CONNREDIR_PROTO_TCP || port < rule->port_min ||
-		    port > rule->port_max)
+		judged = judge_rule(ctx, rule, &env);
+		if (judged == JUDGED_NO_MATCH)
 			continue;
-		if (rule->uid != CONNREDIR_ANY_UID && rule->uid != caller.uid)
-			continue;
-		service_id = rule->service_id;
-		service = bpf_map_lookup_elem(&services, &service_id);
-		if (!service || !(service->flags & CONNREDIR_SERVICE_ACTIVE))
-			continue;
-		if (!(service->flags & (want_v6 ? CONNREDIR_SERVICE_LISTEN6
-						: CONNREDIR_SERVICE_LISTEN4)))
-			continue;
-
-		/* A service never takes a flow it handled (or, if it says so, opened). */
-		flow_state = state ? chain_state(&state->record, hop_count, service_id)
-				   : CONNREDIR_STATE_NOT_REDIRECTED;
-		if ((service->flags & CONNREDIR_SERVICE_OWN_BY_SELF) &&
-		    caller_is(&caller, service_id) &&
-		    (flow_state == CONNREDIR_STATE_NOT_REDIRECTED ||
-		     flow_state == CONNREDIR_STATE_BY_OTHER))
-			flow_state = CONNREDIR_STATE_BY_SELF;
-		if (flow_state == CONNREDIR_STATE_BY_SELF ||
-		    flow_state == CONNREDIR_STATE_PREVIOUSLY_BY_SELF) {
+		if (judged == JUDGED_BY_SELF || judged == JUDGED_SELF_LOOP) {
 			if (!skipped) {
 				ev->decision = CONNREDIR_DECISION_LOOP_PREVENTED;
 				ev->rule_id = rule->rule_id;
-				ev->service_id = service_id;
-				ev->state = flow_state;
+				ev->service_id = rule->service_id;
+				ev->state = env.flow_state;
 			}
+			if (judged == JUDGED_SELF_LOOP)
+				count(CONNREDIR_CNT_SELF_LOOPS);
 			skipped = 1;
 			continue;
 		}
-
+		if (judged == JUDGED_BYPASSED) {
+			count(CONNREDIR_CNT_SERVICE_DOWN_BYPASSED);
+			bypassed = 1;
+			continue;
+		}
+		chosen = i;
+		chosen_state = env.flow_state;
+		down = judged == JUDGED_DOWN;
+		break;
+	}
+	if (skipped && chosen >= 0)
+		count(CONNREDIR_CNT_LOOPS_PREVENTED);
+	if (chosen < 0) {
 		if (skipped)
 			count(CONNREDIR_CNT_LOOPS_PREVENTED);
-		ev->rule_id = rule->rule_id;
-		ev->service_id = service_id;
-		ev->state = flow_state;
-		if (hop_count >= CONNREDIR_MAX_HOPS) {
-			ev->decision = CONNREDIR_DECISION_HOP_LIMIT;
-			count(CONNREDIR_CNT_HOP_LIMIT);
-			return NULL;
-		}
-		if (!state) {
-			state = bpf_sk_storage_get(&sock_state, sk, 0,
-						   BPF_SK_STORAGE_GET_F_CREATE);
-			if (!state) {
-				ev->decision = CONNREDIR_DECISION_NO_MEMORY;
-				return NULL;
-			}
-		}
-		if (hop_count == 0) {
-			/* First redirect: this process opened the flow. */
-			state->record.magic = CONNREDIR_RECORD_MAGIC;
-			state->record.version = CONNREDIR_RECORD_VERSION;
-			state->record.size = sizeof(struct connredir_record);
-			state->record.client_pid = bpf_get_current_pid_tgid() >> 32;
-			state->record.client_uid = caller.uid;
-			state->record.client_cgroup_id = bpf_get_current_cgroup_id();
-			bpf_get_current_comm(state->record.client_comm,
-					     sizeof(state->record.client_comm));
-		}
-		hop = &state->record.hops[hop_count & (CONNREDIR_MAX_HOPS - 1)];
-		hop->service_id = service_id;
-		hop->reserved = 0;
-		hop->time_ns = bpf_ktime_get_boot_ns();
-		hop->original_dst = *dst;
-		/* The local address is known once the socket is bound (sockops). */
-		__builtin_memset(&hop->local, 0, sizeof(hop->local));
-		state->record.hop_count = hop_count + 1;
-		state->flags |= CONNREDIR_SOCK_HANDOFF_PENDING;
-		note_connecting_process(state, caller.uid);
-		count(CONNREDIR_CNT_REDIRECTS);
-		count_hit(rule->rule_id);
-		ev->decision = CONNREDIR_DECISION_REDIRECTED;
-		return want_v6 ? &service->listen6 : &service->listen4;
+		else if (bypassed)
+			ev->decision = CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED;
+		return VERDICT_LEAVE;
 	}
-	if (skipped)
-		count(CONNREDIR_CNT_LOOPS_PREVENTED);
-	return NULL;
+
+	rule = &set->rules[chosen & (CONNREDIR_MAX_RULES_PER_PREFIX - 1)];
+	service_id = rule->service_id;
+	service = bpf_map_lookup_elem(&services, &service_id);
+	if (!service)
+		return VERDICT_LEAVE;
+	ev->rule_id = rule->rule_id;
+	ev->service_id = service_id;
+	ev->state = chosen_state;
+	if (down) {
+		ev->decision = CONNREDIR_DECISION_SERVICE_DOWN;
+		count(CONNREDIR_CNT_SERVICE_DOWN_BLOCKED);
+		*refusal = -ECONNREFUSED;
+		return VERDICT_REFUSE;
+	}
+	if (hop_count >= CONNREDIR_MAX_HOPS) {
+		ev->decision = CONNREDIR_DECISION_HOP_LIMIT;
+		count(CONNREDIR_CNT_HOP_LIMIT);
+		return VERDICT_LEAVE;
+	}
+	if (!state) {
+		state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!state) {
+			/* Fail closed: a selected flow without its record would
+			 * skip the chain. */
+			ev->decision = CONNREDIR_DECISION_NO_MEMORY;
+			count(CONNREDIR_CNT_FAILED_CLOSED);
+			*refusal = -ENOBUFS;
+			return VERDICT_REFUSE;
+		}
+	}
+	if (hop_count == 0) {
+		/* First redirect: this process opened the flow. */
+		state->record.magic = CONNREDIR_RECORD_MAGIC;
+		state->record.version = CONNREDIR_RECORD_VERSION;
+		state->record.size = sizeof(struct connredir_record);
+		state->record.client_pid = tgid;
+		state->record.client_uid = caller.uid;
+		state->record.client_cgroup_id = bpf_get_current_cgroup_id();
+		bpf_get_current_comm(state->record.client_comm, sizeof(state->record.client_comm));
+	}
+	hop = &state->record.hops[hop_count & (CONNREDIR_MAX_HOPS - 1)];
+	hop->service_id = service_id;
+	hop->reserved = 0;
+	hop->time_ns = bpf_ktime_get_boot_ns();
+	hop->original_dst = *dst;
+	/* The local address is known once the socket is bound (sockops). */
+	__builtin_memset(&hop->local, 0, sizeof(hop->local));
+	state->record.hop_count = hop_count + 1;
+	state->flags |= CONNREDIR_SOCK_HANDOFF_PENDING | CONNREDIR_SOCK_OWN_HOP;
+	note_connecting_process(state, caller.uid);
+	count(CONNREDIR_CNT_REDIRECTS);
+	count_hit(rule->rule_id);
+	ev->decision = CONNREDIR_DECISION_REDIRECTED;
+	*target = want_v6 ? &service->listen6 : &service->listen4;
+	return VERDICT_REDIRECT;
 }
 
 /* decide(), and the decision to the trace when someone reads it. */
-static __always_inline const struct connredir_endpoint *
-decide_traced(struct bpf_sock *sk, const struct connredir_endpoint *dst, int want_v6)
+static __always_inline int decide_traced(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+					 const struct connredir_endpoint *dst, int want_v6,
+					 const struct connredir_endpoint **target, int *refusal)
 {
 	struct connredir_trace_event ev = {};
-	const struct connredir_endpoint *target = decide(sk, dst, want_v6, &ev);
+	int verdict = decide(ctx, sk, dst, want_v6, &ev, target, refusal);
 
 	if (tracing()) {
 		ev.dst = *dst;
 		emit(&ev);
 	}
-	return target;
+	return verdict;
+}
+
+/* A refused connect: the errno reaches the caller of connect(). */
+static __always_inline int refuse(int err)
+{
+	bpf_set_retval(err);
+	return 0;
 }
 
 SEC("cgroup/connect4")
@@ -279,14 +397,17 @@ int connredir_connect4(struct bpf_sock_addr *ctx)
 	__u32 ip = ctx->user_ip4;
 	__u16 port = (__u16)ctx->user_port;
 	struct bpf_sock *sk = ctx->sk;
-	const struct connredir_endpoint *target;
+	const struct connredir_endpoint *target = NULL;
 	struct connredir_endpoint dst;
+	int verdict, refusal = 0;
 
 	if (type != SOCK_STREAM || !sk)
 		return 1;
 	endpoint_set_v4(&dst, ip, port);
-	target = decide_traced(sk, &dst, 0);
-	if (target) {
+	verdict = decide_traced(ctx, sk, &dst, 0, &target, &refusal);
+	if (verdict == VERDICT_REFUSE)
+		return refuse(refusal);
+	if (verdict == VERDICT_REDIRECT && target) {
 		ctx->user_ip4 = *(const __u32 *)target->addr;
 		ctx->user_port = target->port;
 	}
@@ -300,9 +421,9 @@ int connredir_connect6(struct bpf_sock_addr *ctx)
 	__u32 ip6[4];
 	__u16 port = (__u16)ctx->user_port;
 	struct bpf_sock *sk = ctx->sk;
-	const struct connredir_endpoint *target;
+	const struct connredir_endpoint *target = NULL;
 	struct connredir_endpoint dst;
-	int mapped;
+	int mapped, verdict, refusal = 0;
 
 	ip6[0] = ctx->user_ip6[0];
 	ip6[1] = ctx->user_ip6[1];
@@ -313,8 +434,10 @@ int connredir_connect6(struct bpf_sock_addr *ctx)
 	/* An IPv4-mapped destination follows the IPv4 rules and listeners. */
 	mapped = is_v4_mapped(ip6);
 	endpoint_set_v6(&dst, ip6, port);
-	target = decide_traced(sk, &dst, !mapped);
-	if (!target)
+	verdict = decide_traced(ctx, sk, &dst, !mapped, &target, &refusal);
+	if (verdict == VERDICT_REFUSE)
+		return refuse(refusal);
+	if (verdict != VERDICT_REDIRECT || !target)
 		return 1;
 	if (mapped) {
 		ctx->user_ip6[0] = 0;

@@ -11,6 +11,7 @@
  * ask again with 0).
  */
 #include "common.h"
+#include "inherit.h"
 
 static __always_inline int is_connected(__u32 state)
 {
@@ -175,31 +176,9 @@ static __always_inline void get_service(struct bpf_sockopt *ctx, __s32 optlen, v
 	ctx->retval = 0;
 }
 
-/*
- * The caller is about to open its onward connection to `dst`. If it is the
- * service this flow was redirected to, keep the record for that connection,
- * in case the service sets no records itself (see abi.h, inherit).
- */
-static __always_inline void keep_for_inheritance(const struct connredir_sock_state *state,
-						 __u32 hop_count,
-						 const struct connredir_endpoint *dst)
-{
-	struct connredir_inherit_key key = {};
-	struct caller_services caller;
-	__u32 service_id;
-
-	service_id = state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)].service_id;
-	caller_services(&caller);
-	if (!caller_is(&caller, service_id))
-		return;
-	key.service_id = service_id;
-	key.dst = *dst;
-	bpf_map_update_elem(&inherit, &key, &state->record, BPF_ANY);
-}
-
 static __always_inline void get_original_dst(struct bpf_sockopt *ctx, int level, __s32 optlen,
 					     void *optval, void *optval_end,
-					     const struct connredir_sock_state *state)
+					     struct connredir_sock_state *state)
 {
 	__u32 hop_count = clamp_hops(state->record.hop_count);
 	const struct connredir_endpoint *dst;
@@ -236,7 +215,7 @@ static __always_inline void get_original_dst(struct bpf_sockopt *ctx, int level,
 	}
 	ctx->retval = 0;
 	count(CONNREDIR_CNT_ORIGINAL_DST_ANSWERED);
-	keep_for_inheritance(state, hop_count, dst);
+	inherit_keep(bpf_get_netns_cookie(ctx), state, dst);
 }
 
 SEC("cgroup/getsockopt")

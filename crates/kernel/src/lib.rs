@@ -3,6 +3,8 @@
 //! The C sources are in `bpf/`:
 //! - `redirect.c`: `cgroup/connect4` and `cgroup/connect6`, where a redirect
 //!   is decided;
+//! - `bind.c`: `cgroup/bind4` and `cgroup/bind6`, which keep a service's
+//!   address for the service's own processes;
 //! - `handoff.c`: `sockops`, which carries the record to the accepted socket;
 //! - `sockopt.c`: `cgroup/getsockopt` and `cgroup/setsockopt`, the redirect
 //!   operations at the syscall level and `SO_ORIGINAL_DST`;
@@ -28,6 +30,10 @@ pub mod programs {
     pub const CONNECT4: &str = "connredir_connect4";
     /// `cgroup/connect6`.
     pub const CONNECT6: &str = "connredir_connect6";
+    /// `cgroup/bind4`: a service's IPv4 address is the service's.
+    pub const BIND4: &str = "connredir_bind4";
+    /// `cgroup/bind6`: a service's IPv6 address is the service's.
+    pub const BIND6: &str = "connredir_bind6";
     /// `sockops`: record hand-off.
     pub const SOCKOPS: &str = "connredir_sockops";
     /// `cgroup/getsockopt`.
@@ -58,6 +64,8 @@ mod tests {
         for name in [
             super::programs::CONNECT4,
             super::programs::CONNECT6,
+            super::programs::BIND4,
+            super::programs::BIND6,
             super::programs::SOCKOPS,
             super::programs::GETSOCKOPT,
             super::programs::SETSOCKOPT,

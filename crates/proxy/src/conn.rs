@@ -10,9 +10,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::inspect::{self, Inspection};
+use crate::http::{Requests, Step};
+use crate::inspect::{self, FirstBytes, Inspection};
 use crate::log::{self, ConnectionLog, Verdict};
-use crate::policy::{Action, Policy};
+use crate::policy::{Action, Decision, Policy};
 use crate::relay::{self, Direction, Mode, RelayError, Traffic};
 
 /// Settings all connections share.
@@ -29,8 +30,10 @@ pub struct Settings {
     pub cut_through: bool,
     /// No byte either way for this long closes the flow.
     pub idle_timeout: Duration,
-    /// How long to wait for the client's first bytes.
+    /// How long the client's first bytes may take to name a host.
     pub inspect_timeout: Duration,
+    /// How long a client may send nothing at all after connecting.
+    pub first_bytes_timeout: Duration,
     /// How long connecting onward may take.
     pub connect_timeout: Duration,
     /// `--standalone`: no layer, SO_ORIGINAL_DST only.
@@ -150,6 +153,11 @@ enum Ended {
     Loop(SocketAddr),
     #[error("{0}")]
     Denied(String),
+    /// Denied by a rule after an HTTP request head: answered with a 403.
+    #[error("{0}")]
+    DeniedHttp(String),
+    #[error("no byte from the client in {0:?} (--first-bytes-timeout)")]
+    Silent(Duration),
     #[error("cannot hand the records to the onward socket: {0}")]
     Records(#[source] connredir::Error),
     #[error("connecting to {0}: {1}")]
@@ -168,6 +176,8 @@ enum Ended {
 struct Seen {
     inspection: Inspection,
     rule: Option<String>,
+    /// HTTP requests checked on the connection.
+    requests: u64,
 }
 
 /// Serves one accepted connection and returns its log line. `closing`
@@ -184,18 +194,60 @@ pub async fn handle(
     let traffic = Traffic::default();
     let mut seen = Seen::default();
     let result = tokio::select! {
-        result = serve(&client, peer, listener, &redirect, settings, &traffic, &mut seen) => result,
+        result = serve(&client, peer, listener, &redirect, settings, &traffic, &mut seen, started) => result,
         () = closing => Err(Ended::Shutdown),
     };
     let (verdict, reason) = match result {
-        Ok(()) => (Verdict::Allow, seen.rule),
-        Err(Ended::Denied(rule)) => (Verdict::Deny, Some(rule)),
+        Ok(()) => (Verdict::Allow, seen.rule.take()),
+        Err(Ended::Denied(rule) | Ended::DeniedHttp(rule)) => (Verdict::Deny, Some(rule)),
+        Err(e @ Ended::Silent(_)) => {
+            warn!(%peer, "closing a connection: {e}");
+            (Verdict::Deny, Some(e.to_string()))
+        }
         Err(e @ (Ended::Relay(RelayError::Idle(_)) | Ended::Shutdown)) => {
             (Verdict::Allow, Some(e.to_string()))
         }
         Err(e) => (Verdict::Error, Some(e.to_string())),
     };
     debug!(%peer, ?verdict, ?reason, spliced = traffic.spliced(), "connection ended");
+    log_line(
+        settings, peer, &redirect, started, seen, &traffic, verdict, reason,
+    )
+}
+
+/// The log line of a connection refused before it was served (`reason`:
+/// why), which the caller then closes.
+pub fn refused(
+    peer: SocketAddr,
+    redirect: &Redirect,
+    settings: &Settings,
+    reason: String,
+) -> ConnectionLog {
+    let (started, traffic) = (Instant::now(), Traffic::default());
+    let seen = Seen::default();
+    log_line(
+        settings,
+        peer,
+        redirect,
+        started,
+        seen,
+        &traffic,
+        Verdict::Deny,
+        Some(reason),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_line(
+    settings: &Settings,
+    peer: SocketAddr,
+    redirect: &Redirect,
+    started: Instant,
+    seen: Seen,
+    traffic: &Traffic,
+    verdict: Verdict,
+    reason: Option<String>,
+) -> ConnectionLog {
     let records = redirect.records.as_ref();
     ConnectionLog {
         time: log::rfc3339(SystemTime::now()),
@@ -214,6 +266,7 @@ pub async fn handle(
         original_dst: redirect.destination.map(|d| d.to_string()),
         server_name: seen.inspection.server_name,
         http: seen.inspection.http,
+        requests: seen.requests,
         bytes_up: traffic.up(),
         bytes_down: traffic.down(),
         cut_through: traffic.cut_through(),
@@ -231,6 +284,7 @@ pub async fn handle(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     client: &TcpStream,
     peer: SocketAddr,
@@ -239,6 +293,7 @@ async fn serve(
     settings: &Settings,
     traffic: &Traffic,
     seen: &mut Seen,
+    started: Instant,
 ) -> Result<(), Ended> {
     let no_destination = || Ended::NoDestination(redirect.problem.clone().unwrap_or_default());
     let dst = redirect.destination.ok_or_else(no_destination)?;
@@ -262,13 +317,19 @@ async fn serve(
         .cut_through
         .then(|| cut_through_ends(peer, local.as_ref().ok(), &server))
         .flatten();
-    // Fired once the client's first bytes are inspected and allowed.
-    let inspected = tokio::sync::Notify::new();
+    // Told once the client's first bytes are inspected and allowed: whether
+    // the flow may be handed to the kernel (not when every HTTP request on
+    // it must be seen).
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<bool>();
     // Server-first protocols: the server's bytes flow during inspection.
     let down = async {
         match cut_ends {
             Some((to_client, _)) => {
-                let allowed = inspected.notified();
+                let allowed = async {
+                    if cut_rx.await != Ok(true) {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 relay::pump_cut_through(
                     &server,
                     client,
@@ -284,30 +345,51 @@ async fn serve(
         Ok(())
     };
     let up = async {
-        let first = inspect::read_first(client, settings.inspect_timeout)
+        // A silent client is not waited for past its time, inspection or not.
+        let inspect_for = settings.inspect_timeout.min(settings.first_bytes_timeout);
+        let first = inspect::read_first(client, inspect_for)
             .await
             .map_err(RelayError::Up)?;
-        seen.inspection = first.inspection;
+        seen.inspection = first.inspection.clone();
+        if first.bytes.is_empty() && !first.eof && started.elapsed() >= settings.first_bytes_timeout
+        {
+            return Err(Ended::Silent(settings.first_bytes_timeout));
+        }
+        if early.is_none() && seen.inspection.http.is_some() {
+            // A host rule decides: every request on the connection is
+            // checked, so its bytes all pass through here.
+            let _ = cut_tx.send(false);
+            return check_requests(client, &server, first, dst, settings, traffic, seen).await;
+        }
         let decision = early.unwrap_or_else(|| {
-            let host = seen.inspection.host();
-            settings.policy.decide(dst, host.as_deref())
+            let names = &seen.inspection.names;
+            settings.policy.decide(dst, names)
         });
-        seen.rule = decision.rule;
         if decision.action == Action::Deny {
-            if seen.inspection.http.is_some() {
-                // Boxed: its drain buffer need not be part of every task.
-                Box::pin(forbid(client, &settings.name, traffic)).await;
+            let why = || first.why_no_name(inspect_for);
+            return Err(Ended::Denied(reason(&decision, why)));
+        }
+        seen.rule = decision.rule;
+        if first.bytes.is_empty() && !first.eof {
+            // Allowed without a name: still, nothing sent is not waited for
+            // past --first-bytes-timeout.
+            let left = settings
+                .first_bytes_timeout
+                .saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, client.readable()).await {
+                Err(_) => return Err(Ended::Silent(settings.first_bytes_timeout)),
+                Ok(ready) => ready.map_err(RelayError::Up)?,
             }
-            return Err(Ended::Denied(seen.rule.take().unwrap_or_default()));
         }
         relay::write_all(&server, &first.bytes, Direction::Up, traffic)
             .await
             .map_err(RelayError::Up)?;
+        let eof = first.eof;
         // Free the inspection buffer (16 KiB) before relaying: an idle
         // connection would otherwise keep it for its whole life.
-        drop(first.bytes);
-        inspected.notify_one();
-        if first.eof {
+        drop(first);
+        let _ = cut_tx.send(true);
+        if eof {
             relay::shutdown_write(&server).map_err(RelayError::Up)?;
         } else if let Some((_, to_server)) = cut_ends {
             let allowed = std::future::ready(());
@@ -321,14 +403,131 @@ async fn serve(
     // Boxed: passed by value, the two futures would otherwise be laid out
     // twice in this task's state, which every open connection keeps.
     let ends = [client, &server];
-    relay::supervise(
+    let relayed = relay::supervise(
         Box::pin(up),
         Box::pin(down),
         settings.idle_timeout,
         traffic,
         ends,
     )
-    .await
+    .await;
+    match relayed {
+        // The server-to-client direction was stopped with the other, so the
+        // 403 cannot land inside an answer being relayed (a pipelining
+        // client may find the answer before it cut short).
+        Err(Ended::DeniedHttp(reason)) => {
+            // Boxed: its drain buffer need not be part of every task.
+            Box::pin(forbid(client, &settings.name, traffic)).await;
+            Err(Ended::Denied(reason))
+        }
+        other => other,
+    }
+}
+
+/// The log's reason for a denial: the rule; for a flow that named no host,
+/// also why it named none.
+fn reason(decision: &Decision, why: impl FnOnce() -> String) -> String {
+    let rule = decision.rule.clone().unwrap_or_default();
+    if decision.unknown_host {
+        let why = why();
+        format!(
+            "no host name ({why}), and {rule} needs one (--allow-unknown-host would let it pass)"
+        )
+    } else {
+        rule
+    }
+}
+
+/// Room made in the buffer for each read of [`check_requests`].
+const REQUEST_READ: usize = 64 * 1024;
+
+/// Relays the client's HTTP/1 requests one by one, starting with the first
+/// bytes already read, and checks each request's names before a byte of it
+/// goes on; bodies (Content-Length or chunked) pass unchecked. Ends at the
+/// client's EOF, with [`Ended::DeniedHttp`] at a denied request (nothing of
+/// it forwarded), or [`Ended::Denied`] at a request the proxy cannot read.
+/// After an upgrade or CONNECT, bytes that are no request are relayed as
+/// they come.
+async fn check_requests(
+    client: &TcpStream,
+    server: &TcpStream,
+    first: FirstBytes,
+    dst: SocketAddr,
+    settings: &Settings,
+    traffic: &Traffic,
+    seen: &mut Seen,
+) -> Result<(), Ended> {
+    let mut requests = Requests::default();
+    let (mut buf, mut eof) = (first.bytes, first.eof);
+    loop {
+        let step = requests.next(&buf);
+        seen.requests = requests.count();
+        match step {
+            Err(e) => {
+                let n = requests.count();
+                return Err(Ended::Denied(format!(
+                    "HTTP request {} on the connection: {e}",
+                    n.max(1)
+                )));
+            }
+            Ok(Step::Forward(n)) => {
+                relay::write_all(server, &buf[..n], Direction::Up, traffic)
+                    .await
+                    .map_err(RelayError::Up)?;
+                buf.drain(..n);
+            }
+            Ok(Step::Request(head)) => {
+                let decision = settings.policy.decide(dst, &head.names);
+                let denied = decision.action == Action::Deny;
+                if requests.count() == 1 || denied {
+                    // The log shows the first request, or the denied one.
+                    seen.inspection.http = Some(head.request.clone());
+                    seen.inspection.names = head.names.clone();
+                    seen.rule = decision.rule.clone();
+                }
+                if denied {
+                    let why = || "an HTTP request that names no host".to_string();
+                    return Err(Ended::DeniedHttp(reason(&decision, why)));
+                }
+                relay::write_all(server, &buf[..head.len], Direction::Up, traffic)
+                    .await
+                    .map_err(RelayError::Up)?;
+                buf.drain(..head.len);
+                requests.allowed();
+            }
+            Ok(Step::Opaque) => {
+                relay::write_all(server, &buf, Direction::Up, traffic)
+                    .await
+                    .map_err(RelayError::Up)?;
+                drop(buf);
+                if eof {
+                    relay::shutdown_write(server).map_err(RelayError::Up)?;
+                } else {
+                    relay::pump(client, server, Mode::Copy, Direction::Up, traffic).await?;
+                }
+                return Ok(());
+            }
+            Ok(Step::NeedMore) if eof => {
+                // What is left is no complete request: it stays here.
+                relay::shutdown_write(server).map_err(RelayError::Up)?;
+                return Ok(());
+            }
+            Ok(Step::NeedMore) => {
+                if buf.is_empty() {
+                    // Between requests, hold no buffer.
+                    buf = Vec::new();
+                }
+                client.readable().await.map_err(RelayError::Up)?;
+                buf.reserve(REQUEST_READ);
+                match client.try_read_buf(&mut buf) {
+                    Ok(0) => eof = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(RelayError::Up(e).into()),
+                }
+            }
+        }
+    }
 }
 
 /// The sockets each cut-through direction sends to, by their addresses:
@@ -414,11 +613,12 @@ mod tests {
     fn settings(rules: &[&str]) -> Settings {
         Settings {
             name: "test".into(),
-            policy: Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect()),
+            policy: Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect(), false),
             mode: Mode::Splice,
             cut_through: true,
             idle_timeout: Duration::from_secs(10),
             inspect_timeout: Duration::from_millis(500),
+            first_bytes_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             standalone: true,
         }
@@ -517,6 +717,98 @@ mod tests {
         let line = serde_json::to_value(&log).unwrap();
         assert_eq!(line["client"], serde_json::Value::Null);
         assert_eq!(line["proxy"], "test");
+    }
+
+    #[tokio::test]
+    async fn under_a_host_rule_a_flow_naming_no_host_in_time_is_denied() {
+        for allow_unknown in [false, true] {
+            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut settings = settings(&["deny:host:*.test"]);
+            settings.policy = Policy::new(vec!["deny:host:*.test".parse().unwrap()], allow_unknown);
+            let (mut client, task) = proxied(server.local_addr().unwrap(), settings).await;
+            let (mut onward, _) = server.accept().await.unwrap();
+            // Past the inspection time (500 ms), a hello for a denied name.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let _ = client
+                .write_all(&client_hello("www.blocked.test", 1000))
+                .await;
+            let _ = client.shutdown().await;
+            let mut got = Vec::new();
+            let _ = onward.read_to_end(&mut got).await;
+            drop(onward);
+            let log = task.await.unwrap();
+            if allow_unknown {
+                assert_eq!(log.verdict, Verdict::Allow, "{log:?}");
+                assert!(!got.is_empty());
+            } else {
+                assert_eq!(log.verdict, Verdict::Deny, "{log:?}");
+                assert_eq!(
+                    log.reason.as_deref(),
+                    Some(
+                        "no host name (nothing sent in 500ms), and rule 1: deny:host:*.test \
+                         needs one (--allow-unknown-host would let it pass)"
+                    )
+                );
+                assert!(got.is_empty(), "the server got {got:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn each_request_of_a_keep_alive_connection_is_checked() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rules = ["deny:host:*.blocked.test"];
+        let (mut client, task) = proxied(server.local_addr().unwrap(), settings(&rules)).await;
+        let first = b"POST /a HTTP/1.1\r\nHost: ok.test\r\nContent-Length: 5\r\n\r\nhello";
+        client.write_all(first).await.unwrap();
+        let (mut onward, _) = server.accept().await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        onward.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, first);
+        onward
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 38];
+        client.read_exact(&mut answer).await.unwrap();
+        // The second request names a denied host in its absolute-form target.
+        client
+            .write_all(b"GET http://x.blocked.test/ HTTP/1.1\r\nHost: ok.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = String::new();
+        client.read_to_string(&mut rest).await.unwrap();
+        assert!(rest.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{rest}");
+        drop(client);
+        let mut more = Vec::new();
+        let _ = onward.read_to_end(&mut more).await;
+        assert!(more.is_empty(), "the server got {more:?}");
+        let log = task.await.unwrap();
+        assert_eq!(log.verdict, Verdict::Deny);
+        assert_eq!(log.requests, 2);
+        assert_eq!(log.http.unwrap().path, "http://x.blocked.test/");
+        assert_eq!(
+            log.reason.as_deref(),
+            Some("rule 1: deny:host:*.blocked.test")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_closed_in_time() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut settings = settings(&[]);
+        settings.first_bytes_timeout = Duration::from_millis(800);
+        let started = Instant::now();
+        let (mut client, task) = proxied(server.local_addr().unwrap(), settings).await;
+        let _onward = server.accept().await.unwrap();
+        let log = task.await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(800));
+        assert_eq!(log.verdict, Verdict::Deny);
+        assert_eq!(
+            log.reason.as_deref(),
+            Some("no byte from the client in 800ms (--first-bytes-timeout)")
+        );
+        assert_eq!(client.read(&mut [0; 1]).await.unwrap(), 0);
     }
 
     #[tokio::test]

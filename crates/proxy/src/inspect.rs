@@ -5,26 +5,19 @@
 use std::io;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::http::{self, HttpRequest};
 
 /// Inspection reads at most this much before giving up.
 pub const LIMIT: usize = 16 * 1024;
 
+/// The longest method the first bytes may start with to be taken for HTTP.
+const MAX_METHOD: usize = 32;
+
 /// The inspection buffer's first size; it doubles up to [`LIMIT`].
 const FIRST_READ: usize = 2 * 1024;
-
-/// An HTTP/1.x request, as far as the log and the policy care.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HttpRequest {
-    /// `GET`, `POST`, ...
-    pub method: String,
-    /// The Host header as sent, if any.
-    pub host: Option<String>,
-    /// The request target as sent.
-    pub path: String,
-}
 
 /// What inspection found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,23 +26,13 @@ pub struct Inspection {
     pub server_name: Option<String>,
     /// The HTTP request.
     pub http: Option<HttpRequest>,
-}
-
-impl Inspection {
-    /// The name the policy matches: SNI, else the HTTP Host without its
-    /// port, lower case and without a trailing dot.
-    pub fn host(&self) -> Option<String> {
-        let raw = self
-            .server_name
-            .as_deref()
-            .or_else(|| self.http.as_ref()?.host.as_deref())?;
-        let name = match raw.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or(v6),
-            None if raw.matches(':').count() == 1 => raw.split(':').next().unwrap_or(raw),
-            None => raw,
-        };
-        Some(name.trim_end_matches('.').to_ascii_lowercase())
-    }
+    /// The names the policy matches, normalised (lower case, no port, no
+    /// trailing dot): the SNI; or the HTTP Host header's and the request
+    /// target's (an absolute-form or CONNECT target names a host too).
+    pub names: Vec<String>,
+    /// Why bytes that were recognised (as a ClientHello or an HTTP
+    /// request) or not yielded no name.
+    pub flaw: Option<String>,
 }
 
 /// Whether the bytes so far are enough to decide.
@@ -70,6 +53,19 @@ pub fn examine(buf: &[u8]) -> Progress {
     }
 }
 
+/// Why reading the first bytes stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// [`examine`] was done.
+    Done,
+    /// The time was up.
+    Timeout,
+    /// [`LIMIT`] bytes without [`examine`] being done.
+    Limit,
+    /// The client shut its side down first.
+    Eof,
+}
+
 /// The first bytes of a connection and what they are.
 #[derive(Debug)]
 pub struct FirstBytes {
@@ -79,6 +75,29 @@ pub struct FirstBytes {
     pub eof: bool,
     /// What was recognised.
     pub inspection: Inspection,
+    /// Why reading stopped.
+    pub stop: Stop,
+}
+
+impl FirstBytes {
+    /// Why these bytes named no host, for the log (`waited`: how long
+    /// reading could take).
+    pub fn why_no_name(&self, waited: Duration) -> String {
+        if let Some(flaw) = &self.inspection.flaw {
+            return flaw.clone();
+        }
+        let what = "a complete TLS ClientHello or HTTP request head";
+        match self.stop {
+            Stop::Timeout if self.bytes.is_empty() => format!("nothing sent in {waited:?}"),
+            Stop::Timeout => format!("no {what} in {waited:?}"),
+            Stop::Limit => format!("no {what} in the first {} KiB", LIMIT / 1024),
+            Stop::Eof => format!("the client closed before sending {what}"),
+            Stop::Done if self.inspection.http.is_some() => {
+                "an HTTP request that names no host".into()
+            }
+            Stop::Done => "neither a TLS ClientHello nor an HTTP/1 request".into(),
+        }
+    }
 }
 
 /// Reads from `client` until [`examine`] is done, [`LIMIT`] bytes, EOF, or
@@ -86,42 +105,39 @@ pub struct FirstBytes {
 pub async fn read_first(client: &TcpStream, timeout: Duration) -> io::Result<FirstBytes> {
     let deadline = Instant::now() + timeout;
     // Start small and grow up to LIMIT: most first flights (an HTTP
-    // request line, a TLS ClientHello) fit in a few KiB, and many
+    // request head, a TLS ClientHello) fit in a few KiB, and many
     // connections are inspected at once.
     let mut buf = vec![0u8; FIRST_READ];
     let mut len = 0;
-    let mut eof = false;
     let mut inspection = Inspection::default();
-    loop {
+    let stop = loop {
         if let Progress::Done(found) = examine(&buf[..len]) {
             inspection = found;
-            break;
+            break Stop::Done;
         }
         if len == LIMIT {
-            break;
+            break Stop::Limit;
         }
         if len == buf.len() {
             buf.resize((len * 2).min(LIMIT), 0);
         }
         match tokio::time::timeout_at(deadline, client.readable()).await {
-            Err(_) => break, // a client that waits for the server first, or a slow one
+            Err(_) => break Stop::Timeout, // a client that waits for the server first, or a slow one
             Ok(ready) => ready?,
         }
         match client.try_read(&mut buf[len..]) {
-            Ok(0) => {
-                eof = true;
-                break;
-            }
+            Ok(0) => break Stop::Eof,
             Ok(n) => len += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
-    }
+    };
     buf.truncate(len);
     Ok(FirstBytes {
         bytes: buf,
-        eof,
+        eof: stop == Stop::Eof,
         inspection,
+        stop,
     })
 }
 
@@ -160,7 +176,7 @@ impl<'a> Reader<'a> {
 /// TLS: handshake records (0x16, version 3.x) whose payloads, joined, start
 /// with a ClientHello (type 1, 24-bit length).
 fn tls(buf: &[u8]) -> Progress {
-    let nothing = Progress::Done(Inspection::default());
+    let nothing = flawed("TLS, but not a ClientHello");
     let mut handshake = Vec::new();
     let mut rest = Reader(buf);
     loop {
@@ -170,9 +186,13 @@ fn tls(buf: &[u8]) -> Progress {
             }
             let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
             if let Some(body) = handshake.get(4..4 + len) {
+                let Some(name) = client_hello_sni(body) else {
+                    return flawed("a TLS ClientHello without a usable server name");
+                };
                 return Progress::Done(Inspection {
-                    server_name: client_hello_sni(body),
-                    http: None,
+                    server_name: Some(name.clone()),
+                    names: vec![name],
+                    ..Inspection::default()
                 });
             }
         }
@@ -238,55 +258,33 @@ fn host_name(bytes: &[u8]) -> Option<String> {
     ok.then(|| String::from_utf8_lossy(bytes).to_ascii_lowercase())
 }
 
-/// HTTP/1.x: `METHOD SP target SP HTTP/1.x`, then headers up to a Host
-/// header or the empty line.
+/// Done with nothing found, for this reason.
+fn flawed(why: &str) -> Progress {
+    Progress::Done(Inspection {
+        flaw: Some(why.into()),
+        ..Inspection::default()
+    })
+}
+
+/// HTTP/1.x: a complete request head (see [`http::parse_head`]).
 fn http(buf: &[u8]) -> Progress {
-    let nothing = Progress::Done(Inspection::default());
-    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    match buf.get(method_len) {
-        _ if method_len == 0 || method_len > 16 => return nothing,
-        None => return Progress::NeedMore,
-        Some(b' ') => {}
-        Some(_) => return nothing,
+    // No method is this long: another protocol, known at once.
+    if !buf[..buf.len().min(MAX_METHOD + 1)].contains(&b' ') && buf.len() > MAX_METHOD {
+        return Progress::Done(Inspection::default());
     }
-    // Complete lines only: what follows the last newline is still arriving.
-    let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
-        return Progress::NeedMore;
-    };
-    let mut lines = buf[..end]
-        .split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
-    let request_line = String::from_utf8_lossy(lines.next().unwrap_or_default());
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(path), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return nothing;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return nothing;
-    }
-    let mut request = HttpRequest {
-        method: method.into(),
-        host: None,
-        path: path.into(),
-    };
-    for line in lines {
-        let host = line
-            .split_at_checked(5)
-            .filter(|(name, _)| name.eq_ignore_ascii_case(b"host:"));
-        if let Some((_, value)) = host {
-            request.host = Some(String::from_utf8_lossy(value).trim().into());
-        } else if !line.is_empty() {
-            continue;
+    match http::parse_head(buf) {
+        Ok(None) => Progress::NeedMore,
+        Ok(Some(head)) => Progress::Done(Inspection {
+            http: Some(head.request),
+            names: head.names,
+            ..Inspection::default()
+        }),
+        // Bytes of another protocol: say nothing about HTTP.
+        Err(http::HttpError::Malformed(_)) if !http::looks_like_a_request_line(buf) => {
+            Progress::Done(Inspection::default())
         }
-        // The Host header, or the empty line ending headers without one.
-        return Progress::Done(Inspection {
-            server_name: None,
-            http: Some(request),
-        });
+        Err(e) => flawed(&e.to_string()),
     }
-    Progress::NeedMore
 }
 
 #[cfg(test)]
@@ -343,7 +341,8 @@ pub(crate) mod tests {
     fn named(name: &str) -> Progress {
         Progress::Done(Inspection {
             server_name: Some(name.into()),
-            http: None,
+            names: vec![name.into()],
+            ..Inspection::default()
         })
     }
 
@@ -369,24 +368,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// Done, without a name.
+    fn nameless(progress: &Progress) -> bool {
+        matches!(progress, Progress::Done(found) if found.names.is_empty())
+    }
+
     #[test]
     fn malformed_tls_never_panics() {
-        let nothing = Progress::Done(Inspection::default());
-        assert_eq!(
-            examine(&[0x16, 9, 1, 0, 4, 1, 0, 0, 0]),
-            nothing,
-            "not TLS 3.x"
-        );
-        assert_eq!(
-            examine(&[0x16, 3, 1, 0, 4, 2, 0, 0, 0]),
-            nothing,
-            "not a ClientHello"
-        );
-        assert_eq!(
-            examine(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0]),
-            nothing,
-            "empty body"
-        );
+        for (bad, what) in [
+            (&[0x16, 9, 1, 0, 4, 1, 0, 0, 0], "not TLS 3.x"),
+            (&[0x16, 3, 1, 0, 4, 2, 0, 0, 0], "not a ClientHello"),
+            (&[0x16, 3, 1, 0, 4, 1, 0, 0, 0], "empty body"),
+        ] {
+            assert!(nameless(&examine(bad)), "{what}");
+        }
         let hello = client_hello("example.com", 1000);
         // Every single-byte corruption and every length field lying.
         for at in 0..hello.len() {
@@ -411,12 +406,12 @@ pub(crate) mod tests {
             let _ = examine(&tls);
             let _ = examine(&garbage);
         }
-        let hostile = client_hello("evil\"name\n", 1000);
-        assert_eq!(
-            examine(&hostile),
-            nothing,
-            "unsafe characters are not a host name"
-        );
+        let hostile = examine(&client_hello("evil\"name\n", 1000));
+        assert!(nameless(&hostile), "unsafe characters are not a host name");
+        let Progress::Done(found) = hostile else {
+            unreachable!()
+        };
+        assert!(found.flaw.unwrap().contains("without a usable server name"));
     }
 
     #[test]
@@ -424,23 +419,19 @@ pub(crate) mod tests {
         let req =
             b"GET /index.html?q=1 HTTP/1.1\r\nUser-Agent: x\r\nhOST: Example.COM:8080\r\n\r\n";
         let found = Progress::Done(Inspection {
-            server_name: None,
             http: Some(HttpRequest {
                 method: "GET".into(),
                 host: Some("Example.COM:8080".into()),
                 path: "/index.html?q=1".into(),
             }),
+            names: vec!["example.com".into()],
+            ..Inspection::default()
         });
         assert_eq!(examine(req), found);
-        let host_line_end = req.len() - 2;
-        for cut in 0..host_line_end {
+        // The whole head, up to the empty line.
+        for cut in 0..req.len() {
             assert_eq!(examine(&req[..cut]), Progress::NeedMore, "cut at {cut}");
         }
-        let Progress::Done(inspection) = found else {
-            unreachable!()
-        };
-        assert_eq!(inspection.host().as_deref(), Some("example.com"));
-
         let old = examine(b"GET / HTTP/1.0\n\n");
         let Progress::Done(Inspection { http: Some(r), .. }) = old else {
             panic!("{old:?}")
@@ -449,6 +440,18 @@ pub(crate) mod tests {
             (r.method.as_str(), r.host, r.path.as_str()),
             ("GET", None, "/")
         );
+        // The absolute-form target's host counts too.
+        let Progress::Done(found) =
+            examine(b"GET http://Denied.Example/x HTTP/1.1\r\nHost: ok.test\r\n\r\n")
+        else {
+            panic!()
+        };
+        assert_eq!(found.names, ["ok.test", "denied.example"]);
+        // A request the proxy cannot vouch for says why.
+        let Progress::Done(found) = examine(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") else {
+            panic!()
+        };
+        assert_eq!(found.flaw.as_deref(), Some("more than one Host header"));
     }
 
     #[test]
@@ -456,11 +459,9 @@ pub(crate) mod tests {
         let nothing = Progress::Done(Inspection::default());
         for other in [
             &b"SSH-2.0-OpenSSH_9.6\r\n"[..],
-            b"get / HTTP/1.1\r\n",
-            b"GET / SPDY/3\r\n",
-            b"GET  HTTP/1.1 x\r\n",
+            b"EHLO\r\n",
             b"\x00\x01\x02",
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEFGHIJ",
         ] {
             assert_eq!(
                 examine(other),
@@ -469,24 +470,8 @@ pub(crate) mod tests {
                 String::from_utf8_lossy(other)
             );
         }
-    }
-
-    #[test]
-    fn hosts_for_the_policy() {
-        let host = |h: &str| {
-            Inspection {
-                server_name: None,
-                http: Some(HttpRequest {
-                    method: "GET".into(),
-                    host: Some(h.into()),
-                    path: "/".into(),
-                }),
-            }
-            .host()
-        };
-        assert_eq!(host("WWW.Example.com.").as_deref(), Some("www.example.com"));
-        assert_eq!(host("[2001:db8::1]:80").as_deref(), Some("2001:db8::1"));
-        assert_eq!(host("2001:db8::1").as_deref(), Some("2001:db8::1"));
-        assert_eq!(Inspection::default().host(), None);
+        // Like a request line, but not HTTP/1: done, and says so.
+        let spdy = examine(b"GET / SPDY/3\r\n");
+        assert!(nameless(&spdy), "{spdy:?}");
     }
 }

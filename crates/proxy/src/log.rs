@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::inspect::HttpRequest;
+use crate::http::HttpRequest;
 use crate::relay::Direction;
 
 /// What happened to a connection.
@@ -69,8 +69,12 @@ pub struct ConnectionLog {
     pub original_dst: Option<String>,
     /// TLS SNI.
     pub server_name: Option<String>,
-    /// The HTTP request.
+    /// The HTTP request: the first on the connection, or the denied one.
     pub http: Option<HttpRequest>,
+    /// How many HTTP requests on the connection were checked (each one is
+    /// when a host rule decides); absent when none was.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub requests: u64,
     /// Bytes client → server.
     pub bytes_up: u64,
     /// Bytes to the client (the server's, or the proxy's 403).
@@ -91,6 +95,10 @@ pub struct ConnectionLog {
     pub verdict: Verdict,
     /// The deciding rule, or what went wrong.
     pub reason: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where log lines go; shared by all connections, one line at a time.

@@ -7,6 +7,7 @@
 //! stop accepting, let connections drain, then close the rest.
 
 mod conn;
+mod http;
 mod inspect;
 mod log;
 mod policy;
@@ -25,7 +26,7 @@ use clap::Parser;
 use connredir::ServiceId;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{info, warn};
 
 use crate::conn::{Listener, Redirect, Settings};
@@ -55,7 +56,11 @@ first that matches decides; a flow that matches none is allowed.
           port  destination port or range: 25, 8000-8999
 A denied HTTP request gets a 403; anything else denied is closed. Destination
 and port rules decide before the onward connection is opened; host rules after
-the client's first bytes, and then not one byte reaches the server.
+the client's first bytes, and then not one byte reaches the server. A flow
+whose first bytes name no host (none in --inspect-timeout, none in the first
+16 KiB, or neither TLS nor HTTP) is denied by the first host rule reached,
+unless --allow-unknown-host. Under a host rule every HTTP/1 request on a
+connection is checked (Host header and absolute-form target alike).
 
 Examples:
   connredir-proxy --name inspector --listen 127.0.0.1:15001 --listen [::1]:15001
@@ -86,9 +91,26 @@ struct Cli {
     /// At SIGINT/SIGTERM, how long open connections may still run.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// How long to wait for the client's first bytes before relaying anyway.
+    /// How long the client's first bytes may take to name a host (TLS SNI,
+    /// HTTP Host). Past it, a flow a host rule would decide is denied
+    /// (unless --allow-unknown-host); any other is relayed as it is.
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     inspect_timeout: Duration,
+    /// Let a flow whose first bytes named no host (too late, too large,
+    /// neither TLS nor HTTP) pass host rules instead of being denied by the
+    /// first one reached.
+    #[arg(long)]
+    allow_unknown_host: bool,
+    /// Close a connection whose client sent nothing at all for this long
+    /// after connecting (raise it for server-first protocols whose client
+    /// may wait longer).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_positive_duration)]
+    first_bytes_timeout: Duration,
+    /// At most this many connections at once; more are closed at once, each
+    /// with a log line.
+    #[arg(long, default_value = "4096", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// How long connecting to the destination may take.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -112,23 +134,24 @@ struct Cli {
     standalone: bool,
 }
 
-/// Durations as `500ms`, `2s`, `5m`, `1h`; a bare number is seconds.
+/// Durations as humantime reads them (`500ms`, `2s`, `5m`, `1h 30m`); a bare
+/// number is seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 2s, 5m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "unknown unit {unit:?} in {text:?}: use ms, s, m or h"
-        )),
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("{text:?}: {e}"));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration such as 500ms, 2s, 5m or 1h: {e}"))
+}
+
+/// A duration above zero (zero would close every connection at once).
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("{text:?}: must be more than zero")),
+        d => Ok(d),
     }
 }
 
@@ -232,7 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let settings = Arc::new(Settings {
         name: cli.name,
-        policy: Policy::new(cli.rules),
+        policy: Policy::new(cli.rules, cli.allow_unknown_host),
         mode: if cli.no_splice {
             Mode::Copy
         } else {
@@ -241,10 +264,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cut_through: !cli.no_cut_through,
         idle_timeout: cli.idle_timeout,
         inspect_timeout: cli.inspect_timeout,
+        first_bytes_timeout: cli.first_bytes_timeout,
         connect_timeout: cli.connect_timeout,
         standalone: cli.standalone,
     });
     let sink = Arc::new(sink);
+    let limit = Arc::new(Limit::new(cli.max_connections));
     let (phase, phase_rx) = watch::channel(Phase::Running);
     // Every task holds a sender; `recv` returns None once all are gone.
     let (done_tx, mut all_done) = mpsc::channel::<()>(1);
@@ -254,6 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             info,
             settings.clone(),
             sink.clone(),
+            limit.clone(),
             phase_rx.clone(),
             done_tx.clone(),
         );
@@ -337,12 +363,52 @@ fn check_registered(
     }
 }
 
-/// Accepts until the proxy stops running; one task per connection.
+/// The cap on concurrent connections (`--max-connections`).
+struct Limit {
+    max: u32,
+    slots: Arc<Semaphore>,
+    /// Connections refused since the last warning, and when that was.
+    refused: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
+}
+
+impl Limit {
+    /// How often, at most, the proxy warns that it refuses connections.
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(max: u32) -> Limit {
+        Limit {
+            max,
+            slots: Arc::new(Semaphore::new(max as usize)),
+            refused: std::sync::Mutex::new((0, None)),
+        }
+    }
+
+    /// A warning when the cap is first hit, then at most one per
+    /// [`Limit::WARN_EVERY`] with the count since: a flood must not flood
+    /// the diagnostics too.
+    fn warn_refused(&self) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.0 += 1;
+        let now = std::time::Instant::now();
+        if refused.1.is_none_or(|last| now - last >= Limit::WARN_EVERY) {
+            warn!(
+                max = self.max,
+                refused = refused.0,
+                "at the connection limit (--max-connections): refusing new connections"
+            );
+            *refused = (0, Some(now));
+        }
+    }
+}
+
+/// Accepts until the proxy stops running; one task per connection, as long
+/// as the cap allows; past it each connection is logged and closed at once.
 async fn accept_loop(
     listener: TcpListener,
     info: Listener,
     settings: Arc<Settings>,
     sink: Arc<LogSink>,
+    limit: Arc<Limit>,
     mut phase: watch::Receiver<Phase>,
     done: mpsc::Sender<()>,
 ) {
@@ -363,20 +429,34 @@ async fn accept_loop(
                 continue;
             }
         };
+        let redirect = |stream: &tokio::net::TcpStream| {
+            if settings.standalone {
+                Redirect::original_destination_only(stream)
+            } else {
+                Redirect::query(stream, &info)
+            }
+        };
+        let Ok(slot) = limit.slots.clone().try_acquire_owned() else {
+            limit.warn_refused();
+            let reason = format!(
+                "too many connections: {} open (--max-connections)",
+                limit.max
+            );
+            sink.write(&conn::refused(peer, &redirect(&stream), &settings, reason));
+            // A reset, not an orderly close: the client learns at once.
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let redirect = redirect(&stream);
         let (settings, sink, done) = (settings.clone(), sink.clone(), done.clone());
         let mut phase = phase.clone();
         tokio::spawn(async move {
-            let redirect = if settings.standalone {
-                Redirect::original_destination_only(&stream)
-            } else {
-                Redirect::query(&stream, &info)
-            };
             let closing = async move {
                 let _ = phase.wait_for(|p| *p == Phase::Closing).await;
             };
             let entry = conn::handle(stream, peer, &info, redirect, &settings, closing).await;
             sink.write(&entry);
-            drop(done);
+            drop((slot, done));
         });
     }
 }
@@ -393,9 +473,12 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "1.5s", "10x", "-1s"] {
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        for bad in ["", "s", "10x", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        assert!(parse_positive_duration("0s").is_err());
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
     }
 
     #[test]
@@ -413,6 +496,11 @@ mod tests {
         assert_eq!(cli.listen.len(), 2);
         assert_eq!(cli.rules[1].to_string(), "allow:host:*.example.com");
         assert_eq!(cli.idle_timeout, Duration::from_secs(300));
+        assert_eq!(cli.first_bytes_timeout, Duration::from_secs(30));
+        assert_eq!(cli.max_connections, 4096);
+        assert!(!cli.allow_unknown_host);
+        let limited = ["x", "--name=p", "--listen=1.2.3.4:1", "--max-connections=0"];
+        assert!(Cli::try_parse_from(limited).is_err());
         assert!(!cli.standalone);
         let cli = Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--standalone"]);
         assert!(cli.unwrap().standalone);

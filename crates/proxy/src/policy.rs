@@ -1,5 +1,11 @@
 //! The policy: `--rule ACTION:KIND:VALUE` rules, checked in the order given;
 //! the first rule that matches decides, and a flow no rule matches is allowed.
+//!
+//! A `host` rule needs the name the client addresses. When the client's
+//! first bytes named none (not in time, not within what the proxy reads, or
+//! not TLS or HTTP at all), the first `host` rule reached denies the flow:
+//! otherwise a client could pass any host rule by hiding its name. With
+//! `--allow-unknown-host`, such a flow matches no host rule instead.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -19,7 +25,8 @@ pub enum Action {
 /// What a rule looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Match {
-    /// The server name (TLS SNI, else the HTTP Host without port): a
+    /// The server name (TLS SNI; else the HTTP Host without port, and the
+    /// host of an absolute-form or CONNECT request target): a
     /// case-insensitive glob where `*` matches any run of characters
     /// (dots included) and `?` one character.
     Host(String),
@@ -119,51 +126,89 @@ pub struct Decision {
     pub action: Action,
     /// The rule that decided (`rule 2: deny:port:25`), `None` for the default.
     pub rule: Option<String>,
+    /// Denied because a host rule was reached and the client named no
+    /// host.
+    pub unknown_host: bool,
+}
+
+/// What is known of the host name when a rule is evaluated.
+#[derive(Debug, Clone, Copy)]
+enum Host<'a> {
+    /// Not yet: inspection comes later.
+    Later,
+    /// The client named none.
+    Unknown,
+    /// This name.
+    Name(&'a str),
 }
 
 /// The ordered rules.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    allow_unknown_host: bool,
 }
 
 impl Policy {
-    /// A policy of these rules, in this order.
-    pub fn new(rules: Vec<Rule>) -> Policy {
-        Policy { rules }
+    /// A policy of these rules, in this order. `allow_unknown_host`: a flow
+    /// whose client named no host matches no host rule (instead of being
+    /// denied by the first one reached).
+    pub fn new(rules: Vec<Rule>, allow_unknown_host: bool) -> Policy {
+        Policy {
+            rules,
+            allow_unknown_host,
+        }
     }
 
     /// Decides from the destination alone, before connecting. `None` when a
     /// host rule comes before any destination rule that matches: then only
     /// inspection can tell.
     pub fn before_connect(&self, dst: SocketAddr) -> Option<Decision> {
-        self.evaluate(dst, None)
+        self.evaluate(dst, Host::Later)
     }
 
-    /// Decides with the server name known (`None`: the client named none, so
-    /// no host rule matches).
-    pub fn decide(&self, dst: SocketAddr, host: Option<&str>) -> Decision {
-        self.evaluate(dst, Some(host))
-            .expect("with the host known every rule can be evaluated")
+    /// Decides with the names the client addressed known (none: it named
+    /// no host). A flow naming several (an HTTP Host header and an
+    /// absolute-form target) is denied when any of them is.
+    pub fn decide(&self, dst: SocketAddr, names: &[String]) -> Decision {
+        let known = "with the host known every rule can be evaluated";
+        if names.is_empty() {
+            return self.evaluate(dst, Host::Unknown).expect(known);
+        }
+        let mut first = None;
+        for name in names {
+            let decision = self.evaluate(dst, Host::Name(name)).expect(known);
+            if decision.action == Action::Deny {
+                return decision;
+            }
+            first.get_or_insert(decision);
+        }
+        first.expect("at least one name")
     }
 
-    fn evaluate(&self, dst: SocketAddr, host: Option<Option<&str>>) -> Option<Decision> {
+    fn evaluate(&self, dst: SocketAddr, host: Host<'_>) -> Option<Decision> {
         for (i, rule) in self.rules.iter().enumerate() {
-            let hit = match &rule.matches {
-                Match::Host(pattern) => host?.is_some_and(|h| glob(pattern, h)),
-                Match::Dst(net) => net.contains(&dst.ip()),
-                Match::Port(lo, hi) => (*lo..=*hi).contains(&dst.port()),
+            let decided = |action, unknown_host| Decision {
+                action,
+                rule: Some(format!("rule {}: {rule}", i + 1)),
+                unknown_host,
+            };
+            let hit = match (&rule.matches, host) {
+                (Match::Host(_), Host::Later) => return None,
+                (Match::Host(_), Host::Unknown) if self.allow_unknown_host => false,
+                (Match::Host(_), Host::Unknown) => return Some(decided(Action::Deny, true)),
+                (Match::Host(pattern), Host::Name(name)) => glob(pattern, name),
+                (Match::Dst(net), _) => net.contains(&dst.ip()),
+                (Match::Port(lo, hi), _) => (*lo..=*hi).contains(&dst.port()),
             };
             if hit {
-                return Some(Decision {
-                    action: rule.action,
-                    rule: Some(format!("rule {}: {rule}", i + 1)),
-                });
+                return Some(decided(rule.action, false));
             }
         }
         Some(Decision {
             action: Action::Allow,
             rule: None,
+            unknown_host: false,
         })
     }
 }
@@ -203,7 +248,11 @@ mod tests {
     use super::*;
 
     fn policy(rules: &[&str]) -> Policy {
-        Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect())
+        Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect(), false)
+    }
+
+    fn names(name: Option<&str>) -> Vec<String> {
+        name.map(String::from).into_iter().collect()
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -259,15 +308,56 @@ mod tests {
             "deny:host:*.example.com",
             "deny:port:25",
         ]);
-        let d = |host| p.decide(addr("192.0.2.1:443"), host).action;
+        let d = |host| p.decide(addr("192.0.2.1:443"), &names(host)).action;
         assert_eq!(d(Some("ok.example.com")), Action::Allow);
         assert_eq!(d(Some("bad.example.com")), Action::Deny);
         assert_eq!(d(Some("elsewhere.org")), Action::Allow);
-        assert_eq!(d(None), Action::Allow);
-        let deny = p.decide(addr("192.0.2.1:25"), None);
+        let deny = p.decide(addr("192.0.2.1:25"), &names(Some("elsewhere.org")));
         assert_eq!(deny.action, Action::Deny);
         assert_eq!(deny.rule.as_deref(), Some("rule 3: deny:port:25"));
-        assert_eq!(p.decide(addr("192.0.2.1:443"), None).rule, None);
+        assert!(!deny.unknown_host);
+        assert_eq!(
+            p.decide(addr("192.0.2.1:443"), &names(Some("x.org"))).rule,
+            None
+        );
+    }
+
+    #[test]
+    fn a_host_rule_denies_a_flow_that_named_no_host_unless_told_otherwise() {
+        let rules = [
+            "deny:port:25",
+            "deny:host:*.example.com",
+            "allow:port:1-1024",
+        ];
+        let strict = policy(&rules);
+        let unknown = strict.decide(addr("192.0.2.1:443"), &[]);
+        assert_eq!(unknown.action, Action::Deny);
+        assert!(unknown.unknown_host);
+        assert_eq!(
+            unknown.rule.as_deref(),
+            Some("rule 2: deny:host:*.example.com")
+        );
+        // A destination rule before the host rule still decides alone.
+        assert!(!strict.decide(addr("192.0.2.1:25"), &[]).unknown_host);
+        let lenient = Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect(), true);
+        let passed = lenient.decide(addr("192.0.2.1:443"), &[]);
+        assert_eq!(passed.action, Action::Allow);
+        assert_eq!(passed.rule.as_deref(), Some("rule 3: allow:port:1-1024"));
+        // Without host rules nothing needs a name.
+        let none = policy(&["deny:port:25"]).decide(addr("192.0.2.1:443"), &[]);
+        assert_eq!((none.action, none.unknown_host), (Action::Allow, false));
+    }
+
+    #[test]
+    fn any_denied_name_denies() {
+        let p = policy(&["allow:host:ok.test", "deny:host:*.example"]);
+        let dst = addr("192.0.2.1:80");
+        let both = |a: &str, b: &str| p.decide(dst, &[a.into(), b.into()]);
+        assert_eq!(both("ok.test", "x.example").action, Action::Deny);
+        assert_eq!(both("x.example", "ok.test").action, Action::Deny);
+        let allowed = both("ok.test", "other.test");
+        assert_eq!(allowed.action, Action::Allow);
+        assert_eq!(allowed.rule.as_deref(), Some("rule 1: allow:host:ok.test"));
     }
 
     #[test]
@@ -285,14 +375,16 @@ mod tests {
             "the host rule must be seen first"
         );
         assert_eq!(
-            p.decide(addr("192.0.2.1:80"), Some("a.ok.test")).action,
+            p.decide(addr("192.0.2.1:80"), &names(Some("a.ok.test")))
+                .action,
             Action::Allow
         );
         assert_eq!(
-            p.decide(addr("192.0.2.1:80"), Some("x.test")).action,
+            p.decide(addr("192.0.2.1:80"), &names(Some("x.test")))
+                .action,
             Action::Deny
         );
-        assert_eq!(p.decide(addr("192.0.2.1:80"), None).action, Action::Deny);
+        assert_eq!(p.decide(addr("192.0.2.1:80"), &[]).action, Action::Deny);
 
         let p = policy(&["deny:dst:2001:db8::/32"]);
         assert_eq!(early_of(&p, "[2001:db8::1]:443"), Some(Action::Deny));

@@ -23,6 +23,11 @@ pub fn testkit_bin() -> PathBuf {
 /// Path of a binary of the workspace: cargo puts binaries in the directory
 /// above the test executables (`target/<profile>/deps/..`). Binaries of
 /// other packages are there after `cargo build --workspace`.
+///
+/// Tests run some of them as an unprivileged user, who cannot reach them
+/// when the checkout sits in a private directory (a home directory of mode
+/// 0700): then the binary is copied once into a directory every user can
+/// read, removed when the test process exits.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let dir = exe
@@ -35,7 +40,61 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         "{} is missing: run `cargo build --workspace` before the tests (scripts/test does)",
         path.display()
     );
-    path
+    if readable_by_everyone(&path) {
+        path
+    } else {
+        shared_copy(&path)
+    }
+}
+
+/// Whether any user may run `path`: every directory above it searchable by
+/// others, the file itself readable and executable by others.
+fn readable_by_everyone(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    mode(path) & 0o005 == 0o005
+        && path
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .all(|dir| mode(dir) & 0o001 != 0)
+}
+
+/// A copy of `binary` in this process's world-readable directory.
+fn shared_copy(binary: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static COPYING: Mutex<()> = Mutex::new(());
+    let dir = DIR.get_or_init(|| {
+        let dir = PathBuf::from(format!("/tmp/connredir-testkit-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for shared binaries");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("make the shared binary directory readable");
+        extern "C" fn remove_shared_dir() {
+            let _ = std::fs::remove_dir_all(format!(
+                "/tmp/connredir-testkit-bin-{}",
+                std::process::id()
+            ));
+        }
+        // SAFETY: the handler only removes a directory; registering it has
+        // no other effect.
+        unsafe { libc::atexit(remove_shared_dir) };
+        dir
+    });
+    let copy = dir.join(binary.file_name().expect("a file name"));
+    let _guard = COPYING.lock().unwrap();
+    if !copy.exists() {
+        let partial = copy.with_extension("partial");
+        std::fs::copy(binary, &partial).expect("copy a binary where every user can run it");
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+            .expect("make the copy executable");
+        std::fs::rename(&partial, &copy).expect("put the copy in place");
+    }
+    copy
 }
 
 /// Decides whether a privileged test can run here. In CI (`CI=true`) a

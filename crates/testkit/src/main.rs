@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! connredir-testkit proxy --name NAME --listen ADDR [--listen ADDR] [--no-records] [--check-buffers]
+//!                         [--reuseport] [--delay-connect-ms N]
 //! connredir-testkit client --connect ADDR --bytes N [--no-half-close]
 //! connredir-testkit probe CASE [ADDR]
 //! connredir-testkit connect-loop --connect ADDR --count N
 //! connredir-testkit many --connect ADDR --sizes N,N,... [--no-half-close]
 //! connredir-testkit hold --connect ADDR --until FILE
+//! connredir-testkit attack CASE ADDR [ARG]
 //! ```
 //!
 //! and the roles of the isolation tests (see `isolation.rs`).
@@ -24,6 +26,7 @@ use connredir::{Error as RedirectError, RedirectRecords};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
+mod attack;
 mod isolation;
 
 fn main() -> Result<()> {
@@ -40,11 +43,15 @@ fn main() -> Result<()> {
         Some("many") => many(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("echo") => echo(&args[1..]),
+        Some("attack") => {
+            emit(attack::run(&args[1..])?);
+            Ok(())
+        }
         Some("netns-attacker") => isolation::netns_attacker(&args[1..]),
         Some("stalled-service") => isolation::stalled_service(&args[1..]),
         Some("bound-client") => isolation::bound_client(&args[1..]),
         Some("service-probe") => isolation::service_probe(&args[1..]),
-        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|netns-attacker|stalled-service|bound-client|service-probe ..."),
+        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|attack|netns-attacker|stalled-service|bound-client|service-probe ..."),
     }
 }
 
@@ -94,6 +101,9 @@ struct ProxyOptions {
     name: String,
     set_records: bool,
     check_buffers: bool,
+    /// Wait between learning the destination and connecting to it, so that
+    /// concurrent flows interleave.
+    delay_connect: Option<std::time::Duration>,
 }
 
 fn proxy(args: &[String]) -> Result<()> {
@@ -101,11 +111,16 @@ fn proxy(args: &[String]) -> Result<()> {
         name: value(args, "--name")?.to_string(),
         set_records: !args.iter().any(|a| a == "--no-records"),
         check_buffers: args.iter().any(|a| a == "--check-buffers"),
+        delay_connect: values(args, "--delay-connect-ms")
+            .first()
+            .map(|ms| ms.parse().map(std::time::Duration::from_millis))
+            .transpose()?,
     };
+    let reuseport = args.iter().any(|a| a == "--reuseport");
     let options = std::sync::Arc::new(options);
     let mut threads = Vec::new();
     for addr in values(args, "--listen") {
-        let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
+        let listener = listen(addr, reuseport).with_context(|| format!("listen on {addr}"))?;
         let options = std::sync::Arc::clone(&options);
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -123,6 +138,18 @@ fn proxy(args: &[String]) -> Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+fn listen(addr: &str, reuseport: bool) -> Result<TcpListener> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 fn handle(client: TcpStream, options: &ProxyOptions) -> Result<()> {
@@ -159,6 +186,9 @@ fn handle(client: TcpStream, options: &ProxyOptions) -> Result<()> {
         line["buffers"] = check_buffers(&client);
     }
 
+    if let Some(delay) = options.delay_connect {
+        std::thread::sleep(delay);
+    }
     let onward = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
     if options.set_records {
         if let Ok(r) = &records {

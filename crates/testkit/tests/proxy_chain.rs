@@ -125,7 +125,9 @@ fn three_reference_proxies_chain_every_flow_once_in_every_start_order() {
                 prefix: "127.0.0.0/8",
                 ports: None,
                 priority: 30,
-                args: &["--rule", "deny:host:never.test"],
+                // These flows are neither TLS nor HTTP: they name no host,
+                // which a host rule denies unless told otherwise.
+                args: &["--rule", "deny:host:never.test", "--allow-unknown-host"],
             },
         ];
         let mut started = vec![None; specs.len()];

@@ -122,6 +122,18 @@ struct connredir_record {
 #define CONNREDIR_SOCK_ACCEL_ONWARD 2u
 /* The socket closed while cut through: cut_through_bytes holds its count. */
 #define CONNREDIR_SOCK_CUT_COUNTED 4u
+/*
+ * The record's last hop was appended by this socket's own connect(). A
+ * connect hook runs before the connection exists, and the same socket may
+ * connect again after a refused, failed or disconnected attempt: the next
+ * connect() first takes that hop back, so every attempt is decided afresh.
+ */
+#define CONNREDIR_SOCK_OWN_HOP 8u
+/* A service asked SO_ORIGINAL_DST on this accepted socket: its record waits
+ * in the inherit map under inherit_key until used or until this closes. */
+#define CONNREDIR_SOCK_INHERIT_KEPT 16u
+/* The socket was accepted on a service's address with its flow's record. */
+#define CONNREDIR_SOCK_ACCEPTED 32u
 
 struct connredir_sock_state {
 	struct connredir_record record;
@@ -137,6 +149,9 @@ struct connredir_sock_state {
 	 * (the acceleration state goes at TCP close, before the owner may
 	 * have read it; the socket's own storage lasts until it is freed). */
 	__u64 cut_through_bytes;
+	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking thread (see inherit). */
+	__u32 inherit_tgid;
+	__u32 inherit_tid;
 };
 
 /* ---- Services. */
@@ -287,15 +302,38 @@ struct connredir_addr_key {
 
 /*
  * When a registered service's process learns a connection's original
- * destination through SO_ORIGINAL_DST, the connection's record is kept here;
- * if that service then connects to that destination without records (an
- * unmodified transparent proxy), the new socket inherits the record, so the
- * flow keeps its chain and cannot loop between services.
+ * destination through SO_ORIGINAL_DST, the connection's record is kept here,
+ * once under the asking thread and once under its process (tid 0); if that
+ * thread (or else that process) then connects to that destination without
+ * records (an unmodified transparent proxy), the new socket takes the record,
+ * so the flow keeps its chain and its client and cannot loop between
+ * services. An entry is removed when used or when the accepted connection it
+ * came from closes; a later question from the same thread replaces it.
  */
 struct connredir_inherit_key {
-	__u32 service_id;
-	__u32 reserved;
+	__u64 netns; /* network namespace cookie of the asking socket */
+	__u32 tgid;
+	__u32 tid; /* 0: any thread of tgid */
 	struct connredir_endpoint dst;
+};
+
+struct connredir_inherit {
+	struct connredir_record record;
+	__u64 accepted; /* socket cookie of the accepted connection */
+};
+
+/* ---- Who listens on a service's address (the listeners SK_STORAGE). */
+
+/*
+ * Set on a listening socket when a process of the service's identity binds
+ * the service's address (or found by the engine on registration). Connects
+ * are redirected only to a listener marked for that service; the service is
+ * "down" otherwise, and its failure policy decides.
+ */
+struct connredir_listener {
+	__u32 service_id;
+	__u32 tgid; /* the process that bound it */
+	__u64 cgroup_id; /* that process's cgroup */
 };
 
 /* ---- Sockmap acceleration (the accel_socks sockhash and accel_state). */
@@ -380,8 +418,13 @@ enum connredir_decision {
 	CONNREDIR_DECISION_LOOP_PREVENTED = 3,
 	/* The record is full (CONNREDIR_MAX_HOPS): the flow goes direct. */
 	CONNREDIR_DECISION_HOP_LIMIT = 4,
-	/* The socket storage could not be allocated: the flow goes direct. */
+	/* The socket storage could not be allocated: the connect is refused. */
 	CONNREDIR_DECISION_NO_MEMORY = 5,
+	/* The service's own listener is absent; on_down = block: refused. */
+	CONNREDIR_DECISION_SERVICE_DOWN = 6,
+	/* The service's own listener is absent; on_down = bypass: skipped, and
+	 * no later rule took the flow. */
+	CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED = 7,
 };
 
 /* The flow's redirect state for the deciding rule's service (as WFP's). */
@@ -426,7 +469,18 @@ enum connredir_counter {
 	CONNREDIR_CNT_ACCEL_SENDS = 13, /* writes moved socket to socket */
 	CONNREDIR_CNT_CUT_THROUGHS = 14, /* directions handed to the kernel */
 	CONNREDIR_CNT_CUT_THROUGH_SENDS = 15, /* writes moved past the service */
-	CONNREDIR_CNT_MAX = 16,
+	/* Selected connects refused because their record could not be written. */
+	CONNREDIR_CNT_FAILED_CLOSED = 16,
+	/* Selected connects refused: the service's own listener was absent. */
+	CONNREDIR_CNT_SERVICE_DOWN_BLOCKED = 17,
+	/* Services skipped (on_down = bypass) while their listener was absent. */
+	CONNREDIR_CNT_SERVICE_DOWN_BYPASSED = 18,
+	/* Binds of a service's address by a process that is not the service. */
+	CONNREDIR_CNT_BINDS_REFUSED = 19,
+	/* A service's listening process connecting where its own rule would
+	 * send it back to itself: treated as its own flow, not redirected. */
+	CONNREDIR_CNT_SELF_LOOPS = 20,
+	CONNREDIR_CNT_MAX = 21,
 };
 
 /* ---- Map names, as the engine finds them in the object. */
@@ -448,6 +502,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_TRACE_CONTROL "trace_control"
 #define CONNREDIR_MAP_ACCEL_SOCKS "accel_socks"
 #define CONNREDIR_MAP_ACCEL_STATE "accel_state"
+#define CONNREDIR_MAP_LISTENERS "listeners"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */

@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * Services are who they claim to be: a connect is redirected only to a
+ * listener that the service's own process opened on the registered address.
+ *
+ * The bind programs (bind.c) mark a listening socket in the `listeners`
+ * storage when a process of the service's identity binds the service's
+ * address, and refuse that bind to anyone else in the scope; the engine marks
+ * listeners that existed before the service was registered. At connect time
+ * the redirect looks the listener up in the connecting socket's network
+ * namespace (bpf_sk_lookup_tcp) and reads its mark: no mark for this service
+ * means the service is down, whoever else may listen there.
+ */
+#ifndef CONNREDIR_LISTENER_H
+#define CONNREDIR_LISTENER_H
+
+#include "common.h"
+
+/* The state of a service's listener, seen from a connect. */
+enum listener_state {
+	LISTENER_ABSENT = 0, /* nothing of the service's own listens */
+	LISTENER_OWN = 1, /* the service's own listener */
+	LISTENER_CALLER = 2, /* ... opened by the connecting process itself */
+};
+
+/*
+ * The state of `service_id`'s listener (IPv6 or IPv4) for a connect by
+ * `tgid`. A global function: the verifier checks it once, apart from the
+ * rule loop that calls it, whose states it would otherwise multiply.
+ */
+__noinline int listener_state(struct bpf_sock_addr *ctx, __u32 service_id, __u32 want_v6,
+			      __u32 tgid)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct connredir_service *service;
+	struct connredir_listener *mark;
+	struct bpf_sock *sk;
+	int state = LISTENER_ABSENT;
+
+	if (!ctx)
+		return LISTENER_ABSENT;
+	service = bpf_map_lookup_elem(&services, &service_id);
+	if (!service)
+		return LISTENER_ABSENT;
+	if (want_v6) {
+		__builtin_memcpy(tuple.ipv6.daddr, service->listen6.addr, 16);
+		tuple.ipv6.dport = service->listen6.port;
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		tuple.ipv4.daddr = *(const __u32 *)service->listen4.addr;
+		tuple.ipv4.dport = service->listen4.port;
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return LISTENER_ABSENT;
+	if (sk->state == TCP_LISTEN) {
+		mark = bpf_sk_storage_get(&listeners, sk, 0, 0);
+		if (mark && mark->service_id == service_id)
+			state = mark->tgid == tgid ? LISTENER_CALLER : LISTENER_OWN;
+	}
+	bpf_sk_release(sk);
+	return state;
+}
+
+#endif /* CONNREDIR_LISTENER_H */

@@ -1,0 +1,258 @@
+//! `connredir-testkit attack CASE ...`: the ways an unprivileged client in
+//! the scope may try to reach a selected destination without its service.
+//! Each case prints one JSON object saying what each attempt did, with the
+//! local address of every connection that got through, so the test can tell
+//! from the destination's own list of peers whether the client reached it
+//! directly.
+
+use std::io::{Read, Write};
+use std::mem::{size_of, zeroed};
+use std::net::{SocketAddr, SocketAddrV6, TcpListener};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+/// Runs one attack case; `args` follow the case name.
+pub fn run(args: &[String]) -> Result<Value> {
+    let case = args.first().context("missing attack case")?.as_str();
+    let addr =
+        |i: usize| -> Result<SocketAddr> { Ok(args.get(i).context("missing ADDR")?.parse()?) };
+    match case {
+        "reconnect-unspec" => reconnect_unspec(addr(1)?),
+        "reconnect-refused" => reconnect_refused(addr(1)?),
+        "reconnect-v6only" => reconnect_v6only(addr(1)?),
+        "fill-optmem" => fill_optmem(addr(1)?),
+        "bind" => impostor(addr(1)?, false),
+        "bind-reuseport" => impostor(addr(1)?, true),
+        "flows" => flows(
+            addr(1)?,
+            args.get(2).context("missing MILLISECONDS")?.parse()?,
+        ),
+        other => bail!("unknown attack case {other}"),
+    }
+}
+
+/// What an attempt did: `ok` with the connection's local address, or the
+/// error's raw OS number and text.
+fn attempt(socket: &Socket, dst: SocketAddr) -> Value {
+    match socket.connect(&dst.into()) {
+        Ok(()) => match exchange(socket) {
+            Ok(()) => json!({ "ok": true, "local": local(socket) }),
+            Err(e) => json!({ "ok": false, "local": local(socket), "error": e.to_string() }),
+        },
+        Err(e) => json!({ "ok": false, "errno": e.raw_os_error(), "error": e.to_string() }),
+    }
+}
+
+fn local(socket: &Socket) -> Option<String> {
+    socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.to_string())
+}
+
+/// One echo round trip, so a connection counts only once data went through.
+fn exchange(socket: &Socket) -> std::io::Result<()> {
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut stream: &Socket = socket;
+    stream.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back)?;
+    if &back != b"ping" {
+        return Err(std::io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+fn stream_socket(dst: SocketAddr) -> Result<Socket> {
+    Ok(Socket::new(Domain::for_address(dst), Type::STREAM, None)?)
+}
+
+/// Connect, disconnect with `connect(AF_UNSPEC)`, connect the same socket
+/// to the same destination again.
+fn reconnect_unspec(dst: SocketAddr) -> Result<Value> {
+    let socket = stream_socket(dst)?;
+    let first = attempt(&socket, dst);
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC is what the call takes.
+    let unspec: libc::sockaddr = unsafe { zeroed() };
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            &unspec,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    let disconnect = if rc == 0 {
+        "ok".to_string()
+    } else {
+        std::io::Error::last_os_error().to_string()
+    };
+    let second = attempt(&socket, dst);
+    Ok(json!({ "first": first, "disconnect": disconnect, "second": second }))
+}
+
+/// Connect while the service is down, then again on the same socket.
+fn reconnect_refused(dst: SocketAddr) -> Result<Value> {
+    let socket = stream_socket(dst)?;
+    let first = attempt(&socket, dst);
+    let second = attempt(&socket, dst);
+    Ok(json!({ "first": first, "second": second }))
+}
+
+/// An IPv6-only socket connects to the IPv4-mapped destination (which
+/// fails), then drops IPV6_V6ONLY and connects again.
+fn reconnect_v6only(dst: SocketAddr) -> Result<Value> {
+    let SocketAddr::V4(v4) = dst else {
+        bail!("reconnect-v6only takes an IPv4 destination")
+    };
+    let mapped = SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0));
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    let first = attempt(&socket, mapped);
+    let cleared = socket.set_only_v6(false).map(|_| "ok".to_string());
+    let second = attempt(&socket, mapped);
+    Ok(json!({
+        "first": first,
+        "v6only_cleared": cleared.unwrap_or_else(|e| e.to_string()),
+        "second": second,
+    }))
+}
+
+/// `struct tcp_md5sig` of <linux/tcp.h> (not in the libc crate).
+#[repr(C)]
+struct TcpMd5Sig {
+    tcpm_addr: libc::sockaddr_storage,
+    tcpm_flags: u8,
+    tcpm_prefixlen: u8,
+    tcpm_keylen: u16,
+    tcpm_ifindex: i32,
+    tcpm_key: [u8; 80],
+}
+
+/// Fills the socket's option memory with TCP MD5 keys (each one is charged
+/// to it) until the kernel refuses, then connects.
+fn fill_optmem(dst: SocketAddr) -> Result<Value> {
+    let socket = stream_socket(dst)?;
+    let mut keys = 0u32;
+    let error = loop {
+        // Keys for addresses no traffic goes to (benchmarking and
+        // documentation ranges), only ever used as keys inside this socket.
+        let peer: SocketAddr = match dst {
+            SocketAddr::V4(_) => ([198, 18, (keys >> 8) as u8, keys as u8], 0).into(),
+            SocketAddr::V6(_) => {
+                let mut octets = [0u8; 16];
+                octets[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                octets[14] = (keys >> 8) as u8;
+                octets[15] = keys as u8;
+                (std::net::Ipv6Addr::from(octets), 0).into()
+            }
+        };
+        let peer = SockAddr::from(peer);
+        // SAFETY: TcpMd5Sig is plain old data; zero is a valid value.
+        let mut sig: TcpMd5Sig = unsafe { zeroed() };
+        // SAFETY: the destination is a sockaddr_storage, large enough for
+        // any socket address; the source is `peer.len()` valid bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                peer.as_ptr().cast::<u8>(),
+                (&mut sig.tcpm_addr as *mut libc::sockaddr_storage).cast::<u8>(),
+                peer.len() as usize,
+            );
+        }
+        sig.tcpm_keylen = 80;
+        sig.tcpm_key = [0x5a; 80];
+        // SAFETY: sig is a valid tcp_md5sig for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_MD5SIG,
+                (&sig as *const TcpMd5Sig).cast(),
+                size_of::<TcpMd5Sig>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            break std::io::Error::last_os_error();
+        }
+        keys += 1;
+        if keys > 65_535 {
+            bail!("the kernel took 65,536 MD5 keys without running out of option memory");
+        }
+    };
+    let connect = attempt(&socket, dst);
+    Ok(json!({ "md5_keys": keys, "filled_with": error.to_string(), "connect": connect }))
+}
+
+/// Binds (and listens on) a service's address as an impostor; if that
+/// works, waits up to 3 s for a connection and reports what came.
+fn impostor(addr: SocketAddr, reuseport: bool) -> Result<Value> {
+    let socket = stream_socket(addr)?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    if let Err(e) = socket.bind(&addr.into()).and_then(|()| socket.listen(128)) {
+        return Ok(json!({ "bind": e.to_string(), "errno": e.raw_os_error() }));
+    }
+    println!("{}", json!({ "bind": "ok" }));
+    let _ = std::io::stdout().flush();
+    let listener: TcpListener = socket.into();
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut accepted = Vec::new();
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let records = connredir::query_records(&stream)
+                    .map(|r| r.client().pid)
+                    .ok();
+                accepted.push(json!({ "peer": peer.to_string(), "client_pid": records }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(json!({ "bind": "ok", "accepted": accepted }))
+}
+
+/// New connections in a loop for `millis` ms, each an echo round trip:
+/// counts the connects that failed and the round trips that broke, and lists
+/// the local address of every connection that got through. IPv4 flows leave
+/// from 127.0.0.3, an address nothing else uses, so the destination can tell
+/// a direct connection of this client by its source address alone.
+fn flows(dst: SocketAddr, millis: u64) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_millis(millis);
+    let (mut refused, mut broken, mut locals) = (0u64, 0u64, Vec::new());
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    while Instant::now() < deadline {
+        let socket = stream_socket(dst)?;
+        if dst.is_ipv4() {
+            socket.bind(&SocketAddr::from(([127, 0, 0, 3], 0)).into())?;
+        }
+        match socket.connect(&dst.into()) {
+            Err(e) => {
+                refused += 1;
+                *errors.entry(e.to_string()).or_default() += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(()) => {
+                if let Some(l) = local(&socket) {
+                    locals.push(l);
+                }
+                if let Err(e) = exchange(&socket) {
+                    broken += 1;
+                    *errors.entry(e.to_string()).or_default() += 1;
+                }
+            }
+        }
+    }
+    Ok(
+        json!({ "refused": refused, "broken": broken, "connected": locals.len(), "locals": locals, "errors": errors }),
+    )
+}

@@ -1,0 +1,346 @@
+//! The promise, held against the clients themselves: a connection that a
+//! rule selects reaches its service, whatever an unprivileged process in
+//! the scope does. Each test is one way around a service, tried by a client
+//! running as uid 65534 in the test's own cgroup tree against the real
+//! programs; the destination is an echo server that lists its peers, so a
+//! client's connection that reached it directly is seen by its address.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use connredir_engine::{OnDown, Rule, Service};
+use connredir_testkit::{by_cgroup, free_addr, EchoServer, Lab, Proc};
+use serde_json::Value;
+
+/// The unprivileged user every attacker runs as.
+const NOBODY: u32 = 65534;
+
+/// A lab with one service (the test kit's forwarding proxy, in
+/// `services/proxy`, registered by that cgroup) selecting `dst`.
+struct Setup {
+    lab: Lab,
+    listen: SocketAddr,
+    cgroup: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(test: &str, dst: SocketAddr, on_down: OnDown) -> Option<Setup> {
+        let mut lab = Lab::new(test)?;
+        let cgroup = lab.cgroup("services/proxy");
+        let ip = if dst.is_ipv4() { "127.0.0.1" } else { "::1" };
+        let listen = free_addr(ip);
+        let id = lab
+            .engine
+            .add_service(Service {
+                name: "inspector".into(),
+                listen: vec![listen],
+                identity: by_cgroup(&cgroup),
+                context: None,
+                own_connections_by_self: true,
+                accelerate: false,
+                on_down,
+            })
+            .expect("register the service");
+        let prefix = format!("{}/{}", dst.ip(), if dst.is_ipv4() { 32 } else { 128 });
+        lab.engine
+            .add_rule(Rule {
+                destinations: vec![prefix.parse().unwrap()],
+                ports: vec![dst.port()..=dst.port()],
+                ..Rule::tcp_to(id)
+            })
+            .expect("add the rule");
+        Some(Setup {
+            lab,
+            listen,
+            cgroup,
+        })
+    }
+
+    /// Starts the proxy; returns its index in `lab.procs`.
+    fn start_proxy(&mut self, extra: &[&str]) -> usize {
+        let listen = self.listen.to_string();
+        let mut args = vec!["proxy", "--name", "inspector", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(&self.cgroup, None, &args).expect("start the proxy");
+        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+        self.lab.procs.push(proc);
+        self.lab.procs.len() - 1
+    }
+
+    /// Runs `attack ARGS` as uid 65534 in `scope/client`; its report.
+    fn attack(&self, args: &[&str]) -> Value {
+        attack_in(&self.lab, "scope/client", args)
+    }
+}
+
+fn attack_in(lab: &Lab, cgroup: &str, args: &[&str]) -> Value {
+    let mut all = vec!["attack"];
+    all.extend_from_slice(args);
+    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), Some(NOBODY), &all)
+        .expect("start the attacker")
+        .finish()
+        .expect("the attacker finishes");
+    assert!(status.success(), "attack {args:?} failed: {lines:?}");
+    serde_json::from_str(lines.last().expect("a report")).expect("a JSON report")
+}
+
+/// The local addresses of the attempts in `report` that got through.
+fn locals(attempts: &[&Value]) -> BTreeSet<String> {
+    attempts
+        .iter()
+        .filter_map(|a| a["local"].as_str().map(normalise))
+        .collect()
+}
+
+/// An address as the echo server sees it (IPv4-mapped as IPv4).
+fn normalise(addr: &str) -> String {
+    let addr: SocketAddr = addr.parse().unwrap();
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()).to_string(),
+            None => addr.to_string(),
+        },
+        v4 => v4.to_string(),
+    }
+}
+
+/// Fails when the destination saw a connection from one of the client's
+/// own sockets: that connection skipped the service.
+fn assert_none_direct(server: &EchoServer, client_locals: &BTreeSet<String>, report: &Value) {
+    let direct: Vec<String> = server
+        .accepted()
+        .iter()
+        .map(|p| normalise(&p.to_string()))
+        .filter(|p| client_locals.contains(p))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "the client reached the destination without its service from {direct:?}: {report}"
+    );
+}
+
+fn reconnect_after_disconnect(test: &str, server_ip: &str) {
+    let server = EchoServer::start(&format!("{server_ip}:0")).unwrap();
+    let Some(mut setup) = Setup::new(test, server.addr(), OnDown::Block) else {
+        return;
+    };
+    let proxy = setup.start_proxy(&[]);
+    let dst = server.addr().to_string();
+    let report = setup.attack(&["reconnect-unspec", &dst]);
+    assert_eq!(report["first"]["ok"], true, "{report}");
+    assert_eq!(report["second"]["ok"], true, "{report}");
+    assert_none_direct(
+        &server,
+        &locals(&[&report["first"], &report["second"]]),
+        &report,
+    );
+    let log = setup.lab.wait_logged(proxy, 2);
+    assert_eq!(log.len(), 2, "both connections are inspected: {log:?}");
+}
+
+#[test]
+fn reconnect_after_af_unspec_is_inspected_again() {
+    reconnect_after_disconnect("evade-unspec", "127.0.0.2");
+}
+
+#[test]
+fn reconnect_after_af_unspec_is_inspected_again_ipv6() {
+    reconnect_after_disconnect("evade-unspec6", "::1");
+}
+
+#[test]
+fn reconnect_after_a_refused_connect_is_refused_again() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    // The service is registered, its proxy is not running (a restart).
+    let Some(setup) = Setup::new("evade-refused", server.addr(), OnDown::Block) else {
+        return;
+    };
+    let report = setup.attack(&["reconnect-refused", &server.addr().to_string()]);
+    assert_eq!(report["first"]["ok"], false, "{report}");
+    assert_eq!(report["second"]["ok"], false, "{report}");
+    assert_none_direct(&server, &locals(&[&report["second"]]), &report);
+    assert!(server.accepted().is_empty(), "{:?}", server.accepted());
+}
+
+#[test]
+fn reconnect_after_a_failed_v4_mapped_connect_is_inspected() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(mut setup) = Setup::new("evade-v6only", server.addr(), OnDown::Block) else {
+        return;
+    };
+    let proxy = setup.start_proxy(&[]);
+    let report = setup.attack(&["reconnect-v6only", &server.addr().to_string()]);
+    assert_eq!(report["first"]["ok"], false, "{report}");
+    assert_eq!(report["second"]["ok"], true, "{report}");
+    assert_none_direct(&server, &locals(&[&report["second"]]), &report);
+    assert_eq!(setup.lab.wait_logged(proxy, 1).len(), 1);
+}
+
+#[test]
+fn a_client_that_fills_its_option_memory_is_refused_not_let_through() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(mut setup) = Setup::new("evade-optmem", server.addr(), OnDown::Block) else {
+        return;
+    };
+    setup.start_proxy(&[]);
+    let report = setup.attack(&["fill-optmem", &server.addr().to_string()]);
+    assert!(report["md5_keys"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["connect"]["ok"], false, "{report}");
+    assert_none_direct(&server, &locals(&[&report["connect"]]), &report);
+    let counters = setup.lab.engine.counters().unwrap();
+    assert!(counters.failed_closed >= 1, "{counters:?}");
+}
+
+#[test]
+fn an_impostor_in_the_scope_cannot_bind_a_service_address_while_it_is_down() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(setup) = Setup::new("evade-bind", server.addr(), OnDown::Block) else {
+        return;
+    };
+    let listen = setup.listen.to_string();
+    let wildcard = format!("0.0.0.0:{}", setup.listen.port());
+    for addr in [&listen, &wildcard] {
+        let report = setup.attack(&["bind", addr]);
+        assert_ne!(report["bind"], "ok", "{addr}: {report}");
+    }
+    let counters = setup.lab.engine.counters().unwrap();
+    assert!(counters.binds_refused >= 2, "{counters:?}");
+}
+
+#[test]
+fn an_impostor_outside_the_scope_gets_no_redirected_flow() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(setup) = Setup::new("evade-bind-outside", server.addr(), OnDown::Block) else {
+        return;
+    };
+    // Outside the attached cgroups nothing stops the bind; the layer must
+    // still not hand it a flow: it is not the service's own listener.
+    let listen = setup.listen.to_string();
+    let impostor = Proc::spawn(
+        &setup.lab.cgroup("outside"),
+        Some(NOBODY),
+        &["attack", "bind", &listen],
+    )
+    .unwrap();
+    impostor
+        .wait_line("impostor listens", |l| l.contains("\"bind\":\"ok\""))
+        .unwrap();
+    let report = setup.attack(&["reconnect-refused", &server.addr().to_string()]);
+    let (_, lines) = impostor.finish().unwrap();
+    let got: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(got["accepted"], serde_json::json!([]), "{got} / {report}");
+    assert_eq!(report["first"]["ok"], false, "{report}");
+    assert!(server.accepted().is_empty());
+}
+
+#[test]
+fn an_impostor_cannot_join_a_running_service_through_so_reuseport() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(mut setup) = Setup::new("evade-reuseport", server.addr(), OnDown::Block) else {
+        return;
+    };
+    // A proxy that listens with SO_REUSEPORT, running as the same
+    // unprivileged user as the client: the kernel alone would let the
+    // client join its listening group and take half of its flows.
+    let listen = setup.listen.to_string();
+    let proxy = Proc::spawn(
+        &setup.cgroup,
+        Some(NOBODY),
+        &[
+            "proxy",
+            "--name",
+            "inspector",
+            "--listen",
+            &listen,
+            "--reuseport",
+        ],
+    )
+    .unwrap();
+    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
+    setup.lab.procs.push(proxy);
+    let report = setup.attack(&["bind-reuseport", &listen]);
+    assert_ne!(report["bind"], "ok", "{report}");
+}
+
+/// Four clients connect in a loop while the proxy is killed and restarted
+/// three times; returns their reports.
+fn clients_across_restarts(setup: &mut Setup, dst: SocketAddr) -> Vec<Value> {
+    let dst = dst.to_string();
+    let clients: Vec<Proc> = (0..4)
+        .map(|_| {
+            Proc::spawn(
+                &setup.lab.cgroup("scope/client"),
+                Some(NOBODY),
+                &["attack", "flows", &dst, "3000"],
+            )
+            .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let index = setup.lab.procs.len() - 1;
+        setup.lab.procs[index].kill().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        setup.start_proxy(&[]);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "restarts took too long"
+    );
+    clients
+        .into_iter()
+        .map(|c| {
+            let (status, lines) = c.finish().unwrap();
+            assert!(status.success(), "{lines:?}");
+            serde_json::from_str(lines.last().unwrap()).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn with_block_no_connection_reaches_the_destination_while_the_proxy_restarts() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(mut setup) = Setup::new("on-down-block", server.addr(), OnDown::Block) else {
+        return;
+    };
+    setup.start_proxy(&[]);
+    let reports = clients_across_restarts(&mut setup, server.addr());
+    let refused: u64 = reports.iter().map(|r| r["refused"].as_u64().unwrap()).sum();
+    let connected: u64 = reports
+        .iter()
+        .map(|r| r["connected"].as_u64().unwrap())
+        .sum();
+    assert!(connected > 0, "{reports:?}");
+    assert!(refused > 0, "the proxy was down at times: {reports:?}");
+    // The clients' flows leave from 127.0.0.3; the proxy's from 127.0.0.1.
+    let direct: Vec<SocketAddr> = server
+        .accepted()
+        .into_iter()
+        .filter(|p| p.ip() == std::net::Ipv4Addr::new(127, 0, 0, 3))
+        .collect();
+    assert!(direct.is_empty(), "uninspected: {direct:?}");
+    assert!(!server.accepted().is_empty(), "inspected flows arrived");
+    let counters = setup.lab.engine.counters().unwrap();
+    assert!(counters.service_down_blocked >= 1, "{counters:?}");
+}
+
+#[test]
+fn with_bypass_no_connection_fails_while_the_proxy_restarts() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(mut setup) = Setup::new("on-down-bypass", server.addr(), OnDown::Bypass) else {
+        return;
+    };
+    setup.start_proxy(&[]);
+    let reports = clients_across_restarts(&mut setup, server.addr());
+    let refused: u64 = reports.iter().map(|r| r["refused"].as_u64().unwrap()).sum();
+    let connected: u64 = reports
+        .iter()
+        .map(|r| r["connected"].as_u64().unwrap())
+        .sum();
+    assert!(connected > 0, "{reports:?}");
+    assert_eq!(refused, 0, "{reports:?}");
+    let counters = setup.lab.engine.counters().unwrap();
+    assert!(counters.service_down_bypassed >= 1, "{counters:?}");
+}
