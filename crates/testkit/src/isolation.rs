@@ -99,86 +99,80 @@ fn wait_for(file: &Path, at_most: Duration) {
 }
 
 /// A process of the scope in a network namespace of its own, using the
-/// same addresses as a host flow:
-/// - `take`: listens on the service's address and connects to it from the
-///   host client's address, without being redirected: does its accepted
-///   socket get the host flow's pending record?
-/// - `replace`: the same, but through a redirected connect to the selected
-///   destination: its own record travels under the host flow's 4-tuple.
-/// - `accel`: a redirected connect to an accelerated service's address in
-///   its own namespace, then keeps only the accepted end (the host flow's
-///   service-side key) and reports every byte that arrives on it until FILE
-///   exists.
-/// - `hold`: see [`hold_half_open`].
+/// same addresses as a host flow. Its namespace has an instance of the
+/// service of its own (a container with its own proxy, say): the test starts
+/// it there once this role says `{"stage":"netns"}`, then creates `--go`.
+/// - `take`: connects from `--bind` to the service's address (`--connect`)
+///   without being redirected: does the service's accepted socket in this
+///   namespace get the host flow's pending record?
+/// - `replace`: connects from `--bind` to the selected destination
+///   (`--connect`), redirected to the service in this namespace: its own
+///   record travels under the host flow's 4-tuple.
+/// - `accel`: the same to an accelerated service, whose onward connection
+///   reaches a server here (`--serve`) that never answers nor closes; then
+///   closes its end, so only the service's accepted end stays joined (the
+///   key the service side of a host flow will have), until `--until`.
+/// - `hold`: `--count` redirected connects to `--connect` that never
+///   complete (the service here has a full accept queue: the first
+///   connection, straight to `--listen`, fills it), held until `--until`.
 pub fn netns_attacker(args: &[String]) -> Result<()> {
     let mode = args.first().context("missing mode")?.clone();
-    let listen: SocketAddr = value(args, "--listen")?.parse()?;
-    let bind: SocketAddr = value(args, "--bind")?.parse()?;
-    enter_own_network_namespace()?;
+    let connect: SocketAddr = value(args, "--connect")?.parse()?;
+    let go = PathBuf::from(value(args, "--go")?);
     if mode == "hold" {
-        return hold_half_open(args, listen);
+        raise_fd_limit()?;
     }
-    let listener = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
-    let target = match mode.as_str() {
-        "take" => listen,
-        "replace" | "accel" => value(args, "--connect")?.parse()?,
-        other => bail!("unknown mode {other}"),
+    enter_own_network_namespace()?;
+    // A server that accepts and then neither reads, writes nor closes.
+    let silent = match value(args, "--serve") {
+        Ok(addr) => {
+            let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
+            Some(std::thread::spawn(move || {
+                listener.incoming().flatten().collect::<Vec<_>>()
+            }))
+        }
+        Err(_) => None,
     };
-    let socket = bound_socket(bind)?;
-    socket
-        .connect(&target.into())
-        .with_context(|| format!("connect to {target}"))?;
-    let client: TcpStream = socket.into();
-    let (accepted, _) = listener.accept()?;
-    let mut report = accepted_report(&accepted);
-    report["mode"] = json!(mode);
-    report["pid"] = json!(std::process::id());
-    if mode != "accel" {
-        emit(report);
-        return Ok(());
-    }
-    // Only the accepted end stays: it holds the key a host flow's service
-    // side would have.
-    drop(client);
-    report["stage"] = json!("ready");
-    emit(report);
-    let until = PathBuf::from(value(args, "--until")?);
-    accepted.set_nonblocking(true)?;
-    let mut got = 0usize;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut stolen = (&accepted).read(&mut buf);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // Read past EOF too: data moved by the sockmap lands in the
-        // socket's own queue whatever its TCP state.
-        if let Ok(n) = stolen {
-            got += n;
+    emit(json!({ "stage": "netns", "pid": std::process::id() }));
+    wait_for(&go, Duration::from_secs(30));
+    match mode.as_str() {
+        "take" | "replace" => {
+            let bind: SocketAddr = value(args, "--bind")?.parse()?;
+            let socket = bound_socket(bind)?;
+            socket
+                .connect(&connect.into())
+                .with_context(|| format!("connect to {connect}"))?;
+            emit(json!({ "mode": mode, "stage": "connected", "pid": std::process::id() }));
+            Ok(())
         }
-        if until.exists() || Instant::now() > deadline {
-            break;
+        "accel" => {
+            let bind: SocketAddr = value(args, "--bind")?.parse()?;
+            let socket = bound_socket(bind)?;
+            socket
+                .connect(&connect.into())
+                .with_context(|| format!("connect to {connect}"))?;
+            // Give the service time to connect onward, then leave.
+            std::thread::sleep(Duration::from_millis(300));
+            drop(socket);
+            emit(json!({ "mode": mode, "stage": "ready" }));
+            wait_for(Path::new(value(args, "--until")?), Duration::from_secs(30));
+            drop(silent);
+            Ok(())
         }
-        std::thread::sleep(Duration::from_millis(5));
-        stolen = (&accepted).read(&mut buf);
+        "hold" => hold_half_open(args, connect),
+        other => bail!("unknown mode {other}"),
     }
-    if let Ok(n) = (&accepted).read(&mut buf) {
-        got += n;
-    }
-    emit(json!({ "mode": mode, "stage": "done", "received": got }));
-    Ok(())
 }
 
-/// `hold`: `--count` redirected connects to `--connect` that never complete
-/// (the namespace's own listener on the service's address has a full accept
-/// queue, so their SYNs are dropped), held until FILE exists.
-fn hold_half_open(args: &[String], listen: SocketAddr) -> Result<()> {
-    let connect: SocketAddr = value(args, "--connect")?.parse()?;
+/// `hold`: see [`netns_attacker`].
+fn hold_half_open(args: &[String], connect: SocketAddr) -> Result<()> {
+    let listen: SocketAddr = value(args, "--listen")?.parse()?;
     let count: usize = value(args, "--count")?.parse()?;
     let until = PathBuf::from(value(args, "--until")?);
-    raise_fd_limit()?;
-    let listener = small_backlog_listener(listen)?;
     // Not redirected (no rule for the service's own address): fills the queue.
     let filler = TcpStream::connect(listen)?;
     let mut held = Vec::with_capacity(count);
+    let started = Instant::now();
     for _ in 0..count {
         let socket = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
@@ -187,9 +181,9 @@ fn hold_half_open(args: &[String], listen: SocketAddr) -> Result<()> {
             other => bail!("connect {} of {count}: {other:?}", held.len() + 1),
         }
     }
-    emit(json!({ "held": held.len() }));
-    wait_for(&until, Duration::from_secs(60));
-    drop((held, filler, listener));
+    emit(json!({ "held": held.len(), "seconds": started.elapsed().as_secs_f64() }));
+    wait_for(&until, Duration::from_secs(300));
+    drop((held, filler));
     Ok(())
 }
 
@@ -222,7 +216,7 @@ pub fn stalled_service(args: &[String]) -> Result<()> {
     let expect: usize = value(args, "--expect")?.parse()?;
     let listener = small_backlog_listener(listen)?;
     println!("ready");
-    wait_for(&until, Duration::from_secs(30));
+    wait_for(&until, Duration::from_secs(300));
     for _ in 0..expect {
         let (stream, _) = listener.accept()?;
         emit(accepted_report(&stream));

@@ -1,15 +1,18 @@
 //! Namespaces never mix: a process of the scope that enters a network
 //! namespace of its own (as `unshare -Urn` does, as uid 65534) stays in its
 //! cgroup, so the layer's programs run for it, and it can use the very
-//! addresses of a host flow. It must neither take nor spoil a host flow's
-//! record hand-off, nor be joined with a host flow in the acceleration.
+//! addresses of a host flow. Its namespace has an instance of the service
+//! of its own (as a container with its own proxy would; the client itself
+//! may not listen on a service's address). It must neither take nor spoil a
+//! host flow's record hand-off, nor be joined with a host flow in the
+//! acceleration, nor crowd the host's hand-offs out.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use connredir_engine::Service;
-use connredir_testkit::{by_cgroup, free_addr, EchoServer, Lab, Proc};
+use connredir_testkit::{by_cgroup, free_addr, require_program, EchoServer, Lab, Proc};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -30,9 +33,9 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 struct Release(PathBuf);
 
 impl Release {
-    fn new(test: &str) -> Release {
+    fn new(test: &str, what: &str) -> Release {
         let path =
-            std::env::temp_dir().join(format!("connredir-{test}-{}-release", std::process::id()));
+            std::env::temp_dir().join(format!("connredir-{test}-{}-{what}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         Release(path)
     }
@@ -54,28 +57,54 @@ fn report(lines: &[String]) -> Value {
     serde_json::from_str(lines.iter().rev().find(|l| l.starts_with('{')).unwrap()).unwrap()
 }
 
-/// Runs the namespace client in `scope/attacker` as uid 65534 and returns
-/// its report.
-fn attacker(lab: &Lab, args: &[&str]) -> Value {
+/// The namespace client: starts the attacker role in `scope/attacker` as
+/// uid 65534, waits until it has its own network namespace, starts there
+/// the service instance `service` (test-kit role arguments) in the
+/// service's cgroup, and lets the client go on. Returns the client and the
+/// service instance.
+fn attacker_with_service(
+    lab: &Lab,
+    test: &str,
+    args: &[&str],
+    service_cgroup: &Path,
+    service: &[&str],
+) -> (Proc, Proc, Release) {
+    let nsenter = require_program(test, "nsenter").expect("nsenter (util-linux)");
+    let go = Release::new(test, "go");
+    let go_arg = go.arg();
     let mut all = vec!["netns-attacker"];
     all.extend_from_slice(args);
-    let (status, lines) = Proc::spawn(&lab.cgroup("scope/attacker"), Some(NOBODY), &all)
-        .unwrap()
-        .finish()
+    all.extend_from_slice(&["--go", &go_arg]);
+    let client = Proc::spawn(&lab.cgroup("scope/attacker"), Some(NOBODY), &all).unwrap();
+    client
+        .wait_line("its own namespace", |l| l.contains("\"netns\""))
         .unwrap();
-    assert!(status.success(), "attacker {args:?}: {status}, {lines:?}");
-    report(&lines)
+    let target = client.pid().to_string();
+    let testkit = connredir_testkit::testkit_bin();
+    let mut inner = vec![
+        "--target",
+        &target,
+        "--net",
+        "--",
+        testkit.to_str().unwrap(),
+    ];
+    inner.extend_from_slice(service);
+    let instance = Proc::spawn_program(service_cgroup, None, &nsenter, &inner).unwrap();
+    instance
+        .wait_line("the service in the namespace", |l| l == "ready")
+        .unwrap();
+    go.release();
+    (client, instance, go)
 }
 
 /// A host client (in `scope/client`) connects from `client` to `dst`, which
 /// a rule sends to a service whose accept queue is full: its SYN is dropped
 /// and its record waits in the hand-off map. Then `attack` runs (with the
-/// service's address and the client's), then the service drains its queue.
-/// Returns the report of the service's accepted socket from the client, and
-/// the attacker's.
+/// service's address and the client's), then the service drains its queue:
+/// the host flow's record must reach it, intact.
 fn with_a_pending_host_flow(
     test: &str,
-    attack: impl FnOnce(&Lab, SocketAddr, SocketAddr, SocketAddr) -> Value,
+    attack: impl FnOnce(&Lab, &Path, SocketAddr, SocketAddr, SocketAddr) -> Value,
 ) {
     let Some(mut lab) = Lab::new(test) else {
         return;
@@ -85,7 +114,7 @@ fn with_a_pending_host_flow(
     let cgroup = lab.cgroup("services/inspector");
     let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
     lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
-    let release = Release::new(test);
+    let release = Release::new(test, "release");
     let (listen_arg, until) = (listen.to_string(), release.arg());
     let service = Proc::spawn(
         &cgroup,
@@ -127,7 +156,7 @@ fn with_a_pending_host_flow(
         (lab.engine.pending_handoffs().unwrap() == 1).then_some(())
     });
 
-    let theirs = attack(&lab, listen, client, dst);
+    let theirs = attack(&lab, &cgroup, listen, client, dst);
 
     release.release();
     let (status, lines) = host.finish().unwrap();
@@ -146,50 +175,79 @@ fn with_a_pending_host_flow(
         .find(|a| a["peer"] == client.to_string())
         .unwrap_or_else(|| panic!("the host flow was not accepted: {accepted:?}"));
     // The host flow's record reached its service, intact.
-    assert_eq!(ours["records"], "ok", "{ours}; attacker: {theirs}");
-    assert_eq!(ours["client_pid"], host_pid, "{ours}; attacker: {theirs}");
+    assert_eq!(ours["records"], "ok", "{ours}; the namespace's: {theirs}");
+    assert_eq!(
+        ours["client_pid"], host_pid,
+        "{ours}; the namespace's: {theirs}"
+    );
     assert_eq!(ours["chain"], serde_json::json!([id.0]), "{ours}");
     assert_eq!(lab.engine.pending_handoffs().unwrap(), 0);
 }
 
+/// Runs a hand-off attack: the namespace client connects from the host
+/// client's address (to `connect`), and the service instance of its
+/// namespace accepts. Returns the client's report and what the instance's
+/// accepted socket carried.
+fn handoff_attack(
+    lab: &Lab,
+    test: &str,
+    cgroup: &Path,
+    mode: &str,
+    listen: SocketAddr,
+    client: SocketAddr,
+    connect: SocketAddr,
+) -> (Value, Value) {
+    let (listen, bind, connect) = (listen.to_string(), client.to_string(), connect.to_string());
+    let (attacker, instance, _go) = attacker_with_service(
+        lab,
+        test,
+        &[mode, "--bind", &bind, "--connect", &connect],
+        cgroup,
+        // Accepts at once ("/" exists) and reports what it accepted.
+        &[
+            "stalled-service",
+            "--listen",
+            &listen,
+            "--until",
+            "/",
+            "--expect",
+            "1",
+        ],
+    );
+    let (status, lines) = attacker.finish().unwrap();
+    assert!(status.success(), "namespace client: {lines:?}");
+    let theirs = report(&lines);
+    let (status, lines) = instance.finish().unwrap();
+    assert!(status.success(), "service in the namespace: {lines:?}");
+    (theirs, report(&lines))
+}
+
 #[test]
 fn a_namespace_cannot_take_a_host_flows_pending_record() {
-    with_a_pending_host_flow("ns-take", |lab, listen, client, _| {
-        let (listen, bind) = (listen.to_string(), client.to_string());
-        let theirs = attacker(lab, &["take", "--listen", &listen, "--bind", &bind]);
-        // Its own connection was not redirected: nothing is its record.
-        assert_eq!(theirs["records"], "NotRedirected", "{theirs}");
-        theirs
+    with_a_pending_host_flow("ns-take", |lab, cgroup, listen, client, _| {
+        let (_, accepted) = handoff_attack(lab, "ns-take", cgroup, "take", listen, client, listen);
+        // The namespace's connection was not redirected: no record is its.
+        assert_eq!(accepted["records"], "NotRedirected", "{accepted}");
+        accepted
     });
 }
 
 #[test]
 fn a_namespace_cannot_replace_a_host_flows_pending_record() {
-    with_a_pending_host_flow("ns-replace", |lab, listen, client, dst| {
-        let (listen, bind, dst) = (listen.to_string(), client.to_string(), dst.to_string());
-        let theirs = attacker(
-            lab,
-            &[
-                "replace",
-                "--listen",
-                &listen,
-                "--bind",
-                &bind,
-                "--connect",
-                &dst,
-            ],
-        );
+    with_a_pending_host_flow("ns-replace", |lab, cgroup, listen, client, dst| {
+        let (theirs, accepted) =
+            handoff_attack(lab, "ns-replace", cgroup, "replace", listen, client, dst);
         // Its own redirected connection carries its own record.
-        assert_eq!(theirs["records"], "ok", "{theirs}");
-        assert_eq!(theirs["client_pid"], theirs["pid"], "{theirs}");
-        theirs
+        assert_eq!(accepted["records"], "ok", "{accepted}");
+        assert_eq!(accepted["client_pid"], theirs["pid"], "{accepted}");
+        accepted
     });
 }
 
 /// A service with acceleration, its destination an echo server in the scope,
-/// the proxy the test kit's own. Returns the destination and the service's
-/// listening address.
-fn accelerated(lab: &mut Lab) -> (SocketAddr, SocketAddr) {
+/// the proxy the test kit's own. Returns the destination, the service's
+/// listening address and its cgroup.
+fn accelerated(lab: &mut Lab) -> (SocketAddr, SocketAddr, PathBuf) {
     let dst = free_addr("127.0.0.3");
     let listen = dst.to_string();
     let echo = Proc::spawn(
@@ -224,51 +282,53 @@ fn accelerated(lab: &mut Lab) -> (SocketAddr, SocketAddr) {
     .unwrap();
     proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
     lab.procs.push(proxy);
-    (dst, proxy_listen)
+    (dst, proxy_listen, cgroup)
 }
 
-/// The namespace client holds, in the acceleration maps, the key that the
-/// service side of a host flow will have; the host flow's data must still go
-/// to the service, never into the namespace's socket.
+/// In its namespace, the client leaves the service instance holding the
+/// accepted end of a connection whose 4-tuple the service side of a host
+/// flow will have; the host flow's data must still reach the host's
+/// service, never that other namespace's socket.
 #[test]
 fn a_namespace_is_never_joined_with_a_host_flow_in_the_acceleration() {
     let Some(mut lab) = Lab::new("ns-accel") else {
         return;
     };
-    let (dst, listen) = accelerated(&mut lab);
+    let (dst, listen, cgroup) = accelerated(&mut lab);
     let client = free_addr("127.0.0.1");
-    let release = Release::new("ns-accel");
-    let (listen_arg, bind, connect, until) = (
+    let until = Release::new("ns-accel", "until");
+    let (listen_arg, bind, connect, until_arg) = (
         listen.to_string(),
         client.to_string(),
         dst.to_string(),
-        release.arg(),
+        until.arg(),
     );
-    let attacker = Proc::spawn(
-        &lab.cgroup("scope/attacker"),
-        Some(NOBODY),
+    let (attacker, instance, _go) = attacker_with_service(
+        &lab,
+        "ns-accel",
         &[
-            "netns-attacker",
             "accel",
-            "--listen",
-            &listen_arg,
             "--bind",
             &bind,
             "--connect",
             &connect,
+            "--serve",
+            &connect,
             "--until",
-            &until,
+            &until_arg,
         ],
-    )
-    .unwrap();
+        &cgroup,
+        &["proxy", "--name", "fast-there", "--listen", &listen_arg],
+    );
     attacker
         .wait_line("the namespace's socket in place", |l| {
             l.contains("\"ready\"")
         })
         .unwrap();
-    // Its client end has left the maps; its accepted end stays.
+    // Its client end has left the maps; the service's ends there stay (the
+    // accepted one, and the onward one with its silent server's).
     eventually("the namespace's client end to leave", || {
-        (lab.engine.accelerated_sockets().unwrap() == 1).then_some(())
+        (lab.engine.accelerated_sockets().unwrap() == 3).then_some(())
     });
 
     let (status, lines) = Proc::spawn(
@@ -287,19 +347,78 @@ fn a_namespace_is_never_joined_with_a_host_flow_in_the_acceleration() {
     .unwrap()
     .finish()
     .unwrap();
-    release.release();
+    until.release();
     let (_, theirs) = attacker.finish().unwrap();
+    drop(instance);
     assert!(status.success(), "{lines:?}");
     let host = report(&lines);
-    let theirs = report(&theirs);
-    assert_eq!(
-        theirs["received"], 0,
-        "the namespace read the host flow: {theirs}"
-    );
-    assert_eq!(host["ok"], true, "{host}; attacker: {theirs}");
+    assert_eq!(host["ok"], true, "{host}; the namespace's: {theirs:?}");
     let log = lab.wait_logged(1, 1);
     assert_eq!(log.len(), 1, "{log:?}");
     assert_eq!(log[0]["accelerated"], true, "{log:?}");
+}
+
+/// The namespace client keeps `count` redirected connections half-open to
+/// the service instance of its namespace (whose accept queue is full).
+/// Returns the client and the instance, which hold them until `until`, and
+/// the file that let the client go (kept until the client has seen it).
+fn hold_half_open(
+    lab: &Lab,
+    test: &str,
+    cgroup: &Path,
+    listen: SocketAddr,
+    dst: SocketAddr,
+    count: usize,
+    until: &Release,
+) -> (Proc, Proc, Release) {
+    let (listen, connect, until, count) = (
+        listen.to_string(),
+        dst.to_string(),
+        until.arg(),
+        count.to_string(),
+    );
+    attacker_with_service(
+        lab,
+        test,
+        &[
+            "hold",
+            "--listen",
+            &listen,
+            "--connect",
+            &connect,
+            "--until",
+            &until,
+            "--count",
+            &count,
+        ],
+        cgroup,
+        &[
+            "stalled-service",
+            "--listen",
+            &listen,
+            "--until",
+            &until,
+            "--expect",
+            "0",
+        ],
+    )
+}
+
+/// Waits (at most 120 s) for the namespace client's count of held
+/// connections.
+fn held(attacker: &Proc) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(line) = attacker
+            .lines()
+            .into_iter()
+            .find(|l| l.contains("\"held\""))
+        {
+            return serde_json::from_str(&line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "{:?}", attacker.lines());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Half-open connections held from a namespace keep hand-off entries only
@@ -311,45 +430,21 @@ fn hand_off_entries_of_a_namespace_go_with_its_sockets() {
     };
     let dst = free_addr("127.0.0.2");
     let listen = free_addr("127.0.0.1");
-    let id = lab.service(
-        "absent",
-        &[listen],
-        by_cgroup(Path::new(&lab.cgroup("services/absent"))),
-        None,
-    );
+    let cgroup = lab.cgroup("services/inspector");
+    let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
     lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
-    let release = Release::new("ns-halfopen");
-    let (listen_arg, connect, until) = (listen.to_string(), dst.to_string(), release.arg());
+    let until = Release::new("ns-halfopen", "until");
     const HELD: usize = 200;
-    let held = HELD.to_string();
-    let attacker = Proc::spawn(
-        &lab.cgroup("scope/attacker"),
-        Some(NOBODY),
-        &[
-            "netns-attacker",
-            "hold",
-            "--listen",
-            &listen_arg,
-            "--bind",
-            "127.0.0.1:0",
-            "--connect",
-            &connect,
-            "--until",
-            &until,
-            "--count",
-            &held,
-        ],
-    )
-    .unwrap();
-    let line = attacker
-        .wait_line("half-open connections", |l| l.contains("\"held\""))
-        .unwrap();
-    let held: Value = serde_json::from_str(&line).unwrap();
+    let (attacker, instance, _go) =
+        hold_half_open(&lab, "ns-halfopen", &cgroup, listen, dst, HELD, &until);
+    let held = held(&attacker);
+    eprintln!("half-open: {held}");
     assert_eq!(held["held"], HELD, "{held}");
     assert_eq!(lab.engine.pending_handoffs().unwrap(), HELD);
-    release.release();
+    until.release();
     let (status, lines) = attacker.finish().unwrap();
     assert!(status.success(), "{lines:?}");
+    drop(instance);
     eventually("the namespace's entries to go", || {
         (lab.engine.pending_handoffs().unwrap() == 0).then_some(())
     });
@@ -383,47 +478,13 @@ fn namespaces_cannot_fill_the_hand_off_map_for_the_host() {
 
     // More than other namespaces may hold together (8,192 of 65,536).
     const EACH: usize = 5_000;
-    let release = Release::new("ns-flood");
-    let (connect, until, each) = (dst.to_string(), release.arg(), EACH.to_string());
-    let attackers: Vec<Proc> = (0..2)
-        .map(|_| {
-            Proc::spawn(
-                &lab.cgroup("scope/attacker"),
-                Some(NOBODY),
-                &[
-                    "netns-attacker",
-                    "hold",
-                    "--listen",
-                    &listen_arg,
-                    "--bind",
-                    "127.0.0.1:0",
-                    "--connect",
-                    &connect,
-                    "--until",
-                    &until,
-                    "--count",
-                    &each,
-                ],
-            )
-            .unwrap()
-        })
-        .collect();
+    let until = Release::new("ns-flood", "until");
     let started = Instant::now();
-    for attacker in &attackers {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let line = loop {
-            if let Some(line) = attacker
-                .lines()
-                .into_iter()
-                .find(|l| l.contains("\"held\""))
-            {
-                break line;
-            }
-            assert!(Instant::now() < deadline, "{:?}", attacker.lines());
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let held: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(held["held"], EACH, "{held}");
+    let namespaces: Vec<(Proc, Proc, Release)> = (0..2)
+        .map(|_| hold_half_open(&lab, "ns-flood", &cgroup, listen, dst, EACH, &until))
+        .collect();
+    for (attacker, _, _) in &namespaces {
+        assert_eq!(held(attacker)["held"], EACH);
     }
     let pending = lab.engine.pending_handoffs().unwrap();
     eprintln!(
@@ -435,20 +496,21 @@ fn namespaces_cannot_fill_the_hand_off_map_for_the_host() {
     assert_eq!(pending, bound, "other namespaces hold their share, no more");
 
     let before = lab.engine.counters().unwrap().handoff_misses;
-    let bytes = "1000";
+    let connect = dst.to_string();
     let (status, lines) = Proc::spawn(
         &lab.cgroup("scope/client"),
         None,
-        &["client", "--connect", &connect, "--bytes", bytes],
+        &["client", "--connect", &connect, "--bytes", "1000"],
     )
     .unwrap()
     .finish()
     .unwrap();
     let misses = lab.engine.counters().unwrap().handoff_misses - before;
-    release.release();
-    for attacker in attackers {
+    until.release();
+    for (attacker, instance, _go) in namespaces {
         let (status, lines) = attacker.finish().unwrap();
         assert!(status.success(), "{lines:?}");
+        drop(instance);
     }
     let log = lab.wait_logged(0, 1);
     assert_eq!(misses, 0, "the host flow's record was lost: {log:?}");
