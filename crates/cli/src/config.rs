@@ -5,7 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use connredir_engine::{Identity, Protocol, Rule, Service, ServiceId};
+use connredir_engine::{Identity, OnDown, Protocol, Rule, Service, ServiceId};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,18 @@ pub struct Config {
     /// The rules.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
+    /// Who may use the control socket of `up`.
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// The `[control]` table: who may use the control socket besides root.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// A group whose members may use the control socket (as root may: they
+    /// can change rules and services). None: root only.
+    pub group: Option<String>,
 }
 
 /// The cgroups whose connections meet the rules. The services' own cgroups
@@ -139,6 +151,32 @@ pub struct ServiceConfig {
     /// the service must read accelerated sockets with read(), not splice().
     #[serde(default)]
     pub accelerate: bool,
+    /// What a selected connection does while nothing of the service's own
+    /// listens on its address: "block" (the default) or "bypass".
+    #[serde(default)]
+    pub on_down: OnDownConfig,
+}
+
+/// A service's failure policy as written in files, on the command line and
+/// in the control protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDownConfig {
+    /// Refuse the connection at once while the service is down.
+    #[default]
+    Block,
+    /// Skip the service while it is down: the connection meets the next
+    /// matching rule, or goes direct.
+    Bypass,
+}
+
+impl From<OnDownConfig> for OnDown {
+    fn from(value: OnDownConfig) -> OnDown {
+        match value {
+            OnDownConfig::Block => OnDown::Block,
+            OnDownConfig::Bypass => OnDown::Bypass,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -398,7 +436,7 @@ impl ServiceConfig {
             context: self.context.as_ref().map(|c| c.as_bytes().to_vec()),
             own_connections_by_self: self.own_connections_by_self,
             accelerate: self.accelerate,
-            on_down: Default::default(),
+            on_down: self.on_down.into(),
         }
     }
 }
@@ -449,6 +487,28 @@ ports = ["80", "8000-8999", 443]
         let service = config.services().next().unwrap();
         assert_eq!(service.identity.uids, vec![990]);
         assert!(service.own_connections_by_self);
+        assert_eq!(service.on_down, OnDown::Block, "block is the default");
+        assert_eq!(config.control.group, None, "root only by default");
+    }
+
+    #[test]
+    fn the_failure_policy_and_the_control_group_are_read() {
+        let text = GOOD.replace(
+            "identity = { uids = [990] }",
+            "identity = { uids = [990] }\non_down = \"bypass\"",
+        ) + "\n[control]\ngroup = \"connredir\"\n";
+        let config = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(config.services().next().unwrap().on_down, OnDown::Bypass);
+        assert_eq!(config.control.group.as_deref(), Some("connredir"));
+        let bad = GOOD.replace(
+            "identity = { uids = [990] }",
+            "identity = { uids = [990] }\non_down = \"ignore\"",
+        );
+        assert_eq!(
+            error(&bad),
+            "t.toml, line 8, key `on_down`: unknown variant `ignore`, expected `block` or \
+             `bypass`\n     8 | on_down = \"ignore\""
+        );
     }
 
     #[test]

@@ -45,8 +45,7 @@ struct Lock {
 impl Lock {
     /// Takes the lock, or says which process holds it.
     fn take(state_dir: &Path) -> Result<Lock> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        state_dir_ready(state_dir)?;
         let path = state_dir.join("lock");
         let mut file = File::options()
             .read(true)
@@ -76,6 +75,30 @@ impl Drop for Lock {
     }
 }
 
+/// Makes the state directory (root's, mode 0755: the control socket's own
+/// mode says who may use it), or checks that an existing one is root's and
+/// writable by root only, since the lock and the control socket live there.
+fn state_dir_ready(state_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !state_dir.exists() {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let meta = std::fs::metadata(state_dir)
+        .with_context(|| format!("cannot read {}", state_dir.display()))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} must be a directory of root's that only root can write to (it holds the lock \
+             and the control socket); it is owned by uid {} with mode {:o}",
+            state_dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 /// The pid written in a lock file.
 fn holder(file: &mut File) -> Option<i32> {
     let mut text = String::new();
@@ -99,28 +122,49 @@ fn apply(engine: &mut Engine, config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `connredir up`; `metrics`: where to serve the Prometheus endpoint.
-pub fn up(config: &Config, places: &Places, metrics: Option<std::net::SocketAddr>) -> Result<()> {
+/// `connredir up`; `metrics`: where to serve the Prometheus endpoint;
+/// `control_group`: who besides root may use the control socket (overrides
+/// the configuration's `[control] group`).
+///
+/// A failed `up` leaves nothing behind: what can fail without touching the
+/// layer (the group, the lock, the control socket, the metrics address) is
+/// done first, and a failure while attaching or registering rolls the
+/// engine back to what the previous run left, or to nothing.
+pub fn up(
+    config: &Config,
+    places: &Places,
+    metrics: Option<std::net::SocketAddr>,
+    control_group: Option<&str>,
+) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(connredir_engine::Error::NotRoot.into());
     }
+    let access = control::Access::new(control_group.or(config.control.group.as_deref()))?;
     let _lock = Lock::take(&places.state_dir)?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handlers")?;
+    let control = control::ControlSocket::bind(&places.state_dir, access)?;
+    let metrics = metrics.map(crate::metrics::Endpoint::bind).transpose()?;
     if let Some(bpffs) = places.pin_dir.parent() {
         ensure_bpffs(bpffs)?;
     }
     let fresh = !places.pin_dir.exists();
-    let mut engine = Engine::load_pinned(&places.pin_dir)?;
-    if let Err(e) = apply(&mut engine, config) {
-        drop(engine);
-        if fresh {
-            // Nothing of an earlier run to keep: leave nothing behind.
-            Engine::remove_pinned(&places.pin_dir)?;
+    // Both undo themselves on failure: load_pinned removes what it pinned,
+    // and an engine dropped before its takeover is finished restores the
+    // previous run's links, services and rules and removes its own.
+    let loaded = Engine::load_pinned(&places.pin_dir).map_err(anyhow::Error::from);
+    let mut engine = match loaded.and_then(|mut engine| apply(&mut engine, config).map(|()| engine))
+    {
+        Ok(engine) => engine,
+        Err(e) => {
+            if fresh {
+                // Nothing of an earlier run to keep: leave nothing behind.
+                Engine::remove_pinned(&places.pin_dir)?;
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     info!(
         services = engine.services().count(),
         rules = engine.rules().count(),
@@ -133,9 +177,9 @@ pub fn up(config: &Config, places: &Places, metrics: Option<std::net::SocketAddr
     let (queue, events) = mpsc::channel::<Event>();
     let (requests, pending) = mpsc::channel::<control::Pending>();
     let hub = trace_hub(&mut engine, requests.clone());
-    control::serve(&places.state_dir, requests.clone(), hub)?;
-    if let Some(addr) = metrics {
-        crate::metrics::serve(addr, requests)?;
+    control.serve(requests.clone(), hub);
+    if let Some(metrics) = metrics {
+        metrics.serve(requests);
     }
     let forward = queue.clone();
     std::thread::spawn(move || {

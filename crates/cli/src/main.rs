@@ -48,6 +48,11 @@ enum Command {
         /// (for example 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Let members of this group use the control socket (status, conns,
+        /// trace, rule and service changes) as root can; overrides the
+        /// configuration's `[control] group`. Default: root only.
+        #[arg(long, value_name = "GROUP")]
+        control_group: Option<String>,
     },
     /// Stop a running `up` and remove everything it attached and pinned.
     Down,
@@ -148,6 +153,11 @@ enum ServiceAction {
         /// them with read(), not splice() (connredir-proxy does).
         #[arg(long)]
         accelerate: bool,
+        /// While nothing of the service's own listens on its address:
+        /// `block` refuses the selected connections at once, `bypass` skips
+        /// the service (the next matching rule, or the destination).
+        #[arg(long, value_enum, default_value_t = config::OnDownConfig::Block)]
+        on_down: config::OnDownConfig,
     },
     /// Unregister a service (remove its rules first).
     Del {
@@ -237,7 +247,16 @@ fn real_main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Up { config, metrics } => lifecycle::up(&Config::load(&config)?, &places, metrics),
+        Command::Up {
+            config,
+            metrics,
+            control_group,
+        } => lifecycle::up(
+            &Config::load(&config)?,
+            &places,
+            metrics,
+            control_group.as_deref(),
+        ),
         Command::Conns { json } => {
             let conns = control::call(&places.state_dir, &control::Request::Conns)?;
             print_conns(&conns, json)
@@ -288,7 +307,7 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
 fn print_services(services: &serde_json::Value) {
     for s in services.as_array().into_iter().flatten() {
         println!(
-            "  {:>3}  {:<16} {:<40} {}",
+            "  {:>3}  {:<16} {:<40} {:<14} on down: {}",
             s["id"],
             s["name"].as_str().unwrap_or(""),
             s["listen"]
@@ -302,7 +321,8 @@ fn print_services(services: &serde_json::Value) {
                 "up"
             } else {
                 "not listening"
-            }
+            },
+            s["on_down"].as_str().unwrap_or("?"),
         );
     }
 }
@@ -425,6 +445,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
             context,
             inspect_own_connections,
             accelerate,
+            on_down,
         } => {
             let service = config::ServiceConfig {
                 name,
@@ -437,6 +458,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
                 context,
                 own_connections_by_self: !inspect_own_connections,
                 accelerate,
+                on_down,
             };
             let data = control::call(dir, &control::Request::ServiceAdd { service })?;
             println!("service {} added", data["id"]);

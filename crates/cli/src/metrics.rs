@@ -11,33 +11,48 @@ use tracing::{info, warn};
 
 use crate::control::{Pending, Request};
 
-/// Serves the metrics on `addr`, asking the engine for each scrape.
-pub fn serve(addr: SocketAddr, engine_queue: mpsc::Sender<Pending>) -> Result<()> {
-    let server = tiny_http::Server::http(addr).map_err(|e| {
-        anyhow!("--metrics {addr}: cannot listen there: {e} (pick a free address and port)")
-    })?;
-    info!(%addr, "metrics at http://{addr}/metrics");
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let response = if request.url() == "/metrics" {
-                match scrape(&engine_queue) {
-                    Ok(text) => tiny_http::Response::from_string(text).with_header(
-                        "Content-Type: text/plain; version=0.0.4"
-                            .parse::<tiny_http::Header>()
-                            .expect("a valid header"),
-                    ),
-                    Err(e) => {
-                        warn!(error = %e, "metrics scrape failed");
-                        tiny_http::Response::from_string(format!("{e:#}\n")).with_status_code(500)
+/// The metrics endpoint, listening but not answering yet.
+pub struct Endpoint {
+    server: tiny_http::Server,
+    addr: SocketAddr,
+}
+
+impl Endpoint {
+    /// Listens on `addr`; fails (before anything is attached) when the
+    /// address is taken.
+    pub fn bind(addr: SocketAddr) -> Result<Endpoint> {
+        let server = tiny_http::Server::http(addr).map_err(|e| {
+            anyhow!("--metrics {addr}: cannot listen there: {e} (pick a free address and port)")
+        })?;
+        Ok(Endpoint { server, addr })
+    }
+
+    /// Serves the metrics, asking the engine for each scrape.
+    pub fn serve(self, engine_queue: mpsc::Sender<Pending>) {
+        let Endpoint { server, addr } = self;
+        info!(%addr, "metrics at http://{addr}/metrics");
+        std::thread::spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    match scrape(&engine_queue) {
+                        Ok(text) => tiny_http::Response::from_string(text).with_header(
+                            "Content-Type: text/plain; version=0.0.4"
+                                .parse::<tiny_http::Header>()
+                                .expect("a valid header"),
+                        ),
+                        Err(e) => {
+                            warn!(error = %e, "metrics scrape failed");
+                            tiny_http::Response::from_string(format!("{e:#}\n"))
+                                .with_status_code(500)
+                        }
                     }
-                }
-            } else {
-                tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-            };
-            let _ = request.respond(response);
-        }
-    });
-    Ok(())
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        });
+    }
 }
 
 fn scrape(engine_queue: &mpsc::Sender<Pending>) -> Result<String> {

@@ -253,15 +253,16 @@ impl Filter {
 
 /// `connredir trace`: prints decisions until interrupted (or `limit` lines).
 pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) -> Result<()> {
-    let mut stream = crate::control::connect(state_dir)?;
-    serde_json::to_writer(&mut stream, &crate::control::Request::Trace)?;
+    let request = crate::control::Request::Trace;
+    let mut stream = crate::control::connect(state_dir, &request)?;
+    serde_json::to_writer(&mut stream, &request)?;
     stream.write_all(b"\n")?;
     let mut lines = BufReader::new(stream).lines();
     let first = lines.next().context("the engine closed the connection")??;
     let answer: crate::control::Response =
         serde_json::from_str(&first).context("malformed answer")?;
     if let Some(error) = answer.error {
-        anyhow::bail!("{error}");
+        return Err(crate::control::refused(&request, error));
     }
     if !json {
         println!(

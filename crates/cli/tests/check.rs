@@ -100,6 +100,21 @@ fn bad_files_get_one_message_with_file_line_key_and_what_is_valid() {
              listening address; give at most one IPv4 and one IPv6\n     5 | name = \"scanner\"\n",
         ),
         (
+            "on-down.toml",
+            GOOD.replace(
+                "own_connections_by_self = false",
+                "own_connections_by_self = false\non_down = \"open\"",
+            ),
+            "error: on-down.toml, line 13, key `on_down`: unknown variant `open`, expected \
+             `block` or `bypass`\n    13 | on_down = \"open\"\n",
+        ),
+        (
+            "control-key.toml",
+            format!("{GOOD}\n[control]\ngroups = [\"connredir\"]\n"),
+            "error: control-key.toml, line 25, key `groups`: unknown field `groups`, expected \
+             `group`\n    25 | groups = [\"connredir\"]\n",
+        ),
+        (
             "no-scope.toml",
             GOOD.replace("[scope]\ncgroups = [\"/sys/fs/cgroup/apps\"]\n", ""),
             "error: no-scope.toml: [scope] names no cgroup: give `cgroups` (cgroup v2 \
@@ -111,6 +126,25 @@ fn bad_files_get_one_message_with_file_line_key_and_what_is_valid() {
         assert!(!ok, "{name} passed: {out}");
         assert_eq!(err, expected, "{name}");
     }
+}
+
+#[test]
+fn failure_policies_and_the_control_group_are_accepted() {
+    let text =
+        GOOD.replace(
+            "identity = { uids = [990] }",
+            "identity = { uids = [990] }\non_down = \"bypass\"",
+        )
+        .replace(
+            "own_connections_by_self = false",
+            "own_connections_by_self = false\non_down = \"block\"",
+        ) + "\n[control]\ngroup = \"connredir\"\n";
+    let (ok, out, err) = check(&file("policies.toml", &text));
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "policies.toml: ok (1 cgroups and 0 systemd units in scope, 2 services, 2 rules)\n"
+    );
 }
 
 #[test]

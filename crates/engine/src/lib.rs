@@ -207,12 +207,15 @@ pub struct Counters {
 }
 
 /// Plain-data wrapper so the generated ABI structs can live in aya maps.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 #[repr(transparent)]
 struct Plain<T>(T);
 // SAFETY: only instantiated with bindgen-generated #[repr(C)] structs of
 // integers and arrays of integers, for which every bit pattern is valid.
 unsafe impl<T: Copy + 'static> Pod for Plain<T> {}
+
+/// How many programs the engine attaches to each cgroup (one link each).
+pub const CGROUP_PROGRAMS: usize = PROGRAMS.len();
 
 /// The programs, in the order they are attached.
 const PROGRAMS: [&str; 7] = [
@@ -229,9 +232,81 @@ const PROGRAMS: [&str; 7] = [
 /// engine holds (and, when pinning, also pinned in bpffs).
 struct Attachment {
     path: PathBuf,
+    /// The cgroup's id (its links are pinned under it).
+    id: u64,
     links: Vec<OwnedFd>,
     /// Pins this engine created (removed on detach or failure).
     pins: Vec<PathBuf>,
+    /// Links of an earlier run this engine pointed at its own programs,
+    /// each with the program it ran before, until the takeover is finished.
+    replaced: Vec<(OwnedFd, OwnedFd)>,
+}
+
+impl Attachment {
+    /// Puts back what attaching changed: the earlier run's links run their
+    /// earlier programs again, and the pins this engine made are removed
+    /// (its own links detach when their descriptors close).
+    fn undo(&mut self) {
+        for (link, program) in self.replaced.drain(..) {
+            if let Err(e) = link::update(link.as_fd(), program.as_fd()) {
+                tracing::warn!(cgroup = %self.path.display(), error = %e, "cannot restore a link's program");
+            }
+        }
+        remove_pins(&self.pins);
+        self.pins.clear();
+    }
+}
+
+/// What a pinned engine found when it started, to put back when it is
+/// dropped before [`Engine::finish_takeover`]: a failed `up` leaves the
+/// previous run's links, services and rules as they were, and nothing of
+/// its own.
+struct Previous {
+    /// Whether the pin directory was there before.
+    dir_existed: bool,
+    /// The files in it then.
+    files: std::collections::BTreeSet<std::ffi::OsString>,
+    services: Vec<connredir_service>,
+    by_pid: Vec<(u32, Plain<connredir_abi::connredir_pid_identity>)>,
+    by_uid: Vec<(u32, u32)>,
+    by_cgroup: Vec<(u64, u32)>,
+    addrs: Vec<(Plain<connredir_addr_key>, u32)>,
+    rules_generation: u8,
+    /// What the active generation of the rule trie held.
+    rules: CompiledRules,
+    /// Rule ids from here on were issued by this engine.
+    next_rule: u32,
+}
+
+/// The files in a pin directory.
+fn pin_files(dir: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
+/// Whether a file in a pin directory is one the engine makes.
+fn is_ours(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.starts_with("link-") || map_names::ALL.contains(&name.as_ref())
+}
+
+/// Removes the engine's files in `dir` that are not in `keep`, and the
+/// directory when it was not there before.
+fn remove_new_pins(
+    dir: &Path,
+    keep: &std::collections::BTreeSet<std::ffi::OsString>,
+    dir_existed: bool,
+) {
+    let new: Vec<PathBuf> = pin_files(dir)
+        .into_iter()
+        .filter(|name| is_ours(name) && !keep.contains(name))
+        .map(|name| dir.join(name))
+        .collect();
+    remove_pins(&new);
+    if !dir_existed {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// What the engine wrote to the maps for one service, to undo it exactly.
@@ -247,6 +322,14 @@ pub struct Engine {
     pin_dir: Option<PathBuf>,
     /// Services found in pinned maps, not registered again yet.
     adopted: BTreeMap<ServiceId, connredir_service>,
+    /// The state a pinned engine took over, until the takeover is finished.
+    previous: Option<Previous>,
+    /// The acceleration program the pinned socket map had before this
+    /// engine attached its own, until the takeover is finished.
+    accel_before: Option<OwnedFd>,
+    /// Listeners this engine marked during a takeover, with the mark each
+    /// had before, until the takeover is finished.
+    remarked: Vec<(OwnedFd, Option<connredir_listener>)>,
     attachments: Vec<Attachment>,
     services: BTreeMap<ServiceId, Registered>,
     rules: BTreeMap<RuleId, Rule>,
@@ -273,7 +356,10 @@ impl std::fmt::Debug for Engine {
 /// Loads the sk_msg program and attaches it to the accelerated-socket map.
 /// The attachment lives as long as the map (pinned maps outlive us), so it
 /// is left in place on purpose rather than detached when the engine drops.
-fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
+///
+/// Returns the program the map had before (of an earlier run, when the map
+/// is pinned), so that an unfinished takeover can put it back.
+fn attach_accel(bpf: &mut Ebpf) -> Result<Option<OwnedFd>, Error> {
     let name = map_names::ACCEL_SOCKS;
     let map = bpf.map(name).expect("checked at load");
     let socks =
@@ -286,12 +372,16 @@ fn attach_accel(bpf: &mut Ebpf) -> Result<(), Error> {
             io_error: e,
         }),
     })?;
+    let before = link::map_program(
+        fd.as_fd(),
+        aya_obj::generated::bpf_attach_type::BPF_SK_MSG_VERDICT,
+    );
     let prog: &mut aya::programs::SkMsg = program_mut(bpf, programs::ACCEL)?;
     prog.load().map_err(program_err(programs::ACCEL))?;
     let link = prog.attach(&fd).map_err(program_err(programs::ACCEL))?;
     let link = prog.take_link(link).map_err(program_err(programs::ACCEL))?;
     std::mem::forget(link);
-    Ok(())
+    Ok(before)
 }
 
 /// Maps pinned by an earlier run are reused as they are, whatever their
@@ -486,11 +576,135 @@ impl Engine {
                 parent.display()
             )));
         }
+        let dir_existed = dir.exists();
+        let files = pin_files(dir);
         std::fs::create_dir_all(dir).map_err(|e| pin_err(format!("cannot create it: {e}")))?;
-        let mut engine = Engine::load_with(Some(dir))?;
-        engine.adopt_rules()?;
-        engine.adopt_services()?;
-        Ok(engine)
+        let loaded = Engine::load_with(Some(dir)).and_then(|mut engine| {
+            engine.adopt_rules()?;
+            engine.adopt_services()?;
+            engine.previous = Some(engine.snapshot(dir_existed, files.clone())?);
+            Ok(engine)
+        });
+        if loaded.is_err() {
+            // Maps this load pinned go; an earlier run's stay.
+            remove_new_pins(dir, &files, dir_existed);
+        }
+        loaded
+    }
+
+    /// Reads what a takeover may change, to put it back if it fails.
+    fn snapshot(
+        &mut self,
+        dir_existed: bool,
+        files: std::collections::BTreeSet<std::ffi::OsString>,
+    ) -> Result<Previous, Error> {
+        let services = self.services_map()?;
+        let services = (0..CONNREDIR_MAX_SERVICES)
+            .map(|id| services.get(&id, 0).map(|Plain(s)| s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::SERVICES))?;
+        Ok(Previous {
+            dir_existed,
+            files,
+            services,
+            by_pid: self.entries(map_names::SERVICE_BY_PID)?,
+            by_uid: self.entries(map_names::SERVICE_BY_UID)?,
+            by_cgroup: self.entries(map_names::SERVICE_BY_CGROUP)?,
+            addrs: self.entries(map_names::SERVICE_ADDRS)?,
+            rules_generation: self.rules_generation,
+            rules: self.installed[usize::from(self.rules_generation)].clone(),
+            next_rule: self.next_rule,
+        })
+    }
+
+    /// Every entry of a hash map of service ids (or pid identities).
+    fn entries<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<Vec<(K, V)>, Error> {
+        self.hash::<K, V>(name)?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name))
+    }
+
+    /// Makes a hash map of service ids (or pid identities) hold `entries`
+    /// and nothing else.
+    fn restore_entries<K: Pod + PartialEq, V: Pod>(
+        &mut self,
+        name: &'static str,
+        entries: &[(K, V)],
+    ) -> Result<(), Error> {
+        let mut map = self.hash::<K, V>(name)?;
+        let extra: Vec<K> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !entries.iter().any(|(old, _)| old == k))
+            .collect();
+        for key in extra {
+            map.remove(&key).map_err(map_err(name))?;
+        }
+        for (key, id) in entries {
+            map.insert(key, id, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Undoes an unfinished takeover: the links, services, identities,
+    /// addresses and rules of the previous run are as they were, and what
+    /// this engine added (links, pins, entries, hit counts) is gone.
+    fn roll_back(&mut self, previous: Previous) {
+        for attachment in &mut self.attachments {
+            attachment.undo();
+        }
+        let restored = (|| -> Result<(), Error> {
+            let mut services = self.services_map()?;
+            for (id, value) in previous.services.iter().enumerate() {
+                services
+                    .set(id as u32, Plain(*value), 0)
+                    .map_err(map_err(map_names::SERVICES))?;
+            }
+            self.restore_entries(map_names::SERVICE_BY_PID, &previous.by_pid)?;
+            self.restore_entries(map_names::SERVICE_BY_UID, &previous.by_uid)?;
+            self.restore_entries(map_names::SERVICE_BY_CGROUP, &previous.by_cgroup)?;
+            self.restore_entries(map_names::SERVICE_ADDRS, &previous.addrs)?;
+            let generation = previous.rules_generation;
+            let now = std::mem::take(&mut self.installed[usize::from(generation)]);
+            self.write_generation(generation, &now, &previous.rules)?;
+            self.installed[usize::from(generation)] = previous.rules.clone();
+            self.set_rules_generation(generation)?;
+            self.rules_generation = generation;
+            let name = map_names::RULE_HITS;
+            let mut hits = aya::maps::PerCpuHashMap::<&mut MapData, u32, u64>::try_from(
+                self.bpf.map_mut(name).expect("checked at load"),
+            )
+            .map_err(map_err(name))?;
+            let ours: Vec<u32> = hits
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|id| *id >= previous.next_rule)
+                .collect();
+            for id in ours {
+                let _ = hits.remove(&id);
+            }
+            let name = map_names::LISTENERS;
+            let mut marks = SkStorage::<&mut MapData, Plain<connredir_listener>>::try_from(
+                self.bpf.map_mut(name).expect("checked at load"),
+            )
+            .map_err(map_err(name))?;
+            // Latest first, so a listener marked twice gets its first mark.
+            for (socket, before) in self.remarked.drain(..).rev() {
+                let _ = match before {
+                    Some(mark) => marks.insert(&socket, Plain(mark), 0),
+                    None => marks.remove(&socket),
+                };
+            }
+            Ok(())
+        })();
+        if let Err(e) = restored {
+            tracing::warn!(error = %e, "cannot fully restore the previous run's maps");
+        }
+        if let Some(dir) = &self.pin_dir {
+            remove_new_pins(dir, &previous.files, previous.dir_existed);
+        }
+        info!("takeover undone: the previous run's layer is as it was");
     }
 
     /// Removes everything a pinned engine left in `dir`: its links (which
@@ -558,14 +772,19 @@ impl Engine {
             let prog: &mut CgroupSockopt = program_mut(&mut bpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
-        attach_accel(&mut bpf)?;
+        // Before the sk_msg attachment, whose previous program a failure
+        // would have to put back.
         let pids = pid_identities(&bpf)?;
         set_home_netns(&mut bpf)?;
+        let accel_before = attach_accel(&mut bpf)?;
         debug!("kernel programs loaded");
         Ok(Engine {
             bpf,
             pin_dir: pin_dir.map(Path::to_owned),
             adopted: BTreeMap::new(),
+            previous: None,
+            accel_before: pin_dir.and(accel_before),
+            remarked: Vec::new(),
             attachments: Vec::new(),
             services: BTreeMap::new(),
             rules: BTreeMap::new(),
@@ -615,9 +834,11 @@ impl Engine {
             });
         }
         let mut attachment = Attachment {
+            id: cgroup_id(&path)?,
             path: path.clone(),
             links: Vec::new(),
             pins: Vec::new(),
+            replaced: Vec::new(),
         };
         match self.attach_all(&mut attachment) {
             Ok(()) => {
@@ -626,7 +847,7 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                remove_pins(&attachment.pins);
+                attachment.undo();
                 Err(e)
             }
         }
@@ -662,7 +883,10 @@ impl Engine {
                 // run's program in one step.
                 Some(pin) if pin.exists() => {
                     let link = link::open_pinned(pin).map_err(attach_err)?;
+                    let before = link::program_of(link.as_fd()).map_err(attach_err)?;
                     link::update(link.as_fd(), program).map_err(attach_err)?;
+                    a.replaced
+                        .push((link.try_clone().map_err(attach_err)?, before));
                     link
                 }
                 _ => {
@@ -781,8 +1005,16 @@ impl Engine {
             let mark = connredir_listener {
                 service_id: id.0,
                 tgid: pid,
-                cgroup_id: 0,
+                ..Default::default()
             };
+            if self.previous.is_some() {
+                // A takeover that is undone gives the listener its old mark.
+                let before = storage.get(&socket, 0).ok().map(|Plain(m)| m);
+                match socket.try_clone() {
+                    Ok(held) => self.remarked.push((held, before)),
+                    Err(e) => debug!(%id, pid, "cannot keep a listener to restore: {e}"),
+                }
+            }
             match storage.insert(&socket, Plain(mark), 0) {
                 Ok(()) => debug!(%id, pid, "marked a listener opened before registration"),
                 Err(e) => debug!(%id, pid, "cannot mark a listener: {e}"),
@@ -1010,6 +1242,10 @@ impl Engine {
     /// After a restart, once the configuration is registered again: removes
     /// what the previous run registered and this one did not (services,
     /// identities, addresses, hit counts of rules that are gone).
+    ///
+    /// Until this succeeds, dropping a pinned engine undoes what it changed;
+    /// after it, the earlier run's links of cgroups this engine did not
+    /// attach are removed too.
     pub fn finish_takeover(&mut self) -> Result<(), Error> {
         for id in std::mem::take(&mut self.adopted).into_keys() {
             let mut services = self.services_map()?;
@@ -1035,6 +1271,35 @@ impl Engine {
             .collect();
         for key in stale {
             let _ = hits.remove(&key);
+        }
+        // Committed: the earlier run's programs may go, and so may its links
+        // to cgroups that are no longer in scope.
+        self.previous = None;
+        self.accel_before = None;
+        self.remarked.clear();
+        let mut kept = std::collections::BTreeSet::new();
+        for attachment in &mut self.attachments {
+            attachment.replaced.clear();
+            for name in PROGRAMS {
+                kept.insert(std::ffi::OsString::from(format!(
+                    "link-{}-{name}",
+                    attachment.id
+                )));
+            }
+        }
+        if let Some(dir) = &self.pin_dir {
+            let stale: Vec<PathBuf> = pin_files(dir)
+                .into_iter()
+                .filter(|name| name.to_string_lossy().starts_with("link-") && !kept.contains(name))
+                .map(|name| dir.join(name))
+                .collect();
+            if !stale.is_empty() {
+                info!(
+                    links = stale.len(),
+                    "removed the links of cgroups no longer in scope"
+                );
+            }
+            remove_pins(&stale);
         }
         Ok(())
     }
@@ -1284,6 +1549,28 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            self.roll_back(previous);
+        }
+        if let Some(program) = self.accel_before.take() {
+            // The earlier run's acceleration program, back on its map.
+            let name = map_names::ACCEL_SOCKS;
+            if let Some(map) = self.bpf.map(name) {
+                if let Ok(socks) = aya::maps::SockHash::<
+                    &MapData,
+                    Plain<connredir_abi::connredir_pair_key>,
+                >::try_from(map)
+                {
+                    if let Err(e) = link::attach_to_map(
+                        socks.fd().as_fd(),
+                        program.as_fd(),
+                        aya_obj::generated::bpf_attach_type::BPF_SK_MSG_VERDICT,
+                    ) {
+                        tracing::warn!(error = %e, "cannot restore the acceleration program");
+                    }
+                }
+            }
+        }
         // Closing our link descriptors detaches unpinned links; pinned ones
         // stay until `Engine::remove_pinned`.
         for attachment in std::mem::take(&mut self.attachments) {

@@ -102,3 +102,63 @@ pub(crate) fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let (attr, _path) = path_attr(path, None)?;
     bpf(bpf_cmd::BPF_OBJ_GET, &attr).map(take_fd)
 }
+
+/// The program a link runs now, opened, so that it stays loaded and the link
+/// can be pointed back at it ([`update`]) if a takeover is undone.
+pub(crate) fn program_of(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // struct bpf_link_info begins with type, id, prog_id.
+    let mut info = [0u32; 16];
+    let mut attr = Attr::default();
+    let pointer = info.as_mut_ptr() as u64;
+    attr.words[0] = link.as_raw_fd() as u32; // info.bpf_fd
+    attr.words[1] = std::mem::size_of_val(&info) as u32; // info.info_len
+    attr.words[2] = pointer as u32; // info.info (low half)
+    attr.words[3] = (pointer >> 32) as u32; // info.info (high half)
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    let mut attr = Attr::default();
+    attr.words[0] = info[2]; // prog_id
+    bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &attr).map(take_fd)
+}
+
+/// The program attached to a map (a sockmap's verdict, `kind`), opened, or
+/// `None` when there is none or the kernel cannot say.
+pub(crate) fn map_program(map: BorrowedFd<'_>, kind: bpf_attach_type) -> Option<OwnedFd> {
+    let mut ids = [0u32; 4];
+    let pointer = ids.as_mut_ptr() as u64;
+    let mut attr = Attr::default();
+    attr.words[0] = map.as_raw_fd() as u32; // query.target_fd
+    attr.words[1] = kind as u32; // query.attach_type
+    attr.words[4] = pointer as u32; // query.prog_ids (low half)
+    attr.words[5] = (pointer >> 32) as u32; // query.prog_ids (high half)
+    attr.words[6] = ids.len() as u32; // query.prog_cnt, written back
+                                      // SAFETY: as in `bpf`; the kernel writes prog_cnt back into `attr` and
+                                      // at most `ids.len()` ids into `ids`, both valid and writable.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_QUERY as libc::c_long,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>() as libc::c_long,
+        )
+    };
+    if rc < 0 || attr.words[6] == 0 {
+        return None;
+    }
+    let mut attr = Attr::default();
+    attr.words[0] = ids[0]; // prog_id
+    bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &attr).map(take_fd).ok()
+}
+
+/// Attaches `program` to a map (a sockmap's verdict, `kind`), replacing
+/// the one there.
+pub(crate) fn attach_to_map(
+    map: BorrowedFd<'_>,
+    program: BorrowedFd<'_>,
+    kind: bpf_attach_type,
+) -> io::Result<()> {
+    let mut attr = Attr::default();
+    attr.words[0] = map.as_raw_fd() as u32; // target_fd
+    attr.words[1] = program.as_raw_fd() as u32; // attach_bpf_fd
+    attr.words[2] = kind as u32; // attach_type
+    bpf(bpf_cmd::BPF_PROG_ATTACH, &attr).map(drop)
+}

@@ -5,7 +5,8 @@
  * A TCP bind of a registered service address (or of a wildcard address on a
  * service's port, which would receive its connections too) by a process of
  * the service's identity marks the socket as the service's listener (see
- * listener.h). Root may bind it too (unmarked: it receives no redirected
+ * listener.h); any other bind notes who bound, so that a service registered
+ * after its proxy bound still finds its listener its own. Root may bind it too (unmarked: it receives no redirected
  * flow). Anyone else in the scope is refused with EACCES, so no client can
  * stand in for a service while it restarts, nor join its SO_REUSEPORT group.
  */
@@ -49,14 +50,15 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, const __u32 addr[4
 	__u32 service_id;
 
 	service_id = service_bound_at(addr, bpf_ntohs(port_be), wildcard);
-	if (!service_id)
-		return 1;
 	caller_services(&caller);
-	if (caller_is(&caller, service_id)) {
+	if (!service_id || caller_is(&caller, service_id)) {
+		/* Who bound it, for this service or one registered later
+		 * (listener.h); a full option memory only loses the mark. */
 		mark = bpf_sk_storage_get(&listeners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (mark) {
 			mark->service_id = service_id;
 			mark->tgid = bpf_get_current_pid_tgid() >> 32;
+			mark->uid = caller.uid;
 			mark->cgroup_id = bpf_get_current_cgroup_id();
 		}
 		return 1;

@@ -5,8 +5,9 @@
  *
  * The bind programs (bind.c) mark a listening socket in the `listeners`
  * storage when a process of the service's identity binds the service's
- * address, and refuse that bind to anyone else in the scope; the engine marks
- * listeners that existed before the service was registered. At connect time
+ * address, and refuse that bind to anyone else in the scope; every other
+ * bind in the scope notes who bound, for services registered later; the
+ * engine marks listeners that existed before the layer saw their bind. At connect time
  * the redirect looks the listener up in the connecting socket's network
  * namespace (bpf_sk_lookup_tcp) and reads its mark: no mark for this service
  * means the service is down, whoever else may listen there.
@@ -22,6 +23,29 @@ enum listener_state {
 	LISTENER_OWN = 1, /* the service's own listener */
 	LISTENER_CALLER = 2, /* ... opened by the connecting process itself */
 };
+
+/*
+ * A listener bound before its service was registered carries only who bound
+ * it (service_id 0): it is the service's when that process was of the
+ * service's identity. The binder is fixed at bind time, so a process that
+ * joins the identity later cannot bring in a listener of its own.
+ */
+static __always_inline int bound_by_identity(const struct connredir_listener *mark,
+					     __u32 service_id)
+{
+	__u64 cgroup = mark->cgroup_id;
+	__u32 tgid = mark->tgid, uid = mark->uid;
+	__u32 *id;
+
+	id = bpf_map_lookup_elem(&service_by_pid, &tgid);
+	if (id && *id == service_id)
+		return 1;
+	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
+	if (id && *id == service_id)
+		return 1;
+	id = bpf_map_lookup_elem(&service_by_uid, &uid);
+	return id && *id == service_id;
+}
 
 /*
  * The state of `service_id`'s listener (IPv6 or IPv4) for a connect by
@@ -55,7 +79,8 @@ __noinline int listener_state(struct bpf_sock_addr *ctx, __u32 service_id, __u32
 		return LISTENER_ABSENT;
 	if (sk->state == TCP_LISTEN) {
 		mark = bpf_sk_storage_get(&listeners, sk, 0, 0);
-		if (mark && mark->service_id == service_id)
+		if (mark && (mark->service_id == service_id ||
+			     (mark->service_id == 0 && bound_by_identity(mark, service_id))))
 			state = mark->tgid == tgid ? LISTENER_CALLER : LISTENER_OWN;
 	}
 	bpf_sk_release(sk);

@@ -344,3 +344,146 @@ fn with_bypass_no_connection_fails_while_the_proxy_restarts() {
     let counters = setup.lab.engine.counters().unwrap();
     assert!(counters.service_down_bypassed >= 1, "{counters:?}");
 }
+
+/// Registers the test kit's proxy as service `name` (its own cgroup), with
+/// a rule for `dst` at `priority`, and starts it with `extra` options.
+fn chained_proxy(
+    lab: &mut Lab,
+    name: &str,
+    dst: SocketAddr,
+    priority: u32,
+    extra: &[&str],
+) -> (connredir_engine::ServiceId, usize) {
+    let cgroup = lab.cgroup(&format!("services/{name}"));
+    let listen = free_addr("127.0.0.1");
+    let id = lab.service(name, &[listen], by_cgroup(&cgroup), None);
+    lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), priority);
+    let listen = listen.to_string();
+    let mut args = vec!["proxy", "--name", name, "--listen", &listen];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(&cgroup, None, &args).unwrap();
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
+    (id, lab.procs.len() - 1)
+}
+
+#[test]
+fn concurrent_records_less_flows_to_one_destination_keep_their_own_client() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let Some(mut lab) = Lab::new("recordsless-concurrent") else {
+        return;
+    };
+    // A records-less proxy that learns each destination, waits, then
+    // connects: two flows' questions come before either connect.
+    let (first, _) = chained_proxy(
+        &mut lab,
+        "transparent",
+        dst,
+        1,
+        &["--no-records", "--delay-connect-ms", "400"],
+    );
+    let (second, logger) = chained_proxy(&mut lab, "logger", dst, 2, &[]);
+    let dst = dst.to_string();
+    let clients: Vec<Proc> = (0..2)
+        .map(|_| {
+            Proc::spawn(
+                &lab.cgroup("scope/client"),
+                Some(NOBODY),
+                &["client", "--connect", &dst, "--bytes", "1000"],
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut pids: Vec<u64> = clients.iter().map(|c| u64::from(c.pid())).collect();
+    for client in clients {
+        let (status, lines) = client.finish().unwrap();
+        assert!(status.success(), "{lines:?}");
+    }
+    let log = lab.wait_logged(logger, 2);
+    let mut seen: Vec<u64> = log
+        .iter()
+        .map(|l| l["client_pid"].as_u64().unwrap_or(0))
+        .collect();
+    pids.sort();
+    seen.sort();
+    assert_eq!(seen, pids, "each flow keeps its own client: {log:?}");
+    for entry in &log {
+        assert_eq!(
+            entry["chain"],
+            serde_json::json!([first.0, second.0]),
+            "{entry}"
+        );
+    }
+    assert_eq!(
+        lab.engine.counters().unwrap().records_inherited,
+        2,
+        "{:?}",
+        lab.engine.counters()
+    );
+}
+
+#[test]
+fn a_records_less_service_whose_cgroup_was_recreated_does_not_loop() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let Some(mut lab) = Lab::new("recordsless-drift") else {
+        return;
+    };
+    let (_, proxy) = chained_proxy(&mut lab, "drifting", dst, 1, &["--no-records"]);
+    // The service's cgroup is made anew (as systemd does when it restarts
+    // a unit) with the proxy back inside: the registered identity names the
+    // old cgroup, so the proxy's own onward connections no longer look like
+    // the service's.
+    let cgroup = lab.cgroup("services/drifting");
+    let aside = lab.cgroup("services/aside");
+    let pid = lab.procs[proxy].pid().to_string();
+    std::fs::write(aside.join("cgroup.procs"), &pid).unwrap();
+    std::fs::remove_dir(&cgroup).unwrap();
+    std::fs::create_dir(&cgroup).unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), &pid).unwrap();
+
+    let report = attack_in(
+        &lab,
+        "scope/client",
+        &["reconnect-refused", &dst.to_string()],
+    );
+    assert_eq!(report["first"]["ok"], true, "{report}");
+    std::thread::sleep(Duration::from_millis(500));
+    let log = lab.proxy_log(proxy);
+    assert!(
+        log.len() == 1,
+        "the proxy got its own flows back {} times",
+        log.len()
+    );
+    assert_eq!(server.accepted().len(), 1, "{:?}", server.accepted());
+}
+
+#[test]
+fn a_proxy_started_before_its_service_is_registered_gets_its_flows() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let Some(mut lab) = Lab::new("late-registration") else {
+        return;
+    };
+    let cgroup = lab.cgroup("services/early");
+    let listen = free_addr("127.0.0.1");
+    let listen_arg = listen.to_string();
+    let proc = Proc::spawn(
+        &cgroup,
+        None,
+        &["proxy", "--name", "early", "--listen", &listen_arg],
+    )
+    .unwrap();
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
+    let id = lab.service("early", &[listen], by_cgroup(&cgroup), None);
+    lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), 0);
+    let report = attack_in(
+        &lab,
+        "scope/client",
+        &["reconnect-refused", &dst.to_string()],
+    );
+    assert_eq!(report["first"]["ok"], true, "{report}");
+    assert_eq!(lab.wait_logged(0, 1).len(), 1);
+}

@@ -12,6 +12,10 @@ use connredir_testkit::{
 };
 use serde_json::Value;
 
+/// Programs `up` attaches to each cgroup of its scope: connect4/6,
+/// bind4/6, sockops, getsockopt, setsockopt.
+const PER_CGROUP: usize = connredir_engine::CGROUP_PROGRAMS;
+
 /// One test's `up` setup: a cgroup tree, a config, a pin and state dir.
 struct Service {
     tree: CgroupTree,
@@ -103,10 +107,17 @@ ports = ["{port}"]
             &args,
         )
         .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // 5 programs x 2 cgroups, and the lock names the new pid.
-        while !(self.links() == 10 && self.lock_pid() == Some(proc.pid())) {
+        // Loading the programs takes seconds on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The programs of 2 cgroups, and the lock names the new pid.
+        while !(self.links() == 2 * PER_CGROUP && self.lock_pid() == Some(proc.pid())) {
             assert!(Instant::now() < deadline, "up did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Answered once its services and rules are registered: a proxy
+        // started after this finds its address registered when it binds.
+        while !self.command(&["status"]).status.success() {
+            assert!(Instant::now() < deadline, "up does not answer");
             std::thread::sleep(Duration::from_millis(20));
         }
         proc
@@ -209,7 +220,7 @@ fn up_and_down_leave_nothing_behind_and_one_up_at_a_time() {
     let up = svc.up();
     assert_eq!(
         attached(&bpftool, &scope).len(),
-        5,
+        PER_CGROUP,
         "{:?}",
         attached(&bpftool, &scope)
     );
@@ -224,11 +235,11 @@ fn up_and_down_leave_nothing_behind_and_one_up_at_a_time() {
     assert!(!second.status.success());
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(said.contains("already running (pid"), "{said}");
-    assert_eq!(attached(&bpftool, &scope).len(), 5);
+    assert_eq!(attached(&bpftool, &scope).len(), PER_CGROUP);
 
     // Stopping up keeps the layer; down removes all of it, and only it.
     stop(up);
-    assert_eq!(attached(&bpftool, &scope).len(), 5);
+    assert_eq!(attached(&bpftool, &scope).len(), PER_CGROUP);
     let down = svc.command(&["down"]);
     assert!(down.status.success(), "{down:?}");
     assert!(attached(&bpftool, &scope).is_empty());
@@ -344,6 +355,52 @@ fn rules_and_services_change_at_run_time_through_the_control_socket() {
         "{out:?}"
     );
     assert_eq!(status()["rules"].as_array().unwrap().len(), 1);
+
+    // A service's failure policy is set with it and shown.
+    let optional = free_addr("127.0.0.1").to_string();
+    let out = svc.command(&[
+        "service",
+        "add",
+        "--name",
+        "optional",
+        "--listen",
+        &optional,
+        "--uid",
+        "4243",
+        "--on-down",
+        "bypass",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let s = status();
+    let policies: Vec<(&str, &str)> = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["on_down"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        policies,
+        [("proxy", "block"), ("optional", "bypass")],
+        "{s}"
+    );
+    let text = String::from_utf8(svc.command(&["service", "list"]).stdout).unwrap();
+    assert!(text.contains("on down: bypass"), "{text}");
+    let out = svc.command(&[
+        "service",
+        "add",
+        "--name",
+        "x",
+        "--listen",
+        &optional,
+        "--on-down",
+        "open",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("invalid value 'open' for '--on-down <ON_DOWN>'"),
+        "{out:?}"
+    );
 }
 
 /// GET http://addr/metrics.
@@ -469,4 +526,392 @@ fn up_as_an_ordinary_user_says_it_needs_root() {
         "error: connredir must run as root to load BPF programs (it needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)\n"
     );
     assert!(!svc.state_dir.exists(), "nothing is made before the check");
+}
+
+/// Runs `connredir ARGS` (with the test's places) as uid 65534 and `gid`,
+/// without supplementary groups.
+fn as_nobody(svc: &Service, gid: u32, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(workspace_bin("connredir"))
+        .args(args)
+        .args(svc.places())
+        .uid(65534)
+        .gid(gid)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+/// The rule ids `status` shows, asked as root.
+fn rule_ids(svc: &Service) -> Vec<u64> {
+    let out = svc.command(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_control_socket_serves_root_and_a_named_group_and_refuses_everyone_else() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("control-access", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    // The user must be able to reach the state directory to be refused by
+    // the socket itself rather than by the path.
+    let dir = svc.config.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let up = svc.up();
+    let socket = svc.state_dir.join("control.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid(), meta.gid()),
+        (0o600, 0, 0),
+        "root's alone"
+    );
+    let root_only = "the control socket accepts root only (`connredir up --control-group GROUP` \
+                     or [control] group lets a group in)\n";
+
+    // The socket's mode keeps an ordinary user out, and the command says so.
+    let out = as_nobody(&svc, 65534, &["status"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("error: connredir status: permission denied: {root_only}")
+    );
+
+    // Even with a socket anyone may open (an administrator's chmod), the
+    // engine checks who is asking: nothing is read out or changed.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for (args, command) in [
+        (&["status"][..], "status"),
+        (&["rule", "del", "1"][..], "rule del"),
+        (&["conns", "--json"][..], "conns"),
+        (&["trace", "-n", "1"][..], "trace"),
+    ] {
+        let out = as_nobody(&svc, 65534, args);
+        assert!(!out.status.success(), "{args:?} was served: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("error: connredir {command}: permission denied: {root_only}"),
+            "{args:?}"
+        );
+    }
+    assert_eq!(
+        rule_ids(&svc),
+        vec![1],
+        "the refused rule del changed nothing"
+    );
+    stop(up);
+
+    // A named group: its members are served, others are still refused.
+    let _up = svc.up_with(&["--control-group", "nogroup"]);
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 65534));
+    let out = as_nobody(&svc, 65534, &["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["services"][0]["name"], "proxy", "{status}");
+    let out = as_nobody(&svc, 4242, &["status"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: connredir status: permission denied: the control socket accepts root and \
+         members of group nogroup\n"
+    );
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let rules = rule_ids(&svc);
+    let first = rules[0].to_string();
+    let out = as_nobody(&svc, 4242, &["rule", "del", &first]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: connredir rule del: permission denied: the control socket accepts root and \
+         members of group nogroup\n"
+    );
+    assert_eq!(rule_ids(&svc), rules);
+}
+
+/// Runs `connredir up` with another configuration text (and more
+/// arguments), expecting it to fail; returns what it said.
+fn failed_up(svc: &Service, name: &str, config: &str, extra: &[&str]) -> String {
+    let path = svc.config.with_file_name(name);
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(workspace_bin("connredir"))
+        .arg("up")
+        .arg("--config")
+        .arg(&path)
+        .args(svc.places())
+        .args(extra)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{name}: up succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Configurations that `check` accepts but `up` cannot apply, each failing
+/// at a different step: (file name, text, extra arguments, what up says).
+fn failing_configs(
+    svc: &Service,
+    taken: std::net::SocketAddr,
+) -> Vec<(&'static str, String, Vec<String>, String)> {
+    let good = std::fs::read_to_string(&svc.config).unwrap();
+    let root = svc.tree.root().display().to_string();
+    let scope = svc.cgroup("scope").display().to_string();
+    let inner = svc.cgroup("scope/inner").display().to_string();
+    let scope_line = good.lines().nth(1).unwrap().to_string();
+    let with_scope = |extra: &str| {
+        good.replace(
+            &scope_line,
+            &scope_line.replace("\"]", &format!("\", \"{extra}\"]")),
+        )
+    };
+    // A second service with a uid identity and a rule, registered before
+    // the third one fails: its entries must not stay.
+    let more_services = format!(
+        "{good}\n[[service]]\nname = \"extra\"\nlisten = [\"{extra}\"]\nidentity = {{ uids = [4242] }}\n\
+         \n[[service]]\nname = \"ghost\"\nlisten = [\"{ghost}\"]\nidentity = {{ cgroups = [\"{root}/gone\"] }}\n",
+        extra = free_addr("127.0.0.1"),
+        ghost = free_addr("127.0.0.1"),
+    );
+    let with_rule = format!(
+        "{good}\n[[service]]\nname = \"extra\"\nlisten = [\"{extra}\"]\nidentity = {{ uids = [4242] }}\n\
+         \n[[rule]]\nservice = \"extra\"\nports = [\"1-65535\"]\n",
+        extra = free_addr("127.0.0.1"),
+    );
+    vec![
+        (
+            "missing-cgroup.toml",
+            with_scope(&format!("{root}/missing")),
+            vec![],
+            format!("{root}/missing"),
+        ),
+        (
+            "overlapping.toml",
+            with_scope(&inner),
+            vec![],
+            format!("overlaps {scope}"),
+        ),
+        (
+            "missing-identity.toml",
+            more_services,
+            vec![],
+            format!("{root}/gone"),
+        ),
+        (
+            // The proxy's service changes (so gets a new id, and its
+            // listener is marked anew) before a later one fails.
+            "changed-policy.toml",
+            format!(
+                "{}\n[[service]]\nname = \"ghost\"\nlisten = [\"{ghost}\"]\nidentity = {{ cgroups = [\"{root}/gone\"] }}\n",
+                good.replace("name = \"proxy\"\n", "name = \"proxy\"\non_down = \"bypass\"\n"),
+                ghost = free_addr("127.0.0.1"),
+            ),
+            vec![],
+            format!("{root}/gone"),
+        ),
+        (
+            "no-such-group.toml",
+            good.clone(),
+            vec!["--control-group".into(), "connredir-no-such-group".into()],
+            "control group \"connredir-no-such-group\" does not exist".into(),
+        ),
+        (
+            "metrics-taken.toml",
+            with_rule,
+            vec!["--metrics".into(), taken.to_string()],
+            format!("--metrics {taken}: cannot listen there"),
+        ),
+    ]
+}
+
+/// What the layer looks like from outside: the programs attached to each
+/// cgroup (with their ids), the pin directory, and the maps `up` writes.
+fn layer_state(bpftool: &Path, svc: &Service) -> Vec<String> {
+    let mut state = vec![];
+    for cgroup in ["scope", "services", "scope/inner"] {
+        state.push(format!(
+            "{cgroup}: {:?}",
+            attached(bpftool, &svc.cgroup(cgroup))
+        ));
+    }
+    let mut pins: Vec<String> = std::fs::read_dir(&svc.pin_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    pins.sort();
+    state.push(format!("pins: {pins:?}"));
+    for map in [
+        "services",
+        "service_by_pid",
+        "service_by_uid",
+        "service_by_cgroup",
+        "service_addrs",
+        "rules",
+        "rules_active",
+        "rule_hits",
+    ] {
+        let out = Command::new(bpftool)
+            .args(["map", "dump", "pinned"])
+            .arg(svc.pin_dir.join(map))
+            .output()
+            .unwrap();
+        state.push(format!("{map}: {}", String::from_utf8_lossy(&out.stdout)));
+    }
+    // The acceleration program attached to the pinned socket map.
+    let json = |args: &[&str]| -> Value {
+        let out = Command::new(bpftool).arg("-j").args(args).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let accel = svc.pin_dir.join("accel_socks").display().to_string();
+    let map_id = json(&["map", "show", "pinned", &accel])["id"].clone();
+    let programs: Vec<u64> = json(&["prog", "show"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"] == "sk_msg")
+        .filter(|p| p["map_ids"].as_array().is_some_and(|m| m.contains(&map_id)))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    state.push(format!("accel programs: {programs:?}"));
+    state
+}
+
+#[test]
+fn a_failed_first_up_leaves_nothing_behind() {
+    let Some(bpftool) = require_program("failed-up", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("failed-up", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    for (name, text, extra, says) in failing_configs(&svc, taken.local_addr().unwrap()) {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let said = failed_up(&svc, name, &text, &extra);
+        assert!(said.contains(&says), "{name}: {said}");
+        for cgroup in ["scope", "services", "scope/inner"] {
+            let programs = attached(&bpftool, &svc.cgroup(cgroup));
+            assert!(programs.is_empty(), "{name}: {cgroup} has {programs:?}");
+        }
+        assert!(!svc.pin_dir.exists(), "{name}: pins left behind");
+        assert!(
+            !svc.state_dir.join("control.sock").exists(),
+            "{name}: control socket left behind"
+        );
+        let status = svc.command(&["status"]);
+        assert!(!status.status.success(), "{name}: {status:?}");
+    }
+}
+
+#[test]
+fn a_failed_takeover_leaves_the_previous_layer_as_it_was() {
+    let Some(bpftool) = require_program("failed-takeover", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("failed-takeover", server.addr(), proxy_addr) else {
+        return;
+    };
+    let proxy = svc.start_proxy(proxy_addr);
+    // The previous run: attached, registered, pinned, then stopped as a
+    // service manager stops it.
+    stop(svc.up());
+    let before = layer_state(&bpftool, &svc);
+    assert!(before[0].contains("connect4"), "{before:?}");
+    let accel = before.last().unwrap();
+    assert!(
+        !accel.ends_with("[]") && !accel.contains(','),
+        "one acceleration program: {accel}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    for (name, text, extra, says) in failing_configs(&svc, taken.local_addr().unwrap()) {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let said = failed_up(&svc, name, &text, &extra);
+        assert!(said.contains(&says), "{name}: {said}");
+        // The failed run's own programs are freed shortly after it exits.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut after = layer_state(&bpftool, &svc);
+        while after != before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            after = layer_state(&bpftool, &svc);
+        }
+        for (was, is) in before.iter().zip(&after) {
+            assert_eq!(was, is, "{name} changed the layer");
+        }
+        assert!(!svc.state_dir.join("control.sock").exists(), "{name}");
+    }
+
+    // The previous layer still works, and a good up takes it over.
+    svc.client(server.addr(), 100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.lines().iter().filter(|l| l.starts_with('{')).count() < 1 {
+        assert!(Instant::now() < deadline, "{:?}", proxy.lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _up = svc.up();
+    let out = svc.command(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["services"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["rules"].as_array().unwrap().len(), 1, "{status}");
+}
+
+#[test]
+fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
+    let Some(bpftool) = require_program("narrower", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("narrower", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    stop(svc.up());
+    let services = svc.cgroup("services");
+    assert_eq!(attached(&bpftool, &services).len(), PER_CGROUP);
+
+    // The next run's scope no longer names the services' cgroup.
+    let good = std::fs::read_to_string(&svc.config).unwrap();
+    let narrower = good.replace(&format!(", \"{}\"", services.display()), "");
+    assert_ne!(good, narrower);
+    let config = svc.config.with_file_name("narrower.toml");
+    std::fs::write(&config, narrower).unwrap();
+    let mut args = vec![
+        "up".to_string(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    args.extend(svc.places());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let up = Proc::spawn_program(
+        &svc.cgroup("engine"),
+        None,
+        &workspace_bin("connredir"),
+        &args,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(svc.lock_pid() == Some(up.pid()) && svc.links() == PER_CGROUP) {
+        assert!(Instant::now() < deadline, "up did not take over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        attached(&bpftool, &services).is_empty(),
+        "{:?}",
+        attached(&bpftool, &services)
+    );
+    assert_eq!(attached(&bpftool, &svc.cgroup("scope")).len(), PER_CGROUP);
+    stop(up);
 }

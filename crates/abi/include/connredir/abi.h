@@ -331,9 +331,11 @@ struct connredir_inherit {
  * "down" otherwise, and its failure policy decides.
  */
 struct connredir_listener {
-	__u32 service_id;
+	__u32 service_id; /* 0: bound before any service claimed the address */
 	__u32 tgid; /* the process that bound it */
-	__u64 cgroup_id; /* that process's cgroup */
+	__u32 uid; /* its uid */
+	__u32 reserved;
+	__u64 cgroup_id; /* its cgroup */
 };
 
 /* ---- Sockmap acceleration (the accel_socks sockhash and accel_state). */
