@@ -264,7 +264,9 @@ fn without_a_running_engine_a_reused_pid_is_still_not_the_service() {
         ],
     );
     proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
-    // The engine stops; the layer stays attached, its identities with it.
+    // The engine stops (after a complete start, as `up` does); the layer
+    // stays attached, its identities with it.
+    engine.finish_takeover().unwrap();
     drop(engine);
     // The process, the service while it lives (the kernel agrees), exits.
     release.release();
