@@ -44,6 +44,9 @@ pub mod map_names {
     pub const RULE_HITS: &str = name(super::CONNREDIR_MAP_RULE_HITS);
     /// Records in flight from a connecting socket to the accepted one.
     pub const HANDOFF: &str = name(super::CONNREDIR_MAP_HANDOFF);
+    /// The layer's own network namespace, and how many hand-off entries
+    /// other namespaces hold (see `CONNREDIR_MAX_FOREIGN_HANDOFFS`).
+    pub const HANDOFF_BUDGET: &str = name(super::CONNREDIR_MAP_HANDOFF_BUDGET);
     /// Per-CPU counters.
     pub const COUNTERS: &str = name(super::CONNREDIR_MAP_COUNTERS);
     /// Records waiting for a records-less service's onward connection.
@@ -64,7 +67,7 @@ pub mod map_names {
     pub const SEAL_KEY: &str = name(super::CONNREDIR_MAP_SEAL_KEY);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -75,6 +78,7 @@ pub mod map_names {
         RULES_ACTIVE,
         RULE_HITS,
         HANDOFF,
+        HANDOFF_BUDGET,
         COUNTERS,
         INHERIT,
         CONNS,

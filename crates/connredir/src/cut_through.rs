@@ -11,7 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use connredir_abi::{connredir_cut_through, connredir_pair_key};
+use connredir_abi::{connredir_cut_through, connredir_sock_tuple};
 
 use crate::{decode_sockaddr, getsockopt, sockopt, Error};
 
@@ -62,7 +62,8 @@ pub fn cut_through_to(
 ) -> Result<(), CutThroughError> {
     let request = connredir_cut_through {
         received,
-        to: pair_key(to_local, to_peer),
+        to: sock_tuple(to_local, to_peer),
+        reserved: 0,
     };
     // SAFETY: request is valid for its size.
     let rc = unsafe {
@@ -123,14 +124,15 @@ fn socket_addr(fd: BorrowedFd<'_>, call: AddrCall) -> std::io::Result<SocketAddr
     })
 }
 
-/// A socket's key in the layer's acceleration maps: IPv4 as IPv4-mapped
-/// IPv6, ports in host order.
-fn pair_key(local: SocketAddr, remote: SocketAddr) -> connredir_pair_key {
+/// A socket's 4-tuple as the layer names it: IPv4 as IPv4-mapped IPv6,
+/// ports in host order. No namespace: the layer looks the socket up in the
+/// namespace of the socket the request is made on.
+fn sock_tuple(local: SocketAddr, remote: SocketAddr) -> connredir_sock_tuple {
     let octets = |ip: IpAddr| match ip {
         IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
         IpAddr::V6(ip) => ip.octets(),
     };
-    connredir_pair_key {
+    connredir_sock_tuple {
         local_addr: octets(local.ip()),
         remote_addr: octets(remote.ip()),
         local_port: local.port(),
@@ -155,7 +157,7 @@ mod tests {
 
     #[test]
     fn keys_map_ipv4() {
-        let key = pair_key(
+        let key = sock_tuple(
             "127.0.0.1:80".parse().unwrap(),
             "[::1]:4000".parse().unwrap(),
         );

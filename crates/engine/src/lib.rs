@@ -26,6 +26,7 @@
 pub mod cgroup;
 mod link;
 mod listeners;
+mod liveness;
 mod observe;
 mod rules;
 mod service;
@@ -273,7 +274,7 @@ struct Previous {
     /// The files in it then.
     files: std::collections::BTreeSet<std::ffi::OsString>,
     services: Vec<connredir_service>,
-    by_pid: Vec<(u32, u32)>,
+    by_pid: Vec<(u32, Plain<connredir_abi::connredir_pid_identity>)>,
     by_uid: Vec<(u32, u32)>,
     by_cgroup: Vec<(u64, u32)>,
     addrs: Vec<(Plain<connredir_addr_key>, u32)>,
@@ -345,6 +346,8 @@ pub struct Engine {
     rules_generation: u8,
     rules_flipped_at: Option<std::time::Instant>,
     next_rule: u32,
+    /// The registered pids, removed from the kernel when their process exits.
+    pids: liveness::PidIdentities,
 }
 
 impl std::fmt::Debug for Engine {
@@ -433,6 +436,108 @@ fn ensure_seal_key(bpf: &mut Ebpf) -> Result<(), Error> {
     map.set(0, Plain(key), 0).map_err(map_err(name))?;
     debug!("record seal key made");
     Ok(())
+}
+
+/// Maps pinned by an earlier run are reused as they are, whatever their
+/// layout: one pinned by a connredir whose ABI differs (a key without the
+/// network namespace, say) would be read with the wrong sizes. Such a pin
+/// directory is refused, saying what to do, before anything is reused.
+fn check_pinned_layouts(dir: &Path) -> Result<(), Error> {
+    let pin_err = |why: String| Error::Pin {
+        dir: dir.to_owned(),
+        why,
+    };
+    let object = aya_obj::Object::parse(connredir_kernel::object())
+        .map_err(|e| pin_err(format!("cannot read the kernel object: {e}")))?;
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        let Some(wanted) = object.maps.get(name) else {
+            continue;
+        };
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .map_err(|e| pin_err(format!("cannot read the pinned map {name}: {e}")))?;
+        let have = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        let want = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        if have != want {
+            return Err(pin_err(format!(
+                "map {name} was pinned by another version of connredir (key {} bytes, value {}, \
+                 {} entries; this version needs {}, {}, {}): remove that layer first with its \
+                 own `connredir down` (or remove {}), then start this one",
+                have.0,
+                have.1,
+                have.2,
+                want.0,
+                want.1,
+                want.2,
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Tells the kernel programs which network namespace is the layer's own
+/// (this process's, where its services listen): sockets of the others
+/// share a bounded part of the hand-off map (abi.h,
+/// CONNREDIR_MAX_FOREIGN_HANDOFFS).
+fn set_home_netns(bpf: &mut Ebpf) -> Result<(), Error> {
+    let name = map_names::HANDOFF_BUDGET;
+    let io_err = |io_error: std::io::Error| Error::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "getsockopt(SO_NETNS_COOKIE)",
+            io_error,
+        }),
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io_err)?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the kernel to write.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    let mut budget: Array<&mut MapData, u64> =
+        Array::try_from(bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))?;
+    budget
+        .set(connredir_abi::CONNREDIR_BUDGET_HOME_NETNS, cookie, 0)
+        .map_err(map_err(name))
+}
+
+/// Starts watching the processes of pid identities, with a descriptor of
+/// the `service_by_pid` map of its own.
+fn pid_identities(bpf: &Ebpf) -> Result<liveness::PidIdentities, Error> {
+    let name = map_names::SERVICE_BY_PID;
+    let io_err = |call: &'static str| {
+        move |io_error: std::io::Error| Error::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        }
+    };
+    let aya::maps::Map::HashMap(data) = bpf.map(name).expect("checked at load") else {
+        return Err(Error::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        });
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io_err("dup"))?;
+    liveness::PidIdentities::start(fd).map_err(io_err("start the pid watcher"))
 }
 
 /// Lines of the verifier's log worth showing: its end, where it says why.
@@ -566,21 +671,22 @@ impl Engine {
         })
     }
 
-    /// Every entry of a hash map of service ids.
-    fn entries<K: Pod>(&mut self, name: &'static str) -> Result<Vec<(K, u32)>, Error> {
-        self.hash::<K, u32>(name)?
+    /// Every entry of a hash map of service ids (or pid identities).
+    fn entries<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<Vec<(K, V)>, Error> {
+        self.hash::<K, V>(name)?
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(name))
     }
 
-    /// Makes a hash map of service ids hold `entries` and nothing else.
-    fn restore_entries<K: Pod + PartialEq>(
+    /// Makes a hash map of service ids (or pid identities) hold `entries`
+    /// and nothing else.
+    fn restore_entries<K: Pod + PartialEq, V: Pod>(
         &mut self,
         name: &'static str,
-        entries: &[(K, u32)],
+        entries: &[(K, V)],
     ) -> Result<(), Error> {
-        let mut map = self.hash::<K, u32>(name)?;
+        let mut map = self.hash::<K, V>(name)?;
         let extra: Vec<K> = map
             .keys()
             .filter_map(Result::ok)
@@ -690,6 +796,9 @@ impl Engine {
         let pins: Vec<(&str, PathBuf)> = pin_dir
             .map(|dir| map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect())
             .unwrap_or_default();
+        if let Some(dir) = pin_dir {
+            check_pinned_layouts(dir)?;
+        }
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -718,6 +827,10 @@ impl Engine {
             let prog: &mut CgroupSockopt = program_mut(&mut bpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
+        // Before the sk_msg attachment, whose previous program a failure
+        // would have to put back.
+        let pids = pid_identities(&bpf)?;
+        set_home_netns(&mut bpf)?;
         let accel_before = attach_accel(&mut bpf)?;
         debug!("kernel programs loaded");
         Ok(Engine {
@@ -734,6 +847,7 @@ impl Engine {
             rules_generation: 0,
             rules_flipped_at: None,
             next_rule: 1,
+            pids,
         })
     }
 
@@ -979,7 +1093,8 @@ impl Engine {
                 .identity
                 .pids
                 .iter()
-                .find(|p| other.service.identity.pids.contains(p))
+                // A pid whose process exited is nobody's any more.
+                .find(|p| other.service.identity.pids.contains(p) && self.pids.is_live(**p))
                 .map(|p| format!("pid {p}"))
                 .or_else(|| {
                     service
@@ -1023,11 +1138,9 @@ impl Engine {
         r: &Registered,
         value: &connredir_service,
     ) -> Result<(), Error> {
-        let mut by_pid = self.hash::<u32, u32>(map_names::SERVICE_BY_PID)?;
+        // Each pid for as long as its process lives (none: an error).
         for pid in &r.service.identity.pids {
-            by_pid
-                .insert(pid, id.0, 0)
-                .map_err(map_err(map_names::SERVICE_BY_PID))?;
+            self.pids.register(*pid, id.0)?;
         }
         let mut by_uid = self.hash::<u32, u32>(map_names::SERVICE_BY_UID)?;
         for uid in &r.service.identity.uids {
@@ -1059,12 +1172,8 @@ impl Engine {
         if let Ok(mut services) = self.services_map() {
             let _ = services.set(id.0, Plain(connredir_service::default()), 0);
         }
-        if let Ok(mut m) = self.hash::<u32, u32>(map_names::SERVICE_BY_PID) {
-            r.service
-                .identity
-                .pids
-                .iter()
-                .for_each(|k| drop(m.remove(k)));
+        for pid in &r.service.identity.pids {
+            self.pids.unregister(*pid, id.0);
         }
         if let Ok(mut m) = self.hash::<u32, u32>(map_names::SERVICE_BY_UID) {
             r.service
@@ -1200,7 +1309,7 @@ impl Engine {
                 .map_err(map_err(map_names::SERVICES))?;
             info!(%id, "removed a service of the previous run");
         }
-        self.purge::<u32>(map_names::SERVICE_BY_PID)?;
+        self.purge_pids()?;
         self.purge::<u32>(map_names::SERVICE_BY_UID)?;
         self.purge::<u64>(map_names::SERVICE_BY_CGROUP)?;
         self.purge::<Plain<connredir_addr_key>>(map_names::SERVICE_ADDRS)?;
@@ -1246,6 +1355,29 @@ impl Engine {
                 );
             }
             remove_pins(&stale);
+        }
+        Ok(())
+    }
+
+    /// Removes the pid identities that this engine does not watch: those of
+    /// the previous run that were not registered again (their processes may
+    /// be gone, and their pids someone else's).
+    fn purge_pids(&mut self) -> Result<(), Error> {
+        let name = map_names::SERVICE_BY_PID;
+        let stale: Vec<u32> = {
+            let map = self.hash::<u32, Plain<connredir_abi::connredir_pid_identity>>(name)?;
+            map.keys().filter_map(Result::ok).collect()
+        };
+        let stale: Vec<u32> = stale
+            .into_iter()
+            .filter(|p| !self.pids.is_live(*p))
+            .collect();
+        let mut map = self.hash::<u32, Plain<connredir_abi::connredir_pid_identity>>(name)?;
+        for pid in stale {
+            match map.remove(&pid) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
         }
         Ok(())
     }

@@ -17,7 +17,10 @@ use crate::Error;
 /// the service's context, and they may set records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
-    /// Process ids (thread group ids).
+    /// Process ids (thread group ids), each an identity for as long as its
+    /// process lives: the engine forgets it the moment the process exits,
+    /// so a later process given the same pid is not the service. A pid with
+    /// no process cannot be registered.
     pub pids: Vec<u32>,
     /// cgroup v2 directories whose member processes are the service.
     pub cgroups: Vec<PathBuf>,

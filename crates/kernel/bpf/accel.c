@@ -12,6 +12,9 @@
  *    (passive side), so a pair is only ever complete, never half.
  * A socket that has written through TCP before its peer joined stays on TCP
  * (CONNREDIR_ACCEL_PASSED): its later data must not overtake the earlier.
+ * Sockets are keyed by network namespace and 4-tuple, so a socket is only
+ * ever joined with its real peer, never with one of another namespace that
+ * uses the same addresses.
  *
  * Cut-through (CONNREDIR_SO_CUT_THROUGH): once the service has inspected a
  * flow, what its peer writes into one of its sockets goes to the far socket
@@ -27,13 +30,16 @@
  */
 #include "common.h"
 
-static __always_inline void pair_key(struct connredir_pair_key *key, const __u32 local[4],
-				     __u16 local_port, const __u32 remote[4], __u16 remote_port)
+static __always_inline void pair_key(struct connredir_pair_key *key, __u64 netns,
+				     const __u32 local[4], __u16 local_port,
+				     const __u32 remote[4], __u16 remote_port)
 {
-	__builtin_memcpy(key->local_addr, local, 16);
-	__builtin_memcpy(key->remote_addr, remote, 16);
-	key->local_port = local_port;
-	key->remote_port = remote_port;
+	key->netns = netns;
+	__builtin_memcpy(key->tuple.local_addr, local, 16);
+	__builtin_memcpy(key->tuple.remote_addr, remote, 16);
+	key->tuple.local_port = local_port;
+	key->tuple.remote_port = remote_port;
+	key->reserved = 0;
 }
 
 static __always_inline int is_loopback(const __u32 addr[4])
@@ -44,13 +50,16 @@ static __always_inline int is_loopback(const __u32 addr[4])
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
 }
 
-static __always_inline void swap_key(struct connredir_pair_key *out,
-				     const struct connredir_pair_key *in)
+/* The key of the socket at the other end of `in`'s 4-tuple, in `netns`. */
+static __always_inline void swap_key(struct connredir_pair_key *out, __u64 netns,
+				     const struct connredir_sock_tuple *in)
 {
-	__builtin_memcpy(out->local_addr, in->remote_addr, 16);
-	__builtin_memcpy(out->remote_addr, in->local_addr, 16);
-	out->local_port = in->remote_port;
-	out->remote_port = in->local_port;
+	out->netns = netns;
+	__builtin_memcpy(out->tuple.local_addr, in->remote_addr, 16);
+	__builtin_memcpy(out->tuple.remote_addr, in->local_addr, 16);
+	out->tuple.local_port = in->remote_port;
+	out->tuple.remote_port = in->local_port;
+	out->reserved = 0;
 }
 
 /* The service registered at `addr`:`port`, or 0. */
@@ -77,14 +86,14 @@ static __always_inline int service_accelerates(const __u32 addr[4], __u16 port)
 	return service && (service->flags & CONNREDIR_SERVICE_ACCELERATE);
 }
 
-static __always_inline void accel_join(struct bpf_sock_ops *skops, const struct tuple *tp,
-				       __u32 cb_flags, __u32 owner)
+static __always_inline void accel_join(struct bpf_sock_ops *skops, __u64 netns,
+				       const struct tuple *tp, __u32 cb_flags, __u32 owner)
 {
 	struct connredir_accel_state fresh = { .owner = owner };
 	struct connredir_pair_key key = {};
 	const struct tuple t = *tp;
 
-	pair_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	pair_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
 	if (bpf_map_update_elem(&accel_state, &key, &fresh, BPF_NOEXIST))
 		return;
 	if (bpf_sock_hash_update(skops, &accel_socks, &key, BPF_NOEXIST)) {
@@ -98,7 +107,7 @@ static __always_inline void accel_join(struct bpf_sock_ops *skops, const struct 
 
 /* ACTIVE_ESTABLISHED_CB: a connecting socket that may join. */
 static __always_inline void accel_on_active(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-					    const struct tuple *tp, __u32 cb_flags)
+					    __u64 netns, const struct tuple *tp, __u32 cb_flags)
 {
 	const struct tuple t = *tp;
 	struct connredir_sock_state *state;
@@ -111,23 +120,24 @@ static __always_inline void accel_on_active(struct bpf_sock_ops *skops, struct b
 	join = service_accelerates(t.remote, t.remote_port) || (onward && is_loopback(t.remote));
 	/* An onward socket is its service's; a redirected client's is no one's. */
 	if (join)
-		accel_join(skops, tp, cb_flags, onward ? state->onward_service : 0);
+		accel_join(skops, netns, tp, cb_flags, onward ? state->onward_service : 0);
 }
 
 /* PASSIVE_ESTABLISHED_CB: the accepting end joins when its peer did. */
-static __always_inline void accel_on_passive(struct bpf_sock_ops *skops, const struct tuple *tp,
-					     __u32 cb_flags)
+static __always_inline void accel_on_passive(struct bpf_sock_ops *skops, __u64 netns,
+					     const struct tuple *tp, __u32 cb_flags)
 {
 	struct connredir_pair_key peer = {};
 	const struct tuple t = *tp;
 
-	pair_key(&peer, t.remote, t.remote_port, t.local, t.local_port);
+	pair_key(&peer, netns, t.remote, t.remote_port, t.local, t.local_port);
 	/* Accepted on a service's address: that service's socket. */
 	if (bpf_map_lookup_elem(&accel_state, &peer))
-		accel_join(skops, tp, cb_flags, service_at(t.local, t.local_port));
+		accel_join(skops, netns, tp, cb_flags, service_at(t.local, t.local_port));
 }
 
-static __always_inline void accel_on_close(struct bpf_sock *sk, const struct tuple *tp)
+static __always_inline void accel_on_close(struct bpf_sock *sk, __u64 netns,
+					   const struct tuple *tp)
 {
 	struct connredir_accel_state *accel;
 	struct connredir_pair_key key = {};
@@ -135,7 +145,7 @@ static __always_inline void accel_on_close(struct bpf_sock *sk, const struct tup
 	const struct tuple t = *tp;
 	__u64 arrived;
 
-	pair_key(&key, t.local, t.local_port, t.remote, t.remote_port);
+	pair_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
 	accel = bpf_map_lookup_elem(&accel_state, &key);
 	if (!accel)
 		return;
@@ -152,41 +162,47 @@ static __always_inline void accel_on_close(struct bpf_sock *sk, const struct tup
 	bpf_map_delete_elem(&accel_state, &key);
 }
 
-/* The accel_state key of a sockopt caller's socket. */
-static __always_inline void sock_key(struct bpf_sock *sk, struct connredir_pair_key *key)
+/* The accel_state key of a sockopt caller's socket, in its namespace. */
+static __always_inline void sock_key(struct bpf_sockopt *ctx, struct bpf_sock *sk,
+				     struct connredir_pair_key *key)
 {
+	__u64 netns = bpf_get_netns_cookie(ctx);
 	__u32 src_port = ctx_read(sk->src_port);
 	__u16 dst_port = ctx_read(sk->dst_port);
 	struct tuple t;
 
 	read_addrs(sk, &t, src_ip4, dst_ip4, src_ip6, dst_ip6);
-	pair_key(key, t.local, (__u16)src_port, t.remote, bpf_ntohs(dst_port));
+	pair_key(key, netns, t.local, (__u16)src_port, t.remote, bpf_ntohs(dst_port));
 }
 
 /* Is the socket of a getsockopt caller accelerated? */
-static __always_inline int accel_socket(struct bpf_sock *sk)
+static __always_inline int accel_socket(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
 	struct connredir_pair_key key = {};
 
-	sock_key(sk, &key);
+	sock_key(ctx, sk, &key);
 	return bpf_map_lookup_elem(&accel_state, &key) != NULL;
 }
 
 /* CONNREDIR_SO_CUT_THROUGH, set (see abi.h): 0 or a negative errno. */
-static __always_inline int accel_cut_through(struct bpf_sock *sk,
+static __always_inline int accel_cut_through(struct bpf_sockopt *ctx, struct bpf_sock *sk,
 					     const struct connredir_cut_through *req)
 {
-	struct connredir_pair_key key = {}, writer_key = {}, far_key = {};
+	struct connredir_pair_key key = {}, writer_key = {}, to_key = {}, far_key = {};
 	struct connredir_accel_state *own, *writer, *to, *far;
 	struct caller_services caller;
 	__u64 received = req->received;
 
-	sock_key(sk, &key);
+	sock_key(ctx, sk, &key);
 	own = bpf_map_lookup_elem(&accel_state, &key);
-	swap_key(&writer_key, &key);
+	swap_key(&writer_key, key.netns, &key.tuple);
 	writer = bpf_map_lookup_elem(&accel_state, &writer_key);
-	to = bpf_map_lookup_elem(&accel_state, &req->to);
-	swap_key(&far_key, &req->to);
+	/* The caller names its other socket by 4-tuple only: it is looked up
+	 * in this socket's namespace, never one the caller chooses. */
+	to_key.netns = key.netns;
+	to_key.tuple = req->to;
+	to = bpf_map_lookup_elem(&accel_state, &to_key);
+	swap_key(&far_key, key.netns, &req->to);
 	far = bpf_map_lookup_elem(&accel_state, &far_key);
 	/* Both writers must be on sockmap from their first byte: data they
 	 * sent through TCP would not be counted, or could be overtaken. */
@@ -210,13 +226,13 @@ static __always_inline int accel_cut_through(struct bpf_sock *sk,
 }
 
 /* CONNREDIR_SO_CUT_THROUGH, get: the bytes written into `sk`, or -ENOENT. */
-static __always_inline __s64 accel_written_into(struct bpf_sock *sk)
+static __always_inline __s64 accel_written_into(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
 	struct connredir_pair_key key = {};
 	struct connredir_accel_state *own;
 	struct connredir_sock_state *state;
 
-	sock_key(sk, &key);
+	sock_key(ctx, sk, &key);
 	own = bpf_map_lookup_elem(&accel_state, &key);
 	if (own)
 		return (__s64)(own->arrived & ~CONNREDIR_ACCEL_CUT_THROUGH);
@@ -235,13 +251,14 @@ int connredir_accel(struct sk_msg_md *msg)
 	__u32 size = ctx_read(msg->size);
 	/* As in sockops: the network-order port sits in the upper 16 bits. */
 	__u16 lport = (__u16)local_port, rport = bpf_ntohs((__u16)(remote_port >> 16));
+	__u64 netns = bpf_get_netns_cookie(msg);
 	struct connredir_accel_state *state, *peer_state;
 	struct tuple t;
 	__u64 arrived;
 
 	read_addrs(msg, &t, local_ip4, remote_ip4, local_ip6, remote_ip6);
-	pair_key(&self, t.local, lport, t.remote, rport);
-	pair_key(&peer, t.remote, rport, t.local, lport);
+	pair_key(&self, netns, t.local, lport, t.remote, rport);
+	pair_key(&peer, netns, t.remote, rport, t.local, lport);
 
 	state = bpf_map_lookup_elem(&accel_state, &self);
 	if (!state || (state->flags & CONNREDIR_ACCEL_PASSED))

@@ -47,7 +47,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CONNREDIR_MAX_IDENTITIES);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct connredir_pid_identity);
 } service_by_pid SEC(".maps");
 
 struct {
@@ -231,6 +231,23 @@ static __always_inline void endpoint_to_mapped(const struct connredir_endpoint *
 	}
 }
 
+/* What the layer reads of a task; the offsets come from the running
+ * kernel's BTF when the object is loaded (CO-RE). */
+struct task_struct {
+	struct task_struct *group_leader;
+	__u64 start_boottime;
+} __attribute__((preserve_access_index));
+
+/* When the current process started, in clock ticks since boot: what
+ * /proc/PID/stat says of it (the thread group leader's start). */
+static __always_inline __u64 current_start_ticks(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return task->group_leader->start_boottime /
+	       (1000000000ull / CONNREDIR_CLOCK_TICKS_PER_SEC);
+}
+
 /*
  * The ids of the services whose registered identity is the current process:
  * by process, by cgroup and by uid (0 where none matches).
@@ -247,11 +264,14 @@ static __always_inline void caller_services(struct caller_services *out)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 uid = (__u32)bpf_get_current_uid_gid();
 	__u64 cgroup = bpf_get_current_cgroup_id();
+	const struct connredir_pid_identity *by_pid;
 	__u32 *id;
 
 	out->uid = uid;
-	id = bpf_map_lookup_elem(&service_by_pid, &tgid);
-	out->by_pid = id ? *id : 0;
+	by_pid = bpf_map_lookup_elem(&service_by_pid, &tgid);
+	/* A later process given a departed service process's pid is not it. */
+	out->by_pid = by_pid && by_pid->start_ticks == current_start_ticks() ? by_pid->service_id
+									       : 0;
 	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
 	out->by_cgroup = id ? *id : 0;
 	id = bpf_map_lookup_elem(&service_by_uid, &uid);

@@ -6,7 +6,9 @@
  * TCP_CONNECT_CB (client side, source address now bound): the record goes into
  * the hand-off map under the connection's 4-tuple. PASSIVE_ESTABLISHED_CB
  * (service side, in the listener's cgroup): the record is copied onto the
- * accepted socket and the entry deleted. A connection that never reaches the
+ * accepted socket and the entry deleted. The key is the 4-tuple and the
+ * network namespace: a socket of another namespace with the same addresses
+ * never reads, replaces or deletes this connection's entry. A connection that never reaches the
  * service (refused, reset, timed out) deletes its entry when the client socket
  * closes, so the map does not grow without bound.
  *
@@ -16,10 +18,44 @@
 #include "common.h"
 #include "inherit.h"
 
-static __always_inline void handoff_key(struct connredir_handoff_key *key,
+/* See CONNREDIR_MAX_FOREIGN_HANDOFFS in abi.h. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CONNREDIR_BUDGET_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} handoff_budget SEC(".maps");
+
+/* The count of entries held by other namespaces when `netns` is one of
+ * them; NULL for the layer's own namespace (or before the engine said
+ * which that is). */
+static __always_inline __u64 *foreign_held(__u64 netns)
+{
+	__u32 home_at = CONNREDIR_BUDGET_HOME_NETNS, held_at = CONNREDIR_BUDGET_FOREIGN_HELD;
+	__u64 *home = bpf_map_lookup_elem(&handoff_budget, &home_at);
+
+	if (!home || *home == 0 || *home == netns)
+		return NULL;
+	return bpf_map_lookup_elem(&handoff_budget, &held_at);
+}
+
+/* Deletes a hand-off entry, and gives its place back to its namespace. */
+static __always_inline void handoff_delete(const struct connredir_handoff_key *key)
+{
+	__u64 *held;
+
+	if (bpf_map_delete_elem(&handoff, key))
+		return;
+	held = foreign_held(key->netns);
+	if (held)
+		__sync_fetch_and_add(held, -1);
+}
+
+static __always_inline void handoff_key(struct connredir_handoff_key *key, __u64 netns,
 					const __u32 client[4], __u16 client_port,
 					const __u32 service[4], __u16 service_port)
 {
+	key->netns = netns;
 	__builtin_memcpy(key->client_addr, client, 16);
 	__builtin_memcpy(key->service_addr, service, 16);
 	key->client_port = client_port;
@@ -55,7 +91,7 @@ static __always_inline int track(__u64 cookie, const struct connredir_sock_state
 }
 
 static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-				       const struct tuple *tp, __u32 cb_flags)
+				       __u64 netns, const struct tuple *tp, __u32 cb_flags)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_sock_state *state;
@@ -63,6 +99,7 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	struct tuple t = *tp;
 	__u32 hop_count;
 	int handed, tracked;
+	__u64 *held;
 
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
@@ -75,8 +112,17 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 	hop = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)];
 	endpoint_set_v6(&hop->local, t.local, bpf_htons(t.local_port));
 
-	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
-	handed = bpf_map_update_elem(&handoff, &key, &state->record, BPF_ANY) == 0;
+	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
+	held = foreign_held(netns);
+	if (held && (__s64)*held >= CONNREDIR_MAX_FOREIGN_HANDOFFS) {
+		/* Other namespaces hold their share: the host's flows keep theirs. */
+		handed = 0;
+	} else {
+		handed = bpf_map_update_elem(&handoff, &key, &state->record,
+					     held ? BPF_NOEXIST : BPF_ANY) == 0;
+		if (handed && held)
+			__sync_fetch_and_add(held, 1);
+	}
 	if (!handed)
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
 	tracked = track(bpf_get_socket_cookie(skops), state, hop_count);
@@ -86,7 +132,8 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 }
 
 /* Returns 1 when the accepted socket got its flow's record. */
-static __always_inline int on_passive_established(struct bpf_sock *sk, const struct tuple *tp)
+static __always_inline int on_passive_established(struct bpf_sock *sk, __u64 netns,
+						  const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_addr_key addr = {};
@@ -94,7 +141,7 @@ static __always_inline int on_passive_established(struct bpf_sock *sk, const str
 	struct connredir_record *record;
 	const struct tuple t = *tp;
 
-	handoff_key(&key, t.remote, t.remote_port, t.local, t.local_port);
+	handoff_key(&key, netns, t.remote, t.remote_port, t.local, t.local_port);
 	record = bpf_map_lookup_elem(&handoff, &key);
 	if (!record) {
 		/* Only a service's listener is owed a record. */
@@ -112,18 +159,19 @@ static __always_inline int on_passive_established(struct bpf_sock *sk, const str
 	} else {
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
 	}
-	bpf_map_delete_elem(&handoff, &key);
+	handoff_delete(&key);
 	return state != NULL;
 }
 
-static __always_inline void on_close(struct bpf_sock_ops *skops, const struct tuple *tp)
+static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
+				     const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	const struct tuple t = *tp;
 	__u64 cookie = bpf_get_socket_cookie(skops);
 
-	handoff_key(&key, t.local, t.local_port, t.remote, t.remote_port);
-	bpf_map_delete_elem(&handoff, &key);
+	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
+	handoff_delete(&key);
 	bpf_map_delete_elem(&conns, &cookie);
 }
 
@@ -135,34 +183,37 @@ int connredir_sockops(struct bpf_sock_ops *skops)
 	__u32 cb_flags = skops->bpf_sock_ops_cb_flags;
 	__u32 new_state = skops->args[1];
 	struct tuple t = {};
+	__u64 netns;
 
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	read_tuple(skops, &t);
+	/* Every key that names a socket by address carries its namespace. */
+	netns = bpf_get_netns_cookie(skops);
 
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		if (sk)
-			on_connect(skops, sk, &t, cb_flags);
+			on_connect(skops, sk, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		if (sk)
-			accel_on_active(skops, sk, &t, cb_flags);
+			accel_on_active(skops, sk, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		/* Closing removes what a records-less service kept (inherit.h). */
-		if (sk && on_passive_established(sk, &t)) {
+		if (sk && on_passive_established(sk, netns, &t)) {
 			cb_flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
 			bpf_sock_ops_cb_flags_set(skops, cb_flags);
 		}
-		accel_on_passive(skops, &t, cb_flags);
+		accel_on_passive(skops, netns, &t, cb_flags);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (new_state == TCP_CLOSE) {
-			on_close(skops, &t);
+			on_close(skops, netns, &t);
 			inherit_on_close(skops, sk);
-			accel_on_close(sk, &t);
+			accel_on_close(sk, netns, &t);
 		}
 		break;
 	}

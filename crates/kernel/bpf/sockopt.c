@@ -248,7 +248,7 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 			ctx->retval = -EINVAL;
 			return 1;
 		}
-		*out = accel_socket(sk);
+		*out = accel_socket(ctx, sk);
 		/* Two separate 4-byte stores: clang would merge them into one
 		 * 8-byte store, which the verifier refuses. */
 		*(volatile __s32 *)&ctx->optlen = sizeof(*out);
@@ -263,7 +263,7 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 			ctx->retval = -EINVAL;
 			return 1;
 		}
-		written = accel_written_into(sk);
+		written = accel_written_into(ctx, sk);
 		if (written < 0) {
 			ctx->retval = (__s32)written;
 			return 1;
@@ -394,7 +394,7 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 
 		if (!sk || optlen < (__s32)sizeof(*req) || (void *)(req + 1) > optval_end)
 			return reject(-EINVAL);
-		err = accel_cut_through(sk, req);
+		err = accel_cut_through(ctx, sk, req);
 		if (err)
 			return reject(err);
 		ctx->optlen = -1;

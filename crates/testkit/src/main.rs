@@ -13,6 +13,8 @@
 //! connredir-testkit set-blob --hex HEX --connect ADDR
 //! ```
 //!
+//! and the roles of the isolation tests (see `isolation.rs`).
+//!
 //! Each prints one JSON object per line on stdout; the proxy prints `ready`
 //! once it listens. The proxy is a plain thread-per-connection forwarder built
 //! on the `connredir` library, the way a proxy author would write one.
@@ -27,6 +29,7 @@ use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
 mod attack;
+mod isolation;
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,7 +51,11 @@ fn main() -> Result<()> {
         }
         Some("forge") => forge(&args[1..]),
         Some("set-blob") => set_blob(&args[1..]),
-        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|attack|forge|set-blob ..."),
+        Some("netns-attacker") => isolation::netns_attacker(&args[1..]),
+        Some("stalled-service") => isolation::stalled_service(&args[1..]),
+        Some("bound-client") => isolation::bound_client(&args[1..]),
+        Some("service-probe") => isolation::service_probe(&args[1..]),
+        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|attack|forge|set-blob|netns-attacker|stalled-service|bound-client|service-probe ..."),
     }
 }
 

@@ -208,6 +208,23 @@ struct connredir_sock_state {
  */
 #define CONNREDIR_SERVICE_BYPASS_WHEN_DOWN 32u
 
+/*
+ * Value of the service_by_pid hash (key: the process id, tgid). A pid names
+ * the service only while the process that had it when it was registered
+ * lives: its start time tells it from a later process given the same pid,
+ * in the kernel, also while no engine runs to remove the entry.
+ */
+struct connredir_pid_identity {
+	__u32 service_id;
+	__u32 reserved;
+	/* When the process started, in clock ticks since boot
+	 * (CONNREDIR_CLOCK_TICKS_PER_SEC), as field 22 of /proc/PID/stat. */
+	__u64 start_ticks;
+};
+
+/* USER_HZ: the unit of process start times in /proc/PID/stat. */
+#define CONNREDIR_CLOCK_TICKS_PER_SEC 100
+
 /* Value of the services array, indexed by service id (0 is never used). */
 struct connredir_service {
 	__u32 flags;
@@ -261,12 +278,40 @@ struct connredir_rule_set {
 
 /* ---- Hand-off of records from the connecting socket to the accepted one. */
 
-/* Addresses are IPv6 or IPv4-mapped IPv6; ports in host order. */
+/*
+ * Addresses are IPv6 or IPv4-mapped IPv6; ports in host order. `netns` is
+ * the network namespace's cookie (bpf_get_netns_cookie): the same 4-tuple
+ * in another namespace is another connection, whose record never meets
+ * this one's.
+ */
 struct connredir_handoff_key {
+	__u64 netns;
 	__u8 client_addr[16];
 	__u8 service_addr[16];
 	__u16 client_port;
 	__u16 service_port;
+	__u32 reserved; /* zero: keys are compared byte for byte */
+};
+
+/*
+ * Hand-off entries that sockets of network namespaces other than the
+ * layer's own may hold together. Any process of the scope can enter a
+ * namespace of its own and keep redirected connections half-open there
+ * (its own listener on the service's address never accepts them); without
+ * a bound such entries could fill the map, and the host's own flows would
+ * lose their records. Pending hand-offs last one handshake, so this is far
+ * more than other namespaces (containers with a proxy of their own) need.
+ */
+#define CONNREDIR_MAX_FOREIGN_HANDOFFS 8192 /* an eighth of CONNREDIR_MAX_HANDOFFS */
+
+/* Indices of the handoff_budget array (__u64 values). */
+enum connredir_handoff_budget {
+	/* The cookie of the network namespace the engine runs in, where its
+	 * services listen; 0 until the engine writes it (then no bound). */
+	CONNREDIR_BUDGET_HOME_NETNS = 0,
+	/* Hand-off entries held now by sockets of other namespaces. */
+	CONNREDIR_BUDGET_FOREIGN_HELD = 1,
+	CONNREDIR_BUDGET_MAX = 2,
 };
 
 /* Key of the service_addrs hash: a listening endpoint, normalised as above. */
@@ -318,12 +363,23 @@ struct connredir_listener {
 
 /* ---- Sockmap acceleration (the accel_socks sockhash and accel_state). */
 
-/* A socket by its own view of its 4-tuple: IPv4 as IPv4-mapped, host-order ports. */
-struct connredir_pair_key {
+/* A socket's own view of its 4-tuple: IPv4 as IPv4-mapped, host-order ports. */
+struct connredir_sock_tuple {
 	__u8 local_addr[16];
 	__u8 remote_addr[16];
 	__u16 local_port;
 	__u16 remote_port;
+};
+
+/*
+ * A socket in the acceleration maps: its network namespace's cookie and its
+ * 4-tuple. Only the layer builds these (a caller never names a namespace):
+ * sockets of different namespaces that share addresses are never joined.
+ */
+struct connredir_pair_key {
+	__u64 netns;
+	struct connredir_sock_tuple tuple;
+	__u32 reserved; /* zero: keys are compared byte for byte */
 };
 
 /* The socket sent data through TCP before its peer joined: it stays on TCP,
@@ -351,8 +407,10 @@ struct connredir_accel_state {
 struct connredir_cut_through {
 	/* Bytes the caller has read from the socket, in all. */
 	__u64 received;
-	/* The caller's socket to send to, by its own 4-tuple. */
-	struct connredir_pair_key to;
+	/* The caller's socket to send to, by its own 4-tuple; the layer looks
+	 * it up in the namespace of the socket the option is set on. */
+	struct connredir_sock_tuple to;
+	__u32 reserved;
 };
 
 /* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
@@ -464,6 +522,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_RULES_ACTIVE "rules_active"
 #define CONNREDIR_MAP_RULE_HITS "rule_hits"
 #define CONNREDIR_MAP_HANDOFF "handoff"
+#define CONNREDIR_MAP_HANDOFF_BUDGET "handoff_budget"
 #define CONNREDIR_MAP_COUNTERS "counters"
 #define CONNREDIR_MAP_INHERIT "inherit"
 #define CONNREDIR_MAP_CONNS "conns"
