@@ -231,8 +231,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	const struct connredir_rule *rule;
 	struct connredir_service *service;
 	struct connredir_hop *hop;
-	__u32 hop_count = 0, count_rules, service_id;
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 hop_count = 0, count_rules, service_id, tgid;
 	__u16 port = bpf_ntohs(dst->port);
 	struct judge_env env = {};
 	int skipped = 0, bypassed = 0, down = 0, chosen = -1;
@@ -247,6 +246,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	if (!set)
 		return VERDICT_LEAVE;
 
+	/* Only connects that a rule may select pay for what follows. */
+	tgid = bpf_get_current_pid_tgid() >> 32;
 	caller_services(&caller);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (state)
