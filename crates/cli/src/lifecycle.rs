@@ -24,6 +24,9 @@ use crate::control;
 enum Event {
     Request(control::Pending),
     Stop(i32),
+    /// Once a second: look for services' listeners the kernel did not see
+    /// bound (see `Engine::mark_new_listeners`).
+    Tick,
 }
 
 /// Where `up` keeps its state.
@@ -189,6 +192,12 @@ pub fn up(
             }
         }
     });
+    let ticks = queue.clone();
+    std::thread::spawn(move || {
+        while ticks.send(Event::Tick).is_ok() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             let _ = queue.send(Event::Stop(signal));
@@ -206,6 +215,7 @@ pub fn up(
                 }
                 let _ = reply.send(control::handle(&mut engine, request));
             }
+            Event::Tick => engine.mark_new_listeners(),
             Event::Stop(signal) => {
                 info!(
                     signal,

@@ -31,7 +31,7 @@ mod observe;
 mod rules;
 mod service;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -348,6 +348,9 @@ pub struct Engine {
     next_rule: u32,
     /// The registered pids, removed from the kernel when their process exits.
     pids: liveness::PidIdentities,
+    /// Per service, the listening sockets (inodes) on its addresses seen
+    /// at the last look, so only new ones are searched for their holders.
+    listener_inodes: BTreeMap<ServiceId, BTreeSet<u64>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -848,6 +851,7 @@ impl Engine {
             rules_flipped_at: None,
             next_rule: 1,
             pids,
+            listener_inodes: BTreeMap::new(),
         })
     }
 
@@ -1048,6 +1052,45 @@ impl Engine {
     /// Marks the service's own listeners that were opened before it was
     /// registered (see `listeners`); later binds are marked by the kernel.
     fn mark_existing_listeners(&mut self, id: ServiceId, service: &Service) {
+        let inodes: BTreeSet<u64> = service
+            .listen
+            .iter()
+            .flat_map(listeners::listening_inodes)
+            .collect();
+        self.mark_listeners(id, service, &inodes.iter().copied().collect::<Vec<_>>());
+        self.listener_inodes.insert(id, inodes);
+    }
+
+    /// Marks the services' own listeners that appeared since the last look
+    /// (a proxy outside the attached cgroups, whose bind the kernel did not
+    /// see, or one that bound before its service was registered and
+    /// listened after): `connredir up` calls it every second. Cheap when
+    /// nothing changed: it reads `/proc/net/tcp{,6}` and looks for the
+    /// holders of a listening socket only when one is new.
+    pub fn mark_new_listeners(&mut self) {
+        let services: Vec<(ServiceId, Service)> = self
+            .services
+            .iter()
+            .map(|(id, r)| (*id, r.service.clone()))
+            .collect();
+        for (id, service) in services {
+            let now: BTreeSet<u64> = service
+                .listen
+                .iter()
+                .flat_map(listeners::listening_inodes)
+                .collect();
+            let seen = self.listener_inodes.entry(id).or_default();
+            let new: Vec<u64> = now.difference(seen).copied().collect();
+            // Closed listeners are forgotten: an inode may come back.
+            *seen = now;
+            if !new.is_empty() {
+                self.mark_listeners(id, &service, &new);
+            }
+        }
+    }
+
+    /// Marks the listening sockets `inodes` held by `service`'s processes.
+    fn mark_listeners(&mut self, id: ServiceId, service: &Service, inodes: &[u64]) {
         let name = map_names::LISTENERS;
         let Some(map) = self.bpf.map_mut(name) else {
             return;
@@ -1056,7 +1099,7 @@ impl Engine {
         else {
             return;
         };
-        for (socket, pid) in listeners::own_listeners(&service.listen, &service.identity) {
+        for (socket, pid) in listeners::own_listeners(inodes, &service.identity) {
             let mark = connredir_listener {
                 service_id: id.0,
                 tgid: pid,
@@ -1195,6 +1238,7 @@ impl Engine {
 
     /// Unregisters a service. Its rules must be removed first.
     pub fn remove_service(&mut self, id: ServiceId) -> Result<Service, Error> {
+        self.listener_inodes.remove(&id);
         if !self.services.contains_key(&id) {
             return Err(Error::UnknownService(id.0));
         }

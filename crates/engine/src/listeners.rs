@@ -24,7 +24,7 @@ pub(crate) struct HeldSocket {
 
 /// The inodes of TCP sockets that listen where a connection to `addr` would
 /// arrive: on `addr` itself or on a wildcard address with its port.
-fn listening_inodes(addr: &SocketAddr) -> Vec<u64> {
+pub(crate) fn listening_inodes(addr: &SocketAddr) -> Vec<u64> {
     let port = format!("{:04X}", addr.port());
     let mut inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -133,28 +133,27 @@ fn is_identity(pid: u32, identity: &Identity, cgroups: &[PathBuf]) -> bool {
         .is_some_and(|p| cgroups.contains(&p))
 }
 
-/// The listening sockets on `addrs` held by processes of `identity`, each
-/// with a duplicate descriptor of the socket and the holding process.
-pub(crate) fn own_listeners(addrs: &[SocketAddr], identity: &Identity) -> Vec<(OwnedFd, u32)> {
+/// The listening sockets with one of `inodes` held by processes of
+/// `identity`, each with a duplicate descriptor of the socket and the
+/// holding process.
+pub(crate) fn own_listeners(inodes: &[u64], identity: &Identity) -> Vec<(OwnedFd, u32)> {
     let cgroups: Vec<PathBuf> = identity
         .cgroups
         .iter()
         .filter_map(|p| Path::new(p).canonicalize().ok())
         .collect();
     let mut out = Vec::new();
-    for addr in addrs {
-        for held in holders(&listening_inodes(addr)) {
-            if !is_identity(held.pid, identity, &cgroups) {
-                continue;
-            }
-            match duplicate(held) {
-                Ok(fd) => out.push((fd, held.pid)),
-                Err(e) => tracing::debug!(
-                    pid = held.pid,
-                    fd = held.fd,
-                    "cannot take the listener: {e}"
-                ),
-            }
+    for held in holders(inodes) {
+        if !is_identity(held.pid, identity, &cgroups) {
+            continue;
+        }
+        match duplicate(held) {
+            Ok(fd) => out.push((fd, held.pid)),
+            Err(e) => tracing::debug!(
+                pid = held.pid,
+                fd = held.fd,
+                "cannot take the listener: {e}"
+            ),
         }
     }
     out

@@ -487,3 +487,45 @@ fn a_proxy_started_before_its_service_is_registered_gets_its_flows() {
     assert_eq!(report["first"]["ok"], true, "{report}");
     assert_eq!(lab.wait_logged(0, 1).len(), 1);
 }
+
+#[test]
+fn a_proxy_outside_the_scope_is_found_once_it_listens() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let Some(mut lab) = Lab::new("outside-proxy") else {
+        return;
+    };
+    // The service runs outside the attached cgroups: the kernel never sees
+    // its bind, so until the engine has looked, it is down.
+    let cgroup = lab.cgroup("outside/proxy");
+    let listen = free_addr("127.0.0.1");
+    let id = lab.service("outside", &[listen], by_cgroup(&cgroup), None);
+    lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), 0);
+    let listen_arg = listen.to_string();
+    let proc = Proc::spawn(
+        &cgroup,
+        None,
+        &["proxy", "--name", "outside", "--listen", &listen_arg],
+    )
+    .unwrap();
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
+    let before = attack_in(
+        &lab,
+        "scope/client",
+        &["reconnect-refused", &dst.to_string()],
+    );
+    assert_eq!(before["first"]["ok"], false, "{before}");
+    lab.engine.mark_new_listeners();
+    // Now the flow reaches the proxy. (Outside the scope the proxy cannot
+    // query records or SO_ORIGINAL_DST, so it drops the connection: services
+    // belong inside the scope, which is why the kernel normally sees them.)
+    let after = attack_in(
+        &lab,
+        "scope/client",
+        &["reconnect-refused", &dst.to_string()],
+    );
+    assert!(after["first"]["local"].is_string(), "connected: {after}");
+    assert_eq!(lab.wait_logged(0, 1).len(), 1);
+    assert!(server.accepted().is_empty());
+}
