@@ -235,7 +235,7 @@ const PROGRAMS: [&str; 7] = [
     programs::SETSOCKOPT,
 ];
 
-/// One cgroup with the five programs attached to it, through links the
+/// One cgroup with every program attached to it, through links the
 /// engine holds (and, when pinning, also pinned in bpffs).
 struct Attachment {
     path: PathBuf,
@@ -912,7 +912,7 @@ impl Engine {
         }
     }
 
-    /// Attaches (or, when pinning, adopts) the five links of one cgroup.
+    /// Attaches (or, when pinning, adopts) the links of one cgroup.
     fn attach_all(&mut self, a: &mut Attachment) -> Result<(), Error> {
         let cgroup = File::open(&a.path).map_err(|e| Error::Cgroup {
             path: a.path.clone(),

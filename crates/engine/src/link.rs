@@ -1,7 +1,7 @@
 //! cgroup BPF links, made and pinned with the bpf(2) system call directly.
 //!
 //! aya 0.14 can pin links of some program types but not of cgroup sockopt
-//! programs, and the engine needs one mechanism for all five: create a link,
+//! programs, and the engine needs one mechanism for all of them: create a link,
 //! pin it in bpffs so it outlives the process, find it again after a restart,
 //! and point it at a newly loaded program in one step (`BPF_LINK_UPDATE`), so
 //! a restart never leaves a moment without programs.
