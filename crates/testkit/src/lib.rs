@@ -254,6 +254,48 @@ impl Drop for Proc {
     }
 }
 
+/// Polls `what` until it returns Some, for at most 10 s.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file whose creation releases a role waiting for it (`--until`,
+/// `--after`); removed on drop.
+pub struct Release(PathBuf);
+
+impl Release {
+    /// A file name of its own for `test` and `what`, not there yet.
+    pub fn new(test: &str, what: &str) -> Release {
+        let path =
+            std::env::temp_dir().join(format!("connredir-{test}-{}-{what}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Release(path)
+    }
+
+    /// The path, as a role's argument.
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    /// Creates the file: the waiting role goes on.
+    pub fn release(&self) {
+        std::fs::write(&self.0, b"").unwrap();
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A free TCP port on `ip` (bound and released; good enough on loopback).
 pub fn free_addr(ip: &str) -> SocketAddr {
     let listener = TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
@@ -462,6 +504,30 @@ impl Lab {
         // Read at start-up: nothing needs it any more.
         let _ = std::fs::remove_file(&config);
         (id, listen)
+    }
+
+    /// Starts the test kit's proxy role as `name` on `listen` in `cgroup`
+    /// (as `uid`, if given) with `extra` options, and waits until it
+    /// listens. Returns its index in `procs`.
+    pub fn toy_proxy(
+        &mut self,
+        cgroup: &Path,
+        uid: Option<u32>,
+        name: &str,
+        listen: &[SocketAddr],
+        extra: &[&str],
+    ) -> usize {
+        let mut args = vec!["proxy".to_string(), "--name".into(), name.into()];
+        for addr in listen {
+            args.push("--listen".into());
+            args.push(addr.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn(cgroup, uid, &args).expect("start proxy");
+        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+        self.procs.push(proc);
+        self.procs.len() - 1
     }
 
     /// Sends TCP connections to `prefix` (on `port`, or any) to a service.

@@ -59,13 +59,14 @@ impl Setup {
 
     /// Starts the proxy; returns its index in `lab.procs`.
     fn start_proxy(&mut self, extra: &[&str]) -> usize {
-        let listen = self.listen.to_string();
-        let mut args = vec!["proxy", "--name", "inspector", "--listen", &listen];
-        args.extend_from_slice(extra);
-        let proc = Proc::spawn(&self.cgroup, None, &args).expect("start the proxy");
-        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-        self.lab.procs.push(proc);
-        self.lab.procs.len() - 1
+        self.start_proxy_as(None, extra)
+    }
+
+    /// Starts the proxy as `uid` (root when None).
+    fn start_proxy_as(&mut self, uid: Option<u32>, extra: &[&str]) -> usize {
+        let (cgroup, listen) = (self.cgroup.clone(), self.listen);
+        self.lab
+            .toy_proxy(&cgroup, uid, "inspector", &[listen], extra)
     }
 
     /// Runs `attack ARGS` as uid 65534 in `scope/client`; its report.
@@ -243,30 +244,16 @@ fn an_impostor_cannot_join_a_running_service_through_so_reuseport() {
     // A proxy that listens with SO_REUSEPORT, running as the same
     // unprivileged user as the client: the kernel alone would let the
     // client join its listening group and take half of its flows.
+    setup.start_proxy_as(Some(NOBODY), &["--reuseport"]);
     let listen = setup.listen.to_string();
-    let proxy = Proc::spawn(
-        &setup.cgroup,
-        Some(NOBODY),
-        &[
-            "proxy",
-            "--name",
-            "inspector",
-            "--listen",
-            &listen,
-            "--reuseport",
-        ],
-    )
-    .unwrap();
-    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
-    setup.lab.procs.push(proxy);
     let report = setup.attack(&["bind-reuseport", &listen]);
     assert_ne!(report["bind"], "ok", "{report}");
 }
 
 /// Four clients connect in a loop while the proxy is killed and restarted
 /// three times (the clients run for 6 s, the restarts take about 2 s);
-/// returns their reports.
-fn clients_across_restarts(setup: &mut Setup, dst: SocketAddr) -> Vec<Value> {
+/// returns their reports and the failed and the made connects in all.
+fn clients_across_restarts(setup: &mut Setup, dst: SocketAddr) -> (Vec<Value>, u64, u64) {
     let dst = dst.to_string();
     let clients: Vec<Proc> = (0..4)
         .map(|_| {
@@ -290,14 +277,17 @@ fn clients_across_restarts(setup: &mut Setup, dst: SocketAddr) -> Vec<Value> {
         started.elapsed() < Duration::from_secs(6),
         "the restarts outlasted the clients"
     );
-    clients
+    let reports: Vec<Value> = clients
         .into_iter()
         .map(|c| {
             let (status, lines) = c.finish().unwrap();
             assert!(status.success(), "{lines:?}");
             serde_json::from_str(lines.last().unwrap()).unwrap()
         })
-        .collect()
+        .collect();
+    let total = |field: &str| -> u64 { reports.iter().map(|r| r[field].as_u64().unwrap()).sum() };
+    let (refused, connected) = (total("refused"), total("connected"));
+    (reports, refused, connected)
 }
 
 #[test]
@@ -307,12 +297,7 @@ fn with_block_no_connection_reaches_the_destination_while_the_proxy_restarts() {
         return;
     };
     setup.start_proxy(&[]);
-    let reports = clients_across_restarts(&mut setup, server.addr());
-    let refused: u64 = reports.iter().map(|r| r["refused"].as_u64().unwrap()).sum();
-    let connected: u64 = reports
-        .iter()
-        .map(|r| r["connected"].as_u64().unwrap())
-        .sum();
+    let (reports, refused, connected) = clients_across_restarts(&mut setup, server.addr());
     assert!(connected > 0, "{reports:?}");
     assert!(refused > 0, "the proxy was down at times: {reports:?}");
     // The clients' flows leave from 127.0.0.3; the proxy's from 127.0.0.1.
@@ -334,12 +319,7 @@ fn with_bypass_no_connection_fails_while_the_proxy_restarts() {
         return;
     };
     setup.start_proxy(&[]);
-    let reports = clients_across_restarts(&mut setup, server.addr());
-    let refused: u64 = reports.iter().map(|r| r["refused"].as_u64().unwrap()).sum();
-    let connected: u64 = reports
-        .iter()
-        .map(|r| r["connected"].as_u64().unwrap())
-        .sum();
+    let (reports, refused, connected) = clients_across_restarts(&mut setup, server.addr());
     assert!(connected > 0, "{reports:?}");
     assert_eq!(refused, 0, "{reports:?}");
     let counters = setup.lab.engine.counters().unwrap();
@@ -359,13 +339,7 @@ fn chained_proxy(
     let listen = free_addr("127.0.0.1");
     let id = lab.service(name, &[listen], by_cgroup(&cgroup), None);
     lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), priority);
-    let listen = listen.to_string();
-    let mut args = vec!["proxy", "--name", name, "--listen", &listen];
-    args.extend_from_slice(extra);
-    let proc = Proc::spawn(&cgroup, None, &args).unwrap();
-    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proc);
-    (id, lab.procs.len() - 1)
+    (id, lab.toy_proxy(&cgroup, None, name, &[listen], extra))
 }
 
 #[test]
@@ -469,15 +443,7 @@ fn a_proxy_started_before_its_service_is_registered_gets_its_flows() {
     };
     let cgroup = lab.cgroup("services/early");
     let listen = free_addr("127.0.0.1");
-    let listen_arg = listen.to_string();
-    let proc = Proc::spawn(
-        &cgroup,
-        None,
-        &["proxy", "--name", "early", "--listen", &listen_arg],
-    )
-    .unwrap();
-    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proc);
+    lab.toy_proxy(&cgroup, None, "early", &[listen], &[]);
     let id = lab.service("early", &[listen], by_cgroup(&cgroup), None);
     lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), 0);
     let report = attack_in(
@@ -502,15 +468,7 @@ fn a_proxy_outside_the_scope_is_found_once_it_listens() {
     let listen = free_addr("127.0.0.1");
     let id = lab.service("outside", &[listen], by_cgroup(&cgroup), None);
     lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), 0);
-    let listen_arg = listen.to_string();
-    let proc = Proc::spawn(
-        &cgroup,
-        None,
-        &["proxy", "--name", "outside", "--listen", &listen_arg],
-    )
-    .unwrap();
-    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proc);
+    lab.toy_proxy(&cgroup, None, "outside", &[listen], &[]);
     let before = attack_in(
         &lab,
         "scope/client",

@@ -12,46 +12,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use connredir_engine::Service;
-use connredir_testkit::{by_cgroup, free_addr, require_program, EchoServer, Lab, Proc};
+use connredir_testkit::{
+    by_cgroup, eventually, free_addr, require_program, EchoServer, Lab, Proc, Release,
+};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
-
-/// Polls `what` until it returns Some, for at most 10 s.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A file whose creation releases a waiting role; removed on drop.
-struct Release(PathBuf);
-
-impl Release {
-    fn new(test: &str, what: &str) -> Release {
-        let path =
-            std::env::temp_dir().join(format!("connredir-{test}-{}-{what}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        Release(path)
-    }
-    fn arg(&self) -> String {
-        self.0.display().to_string()
-    }
-    fn release(&self) {
-        std::fs::write(&self.0, b"").unwrap();
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn report(lines: &[String]) -> Value {
     serde_json::from_str(lines.iter().rev().find(|l| l.starts_with('{')).unwrap()).unwrap()
@@ -273,15 +239,7 @@ fn accelerated(lab: &mut Lab) -> (SocketAddr, SocketAddr, PathBuf) {
         })
         .unwrap();
     lab.route(id, "127.0.0.3/32", Some(dst.port()), 0);
-    let listen = proxy_listen.to_string();
-    let proxy = Proc::spawn(
-        &cgroup,
-        None,
-        &["proxy", "--name", "fast", "--listen", &listen],
-    )
-    .unwrap();
-    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proxy);
+    lab.toy_proxy(&cgroup, None, "fast", &[proxy_listen], &[]);
     (dst, proxy_listen, cgroup)
 }
 
@@ -466,15 +424,7 @@ fn namespaces_cannot_fill_the_hand_off_map_for_the_host() {
     let cgroup = lab.cgroup("services/inspector");
     let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
     lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
-    let listen_arg = listen.to_string();
-    let proxy = Proc::spawn(
-        &cgroup,
-        None,
-        &["proxy", "--name", "inspector", "--listen", &listen_arg],
-    )
-    .unwrap();
-    proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proxy);
+    lab.toy_proxy(&cgroup, None, "inspector", &[listen], &[]);
 
     // More than other namespaces may hold together (8,192 of 65,536).
     const EACH: usize = 5_000;

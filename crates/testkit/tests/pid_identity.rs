@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use connredir_engine::{Identity, Service};
-use connredir_testkit::{free_addr, EchoServer, Lab, Proc};
+use connredir_testkit::{free_addr, EchoServer, Lab, Proc, Release};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -27,27 +27,21 @@ fn spawn_with_pid(lab: &Lab, cgroup: &str, uid: u32, pid: u32, args: &[&str]) ->
     panic!("could not start a process with pid {pid}");
 }
 
-/// A file whose creation releases a waiting role; removed on drop.
-struct Release(std::path::PathBuf);
-
-impl Release {
-    fn new(test: &str) -> Release {
-        let path =
-            std::env::temp_dir().join(format!("connredir-{test}-{}-release", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        Release(path)
-    }
-    fn arg(&self) -> String {
-        self.0.display().to_string()
-    }
-    fn release(&self) {
-        std::fs::write(&self.0, b"").unwrap();
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+/// The service of these tests: its proxy (by cgroup) and one more process
+/// (by pid), with a context only it may read.
+fn guarded(pid: u32, cgroup: &std::path::Path, listen: std::net::SocketAddr) -> Service {
+    Service {
+        name: "guarded".into(),
+        listen: vec![listen],
+        identity: Identity {
+            pids: vec![pid],
+            cgroups: vec![cgroup.to_owned()],
+            ..Default::default()
+        },
+        context: Some(b"only for the service".to_vec()),
+        own_connections_by_self: true,
+        accelerate: false,
+        on_down: Default::default(),
     }
 }
 
@@ -70,7 +64,7 @@ fn a_new_process_with_a_departed_services_pid_is_not_the_service() {
     };
     let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
-    let release = Release::new("pid-reuse");
+    let release = Release::new("pid-reuse", "release");
     let connect = dst.to_string();
     let departed = Proc::spawn(
         &lab.cgroup("scope/worker"),
@@ -91,19 +85,7 @@ fn a_new_process_with_a_departed_services_pid_is_not_the_service() {
     let listen = free_addr("127.0.0.1");
     let id = lab
         .engine
-        .add_service(Service {
-            name: "guarded".into(),
-            listen: vec![listen],
-            identity: Identity {
-                pids: vec![pid],
-                cgroups: vec![cgroup.clone()],
-                ..Default::default()
-            },
-            context: Some(b"only for the service".to_vec()),
-            own_connections_by_self: true,
-            accelerate: false,
-            on_down: Default::default(),
-        })
+        .add_service(guarded(pid, &cgroup, listen))
         .unwrap();
     lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
     let proxy = Proc::spawn(
@@ -213,7 +195,7 @@ fn without_a_running_engine_a_reused_pid_is_still_not_the_service() {
     let spawn = |cgroup: &str, uid: Option<u32>, args: &[&str]| {
         Proc::spawn(&tree.cgroup(cgroup).unwrap(), uid, args).unwrap()
     };
-    let release = Release::new(name);
+    let release = Release::new(name, "release");
     let connect = dst.to_string();
     let departed = spawn(
         "scope/worker",
@@ -230,21 +212,7 @@ fn without_a_running_engine_a_reused_pid_is_still_not_the_service() {
     let pid = departed.pid();
     let cgroup = tree.cgroup("services/guarded").unwrap();
     let listen = free_addr("127.0.0.1");
-    let id = engine
-        .add_service(Service {
-            name: "guarded".into(),
-            listen: vec![listen],
-            identity: Identity {
-                pids: vec![pid],
-                cgroups: vec![cgroup.clone()],
-                ..Default::default()
-            },
-            context: Some(b"only for the service".to_vec()),
-            own_connections_by_self: true,
-            accelerate: false,
-            on_down: Default::default(),
-        })
-        .unwrap();
+    let id = engine.add_service(guarded(pid, &cgroup, listen)).unwrap();
     engine
         .add_rule(connredir_engine::Rule {
             destinations: vec!["127.0.0.2/32".parse().unwrap()],

@@ -9,8 +9,8 @@ use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, free_addr, permutations, require_program, workspace_bin, EchoServer, Lab,
-    Proc,
+    by_cgroup, by_uid, eventually, free_addr, permutations, require_program, workspace_bin,
+    EchoServer, Lab, Proc,
 };
 use serde_json::Value;
 
@@ -26,14 +26,6 @@ struct ProxySpec<'a> {
 /// The test kit's own proxy and client roles, on a lab.
 trait ToyRoles {
     fn proxy(&mut self, spec: ProxySpec) -> (ServiceId, usize);
-    fn start_proxy(
-        &mut self,
-        cgroup: &std::path::Path,
-        uid: Option<u32>,
-        name: &str,
-        listen: &[SocketAddr],
-        extra: &[&str],
-    ) -> usize;
     fn client(&self, cgroup: &str, connect: SocketAddr, bytes: usize) -> Result<Value>;
     fn client_with(
         &self,
@@ -53,29 +45,8 @@ impl ToyRoles for Lab {
         let identity = by_cgroup(&cgroup);
         let id = self.service(spec.name, &spec.listen, identity, None);
         self.route(id, &spec.destination, Some(spec.port), spec.priority);
-        let index = self.start_proxy(&cgroup, None, spec.name, &spec.listen, spec.args);
+        let index = self.toy_proxy(&cgroup, None, spec.name, &spec.listen, spec.args);
         (id, index)
-    }
-
-    fn start_proxy(
-        &mut self,
-        cgroup: &std::path::Path,
-        uid: Option<u32>,
-        name: &str,
-        listen: &[SocketAddr],
-        extra: &[&str],
-    ) -> usize {
-        let mut args = vec!["proxy".to_string(), "--name".into(), name.into()];
-        for addr in listen {
-            args.push("--listen".into());
-            args.push(addr.to_string());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = Proc::spawn(cgroup, uid, &args).expect("start proxy");
-        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-        self.procs.push(proc);
-        self.procs.len() - 1
     }
 
     /// Runs the client role in `cgroup` and returns its report.
@@ -515,7 +486,7 @@ fn a_listener_that_is_not_the_services_own_gets_no_flow() {
     let id = lab.service("elsewhere", &listen, by_uid(4242), Some(b"secret"));
     lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
     let cgroup = lab.cgroup("services/impostor");
-    let proxy = lab.start_proxy(&cgroup, None, "impostor", &listen, &[]);
+    let proxy = lab.toy_proxy(&cgroup, None, "impostor", &listen, &[]);
     assert!(lab.client("scope/client", dst, 100).is_err());
     std::thread::sleep(Duration::from_millis(200));
     assert!(
@@ -540,7 +511,7 @@ fn registered_context_reaches_its_service() {
     let cgroup = lab.cgroup("services/owner");
     let id = lab.service("owner", &listen, by_cgroup(&cgroup), Some(b"policy=strict"));
     lab.route(id, "127.0.0.2/32", None, 0);
-    let proxy = lab.start_proxy(&cgroup, None, "owner", &listen, &[]);
+    let proxy = lab.toy_proxy(&cgroup, None, "owner", &listen, &[]);
     assert_eq!(lab.client("scope/client", dst, 100).unwrap()["ok"], true);
     let log = lab.wait_logged(proxy, 1);
     assert_eq!(log[0]["context"], "ok", "{log:?}");
@@ -615,7 +586,7 @@ fn rule_changes_apply_to_the_next_connection_and_count_hits() {
     let cgroup = lab.cgroup("services/watcher");
     let listen = [free_addr("127.0.0.1")];
     let id = lab.service("watcher", &listen, by_cgroup(&cgroup), None);
-    let proxy = lab.start_proxy(&cgroup, None, "watcher", &listen, &[]);
+    let proxy = lab.toy_proxy(&cgroup, None, "watcher", &listen, &[]);
 
     assert_eq!(lab.client("scope/client", dst, 10).unwrap()["ok"], true);
     let rule = lab
@@ -653,7 +624,7 @@ fn rule_set_swaps_are_atomic_under_load() {
         let cgroup = lab.cgroup(&format!("services/{name}"));
         let listen = [free_addr("127.0.0.1")];
         ids.push(lab.service(name, &listen, by_cgroup(&cgroup), None));
-        lab.start_proxy(&cgroup, None, name, &listen, &[]);
+        lab.toy_proxy(&cgroup, None, name, &listen, &[]);
     }
     let rule_set = |which: usize| {
         let prefix = if which == 0 {
@@ -778,18 +749,6 @@ fn run_puts_a_command_in_the_scope() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Polls `what` until it returns Some, for at most 10 s.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn live_connections_show_each_leg_with_its_chain_until_it_closes() {
     let Some(mut lab) = Lab::new("conns") else {
@@ -908,7 +867,7 @@ fn own_connections_reach_the_service_only_when_it_says_so() {
         })
         .unwrap();
     lab.route(id, "127.0.0.1/32", Some(dst.port()), 0);
-    let proxy = lab.start_proxy(&cgroup, None, "curious", &listen, &[]);
+    let proxy = lab.toy_proxy(&cgroup, None, "curious", &listen, &[]);
 
     // A connection of the service's own cgroup, without records, is inspected
     // by the service; its forwarding connection carries records and does not
