@@ -62,18 +62,6 @@ static __always_inline void swap_key(struct connredir_pair_key *out, __u64 netns
 	out->reserved = 0;
 }
 
-/* The service registered at `addr`:`port`, or 0. */
-static __always_inline __u32 service_at(const __u32 addr[4], __u16 port)
-{
-	struct connredir_addr_key key = {};
-	__u32 *id;
-
-	__builtin_memcpy(key.addr, addr, 16);
-	key.port = port;
-	id = bpf_map_lookup_elem(&service_addrs, &key);
-	return id ? *id : 0;
-}
-
 /* Does the service listening at `addr`:`port` ask for acceleration? */
 static __always_inline int service_accelerates(const __u32 addr[4], __u16 port)
 {

@@ -16,16 +16,10 @@
  * covers, or 0. A wildcard address covers every service on that port. */
 static __always_inline __u32 service_bound_at(const __u32 addr[4], __u16 port, int wildcard)
 {
-	struct connredir_addr_key key = {};
-	__u32 *id;
+	__u32 id = service_at(addr, port);
 
-	__builtin_memcpy(key.addr, addr, 16);
-	key.port = port;
-	id = bpf_map_lookup_elem(&service_addrs, &key);
-	if (id)
-		return *id;
-	if (!wildcard)
-		return 0;
+	if (id || !wildcard)
+		return id;
 	for (__u32 i = 1; i < CONNREDIR_MAX_SERVICES; i++) {
 		/* The loop counter stays in a register; the key is a copy. */
 		__u32 key = i;

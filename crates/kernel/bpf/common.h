@@ -286,6 +286,19 @@ static __always_inline int caller_is(const struct caller_services *caller,
 		caller->by_uid == service_id);
 }
 
+/* The service registered at `addr` (IPv4-mapped or IPv6):`port` (host
+ * order), or 0. */
+static __always_inline __u32 service_at(const __u32 addr[4], __u16 port)
+{
+	struct connredir_addr_key key = {};
+	__u32 *id;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	key.port = port;
+	id = bpf_map_lookup_elem(&service_addrs, &key);
+	return id ? *id : 0;
+}
+
 static __always_inline __u32 clamp_hops(__u32 hop_count)
 {
 	return hop_count > CONNREDIR_MAX_HOPS ? CONNREDIR_MAX_HOPS : hop_count;

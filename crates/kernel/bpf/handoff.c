@@ -136,7 +136,6 @@ static __always_inline int on_passive_established(struct bpf_sock *sk, __u64 net
 						  const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
-	struct connredir_addr_key addr = {};
 	struct connredir_sock_state *state;
 	struct connredir_record *record;
 	const struct tuple t = *tp;
@@ -145,9 +144,7 @@ static __always_inline int on_passive_established(struct bpf_sock *sk, __u64 net
 	record = bpf_map_lookup_elem(&handoff, &key);
 	if (!record) {
 		/* Only a service's listener is owed a record. */
-		__builtin_memcpy(addr.addr, t.local, 16);
-		addr.port = t.local_port;
-		if (bpf_map_lookup_elem(&service_addrs, &addr))
+		if (service_at(t.local, t.local_port))
 			count(CONNREDIR_CNT_HANDOFF_MISSES);
 		return 0;
 	}

@@ -302,12 +302,10 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 		down = judged == JUDGED_DOWN;
 		break;
 	}
-	if (skipped && chosen >= 0)
+	if (skipped)
 		count(CONNREDIR_CNT_LOOPS_PREVENTED);
 	if (chosen < 0) {
-		if (skipped)
-			count(CONNREDIR_CNT_LOOPS_PREVENTED);
-		else if (bypassed)
+		if (!skipped && bypassed)
 			ev->decision = CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED;
 		return VERDICT_LEAVE;
 	}
