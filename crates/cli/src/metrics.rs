@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 
 use anyhow::{anyhow, Result};
-use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::control::{Pending, Request};
+use crate::control::protocol::{Pending, Reply, Request, Status};
 
 /// The metrics endpoint, listening but not answering yet.
 pub struct Endpoint {
@@ -62,7 +61,12 @@ fn scrape(engine_queue: &mpsc::Sender<Pending>) -> Result<String> {
     if let Some(error) = response.error {
         return Err(anyhow!(error));
     }
-    Ok(render(&response.data))
+    match response.data {
+        Some(Reply::Status(status)) => Ok(render(&status)),
+        _ => Err(anyhow!(
+            "the engine answered a status request with something else"
+        )),
+    }
 }
 
 /// Label values escaped as the text format wants.
@@ -74,9 +78,9 @@ fn label(value: &str) -> String {
 }
 
 /// The status (as `connredir status --json` prints it) as metrics.
-pub fn render(status: &Value) -> String {
+pub fn render(status: &Status) -> String {
     let mut out = String::new();
-    for (name, value) in status["counters"].as_object().into_iter().flatten() {
+    for (name, value) in &status.counters {
         let metric = format!("connredir_{name}_total");
         let _ = writeln!(out, "# HELP {metric} The layer's {name} counter.");
         let _ = writeln!(out, "# TYPE {metric} counter");
@@ -87,13 +91,13 @@ pub fn render(status: &Value) -> String {
         "# HELP connredir_rule_hits_total Connections redirected by each rule.\n\
          # TYPE connredir_rule_hits_total counter"
     );
-    for rule in status["rules"].as_array().into_iter().flatten() {
+    for rule in &status.rules {
         let _ = writeln!(
             out,
             "connredir_rule_hits_total{{rule=\"{}\",service=\"{}\"}} {}",
-            rule["id"],
-            label(rule["service"].as_str().unwrap_or("")),
-            rule["hits"]
+            rule.id,
+            label(rule.service.as_deref().unwrap_or("")),
+            rule.hits
         );
     }
     let _ = writeln!(
@@ -101,12 +105,12 @@ pub fn render(status: &Value) -> String {
         "# HELP connredir_service_up Whether something listens on the service's addresses.\n\
          # TYPE connredir_service_up gauge"
     );
-    for service in status["services"].as_array().into_iter().flatten() {
+    for service in &status.services {
         let _ = writeln!(
             out,
             "connredir_service_up{{service=\"{}\"}} {}",
-            label(service["name"].as_str().unwrap_or("")),
-            u8::from(service["up"] == true)
+            label(&service.name),
+            u8::from(service.up)
         );
     }
     let _ = writeln!(
@@ -114,7 +118,7 @@ pub fn render(status: &Value) -> String {
         "# HELP connredir_live_connections Redirected sockets open now.\n\
          # TYPE connredir_live_connections gauge\n\
          connredir_live_connections {}",
-        status["live_connections"]
+        status.live_connections
     );
     out
 }
@@ -122,15 +126,35 @@ pub fn render(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::{RuleStatus, ServiceStatus};
 
     #[test]
     fn status_renders_as_prometheus_text() {
-        let status = serde_json::json!({
-            "counters": { "redirects": 3, "loops_prevented": 1 },
-            "rules": [{ "id": 1, "service": "scan\"ner", "hits": 3 }],
-            "services": [{ "name": "scanner", "up": true }],
-            "live_connections": 2,
-        });
+        let status = Status {
+            counters: [
+                ("redirects".to_string(), 3),
+                ("loops_prevented".to_string(), 1),
+            ]
+            .into(),
+            rules: vec![RuleStatus {
+                destinations: vec![],
+                hits: 3,
+                id: 1,
+                ports: vec![],
+                priority: 0,
+                service: Some("scan\"ner".into()),
+                uid: None,
+            }],
+            services: vec![ServiceStatus {
+                id: 1,
+                listen: vec![],
+                name: "scanner".into(),
+                on_down: Default::default(),
+                up: true,
+            }],
+            live_connections: 2,
+            scopes: vec![],
+        };
         let text = render(&status);
         assert!(text.contains("connredir_redirects_total 3\n"), "{text}");
         assert!(text.contains("# TYPE connredir_loops_prevented_total counter\n"));
