@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use connredir_engine::cgroup::{run_in_cgroup, CgroupTree};
 use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
-use serde_json::Value;
+use serde::Deserialize;
 
 /// The two demo services: name and priority (lower inspects first).
 const PROXIES: [(&str, u32); 2] = [("scanner", 10), ("recorder", 20)];
@@ -163,48 +163,90 @@ fn run_curl(tree: &CgroupTree, url: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The fields of a `connredir-proxy` connection log line (its `log.rs`)
+/// that the demo reports.
+#[derive(Debug, Deserialize)]
+struct LogEntry {
+    /// Service ids from the records, oldest first.
+    #[serde(default)]
+    chain: Vec<u32>,
+    /// The HTTP request, when the connection carried one.
+    #[serde(default)]
+    http: Option<LogHttp>,
+    /// Where the flow was going.
+    #[serde(default)]
+    original_dst: Option<String>,
+    /// Who opened the flow; null without records.
+    #[serde(default)]
+    client: Option<LogClient>,
+    /// Bytes client → server.
+    bytes_up: u64,
+    /// Bytes to the client.
+    bytes_down: u64,
+    /// allow, deny or error.
+    verdict: String,
+}
+
+/// The `http` of a log line.
+#[derive(Debug, Deserialize)]
+struct LogHttp {
+    method: String,
+    host: Option<String>,
+    path: String,
+}
+
+/// The `client` of a log line.
+#[derive(Debug, Deserialize)]
+struct LogClient {
+    pid: u32,
+    command: Option<String>,
+}
+
 /// The connection report of one proxy (waits up to 10 s for it).
-fn report(proxy: &RunningProxy) -> Result<Value> {
+fn report(proxy: &RunningProxy) -> Result<LogEntry> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         let Ok(line) = proxy.lines.recv_timeout(left) else {
             break;
         };
-        if let Ok(value) = serde_json::from_str::<Value>(&line) {
-            return Ok(value);
+        if let Ok(entry) = serde_json::from_str::<LogEntry>(&line) {
+            return Ok(entry);
         }
     }
     bail!("proxy {} reported no connection", proxy.name)
 }
 
-fn describe(entry: &Value, names: &[(ServiceId, &str)]) -> String {
-    let chain: Vec<&str> = entry["chain"]
-        .as_array()
-        .into_iter()
-        .flatten()
+fn describe(entry: &LogEntry, names: &[(ServiceId, &str)]) -> String {
+    let chain: Vec<&str> = entry
+        .chain
+        .iter()
         .filter_map(|id| {
-            let id = ServiceId(id.as_u64()? as u32);
-            names.iter().find(|(n, _)| *n == id).map(|(_, name)| *name)
+            names
+                .iter()
+                .find(|(n, _)| *n == ServiceId(*id))
+                .map(|(_, name)| *name)
         })
         .collect();
-    let request = match &entry["http"] {
-        Value::Object(http) => format!(
+    let request = match &entry.http {
+        Some(http) => format!(
             "{} {}{}",
-            http.get("method").and_then(Value::as_str).unwrap_or("?"),
-            http.get("host").and_then(Value::as_str).unwrap_or("?"),
-            http.get("path").and_then(Value::as_str).unwrap_or("")
+            http.method,
+            http.host.as_deref().unwrap_or("?"),
+            http.path
         ),
-        _ => "(not HTTP)".into(),
+        None => "(not HTTP)".into(),
     };
+    let client = entry.client.as_ref();
     format!(
         "{request}, to {}, from {} (pid {}), {} bytes up, {} down, chain [{}], verdict {}",
-        entry["original_dst"].as_str().unwrap_or("?"),
-        entry["client"]["command"].as_str().unwrap_or("?"),
-        entry["client"]["pid"],
-        entry["bytes_up"],
-        entry["bytes_down"],
+        entry.original_dst.as_deref().unwrap_or("?"),
+        client.and_then(|c| c.command.as_deref()).unwrap_or("?"),
+        // Printed as the log has it: null without records.
+        client.map_or("null".to_string(), |c| c.pid.to_string()),
+        entry.bytes_up,
+        entry.bytes_down,
         chain.join(" → "),
-        entry["verdict"].as_str().unwrap_or("?"),
+        entry.verdict,
     )
 }
 

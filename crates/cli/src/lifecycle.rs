@@ -179,8 +179,10 @@ pub fn up(
     // signal that ends the run. The engine is only touched here.
     let (queue, events) = mpsc::channel::<Event>();
     let (requests, pending) = mpsc::channel::<control::Pending>();
-    let hub = trace_hub(&mut engine, requests.clone());
-    control.serve(requests.clone(), hub);
+    let names = control::ServiceNames::default();
+    names.refresh(&engine);
+    let trace = trace_feed(&mut engine, names.clone());
+    control.serve(requests.clone(), trace);
     if let Some(metrics) = metrics {
         metrics.serve(requests);
     }
@@ -214,6 +216,7 @@ pub fn up(
                     _ => info!(?request, "control request"),
                 }
                 let _ = reply.send(control::handle(&mut engine, request));
+                names.refresh(&engine);
             }
             Event::Tick => engine.mark_new_listeners(),
             Event::Stop(signal) => {
@@ -229,12 +232,10 @@ pub fn up(
     Ok(())
 }
 
-/// The trace hub around the engine's ring buffer; service names are asked
-/// of the engine thread through `requests`.
-fn trace_hub(
-    engine: &mut Engine,
-    requests: mpsc::Sender<control::Pending>,
-) -> Option<crate::trace::Hub> {
+/// The trace hub around the engine's ring buffer, as the control socket
+/// subscribes to it; service names are read from `names`, which the engine
+/// thread keeps current.
+fn trace_feed(engine: &mut Engine, names: control::ServiceNames) -> Option<control::TraceFeed> {
     let tracer = match engine.tracer() {
         Ok(tracer) => tracer,
         Err(e) => {
@@ -242,17 +243,8 @@ fn trace_hub(
             return None;
         }
     };
-    let names = move |id: u32| -> Option<String> {
-        let (reply, answer) = mpsc::channel();
-        requests.send((control::Request::Status, reply)).ok()?;
-        let status = answer.recv().ok()?.data;
-        status["services"]
-            .as_array()?
-            .iter()
-            .find(|s| s["id"] == id)
-            .and_then(|s| s["name"].as_str().map(str::to_owned))
-    };
-    Some(crate::trace::Hub::start(tracer, names))
+    let hub = crate::trace::Hub::start(tracer, move |id| names.get(id));
+    Some(std::sync::Arc::new(move || hub.subscribe()))
 }
 
 /// `connredir down`: stops a running `up`, then removes the pins, which

@@ -5,6 +5,7 @@ mod control;
 mod demo;
 mod lifecycle;
 mod metrics;
+mod process;
 mod run;
 mod trace;
 
@@ -14,6 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use config::Config;
+use control::protocol::{Conn, RuleStatus, ServiceStatus, Status};
 
 /// Sends selected outbound TCP connections to local inspection proxies
 /// ("services"), and lets several proxies inspect one flow in turn without
@@ -257,19 +259,20 @@ fn real_main() -> Result<()> {
             metrics,
             control_group.as_deref(),
         ),
-        Command::Conns { json } => {
-            let conns = control::call(&places.state_dir, &control::Request::Conns)?;
-            print_conns(&conns, json)
-        }
+        Command::Conns { json } => print_conns(&control::client::conns(&places.state_dir)?, json),
         Command::Trace {
             filter,
             count,
             json,
-        } => trace::run(&places.state_dir, &filter, json, count),
+        } => trace::show(
+            control::client::trace(&places.state_dir)?,
+            &filter,
+            json,
+            count,
+        ),
         Command::Down => lifecycle::down(&places),
         Command::Status { json } => {
-            let status = control::call(&places.state_dir, &control::Request::Status)?;
-            print_status(&status, json)
+            print_status(&control::client::status(&places.state_dir)?, json)
         }
         Command::Service { action } => service(action, &places),
         Command::Rule { action } => rule(action, &places),
@@ -299,137 +302,111 @@ fn real_main() -> Result<()> {
     }
 }
 
-fn print_json(value: &serde_json::Value) -> Result<()> {
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-fn print_services(services: &serde_json::Value) {
-    for s in services.as_array().into_iter().flatten() {
+// The ids and numbers in these tables are printed unpadded: their width
+// specifiers never applied (they were formatted as JSON values, which
+// ignore them), and the output stays as it has been.
+
+fn print_services(services: &[ServiceStatus]) {
+    for s in services {
+        let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
         println!(
-            "  {:>3}  {:<16} {:<40} {:<14} on down: {}",
-            s["id"],
-            s["name"].as_str().unwrap_or(""),
-            s["listen"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a.as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
-            if s["up"] == true {
-                "up"
-            } else {
-                "not listening"
+            "  {}  {:<16} {:<40} {:<14} on down: {}",
+            s.id,
+            s.name,
+            listen.join(" "),
+            if s.up { "up" } else { "not listening" },
+            match s.on_down {
+                config::OnDownConfig::Block => "block",
+                config::OnDownConfig::Bypass => "bypass",
             },
-            s["on_down"].as_str().unwrap_or("?"),
         );
     }
 }
 
-fn print_rules(rules: &serde_json::Value) {
-    for r in rules.as_array().into_iter().flatten() {
-        let list = |v: &serde_json::Value, none: &str| {
-            let items: Vec<&str> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-                .collect();
-            if items.is_empty() {
-                none.to_string()
-            } else {
-                items.join(",")
-            }
-        };
+fn print_rules(rules: &[RuleStatus]) {
+    let list = |items: &[String], none: &str| {
+        if items.is_empty() {
+            none.to_string()
+        } else {
+            items.join(",")
+        }
+    };
+    for r in rules {
         println!(
-            "  {:>3}  → {:<16} dst {:<24} ports {:<12} uid {:<6} priority {:<4} hits {}",
-            r["id"],
-            r["service"].as_str().unwrap_or("?"),
-            list(&r["destinations"], "any"),
-            list(&r["ports"], "any"),
-            r["uid"].as_u64().map_or("any".into(), |u| u.to_string()),
-            r["priority"],
-            r["hits"],
+            "  {}  → {:<16} dst {:<24} ports {:<12} uid {:<6} priority {} hits {}",
+            r.id,
+            r.service.as_deref().unwrap_or("?"),
+            list(&r.destinations, "any"),
+            list(&r.ports, "any"),
+            r.uid.map_or("any".into(), |u| u.to_string()),
+            r.priority,
+            r.hits,
         );
     }
 }
 
 /// Prints one line per flow: its legs grouped by the flow's first socket,
 /// the client process from the first leg, the chain from the longest.
-fn print_conns(conns: &serde_json::Value, json: bool) -> Result<()> {
+fn print_conns(conns: &[Conn], json: bool) -> Result<()> {
     if json {
-        return print_json(conns);
+        return print_json(&conns);
     }
-    let legs = conns.as_array().cloned().unwrap_or_default();
-    let mut flows: std::collections::BTreeMap<String, Vec<&serde_json::Value>> = Default::default();
-    for leg in &legs {
-        let key = leg["client"].as_str().unwrap_or("?").to_string();
+    let mut flows: std::collections::BTreeMap<String, Vec<&Conn>> = Default::default();
+    for leg in conns {
+        let key = leg.client.map_or("?".to_string(), |c| c.to_string());
         flows.entry(key).or_default().push(leg);
     }
     println!(
         "{:<28} {:<28} {:<28} {:<40} AGE",
         "CLIENT", "PROCESS", "ORIGINAL DESTINATION", "CHAIN"
     );
-    let chain_len = |leg: &serde_json::Value| leg["chain"].as_array().map_or(0, Vec::len);
     for (client, legs) in &flows {
         let longest = legs
             .iter()
-            .max_by_key(|l| chain_len(l))
+            .max_by_key(|l| l.chain.len())
             .expect("a flow has a leg");
-        let process = match legs.iter().find(|l| chain_len(l) == 1) {
-            Some(first) => format!(
-                "{} {} (uid {})",
-                first["pid"],
-                first["command"].as_str().unwrap_or(""),
-                first["uid"]
-            ),
-            None => format!("{} (uid {})", longest["client_pid"], longest["client_uid"]),
+        let process = match legs.iter().find(|l| l.chain.len() == 1) {
+            Some(first) => format!("{} {} (uid {})", first.pid, first.command, first.uid),
+            None => format!("{} (uid {})", longest.client_pid, longest.client_uid),
         };
-        let chain: Vec<&str> = longest["chain"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str())
-            .collect();
-        let age = legs
-            .iter()
-            .filter_map(|l| l["age_ms"].as_u64())
-            .max()
-            .unwrap_or(0);
+        let age = legs.iter().map(|l| l.age_ms).max().unwrap_or(0);
         println!(
             "{:<28} {:<28} {:<28} {:<40} {:.1}s",
             client,
             process,
-            longest["original_dst"].as_str().unwrap_or("?"),
-            chain.join(" → "),
+            longest
+                .original_dst
+                .map_or("?".to_string(), |d| d.to_string()),
+            longest.chain.join(" → "),
             age as f64 / 1000.0
         );
     }
-    println!("{} flows, {} redirected sockets", flows.len(), legs.len());
+    println!("{} flows, {} redirected sockets", flows.len(), conns.len());
     Ok(())
 }
 
-fn print_status(status: &serde_json::Value, json: bool) -> Result<()> {
+fn print_status(status: &Status, json: bool) -> Result<()> {
     if json {
         return print_json(status);
     }
     println!("scopes:");
-    for scope in status["scopes"].as_array().into_iter().flatten() {
-        println!("  {}", scope.as_str().unwrap_or(""));
+    for scope in &status.scopes {
+        println!("  {scope}");
     }
     println!("services:");
-    print_services(&status["services"]);
+    print_services(&status.services);
     println!("rules:");
-    print_rules(&status["rules"]);
+    print_rules(&status.rules);
     println!("counters:");
-    for (name, value) in status["counters"].as_object().into_iter().flatten() {
+    for (name, value) in &status.counters {
         println!("  {name:<24} {value}");
     }
-    println!(
-        "live redirected connections: {}",
-        status["live_connections"]
-    );
+    println!("live redirected connections: {}", status.live_connections);
     Ok(())
 }
 
@@ -460,19 +437,19 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
                 accelerate,
                 on_down,
             };
-            let data = control::call(dir, &control::Request::ServiceAdd { service })?;
-            println!("service {} added", data["id"]);
+            let created = control::client::service_add(dir, service)?;
+            println!("service {} added", created.id);
         }
         ServiceAction::Del { name } => {
-            control::call(dir, &control::Request::ServiceDel { name: name.clone() })?;
+            control::client::service_del(dir, name.clone())?;
             println!("service {name} removed");
         }
         ServiceAction::List { json } => {
-            let status = control::call(dir, &control::Request::Status)?;
+            let status = control::client::status(dir)?;
             if json {
-                return print_json(&status["services"]);
+                return print_json(&status.services);
             }
-            print_services(&status["services"]);
+            print_services(&status.services);
         }
     }
     Ok(())
@@ -496,19 +473,19 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
                 uid,
                 priority,
             };
-            let data = control::call(dir, &control::Request::RuleAdd { rule })?;
-            println!("rule {} added", data["id"]);
+            let created = control::client::rule_add(dir, rule)?;
+            println!("rule {} added", created.id);
         }
         RuleAction::Del { id } => {
-            control::call(dir, &control::Request::RuleDel { id })?;
+            control::client::rule_del(dir, id)?;
             println!("rule {id} removed");
         }
         RuleAction::List { json } => {
-            let status = control::call(dir, &control::Request::Status)?;
+            let status = control::client::status(dir)?;
             if json {
-                return print_json(&status["rules"]);
+                return print_json(&status.rules);
             }
-            print_rules(&status["rules"]);
+            print_rules(&status.rules);
         }
     }
     Ok(())

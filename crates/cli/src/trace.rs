@@ -2,82 +2,65 @@
 //!
 //! The running `up` owns the kernel's ring buffer (one reader). A hub thread
 //! turns the stream on while at least one `trace` is connected, reads it,
-//! and hands each decision to every connected `trace` as one JSON line; the
-//! `trace` command filters and prints them.
+//! and hands each decision to every connected `trace` (the control socket
+//! writes them as [`TraceMessage`] lines); the `trace` command filters and
+//! prints them.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::io::Write;
+use std::net::IpAddr;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use connredir_engine::{boot_time, Decision, TraceEvent, Tracer};
-use serde::{Deserialize, Serialize};
+use connredir::RedirectState;
+use connredir_engine::{self as engine, boot_time, TraceEvent, Tracer};
 use tracing::warn;
 
-/// One decision as it travels to `trace`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TraceLine {
-    /// Wall-clock time, RFC 3339.
-    pub time: String,
-    /// The connecting process.
-    pub pid: u32,
-    /// Its user id.
-    pub uid: u32,
-    /// Its command name.
-    pub command: String,
-    /// Its cgroup id.
-    pub cgroup_id: u64,
-    /// Where connect() was going.
-    pub destination: SocketAddr,
-    /// The deciding rule's id.
-    pub rule: Option<u32>,
-    /// That rule's service id.
-    pub service_id: Option<u32>,
-    /// That service's name, when known.
-    pub service: Option<String>,
-    /// Services in the record before this decision.
-    pub hops: u16,
-    /// The flow's redirect state for that service.
-    pub state: String,
-    /// `redirected`, `no-rule`, `loop-prevented`, `hop-limit`, `no-memory`.
-    pub decision: String,
-}
+use crate::control::protocol::{Decision, TraceLine, TraceMessage, TraceState};
+use crate::process::process_name;
 
-impl TraceLine {
-    fn new(event: &TraceEvent, boot_offset: Duration) -> TraceLine {
-        let wall = SystemTime::UNIX_EPOCH + boot_offset + event.time;
-        TraceLine {
-            time: humantime::format_rfc3339_millis(wall).to_string(),
-            pid: event.pid,
-            uid: event.uid,
-            command: process_name(event.pid).unwrap_or_else(|| event.command.clone()),
-            cgroup_id: event.cgroup_id,
-            destination: event.destination,
-            rule: event.rule,
-            service_id: event.service.map(|s| s.0),
-            service: None,
-            hops: event.hops,
-            state: format!("{:?}", event.state),
-            decision: event.decision.name().into(),
-        }
+/// One decision of the engine as it travels to `trace`; the service's name
+/// is filled in by the hub.
+fn trace_line(event: &TraceEvent, boot_offset: Duration) -> TraceLine {
+    let wall = SystemTime::UNIX_EPOCH + boot_offset + event.time;
+    TraceLine {
+        time: humantime::format_rfc3339_millis(wall).to_string(),
+        pid: event.pid,
+        uid: event.uid,
+        command: process_name(event.pid).unwrap_or_else(|| event.command.clone()),
+        cgroup_id: event.cgroup_id,
+        destination: event.destination,
+        rule: event.rule,
+        service_id: event.service.map(|s| s.0),
+        service: None,
+        hops: event.hops,
+        state: match event.state {
+            RedirectState::NotRedirected => TraceState::NotRedirected,
+            RedirectState::RedirectedBySelf => TraceState::RedirectedBySelf,
+            RedirectState::RedirectedByOther => TraceState::RedirectedByOther,
+            RedirectState::PreviouslyRedirectedBySelf => TraceState::PreviouslyRedirectedBySelf,
+        },
+        decision: decision(event.decision),
     }
 }
 
-/// The process's name (its main thread's), when it still runs: the kernel
-/// reports the name of the thread that connected, such as a runtime's
-/// worker thread.
-pub fn process_name(pid: u32) -> Option<String> {
-    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(name.trim_end().to_owned())
+/// The engine's decision as the protocol names it.
+fn decision(decision: engine::Decision) -> Decision {
+    match decision {
+        engine::Decision::Redirected => Decision::Redirected,
+        engine::Decision::NoRule => Decision::NoRule,
+        engine::Decision::LoopPrevented => Decision::LoopPrevented,
+        engine::Decision::HopLimit => Decision::HopLimit,
+        engine::Decision::NoMemory => Decision::NoMemory,
+        engine::Decision::ServiceDown => Decision::ServiceDown,
+        engine::Decision::ServiceDownBypassed => Decision::ServiceDownBypassed,
+    }
 }
 
 /// The `up` side: a handle to ask the hub for a stream.
 #[derive(Clone)]
 pub struct Hub {
-    subscribe: mpsc::Sender<mpsc::SyncSender<TraceLine>>,
+    subscribe: mpsc::Sender<mpsc::SyncSender<TraceMessage>>,
 }
 
 /// Per-connection queue length: a `trace` that falls this far behind loses
@@ -86,15 +69,15 @@ const BACKLOG: usize = 4096;
 
 impl Hub {
     /// Starts the hub thread around the engine's tracer. `names` gives a
-    /// service's name from its id, asked on the engine's thread.
+    /// service's name from its id; it must be cheap, as it is asked for
+    /// every decision that names a service.
     pub fn start(
         mut tracer: Tracer,
         names: impl Fn(u32) -> Option<String> + Send + 'static,
     ) -> Hub {
-        let (subscribe, subscriptions) = mpsc::channel::<mpsc::SyncSender<TraceLine>>();
+        let (subscribe, subscriptions) = mpsc::channel::<mpsc::SyncSender<TraceMessage>>();
         std::thread::spawn(move || {
-            let mut subscribers: Vec<mpsc::SyncSender<TraceLine>> = Vec::new();
-            let mut names_cache = std::collections::BTreeMap::new();
+            let mut subscribers: Vec<mpsc::SyncSender<TraceMessage>> = Vec::new();
             loop {
                 if subscribers.is_empty() {
                     let _ = tracer.set_enabled(false);
@@ -110,76 +93,37 @@ impl Hub {
                 let offset = wall_minus_boot();
                 let events = tracer.poll(Duration::from_millis(200));
                 for event in &events {
-                    let mut line = TraceLine::new(event, offset);
-                    if let Some(id) = line.service_id {
-                        line.service = names_cache.entry(id).or_insert_with(|| names(id)).clone();
-                    }
-                    subscribers.retain(|s| {
-                        !matches!(
-                            s.try_send(line.clone()),
-                            Err(mpsc::TrySendError::Disconnected(_))
-                        )
-                    });
+                    let mut line = trace_line(event, offset);
+                    line.service = line.service_id.and_then(&names);
+                    let message = TraceMessage::Decision(line);
+                    send(&mut subscribers, &message);
                 }
                 if events.is_empty() {
-                    // Let subscribers that went away notice, and forget names
-                    // that may have changed.
-                    names_cache.clear();
-                    subscribers.retain(|s| {
-                        !matches!(
-                            s.try_send(heartbeat()),
-                            Err(mpsc::TrySendError::Disconnected(_))
-                        )
-                    });
+                    // Let subscribers that went away notice.
+                    send(&mut subscribers, &TraceMessage::Heartbeat);
                 }
             }
         });
         Hub { subscribe }
     }
 
-    /// Streams decisions to `stream` (a control connection) until it closes.
-    pub fn serve(&self, mut stream: UnixStream) -> Result<()> {
+    /// A new stream of decisions, for one `trace` client; it ends when the
+    /// receiver is dropped.
+    pub fn subscribe(&self) -> Result<mpsc::Receiver<TraceMessage>> {
         let (tx, rx) = mpsc::sync_channel(BACKLOG);
         self.subscribe.send(tx).context("the trace hub stopped")?;
-        stream.write_all(b"{\"data\":\"trace\"}\n")?;
-        stream.set_nonblocking(true)?;
-        for line in rx {
-            if line.pid == 0 && line.command.is_empty() {
-                // Heartbeat: has the reader gone?
-                let mut byte = [0u8; 1];
-                match stream.read(&mut byte) {
-                    Ok(0) => return Ok(()),
-                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return Ok(()),
-                    _ => continue,
-                }
-            }
-            let mut text = serde_json::to_string(&line)?;
-            text.push('\n');
-            stream.set_nonblocking(false)?;
-            if stream.write_all(text.as_bytes()).is_err() {
-                return Ok(());
-            }
-            stream.set_nonblocking(true)?;
-        }
-        Ok(())
+        Ok(rx)
     }
 }
 
-fn heartbeat() -> TraceLine {
-    TraceLine {
-        time: String::new(),
-        pid: 0,
-        uid: 0,
-        command: String::new(),
-        cgroup_id: 0,
-        destination: SocketAddr::from(([0, 0, 0, 0], 0)),
-        rule: None,
-        service_id: None,
-        service: None,
-        hops: 0,
-        state: String::new(),
-        decision: String::new(),
-    }
+/// Hands `message` to every subscriber, and forgets those that went away.
+fn send(subscribers: &mut Vec<mpsc::SyncSender<TraceMessage>>, message: &TraceMessage) {
+    subscribers.retain(|s| {
+        !matches!(
+            s.try_send(message.clone()),
+            Err(mpsc::TrySendError::Disconnected(_))
+        )
+    });
 }
 
 /// Wall-clock time minus boot time: turns the kernel's timestamps into
@@ -212,10 +156,10 @@ pub struct Filter {
     /// Only this decision: redirected, no-rule, loop-prevented, hop-limit,
     /// no-memory.
     #[arg(long, value_parser = parse_decision)]
-    pub decision: Option<String>,
+    pub decision: Option<Decision>,
 }
 
-fn parse_decision(text: &str) -> Result<String, String> {
+fn parse_decision(text: &str) -> Result<Decision, String> {
     let all = [
         Decision::Redirected,
         Decision::NoRule,
@@ -224,9 +168,8 @@ fn parse_decision(text: &str) -> Result<String, String> {
         Decision::NoMemory,
     ];
     all.iter()
-        .map(|d| d.name())
-        .find(|name| *name == text)
-        .map(str::to_owned)
+        .copied()
+        .find(|d| d.name() == text)
         .ok_or_else(|| {
             format!(
                 "unknown decision; use one of: {}",
@@ -247,23 +190,19 @@ impl Filter {
                 .service
                 .as_ref()
                 .is_none_or(|s| line.service.as_ref() == Some(s))
-            && self.decision.as_ref().is_none_or(|d| *d == line.decision)
+            && self.decision.is_none_or(|d| d == line.decision)
     }
 }
 
-/// `connredir trace`: prints decisions until interrupted (or `limit` lines).
-pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) -> Result<()> {
-    let request = crate::control::Request::Trace;
-    let mut stream = crate::control::connect(state_dir, &request)?;
-    serde_json::to_writer(&mut stream, &request)?;
-    stream.write_all(b"\n")?;
-    let mut lines = BufReader::new(stream).lines();
-    let first = lines.next().context("the engine closed the connection")??;
-    let answer: crate::control::Response =
-        serde_json::from_str(&first).context("malformed answer")?;
-    if let Some(error) = answer.error {
-        return Err(crate::control::refused(&request, error));
-    }
+/// `connredir trace`: prints the decisions of `lines` (from
+/// `control::client::trace`) that pass `filter`, until the stream ends or
+/// `limit` are shown.
+pub fn show(
+    lines: impl Iterator<Item = Result<TraceLine>>,
+    filter: &Filter,
+    json: bool,
+    limit: Option<usize>,
+) -> Result<()> {
     if !json {
         println!(
             "{:<24} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} DECISION",
@@ -272,7 +211,7 @@ pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) 
     }
     let mut shown = 0;
     for line in lines {
-        let line: TraceLine = serde_json::from_str(&line?).context("malformed trace line")?;
+        let line = line?;
         if !filter.accepts(&line) {
             continue;
         }
@@ -290,8 +229,8 @@ pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) 
                     .or(line.service_id.map(|id| format!("#{id}")))
                     .unwrap_or_else(|| "-".into()),
                 line.rule.map_or("-".into(), |r| r.to_string()),
-                line.state,
-                line.decision
+                line.state.name(),
+                line.decision.name()
             );
         }
         std::io::stdout().flush()?;
@@ -301,4 +240,53 @@ pub fn run(state_dir: &Path, filter: &Filter, json: bool, limit: Option<usize>) 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_decisions_are_named_as_the_engine_names_them() {
+        for d in [
+            engine::Decision::Redirected,
+            engine::Decision::NoRule,
+            engine::Decision::LoopPrevented,
+            engine::Decision::HopLimit,
+            engine::Decision::NoMemory,
+            engine::Decision::ServiceDown,
+            engine::Decision::ServiceDownBypassed,
+        ] {
+            assert_eq!(decision(d).name(), d.name());
+        }
+    }
+
+    #[test]
+    fn states_are_named_as_before() {
+        // `trace` has always printed the library's Debug names.
+        for s in [
+            RedirectState::NotRedirected,
+            RedirectState::RedirectedBySelf,
+            RedirectState::RedirectedByOther,
+            RedirectState::PreviouslyRedirectedBySelf,
+        ] {
+            let event = TraceEvent {
+                time: Duration::ZERO,
+                pid: 0,
+                uid: 0,
+                command: String::new(),
+                cgroup_id: 0,
+                destination: "127.0.0.1:1".parse().unwrap(),
+                rule: None,
+                service: None,
+                hops: 0,
+                state: s,
+                decision: engine::Decision::NoRule,
+            };
+            assert_eq!(
+                trace_line(&event, Duration::ZERO).state.name(),
+                format!("{s:?}")
+            );
+        }
+    }
 }

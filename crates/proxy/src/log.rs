@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::{self, LineWriter, Write};
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -130,39 +130,23 @@ impl LogSink {
     }
 }
 
-/// `t` as RFC 3339 UTC with milliseconds: `2026-03-01T12:34:56.789Z`.
-pub fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let s = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        since.subsec_millis()
-    )
-}
+/// The last instant humantime can write (the end of year 9999).
+const LAST_WRITABLE: Duration = Duration::from_millis(253_402_300_800_000 - 1);
 
-/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's algorithm.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// `t` as RFC 3339 UTC with milliseconds: `2026-03-01T12:34:56.789Z`.
+/// Times before 1970 are written as 1970-01-01T00:00:00.000Z, and times
+/// after year 9999 (which RFC 3339 cannot write) as its last millisecond.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .min(LAST_WRITABLE);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + since).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn rfc3339_dates() {
@@ -174,6 +158,14 @@ mod tests {
         assert_eq!(at(1_709_251_199, 999), "2024-02-29T23:59:59.999Z");
         assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000Z");
         assert_eq!(at(1_767_225_599, 0), "2025-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(300_000_000_000)),
+            "9999-12-31T23:59:59.999Z"
+        );
     }
 
     #[test]
