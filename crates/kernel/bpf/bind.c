@@ -5,36 +5,16 @@
  * A TCP bind of a registered service address (or of a wildcard address on a
  * service's port, which would receive its connections too) by a process of
  * the service's identity marks the socket as the service's listener (see
- * listener.h); any other bind notes who bound, so that a service registered
- * after its proxy bound still finds its listener its own. Root may bind it too (unmarked: it receives no redirected
- * flow). Anyone else in the scope is refused with EACCES, so no client can
- * stand in for a service while it restarts, nor join its SO_REUSEPORT group.
+ * lib/listener.h); any other bind notes who bound, so that a service
+ * registered after its proxy bound still finds its listener its own. Root
+ * may bind it too (unmarked: it receives no redirected flow). Anyone else
+ * in the scope is refused with EACCES, so no client can stand in for a
+ * service while it restarts, nor join its SO_REUSEPORT group.
  */
-#include "common.h"
-
-/* The service whose address `addr` (IPv4-mapped or IPv6):`port` (host order)
- * covers, or 0. A wildcard address covers every service on that port. */
-static __always_inline __u32 service_bound_at(const __u32 addr[4], __u16 port, int wildcard)
-{
-	__u32 id = service_at(addr, port);
-
-	if (id || !wildcard)
-		return id;
-	for (__u32 i = 1; i < CONNREDIR_MAX_SERVICES; i++) {
-		/* The loop counter stays in a register; the key is a copy. */
-		__u32 key = i;
-		struct connredir_service *service = bpf_map_lookup_elem(&services, &key);
-
-		if (!service || !(service->flags & CONNREDIR_SERVICE_ACTIVE))
-			continue;
-		if (((service->flags & CONNREDIR_SERVICE_LISTEN4) &&
-		     bpf_ntohs(service->listen4.port) == port) ||
-		    ((service->flags & CONNREDIR_SERVICE_LISTEN6) &&
-		     bpf_ntohs(service->listen6.port) == port))
-			return i;
-	}
-	return 0;
-}
+#include "lib/addr.h"
+#include "lib/maps.h"
+#include "lib/service.h"
+#include "lib/trace.h"
 
 static __always_inline int on_bind(struct bpf_sock_addr *ctx, const __u32 addr[4], __u16 port_be,
 				   int wildcard)
@@ -47,7 +27,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, const __u32 addr[4
 	caller_services(&caller);
 	if (!service_id || caller_is(&caller, service_id)) {
 		/* Who bound it, for this service or one registered later
-		 * (listener.h); a full option memory only loses the mark. */
+		 * (lib/listener.h); a full option memory only loses the mark. */
 		mark = bpf_sk_storage_get(&listeners, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (mark) {
 			mark->service_id = service_id;

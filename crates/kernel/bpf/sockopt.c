@@ -10,30 +10,18 @@
  * a buffer too small is ENOBUFS (the size needed cannot travel with an error:
  * ask again with 0).
  */
-#include "common.h"
-#include "inherit.h"
-#include "seal.h"
+#include "lib/accel.h"
+#include "lib/addr.h"
+#include "lib/inherit.h"
+#include "lib/record.h"
+#include "lib/seal.h"
+#include "lib/service.h"
+#include "lib/trace.h"
 
 static __always_inline int is_connected(__u32 state)
 {
 	return state != TCP_CLOSE && state != TCP_LISTEN && state != TCP_SYN_SENT &&
 	       state != TCP_SYN_RECV && state != TCP_NEW_SYN_RECV;
-}
-
-/* The newest hop of the record that belongs to one of the caller's services. */
-static __always_inline const struct connredir_hop *
-own_hop(const struct connredir_record *record, const struct caller_services *caller)
-{
-	__u32 hop_count = clamp_hops(record->hop_count);
-	const struct connredir_hop *found = NULL;
-
-	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
-		if (i >= hop_count)
-			break;
-		if (caller_is(caller, record->hops[i].service_id))
-			found = &record->hops[i];
-	}
-	return found;
 }
 
 /* Checks the buffer protocol; returns 0 to go on and copy, or sets the answer. */
@@ -312,58 +300,6 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 			get_original_dst(ctx, level, optlen, optval, optval_end, state);
 	}
 	return 1;
-}
-
-/* The caller's service that asks for acceleration, or 0. */
-static __always_inline __u32 caller_accelerates(void)
-{
-	struct caller_services caller;
-	__u32 ids[3];
-
-	caller_services(&caller);
-	ids[0] = caller.by_pid;
-	ids[1] = caller.by_cgroup;
-	ids[2] = caller.by_uid;
-	for (int i = 0; i < 3; i++) {
-		struct connredir_service *service;
-		__u32 id = ids[i];
-
-		if (!id)
-			continue;
-		service = bpf_map_lookup_elem(&services, &id);
-		if (service && (service->flags & CONNREDIR_SERVICE_ACCELERATE))
-			return id;
-	}
-	return 0;
-}
-
-/*
- * May a process that is not root hand this well-formed record to a socket?
- * Only a record the layer issued (version 3, sealed under the layer's key)
- * whose last hop is one of the caller's services: the record of a flow the
- * caller's service accepted. Anything else could name other services (so
- * they are skipped), fill the chain (so the flow goes direct) or invent a
- * client. `in` holds a whole version 3 record when this is called.
- */
-static __always_inline int is_callers_sealed_record(const struct connredir_record *in,
-						    const struct caller_services *caller)
-{
-	const struct connredir_seal_key *key;
-	__u32 hop_count = in->hop_count, last = 0;
-
-	if (in->version != CONNREDIR_RECORD_VERSION || in->size != sizeof(*in))
-		return 0;
-	/* Fixed offsets only: the verifier loses the bounds of a blob pointer
-	 * moved by a value read from the blob. */
-	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
-		if (i + 1 == hop_count)
-			last = in->hops[i].service_id;
-	}
-	/* 0 when hop_count is 0 or past the chain; never a service id. */
-	if (!caller_is(caller, last))
-		return 0;
-	key = seal_key_get();
-	return key && seal_of(key, in) == in->seal;
 }
 
 static __always_inline int reject(__s32 err)

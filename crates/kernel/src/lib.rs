@@ -1,14 +1,32 @@
 //! The connredir kernel programs, as one BPF object embedded at build time.
 //!
-//! The C sources are in `bpf/`:
-//! - `redirect.c`: `cgroup/connect4` and `cgroup/connect6`, where a redirect
-//!   is decided;
+//! The C sources are in `bpf/`. One entry file per hook family holds that
+//! family's programs; each is compiled on its own and `build.rs` links the
+//! objects into one (`bpftool gen object`), so all programs share the maps:
+//! - `connect.c`: `cgroup/connect4` and `cgroup/connect6`, where a connect is
+//!   read, decided and rewritten to the service;
 //! - `bind.c`: `cgroup/bind4` and `cgroup/bind6`, which keep a service's
 //!   address for the service's own processes;
-//! - `handoff.c`: `sockops`, which carries the record to the accepted socket;
+//! - `sockops.c`: `sockops`, the TCP events: record hand-off, inheritance
+//!   clean-up, acceleration of established connections;
 //! - `sockopt.c`: `cgroup/getsockopt` and `cgroup/setsockopt`, the redirect
 //!   operations at the syscall level and `SO_ORIGINAL_DST`;
-//! - `accel.c`: `sk_msg`, the sockmap acceleration of local legs.
+//! - `sk_msg.c`: `sk_msg`, the sockmap acceleration of local legs.
+//!
+//! What they do is in `bpf/lib/`, one header per job:
+//! - `abi.h`: the one include of the shared ABI header (`connredir-abi`);
+//! - `common.h`: kernel and libbpf headers, constants, `ctx_read`, license;
+//! - `maps.h`: every map (weak definitions, merged by the linker);
+//! - `addr.h`: endpoints, IPv4-mapped addresses, a socket's 4-tuple;
+//! - `trace.h`: counters and the decision trace;
+//! - `service.h`: the caller's services by identity, the service at an address;
+//! - `record.h`: the redirect record and its chain of services;
+//! - `decide.h`: where a redirect is decided (`decide`, `judge_rule`);
+//! - `listener.h`: whether a service's listener is its own;
+//! - `handoff.h`: the record's way to the accepted socket, the `conns` list;
+//! - `inherit.h`: records inherited by services that set none;
+//! - `seal.h`: the record seal (SipHash-2-4) and its check;
+//! - `accel.h`: acceleration and cut-through, every part of it.
 
 /// Wrapper that gives the embedded object the alignment the ELF parser needs.
 #[repr(C, align(8))]

@@ -5,18 +5,17 @@
  * seal_key map; BPF maps are root-only). SipHash is a keyed MAC made for
  * short inputs: without the key, no one can make a seal that checks, nor
  * change a sealed record so that it still checks.
+ *
+ * Records are sealed as they leave the layer (getsockopt SO_RECORDS, in
+ * sockopt.c) and checked as they come back (is_callers_sealed_record, for
+ * setsockopt SO_RECORDS).
  */
 #ifndef CONNREDIR_SEAL_H
 #define CONNREDIR_SEAL_H
 
-#include "common.h"
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct connredir_seal_key);
-} seal_key SEC(".maps");
+#include "maps.h"
+#include "record.h"
+#include "service.h"
 
 /*
  * What the seal covers: every byte of the record the layer reads, that is
@@ -117,6 +116,35 @@ static __always_inline __u64 seal_of(const struct connredir_seal_key *key,
 	SIP_ROUND(v0, v1, v2, v3);
 	SIP_ROUND(v0, v1, v2, v3);
 	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/*
+ * May a process that is not root hand this well-formed record to a socket?
+ * Only a record the layer issued (version 3, sealed under the layer's key)
+ * whose last hop is one of the caller's services: the record of a flow the
+ * caller's service accepted. Anything else could name other services (so
+ * they are skipped), fill the chain (so the flow goes direct) or invent a
+ * client. `in` holds a whole version 3 record when this is called.
+ */
+static __always_inline int is_callers_sealed_record(const struct connredir_record *in,
+						    const struct caller_services *caller)
+{
+	const struct connredir_seal_key *key;
+	__u32 hop_count = in->hop_count, last = 0;
+
+	if (in->version != CONNREDIR_RECORD_VERSION || in->size != sizeof(*in))
+		return 0;
+	/* Fixed offsets only: the verifier loses the bounds of a blob pointer
+	 * moved by a value read from the blob. */
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		if (i + 1 == hop_count)
+			last = in->hops[i].service_id;
+	}
+	/* 0 when hop_count is 0 or past the chain; never a service id. */
+	if (!caller_is(caller, last))
+		return 0;
+	key = seal_key_get();
+	return key && seal_of(key, in) == in->seal;
 }
 
 #endif /* CONNREDIR_SEAL_H */

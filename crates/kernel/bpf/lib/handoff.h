@@ -15,16 +15,14 @@
  * The redirected client socket is also listed in the conns map, from
  * TCP_CONNECT_CB until it closes: the live redirected connections.
  */
-#include "common.h"
-#include "inherit.h"
+#ifndef CONNREDIR_HANDOFF_H
+#define CONNREDIR_HANDOFF_H
 
-/* See CONNREDIR_MAX_FOREIGN_HANDOFFS in abi.h. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, CONNREDIR_BUDGET_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} handoff_budget SEC(".maps");
+#include "maps.h"
+#include "addr.h"
+#include "trace.h"
+#include "service.h"
+#include "record.h"
 
 /* The count of entries held by other namespaces when `netns` is one of
  * them; NULL for the layer's own namespace (or before the engine said
@@ -90,8 +88,8 @@ static __always_inline int track(__u64 cookie, const struct connredir_sock_state
 	return 1;
 }
 
-static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-				       __u64 netns, const struct tuple *tp, __u32 cb_flags)
+static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
+					       __u64 netns, const struct tuple *tp, __u32 cb_flags)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_sock_state *state;
@@ -132,8 +130,8 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops, struct bpf_so
 }
 
 /* Returns 1 when the accepted socket got its flow's record. */
-static __always_inline int on_passive_established(struct bpf_sock *sk, __u64 netns,
-						  const struct tuple *tp)
+static __always_inline int handoff_on_passive_established(struct bpf_sock *sk, __u64 netns,
+							  const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_sock_state *state;
@@ -160,8 +158,8 @@ static __always_inline int on_passive_established(struct bpf_sock *sk, __u64 net
 	return state != NULL;
 }
 
-static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
-				     const struct tuple *tp)
+static __always_inline void handoff_on_close(struct bpf_sock_ops *skops, __u64 netns,
+					     const struct tuple *tp)
 {
 	struct connredir_handoff_key key = {};
 	const struct tuple t = *tp;
@@ -172,47 +170,4 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, __u64 netns,
 	bpf_map_delete_elem(&conns, &cookie);
 }
 
-SEC("sockops")
-int connredir_sockops(struct bpf_sock_ops *skops)
-{
-	__u32 op = skops->op;
-	struct bpf_sock *sk = skops->sk;
-	__u32 cb_flags = skops->bpf_sock_ops_cb_flags;
-	__u32 new_state = skops->args[1];
-	struct tuple t = {};
-	__u64 netns;
-
-	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
-		return 1;
-	read_tuple(skops, &t);
-	/* Every key that names a socket by address carries its namespace. */
-	netns = bpf_get_netns_cookie(skops);
-
-	switch (op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		if (sk)
-			on_connect(skops, sk, netns, &t, cb_flags);
-		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (sk)
-			accel_on_active(skops, sk, netns, &t, cb_flags);
-		break;
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		/* Closing removes what a records-less service kept (inherit.h). */
-		if (sk && on_passive_established(sk, netns, &t)) {
-			cb_flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
-			bpf_sock_ops_cb_flags_set(skops, cb_flags);
-		}
-		accel_on_passive(skops, netns, &t, cb_flags);
-		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (new_state == TCP_CLOSE) {
-			on_close(skops, netns, &t);
-			inherit_on_close(skops, sk);
-			accel_on_close(sk, netns, &t);
-		}
-		break;
-	}
-	return 1;
-}
+#endif /* CONNREDIR_HANDOFF_H */

@@ -16,7 +16,9 @@
 #ifndef CONNREDIR_INHERIT_H
 #define CONNREDIR_INHERIT_H
 
-#include "common.h"
+#include "maps.h"
+#include "record.h"
+#include "trace.h"
 
 static __always_inline void inherit_key(struct connredir_inherit_key *key, __u64 netns,
 					__u32 tgid, __u32 tid,

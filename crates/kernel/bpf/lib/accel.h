@@ -27,8 +27,20 @@
  * after it (it goes straight to the far end, behind everything the service
  * forwarded). The count stays with the service's socket, which outlives
  * the peer's close, so the service can read the flow's total at EOF.
+ *
+ * Everything of it is here; the entry files only call in: sockops.c at
+ * establishment and close (accel_on_active, accel_on_passive,
+ * accel_on_close), sk_msg.c for each write (accel_on_msg), sockopt.c for
+ * CONNREDIR_SO_ACCELERATED, CONNREDIR_SO_CUT_THROUGH and, when a service
+ * sets the records of its onward socket, caller_accelerates.
  */
-#include "common.h"
+#ifndef CONNREDIR_ACCEL_H
+#define CONNREDIR_ACCEL_H
+
+#include "maps.h"
+#include "addr.h"
+#include "trace.h"
+#include "service.h"
 
 static __always_inline void pair_key(struct connredir_pair_key *key, __u64 netns,
 				     const __u32 local[4], __u16 local_port,
@@ -230,8 +242,34 @@ static __always_inline __s64 accel_written_into(struct bpf_sockopt *ctx, struct 
 	return -ENOENT;
 }
 
-SEC("sk_msg")
-int connredir_accel(struct sk_msg_md *msg)
+/* The caller's service that asks for acceleration, or 0: setsockopt
+ * SO_RECORDS marks the onward socket of such a service (SOCK_ACCEL_ONWARD)
+ * so that it joins at ACTIVE_ESTABLISHED_CB. */
+static __always_inline __u32 caller_accelerates(void)
+{
+	struct caller_services caller;
+	__u32 ids[3];
+
+	caller_services(&caller);
+	ids[0] = caller.by_pid;
+	ids[1] = caller.by_cgroup;
+	ids[2] = caller.by_uid;
+	for (int i = 0; i < 3; i++) {
+		struct connredir_service *service;
+		__u32 id = ids[i];
+
+		if (!id)
+			continue;
+		service = bpf_map_lookup_elem(&services, &id);
+		if (service && (service->flags & CONNREDIR_SERVICE_ACCELERATE))
+			return id;
+	}
+	return 0;
+}
+
+/* sk_msg (connredir_accel in sk_msg.c): where a write of an accelerated
+ * socket goes. SK_PASS keeps it on TCP. */
+static __always_inline int accel_on_msg(struct sk_msg_md *msg)
 {
 	struct connredir_pair_key self = {}, peer = {}, target;
 	__u32 remote_port = ctx_read(msg->remote_port);
@@ -268,3 +306,5 @@ int connredir_accel(struct sk_msg_md *msg)
 	}
 	return bpf_msg_redirect_hash(msg, &accel_socks, &peer, BPF_F_INGRESS);
 }
+
+#endif /* CONNREDIR_ACCEL_H */

@@ -11,11 +11,14 @@
  * the redirect looks the listener up in the connecting socket's network
  * namespace (bpf_sk_lookup_tcp) and reads its mark: no mark for this service
  * means the service is down, whoever else may listen there.
+ *
+ * listener_state() is a global function: include this header from one entry
+ * file only (through decide.h, connect.c).
  */
 #ifndef CONNREDIR_LISTENER_H
 #define CONNREDIR_LISTENER_H
 
-#include "common.h"
+#include "maps.h"
 
 /* The state of a service's listener, seen from a connect. */
 enum listener_state {

@@ -1,15 +1,17 @@
 /* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
- * The redirect layer: where a redirect is decided.
+ * Where a redirect is decided: decide(), called by cgroup/connect4 and
+ * cgroup/connect6 (connect.c) for every TCP connect() in the cgroups they
+ * are attached to.
  *
- * cgroup/connect4 and cgroup/connect6 see every TCP connect() in the cgroups
- * they are attached to. The rules that match the destination come from one
- * LPM-trie lookup (user space merges every rule whose prefix covers a longer
- * one into the longer prefix's set, already in evaluation order). A rule is
+ * The rules that match the destination come from one LPM-trie lookup (user
+ * space merges every rule whose prefix covers a longer one into the longer
+ * prefix's set, already in evaluation order). A rule is
  * skipped when its service already handled this flow (its id is in the
  * socket's redirect record) or, unless the service says otherwise, when the
- * connecting process is the service itself; the first remaining rule wins: the destination becomes the
- * service's listening address and a hop is appended to the record.
+ * connecting process is the service itself; the first remaining rule wins:
+ * the destination becomes the service's listening address and a hop is
+ * appended to the record.
  *
  * The promise holds against the client: a socket's own earlier redirect is
  * taken back before each connect (the attempt may have failed or been
@@ -17,8 +19,18 @@
  * (listener.h) and its failure policy decides while that is absent, and a
  * selected connect whose record cannot be written is refused, never let
  * through.
+ *
+ * judge_rule() here and listener_state() (listener.h) are global functions,
+ * verified on their own: only one entry file (connect.c) may include this
+ * header, or the linked object would define them twice.
  */
-#include "common.h"
+#ifndef CONNREDIR_DECIDE_H
+#define CONNREDIR_DECIDE_H
+
+#include "maps.h"
+#include "trace.h"
+#include "service.h"
+#include "record.h"
 #include "inherit.h"
 #include "listener.h"
 
@@ -28,47 +40,6 @@ enum verdict {
 	VERDICT_REDIRECT = 1, /* to the service's listener */
 	VERDICT_REFUSE = 2, /* connect() fails with the errno in `refusal` */
 };
-
-/*
- * The services in a flow's chain, gathered once per connect so the rule loop
- * needs no inner loop: a bit per service id (ids are below
- * CONNREDIR_MAX_SERVICES = 64) and the id of the newest hop.
- */
-struct chain_summary {
-	__u64 seen;
-	__u32 last;
-	__u32 hop_count;
-};
-
-static __always_inline void summarise_chain(const struct connredir_record *record,
-					    __u32 hop_count, struct chain_summary *out)
-{
-	out->seen = 0;
-	out->last = 0;
-	out->hop_count = hop_count;
-	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
-		__u32 id;
-
-		if (i >= hop_count)
-			break;
-		id = record->hops[i].service_id;
-		if (id < CONNREDIR_MAX_SERVICES)
-			out->seen |= 1ull << id;
-		out->last = id;
-	}
-}
-
-/* The flow's redirect state for `service_id` (see abi.h). */
-static __always_inline __u8 chain_state(const struct chain_summary *chain, __u32 service_id)
-{
-	if (!chain->hop_count)
-		return CONNREDIR_STATE_NOT_REDIRECTED;
-	if (chain->last == service_id)
-		return CONNREDIR_STATE_BY_SELF;
-	if (service_id < CONNREDIR_MAX_SERVICES && (chain->seen & (1ull << service_id)))
-		return CONNREDIR_STATE_PREVIOUSLY_BY_SELF;
-	return CONNREDIR_STATE_BY_OTHER;
-}
 
 /* The generation of the rules that connects read now (see abi.h). */
 static __always_inline __u8 rules_generation(void)
@@ -90,36 +61,7 @@ static __always_inline void count_hit(__u32 rule_id)
 		bpf_map_update_elem(&rule_hits, &rule_id, &one, BPF_NOEXIST);
 }
 
-/* Is someone reading the trace? */
-static __always_inline int tracing(void)
-{
-	__u32 zero = 0;
-	__u32 *on = bpf_map_lookup_elem(&trace_control, &zero);
-
-	return on && *on;
-}
-
-/* Sends a decision to the trace ring buffer, with the calling process. */
-static __always_inline void emit(const struct connredir_trace_event *ev)
-{
-	struct connredir_trace_event *out;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-
-	out = bpf_ringbuf_reserve(&trace, sizeof(*out), 0);
-	if (!out) {
-		count(CONNREDIR_CNT_TRACE_LOST);
-		return;
-	}
-	*out = *ev;
-	out->time_ns = bpf_ktime_get_boot_ns();
-	out->cgroup_id = bpf_get_current_cgroup_id();
-	out->pid = pid_tgid >> 32;
-	out->uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(out->comm, sizeof(out->comm));
-	bpf_ringbuf_submit(out, 0);
-}
-
-/* Notes who connected, for the live-connection list (see handoff.c). */
+/* Notes who connected, for the live-connection list (see handoff.h). */
 static __always_inline void note_connecting_process(struct connredir_sock_state *state,
 						    __u32 uid)
 {
@@ -195,20 +137,6 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 		return (service->flags & CONNREDIR_SERVICE_BYPASS_WHEN_DOWN) ? JUDGED_BYPASSED
 									       : JUDGED_DOWN;
 	return JUDGED_TAKE;
-}
-
-/*
- * Takes back the hop this socket's own earlier connect() appended: that
- * attempt was refused, failed or was disconnected, and this one is decided
- * afresh (state written at connect time is provisional, see abi.h).
- */
-static __always_inline void undo_own_hop(struct connredir_sock_state *state)
-{
-	if (!(state->flags & CONNREDIR_SOCK_OWN_HOP))
-		return;
-	if (state->record.hop_count > 0)
-		state->record.hop_count -= 1;
-	state->flags &= ~(CONNREDIR_SOCK_OWN_HOP | CONNREDIR_SOCK_HANDOFF_PENDING);
 }
 
 /*
@@ -382,75 +310,4 @@ static __always_inline int decide_traced(struct bpf_sock_addr *ctx, struct bpf_s
 	return verdict;
 }
 
-/* A refused connect: the errno reaches the caller of connect(). */
-static __always_inline int refuse(int err)
-{
-	bpf_set_retval(err);
-	return 0;
-}
-
-SEC("cgroup/connect4")
-int connredir_connect4(struct bpf_sock_addr *ctx)
-{
-	__u32 type = ctx->type;
-	__u32 ip = ctx->user_ip4;
-	__u16 port = (__u16)ctx->user_port;
-	struct bpf_sock *sk = ctx->sk;
-	const struct connredir_endpoint *target = NULL;
-	struct connredir_endpoint dst;
-	int verdict, refusal = 0;
-
-	if (type != SOCK_STREAM || !sk)
-		return 1;
-	endpoint_set_v4(&dst, ip, port);
-	verdict = decide_traced(ctx, sk, &dst, 0, &target, &refusal);
-	if (verdict == VERDICT_REFUSE)
-		return refuse(refusal);
-	if (verdict == VERDICT_REDIRECT && target) {
-		ctx->user_ip4 = *(const __u32 *)target->addr;
-		ctx->user_port = target->port;
-	}
-	return 1;
-}
-
-SEC("cgroup/connect6")
-int connredir_connect6(struct bpf_sock_addr *ctx)
-{
-	__u32 type = ctx->type;
-	__u32 ip6[4];
-	__u16 port = (__u16)ctx->user_port;
-	struct bpf_sock *sk = ctx->sk;
-	const struct connredir_endpoint *target = NULL;
-	struct connredir_endpoint dst;
-	int mapped, verdict, refusal = 0;
-
-	ip6[0] = ctx->user_ip6[0];
-	ip6[1] = ctx->user_ip6[1];
-	ip6[2] = ctx->user_ip6[2];
-	ip6[3] = ctx->user_ip6[3];
-	if (type != SOCK_STREAM || !sk)
-		return 1;
-	/* An IPv4-mapped destination follows the IPv4 rules and listeners. */
-	mapped = is_v4_mapped(ip6);
-	endpoint_set_v6(&dst, ip6, port);
-	verdict = decide_traced(ctx, sk, &dst, !mapped, &target, &refusal);
-	if (verdict == VERDICT_REFUSE)
-		return refuse(refusal);
-	if (verdict != VERDICT_REDIRECT || !target)
-		return 1;
-	if (mapped) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = *(const __u32 *)target->addr;
-	} else {
-		const __u32 *addr = (const __u32 *)target->addr;
-
-		ctx->user_ip6[0] = addr[0];
-		ctx->user_ip6[1] = addr[1];
-		ctx->user_ip6[2] = addr[2];
-		ctx->user_ip6[3] = addr[3];
-	}
-	ctx->user_port = target->port;
-	return 1;
-}
+#endif /* CONNREDIR_DECIDE_H */

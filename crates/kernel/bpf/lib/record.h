@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * The redirect record (struct connredir_record of abi.h) as the programs
+ * read it: its hops, the chain of services that handled the flow, and the
+ * hop a socket's own connect added.
+ */
+#ifndef CONNREDIR_RECORD_H
+#define CONNREDIR_RECORD_H
+
+#include "service.h"
+
+static __always_inline __u32 clamp_hops(__u32 hop_count)
+{
+	return hop_count > CONNREDIR_MAX_HOPS ? CONNREDIR_MAX_HOPS : hop_count;
+}
+
+/*
+ * The services in a flow's chain, gathered once per connect so the rule loop
+ * needs no inner loop: a bit per service id (ids are below
+ * CONNREDIR_MAX_SERVICES = 64) and the id of the newest hop.
+ */
+struct chain_summary {
+	__u64 seen;
+	__u32 last;
+	__u32 hop_count;
+};
+
+static __always_inline void summarise_chain(const struct connredir_record *record,
+					    __u32 hop_count, struct chain_summary *out)
+{
+	out->seen = 0;
+	out->last = 0;
+	out->hop_count = hop_count;
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		__u32 id;
+
+		if (i >= hop_count)
+			break;
+		id = record->hops[i].service_id;
+		if (id < CONNREDIR_MAX_SERVICES)
+			out->seen |= 1ull << id;
+		out->last = id;
+	}
+}
+
+/* The flow's redirect state for `service_id` (see abi.h). */
+static __always_inline __u8 chain_state(const struct chain_summary *chain, __u32 service_id)
+{
+	if (!chain->hop_count)
+		return CONNREDIR_STATE_NOT_REDIRECTED;
+	if (chain->last == service_id)
+		return CONNREDIR_STATE_BY_SELF;
+	if (service_id < CONNREDIR_MAX_SERVICES && (chain->seen & (1ull << service_id)))
+		return CONNREDIR_STATE_PREVIOUSLY_BY_SELF;
+	return CONNREDIR_STATE_BY_OTHER;
+}
+
+/*
+ * Takes back the hop this socket's own earlier connect() appended: that
+ * attempt was refused, failed or was disconnected, and this one is decided
+ * afresh (state written at connect time is provisional, see abi.h).
+ */
+static __always_inline void undo_own_hop(struct connredir_sock_state *state)
+{
+	if (!(state->flags & CONNREDIR_SOCK_OWN_HOP))
+		return;
+	if (state->record.hop_count > 0)
+		state->record.hop_count -= 1;
+	state->flags &= ~(CONNREDIR_SOCK_OWN_HOP | CONNREDIR_SOCK_HANDOFF_PENDING);
+}
+
+/* The newest hop of the record that belongs to one of the caller's services. */
+static __always_inline const struct connredir_hop *
+own_hop(const struct connredir_record *record, const struct caller_services *caller)
+{
+	__u32 hop_count = clamp_hops(record->hop_count);
+	const struct connredir_hop *found = NULL;
+
+	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {
+		if (i >= hop_count)
+			break;
+		if (caller_is(caller, record->hops[i].service_id))
+			found = &record->hops[i];
+	}
+	return found;
+}
+
+#endif /* CONNREDIR_RECORD_H */

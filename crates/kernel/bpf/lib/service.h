@@ -1,0 +1,104 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * Services and who they are: the services whose registered identity (pid
+ * with its start time, cgroup, uid) is the calling process, and the service
+ * registered at an address.
+ */
+#ifndef CONNREDIR_SERVICE_H
+#define CONNREDIR_SERVICE_H
+
+#include "maps.h"
+
+/* What the layer reads of a task; the offsets come from the running
+ * kernel's BTF when the object is loaded (CO-RE). */
+struct task_struct {
+	struct task_struct *group_leader;
+	__u64 start_boottime;
+} __attribute__((preserve_access_index));
+
+/* When the current process started, in clock ticks since boot: what
+ * /proc/PID/stat says of it (the thread group leader's start). */
+static __always_inline __u64 current_start_ticks(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return task->group_leader->start_boottime /
+	       (1000000000ull / CONNREDIR_CLOCK_TICKS_PER_SEC);
+}
+
+/*
+ * The ids of the services whose registered identity is the current process:
+ * by process, by cgroup and by uid (0 where none matches).
+ */
+struct caller_services {
+	__u32 by_pid;
+	__u32 by_cgroup;
+	__u32 by_uid;
+	__u32 uid;
+};
+
+static __always_inline void caller_services(struct caller_services *out)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 uid = (__u32)bpf_get_current_uid_gid();
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	const struct connredir_pid_identity *by_pid;
+	__u32 *id;
+
+	out->uid = uid;
+	by_pid = bpf_map_lookup_elem(&service_by_pid, &tgid);
+	/* A later process given a departed service process's pid is not it. */
+	out->by_pid = by_pid && by_pid->start_ticks == current_start_ticks() ? by_pid->service_id
+									       : 0;
+	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
+	out->by_cgroup = id ? *id : 0;
+	id = bpf_map_lookup_elem(&service_by_uid, &uid);
+	out->by_uid = id ? *id : 0;
+}
+
+static __always_inline int caller_is(const struct caller_services *caller,
+				     __u32 service_id)
+{
+	return service_id != 0 &&
+	       (caller->by_pid == service_id || caller->by_cgroup == service_id ||
+		caller->by_uid == service_id);
+}
+
+/* The service registered at `addr` (IPv4-mapped or IPv6):`port` (host
+ * order), or 0. */
+static __always_inline __u32 service_at(const __u32 addr[4], __u16 port)
+{
+	struct connredir_addr_key key = {};
+	__u32 *id;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	key.port = port;
+	id = bpf_map_lookup_elem(&service_addrs, &key);
+	return id ? *id : 0;
+}
+
+/* The service whose address `addr` (IPv4-mapped or IPv6):`port` (host order)
+ * covers, or 0. A wildcard address covers every service on that port. */
+static __always_inline __u32 service_bound_at(const __u32 addr[4], __u16 port, int wildcard)
+{
+	__u32 id = service_at(addr, port);
+
+	if (id || !wildcard)
+		return id;
+	for (__u32 i = 1; i < CONNREDIR_MAX_SERVICES; i++) {
+		/* The loop counter stays in a register; the key is a copy. */
+		__u32 key = i;
+		struct connredir_service *service = bpf_map_lookup_elem(&services, &key);
+
+		if (!service || !(service->flags & CONNREDIR_SERVICE_ACTIVE))
+			continue;
+		if (((service->flags & CONNREDIR_SERVICE_LISTEN4) &&
+		     bpf_ntohs(service->listen4.port) == port) ||
+		    ((service->flags & CONNREDIR_SERVICE_LISTEN6) &&
+		     bpf_ntohs(service->listen6.port) == port))
+			return i;
+	}
+	return 0;
+}
+
+#endif /* CONNREDIR_SERVICE_H */
