@@ -23,7 +23,6 @@
 //! Everything the engine attached is detached when it is dropped, also when a
 //! later step fails: nothing is left half-attached.
 
-pub mod cgroup;
 mod link;
 mod listeners;
 mod liveness;
@@ -34,7 +33,6 @@ mod service;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{
@@ -49,14 +47,13 @@ use connredir_abi::{
 use connredir_kernel::programs;
 use tracing::{debug, info};
 
+pub use connredir_host::cgroup::{self, cgroup_id, CGROUP2_HYBRID_ROOT};
+pub use connredir_host::procfs::is_listening;
 pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};
 pub use rules::{Protocol, Rule, RuleId};
 pub use service::{Identity, OnDown, Service, ServiceId};
 
 use rules::{CompiledRules, TrieData};
-
-/// Where cgroup v2 is mounted on hosts that mount it beside cgroup v1.
-pub const CGROUP2_HYBRID_ROOT: &str = "/sys/fs/cgroup/unified";
 
 /// Errors of the engine; each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +148,21 @@ pub enum Error {
     /// No such rule.
     #[error("no rule with id {0}")]
     UnknownRule(u32),
+    /// Another failure of the host's cgroups, bpffs or processes.
+    #[error(transparent)]
+    Host(connredir_host::Error),
+}
+
+impl From<connredir_host::Error> for Error {
+    /// Keeps the engine's own variants (and so their messages) for the
+    /// cgroup and bpffs failures it always reported as such.
+    fn from(e: connredir_host::Error) -> Error {
+        match e {
+            connredir_host::Error::Cgroup { path, why } => Error::Cgroup { path, why },
+            connredir_host::Error::Bpffs { path, why } => Error::Pin { dir: path, why },
+            other => Error::Host(other),
+        }
+    }
 }
 
 /// The layer's counters, summed over CPUs.
@@ -585,16 +597,6 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-/// The cgroup id the kernel reports for a cgroup v2 directory (its inode).
-pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
-    std::fs::metadata(path)
-        .map(|m| m.ino())
-        .map_err(|e| Error::Cgroup {
-            path: path.to_owned(),
-            why: format!("{e} (give an existing cgroup v2 directory)"),
-        })
-}
-
 /// The service-address map key of a listening address (IPv4 as IPv4-mapped
 /// IPv6, as the sockops program sees it).
 fn addr_key(addr: &std::net::SocketAddr) -> connredir_addr_key {
@@ -626,7 +628,7 @@ impl Engine {
             why,
         };
         let parent = dir.parent().unwrap_or(Path::new("/"));
-        if !is_bpffs(parent) {
+        if !connredir_host::bpffs::is_bpffs(parent) {
             return Err(pin_err(format!(
                 "{} is not a bpffs mount (mount it: mount -t bpf bpf {})",
                 parent.display(),
@@ -1681,69 +1683,10 @@ impl Drop for Engine {
     }
 }
 
-/// Is a TCP socket listening on `addr`'s port? Read from /proc/net/tcp and
-/// tcp6 (of this network namespace), so no probe connection disturbs the
-/// listener: how `status` tells whether a service is up.
-pub fn is_listening(addr: &std::net::SocketAddr) -> bool {
-    let port = format!(":{:04X}", addr.port());
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(table)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .any(|line| {
-                // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&port) && cols[3] == "0A"
-            })
-    })
-}
-
-/// The magic number of bpffs in `statfs.f_type`.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// Is `path` on a bpffs mount?
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: an all-zero statfs is valid; statfs writes into it.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
-    unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
-}
-
 /// Makes sure bpffs is mounted at `path` (usually /sys/fs/bpf), mounting it
 /// when it is not.
 pub fn ensure_bpffs(path: &Path) -> Result<(), Error> {
-    if is_bpffs(path) {
-        return Ok(());
-    }
-    let pin_err = |why: String| Error::Pin {
-        dir: path.to_owned(),
-        why,
-    };
-    std::fs::create_dir_all(path).map_err(|e| pin_err(format!("cannot create it: {e}")))?;
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| pin_err("path contains NUL".into()))?;
-    // SAFETY: all strings are NUL-terminated; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(pin_err(format!(
-            "bpffs is not mounted and mounting it failed: {} (mount -t bpf bpf {})",
-            std::io::Error::last_os_error(),
-            path.display()
-        )));
-    }
-    Ok(())
+    Ok(connredir_host::bpffs::ensure_bpffs(path)?)
 }
 
 /// Removes pin files (missing ones are fine).
