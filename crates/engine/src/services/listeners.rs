@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub(crate) use connredir_host::procfs::listening_inodes;
 use connredir_host::procfs::{process_cgroup, process_uid, socket_holders, HeldSocket};
 
-use crate::service::Identity;
+use super::Identity;
 
 /// Whether the process `pid` is one of `identity`'s.
 fn is_identity(pid: u32, identity: &Identity, cgroups: &[PathBuf]) -> bool {
