@@ -173,12 +173,27 @@ fn mark_listeners(engine: &mut Engine, id: ServiceId, service: &Service, inodes:
     }
 }
 
+/// Refuses a service whose listening address or identity (a live pid, a
+/// uid, a cgroup) is already another registered service's.
 fn check_identity_free(
     engine: &Engine,
     service: &Service,
     cgroup_ids: &[u64],
 ) -> Result<(), Error> {
-    for (other_id, other) in &engine.services {
+    check_free_among(&engine.services, service, cgroup_ids, |pid| {
+        engine.pids.is_live(pid)
+    })
+}
+
+/// [`check_identity_free`] against `registered`, with `is_live` telling
+/// whether a pid's process still runs.
+fn check_free_among(
+    registered: &BTreeMap<ServiceId, Registered>,
+    service: &Service,
+    cgroup_ids: &[u64],
+    is_live: impl Fn(u32) -> bool,
+) -> Result<(), Error> {
+    for (other_id, other) in registered {
         if let Some(addr) = service
             .listen
             .iter()
@@ -194,7 +209,7 @@ fn check_identity_free(
             .pids
             .iter()
             // A pid whose process exited is nobody's any more.
-            .find(|p| other.service.identity.pids.contains(p) && engine.pids.is_live(**p))
+            .find(|p| other.service.identity.pids.contains(p) && is_live(**p))
             .map(|p| format!("pid {p}"))
             .or_else(|| {
                 service
@@ -213,18 +228,6 @@ fn check_identity_free(
         if let Some(what) = clash {
             return Err(Error::InvalidService(format!(
                 "{}: {what} is already the identity of {} ({other_id}); a process can be one service only",
-                service.name, other.service.name
-            )));
-        }
-    }
-    for addr in &service.listen {
-        if let Some((other_id, other)) = engine
-            .services
-            .iter()
-            .find(|(_, o)| o.service.listen.contains(addr))
-        {
-            return Err(Error::InvalidService(format!(
-                "{}: {addr} is already the address of {} ({other_id})",
                 service.name, other.service.name
             )));
         }
@@ -342,4 +345,81 @@ pub(crate) fn adopt_services(engine: &mut Engine) -> Result<(), Error> {
     }
     engine.adopted = found;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, listen: &[&str], uids: &[u32]) -> Service {
+        Service {
+            name: name.into(),
+            listen: listen.iter().map(|a| a.parse().unwrap()).collect(),
+            identity: Identity {
+                uids: uids.to_vec(),
+                ..Default::default()
+            },
+            context: None,
+            own_connections_by_self: true,
+            accelerate: false,
+            on_down: OnDown::Block,
+        }
+    }
+
+    fn registered(services: &[Service]) -> BTreeMap<ServiceId, Registered> {
+        services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let r = Registered {
+                    service: s.clone(),
+                    cgroup_ids: Vec::new(),
+                };
+                (ServiceId(i as u32 + 1), r)
+            })
+            .collect()
+    }
+
+    fn check(existing: &[Service], new: &Service) -> Result<(), Error> {
+        check_free_among(&registered(existing), new, &[], |_| true)
+    }
+
+    #[test]
+    fn an_address_another_service_listens_on_is_refused_once_with_what_to_do() {
+        let a = service("a", &["127.0.0.1:8000", "[::1]:8000"], &[990]);
+        let b = service("b", &["127.0.0.1:9000"], &[991]);
+        let err = check(&[a, b], &service("c", &["[::1]:8000"], &[992]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid service c: address [::1]:8000 is already where a (service 1) listens; \
+             give each service its own address"
+        );
+    }
+
+    #[test]
+    fn the_address_is_named_before_a_shared_identity() {
+        let a = service("a", &["127.0.0.1:8000"], &[990]);
+        let err = check(&[a], &service("c", &["127.0.0.1:8000"], &[990]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is already where a"), "{err}");
+    }
+
+    #[test]
+    fn a_shared_uid_is_refused_and_distinct_services_pass() {
+        let a = service("a", &["127.0.0.1:8000"], &[990]);
+        let err = check(
+            std::slice::from_ref(&a),
+            &service("c", &["127.0.0.1:8001"], &[990]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("uid 990 is already the identity of a (service 1)"),
+            "{err}"
+        );
+        check(&[a], &service("c", &["127.0.0.1:8001"], &[991])).unwrap();
+    }
 }
