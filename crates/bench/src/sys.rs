@@ -4,16 +4,16 @@
 //! memory readings from /proc.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use connredir_host::child::ChildProcess;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -181,10 +181,7 @@ pub struct Place<'a> {
 /// A child process started by the benchmark; killed by its pid on drop.
 /// Lines it prints are collected; its stdin is a pipe.
 pub struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    child: ChildProcess,
     what: String,
 }
 
@@ -192,10 +189,7 @@ impl Proc {
     /// Starts `program args` at `place`.
     pub fn spawn(place: Place<'_>, program: &Path, args: &[String]) -> Result<Proc> {
         let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+        command.args(args).stdin(Stdio::piped());
         if let Some(netns) = place.netns {
             let fd = netns.file.as_raw_fd();
             // SAFETY: setns is a plain system call on an fd opened before
@@ -209,47 +203,27 @@ impl Proc {
                 });
             }
         }
-        connredir_engine::cgroup::run_in_cgroup(&mut command, place.cgroup, place.uid)?;
         let what = format!(
             "{} {}",
             program.file_name().unwrap_or_default().to_string_lossy(),
             args.first().map(String::as_str).unwrap_or("")
         );
-        let mut child = command
-            .spawn()
+        let child = ChildProcess::spawn(&mut command, place.cgroup, place.uid)
             .with_context(|| format!("starting {}", program.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let stdin = child.stdin.take();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(line) => sink.lock().unwrap().push(line),
-                    Err(_) => break,
-                }
-            }
-        });
-        Ok(Proc {
-            child,
-            stdin,
-            lines,
-            reader: Some(reader),
-            what,
-        })
+        Ok(Proc { child, what })
     }
 
     /// Its pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Waits (up to `limit`) for a line satisfying `pred`.
     pub fn wait_line(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return Ok(line.clone());
+            if let Some(line) = self.child.find_line(&pred) {
+                return Ok(line);
             }
             check_interrupted()?;
             if let Some(status) = self.child.try_wait()? {
@@ -270,10 +244,7 @@ impl Proc {
 
     /// Writes a line to its stdin.
     pub fn tell(&mut self, line: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().context("stdin closed")?;
-        writeln!(stdin, "{line}")?;
-        stdin.flush()?;
-        Ok(())
+        self.child.write_line(line).context("stdin closed")
     }
 
     /// Waits (up to `limit`) for it to exit successfully; returns its report.
@@ -289,26 +260,16 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
+        // It has exited: this only waits for the last of its output.
+        self.child.wait_timeout(Duration::ZERO)?;
         ensure!(status.success(), "{} failed ({status})", self.what);
-        let lines = self.lines.lock().unwrap();
+        let lines = self.child.lines();
         let line = lines
             .iter()
             .rev()
             .find(|l| l.starts_with('{'))
             .with_context(|| format!("{} printed no report", self.what))?;
         Ok(serde_json::from_str(line)?)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

@@ -94,7 +94,7 @@ impl Scope {
     /// The cgroup directories the scope names, with units looked up in
     /// systemd and `host` as the cgroup v2 root.
     pub fn resolve(&self) -> Result<Vec<PathBuf>> {
-        let root = connredir_engine::cgroup::cgroup2_root()
+        let root = connredir_host::cgroup::cgroup2_root()
             .context("cgroup v2 is not mounted (connredir needs the unified hierarchy, usually at /sys/fs/cgroup)")?;
         if self.host {
             return Ok(vec![root]);

@@ -7,35 +7,27 @@
 //! what it saw and the chain of services in the records. Then everything is
 //! torn down.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use connredir_engine::cgroup::{run_in_cgroup, CgroupTree};
 use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
+use connredir_host::cgroup::{run_in_cgroup, CgroupTree};
+use connredir_host::child::ChildProcess;
 use serde::Deserialize;
 
 /// The two demo services: name and priority (lower inspects first).
 const PROXIES: [(&str, u32); 2] = [("scanner", 10), ("recorder", 20)];
 
-/// A proxy process and the JSON lines it printed.
+/// A proxy process (killed on drop) and the lines it printed.
 struct RunningProxy {
     name: &'static str,
     id: ServiceId,
     listen: SocketAddr,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    child: ChildProcess,
 }
 
 fn free_port(ip: &str) -> Result<SocketAddr> {
@@ -111,27 +103,17 @@ fn start_proxy(
     let mut command = Command::new(proxy_binary()?);
     command
         .args(["--name", name, "--listen", &listen.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    run_in_cgroup(&mut command, &cgroup, None)?;
-    let mut child = command.spawn().context("start connredir-proxy")?;
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+        .stdin(Stdio::null());
+    let child =
+        ChildProcess::spawn(&mut command, &cgroup, None).context("start connredir-proxy")?;
     let proxy = RunningProxy {
         name,
         id,
         listen,
         child,
-        lines,
     };
-    match proxy.lines.recv_timeout(Duration::from_secs(10)) {
+    // Its first line says whether it started.
+    match proxy.child.wait_line(Duration::from_secs(10), |_| true) {
         Ok(line) if line == "ready" => Ok(proxy),
         other => bail!("proxy {name} did not start (said {other:?})"),
     }
@@ -204,16 +186,11 @@ struct LogClient {
 
 /// The connection report of one proxy (waits up to 10 s for it).
 fn report(proxy: &RunningProxy) -> Result<LogEntry> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let Ok(line) = proxy.lines.recv_timeout(left) else {
-            break;
-        };
-        if let Ok(entry) = serde_json::from_str::<LogEntry>(&line) {
-            return Ok(entry);
-        }
+    let is_report = |line: &str| serde_json::from_str::<LogEntry>(line).is_ok();
+    match proxy.child.wait_line(Duration::from_secs(10), is_report) {
+        Ok(line) => Ok(serde_json::from_str(&line)?),
+        Err(_) => bail!("proxy {} reported no connection", proxy.name),
     }
-    bail!("proxy {} reported no connection", proxy.name)
 }
 
 fn describe(entry: &LogEntry, names: &[(ServiceId, &str)]) -> String {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use connredir_engine::cgroup::{run_in_cgroup, CgroupTree};
+use connredir_host::cgroup::{run_in_cgroup, CgroupTree};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 /// Runs `command` in a new cgroup below `scope` and returns the exit code to

@@ -4,15 +4,15 @@
 //! processes it starts in it, and removes all of it when the test ends, on
 //! failure too. Programs are never attached to the root cgroup.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
+use connredir_host::child::ChildProcess;
 use serde_json::Value;
 
 /// Path of the test-role binary built with this crate.
@@ -120,7 +120,7 @@ pub fn require_privileges(test: &str) -> bool {
     }
 }
 
-pub use connredir_engine::cgroup::{cgroup2_root, CgroupTree};
+pub use connredir_host::cgroup::{cgroup2_root, CgroupTree};
 
 /// The cgroup tree of one test: `<cgroup2 root>/connredir-test-<name>-<pid>`.
 pub fn test_tree(name: &str) -> Result<CgroupTree> {
@@ -133,9 +133,7 @@ pub fn test_tree(name: &str) -> Result<CgroupTree> {
 /// A child process started in a cgroup; killed (by its pid) on drop.
 /// Lines it prints on stdout are collected.
 pub struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    child: ChildProcess,
 }
 
 impl Proc {
@@ -152,64 +150,41 @@ impl Proc {
         args: &[&str],
     ) -> Result<Proc> {
         let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null());
-        connredir_engine::cgroup::run_in_cgroup(&mut command, cgroup, uid)?;
-        let mut child = command
-            .spawn()
+        command.args(args).stdin(Stdio::null());
+        let child = ChildProcess::spawn(&mut command, cgroup, uid)
             .with_context(|| format!("start {} {args:?}", program.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(line) => sink.lock().unwrap().push(line),
-                    Err(_) => break,
-                }
-            }
-        });
-        Ok(Proc {
-            child,
-            lines,
-            reader: Some(reader),
-        })
+        Ok(Proc { child })
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Lines printed so far.
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.child.lines()
     }
 
     /// Waits until a printed line satisfies `pred`.
     pub fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
-                return Ok(line);
-            }
-            if Instant::now() > deadline {
-                bail!(
+        self.child
+            .wait_line(Duration::from_secs(10), pred)
+            .map_err(|e| match e {
+                connredir_host::Error::OutputEnded { .. } => anyhow::anyhow!(
+                    "the process ended before {what}; output: {:?}",
+                    self.lines()
+                ),
+                _ => anyhow::anyhow!(
                     "timed out waiting for {what}; output so far: {:?}",
                     self.lines()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                ),
+            })
     }
 
     /// Kills the process with SIGKILL (by its pid) and reaps it.
     pub fn kill(&mut self) -> Result<()> {
-        self.child.kill().context("SIGKILL")?;
-        self.child.wait().context("reap the killed process")?;
-        Ok(())
+        self.child.kill().context("SIGKILL and reap the process")
     }
 
     /// The lines printed so far that are JSON objects (the per-connection
@@ -224,33 +199,16 @@ impl Proc {
 
     /// Waits for the process to exit (at most 30 s) and returns its output.
     pub fn finish(mut self) -> Result<(std::process::ExitStatus, Vec<String>)> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "process {} did not exit; output: {:?}",
-                    self.pid(),
-                    self.lines()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let status = match self.child.wait_timeout(Duration::from_secs(30)) {
+            Ok(status) => status,
+            Err(connredir_host::Error::StillRunning { .. }) => bail!(
+                "process {} did not exit; output: {:?}",
+                self.pid(),
+                self.lines()
+            ),
+            Err(e) => return Err(e.into()),
         };
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
         Ok((status, self.lines()))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -381,7 +339,7 @@ impl Drop for EchoServer {
 /// /proc/net/tcp{,6} so that no probe connection disturbs the listener.
 pub fn wait_listening(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !connredir_engine::is_listening(&addr) {
+    while !connredir_host::procfs::is_listening(&addr) {
         if Instant::now() > deadline {
             bail!("nothing listens on {addr}");
         }

@@ -1,4 +1,4 @@
-//! Rules, and their compilation into the kernel's rule trie.
+//! Rules, and their compilation into the entries of the kernel's rule trie.
 //!
 //! The connect programs make one longest-prefix-match lookup per connect. For
 //! that to find every rule that applies, each prefix's entry must also hold
@@ -16,6 +16,7 @@ use connredir_abi::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::trie::{prefix_key, PrefixKey};
 use crate::{Error, ServiceId};
 
 /// Identifies a rule inside one engine.
@@ -117,39 +118,8 @@ impl Rule {
     }
 }
 
-/// A compiled prefix: the prefix length including the 8-bit family tag, and
-/// the tag (4 or 6) followed by the address.
-pub(crate) type PrefixKey = (u32, [u8; 17]);
-
-/// The bytes after `prefixlen` in the kernel's `connredir_rule_key`
-/// (generation, family tag, address, padding).
-pub(crate) type TrieData = [u8; 20];
-
 /// The compiled rules: every prefix's rule set.
 pub(crate) type CompiledRules = BTreeMap<PrefixKey, connredir_rule_set>;
-
-fn prefix_key(net: &IpNet) -> PrefixKey {
-    let mut data = [0u8; 17];
-    match net {
-        IpNet::V4(n) => {
-            data[0] = 4;
-            data[1..5].copy_from_slice(&n.network().octets());
-        }
-        IpNet::V6(n) => {
-            data[0] = 6;
-            data[1..17].copy_from_slice(&n.network().octets());
-        }
-    }
-    (8 + u32::from(net.prefix_len()), data)
-}
-
-/// The trie key of a prefix in one generation of the rules (see abi.h).
-pub(crate) fn trie_key(generation: u8, (len, tagged): &PrefixKey) -> (u32, TrieData) {
-    let mut data = [0u8; 20];
-    data[0] = generation;
-    data[1..18].copy_from_slice(tagged);
-    (8 + len, data)
-}
 
 /// Compiles rules into trie entries. Fails when more than
 /// `CONNREDIR_MAX_RULES_PER_PREFIX` rule entries apply to one prefix.
@@ -263,9 +233,6 @@ mod tests {
         let (prefix, _) = compiled.iter().next().unwrap();
         assert_eq!(prefix.0, 8 + 16);
         assert_eq!(&prefix.1[..5], &[4, 192, 168, 0, 0]);
-        let (len, data) = trie_key(1, prefix);
-        assert_eq!(len, 16 + 16);
-        assert_eq!(&data[..6], &[1, 4, 192, 168, 0, 0]);
     }
 
     #[test]

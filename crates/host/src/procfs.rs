@@ -1,38 +1,45 @@
-//! Marks a service's listening sockets that were opened before the service
-//! was registered (or before the layer was loaded).
-//!
-//! The kernel marks a listener when a process of the service's identity
-//! binds the service's address (the bind programs); a proxy that was already
-//! listening never passed through them. Here the engine finds such sockets
-//! (`/proc/net/tcp{,6}` for the listening inode, `/proc/PID/fd` for the
-//! processes holding it), keeps those whose process is the service's own by
-//! its identity, takes a duplicate of the socket (`pidfd_getfd`) and writes
-//! the mark into the socket's storage.
+//! What `/proc` says about this network namespace's TCP sockets and about
+//! processes: listening sockets, the processes holding a socket, and a
+//! process's uid, cgroup and start time.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::service::Identity;
+/// The TCP tables of this network namespace.
+const TCP_TABLES: [&str; 2] = ["/proc/net/tcp", "/proc/net/tcp6"];
 
-/// A listening socket held by a process: (pid, fd number).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct HeldSocket {
-    pub pid: u32,
-    pub fd: i32,
+/// The `st` column of a listening socket in `/proc/net/tcp{,6}`.
+const LISTEN: &str = "0A";
+
+/// Is a TCP socket listening on `addr`'s port? Read from /proc/net/tcp and
+/// tcp6 (of this network namespace), so no probe connection disturbs the
+/// listener: how `status` tells whether a service is up.
+pub fn is_listening(addr: &SocketAddr) -> bool {
+    let port = format!(":{:04X}", addr.port());
+    TCP_TABLES.iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&port) && cols[3] == LISTEN
+            })
+    })
 }
 
 /// The inodes of TCP sockets that listen where a connection to `addr` would
 /// arrive: on `addr` itself or on a wildcard address with its port.
-pub(crate) fn listening_inodes(addr: &SocketAddr) -> Vec<u64> {
+pub fn listening_inodes(addr: &SocketAddr) -> Vec<u64> {
     let port = format!("{:04X}", addr.port());
     let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for table in TCP_TABLES {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         for line in text.lines().skip(1) {
             // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
             let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
+            if cols.len() < 10 || cols[3] != LISTEN {
                 continue;
             }
             let Some((ip, p)) = cols[1].split_once(':') else {
@@ -70,8 +77,17 @@ fn proc_ip_is(hex: &str, addr: &SocketAddr) -> bool {
     }
 }
 
+/// A socket held by a process: its pid and the descriptor number there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldSocket {
+    /// The holding process.
+    pub pid: u32,
+    /// The descriptor number in that process.
+    pub fd: i32,
+}
+
 /// Processes holding a socket with one of `inodes`, by scanning `/proc`.
-fn holders(inodes: &[u64]) -> Vec<HeldSocket> {
+pub fn socket_holders(inodes: &[u64]) -> Vec<HeldSocket> {
     let mut found = Vec::new();
     if inodes.is_empty() {
         return found;
@@ -106,89 +122,46 @@ fn holders(inodes: &[u64]) -> Vec<HeldSocket> {
 }
 
 /// The real uid of a process.
-fn process_uid(pid: u32) -> Option<u32> {
+pub fn process_uid(pid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The cgroup v2 directory of a process.
-fn process_cgroup(pid: u32) -> Option<PathBuf> {
+pub fn process_cgroup(pid: u32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
     let root = crate::cgroup::cgroup2_root()?;
     Some(root.join(path.trim_start_matches('/')))
 }
 
-/// Whether the process `pid` is one of `identity`'s.
-fn is_identity(pid: u32, identity: &Identity, cgroups: &[PathBuf]) -> bool {
-    if identity.pids.contains(&pid) {
-        return true;
-    }
-    if process_uid(pid).is_some_and(|uid| identity.uids.contains(&uid)) {
-        return true;
-    }
-    process_cgroup(pid)
-        .and_then(|p| p.canonicalize().ok())
-        .is_some_and(|p| cgroups.contains(&p))
+/// How many clock ticks a second this kernel counts (`sysconf(_SC_CLK_TCK)`),
+/// the unit of process start times.
+pub fn clock_ticks_per_second() -> libc::c_long {
+    // SAFETY: sysconf has no memory arguments.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
 }
 
-/// The listening sockets with one of `inodes` held by processes of
-/// `identity`, each with a duplicate descriptor of the socket and the
-/// holding process.
-pub(crate) fn own_listeners(inodes: &[u64], identity: &Identity) -> Vec<(OwnedFd, u32)> {
-    let cgroups: Vec<PathBuf> = identity
-        .cgroups
-        .iter()
-        .filter_map(|p| Path::new(p).canonicalize().ok())
-        .collect();
-    let mut out = Vec::new();
-    for held in holders(inodes) {
-        if !is_identity(held.pid, identity, &cgroups) {
-            continue;
-        }
-        match duplicate(held) {
-            Ok(fd) => out.push((fd, held.pid)),
-            Err(e) => tracing::debug!(
-                pid = held.pid,
-                fd = held.fd,
-                "cannot take the listener: {e}"
-            ),
-        }
-    }
-    out
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// /proc/PID/stat).
+pub fn start_ticks(pid: u32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_start_ticks(&stat)
+        .ok_or_else(|| std::io::Error::other(format!("unexpected /proc/{pid}/stat: {stat}")))
 }
 
-/// A duplicate of another process's descriptor (pidfd_open + pidfd_getfd).
-fn duplicate(held: HeldSocket) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain system calls on integers; each returned descriptor is
-    // owned here from the moment it is returned.
-    unsafe {
-        let pidfd = libc::syscall(
-            libc::SYS_pidfd_open,
-            held.pid as libc::c_long,
-            0 as libc::c_long,
-        );
-        if pidfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let fd = libc::syscall(
-            libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd) as libc::c_long,
-            held.fd as libc::c_long,
-            0 as libc::c_long,
-        );
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(fd as i32))
-    }
+/// Field 22 of a /proc/PID/stat text.
+fn stat_start_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold anything.
+    stat.rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().nth(19))
+        .and_then(|field| field.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::proc_ip_is;
+    use super::*;
 
     #[test]
     fn proc_addresses_are_host_order_words() {
@@ -204,5 +177,19 @@ mod tests {
             "0000000000000000FFFF00000100007F",
             &"127.0.0.1:80".parse().unwrap()
         ));
+    }
+
+    #[test]
+    fn start_time_is_found_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(stat_start_ticks(stat), Some(98765));
+        assert_eq!(stat_start_ticks("42 (x) S 1"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_start_time_and_uid() {
+        let me = std::process::id();
+        assert!(start_ticks(me).is_ok());
+        assert!(process_uid(me).is_some());
     }
 }

@@ -1,6 +1,8 @@
 //! cgroup v2 helpers: find the hierarchy, make a tree of cgroups that is
-//! removed again, and start processes inside a cgroup.
+//! removed again, name a cgroup by its id, and start processes inside a
+//! cgroup.
 
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,6 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::Error;
+
+/// Where cgroup v2 is mounted on hosts that mount it beside cgroup v1.
+pub const CGROUP2_HYBRID_ROOT: &str = "/sys/fs/cgroup/unified";
 
 /// Where cgroup v2 is mounted, read from /proc/self/mountinfo.
 pub fn cgroup2_root() -> Option<PathBuf> {
@@ -19,6 +24,16 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         }
         left.split_whitespace().nth(4).map(PathBuf::from)
     })
+}
+
+/// The cgroup id the kernel reports for a cgroup v2 directory (its inode).
+pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|e| Error::Cgroup {
+            path: path.to_owned(),
+            why: format!("{e} (give an existing cgroup v2 directory)"),
+        })
 }
 
 /// A tree of cgroups made by this process under the cgroup v2 root. On drop,

@@ -212,22 +212,17 @@ fn watch(shared: &Shared) {
     }
 }
 
-/// When process `pid` started, in clock ticks since boot (field 22 of
-/// /proc/PID/stat), the unit the kernel programs compare in.
+/// When process `pid` started, in clock ticks since boot, the unit the
+/// kernel programs compare in (so only on a kernel that counts the ticks
+/// the layer was built for).
 fn start_ticks(pid: u32) -> std::io::Result<u64> {
-    // SAFETY: sysconf has no memory arguments.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = connredir_host::procfs::clock_ticks_per_second();
     if hz != CONNREDIR_CLOCK_TICKS_PER_SEC as libc::c_long {
         return Err(std::io::Error::other(format!(
             "this kernel counts {hz} clock ticks a second, the layer {CONNREDIR_CLOCK_TICKS_PER_SEC}"
         )));
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) is in parentheses and may hold anything.
-    stat.rfind(')')
-        .and_then(|at| stat[at + 1..].split_whitespace().nth(19))
-        .and_then(|field| field.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("unexpected /proc/{pid}/stat: {stat}")))
+    connredir_host::procfs::start_ticks(pid)
 }
 
 /// Has the process behind `pidfd` exited (its pidfd is readable then)?
