@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::control::protocol::{Pending, Reply, Request, Status};
+use connredir_engine::Counters;
 
 /// The media type of the OpenMetrics text format.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -107,12 +108,12 @@ impl Collector for StatusMetrics {
         for (name, value) in &status.counters {
             let counter = ConstCounter::new(*value);
             let family = format!("connredir_{name}");
-            let metric = encoder.encode_descriptor(
-                &family,
-                &format!("The layer's {name} counter."),
-                None,
-                counter.metric_type(),
-            )?;
+            // The help text is the engine's, from the one table of counters.
+            let help = Counters::TABLE.iter().find(|c| c.name == name).map_or_else(
+                || format!("The layer's {name} counter."),
+                |c| c.help.to_owned(),
+            );
+            let metric = encoder.encode_descriptor(&family, &help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
         let mut hits = encoder.encode_descriptor(
@@ -194,7 +195,7 @@ mod tests {
         };
         let text = render(status).unwrap();
         assert!(text.contains("connredir_redirects_total 3\n"), "{text}");
-        assert!(text.contains("# HELP connredir_redirects The layer's redirects counter.\n"));
+        assert!(text.contains("# HELP connredir_redirects Connections redirected to a service.\n"));
         assert!(
             text.contains("# TYPE connredir_loops_prevented counter\n"),
             "{text}"
