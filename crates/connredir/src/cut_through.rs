@@ -6,14 +6,15 @@
 //! service and the service's onward one, both local): the data already
 //! moves socket to socket, and the layer redirects the writer from the
 //! service's socket to the far end's. See `CONNREDIR_SO_CUT_THROUGH` in the
-//! ABI header for the ordering rule.
+//! ABI header (`uapi.h`) for the ordering rule.
 
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 
 use connredir_abi::{connredir_cut_through, connredir_sock_tuple};
+use socket2::SockRef;
 
-use crate::{decode_sockaddr, getsockopt, sockopt, Error};
+use crate::{getsockopt, inet_address, sockopt, Error};
 
 /// Why a cut-through did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +46,10 @@ pub enum CutThroughError {
 /// and call again with the new count. After success, `from` reads only EOF
 /// (or an error) when its peer closes; forward that as usual.
 pub fn cut_through(from: &impl AsFd, to: &impl AsFd, received: u64) -> Result<(), CutThroughError> {
-    let to = to.as_fd();
+    let to = SockRef::from(to);
     let io = CutThroughError::Io;
-    let local = socket_addr(to, libc::getsockname).map_err(io)?;
-    let peer = socket_addr(to, libc::getpeername).map_err(io)?;
+    let local = to.local_addr().and_then(inet).map_err(io)?;
+    let peer = to.peer_addr().and_then(inet).map_err(io)?;
     cut_through_to(from, local, peer, received)
 }
 
@@ -62,7 +63,7 @@ pub fn cut_through_to(
 ) -> Result<(), CutThroughError> {
     let request = connredir_cut_through {
         received,
-        to: sock_tuple(to_local, to_peer),
+        to: connredir_sock_tuple::from_socket_addrs(&to_local, &to_peer),
         reserved: 0,
     };
     // SAFETY: request is valid for its size.
@@ -95,8 +96,13 @@ pub fn cut_through_to(
 /// with `from`). `Err(NotRedirected)` when the socket is not accelerated.
 pub fn bytes_written_into(from: &impl AsFd) -> Result<u64, Error> {
     let mut buf = [0u8; 8];
-    let n = getsockopt(from.as_fd(), sockopt::LEVEL, sockopt::CUT_THROUGH, &mut buf)
-        .map_err(Error::from_errno)?;
+    let n = getsockopt(
+        from.as_fd(),
+        sockopt::LEVEL,
+        sockopt::BYTES_WRITTEN,
+        &mut buf,
+    )
+    .map_err(Error::from_errno)?;
     if n != buf.len() {
         return Err(Error::InvalidArgument(format!(
             "the layer answered {n} bytes for a 64-bit count"
@@ -105,39 +111,14 @@ pub fn bytes_written_into(from: &impl AsFd) -> Result<u64, Error> {
     Ok(u64::from_ne_bytes(buf))
 }
 
-type AddrCall =
-    unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int;
-
-/// The socket's own address (`getsockname`) or its peer's (`getpeername`).
-fn socket_addr(fd: BorrowedFd<'_>, call: AddrCall) -> std::io::Result<SocketAddr> {
-    let mut buf = [0u8; std::mem::size_of::<libc::sockaddr_in6>()];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: buf is valid for len bytes, and any bytes are a valid u8.
-    if unsafe { call(fd.as_raw_fd(), buf.as_mut_ptr().cast(), &mut len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    decode_sockaddr(&buf[..len as usize]).ok_or_else(|| {
+/// The IPv4 or IPv6 address of a `getsockname`/`getpeername` answer.
+fn inet(addr: socket2::SockAddr) -> std::io::Result<SocketAddr> {
+    inet_address(&addr).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not an IPv4 or IPv6 socket",
         )
     })
-}
-
-/// A socket's 4-tuple as the layer names it: IPv4 as IPv4-mapped IPv6,
-/// ports in host order. No namespace: the layer looks the socket up in the
-/// namespace of the socket the request is made on.
-fn sock_tuple(local: SocketAddr, remote: SocketAddr) -> connredir_sock_tuple {
-    let octets = |ip: IpAddr| match ip {
-        IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
-        IpAddr::V6(ip) => ip.octets(),
-    };
-    connredir_sock_tuple {
-        local_addr: octets(local.ip()),
-        remote_addr: octets(remote.ip()),
-        local_port: local.port(),
-        remote_port: remote.port(),
-    }
 }
 
 #[cfg(test)]
@@ -153,16 +134,5 @@ mod tests {
         let err = cut_through(&a, &b, 0).unwrap_err();
         assert!(matches!(err, CutThroughError::NotAccelerated), "{err:?}");
         assert!(matches!(bytes_written_into(&a), Err(Error::NotSupported)));
-    }
-
-    #[test]
-    fn keys_map_ipv4() {
-        let key = sock_tuple(
-            "127.0.0.1:80".parse().unwrap(),
-            "[::1]:4000".parse().unwrap(),
-        );
-        assert_eq!(&key.local_addr[10..], &[0xff, 0xff, 127, 0, 0, 1]);
-        assert_eq!(key.remote_addr[15], 1);
-        assert_eq!((key.local_port, key.remote_port), (80, 4000));
     }
 }

@@ -37,6 +37,8 @@ mod records;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
+use socket2::SockRef;
+
 pub use cut_through::{bytes_written_into, cut_through, cut_through_to, CutThroughError};
 pub use records::{
     redirect_state, ClientIdentity, Hop, RedirectContext, RedirectRecords, RedirectState, ServiceId,
@@ -56,9 +58,11 @@ pub mod sockopt {
     /// get: whether the socket is accelerated (4-byte 0 or 1).
     pub const ACCELERATED: i32 = connredir_abi::CONNREDIR_SO_ACCELERATED as i32;
     /// set: hand a direction of an accelerated flow to the kernel (see
-    /// [`cut_through`](crate::cut_through)); get: the bytes written into
-    /// the socket (see [`bytes_written_into`](crate::bytes_written_into)).
+    /// [`cut_through`](crate::cut_through)).
     pub const CUT_THROUGH: i32 = connredir_abi::CONNREDIR_SO_CUT_THROUGH as i32;
+    /// get: the bytes written into an accelerated socket, a 64-bit count
+    /// (see [`bytes_written_into`](crate::bytes_written_into)).
+    pub const BYTES_WRITTEN: i32 = connredir_abi::CONNREDIR_SO_BYTES_WRITTEN as i32;
     /// `SO_ORIGINAL_DST` at `SOL_IP`, answered from the records.
     pub const SO_ORIGINAL_DST: i32 = connredir_abi::CONNREDIR_SO_ORIGINAL_DST as i32;
     /// `IP6T_SO_ORIGINAL_DST` at `SOL_IPV6`, answered from the records.
@@ -178,32 +182,24 @@ pub fn registered_service(listener: &impl AsFd) -> Result<ServiceId, ServiceErro
 
 /// The local address of a socket (getsockname).
 fn local_address(fd: BorrowedFd<'_>) -> Result<SocketAddr, Error> {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of_val(&storage) as libc::socklen_t;
-    // SAFETY: storage is valid for len bytes.
-    let rc = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::from_errno(std::io::Error::last_os_error()));
-    }
-    // SAFETY: the kernel wrote `len` bytes of storage.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&storage as *const libc::sockaddr_storage).cast::<u8>(),
-            len as usize,
-        )
-    };
-    decode_sockaddr(bytes).ok_or_else(|| {
+    let addr = SockRef::from(&fd).local_addr().map_err(Error::from_errno)?;
+    inet_address(&addr).ok_or_else(|| {
         Error::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "the socket's address is not an IPv4 or IPv6 socket address",
         ))
+    })
+}
+
+/// The IPv4 or IPv6 address a `getsockname`/`getpeername` answer holds; an
+/// IPv4-mapped IPv6 address as IPv4, as [`decode_sockaddr`] gives it.
+fn inet_address(addr: &socket2::SockAddr) -> Option<SocketAddr> {
+    Some(match addr.as_socket()? {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => SocketAddr::V6(a),
+        },
+        v4 => v4,
     })
 }
 
@@ -380,21 +376,11 @@ pub fn set_records(fd: &impl AsFd, records: &RedirectRecords) -> Result<(), Erro
 /// proxies ask for it (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`).
 pub fn original_destination(fd: &impl AsFd) -> Result<SocketAddr, Error> {
     let fd = fd.as_fd();
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of_val(&storage) as libc::socklen_t;
-    // SAFETY: storage is valid for len bytes.
-    if unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        return Err(Error::from_errno(std::io::Error::last_os_error()));
-    }
-    let levels: &[(i32, i32)] = if i32::from(storage.ss_family) == libc::AF_INET6 {
+    let family = SockRef::from(&fd)
+        .local_addr()
+        .map_err(Error::from_errno)?
+        .family();
+    let levels: &[(i32, i32)] = if i32::from(family) == libc::AF_INET6 {
         &[
             (libc::SOL_IPV6, sockopt::IP6T_SO_ORIGINAL_DST),
             (libc::SOL_IP, sockopt::SO_ORIGINAL_DST),

@@ -65,21 +65,44 @@ pub struct Hop {
     pub since_boot: Duration,
 }
 
+/// ABI structs that are read from and viewed as bytes.
+///
+/// # Safety
+///
+/// Only for `#[repr(C)]` structs made of integers and integer arrays with
+/// no implicit padding: every byte is initialized, and any byte pattern is
+/// a valid value.
+pub(crate) unsafe trait PlainData: Copy {}
+
+// SAFETY: bindgen-generated from uapi.h: integers, integer arrays and
+// endpoints (integers), every field at its natural offset with no gap
+// (header 32 bytes, 8 hops of 64, comm 16, seal 8).
+unsafe impl PlainData for connredir_record {}
+// SAFETY: bindgen-generated from uapi.h: two endpoints of integers
+// (24 bytes each, no gap).
+unsafe impl PlainData for connredir_default_context {}
+// SAFETY: family, port, address and zero padding as explicit fields.
+#[cfg(test)]
+unsafe impl PlainData for libc::sockaddr_in {}
+// SAFETY: family, port, flow info, address and scope id, no gap.
+#[cfg(test)]
+unsafe impl PlainData for libc::sockaddr_in6 {}
+
 /// Reads a plain-data ABI struct from the front of `bytes` (zero-filled when
 /// shorter; callers check the length they need).
-fn read_plain<T: Copy + Default>(bytes: &[u8]) -> T {
+fn read_plain<T: PlainData + Default>(bytes: &[u8]) -> T {
     let mut value = T::default();
     let n = bytes.len().min(std::mem::size_of::<T>());
-    // SAFETY: T is a bindgen-generated #[repr(C)] struct of integers and
-    // integer arrays: any byte pattern is a valid value; n bytes fit in it.
+    // SAFETY: T is PlainData: any byte pattern is a valid value; n bytes
+    // fit in it.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut value as *mut T).cast(), n) };
     value
 }
 
 /// Views a plain-data ABI struct as its bytes.
-pub(crate) fn plain_bytes<T: Copy>(value: &T) -> &[u8] {
-    // SAFETY: T is a #[repr(C)] struct of integers with explicit padding
-    // fields, so every byte is initialized; the slice borrows `value`.
+pub(crate) fn plain_bytes<T: PlainData>(value: &T) -> &[u8] {
+    // SAFETY: T is PlainData, so every byte is initialized; the slice
+    // borrows `value`.
     unsafe { std::slice::from_raw_parts((value as *const T).cast(), std::mem::size_of::<T>()) }
 }
 

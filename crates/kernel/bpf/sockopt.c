@@ -243,7 +243,7 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 		*(volatile __s32 *)&ctx->retval = 0;
 		return 1;
 	}
-	if (level == CONNREDIR_SOL && optname == CONNREDIR_SO_CUT_THROUGH) {
+	if (level == CONNREDIR_SOL && optname == CONNREDIR_SO_BYTES_WRITTEN) {
 		__u64 *out = optval;
 		__s64 written;
 

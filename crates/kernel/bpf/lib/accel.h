@@ -31,7 +31,7 @@
  * Everything of it is here; the entry files only call in: sockops.c at
  * establishment and close (accel_on_active, accel_on_passive,
  * accel_on_close), sk_msg.c for each write (accel_on_msg), sockopt.c for
- * CONNREDIR_SO_ACCELERATED, CONNREDIR_SO_CUT_THROUGH and, when a service
+ * CONNREDIR_SO_ACCELERATED, _CUT_THROUGH, _BYTES_WRITTEN and, when a service
  * sets the records of its onward socket, caller_accelerates.
  */
 #ifndef CONNREDIR_ACCEL_H
@@ -225,7 +225,7 @@ static __always_inline int accel_cut_through(struct bpf_sockopt *ctx, struct bpf
 	return 0;
 }
 
-/* CONNREDIR_SO_CUT_THROUGH, get: the bytes written into `sk`, or -ENOENT. */
+/* CONNREDIR_SO_BYTES_WRITTEN: the bytes written into `sk`, or -ENOENT. */
 static __always_inline __s64 accel_written_into(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
 	struct connredir_pair_key key = {};

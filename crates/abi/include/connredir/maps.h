@@ -1,0 +1,407 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * connredir internals: the layouts of the layer's maps, their names, keys
+ * and capacities, the per-socket state, the counters and the internal
+ * flags. Only the kernel programs and the engine use these; proxies need
+ * uapi.h alone (included here), and this file may change with the layer.
+ *
+ * Fixed-width types only, as in uapi.h. Byte order as in uapi.h unless a
+ * comment says otherwise.
+ */
+#ifndef CONNREDIR_ABI_MAPS_H
+#define CONNREDIR_ABI_MAPS_H
+
+#include "uapi.h"
+
+/* ---- The record seal. */
+
+/* The key of the record seal (value of the one-entry seal_key array): 16
+ * random bytes the engine writes once; all zero means none yet, and then
+ * no record passes as sealed. */
+struct connredir_seal_key {
+	uint64_t k0;
+	uint64_t k1;
+};
+
+/* ---- Per-socket state held by the layer (SK_STORAGE value). */
+
+/* The connect program redirected this socket; sockops hands the record on. */
+#define CONNREDIR_SOCK_HANDOFF_PENDING 1u
+/* An accelerated service set records on this (onward) socket. */
+#define CONNREDIR_SOCK_ACCEL_ONWARD 2u
+/* The socket closed while cut through: cut_through_bytes holds its count. */
+#define CONNREDIR_SOCK_CUT_COUNTED 4u
+/*
+ * The record's last hop was appended by this socket's own connect(). A
+ * connect hook runs before the connection exists, and the same socket may
+ * connect again after a refused, failed or disconnected attempt: the next
+ * connect() first takes that hop back, so every attempt is decided afresh.
+ */
+#define CONNREDIR_SOCK_OWN_HOP 8u
+/* A service asked SO_ORIGINAL_DST on this accepted socket: its record waits
+ * in the inherit map under inherit_key until used or until this closes. */
+#define CONNREDIR_SOCK_INHERIT_KEPT 16u
+/* The socket was accepted on a service's address with its flow's record. */
+#define CONNREDIR_SOCK_ACCEPTED 32u
+
+struct connredir_sock_state {
+	struct connredir_record record;
+	uint32_t flags;
+	/* The process that connected this socket, for the live-connection list. */
+	uint32_t pid;
+	uint32_t uid;
+	/* With CONNREDIR_SOCK_ACCEL_ONWARD: the service that set the records. */
+	uint32_t onward_service;
+	uint64_t cgroup_id;
+	uint8_t comm[16];
+	/* With CONNREDIR_SOCK_CUT_COUNTED: the bytes its peer wrote into it
+	 * (the acceleration state goes at TCP close, before the owner may
+	 * have read it; the socket's own storage lasts until it is freed). */
+	uint64_t cut_through_bytes;
+	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking thread (see inherit). */
+	uint32_t inherit_tgid;
+	uint32_t inherit_tid;
+};
+
+/* ---- Services. */
+
+#define CONNREDIR_MAX_SERVICES 64
+
+#define CONNREDIR_SERVICE_ACTIVE 1u
+#define CONNREDIR_SERVICE_LISTEN4 2u
+#define CONNREDIR_SERVICE_LISTEN6 4u
+/*
+ * The service's own connections (its pid, cgroup or uid connecting without
+ * records) count as redirected by self, so they never reach the service.
+ * Without it, only the records decide, and a service that forwards with
+ * records set can have its own other connections inspected by itself.
+ */
+#define CONNREDIR_SERVICE_OWN_BY_SELF 8u
+/*
+ * Sockmap acceleration: connections redirected to the service, and the
+ * service's onward connections to a local destination, move their data
+ * socket to socket without the TCP stack once both ends are known. The
+ * service must read such sockets with read()/recv() (CONNREDIR_SO_ACCELERATED).
+ */
+#define CONNREDIR_SERVICE_ACCELERATE 16u
+/*
+ * Failure policy: while nothing of the service's own listens on its
+ * address, skip the service (the flow goes on to the next matching rule or
+ * direct) instead of refusing the connect. Without it (the default) such a
+ * connect fails with ECONNREFUSED at once: a flow the rule selects is never
+ * let past a service that is down.
+ */
+#define CONNREDIR_SERVICE_BYPASS_WHEN_DOWN 32u
+
+/*
+ * Value of the service_by_pid hash (key: the process id, tgid). A pid names
+ * the service only while the process that had it when it was registered
+ * lives: its start time tells it from a later process given the same pid,
+ * in the kernel, also while no engine runs to remove the entry.
+ */
+struct connredir_pid_identity {
+	uint32_t service_id;
+	uint32_t reserved;
+	/* When the process started, in clock ticks since boot
+	 * (CONNREDIR_CLOCK_TICKS_PER_SEC), as field 22 of /proc/PID/stat. */
+	uint64_t start_ticks;
+};
+
+/* USER_HZ: the unit of process start times in /proc/PID/stat. */
+#define CONNREDIR_CLOCK_TICKS_PER_SEC 100
+
+/* Value of the services array, indexed by service id (0 is never used). */
+struct connredir_service {
+	uint32_t flags;
+	uint32_t context_len; /* 0: the default context (original addresses) */
+	struct connredir_endpoint listen4;
+	struct connredir_endpoint listen6;
+	uint8_t context[CONNREDIR_MAX_CONTEXT];
+};
+
+/* ---- Rules. */
+
+#define CONNREDIR_PROTO_TCP 6
+/* Rules that can match one destination at once (after prefix merging). */
+#define CONNREDIR_MAX_RULES_PER_PREFIX 16
+#define CONNREDIR_ANY_UID 0xffffffffu
+
+/*
+ * Key of the rules LPM trie. data[0] is the generation (0 or 1), data[1] the
+ * family tag (4 or 6), then the address; prefixlen counts 16 bits for the
+ * two tags plus the prefix length. Connects read the generation named in
+ * rules_active while user space writes the whole new rule set under the
+ * other one, then flips rules_active: a change applies all at once.
+ */
+struct connredir_rule_key {
+	uint32_t prefixlen;
+	uint8_t data[18];
+};
+
+struct connredir_rule {
+	uint32_t rule_id;
+	uint32_t service_id;
+	uint32_t uid; /* CONNREDIR_ANY_UID: any */
+	uint16_t port_min; /* host order, inclusive */
+	uint16_t port_max;
+	uint8_t protocol;
+	uint8_t reserved[3];
+};
+
+/* Every rule whose prefix contains the key's prefix, in evaluation order. */
+struct connredir_rule_set {
+	uint32_t count;
+	uint32_t reserved;
+	struct connredir_rule rules[CONNREDIR_MAX_RULES_PER_PREFIX];
+};
+
+/* ---- Hand-off of records from the connecting socket to the accepted one. */
+
+/*
+ * Addresses are IPv6 or IPv4-mapped IPv6; ports in host order. `netns` is
+ * the network namespace's cookie (bpf_get_netns_cookie): the same 4-tuple
+ * in another namespace is another connection, whose record never meets
+ * this one's.
+ */
+struct connredir_handoff_key {
+	uint64_t netns;
+	uint8_t client_addr[16];
+	uint8_t service_addr[16];
+	uint16_t client_port;
+	uint16_t service_port;
+	uint32_t reserved; /* zero: keys are compared byte for byte */
+};
+
+/*
+ * Hand-off entries that sockets of network namespaces other than the
+ * layer's own may hold together. Any process of the scope can enter a
+ * namespace of its own and keep redirected connections half-open there
+ * (its own listener on the service's address never accepts them); without
+ * a bound such entries could fill the map, and the host's own flows would
+ * lose their records. Pending hand-offs last one handshake, so this is far
+ * more than other namespaces (containers with a proxy of their own) need.
+ */
+#define CONNREDIR_MAX_FOREIGN_HANDOFFS 8192 /* an eighth of CONNREDIR_MAX_HANDOFFS */
+
+/* Indices of the handoff_budget array (uint64_t values). */
+enum connredir_handoff_budget {
+	/* The cookie of the network namespace the engine runs in, where its
+	 * services listen; 0 until the engine writes it (then no bound). */
+	CONNREDIR_BUDGET_HOME_NETNS = 0,
+	/* Hand-off entries held now by sockets of other namespaces. */
+	CONNREDIR_BUDGET_FOREIGN_HELD = 1,
+	CONNREDIR_BUDGET_MAX = 2,
+};
+
+/* Key of the service_addrs hash: a listening endpoint, normalised as above. */
+struct connredir_addr_key {
+	uint8_t addr[16];
+	uint16_t port;
+	uint16_t reserved;
+};
+
+/* ---- Records inherited by services that do not set them. */
+
+/*
+ * When a registered service's process learns a connection's original
+ * destination through SO_ORIGINAL_DST, the connection's record is kept here,
+ * once under the asking thread and once under its process (tid 0); if that
+ * thread (or else that process) then connects to that destination without
+ * records (an unmodified transparent proxy), the new socket takes the record,
+ * so the flow keeps its chain and its client and cannot loop between
+ * services. An entry is removed when used or when the accepted connection it
+ * came from closes; a later question from the same thread replaces it.
+ */
+struct connredir_inherit_key {
+	uint64_t netns; /* network namespace cookie of the asking socket */
+	uint32_t tgid;
+	uint32_t tid; /* 0: any thread of tgid */
+	struct connredir_endpoint dst;
+};
+
+struct connredir_inherit {
+	struct connredir_record record;
+	uint64_t accepted; /* socket cookie of the accepted connection */
+};
+
+/* ---- Who listens on a service's address (the listeners SK_STORAGE). */
+
+/*
+ * Set on a listening socket when a process of the service's identity binds
+ * the service's address (or found by the engine on registration). Connects
+ * are redirected only to a listener marked for that service; the service is
+ * "down" otherwise, and its failure policy decides.
+ */
+struct connredir_listener {
+	uint32_t service_id; /* 0: bound before any service claimed the address */
+	uint32_t tgid; /* the process that bound it */
+	uint32_t uid; /* its uid */
+	uint32_t reserved;
+	uint64_t cgroup_id; /* its cgroup */
+};
+
+/* ---- Sockmap acceleration (the accel_socks sockhash and accel_state). */
+
+/*
+ * A socket in the acceleration maps: its network namespace's cookie and its
+ * 4-tuple. Only the layer builds these (a caller never names a namespace):
+ * sockets of different namespaces that share addresses are never joined.
+ */
+struct connredir_pair_key {
+	uint64_t netns;
+	struct connredir_sock_tuple tuple;
+	uint32_t reserved; /* zero: keys are compared byte for byte */
+};
+
+/* The socket sent data through TCP before its peer joined: it stays on TCP,
+ * so its data cannot overtake what is already queued. */
+#define CONNREDIR_ACCEL_PASSED 1u
+
+/* In connredir_accel_state.arrived: what the peer writes is cut through. */
+#define CONNREDIR_ACCEL_CUT_THROUGH (1ull << 63)
+
+/* One joined socket (the accel_state value). */
+struct connredir_accel_state {
+	/* Bytes the peer wrote into this socket, socket to socket, counted as
+	 * they move; the top bit (CONNREDIR_ACCEL_CUT_THROUGH) is set, in one
+	 * atomic step with the count, once they go to `target` instead. */
+	uint64_t arrived;
+	/* While cut through: the socket whose receive queue gets them. */
+	struct connredir_pair_key target;
+	uint32_t flags; /* CONNREDIR_ACCEL_PASSED */
+	/* The service whose proxy holds this socket (it accepted it on the
+	 * service's address, or set records on it); 0 for others. */
+	uint32_t owner;
+};
+
+/* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
+
+/* One redirected socket: a leg of a flow, from its client or a service. */
+struct connredir_conn {
+	uint64_t time_ns; /* CLOCK_BOOTTIME of the redirect */
+	uint64_t cgroup_id; /* of the process that connected */
+	uint32_t pid; /* tgid of the process that connected */
+	uint32_t uid;
+	uint8_t comm[16];
+	uint32_t client_pid; /* the process that opened the flow */
+	uint32_t client_uid;
+	uint16_t hop_count; /* services in chain, this leg's included */
+	uint16_t reserved;
+	uint32_t chain[CONNREDIR_MAX_HOPS]; /* service ids, oldest first */
+	struct connredir_endpoint client; /* the flow's first socket */
+	struct connredir_endpoint local; /* this leg's socket */
+	struct connredir_endpoint original_dst;
+};
+
+/* ---- Trace of redirect decisions (ring buffer, while trace_control is 1). */
+
+/* What the connect program decided. */
+enum connredir_decision {
+	CONNREDIR_DECISION_REDIRECTED = 1,
+	/* No rule covers the destination, port, protocol and uid. */
+	CONNREDIR_DECISION_NO_RULE = 2,
+	/* Every matching rule's service already had the flow (or opened it). */
+	CONNREDIR_DECISION_LOOP_PREVENTED = 3,
+	/* The record is full (CONNREDIR_MAX_HOPS): the flow goes direct. */
+	CONNREDIR_DECISION_HOP_LIMIT = 4,
+	/* The socket storage could not be allocated: the connect is refused. */
+	CONNREDIR_DECISION_NO_MEMORY = 5,
+	/* The service's own listener is absent; on_down = block: refused. */
+	CONNREDIR_DECISION_SERVICE_DOWN = 6,
+	/* The service's own listener is absent; on_down = bypass: skipped, and
+	 * no later rule took the flow. */
+	CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED = 7,
+};
+
+/* The flow's redirect state for the deciding rule's service (as WFP's). */
+enum connredir_redirect_state {
+	CONNREDIR_STATE_NOT_REDIRECTED = 0,
+	CONNREDIR_STATE_BY_SELF = 1,
+	CONNREDIR_STATE_BY_OTHER = 2,
+	CONNREDIR_STATE_PREVIOUSLY_BY_SELF = 3,
+};
+
+struct connredir_trace_event {
+	uint64_t time_ns; /* CLOCK_BOOTTIME */
+	uint64_t cgroup_id;
+	uint32_t pid;
+	uint32_t uid;
+	uint8_t comm[16];
+	struct connredir_endpoint dst; /* the destination connect() asked for */
+	uint32_t rule_id; /* 0: none */
+	uint32_t service_id; /* 0: none */
+	uint16_t hop_count; /* hops in the record before this decision */
+	uint8_t decision; /* enum connredir_decision */
+	uint8_t state; /* enum connredir_redirect_state */
+	uint32_t reserved;
+};
+
+/* ---- Counters (indices of the per-CPU counters array). */
+
+enum connredir_counter {
+	CONNREDIR_CNT_REDIRECTS = 0,
+	CONNREDIR_CNT_LOOPS_PREVENTED = 1,
+	CONNREDIR_CNT_HOP_LIMIT = 2,
+	CONNREDIR_CNT_HANDOFFS = 3,
+	CONNREDIR_CNT_HANDOFF_MISSES = 4,
+	CONNREDIR_CNT_DENIED_SETS = 5,
+	CONNREDIR_CNT_RECORDS_SET = 6,
+	CONNREDIR_CNT_ORIGINAL_DST_ANSWERED = 7,
+	CONNREDIR_CNT_RECORDS_INHERITED = 8,
+	CONNREDIR_CNT_CONNS_UNTRACKED = 9, /* the conns map was full */
+	CONNREDIR_CNT_TRACE_LOST = 10, /* the trace ring buffer was full */
+	CONNREDIR_CNT_ACCEL_JOINED = 11, /* sockets that joined the acceleration */
+	CONNREDIR_CNT_ACCEL_PASSED = 12, /* joined sockets that stayed on TCP */
+	CONNREDIR_CNT_ACCEL_SENDS = 13, /* writes moved socket to socket */
+	CONNREDIR_CNT_CUT_THROUGHS = 14, /* directions handed to the kernel */
+	CONNREDIR_CNT_CUT_THROUGH_SENDS = 15, /* writes moved past the service */
+	/* Selected connects refused because their record could not be written. */
+	CONNREDIR_CNT_FAILED_CLOSED = 16,
+	/* Selected connects refused: the service's own listener was absent. */
+	CONNREDIR_CNT_SERVICE_DOWN_BLOCKED = 17,
+	/* Services skipped (on_down = bypass) while their listener was absent. */
+	CONNREDIR_CNT_SERVICE_DOWN_BYPASSED = 18,
+	/* Binds of a service's address by a process that is not the service. */
+	CONNREDIR_CNT_BINDS_REFUSED = 19,
+	/* A service's listening process connecting where its own rule would
+	 * send it back to itself: treated as its own flow, not redirected. */
+	CONNREDIR_CNT_SELF_LOOPS = 20,
+	/* Sets refused to a service: a record the layer did not issue, or not
+	 * the caller's (its last hop is another service's). */
+	CONNREDIR_CNT_FORGED_RECORDS = 21,
+	CONNREDIR_CNT_MAX = 22,
+};
+
+/* ---- Map names, as the engine finds them in the object. */
+#define CONNREDIR_MAP_SOCK_STATE "sock_state"
+#define CONNREDIR_MAP_SERVICES "services"
+#define CONNREDIR_MAP_SERVICE_BY_PID "service_by_pid"
+#define CONNREDIR_MAP_SERVICE_BY_CGROUP "service_by_cgroup"
+#define CONNREDIR_MAP_SERVICE_BY_UID "service_by_uid"
+#define CONNREDIR_MAP_SERVICE_ADDRS "service_addrs"
+#define CONNREDIR_MAP_RULES "rules"
+#define CONNREDIR_MAP_RULES_ACTIVE "rules_active"
+#define CONNREDIR_MAP_RULE_HITS "rule_hits"
+#define CONNREDIR_MAP_HANDOFF "handoff"
+#define CONNREDIR_MAP_HANDOFF_BUDGET "handoff_budget"
+#define CONNREDIR_MAP_COUNTERS "counters"
+#define CONNREDIR_MAP_INHERIT "inherit"
+#define CONNREDIR_MAP_CONNS "conns"
+#define CONNREDIR_MAP_TRACE "trace"
+#define CONNREDIR_MAP_TRACE_CONTROL "trace_control"
+#define CONNREDIR_MAP_ACCEL_SOCKS "accel_socks"
+#define CONNREDIR_MAP_ACCEL_STATE "accel_state"
+#define CONNREDIR_MAP_LISTENERS "listeners"
+#define CONNREDIR_MAP_SEAL_KEY "seal_key"
+
+/* Capacity of the maps whose size user space needs to know. */
+#define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */
+#define CONNREDIR_MAX_HANDOFFS 65536
+#define CONNREDIR_MAX_IDENTITIES 1024
+#define CONNREDIR_MAX_INHERITS 16384
+#define CONNREDIR_MAX_RULE_HITS 65536
+#define CONNREDIR_MAX_CONNS 262144
+#define CONNREDIR_TRACE_BYTES (256 * 1024)
+#define CONNREDIR_MAX_ACCEL 131072
+
+#endif /* CONNREDIR_ABI_MAPS_H */
