@@ -16,7 +16,7 @@ use tracing::info;
 use crate::link;
 use crate::load::program_mut;
 use crate::pin::remove_pins;
-use crate::{map_err, program_err, Engine, Error, Plain};
+use crate::{map_err, program_err, Engine, Error};
 
 /// How many programs the engine attaches to each cgroup (one link each).
 pub const CGROUP_PROGRAMS: usize = PROGRAMS.len();
@@ -70,9 +70,8 @@ impl Attachment {
 pub(crate) fn attach_accel(bpf: &mut Ebpf) -> Result<Option<OwnedFd>, Error> {
     let name = map_names::ACCEL_SOCKS;
     let map = bpf.map(name).expect("checked at load");
-    let socks =
-        aya::maps::SockHash::<&MapData, Plain<connredir_abi::connredir_pair_key>>::try_from(map)
-            .map_err(map_err(name))?;
+    let socks = aya::maps::SockHash::<&MapData, connredir_abi::connredir_pair_key>::try_from(map)
+        .map_err(map_err(name))?;
     let fd = socks.fd().try_clone().map_err(|e| Error::Map {
         name,
         source: MapError::SyscallError(aya::sys::SyscallError {
@@ -237,7 +236,7 @@ pub(crate) fn restore_accel(engine: &mut Engine) {
     let name = map_names::ACCEL_SOCKS;
     if let Some(map) = engine.bpf.map(name) {
         if let Ok(socks) =
-            aya::maps::SockHash::<&MapData, Plain<connredir_abi::connredir_pair_key>>::try_from(map)
+            aya::maps::SockHash::<&MapData, connredir_abi::connredir_pair_key>::try_from(map)
         {
             if let Err(e) = link::attach_to_map(
                 socks.fd().as_fd(),

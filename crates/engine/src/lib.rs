@@ -59,7 +59,6 @@ pub use rules::{Protocol, Rule, RuleId};
 pub use services::{Identity, OnDown, Service, ServiceId};
 
 pub(crate) use error::{map_err, program_err};
-pub(crate) use maps::Plain;
 
 use attach::Attachment;
 use pin::Previous;

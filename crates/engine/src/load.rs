@@ -17,7 +17,7 @@ use crate::attach::attach_accel;
 use crate::pin::check_pinned_layouts;
 use crate::rules::CompiledRules;
 use crate::services::liveness;
-use crate::{map_err, program_err, Engine, Error, Plain};
+use crate::{map_err, program_err, Engine, Error};
 
 pub(crate) fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
     // SAFETY: geteuid has no preconditions.
@@ -90,11 +90,11 @@ pub(crate) fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
 /// programs and root (BPF maps need CAP_BPF) can read it.
 fn ensure_seal_key(bpf: &mut Ebpf) -> Result<(), Error> {
     let name = map_names::SEAL_KEY;
-    let mut map = Array::<&mut MapData, Plain<connredir_seal_key>>::try_from(
+    let mut map = Array::<&mut MapData, connredir_seal_key>::try_from(
         bpf.map_mut(name).expect("checked at load"),
     )
     .map_err(map_err(name))?;
-    let Plain(current) = map.get(&0, 0).map_err(map_err(name))?;
+    let current = map.get(&0, 0).map_err(map_err(name))?;
     if current.k0 != 0 || current.k1 != 0 {
         debug!("record seal key kept from the pinned map");
         return Ok(());
@@ -126,14 +126,14 @@ fn ensure_seal_key(bpf: &mut Ebpf) -> Result<(), Error> {
             "getrandom gave 16 zero bytes",
         )));
     }
-    map.set(0, Plain(key), 0).map_err(map_err(name))?;
+    map.set(0, key, 0).map_err(map_err(name))?;
     debug!("record seal key made");
     Ok(())
 }
 
 /// Tells the kernel programs which network namespace is the layer's own
 /// (this process's, where its services listen): sockets of the others
-/// share a bounded part of the hand-off map (abi.h,
+/// share a bounded part of the hand-off map (maps.h,
 /// CONNREDIR_MAX_FOREIGN_HANDOFFS).
 fn set_home_netns(bpf: &mut Ebpf) -> Result<(), Error> {
     let name = map_names::HANDOFF_BUDGET;

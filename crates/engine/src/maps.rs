@@ -7,14 +7,6 @@ use connredir_abi::{connredir_rule_set, connredir_service, map_names};
 use crate::rules::TrieData;
 use crate::{map_err, Engine, Error};
 
-/// Plain-data wrapper so the generated ABI structs can live in aya maps.
-#[derive(Clone, Copy, PartialEq)]
-#[repr(transparent)]
-pub(crate) struct Plain<T>(pub(crate) T);
-// SAFETY: only instantiated with bindgen-generated #[repr(C)] structs of
-// integers and arrays of integers, for which every bit pattern is valid.
-unsafe impl<T: Copy + 'static> Pod for Plain<T> {}
-
 impl Engine {
     /// A hash map of the object, by name.
     pub(crate) fn hash<K: Pod, V: Pod>(
@@ -26,9 +18,7 @@ impl Engine {
     }
 
     /// The `services` array.
-    pub(crate) fn services_map(
-        &mut self,
-    ) -> Result<Array<&mut MapData, Plain<connredir_service>>, Error> {
+    pub(crate) fn services_map(&mut self) -> Result<Array<&mut MapData, connredir_service>, Error> {
         let name = map_names::SERVICES;
         Array::try_from(self.bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))
     }
@@ -36,7 +26,7 @@ impl Engine {
     /// The rule trie.
     pub(crate) fn trie(
         &mut self,
-    ) -> Result<LpmTrie<&mut MapData, TrieData, Plain<connredir_rule_set>>, Error> {
+    ) -> Result<LpmTrie<&mut MapData, TrieData, connredir_rule_set>, Error> {
         let name = map_names::RULES;
         LpmTrie::try_from(self.bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))
     }

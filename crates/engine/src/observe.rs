@@ -17,7 +17,7 @@ use connredir_abi::{
     CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
 };
 
-use crate::{map_err, Engine, Error, Plain};
+use crate::{map_err, Engine, Error};
 
 /// One redirected socket: a leg of a flow, opened by the flow's client (the
 /// first leg) or by a service forwarding it (the later legs).
@@ -182,13 +182,13 @@ impl Engine {
             name,
             source: aya::maps::MapError::InvalidName { name: name.into() },
         })?;
-        let conns = HashMap::<&MapData, u64, Plain<connredir_conn>>::try_from(map)
-            .map_err(map_err(name))?;
+        let conns =
+            HashMap::<&MapData, u64, connredir_conn>::try_from(map).map_err(map_err(name))?;
         let now = boot_time();
         let mut out = Vec::new();
         for entry in conns.iter() {
             // An entry may go between the key walk and the lookup: skip it.
-            let Ok((_, Plain(conn))) = entry else {
+            let Ok((_, conn)) = entry else {
                 continue;
             };
             out.push(Connection::from_abi(&conn, now));
@@ -206,8 +206,8 @@ impl Engine {
         })?;
         let state = HashMap::<
             &MapData,
-            Plain<connredir_abi::connredir_pair_key>,
-            Plain<connredir_abi::connredir_accel_state>,
+            connredir_abi::connredir_pair_key,
+            connredir_abi::connredir_accel_state,
         >::try_from(map)
         .map_err(map_err(name))?;
         Ok(state.keys().count())

@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::attach::PROGRAMS;
 use crate::rules::CompiledRules;
-use crate::{map_err, Engine, Error, Plain};
+use crate::{map_err, Engine, Error};
 
 /// What a pinned engine found when it started, to put back when it is
 /// dropped before [`Engine::finish_takeover`]: a failed `up` leaves the
@@ -28,10 +28,10 @@ pub(crate) struct Previous {
     /// The files in it then.
     files: BTreeSet<OsString>,
     services: Vec<connredir_service>,
-    by_pid: Vec<(u32, Plain<connredir_abi::connredir_pid_identity>)>,
+    by_pid: Vec<(u32, connredir_abi::connredir_pid_identity)>,
     by_uid: Vec<(u32, u32)>,
     by_cgroup: Vec<(u64, u32)>,
-    addrs: Vec<(Plain<connredir_addr_key>, u32)>,
+    addrs: Vec<(connredir_addr_key, u32)>,
     rules_generation: u8,
     /// What the active generation of the rule trie held.
     rules: CompiledRules,
@@ -167,7 +167,7 @@ fn snapshot(
 ) -> Result<Previous, Error> {
     let services = engine.services_map()?;
     let services = (0..CONNREDIR_MAX_SERVICES)
-        .map(|id| services.get(&id, 0).map(|Plain(s)| s))
+        .map(|id| services.get(&id, 0))
         .collect::<Result<Vec<_>, _>>()
         .map_err(map_err(map_names::SERVICES))?;
     Ok(Previous {
@@ -226,7 +226,7 @@ pub(crate) fn roll_back(engine: &mut Engine, previous: Previous) {
         let mut services = engine.services_map()?;
         for (id, value) in previous.services.iter().enumerate() {
             services
-                .set(id as u32, Plain(*value), 0)
+                .set(id as u32, *value, 0)
                 .map_err(map_err(map_names::SERVICES))?;
         }
         restore_entries(engine, map_names::SERVICE_BY_PID, &previous.by_pid)?;
@@ -253,14 +253,14 @@ pub(crate) fn roll_back(engine: &mut Engine, previous: Previous) {
             let _ = hits.remove(&id);
         }
         let name = map_names::LISTENERS;
-        let mut marks = SkStorage::<&mut MapData, Plain<connredir_listener>>::try_from(
+        let mut marks = SkStorage::<&mut MapData, connredir_listener>::try_from(
             engine.bpf.map_mut(name).expect("checked at load"),
         )
         .map_err(map_err(name))?;
         // Latest first, so a listener marked twice gets its first mark.
         for (socket, before) in engine.remarked.drain(..).rev() {
             let _ = match before {
-                Some(mark) => marks.insert(&socket, Plain(mark), 0),
+                Some(mark) => marks.insert(&socket, mark, 0),
                 None => marks.remove(&socket),
             };
         }
@@ -312,14 +312,14 @@ pub(crate) fn finish_takeover(engine: &mut Engine) -> Result<(), Error> {
     for id in std::mem::take(&mut engine.adopted).into_keys() {
         let mut services = engine.services_map()?;
         services
-            .set(id.0, Plain(connredir_service::default()), 0)
+            .set(id.0, connredir_service::default(), 0)
             .map_err(map_err(map_names::SERVICES))?;
         info!(%id, "removed a service of the previous run");
     }
     purge_pids(engine)?;
     purge::<u32>(engine, map_names::SERVICE_BY_UID)?;
     purge::<u64>(engine, map_names::SERVICE_BY_CGROUP)?;
-    purge::<Plain<connredir_addr_key>>(engine, map_names::SERVICE_ADDRS)?;
+    purge::<connredir_addr_key>(engine, map_names::SERVICE_ADDRS)?;
     let live: Vec<u32> = engine.rules.keys().map(|id| id.0).collect();
     let name = map_names::RULE_HITS;
     let mut hits = aya::maps::PerCpuHashMap::<&mut MapData, u32, u64>::try_from(
@@ -369,14 +369,14 @@ pub(crate) fn finish_takeover(engine: &mut Engine) -> Result<(), Error> {
 fn purge_pids(engine: &mut Engine) -> Result<(), Error> {
     let name = map_names::SERVICE_BY_PID;
     let stale: Vec<u32> = {
-        let map = engine.hash::<u32, Plain<connredir_abi::connredir_pid_identity>>(name)?;
+        let map = engine.hash::<u32, connredir_abi::connredir_pid_identity>(name)?;
         map.keys().filter_map(Result::ok).collect()
     };
     let stale: Vec<u32> = stale
         .into_iter()
         .filter(|p| !engine.pids.is_live(*p))
         .collect();
-    let mut map = engine.hash::<u32, Plain<connredir_abi::connredir_pid_identity>>(name)?;
+    let mut map = engine.hash::<u32, connredir_abi::connredir_pid_identity>(name)?;
     for pid in stale {
         match map.remove(&pid) {
             Ok(()) | Err(MapError::KeyNotFound) => {}

@@ -16,7 +16,6 @@ use connredir_abi::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::trie::{prefix_key, PrefixKey};
 use crate::{Error, ServiceId};
 
 /// Identifies a rule inside one engine.
@@ -118,8 +117,9 @@ impl Rule {
     }
 }
 
-/// The compiled rules: every prefix's rule set.
-pub(crate) type CompiledRules = BTreeMap<PrefixKey, connredir_rule_set>;
+/// The compiled rules: every prefix's rule set, by network (host bits
+/// cleared).
+pub(crate) type CompiledRules = BTreeMap<IpNet, connredir_rule_set>;
 
 /// Compiles rules into trie entries. Fails when more than
 /// `CONNREDIR_MAX_RULES_PER_PREFIX` rule entries apply to one prefix.
@@ -177,7 +177,7 @@ pub(crate) fn compile<'a>(
         for (slot, (_, _, entry)) in set.rules.iter_mut().zip(entries) {
             *slot = entry;
         }
-        compiled.insert(prefix_key(net), set);
+        compiled.insert(net.trunc(), set);
     }
     Ok(compiled)
 }
@@ -195,7 +195,7 @@ mod tests {
     }
 
     fn services_at(compiled: &CompiledRules, net: &str) -> Vec<u32> {
-        let set = &compiled[&prefix_key(&net.parse().unwrap())];
+        let set = &compiled[&net.parse::<IpNet>().unwrap()];
         set.rules[..set.count as usize]
             .iter()
             .map(|r| r.service_id)
@@ -222,17 +222,16 @@ mod tests {
         let b = rule(2, &["127.0.0.0/8"], 0);
         let compiled = compile([(RuleId(1), &a), (RuleId(2), &b)]).unwrap();
         assert_eq!(services_at(&compiled, "127.0.0.2/32"), vec![1, 1, 2]);
-        let set = &compiled[&prefix_key(&"127.0.0.2/32".parse().unwrap())];
+        let set = &compiled[&"127.0.0.2/32".parse::<IpNet>().unwrap()];
         assert_eq!((set.rules[1].port_min, set.rules[1].port_max), (8000, 8999));
     }
 
     #[test]
-    fn host_bits_are_ignored_and_keys_carry_the_family_tag() {
+    fn host_bits_are_ignored() {
         let a = rule(1, &["192.168.7.9/16"], 0);
         let compiled = compile([(RuleId(1), &a)]).unwrap();
         let (prefix, _) = compiled.iter().next().unwrap();
-        assert_eq!(prefix.0, 8 + 16);
-        assert_eq!(&prefix.1[..5], &[4, 192, 168, 0, 0]);
+        assert_eq!(*prefix, "192.168.0.0/16".parse::<IpNet>().unwrap());
     }
 
     #[test]

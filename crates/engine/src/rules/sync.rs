@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 
 use aya::maps::{Array, LpmTrie, MapData};
 use connredir_abi::{connredir_rule_set, map_names};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::compile::{compile, CompiledRules, Rule, RuleId};
 use super::trie;
-use crate::{map_err, Engine, Error, Plain};
+use crate::{map_err, Engine, Error};
 
 /// Adds a rule; it applies to the next connect.
 pub(crate) fn add_rule(engine: &mut Engine, rule: Rule) -> Result<RuleId, Error> {
@@ -123,13 +123,10 @@ pub(crate) fn write_generation(
     to: &CompiledRules,
 ) -> Result<(), Error> {
     let mut trie = engine.trie()?;
-    let key = |prefix| {
-        let (len, data) = trie::trie_key(generation, prefix);
-        aya::maps::lpm_trie::Key::new(len, data)
-    };
+    let key = |net| trie::trie_key(generation, net);
     for (prefix, set) in to {
         if from.get(prefix) != Some(set) {
-            trie.insert(&key(prefix), Plain(*set), 0)
+            trie.insert(&key(prefix), *set, 0)
                 .map_err(map_err(map_names::RULES))?;
         }
     }
@@ -175,11 +172,19 @@ pub(crate) fn adopt_rules(engine: &mut Engine) -> Result<(), Error> {
         Array::try_from(engine.bpf.map(name).expect("checked at load")).map_err(map_err(name))?;
     engine.rules_generation = u8::from(active.get(&0, 0).map_err(map_err(name))? != 0);
     let name = map_names::RULES;
-    let trie: LpmTrie<&MapData, trie::TrieData, Plain<connredir_rule_set>> =
+    let trie: LpmTrie<&MapData, trie::TrieData, connredir_rule_set> =
         LpmTrie::try_from(engine.bpf.map(name).expect("checked at load")).map_err(map_err(name))?;
     for entry in trie.iter() {
-        let (key, Plain(set)) = entry.map_err(map_err(name))?;
-        let (generation, prefix) = trie::decode_trie_key(key.prefix_len(), &key.data());
+        let (key, set) = entry.map_err(map_err(name))?;
+        // A key no engine writes cannot be adopted (nor matched by any connect
+        // as a rule of ours): leave it, the next sync does not know it.
+        let Some((generation, prefix)) = trie::decode_trie_key(&key) else {
+            warn!(
+                prefix_len = key.prefix_len(),
+                "a rule trie key of no known form was left alone"
+            );
+            continue;
+        };
         for rule in &set.rules[..(set.count as usize).min(set.rules.len())] {
             engine.next_rule = engine.next_rule.max(rule.rule_id + 1);
         }

@@ -17,26 +17,12 @@ use tracing::{debug, info};
 
 pub use service::{Identity, OnDown, Service, ServiceId};
 
-use crate::{map_err, Engine, Error, Plain};
+use crate::{map_err, Engine, Error};
 
 /// What the engine wrote to the maps for one service, to undo it exactly.
 pub(crate) struct Registered {
     service: Service,
     cgroup_ids: Vec<u64>,
-}
-
-/// The service-address map key of a listening address (IPv4 as IPv4-mapped
-/// IPv6, as the sockops program sees it).
-fn addr_key(addr: &std::net::SocketAddr) -> connredir_addr_key {
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
-        std::net::IpAddr::V6(ip) => ip.octets(),
-    };
-    connredir_addr_key {
-        addr: ip,
-        port: addr.port(),
-        reserved: 0,
-    }
 }
 
 /// Registers a service and returns its id.
@@ -148,8 +134,7 @@ fn mark_listeners(engine: &mut Engine, id: ServiceId, service: &Service, inodes:
     let Some(map) = engine.bpf.map_mut(name) else {
         return;
     };
-    let Ok(mut storage) = SkStorage::<&mut MapData, Plain<connredir_listener>>::try_from(map)
-    else {
+    let Ok(mut storage) = SkStorage::<&mut MapData, connredir_listener>::try_from(map) else {
         return;
     };
     for (socket, pid) in listeners::own_listeners(inodes, &service.identity) {
@@ -160,13 +145,13 @@ fn mark_listeners(engine: &mut Engine, id: ServiceId, service: &Service, inodes:
         };
         if engine.previous.is_some() {
             // A takeover that is undone gives the listener its old mark.
-            let before = storage.get(&socket, 0).ok().map(|Plain(m)| m);
+            let before = storage.get(&socket, 0).ok();
             match socket.try_clone() {
                 Ok(held) => engine.remarked.push((held, before)),
                 Err(e) => debug!(%id, pid, "cannot keep a listener to restore: {e}"),
             }
         }
-        match storage.insert(&socket, Plain(mark), 0) {
+        match storage.insert(&socket, mark, 0) {
             Ok(()) => debug!(%id, pid, "marked a listener opened before registration"),
             Err(e) => debug!(%id, pid, "cannot mark a listener: {e}"),
         }
@@ -257,23 +242,23 @@ fn write_service(
             .insert(cg, id.0, 0)
             .map_err(map_err(map_names::SERVICE_BY_CGROUP))?;
     }
-    let mut addrs = engine.hash::<Plain<connredir_addr_key>, u32>(map_names::SERVICE_ADDRS)?;
+    let mut addrs = engine.hash::<connredir_addr_key, u32>(map_names::SERVICE_ADDRS)?;
     for addr in &r.service.listen {
-        let key = addr_key(addr);
+        let key = connredir_addr_key::from_socket_addr(addr);
         addrs
-            .insert(Plain(key), id.0, 0)
+            .insert(key, id.0, 0)
             .map_err(map_err(map_names::SERVICE_ADDRS))?;
     }
     let mut services = engine.services_map()?;
     services
-        .set(id.0, Plain(*value), 0)
+        .set(id.0, *value, 0)
         .map_err(map_err(map_names::SERVICES))
 }
 
 /// Removes every map entry of a service (missing entries are fine).
 fn erase_service(engine: &mut Engine, id: ServiceId, r: &Registered) {
     if let Ok(mut services) = engine.services_map() {
-        let _ = services.set(id.0, Plain(connredir_service::default()), 0);
+        let _ = services.set(id.0, connredir_service::default(), 0);
     }
     for pid in &r.service.identity.pids {
         engine.pids.unregister(*pid, id.0);
@@ -288,10 +273,10 @@ fn erase_service(engine: &mut Engine, id: ServiceId, r: &Registered) {
     if let Ok(mut m) = engine.hash::<u64, u32>(map_names::SERVICE_BY_CGROUP) {
         r.cgroup_ids.iter().for_each(|k| drop(m.remove(k)));
     }
-    if let Ok(mut m) = engine.hash::<Plain<connredir_addr_key>, u32>(map_names::SERVICE_ADDRS) {
+    if let Ok(mut m) = engine.hash::<connredir_addr_key, u32>(map_names::SERVICE_ADDRS) {
         for addr in &r.service.listen {
-            let key = addr_key(addr);
-            let _ = m.remove(&Plain(key));
+            let key = connredir_addr_key::from_socket_addr(addr);
+            let _ = m.remove(&(key));
         }
     }
 }
@@ -338,7 +323,7 @@ pub(crate) fn adopt_services(engine: &mut Engine) -> Result<(), Error> {
     let services = engine.services_map()?;
     let mut found = BTreeMap::new();
     for id in 1..CONNREDIR_MAX_SERVICES {
-        let Plain(value) = services.get(&id, 0).map_err(map_err(map_names::SERVICES))?;
+        let value = services.get(&id, 0).map_err(map_err(map_names::SERVICES))?;
         if value.flags & connredir_abi::CONNREDIR_SERVICE_ACTIVE != 0 {
             found.insert(ServiceId(id), value);
         }
