@@ -41,7 +41,7 @@ struct Cli {
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
     /// Where the plot goes.
-    #[arg(long, default_value = "benchmarks.png")]
+    #[arg(long, default_value = "benchmarks.svg")]
     plot: PathBuf,
     /// Print the results only; write no report or plot.
     #[arg(long)]

@@ -1,82 +1,29 @@
-//! A PNG of the ratios: one bar per figure (the median), a whisker for the
-//! min–max spread over rounds, and a red mark at the goal. Drawn into a
-//! pixel buffer with a built-in 8×8 bitmap font, so no system fonts are
-//! needed.
+//! An SVG of the ratios: one bar per figure (the median), a whisker for the
+//! min–max spread over rounds, and a red mark at the goal. Drawn with
+//! plotters' SVG backend, whose text is SVG text: no font files or system
+//! font libraries are needed to make it.
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::scenarios::Results;
 use crate::stats::Spread;
 
-const W: usize = 1100;
-const ROW: usize = 30;
-const LEFT: usize = 430;
-const RIGHT: usize = 60;
-const TOP: usize = 70;
+const W: u32 = 1100;
+const ROW: u32 = 30;
+const LEFT: u32 = 430;
+const RIGHT: u32 = 60;
+const TOP: u32 = 70;
 
-type Rgb = [u8; 3];
-const BLACK: Rgb = [0, 0, 0];
-const GREY: Rgb = [200, 200, 200];
-const RED: Rgb = [210, 30, 30];
-const BLUE: Rgb = [60, 110, 190];
-const GREEN: Rgb = [60, 160, 90];
-const ORANGE: Rgb = [220, 140, 40];
-
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
-}
-
-impl Canvas {
-    fn new(w: usize, h: usize) -> Canvas {
-        Canvas {
-            w,
-            h,
-            px: vec![255; w * h * 3],
-        }
-    }
-
-    fn set(&mut self, x: usize, y: usize, c: Rgb) {
-        if x < self.w && y < self.h {
-            let i = (y * self.w + x) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn rect(&mut self, x0: usize, y0: usize, x1: usize, y1: usize, c: Rgb) {
-        for y in y0..y1 {
-            for x in x0..x1 {
-                self.set(x, y, c);
-            }
-        }
-    }
-
-    /// Text at (x, y), each font pixel drawn `scale`×`scale`.
-    fn text(&mut self, x: usize, y: usize, text: &str, scale: usize, c: Rgb) {
-        let glyphs = font8x8::legacy::BASIC_LEGACY;
-        for (i, ch) in text.chars().enumerate() {
-            let ch = match ch {
-                '×' => 'x',
-                '–' | '—' => '-',
-                '≥' => '>',
-                c if c.is_ascii() => c,
-                _ => '?',
-            };
-            let glyph = glyphs[ch as usize];
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..8 {
-                    if bits >> col & 1 == 1 {
-                        let (px, py) = (x + (i * 8 + col) * scale, y + row * scale);
-                        self.rect(px, py, px + scale, py + scale, c);
-                    }
-                }
-            }
-        }
-    }
-}
+type Rgb = RGBColor;
+const GREY: Rgb = RGBColor(200, 200, 200);
+const RED: Rgb = RGBColor(210, 30, 30);
+const BLUE: Rgb = RGBColor(60, 110, 190);
+const GREEN: Rgb = RGBColor(60, 160, 90);
+const ORANGE: Rgb = RGBColor(220, 140, 40);
 
 /// (label, spread, goal, colour) per bar.
 type Bar = (String, Spread, Option<f64>, Rgb);
@@ -145,29 +92,47 @@ fn bars(r: &Results) -> Vec<Bar> {
     bars
 }
 
-/// Renders the plot as PNG bytes.
-pub fn render(r: &Results) -> Result<Vec<u8>> {
+/// Renders the plot as an SVG document.
+pub fn render(r: &Results) -> Result<String> {
     let bars = bars(r);
-    let h = TOP + bars.len().max(1) * ROW + 60;
-    let mut c = Canvas::new(W, h);
-    c.text(
+    let h = TOP + bars.len().max(1) as u32 * ROW + 60;
+    let mut svg = String::new();
+    draw(&mut svg, h, r, &bars).map_err(|e| anyhow!("draw the plot: {e}"))?;
+    Ok(svg)
+}
+
+/// Draws `bars` on an SVG canvas `W`×`h` written into `svg`.
+fn draw(
+    svg: &mut String,
+    h: u32,
+    r: &Results,
+    bars: &[Bar],
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    let root = SVGBackend::with_string(svg, (W, h)).into_drawing_area();
+    root.fill(&WHITE)?;
+    // Monospace at 16 (plotters draws it at about 13 px) is about as wide as the 8-pixel cells the layout
+    // was made for, so long labels stay left of the bars.
+    let font = ("monospace", 16).into_font().color(&BLACK);
+    // The SVG backend's rectangle spans [x0, x1) × [y0, y1), as the pixel
+    // loops of the earlier bitmap did.
+    let rect = |x0: u32, y0: u32, x1: u32, y1: u32, c: Rgb| {
+        Rectangle::new([(x0 as i32, y0 as i32), (x1 as i32, y1 as i32)], c.filled())
+    };
+    let text = |x: u32, y: u32, s: String| Text::new(s, (x as i32, y as i32), font.clone());
+    root.draw(&text(
         10,
         10,
-        &format!(
+        format!(
             "connredir benchmarks {}{}: median ratio, whisker min-max over rounds, red = goal",
             r.date,
             if r.quick { " (QUICK RUN)" } else { "" }
         ),
-        1,
-        BLACK,
-    );
-    c.text(
+    ))?;
+    root.draw(&text(
         10,
         26,
-        &format!("{} x{}, Linux {}", r.cpu, r.cores, r.kernel),
-        1,
-        BLACK,
-    );
+        format!("{} x{}, Linux {}", r.cpu, r.cores, r.kernel),
+    ))?;
     let max = bars
         .iter()
         .map(|b| b.1.max.max(b.2.unwrap_or(0.0)))
@@ -175,56 +140,41 @@ pub fn render(r: &Results) -> Result<Vec<u8>> {
         .ceil()
         .min(20.0);
     let plot_w = W - LEFT - RIGHT;
-    let x_of = |v: f64| LEFT + ((v.clamp(0.0, max) / max) * plot_w as f64) as usize;
+    let x_of = |v: f64| LEFT + ((v.clamp(0.0, max) / max) * f64::from(plot_w)) as u32;
     // Grid every 0.25 (or 1 for wide ranges) with labels.
     let step = if max > 4.0 { 1.0 } else { 0.25 };
     let mut v = 0.0;
-    let bottom = TOP + bars.len() * ROW;
+    let bottom = TOP + bars.len() as u32 * ROW;
+    let centred = font.pos(Pos::new(HPos::Center, VPos::Top));
     while v <= max + 1e-9 {
         let x = x_of(v);
-        c.rect(x, TOP - 6, x + 1, bottom, GREY);
-        c.text(
-            x.saturating_sub(12),
-            bottom + 8,
-            &format!("{v:.2}"),
-            1,
-            BLACK,
-        );
+        root.draw(&rect(x, TOP - 6, x + 1, bottom, GREY))?;
+        root.draw_text(&format!("{v:.2}"), &centred, (x as i32, bottom as i32 + 8))?;
         v += step;
     }
     let one = x_of(1.0);
-    c.rect(one, TOP - 6, one + 2, bottom, BLACK);
+    root.draw(&rect(one, TOP - 6, one + 2, bottom, BLACK))?;
     for (i, (label, s, goal, colour)) in bars.iter().enumerate() {
-        let y = TOP + i * ROW;
-        c.text(10, y + 8, label, 1, BLACK);
-        c.text(LEFT - 90, y + 8, &format!("{:.3}", s.median), 1, BLACK);
-        c.rect(LEFT, y + 6, x_of(s.median), y + ROW - 6, *colour);
+        let y = TOP + i as u32 * ROW;
+        root.draw(&text(10, y + 8, label.clone()))?;
+        root.draw(&text(LEFT - 90, y + 8, format!("{:.3}", s.median)))?;
+        root.draw(&rect(LEFT, y + 6, x_of(s.median), y + ROW - 6, *colour))?;
         let (lo, hi) = (x_of(s.min), x_of(s.max));
         let mid = y + ROW / 2;
-        c.rect(lo, mid - 1, hi + 1, mid + 1, BLACK);
-        c.rect(lo, mid - 5, lo + 1, mid + 5, BLACK);
-        c.rect(hi, mid - 5, hi + 1, mid + 5, BLACK);
+        root.draw(&rect(lo, mid - 1, hi + 1, mid + 1, BLACK))?;
+        root.draw(&rect(lo, mid - 5, lo + 1, mid + 5, BLACK))?;
+        root.draw(&rect(hi, mid - 5, hi + 1, mid + 5, BLACK))?;
         if let Some(g) = goal {
             let x = x_of(*g);
-            c.rect(x.saturating_sub(1), y + 2, x + 2, y + ROW - 2, RED);
+            root.draw(&rect(x.saturating_sub(1), y + 2, x + 2, y + ROW - 2, RED))?;
         }
     }
-    c.text(
+    root.draw(&text(
         LEFT,
         bottom + 26,
-        "ratio (1.00 = as fast as the reference)",
-        1,
-        BLACK,
-    );
-    let mut out = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut out, W as u32, h as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&c.px)?;
-    }
-    Ok(out)
+        "ratio (1.00 = as fast as the reference)".into(),
+    ))?;
+    root.present()
 }
 
 /// Writes the plot to `path`.

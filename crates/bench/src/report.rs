@@ -174,7 +174,7 @@ pub fn render(r: &Results, notes: &str) -> String {
            the scope, so only the client-to-proxy leg moves socket to socket; the proxy \
            splices from the origin's TCP socket into the accelerated client socket.\n"
     );
-    let _ = writeln!(o, "![ratios](benchmarks.png)\n");
+    let _ = writeln!(o, "![ratios](benchmarks.svg)\n");
     let _ = writeln!(o, "## Against the goals\n");
     let _ = writeln!(
         o,

@@ -15,22 +15,17 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-/// Runs one attack case; `args` follow the case name.
-pub fn run(args: &[String]) -> Result<Value> {
-    let case = args.first().context("missing attack case")?.as_str();
-    let addr =
-        |i: usize| -> Result<SocketAddr> { Ok(args.get(i).context("missing ADDR")?.parse()?) };
+/// Runs one attack case against `addr`; `millis` is the duration of the
+/// cases that run for a while (`flows`).
+pub fn run(case: &str, addr: SocketAddr, millis: Option<u64>) -> Result<Value> {
     match case {
-        "reconnect-unspec" => reconnect_unspec(addr(1)?),
-        "reconnect-refused" => reconnect_refused(addr(1)?),
-        "reconnect-v6only" => reconnect_v6only(addr(1)?),
-        "fill-optmem" => fill_optmem(addr(1)?),
-        "bind" => impostor(addr(1)?, false),
-        "bind-reuseport" => impostor(addr(1)?, true),
-        "flows" => flows(
-            addr(1)?,
-            args.get(2).context("missing MILLISECONDS")?.parse()?,
-        ),
+        "reconnect-unspec" => reconnect_unspec(addr),
+        "reconnect-refused" => reconnect_refused(addr),
+        "reconnect-v6only" => reconnect_v6only(addr),
+        "fill-optmem" => fill_optmem(addr),
+        "bind" => impostor(addr, false),
+        "bind-reuseport" => impostor(addr, true),
+        "flows" => flows(addr, millis.context("missing MILLISECONDS")?),
         other => bail!("unknown attack case {other}"),
     }
 }

@@ -400,6 +400,30 @@ impl Lab {
         })
     }
 
+    /// The start of most end-to-end tests: the lab, and an echo server for
+    /// its clients to reach on 127.0.0.2, the "original destination" the
+    /// tests' rules name (services listen on 127.0.0.1, so a rule for the
+    /// destination's /32 never covers a service's own address). None when
+    /// the test must be skipped, as for [`Lab::new`].
+    ///
+    /// A test that never names the server still binds it (`_server`): it
+    /// would stop at once otherwise.
+    pub fn with_server(name: &str) -> Option<(Lab, EchoServer)> {
+        Lab::with_server_from(name, || EchoServer::start("127.0.0.2:0"))
+    }
+
+    /// As [`Lab::with_server`], with the echo server `start` makes: for a
+    /// test whose destination is elsewhere or answers once. The server
+    /// starts only when the test runs.
+    pub fn with_server_from(
+        name: &str,
+        start: impl FnOnce() -> Result<EchoServer>,
+    ) -> Option<(Lab, EchoServer)> {
+        let lab = Lab::new(name)?;
+        let server = start().expect("start the echo server");
+        Some((lab, server))
+    }
+
     /// A cgroup of the tree (made when missing), e.g. `scope/client`.
     pub fn cgroup(&self, relative: &str) -> PathBuf {
         self.tree.cgroup(relative).unwrap()
@@ -424,6 +448,24 @@ impl Lab {
                 on_down: Default::default(),
             })
             .expect("register service")
+    }
+
+    /// Registers `name` as a service whose identity is its own cgroup,
+    /// `services/<name>`, listening on `listen`, with one rule sending
+    /// `prefix` (on `port`, or any) to it. Returns the id and the cgroup,
+    /// where the test starts the service's process.
+    pub fn own_service(
+        &mut self,
+        name: &str,
+        listen: &[SocketAddr],
+        prefix: &str,
+        port: Option<u16>,
+        priority: u32,
+    ) -> (ServiceId, PathBuf) {
+        let cgroup = self.cgroup(&format!("services/{name}"));
+        let id = self.service(name, listen, by_cgroup(&cgroup), None);
+        self.route(id, prefix, port, priority);
+        (id, cgroup)
     }
 
     /// Registers haproxy (`option transparent`: it finds the destination with

@@ -22,8 +22,10 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, Subcommand};
 use connredir::{Error as RedirectError, RedirectRecords};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
@@ -31,35 +33,191 @@ use socket2::{Domain, Socket, Type};
 mod attack;
 mod isolation;
 
+/// The roles; each prints JSON lines on stdout.
+#[derive(Debug, Parser)]
+#[command(
+    name = "connredir-testkit",
+    about = "The programs connredir's integration tests start in their cgroups."
+)]
+struct Cli {
+    /// Clients treat a read's EAGAIN as "try again" (see `RETRY_EAGAIN`);
+    /// accepted before or after the role's own options.
+    #[arg(long, global = true)]
+    retry_eagain: bool,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// A thread-per-connection forwarder built on the `connredir` library.
+    Proxy {
+        /// The name it logs under.
+        #[arg(long)]
+        name: String,
+        /// Where it listens (repeatable).
+        #[arg(long = "listen", value_name = "ADDR")]
+        listens: Vec<String>,
+        /// Do not set the accepted connection's records on the onward socket.
+        #[arg(long)]
+        no_records: bool,
+        /// Report how the buffer protocol answers each query size.
+        #[arg(long)]
+        check_buffers: bool,
+        /// Bind its listeners with SO_REUSEPORT.
+        #[arg(long)]
+        reuseport: bool,
+        /// Wait this long between learning the destination and connecting.
+        #[arg(long, value_name = "N")]
+        delay_connect_ms: Option<u64>,
+    },
+    /// One echo flow of `--bytes`, checked byte for byte.
+    Client {
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+        #[arg(long, value_name = "N")]
+        bytes: usize,
+        /// Read the whole echo back before closing instead of half-closing.
+        #[arg(long)]
+        no_half_close: bool,
+    },
+    /// One socket-option case; prints its outcome.
+    Probe {
+        case: String,
+        addr: Option<SocketAddr>,
+    },
+    /// Connects and closes `--count` times and reports the elapsed time.
+    ConnectLoop {
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+        #[arg(long, value_name = "N")]
+        count: u64,
+    },
+    /// All flows at once, one per size.
+    Many {
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+        #[arg(long, value_name = "N,N,...", value_delimiter = ',', required = true)]
+        sizes: Vec<usize>,
+        /// Read each echo back before closing instead of half-closing.
+        #[arg(long)]
+        no_half_close: bool,
+    },
+    /// One connection kept open until FILE exists.
+    Hold {
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+        #[arg(long, value_name = "FILE")]
+        until: PathBuf,
+    },
+    /// An echo server.
+    Echo {
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+    },
+    /// A way around a service (see `attack.rs`).
+    Attack {
+        case: String,
+        addr: SocketAddr,
+        /// The case's duration in milliseconds (`flows`).
+        #[arg(value_name = "MILLISECONDS")]
+        millis: Option<u64>,
+    },
+    /// A forging service: sets forged records and reports what the layer said.
+    Forge {
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+        /// Another service's id, for forgeries that name it.
+        #[arg(long, value_name = "ID")]
+        other: u32,
+        /// Random mutations to send after the forgeries.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        iterations: u64,
+        #[arg(long, value_name = "S", default_value_t = 0x5eed)]
+        seed: u64,
+    },
+    /// Sets a record blob given in hex and connects when the layer takes it.
+    SetBlob {
+        #[arg(long, value_name = "HEX")]
+        hex: String,
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+    },
+    /// An attacker in another network namespace (`isolation.rs`).
+    NetnsAttacker(RoleArgs),
+    /// A service whose accept queue is full (`isolation.rs`).
+    StalledService(RoleArgs),
+    /// A client bound to a given source address (`isolation.rs`).
+    BoundClient(RoleArgs),
+    /// What a process may do as or against a service (`isolation.rs`).
+    ServiceProbe(RoleArgs),
+}
+
+/// The options of an isolation role, passed on as given: `isolation.rs`
+/// reads them itself.
+#[derive(Debug, clap::Args)]
+struct RoleArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
 fn main() -> Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(at) = args.iter().position(|a| a == "--retry-eagain") {
-        args.remove(at);
-        RETRY_EAGAIN.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    match args.first().map(String::as_str) {
-        Some("proxy") => proxy(&args[1..]),
-        Some("client") => client(&args[1..]),
-        Some("probe") => probe(&args[1..]),
-        Some("connect-loop") => connect_loop(&args[1..]),
-        Some("many") => many(&args[1..]),
-        Some("hold") => hold(&args[1..]),
-        Some("echo") => echo(&args[1..]),
-        Some("attack") => {
-            emit(attack::run(&args[1..])?);
+    let cli = Cli::parse();
+    RETRY_EAGAIN.store(cli.retry_eagain, std::sync::atomic::Ordering::Relaxed);
+    match cli.role {
+        Role::Proxy {
+            name,
+            listens,
+            no_records,
+            check_buffers,
+            reuseport,
+            delay_connect_ms,
+        } => {
+            let options = ProxyOptions {
+                name,
+                set_records: !no_records,
+                check_buffers,
+                delay_connect: delay_connect_ms.map(std::time::Duration::from_millis),
+            };
+            proxy(options, &listens, reuseport)
+        }
+        Role::Client {
+            connect,
+            bytes,
+            no_half_close,
+        } => client(connect, bytes, !no_half_close),
+        Role::Probe { case, addr } => probe(&case, addr),
+        Role::ConnectLoop { connect, count } => connect_loop(connect, count),
+        Role::Many {
+            connect,
+            sizes,
+            no_half_close,
+        } => many(connect, sizes, !no_half_close),
+        Role::Hold { connect, until } => hold(connect, &until),
+        Role::Echo { listen } => echo(&listen),
+        Role::Attack { case, addr, millis } => {
+            emit(attack::run(&case, addr, millis)?);
             Ok(())
         }
-        Some("forge") => forge(&args[1..]),
-        Some("set-blob") => set_blob(&args[1..]),
-        Some("netns-attacker") => isolation::netns_attacker(&args[1..]),
-        Some("stalled-service") => isolation::stalled_service(&args[1..]),
-        Some("bound-client") => isolation::bound_client(&args[1..]),
-        Some("service-probe") => isolation::service_probe(&args[1..]),
-        _ => bail!("usage: connredir-testkit [--retry-eagain] proxy|client|probe|connect-loop|many|hold|echo|attack|forge|set-blob|netns-attacker|stalled-service|bound-client|service-probe ..."),
+        Role::Forge {
+            listen,
+            connect,
+            other,
+            iterations,
+            seed,
+        } => forge(&listen, connect, other, iterations, seed),
+        Role::SetBlob { hex, connect } => set_blob(&hex, connect),
+        Role::NetnsAttacker(role) => isolation::netns_attacker(&role.args),
+        Role::StalledService(role) => isolation::stalled_service(&role.args),
+        Role::BoundClient(role) => isolation::bound_client(&role.args),
+        Role::ServiceProbe(role) => isolation::service_probe(&role.args),
     }
 }
 
-/// Values of a repeated `--flag VALUE` option.
+/// Values of a repeated `--flag VALUE` option, for the roles that read
+/// their own options (`isolation.rs`).
 fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
     args.windows(2)
         .filter(|w| w[0] == flag)
@@ -67,6 +225,7 @@ fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The first value of a `--flag VALUE` option (see `values`).
 fn value<'a>(args: &'a [String], flag: &str) -> Result<&'a str> {
     values(args, flag)
         .first()
@@ -110,20 +269,10 @@ struct ProxyOptions {
     delay_connect: Option<std::time::Duration>,
 }
 
-fn proxy(args: &[String]) -> Result<()> {
-    let options = ProxyOptions {
-        name: value(args, "--name")?.to_string(),
-        set_records: !args.iter().any(|a| a == "--no-records"),
-        check_buffers: args.iter().any(|a| a == "--check-buffers"),
-        delay_connect: values(args, "--delay-connect-ms")
-            .first()
-            .map(|ms| ms.parse().map(std::time::Duration::from_millis))
-            .transpose()?,
-    };
-    let reuseport = args.iter().any(|a| a == "--reuseport");
+fn proxy(options: ProxyOptions, listens: &[String], reuseport: bool) -> Result<()> {
     let options = std::sync::Arc::new(options);
     let mut threads = Vec::new();
-    for addr in values(args, "--listen") {
+    for addr in listens {
         let listener = listen(addr, reuseport).with_context(|| format!("listen on {addr}"))?;
         let options = std::sync::Arc::clone(&options);
         threads.push(std::thread::spawn(move || {
@@ -285,8 +434,7 @@ fn check_buffers(fd: &impl AsFd) -> Value {
 
 /// An echo server (for tests that need the destination inside a cgroup):
 /// prints `ready`, then echoes every connection until end of stream.
-fn echo(args: &[String]) -> Result<()> {
-    let addr = value(args, "--listen")?;
+fn echo(addr: &str) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
     println!("ready");
     for stream in listener.incoming().flatten() {
@@ -306,10 +454,7 @@ fn echo(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn client(args: &[String]) -> Result<()> {
-    let addr: SocketAddr = value(args, "--connect")?.parse()?;
-    let bytes: usize = value(args, "--bytes")?.parse()?;
-    let half_close = !args.iter().any(|a| a == "--no-half-close");
+fn client(addr: SocketAddr, bytes: usize, half_close: bool) -> Result<()> {
     let report = echo_flow(addr, bytes, half_close)?;
     let ok = report["ok"] == true;
     emit(report);
@@ -321,13 +466,7 @@ fn client(args: &[String]) -> Result<()> {
 
 /// All connections at once, one per size, each checked byte for byte;
 /// reports each flow's local address, size and outcome.
-fn many(args: &[String]) -> Result<()> {
-    let addr: SocketAddr = value(args, "--connect")?.parse()?;
-    let half_close = !args.iter().any(|a| a == "--no-half-close");
-    let sizes: Vec<usize> = value(args, "--sizes")?
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
+fn many(addr: SocketAddr, sizes: Vec<usize>, half_close: bool) -> Result<()> {
     let start = std::sync::Arc::new(std::sync::Barrier::new(sizes.len()));
     let flows: Vec<_> = sizes
         .into_iter()
@@ -413,9 +552,8 @@ fn forged() -> RedirectRecords {
     records
 }
 
-fn probe(args: &[String]) -> Result<()> {
-    let case = args.first().context("missing probe case")?.as_str();
-    let addr = || -> Result<SocketAddr> { Ok(args.get(1).context("missing ADDR")?.parse()?) };
+fn probe(case: &str, addr: Option<SocketAddr>) -> Result<()> {
+    let addr = || addr.context("missing ADDR");
     let new_socket = || Socket::new(Domain::IPV4, Type::STREAM, None);
     let result: String = match case {
         "not-connected" => outcome(&connredir::query_records(&new_socket()?)),
@@ -469,9 +607,7 @@ fn service_outcome(listener: &impl AsFd) -> String {
 
 /// Connects and closes `--count` times (reset on close, so no TIME_WAIT piles
 /// up) and reports the elapsed time: the benchmark's workload.
-fn connect_loop(args: &[String]) -> Result<()> {
-    let addr: SocketAddr = value(args, "--connect")?.parse()?;
-    let count: u64 = value(args, "--count")?.parse()?;
+fn connect_loop(addr: SocketAddr, count: u64) -> Result<()> {
     let start = std::time::Instant::now();
     for _ in 0..count {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -485,9 +621,7 @@ fn connect_loop(args: &[String]) -> Result<()> {
 /// Keeps one connection open across a change: an echo exchange, then a wait
 /// until FILE exists, then another exchange on the same connection (its
 /// failure is reported, with the I/O error kind, before the role fails).
-fn hold(args: &[String]) -> Result<()> {
-    let addr: SocketAddr = value(args, "--connect")?.parse()?;
-    let until = std::path::PathBuf::from(value(args, "--until")?);
+fn hold(addr: SocketAddr, until: &std::path::Path) -> Result<()> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     let mut exchange = |word: &str| -> Result<bool> {
         stream.write_all(word.as_bytes())?;
@@ -805,12 +939,7 @@ fn mutate(rng: &mut Rng, genuine: &[u8]) -> Vec<u8> {
 /// socket and reports what the layer said and, when it took one, where the
 /// connection to `--connect` went. With `--iterations N` it then sends N
 /// random mutations through setsockopt and reports the tally.
-fn forge(args: &[String]) -> Result<()> {
-    let listen = value(args, "--listen")?;
-    let dst: SocketAddr = value(args, "--connect")?.parse()?;
-    let other: u32 = value(args, "--other")?.parse()?;
-    let iterations: u64 = value(args, "--iterations").map_or(Ok(0), str::parse)?;
-    let seed: u64 = value(args, "--seed").map_or(Ok(0x5eed), str::parse)?;
+fn forge(listen: &str, dst: SocketAddr, other: u32, iterations: u64, seed: u64) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
     println!("ready");
     let (stream, _) = listener.accept()?;
@@ -889,9 +1018,8 @@ fn fuzz(genuine: &[u8], iterations: u64, seed: u64) -> Result<Value> {
 
 /// Sets a record blob given in hex (as `forge` prints it) on a new socket,
 /// and, when the layer takes it, connects to `--connect`.
-fn set_blob(args: &[String]) -> Result<()> {
-    let blob = from_hex(value(args, "--hex")?)?;
-    let dst: SocketAddr = value(args, "--connect")?.parse()?;
+fn set_blob(hex: &str, dst: SocketAddr) -> Result<()> {
+    let blob = from_hex(hex)?;
     emit(set_and_connect(&blob, dst));
     Ok(())
 }

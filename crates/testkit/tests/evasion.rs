@@ -335,20 +335,18 @@ fn chained_proxy(
     priority: u32,
     extra: &[&str],
 ) -> (connredir_engine::ServiceId, usize) {
-    let cgroup = lab.cgroup(&format!("services/{name}"));
     let listen = free_addr("127.0.0.1");
-    let id = lab.service(name, &[listen], by_cgroup(&cgroup), None);
-    lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), priority);
+    let prefix = format!("{}/32", dst.ip());
+    let (id, cgroup) = lab.own_service(name, &[listen], &prefix, Some(dst.port()), priority);
     (id, lab.toy_proxy(&cgroup, None, name, &[listen], extra))
 }
 
 #[test]
 fn concurrent_records_less_flows_to_one_destination_keep_their_own_client() {
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let dst = server.addr();
-    let Some(mut lab) = Lab::new("recordsless-concurrent") else {
+    let Some((mut lab, server)) = Lab::with_server("recordsless-concurrent") else {
         return;
     };
+    let dst = server.addr();
     // A records-less proxy that learns each destination, waits, then
     // connects: two flows' questions come before either connect.
     let (first, _) = chained_proxy(
@@ -400,11 +398,10 @@ fn concurrent_records_less_flows_to_one_destination_keep_their_own_client() {
 
 #[test]
 fn a_records_less_service_whose_cgroup_was_recreated_does_not_loop() {
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let dst = server.addr();
-    let Some(mut lab) = Lab::new("recordsless-drift") else {
+    let Some((mut lab, server)) = Lab::with_server("recordsless-drift") else {
         return;
     };
+    let dst = server.addr();
     let (_, proxy) = chained_proxy(&mut lab, "drifting", dst, 1, &["--no-records"]);
     // The service's cgroup is made anew (as systemd does when it restarts
     // a unit) with the proxy back inside: the registered identity names the
@@ -436,11 +433,10 @@ fn a_records_less_service_whose_cgroup_was_recreated_does_not_loop() {
 
 #[test]
 fn a_proxy_started_before_its_service_is_registered_gets_its_flows() {
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let dst = server.addr();
-    let Some(mut lab) = Lab::new("late-registration") else {
+    let Some((mut lab, server)) = Lab::with_server("late-registration") else {
         return;
     };
+    let dst = server.addr();
     let cgroup = lab.cgroup("services/early");
     let listen = free_addr("127.0.0.1");
     lab.toy_proxy(&cgroup, None, "early", &[listen], &[]);
@@ -457,11 +453,10 @@ fn a_proxy_started_before_its_service_is_registered_gets_its_flows() {
 
 #[test]
 fn a_proxy_outside_the_scope_is_found_once_it_listens() {
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let dst = server.addr();
-    let Some(mut lab) = Lab::new("outside-proxy") else {
+    let Some((mut lab, server)) = Lab::with_server("outside-proxy") else {
         return;
     };
+    let dst = server.addr();
     // The service runs outside the attached cgroups: the kernel never sees
     // its bind, so until the engine has looked, it is down.
     let cgroup = lab.cgroup("outside/proxy");

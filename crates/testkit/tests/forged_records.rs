@@ -46,12 +46,14 @@ impl Chain {
     /// Sets up the chain, sends one client connection through it and runs
     /// A's forgeries (and `iterations` random mutations).
     fn run(name: &str, iterations: u64) -> Option<Chain> {
-        Some(Chain::run_in(Lab::new(name)?, iterations))
+        let (lab, server) = Lab::with_server(name)?;
+        let dst = server.addr();
+        Some(Chain::run_in(lab, server, dst, iterations))
     }
 
-    fn run_in(mut lab: Lab, iterations: u64) -> Chain {
-        let server = EchoServer::start("127.0.0.2:0").unwrap();
-        let dst = server.addr();
+    /// As `run`, in a lab made by the caller, with `server` (on `dst`) as
+    /// the destination.
+    fn run_in(mut lab: Lab, server: EchoServer, dst: SocketAddr, iterations: u64) -> Chain {
         let prefix = format!("{}/32", dst.ip());
 
         let a_cgroup = lab.cgroup("services/a");
@@ -347,7 +349,9 @@ fn a_takeover_of_pinned_maps_keeps_issued_records_valid() {
         engine,
         tree,
     };
-    let mut chain = Chain::run_in(lab, 0);
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let dst = server.addr();
+    let mut chain = Chain::run_in(lab, server, dst, 0);
     let hex = chain.record_hex();
     if let Some(bpftool) = require_program("forgetakeover", "bpftool") {
         assert_is_siphash_2_4(&bpftool, &dir.join(map_names::SEAL_KEY), &hex);

@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use connredir_engine::Service;
-use connredir_testkit::{
-    by_cgroup, eventually, free_addr, require_program, EchoServer, Lab, Proc, Release,
-};
+use connredir_testkit::{by_cgroup, eventually, free_addr, require_program, Lab, Proc, Release};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -77,9 +75,7 @@ fn with_a_pending_host_flow(
     };
     let dst = free_addr("127.0.0.2");
     let listen = free_addr("127.0.0.1");
-    let cgroup = lab.cgroup("services/inspector");
-    let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
-    lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
+    let (id, cgroup) = lab.own_service("inspector", &[listen], "127.0.0.2/32", Some(dst.port()), 0);
     let release = Release::new(test, "release");
     let (listen_arg, until) = (listen.to_string(), release.arg());
     let service = Proc::spawn(
@@ -388,9 +384,7 @@ fn hand_off_entries_of_a_namespace_go_with_its_sockets() {
     };
     let dst = free_addr("127.0.0.2");
     let listen = free_addr("127.0.0.1");
-    let cgroup = lab.cgroup("services/inspector");
-    let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
-    lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
+    let (_, cgroup) = lab.own_service("inspector", &[listen], "127.0.0.2/32", Some(dst.port()), 0);
     let until = Release::new("ns-halfopen", "until");
     const HELD: usize = 200;
     let (attacker, instance, _go) =
@@ -415,15 +409,12 @@ fn hand_off_entries_of_a_namespace_go_with_its_sockets() {
 /// 65,536 entries and a host flow lost its record.)
 #[test]
 fn namespaces_cannot_fill_the_hand_off_map_for_the_host() {
-    let Some(mut lab) = Lab::new("ns-flood") else {
+    let Some((mut lab, server)) = Lab::with_server("ns-flood") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let listen = free_addr("127.0.0.1");
-    let cgroup = lab.cgroup("services/inspector");
-    let id = lab.service("inspector", &[listen], by_cgroup(&cgroup), None);
-    lab.route(id, "127.0.0.2/32", Some(dst.port()), 0);
+    let (_, cgroup) = lab.own_service("inspector", &[listen], "127.0.0.2/32", Some(dst.port()), 0);
     lab.toy_proxy(&cgroup, None, "inspector", &[listen], &[]);
 
     // More than other namespaces may hold together (8,192 of 65,536).

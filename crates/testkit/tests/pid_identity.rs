@@ -59,10 +59,9 @@ fn worker(lab: &Lab, cgroup: &str) -> Proc {
 
 #[test]
 fn a_new_process_with_a_departed_services_pid_is_not_the_service() {
-    let Some(mut lab) = Lab::new("pid-reuse") else {
+    let Some((mut lab, server)) = Lab::with_server("pid-reuse") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let release = Release::new("pid-reuse", "release");
     let connect = dst.to_string();

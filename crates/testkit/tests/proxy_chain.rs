@@ -98,10 +98,9 @@ fn flow_sizes() -> Vec<usize> {
 fn three_reference_proxies_chain_every_flow_once_in_every_start_order() {
     let sizes = flow_sizes();
     for order in permutations(3) {
-        let Some(mut lab) = Lab::new("pchain") else {
+        let Some((mut lab, server)) = Lab::with_server("pchain") else {
             return;
         };
-        let server = EchoServer::start("127.0.0.2:0").unwrap();
         let dst = server.addr();
         let port = dst.port();
         // In priority order: the chain must be narrow, ports, wide.
@@ -191,10 +190,9 @@ fn three_reference_proxies_chain_every_flow_once_in_every_start_order() {
 #[test]
 fn a_proxy_killed_mid_flow_does_not_hang_the_client() {
     for victim in [0, 1] {
-        let Some(mut lab) = Lab::new("pkill") else {
+        let Some((mut lab, server)) = Lab::with_server("pkill") else {
             return;
         };
-        let server = EchoServer::start("127.0.0.2:0").unwrap();
         let dst = server.addr();
         let prefix = format!("{}/32", dst.ip());
         let mut proxies = Vec::new();
@@ -348,10 +346,9 @@ fn haproxy_and_the_reference_proxy_chain_in_both_orders() {
         return;
     };
     for haproxy_first in [false, true] {
-        let Some(mut lab) = Lab::new("phaproxy") else {
+        let Some((mut lab, server)) = Lab::with_server("phaproxy") else {
             return;
         };
-        let server = EchoServer::start("127.0.0.2:0").unwrap();
         let dst = server.addr();
         let prefix = format!("{}/32", dst.ip());
         let (ours_priority, theirs_priority) = if haproxy_first { (2, 1) } else { (1, 2) };

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use connredir_testkit::{by_cgroup, free_addr, require_program, workspace_bin, Lab, Proc};
+use connredir_testkit::{free_addr, require_program, workspace_bin, Lab, Proc};
 use serde_json::Value;
 
 /// The unprivileged user every client runs as.
@@ -104,10 +104,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn filtered(name: &str, args: &[&str]) -> Option<(Lab, Origin, usize)> {
     let mut lab = Lab::new(name)?;
     let origin = Origin::start();
-    let cgroup = lab.cgroup("services/filter");
     let listen = free_addr("127.0.0.1");
-    let id = lab.service("filter", &[listen], by_cgroup(&cgroup), None);
-    lab.route(id, "127.0.0.2/32", Some(origin.addr.port()), 1);
+    let port = Some(origin.addr.port());
+    let (_, cgroup) = lab.own_service("filter", &[listen], "127.0.0.2/32", port, 1);
     let listen = listen.to_string();
     let mut all = vec!["--name", "filter", "--listen", &listen];
     all.extend_from_slice(args);

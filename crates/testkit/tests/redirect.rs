@@ -41,10 +41,13 @@ impl ToyRoles for Lab {
     /// Registers a service (identity: its own cgroup) with one rule, and
     /// starts its proxy. Returns the service id and the proxy's index.
     fn proxy(&mut self, spec: ProxySpec) -> (ServiceId, usize) {
-        let cgroup = self.cgroup(&format!("services/{}", spec.name));
-        let identity = by_cgroup(&cgroup);
-        let id = self.service(spec.name, &spec.listen, identity, None);
-        self.route(id, &spec.destination, Some(spec.port), spec.priority);
+        let (id, cgroup) = self.own_service(
+            spec.name,
+            &spec.listen,
+            &spec.destination,
+            Some(spec.port),
+            spec.priority,
+        );
         let index = self.toy_proxy(&cgroup, None, spec.name, &spec.listen, spec.args);
         (id, index)
     }
@@ -110,10 +113,10 @@ fn single_proxy_round_trip(
     connect: impl Fn(SocketAddr) -> SocketAddr,
     test: &str,
 ) {
-    let Some(mut lab) = Lab::new(test) else {
+    let start = || EchoServer::start(&format!("{server_ip}:0"));
+    let Some((mut lab, server)) = Lab::with_server_from(test, start) else {
         return;
     };
-    let server = EchoServer::start(&format!("{server_ip}:0")).unwrap();
     let dst = server.addr();
     let (id, proxy) = lab.proxy(ProxySpec {
         name: "inspector",
@@ -191,10 +194,9 @@ fn chain_in_every_start_order(n: usize, test: &str) {
     const FLOWS: usize = 3;
     let names = ["alpha", "bravo", "charlie"];
     for order in permutations(n) {
-        let Some(mut lab) = Lab::new(test) else {
+        let Some((mut lab, server)) = Lab::with_server(test) else {
             return;
         };
-        let server = EchoServer::start("127.0.0.2:0").unwrap();
         let dst = server.addr();
         let mut started = vec![None; n];
         for &which in &order {
@@ -250,10 +252,9 @@ fn three_services_chain_once_each_in_every_start_order() {
 
 #[test]
 fn proxy_that_sets_no_records_does_not_loop() {
-    let Some(mut lab) = Lab::new("norecords") else {
+    let Some((mut lab, server)) = Lab::with_server("norecords") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let mut spec = v4_proxy("plain", dst, 0);
     spec.args = &["--no-records"];
@@ -276,10 +277,9 @@ fn proxy_that_sets_no_records_does_not_loop() {
 #[test]
 fn records_less_proxy_chains_with_others_without_looping() {
     for plain_first in [true, false] {
-        let Some(mut lab) = Lab::new("inherit") else {
+        let Some((mut lab, server)) = Lab::with_server("inherit") else {
             return;
         };
-        let server = EchoServer::start("127.0.0.2:0").unwrap();
         let dst = server.addr();
         let mut plain = v4_proxy("plain", dst, if plain_first { 1 } else { 2 });
         plain.args = &["--no-records"];
@@ -318,10 +318,9 @@ fn third_party_transparent_proxy_takes_part_in_a_chain() {
     let Some(haproxy) = require_program("haproxy", "haproxy") else {
         return;
     };
-    let Some(mut lab) = Lab::new("haproxy") else {
+    let Some((mut lab, server)) = Lab::with_server("haproxy") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let (ours, our_proxy) = lab.proxy(v4_proxy("ours", dst, 1));
     lab.haproxy(&haproxy, &format!("{}/32", dst.ip()), dst.port(), 2);
@@ -345,10 +344,9 @@ fn third_party_transparent_proxy_takes_part_in_a_chain() {
 
 #[test]
 fn buffer_protocol_follows_the_wfp_control_codes() {
-    let Some(mut lab) = Lab::new("buffers") else {
+    let Some((mut lab, server)) = Lab::with_server("buffers") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let mut spec = v4_proxy("checker", dst, 0);
     spec.args = &["--check-buffers"];
@@ -369,78 +367,36 @@ fn buffer_protocol_follows_the_wfp_control_codes() {
     }
 }
 
+/// The error answers of the socket options, each in the case that makes it:
+/// queries on sockets with nothing to say, and sets the layer refuses. Each
+/// row: what it shows (named when it fails), the probe's cgroup, the probe
+/// role's case, whether the case takes the echo server's address, and the
+/// answer.
 #[test]
-fn query_on_unconnected_socket_is_not_connected() {
-    let Some(lab) = Lab::new("notconn") else {
+fn socket_options_answer_each_error_case() {
+    let Some((lab, server)) = Lab::with_server("probes") else {
         return;
     };
-    assert_eq!(
-        lab.probe("services", None, &["not-connected"]),
-        "NotConnected"
-    );
-}
-
-#[test]
-fn query_on_a_pipe_is_not_a_socket() {
-    let Some(lab) = Lab::new("notsock") else {
-        return;
-    };
-    assert_eq!(lab.probe("services", None, &["not-a-socket"]), "NotASocket");
-}
-
-#[test]
-fn query_where_the_layer_is_not_loaded_is_not_supported() {
-    let Some(lab) = Lab::new("notsupp") else {
-        return;
-    };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let addr = server.addr().to_string();
-    assert_eq!(
-        lab.probe("outside", None, &["connected-query", &addr]),
-        "NotSupported"
-    );
-}
-
-#[test]
-fn query_on_a_connection_that_was_not_redirected() {
-    let Some(lab) = Lab::new("notredir") else {
-        return;
-    };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let addr = server.addr().to_string();
-    assert_eq!(
-        lab.probe("services", None, &["not-redirected", &addr]),
-        "NotRedirected"
-    );
-}
-
-#[test]
-fn set_on_a_connected_socket_is_invalid() {
-    let Some(lab) = Lab::new("setconn") else {
-        return;
-    };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let addr = server.addr().to_string();
-    assert_eq!(
-        lab.probe("services", None, &["set-connected", &addr]),
-        "InvalidArgument"
-    );
-}
-
-#[test]
-fn set_of_malformed_truncated_or_wrong_version_blobs_is_invalid() {
-    let Some(lab) = Lab::new("setbad") else {
-        return;
-    };
-    for case in ["set-malformed", "set-truncated", "set-wrong-version"] {
-        assert_eq!(
-            lab.probe("services", None, &[case]),
-            "InvalidArgument",
-            "{case}"
-        );
+    let dst = server.addr();
+    #[rustfmt::skip]
+    let cases = [
+        ("a query on an unconnected socket is not connected", "services", "not-connected", false, "NotConnected"),
+        ("a query on a pipe is not a socket", "services", "not-a-socket", false, "NotASocket"),
+        ("a query where the layer is not loaded is not supported", "outside", "connected-query", true, "NotSupported"),
+        ("a query on a connection that was not redirected", "services", "not-redirected", true, "NotRedirected"),
+        ("a set on a connected socket is invalid", "services", "set-connected", true, "InvalidArgument"),
+        ("a set of a malformed blob is invalid", "services", "set-malformed", false, "InvalidArgument"),
+        ("a set of a truncated blob is invalid", "services", "set-truncated", false, "InvalidArgument"),
+        ("a set of a blob of the wrong version is invalid", "services", "set-wrong-version", false, "InvalidArgument"),
+        // The same valid blob is accepted from root, so in the three cases
+        // above the blob was the problem.
+        ("a set of the valid blob from root is accepted", "services", "set", false, "ok"),
+    ];
+    let addr = dst.to_string();
+    for (what, cgroup, case, with_addr, expected) in cases {
+        let args: &[&str] = if with_addr { &[case, &addr] } else { &[case] };
+        assert_eq!(lab.probe(cgroup, None, args), expected, "{what}");
     }
-    // The same valid blob is accepted from root, so the blob was the problem.
-    assert_eq!(lab.probe("services", None, &["set"]), "ok");
 }
 
 #[test]
@@ -473,10 +429,9 @@ fn set_from_an_unregistered_unprivileged_process_is_denied() {
 
 #[test]
 fn a_listener_that_is_not_the_services_own_gets_no_flow() {
-    let Some(mut lab) = Lab::new("ctxdenied") else {
+    let Some((mut lab, server)) = Lab::with_server("ctxdenied") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let listen = vec![free_addr("127.0.0.1")];
     // The service's identity names a uid no process has; the listener is
@@ -502,10 +457,9 @@ fn a_listener_that_is_not_the_services_own_gets_no_flow() {
 
 #[test]
 fn registered_context_reaches_its_service() {
-    let Some(mut lab) = Lab::new("ctxown") else {
+    let Some((mut lab, server)) = Lab::with_server("ctxown") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let listen = vec![free_addr("127.0.0.1")];
     let cgroup = lab.cgroup("services/owner");
@@ -520,10 +474,9 @@ fn registered_context_reaches_its_service() {
 
 #[test]
 fn processes_outside_the_scope_are_untouched() {
-    let Some(mut lab) = Lab::new("outside") else {
+    let Some((mut lab, server)) = Lab::with_server("outside") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let (_, proxy) = lab.proxy(v4_proxy("watcher", dst, 0));
     assert_eq!(lab.client("outside", dst, 1000).unwrap()["ok"], true);
@@ -535,12 +488,11 @@ fn processes_outside_the_scope_are_untouched() {
 
 #[test]
 fn rules_that_do_not_match_leave_the_connection_alone() {
-    let Some(mut lab) = Lab::new("nomatch") else {
+    let Some((mut lab, server)) = Lab::with_server("nomatch") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
-    let other = EchoServer::start("127.0.0.3:0").unwrap();
     let dst = server.addr();
+    let other = EchoServer::start("127.0.0.3:0").unwrap();
     let (_, proxy) = lab.proxy(v4_proxy("watcher", dst, 0));
     // Same address, other port; and another address on the same port number.
     let other_port = EchoServer::start("127.0.0.2:0").unwrap();
@@ -559,10 +511,9 @@ fn rules_that_do_not_match_leave_the_connection_alone() {
 
 #[test]
 fn refused_redirects_leave_no_handoff_entry_behind() {
-    let Some(mut lab) = Lab::new("refused") else {
+    let Some((mut lab, server)) = Lab::with_server("refused") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     // A registered service whose proxy is not running: connects are refused.
     let id = lab.service("down", &[free_addr("127.0.0.1")], by_uid(4243), None);
@@ -578,10 +529,9 @@ fn refused_redirects_leave_no_handoff_entry_behind() {
 
 #[test]
 fn rule_changes_apply_to_the_next_connection_and_count_hits() {
-    let Some(mut lab) = Lab::new("ruleedit") else {
+    let Some((mut lab, server)) = Lab::with_server("ruleedit") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let cgroup = lab.cgroup("services/watcher");
     let listen = [free_addr("127.0.0.1")];
@@ -614,10 +564,9 @@ fn rule_changes_apply_to_the_next_connection_and_count_hits() {
 /// too: that is a new connect, and B has not seen the flow.)
 #[test]
 fn rule_set_swaps_are_atomic_under_load() {
-    let Some(mut lab) = Lab::new("atomic") else {
+    let Some((mut lab, server)) = Lab::with_server("atomic") else {
         return;
     };
-    let server = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let mut ids = Vec::new();
     for name in ["a", "b"] {
@@ -694,10 +643,10 @@ fn run_puts_a_command_in_the_scope() {
     let Some(curl) = require_program("run", "curl") else {
         return;
     };
-    let Some(mut lab) = Lab::new("run") else {
+    let start = || EchoServer::start_replying_once("127.0.0.2:0");
+    let Some((mut lab, server)) = Lab::with_server_from("run", start) else {
         return;
     };
-    let server = EchoServer::start_replying_once("127.0.0.2:0").unwrap();
     let dst = server.addr();
     let (id, proxy) = lab.proxy(v4_proxy("watcher", dst, 0));
     let scope = lab.cgroup("scope");
@@ -751,10 +700,10 @@ fn run_puts_a_command_in_the_scope() {
 
 #[test]
 fn live_connections_show_each_leg_with_its_chain_until_it_closes() {
-    let Some(mut lab) = Lab::new("conns") else {
+    let start = || EchoServer::start("127.0.0.1:0");
+    let Some((mut lab, server)) = Lab::with_server_from("conns", start) else {
         return;
     };
-    let server = EchoServer::start("127.0.0.1:0").unwrap();
     let dst = server.addr();
     let (first, proxy_a) = lab.proxy(v4_proxy("first", dst, 0));
     let (second, _) = lab.proxy(v4_proxy("second", dst, 1));
@@ -803,12 +752,12 @@ fn live_connections_show_each_leg_with_its_chain_until_it_closes() {
 fn trace_reports_each_decision_with_rule_service_and_state() {
     use connredir::RedirectState;
     use connredir_engine::Decision;
-    let Some(mut lab) = Lab::new("trace") else {
+    let start = || EchoServer::start("127.0.0.1:0");
+    let Some((mut lab, server)) = Lab::with_server_from("trace", start) else {
         return;
     };
-    let server = EchoServer::start("127.0.0.1:0").unwrap();
-    let unrouted = EchoServer::start("127.0.0.2:0").unwrap();
     let dst = server.addr();
+    let unrouted = EchoServer::start("127.0.0.2:0").unwrap();
     let (id, proxy) = lab.proxy(v4_proxy("traced", dst, 0));
     let proxy_pid = lab.procs[proxy].pid();
     let rule = lab.engine.rules().next().unwrap().0;
@@ -847,10 +796,10 @@ fn trace_reports_each_decision_with_rule_service_and_state() {
 
 #[test]
 fn own_connections_reach_the_service_only_when_it_says_so() {
-    let Some(mut lab) = Lab::new("own-by-self") else {
+    let start = || EchoServer::start("127.0.0.1:0");
+    let Some((mut lab, server)) = Lab::with_server_from("own-by-self", start) else {
         return;
     };
-    let server = EchoServer::start("127.0.0.1:0").unwrap();
     let dst = server.addr();
     let listen = vec![free_addr("127.0.0.1")];
     let cgroup = lab.cgroup("services/curious");
