@@ -30,6 +30,8 @@
 //! `counters`, `observe` (live connections, the trace), `maps` (typed map
 //! access), `link` (raw link system calls) and `error`.
 
+#![warn(missing_docs)]
+
 mod attach;
 mod counters;
 mod error;

@@ -28,6 +28,8 @@
 //! - `seal.h`: the record seal (SipHash-2-4) and its check;
 //! - `accel.h`: acceleration and cut-through, every part of it.
 
+#![warn(missing_docs)]
+
 /// Wrapper that gives the embedded object the alignment the ELF parser needs.
 #[repr(C, align(8))]
 struct Aligned<T: ?Sized>(T);

@@ -4,6 +4,8 @@
 //! processes it starts in it, and removes all of it when the test ends, on
 //! failure too. Programs are never attached to the root cgroup.
 
+#![warn(missing_docs)]
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -6,6 +6,8 @@
 //! this package's test fails while the committed files differ from what
 //! the headers give.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 
 /// The command that rewrites the generated files, for messages and headers.
