@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use connredir_engine::cgroup::CgroupTree;
 use connredir_engine::{Engine, Identity, Rule, Service};
+use connredir_host::cgroup::CgroupTree;
 use serde::Serialize;
 
 use crate::stats::{median, ratios, Spread};

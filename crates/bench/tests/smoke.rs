@@ -8,7 +8,7 @@ use std::process::Command;
 fn quick_overhead_run() {
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("it needs root")
-    } else if connredir_engine::cgroup::cgroup2_root().is_none() {
+    } else if connredir_host::cgroup::cgroup2_root().is_none() {
         Some("it needs cgroup v2")
     } else {
         None

@@ -51,8 +51,6 @@ use aya::Ebpf;
 use connredir_abi::{connredir_listener, connredir_service};
 
 pub use attach::CGROUP_PROGRAMS;
-pub use connredir_host::cgroup::{self, cgroup_id, CGROUP2_HYBRID_ROOT};
-pub use connredir_host::procfs::is_listening;
 pub use counters::{Counter, Counters};
 pub use error::Error;
 pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};

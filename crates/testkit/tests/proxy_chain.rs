@@ -463,7 +463,7 @@ fn proxy_exit(lab: &Lab, cgroup: &str, args: &[&str]) -> (Option<i32>, String) {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    connredir_engine::cgroup::run_in_cgroup(&mut command, &lab.cgroup(cgroup), None).unwrap();
+    connredir_host::cgroup::run_in_cgroup(&mut command, &lab.cgroup(cgroup), None).unwrap();
     let mut child = command.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {

@@ -407,7 +407,7 @@ fn status(engine: &Engine) -> Result<Status> {
             id: id.0,
             listen: s.listen.clone(),
             name: s.name.clone(),
-            up: s.listen.iter().all(connredir_engine::is_listening),
+            up: s.listen.iter().all(connredir_host::procfs::is_listening),
             on_down: on_down(s.on_down),
         })
         .collect();
