@@ -3,7 +3,10 @@
 //! source address, and a probe of what a process may do as a service.
 //!
 //! ```text
-//! connredir-testkit netns-attacker MODE --listen ADDR --bind ADDR [--connect ADDR] [--until FILE]
+//! connredir-testkit netns-attacker take|replace --bind ADDR --connect ADDR --go FILE [--serve ADDR]
+//! connredir-testkit netns-attacker accel --bind ADDR --connect ADDR --go FILE --until FILE [--serve ADDR]
+//! connredir-testkit netns-attacker hold --listen ADDR --connect ADDR --count N --until FILE --go FILE
+//!                                       [--serve ADDR]
 //! connredir-testkit stalled-service --listen ADDR --until FILE --expect N
 //! connredir-testkit bound-client --bind ADDR --connect ADDR --bytes N
 //! connredir-testkit service-probe --connect ADDR [--after FILE]
@@ -15,10 +18,119 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
-use crate::{emit, kind, outcome, value};
+use crate::{emit, kind, outcome};
+
+/// The options of `netns-attacker`: its mode, then the mode's options.
+#[derive(Debug, Args)]
+pub struct NetnsAttacker {
+    #[command(subcommand)]
+    mode: AttackerMode,
+}
+
+/// The options every mode of `netns-attacker` takes.
+#[derive(Debug, Args)]
+struct AttackerCommon {
+    /// Where it connects (see each mode).
+    #[arg(long, value_name = "ADDR")]
+    connect: SocketAddr,
+    /// Goes on once FILE exists (the namespace's service instance is up).
+    #[arg(long, value_name = "FILE")]
+    go: PathBuf,
+    /// A server in its namespace that accepts and then neither reads,
+    /// writes nor closes.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<SocketAddr>,
+}
+
+/// What the namespace client does (see [`netns_attacker`]).
+#[derive(Debug, Subcommand)]
+enum AttackerMode {
+    /// Connects from `--bind` to the service's address, not redirected.
+    Take {
+        #[command(flatten)]
+        common: AttackerCommon,
+        #[arg(long, value_name = "ADDR")]
+        bind: SocketAddr,
+    },
+    /// Connects from `--bind` to the selected destination, redirected.
+    Replace {
+        #[command(flatten)]
+        common: AttackerCommon,
+        #[arg(long, value_name = "ADDR")]
+        bind: SocketAddr,
+    },
+    /// Leaves an accelerated service's accepted end in place until `--until`.
+    Accel {
+        #[command(flatten)]
+        common: AttackerCommon,
+        #[arg(long, value_name = "ADDR")]
+        bind: SocketAddr,
+        #[arg(long, value_name = "FILE")]
+        until: PathBuf,
+    },
+    /// Holds `--count` redirected connects half-open until `--until`.
+    Hold {
+        #[command(flatten)]
+        common: AttackerCommon,
+        /// The service instance's own address (its queue gets filled).
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        #[arg(long, value_name = "N")]
+        count: usize,
+        #[arg(long, value_name = "FILE")]
+        until: PathBuf,
+    },
+}
+
+impl AttackerMode {
+    fn common(&self) -> &AttackerCommon {
+        match self {
+            Self::Take { common, .. }
+            | Self::Replace { common, .. }
+            | Self::Accel { common, .. }
+            | Self::Hold { common, .. } => common,
+        }
+    }
+}
+
+/// The options of `stalled-service` (see [`stalled_service`]).
+#[derive(Debug, Args)]
+pub struct StalledService {
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Accepts once FILE exists.
+    #[arg(long, value_name = "FILE")]
+    until: PathBuf,
+    /// How many connections it then accepts.
+    #[arg(long, value_name = "N")]
+    expect: usize,
+}
+
+/// The options of `bound-client` (see [`bound_client`]).
+#[derive(Debug, Args)]
+pub struct BoundClient {
+    #[arg(long, value_name = "ADDR")]
+    bind: SocketAddr,
+    #[arg(long, value_name = "ADDR")]
+    connect: SocketAddr,
+    #[arg(long, value_name = "N")]
+    bytes: usize,
+}
+
+/// The options of `service-probe` (see [`service_probe`]).
+#[derive(Debug, Args)]
+pub struct ServiceProbe {
+    #[arg(long, value_name = "ADDR")]
+    connect: SocketAddr,
+    /// Says `ready`, then waits for FILE before it probes (so the test can
+    /// register this very process first).
+    #[arg(long, value_name = "FILE")]
+    after: Option<PathBuf>,
+}
 
 /// Enters a user and network namespace of its own (as `unshare -Urn`),
 /// mapping the caller's uid to root there, and brings its loopback up. The
@@ -115,60 +227,71 @@ fn wait_for(file: &Path, at_most: Duration) {
 /// - `hold`: `--count` redirected connects to `--connect` that never
 ///   complete (the service here has a full accept queue: the first
 ///   connection, straight to `--listen`, fills it), held until `--until`.
-pub fn netns_attacker(args: &[String]) -> Result<()> {
-    let mode = args.first().context("missing mode")?.clone();
-    let connect: SocketAddr = value(args, "--connect")?.parse()?;
-    let go = PathBuf::from(value(args, "--go")?);
-    if mode == "hold" {
+pub fn netns_attacker(args: &NetnsAttacker) -> Result<()> {
+    let mode = &args.mode;
+    let AttackerCommon {
+        connect,
+        ref go,
+        serve,
+    } = *mode.common();
+    if let AttackerMode::Hold { .. } = mode {
         raise_fd_limit()?;
     }
     enter_own_network_namespace()?;
     // A server that accepts and then neither reads, writes nor closes.
-    let silent = match value(args, "--serve") {
-        Ok(addr) => {
+    let silent = match serve {
+        Some(addr) => {
             let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
             Some(std::thread::spawn(move || {
                 listener.incoming().flatten().collect::<Vec<_>>()
             }))
         }
-        Err(_) => None,
+        None => None,
     };
     emit(json!({ "stage": "netns", "pid": std::process::id() }));
-    wait_for(&go, Duration::from_secs(30));
-    match mode.as_str() {
-        "take" | "replace" => {
-            let bind: SocketAddr = value(args, "--bind")?.parse()?;
-            let socket = bound_socket(bind)?;
-            socket
-                .connect(&connect.into())
-                .with_context(|| format!("connect to {connect}"))?;
-            emit(json!({ "mode": mode, "stage": "connected", "pid": std::process::id() }));
-            Ok(())
-        }
-        "accel" => {
-            let bind: SocketAddr = value(args, "--bind")?.parse()?;
-            let socket = bound_socket(bind)?;
+    wait_for(go, Duration::from_secs(30));
+    match mode {
+        AttackerMode::Take { bind, .. } => connect_from(*bind, connect, "take"),
+        AttackerMode::Replace { bind, .. } => connect_from(*bind, connect, "replace"),
+        AttackerMode::Accel { bind, until, .. } => {
+            let socket = bound_socket(*bind)?;
             socket
                 .connect(&connect.into())
                 .with_context(|| format!("connect to {connect}"))?;
             // Give the service time to connect onward, then leave.
             std::thread::sleep(Duration::from_millis(300));
             drop(socket);
-            emit(json!({ "mode": mode, "stage": "ready" }));
-            wait_for(Path::new(value(args, "--until")?), Duration::from_secs(30));
+            emit(json!({ "mode": "accel", "stage": "ready" }));
+            wait_for(until, Duration::from_secs(30));
             drop(silent);
             Ok(())
         }
-        "hold" => hold_half_open(args, connect),
-        other => bail!("unknown mode {other}"),
+        AttackerMode::Hold {
+            listen,
+            count,
+            until,
+            ..
+        } => hold_half_open(*listen, connect, *count, until),
     }
 }
 
+/// `take` and `replace`: see [`netns_attacker`].
+fn connect_from(bind: SocketAddr, connect: SocketAddr, mode: &str) -> Result<()> {
+    let socket = bound_socket(bind)?;
+    socket
+        .connect(&connect.into())
+        .with_context(|| format!("connect to {connect}"))?;
+    emit(json!({ "mode": mode, "stage": "connected", "pid": std::process::id() }));
+    Ok(())
+}
+
 /// `hold`: see [`netns_attacker`].
-fn hold_half_open(args: &[String], connect: SocketAddr) -> Result<()> {
-    let listen: SocketAddr = value(args, "--listen")?.parse()?;
-    let count: usize = value(args, "--count")?.parse()?;
-    let until = PathBuf::from(value(args, "--until")?);
+fn hold_half_open(
+    listen: SocketAddr,
+    connect: SocketAddr,
+    count: usize,
+    until: &Path,
+) -> Result<()> {
     // Not redirected (no rule for the service's own address): fills the queue.
     let filler = TcpStream::connect(listen)?;
     let mut held = Vec::with_capacity(count);
@@ -182,7 +305,7 @@ fn hold_half_open(args: &[String], connect: SocketAddr) -> Result<()> {
         }
     }
     emit(json!({ "held": held.len(), "seconds": started.elapsed().as_secs_f64() }));
-    wait_for(&until, Duration::from_secs(300));
+    wait_for(until, Duration::from_secs(300));
     drop((held, filler));
     Ok(())
 }
@@ -210,13 +333,15 @@ fn raise_fd_limit() -> Result<()> {
 /// yet, which the test makes): the next redirected client's SYN is dropped,
 /// so its record waits in the hand-off map. Once FILE exists it accepts
 /// `--expect` connections and reports what each carries.
-pub fn stalled_service(args: &[String]) -> Result<()> {
-    let listen: SocketAddr = value(args, "--listen")?.parse()?;
-    let until = PathBuf::from(value(args, "--until")?);
-    let expect: usize = value(args, "--expect")?.parse()?;
+pub fn stalled_service(args: &StalledService) -> Result<()> {
+    let StalledService {
+        listen,
+        ref until,
+        expect,
+    } = *args;
     let listener = small_backlog_listener(listen)?;
     println!("ready");
-    wait_for(&until, Duration::from_secs(300));
+    wait_for(until, Duration::from_secs(300));
     for _ in 0..expect {
         let (stream, _) = listener.accept()?;
         emit(accepted_report(&stream));
@@ -226,10 +351,12 @@ pub fn stalled_service(args: &[String]) -> Result<()> {
 
 /// Connects from `--bind` to `--connect`, sends `--bytes` bytes and reads
 /// them back (at most 5 s), reporting what came back.
-pub fn bound_client(args: &[String]) -> Result<()> {
-    let bind: SocketAddr = value(args, "--bind")?.parse()?;
-    let connect: SocketAddr = value(args, "--connect")?.parse()?;
-    let bytes: usize = value(args, "--bytes")?.parse()?;
+pub fn bound_client(args: &BoundClient) -> Result<()> {
+    let BoundClient {
+        bind,
+        connect,
+        bytes,
+    } = *args;
     let socket = bound_socket(bind)?;
     socket
         .connect(&connect.into())
@@ -269,13 +396,13 @@ pub fn bound_client(args: &[String]) -> Result<()> {
 /// What this process may do as (or against) a service: set records on a new
 /// socket, connect to `--connect` (redirected or not), and read the context
 /// of that connection.
-pub fn service_probe(args: &[String]) -> Result<()> {
-    let connect: SocketAddr = value(args, "--connect")?.parse()?;
+pub fn service_probe(args: &ServiceProbe) -> Result<()> {
+    let connect = args.connect;
     // `--after FILE`: says `ready`, then waits for FILE (so the test can
     // register this very process first).
-    if let Ok(after) = value(args, "--after") {
+    if let Some(after) = &args.after {
         println!("ready");
-        wait_for(Path::new(after), Duration::from_secs(30));
+        wait_for(after, Duration::from_secs(30));
     }
     let socket = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
     let mut records = connredir::RedirectRecords::new();

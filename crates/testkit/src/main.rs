@@ -146,21 +146,13 @@ enum Role {
         connect: SocketAddr,
     },
     /// An attacker in another network namespace (`isolation.rs`).
-    NetnsAttacker(RoleArgs),
+    NetnsAttacker(isolation::NetnsAttacker),
     /// A service whose accept queue is full (`isolation.rs`).
-    StalledService(RoleArgs),
+    StalledService(isolation::StalledService),
     /// A client bound to a given source address (`isolation.rs`).
-    BoundClient(RoleArgs),
+    BoundClient(isolation::BoundClient),
     /// What a process may do as or against a service (`isolation.rs`).
-    ServiceProbe(RoleArgs),
-}
-
-/// The options of an isolation role, passed on as given: `isolation.rs`
-/// reads them itself.
-#[derive(Debug, clap::Args)]
-struct RoleArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    args: Vec<String>,
+    ServiceProbe(isolation::ServiceProbe),
 }
 
 fn main() -> Result<()> {
@@ -209,28 +201,11 @@ fn main() -> Result<()> {
             seed,
         } => forge(&listen, connect, other, iterations, seed),
         Role::SetBlob { hex, connect } => set_blob(&hex, connect),
-        Role::NetnsAttacker(role) => isolation::netns_attacker(&role.args),
-        Role::StalledService(role) => isolation::stalled_service(&role.args),
-        Role::BoundClient(role) => isolation::bound_client(&role.args),
-        Role::ServiceProbe(role) => isolation::service_probe(&role.args),
+        Role::NetnsAttacker(args) => isolation::netns_attacker(&args),
+        Role::StalledService(args) => isolation::stalled_service(&args),
+        Role::BoundClient(args) => isolation::bound_client(&args),
+        Role::ServiceProbe(args) => isolation::service_probe(&args),
     }
-}
-
-/// Values of a repeated `--flag VALUE` option, for the roles that read
-/// their own options (`isolation.rs`).
-fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-    args.windows(2)
-        .filter(|w| w[0] == flag)
-        .map(|w| w[1].as_str())
-        .collect()
-}
-
-/// The first value of a `--flag VALUE` option (see `values`).
-fn value<'a>(args: &'a [String], flag: &str) -> Result<&'a str> {
-    values(args, flag)
-        .first()
-        .copied()
-        .with_context(|| format!("missing {flag}"))
 }
 
 fn emit(value: Value) {
