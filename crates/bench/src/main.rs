@@ -17,6 +17,7 @@ mod report;
 mod scenarios;
 mod stats;
 mod sys;
+mod wire;
 mod worker;
 
 use std::path::PathBuf;

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::stats::{median, ratios, Spread};
 use crate::sys::{self, check_interrupted, Netns, Place, Proc};
+use crate::wire;
 use crate::Scenario;
 
 /// The uid the proxies run as (what the nftables rule excludes).
@@ -510,8 +511,8 @@ fn overhead(bench: &mut Bench, sizes: &Sizes) -> Result<Overhead> {
             place,
             &["connect-loop", "--connect", SINK_DROP, "--count", &count],
         )?;
-        let report = proc.finish(Duration::from_secs(120))?;
-        let ns = report["elapsed_ns"].as_f64().context("elapsed_ns")?;
+        let report: wire::ConnectLoop = proc.finish(Duration::from_secs(120))?;
+        let ns = report.elapsed_ns as f64;
         Ok(sizes.overhead_connects as f64 / (ns / 1e9))
     };
     // Warm-up.
@@ -768,20 +769,21 @@ fn load_run(
             &ms_arg,
         ],
     )?;
-    let r = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
-    let count = r["count"].as_f64().context("count")?;
-    let errors = r["errors"].as_u64().unwrap_or(0);
+    let r: wire::Load = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
+    let errors = r.errors;
     if errors > 0 {
+        // Quoted, as the report line has it.
         eprintln!(
-            "  {}: {errors} failed connections (last: {})",
-            v.name, r["last_error"]
+            "  {}: {errors} failed connections (last: {:?})",
+            v.name,
+            r.last_error.as_deref().unwrap_or_default()
         );
     }
-    let secs = r["elapsed_ns"].as_f64().context("elapsed_ns")? / 1e9;
+    let secs = r.elapsed_ns as f64 / 1e9;
     Ok((
-        count / secs,
-        r["p50_us"].as_f64().unwrap_or(0.0),
-        r["p99_us"].as_f64().unwrap_or(0.0),
+        r.count as f64 / secs,
+        f64::from(r.p50_us),
+        f64::from(r.p99_us),
         errors,
     ))
 }
@@ -842,9 +844,9 @@ fn bulk_run(bench: &Bench, v: &Variant, bytes: u64) -> Result<f64> {
         bench.place(v),
         &["bulk", "--connect", v.bulk, "--bytes", &bytes],
     )?;
-    let r = proc.finish(Duration::from_secs(120))?;
-    let b = r["bytes"].as_f64().context("bytes")?;
-    let secs = r["elapsed_ns"].as_f64().context("elapsed_ns")? / 1e9;
+    let r: wire::Bulk = proc.finish(Duration::from_secs(120))?;
+    let b = r.bytes as f64;
+    let secs = r.elapsed_ns as f64 / 1e9;
     Ok(b * 8.0 / secs / 1e9)
 }
 
@@ -911,7 +913,7 @@ fn proxy_rss(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<([u64; 
             bench.place(v),
             &["hold", "--connect", ORIGIN_HOLD, "--count", &n.to_string()],
         )?;
-        hold.wait_report(Duration::from_secs(120))?;
+        hold.wait_report::<wire::HoldOpened>(Duration::from_secs(120))?;
         // Wait until the proxy holds both sockets of every connection and
         // has set up its relays (its descriptor count stops growing).
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -934,7 +936,7 @@ fn proxy_rss(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<([u64; 
         }
         let with = sys::rss(pid)?;
         hold.tell("close")?;
-        hold.finish(Duration::from_secs(60))?;
+        hold.finish::<wire::HoldClosed>(Duration::from_secs(60))?;
         std::thread::sleep(Duration::from_millis(1000));
         let after = sys::rss(pid)?;
         eprintln!(
@@ -1058,7 +1060,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
                 )?);
             }
             for hold in &mut holds {
-                hold.wait_report(Duration::from_secs(300))?;
+                hold.wait_report::<wire::HoldOpened>(Duration::from_secs(300))?;
             }
             let opened_in = started.elapsed();
             std::thread::sleep(Duration::from_millis(500));
@@ -1077,7 +1079,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
                 hold.tell("close")?;
             }
             for hold in holds {
-                hold.finish(Duration::from_secs(120))?;
+                hold.finish::<wire::HoldClosed>(Duration::from_secs(120))?;
             }
             std::thread::sleep(Duration::from_millis(1500));
             let slab2 = sys::slab()?;

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use connredir_host::child::ChildProcess;
 
+use crate::wire::{self, Report};
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -236,10 +238,10 @@ impl Proc {
         }
     }
 
-    /// Waits for a JSON line (the worker's report).
-    pub fn wait_report(&mut self, limit: Duration) -> Result<serde_json::Value> {
-        let line = self.wait_line(limit, |l| l.starts_with('{'))?;
-        Ok(serde_json::from_str(&line)?)
+    /// Waits for the worker's first report, of type `R`.
+    pub fn wait_report<R: Report>(&mut self, limit: Duration) -> Result<R> {
+        let line = self.wait_line(limit, wire::is_report)?;
+        Ok(R::from_line(&line)?)
     }
 
     /// Writes a line to its stdin.
@@ -247,8 +249,9 @@ impl Proc {
         self.child.write_line(line).context("stdin closed")
     }
 
-    /// Waits (up to `limit`) for it to exit successfully; returns its report.
-    pub fn finish(mut self, limit: Duration) -> Result<serde_json::Value> {
+    /// Waits (up to `limit`) for it to exit successfully; returns its last
+    /// report, of type `R`.
+    pub fn finish<R: Report>(mut self, limit: Duration) -> Result<R> {
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
@@ -267,9 +270,9 @@ impl Proc {
         let line = lines
             .iter()
             .rev()
-            .find(|l| l.starts_with('{'))
+            .find(|l| wire::is_report(l))
             .with_context(|| format!("{} printed no report", self.what))?;
-        Ok(serde_json::from_str(line)?)
+        Ok(R::from_line(line)?)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The programs the benchmark runs inside its cgroups and namespaces: the
-//! same executable, started again with `worker <role>`. Each role prints one
-//! JSON line (its report) on stdout; servers print `ready` first.
+//! same executable, started again with `worker <role>`. The roles report on
+//! stdout, each report a [`crate::wire`] type on one JSON line; servers
+//! print `ready` instead.
 
 use std::io::BufRead;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -8,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
-use serde_json::json;
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::wire::{self, Report};
 
 /// The small request of the proxied-connection scenario: an HTTP request,
 /// so the proxy's inspection recognises it.
@@ -130,8 +132,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn emit(value: serde_json::Value) {
-    println!("{value}");
+/// Prints `report` as its line, for the driver.
+fn emit(report: &impl Report) {
+    println!("{}", report.to_line());
 }
 
 /// Connects and closes `count` times with a reset on close (no TIME_WAIT
@@ -143,7 +146,10 @@ fn connect_loop(addr: SocketAddr, count: u64) -> Result<()> {
         socket.set_linger(Some(Duration::ZERO))?;
         socket.connect(&addr.into())?;
     }
-    emit(json!({ "count": count, "elapsed_ns": start.elapsed().as_nanos() as u64 }));
+    emit(&wire::ConnectLoop {
+        count,
+        elapsed_ns: start.elapsed().as_nanos() as u64,
+    });
     Ok(())
 }
 
@@ -288,14 +294,14 @@ async fn load(addr: SocketAddr, concurrency: usize, duration: Duration) -> Resul
     }
     let elapsed = start.elapsed();
     all.sort_unstable();
-    emit(json!({
-        "count": all.len(),
-        "errors": errors,
-        "last_error": last_error,
-        "elapsed_ns": elapsed.as_nanos() as u64,
-        "p50_us": percentile(&all, 0.50),
-        "p99_us": percentile(&all, 0.99),
-    }));
+    emit(&wire::Load {
+        count: all.len() as u64,
+        elapsed_ns: elapsed.as_nanos() as u64,
+        errors,
+        last_error,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+    });
     Ok(())
 }
 
@@ -314,7 +320,10 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
     }
     let elapsed = start.elapsed();
     anyhow::ensure!(got == bytes, "got {got} bytes of {bytes}");
-    emit(json!({ "bytes": got, "elapsed_ns": elapsed.as_nanos() as u64 }));
+    emit(&wire::Bulk {
+        bytes: got,
+        elapsed_ns: elapsed.as_nanos() as u64,
+    });
     Ok(())
 }
 
@@ -357,10 +366,15 @@ fn hold(addr: SocketAddr, count: usize, sources: &[Ipv4Addr]) -> Result<()> {
         socket.set_linger(Some(Duration::ZERO))?;
         open.push(socket);
     }
-    emit(json!({ "opened": open.len(), "elapsed_ns": start.elapsed().as_nanos() as u64 }));
+    emit(&wire::HoldOpened {
+        elapsed_ns: start.elapsed().as_nanos() as u64,
+        opened: open.len() as u64,
+    });
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     drop(open);
-    emit(json!({ "closed": count }));
+    emit(&wire::HoldClosed {
+        closed: count as u64,
+    });
     Ok(())
 }
