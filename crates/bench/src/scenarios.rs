@@ -973,26 +973,6 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
     // share the address (SO_REUSEPORT), several clients share the work.
     let per_process = (nofile.saturating_sub(500) as usize).min(20_000) * 2 / 3;
     let processes = n.div_ceil(per_process).max(1);
-    let mut sinks = Vec::new();
-    for _ in 0..processes + 1 {
-        let mut sink = bench.worker(
-            Place {
-                cgroup: &sink_cgroup,
-                netns: Some(&mem),
-                uid: None,
-            },
-            &[
-                "server",
-                "--listen",
-                sink_addr,
-                "--mode",
-                "hold",
-                "--reuseport",
-            ],
-        )?;
-        sink.wait_line(Duration::from_secs(10), |l| l == "ready")?;
-        sinks.push(sink);
-    }
     // The maps of the engines loaded before this one (other scenarios).
     let others = sys::maps_memlock()?;
     let mut engine = Engine::load()?;
@@ -1014,6 +994,29 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         ports: vec![9..=9],
         ..Rule::tcp_to(service)
     })?;
+    // The sinks start after their service is registered, so the bind
+    // program marks their listeners as the service's own (a listener bound
+    // earlier in another network namespace would count as down).
+    let mut sinks = Vec::new();
+    for _ in 0..processes + 1 {
+        let mut sink = bench.worker(
+            Place {
+                cgroup: &sink_cgroup,
+                netns: Some(&mem),
+                uid: None,
+            },
+            &[
+                "server",
+                "--listen",
+                sink_addr,
+                "--mode",
+                "hold",
+                "--reuseport",
+            ],
+        )?;
+        sink.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        sinks.push(sink);
+    }
     // 4 source addresses × up to 64,512 ports each.
     let sources = ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13"];
     let mut slab = [Vec::new(), Vec::new()];
