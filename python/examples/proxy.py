@@ -5,7 +5,8 @@ connection (and one more per direction).
 For each connection the layer redirects to it: accept, read the records and
 the original destination, open the onward socket, hand it the records,
 connect, and relay both ways. When the connection ends it prints one JSON
-line: the chain of services, the flow id, the client, the bytes each way.
+line: the chain of services, the flow id, the client, the redirect context,
+the bytes each way.
 
     python3 proxy.py --name inspector --listen 127.0.0.1:15001
 
@@ -60,6 +61,7 @@ def handle(client: socket.socket, peer, name: str, service_id) -> None:
         "client": None,
         "original_dst": None,
         "chain": [],
+        "context": None,
         "state": connredir.RedirectState.NOT_REDIRECTED.value,
         "bytes_up": 0,
         "bytes_down": 0,
@@ -85,6 +87,14 @@ def handle(client: socket.socket, peer, name: str, service_id) -> None:
             }
             if service_id is not None:
                 entry["state"] = records.state_for(service_id).value
+            try:
+                # The default context is the original destination (and the
+                # local address); a service's own context is its bytes.
+                context = connredir.query_context(client)
+                decoded = context.original_addresses()
+                entry["context"] = str(decoded[0]) if decoded else len(context.data)
+            except connredir.AccessDenied:
+                pass
         try:
             dst = connredir.original_destination(client)
         except OSError:

@@ -342,6 +342,11 @@ fn a_python_proxy_and_the_reference_proxy_chain_in_both_orders() {
         assert_eq!(py["chain"], py_chain, "{order}: {py}");
         assert_eq!(rust["chain"], rust_chain, "{order}: {rust}");
         assert_eq!(py["state"], "redirected_by_self", "{order}: {py}");
+        assert_eq!(
+            py["context"],
+            dst.to_string(),
+            "{order}: the default context: {py}"
+        );
         for entry in [py, rust] {
             assert_eq!(entry["verdict"], "allow", "{order}: {entry}");
             assert_eq!(entry["original_dst"], dst.to_string(), "{order}: {entry}");
