@@ -4,11 +4,15 @@
 //! committed (`crates/abi/src/generated/`) so building connredir-abi needs
 //! no C toolchain. `cargo run -p connredir-abi-codegen` rewrites them, and
 //! this package's test fails while the committed files differ from what
-//! the headers give.
+//! the headers give. The Python package's constants and layouts
+//! (`python/connredir/_abi.py`) are made from the `uapi.h` bindings the
+//! same way ([`python`]).
 
 #![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
+
+pub mod python;
 
 /// The command that rewrites the generated files, for messages and headers.
 pub const COMMAND: &str = "cargo run -p connredir-abi-codegen";

@@ -1,4 +1,5 @@
-//! Rewrites connredir-abi's generated bindings from its C headers.
+//! Rewrites connredir-abi's generated bindings from its C headers, and the
+//! Python package's `_abi.py` from the `uapi.h` bindings.
 
 use std::process::ExitCode;
 
@@ -18,5 +19,18 @@ fn main() -> ExitCode {
         }
         println!("wrote {}", path.display());
     }
+    let path = connredir_abi_codegen::python::python_output_path();
+    let text = match connredir_abi_codegen::python::generate_python() {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("wrote {}", path.display());
     ExitCode::SUCCESS
 }
