@@ -91,7 +91,7 @@ enum Command {
         scope: Option<String>,
         /// A configuration file whose first scope cgroup to run in, instead
         /// of asking the running engine.
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", conflicts_with = "scope")]
         config: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
