@@ -915,3 +915,156 @@ fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
     assert_eq!(attached(&bpftool, &svc.cgroup("scope")).len(), PER_CGROUP);
     stop(up);
 }
+
+#[test]
+fn run_takes_its_scope_from_the_running_engine_without_a_configuration_file() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("runscope", server.addr(), proxy_addr) else {
+        return;
+    };
+    let _up = svc.up();
+    let proxy = svc.start_proxy(proxy_addr);
+    // `run` gets no --config and no --scope; the file `up` read is gone,
+    // so only the engine can name the scope.
+    let config_text = std::fs::read_to_string(&svc.config).unwrap();
+    std::fs::remove_file(&svc.config).unwrap();
+    let empty = std::env::temp_dir().join(format!("connredir-runscope-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = |command: &[&str]| {
+        let mut args = vec!["run".to_string()];
+        args.extend(svc.places());
+        args.push("--".into());
+        args.extend(command.iter().map(|s| s.to_string()));
+        Command::new(workspace_bin("connredir"))
+            .args(&args)
+            .current_dir(&empty)
+            .output()
+            .unwrap()
+    };
+
+    // The command runs in a cgroup of its own inside the engine's first
+    // scope cgroup, removed afterwards.
+    let out = run(&["cat", "/proc/self/cgroup"]);
+    assert!(out.status.success(), "{out:?}");
+    let cgroup = String::from_utf8_lossy(&out.stdout);
+    let root = connredir_testkit::cgroup2_root().unwrap();
+    let scope = svc.cgroup("scope");
+    let relative = scope.strip_prefix(&root).unwrap().display().to_string();
+    assert!(
+        cgroup.contains(&format!("/{relative}/connredir-run-")),
+        "{cgroup} is not below {relative}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&scope)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("connredir-run-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // An unprivileged client started by `run` goes through the service.
+    let testkit = connredir_testkit::testkit_bin();
+    let server_addr = server.addr().to_string();
+    let out = run(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        testkit.to_str().unwrap(),
+        "client",
+        "--connect",
+        &server_addr,
+        "--bytes",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let logged = connredir_testkit::eventually("the proxy's report", || {
+        proxy.json_lines().into_iter().next()
+    });
+    assert_eq!(logged["original_dst"], server_addr, "{logged}");
+    assert_eq!(server.accepted().len(), 1);
+    // The exit status is the command's.
+    assert_eq!(run(&["sh", "-c", "exit 7"]).status.code(), Some(7));
+    std::fs::write(&svc.config, config_text).unwrap();
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[test]
+fn up_creates_a_missing_scope_cgroup_and_down_removes_only_that_one() {
+    let Some(bpftool) = require_program("mkscope", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("mkscope", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    // The scope names two levels that do not exist below the test's tree;
+    // `services` exists (the operator's own) and must stay.
+    let fresh = svc.tree.root().join("fresh");
+    let inner = fresh.join("inner");
+    let scope = svc.cgroup("scope");
+    let text = std::fs::read_to_string(&svc.config).unwrap().replacen(
+        &format!("\"{}\"", scope.display()),
+        &format!("\"{}\"", inner.display()),
+        1,
+    );
+    std::fs::write(&svc.config, text).unwrap();
+    let checked = svc.command(&["check", svc.config.to_str().unwrap()]);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(
+        String::from_utf8_lossy(&checked.stderr).contains(&format!(
+            "scope cgroup {} does not exist: `connredir up` will create it",
+            inner.display()
+        )),
+        "{checked:?}"
+    );
+
+    let up = svc.up();
+    assert!(inner.join("cgroup.procs").exists());
+    assert_eq!(attached(&bpftool, &inner).len(), PER_CGROUP);
+    stop(up);
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    let said = String::from_utf8_lossy(&down.stdout);
+    assert!(
+        said.contains(&format!("removed the scope cgroup {}", inner.display()))
+            && said.contains(&format!("removed the scope cgroup {}", fresh.display())),
+        "{said}"
+    );
+    assert!(!fresh.exists(), "the created cgroups are gone");
+    assert!(
+        svc.cgroup("services").exists(),
+        "the operator's cgroup stays"
+    );
+
+    // A created cgroup someone uses at `down` stays, and stays on the
+    // record: the next `down` removes it once it is empty.
+    let _up = svc.up();
+    let busy = svc.cgroup("fresh/inner/busy");
+    stop(_up);
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(inner.exists() && fresh.exists(), "a cgroup in use is kept");
+    std::fs::remove_dir(&busy).unwrap();
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(!fresh.exists(), "removed once empty: {down:?}");
+
+    // A cgroup made again at a recorded path by someone else is theirs.
+    let up = svc.up();
+    stop(up);
+    std::fs::remove_dir(&inner).unwrap();
+    std::fs::remove_dir(&fresh).unwrap();
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::create_dir(&inner).unwrap();
+    let down = svc.command(&["down"]);
+    let kept = inner.exists() && fresh.exists();
+    let _ = std::fs::remove_dir(&inner);
+    let _ = std::fs::remove_dir(&fresh);
+    assert!(down.status.success(), "{down:?}");
+    assert!(kept, "a cgroup someone made again was removed: {down:?}");
+}
