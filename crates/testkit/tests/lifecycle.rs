@@ -665,6 +665,14 @@ fn failing_configs(
     let root = svc.tree.root().display().to_string();
     let scope = svc.cgroup("scope").display().to_string();
     let inner = svc.cgroup("scope/inner").display().to_string();
+    let plain = svc
+        .config
+        .parent()
+        .unwrap()
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string();
     let scope_line = good.lines().nth(1).unwrap().to_string();
     let with_scope = |extra: &str| {
         good.replace(
@@ -687,10 +695,30 @@ fn failing_configs(
     );
     vec![
         (
-            "missing-cgroup.toml",
-            with_scope(&format!("{root}/missing")),
+            // A directory, but no cgroup: fails where the programs attach.
+            "not-a-cgroup.toml",
+            with_scope(&plain),
             vec![],
-            format!("{root}/missing"),
+            format!("{plain}: not a cgroup v2 directory"),
+        ),
+        (
+            // A scope cgroup `up` creates, then a later step fails: the
+            // created cgroup goes again (checked by the callers).
+            "created-cgroup.toml",
+            format!(
+                "{}\n[[service]]\nname = \"ghost\"\nlisten = [\"{ghost}\"]\nidentity = {{ cgroups = [\"{root}/gone\"] }}\n",
+                with_scope(&format!("{root}/missing")),
+                ghost = free_addr("127.0.0.1"),
+            ),
+            vec![],
+            format!("{root}/gone"),
+        ),
+        (
+            // A missing scope cgroup `up` may not create: outside cgroup v2.
+            "uncreatable-cgroup.toml",
+            with_scope(&format!("{plain}/missing")),
+            vec![],
+            format!("scope cgroup {plain}/missing does not exist, and connredir creates scope cgroups only below the cgroup v2 root"),
         ),
         (
             "overlapping.toml",
@@ -806,6 +834,10 @@ fn a_failed_first_up_leaves_nothing_behind() {
         }
         assert!(!svc.pin_dir.exists(), "{name}: pins left behind");
         assert!(
+            !svc.tree.root().join("missing").exists(),
+            "{name}: the created scope cgroup was left behind"
+        );
+        assert!(
             !svc.state_dir.join("control.sock").exists(),
             "{name}: control socket left behind"
         );
@@ -852,6 +884,10 @@ fn a_failed_takeover_leaves_the_previous_layer_as_it_was() {
             assert_eq!(was, is, "{name} changed the layer");
         }
         assert!(!svc.state_dir.join("control.sock").exists(), "{name}");
+        assert!(
+            !svc.tree.root().join("missing").exists(),
+            "{name}: the created scope cgroup was left behind"
+        );
     }
 
     // The previous layer still works, and a good up takes it over.
