@@ -277,8 +277,11 @@ fn init_logs(command: &Command) -> Result<()> {
     };
     match command {
         Command::Demo { log: Some(path) } => {
-            let file = std::fs::File::create(path)
+            // Emptied, then written in append mode: the proxies append
+            // their lines to the same file, and nothing overwrites them.
+            std::fs::File::create(path)
                 .with_context(|| format!("cannot create the log file {}", path.display()))?;
+            let file = std::fs::OpenOptions::new().append(true).open(path)?;
             tracing_subscriber::fmt()
                 .with_env_filter(filter("info"))
                 .with_ansi(false)
