@@ -68,7 +68,11 @@ enum Command {
         #[arg(long, value_name = "GROUP")]
         control_group: Option<String>,
     },
-    /// Stop a running `up` and remove everything it attached and pinned.
+    /// Stop a running `up` and remove everything it attached and pinned,
+    /// and the scope cgroups it created (those still empty; never a cgroup
+    /// it did not create).
+    ///
+    /// Example: connredir down
     Down,
     /// Run a command with its connections going through the redirect layer:
     /// it and its children run in a fresh cgroup inside the scope (so it

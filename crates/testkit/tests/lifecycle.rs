@@ -1104,3 +1104,66 @@ fn up_creates_a_missing_scope_cgroup_and_down_removes_only_that_one() {
     assert!(down.status.success(), "{down:?}");
     assert!(kept, "a cgroup someone made again was removed: {down:?}");
 }
+
+#[test]
+fn doctor_knows_the_layers_own_programs_and_a_service_that_does_not_listen() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("doctor-own", server.addr(), proxy_addr) else {
+        return;
+    };
+    let _up = svc.up();
+    let doctor = || -> Value {
+        let out = svc.command(&["doctor", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let scope = svc.cgroup("scope").display().to_string();
+    let report = doctor();
+    assert_eq!(report["engine"]["running"], true, "{report:#}");
+    assert_eq!(report["engine"]["scope_from"], "engine");
+    assert_eq!(report["cgroups"][0]["path"], scope);
+    let programs = report["cgroups"][0]["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), PER_CGROUP, "{report:#}");
+    assert!(programs.iter().all(|p| p["ours"] == true), "{report:#}");
+    let about_scope = |report: &Value| -> Vec<Value> {
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["area"] == "bpf" && f["what"].as_str().unwrap().contains(&scope))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(about_scope(&report), Vec::<Value>::new());
+    // The proxy is not started: its service does not listen, and its rule
+    // refuses (on_down = block).
+    assert_eq!(report["services"][0]["up"], false, "{report:#}");
+    let down: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["area"] == "service")
+        .collect();
+    assert_eq!(down.len(), 1, "{report:#}");
+    assert_eq!(down[0]["severity"], "warning");
+    assert!(
+        down[0]["what"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("service proxy does not listen on {proxy_addr}")),
+        "{report:#}"
+    );
+
+    let _proxy = svc.start_proxy(proxy_addr);
+    let report = doctor();
+    assert_eq!(report["services"][0]["up"], true, "{report:#}");
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["area"] != "service"),
+        "{report:#}"
+    );
+}

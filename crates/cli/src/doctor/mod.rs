@@ -98,9 +98,11 @@ pub struct Kernel {
     pub bpffs: bool,
     /// Whether the kernel has BTF (`/sys/kernel/btf/vmlinux`).
     pub btf: bool,
-    /// Whether the layer's programs load (connect4/6 and bind4/6 as
-    /// cgroup_sock_addr, sock_ops, get/setsockopt as cgroup_sockopt,
-    /// sk_msg), and why not. Null when it could not be tried (not root).
+    /// The program types the layer loads (and attaches), all probed at
+    /// once by loading the layer's object.
+    pub program_types: Vec<&'static str>,
+    /// Whether the layer's programs load, verifier and all. Null when it
+    /// could not be tried (not root, or no cgroup v2).
     pub programs_load: Option<bool>,
     /// The loader's error when they do not.
     pub load_error: Option<String>,
@@ -248,6 +250,14 @@ pub fn examine(places: &Places, config: Option<&Path>) -> Report {
     }
 }
 
+/// The layer's program types and what each is for.
+const PROGRAM_TYPES: &[&str] = &[
+    "cgroup_sock_addr (connect4, connect6, bind4, bind6)",
+    "sock_ops",
+    "cgroup_sockopt (getsockopt, setsockopt)",
+    "sk_msg (on the accel_socks sockhash)",
+];
+
 fn kernel(root: bool, places: &Places, findings: &mut Vec<Finding>) -> Kernel {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|r| r.trim().to_string())
@@ -316,6 +326,7 @@ fn kernel(root: bool, places: &Places, findings: &mut Vec<Finding>) -> Kernel {
     };
     Kernel {
         release,
+        program_types: PROGRAM_TYPES.to_vec(),
         cgroup2,
         bpffs,
         btf,
@@ -391,6 +402,17 @@ fn engine(
                 ),
             });
         }
+    } else if let (Err(error), true) = (&status, state.control_socket.exists()) {
+        // Something is there but did not answer us: refused (not root, not
+        // in the control group), or an `up` that died without cleaning up.
+        findings.push(Finding {
+            severity: Severity::Warning,
+            area: Area::Engine,
+            what: format!("the control socket did not answer: {error:#}"),
+            advice: "run doctor as root (or as a member of the control group); if no \
+                     `connredir up` runs, start one: it replaces the stale socket"
+                .into(),
+        });
     } else {
         findings.push(Finding {
             severity: Severity::Info,
