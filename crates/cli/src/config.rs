@@ -46,6 +46,52 @@ fn located(name: &str, text: &str, at: Option<usize>, message: &str) -> anyhow::
     anyhow!("{name}, line {line}{key}: {message}\n  {line:>4} | {source}")
 }
 
+/// Like [`located`], for a value that may sit on a line of its own inside
+/// an array: the key is named by the caller.
+fn located_key(name: &str, text: &str, at: Option<usize>, key: &str, message: &str) -> String {
+    let Some(at) = at else {
+        return format!("{name}, key `{key}`: {message}");
+    };
+    let at = at.min(text.len());
+    let line = text[..at].matches('\n').count() + 1;
+    let source = text.lines().nth(line - 1).unwrap_or("");
+    format!("{name}, line {line}, key `{key}`: {message}\n  {line:>4} | {source}")
+}
+
+/// Why a scope cgroup of the file will not simply be attached on this
+/// machine, if it will not: it does not exist (then `up` creates it), or
+/// it is not a cgroup v2 directory (then `up` stops on it).
+pub fn scope_cgroup_problem(cgroup: &Path, root: Option<&Path>) -> Option<String> {
+    if cgroup.join("cgroup.procs").exists() {
+        return None;
+    }
+    let shown = cgroup.display();
+    if cgroup.exists() {
+        return Some(format!(
+            "scope cgroup {shown} is not a cgroup v2 directory: `connredir up` will stop on it; \
+             name a directory of the cgroup v2 hierarchy"
+        ));
+    }
+    let Some(root) = root else {
+        return Some(format!(
+            "scope cgroup {shown} does not exist, and cgroup v2 is not mounted here: \
+             `connredir up` needs the unified hierarchy (usually /sys/fs/cgroup)"
+        ));
+    };
+    if !crate::lifecycle::creatable_below(cgroup, root) {
+        return Some(format!(
+            "scope cgroup {shown} does not exist and is not below the cgroup v2 root {}: \
+             `connredir up` will stop on it; name a directory below {}",
+            root.display(),
+            root.display()
+        ));
+    }
+    Some(format!(
+        "scope cgroup {shown} does not exist: `connredir up` will create it \
+         (and `connredir down` remove it again while empty)"
+    ))
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -409,6 +455,34 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// What only this machine makes a problem, one message per scope
+    /// cgroup ("NAME, line N, key `cgroups`: ..." and the line): a cgroup
+    /// that does not exist yet (`up` creates it), or one `up` cannot use.
+    /// `text` is the file's text, for where each cgroup is written.
+    pub fn scope_warnings(&self, text: &str, name: &str) -> Vec<String> {
+        #[derive(Default, Deserialize)]
+        struct File {
+            #[serde(default)]
+            scope: ScopeCgroups,
+        }
+        #[derive(Default, Deserialize)]
+        struct ScopeCgroups {
+            #[serde(default)]
+            cgroups: Vec<toml::Spanned<String>>,
+        }
+        let spans: File = toml::from_str(text).unwrap_or_default();
+        let root = connredir_host::cgroup::cgroup2_root();
+        let mut warnings = Vec::new();
+        for (i, cgroup) in self.scope.cgroups.iter().enumerate() {
+            let Some(message) = scope_cgroup_problem(cgroup, root.as_deref()) else {
+                continue;
+            };
+            let at = spans.scope.cgroups.get(i).map(|s| s.span().start);
+            warnings.push(located_key(name, text, at, "cgroups", &message));
+        }
+        warnings
     }
 
     /// The services, as the engine takes them.

@@ -6,10 +6,14 @@
 //! scanner, then the recorder, then reaches the origin; each proxy reports
 //! what it saw and the chain of services in the records. Then everything is
 //! torn down.
+//!
+//! It prints its report alone: the engine's log lines go where `main` sends
+//! them (nowhere below `warn`, or the `--log` file), and the proxies'
+//! stderr to the same file, or nowhere unless RUST_LOG asks for logs.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -74,11 +78,28 @@ fn start_origin() -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Where the proxies' log lines (their stderr) go: the `--log` file, the
+/// demo's stderr when RUST_LOG asks for logs, else nowhere.
+fn proxy_log(log: Option<&Path>) -> Result<Stdio> {
+    match log {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log file {}", path.display()))?;
+            Ok(file.into())
+        }
+        None if std::env::var_os("RUST_LOG").is_some() => Ok(Stdio::inherit()),
+        None => Ok(Stdio::null()),
+    }
+}
+
 fn start_proxy(
     engine: &mut Engine,
     tree: &CgroupTree,
     origin: SocketAddr,
     (name, priority): (&'static str, u32),
+    log: Option<&Path>,
 ) -> Result<RunningProxy> {
     let cgroup = tree.cgroup(&format!("services/{name}"))?;
     let listen = free_port("127.0.0.1")?;
@@ -103,7 +124,8 @@ fn start_proxy(
     let mut command = Command::new(proxy_binary()?);
     command
         .args(["--name", name, "--listen", &listen.to_string()])
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stderr(proxy_log(log)?);
     let child =
         ChildProcess::spawn(&mut command, &cgroup, None).context("start connredir-proxy")?;
     let proxy = RunningProxy {
@@ -227,8 +249,9 @@ fn describe(entry: &LogEntry, names: &[(ServiceId, &str)]) -> String {
     )
 }
 
-/// Runs the demo and tears everything down, also on failure.
-pub fn run() -> Result<()> {
+/// Runs the demo and tears everything down, also on failure; `log`: the
+/// file the engine's log already goes to, for the proxies' logs too.
+pub fn run(log: Option<&Path>) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -245,7 +268,7 @@ pub fn run() -> Result<()> {
 
     let mut proxies = Vec::new();
     for spec in PROXIES {
-        proxies.push(start_proxy(&mut engine, &tree, origin, spec)?);
+        proxies.push(start_proxy(&mut engine, &tree, origin, spec, log)?);
     }
     println!("connredir demo: two independent inspection proxies, one flow, no loop\n");
     println!("  origin    http://{origin}/ (a local web server)");

@@ -4,6 +4,10 @@
 //! not drop redirected connections, and a new `up` takes over without a
 //! moment in which rules are missing. `down` removes what `up` pinned and
 //! attached, and nothing else. A lock file keeps two `up`s from running.
+//!
+//! A scope cgroup that does not exist is created by `up`, which records it
+//! (path and cgroup id) in the state directory; `down` removes the recorded
+//! ones that are still the same cgroup and empty, and never any other.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -14,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use connredir_engine::{ensure_bpffs, Engine};
+use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::info;
 
@@ -110,6 +115,186 @@ fn holder(file: &mut File) -> Option<i32> {
     text.trim().parse().ok()
 }
 
+/// The file in the state directory that lists the scope cgroups `up`
+/// created.
+const CREATED_FILE: &str = "created-cgroups.json";
+
+/// A cgroup `up` created: its path, and its id (inode), so that a cgroup
+/// someone made again at the same path is not taken for ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CreatedCgroup {
+    path: PathBuf,
+    id: u64,
+}
+
+/// The cgroups recorded in `state_dir` (none when the file is absent).
+fn created_cgroups(state_dir: &Path) -> Vec<CreatedCgroup> {
+    std::fs::read(state_dir.join(CREATED_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Writes the record (removes the file when it lists nothing), replacing
+/// it in one step.
+fn record_created(state_dir: &Path, cgroups: &[CreatedCgroup]) -> Result<()> {
+    let path = state_dir.join(CREATED_FILE);
+    if cgroups.is_empty() {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => return Ok(()),
+        }
+    }
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, serde_json::to_vec_pretty(cgroups)?)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Whether `up` may create `cgroup`: a plain path strictly below the
+/// cgroup v2 root `root` (no `.` or `..` to step out of it).
+pub fn creatable_below(cgroup: &Path, root: &Path) -> bool {
+    use std::path::Component;
+    cgroup != root
+        && cgroup.starts_with(root)
+        && cgroup
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// The scope cgroups this `up` created; unless [`ScopeCreated::keep`] is
+/// called (the layer is up), dropping it removes them again and takes them
+/// off the record, so a failed `up` leaves no cgroup behind either.
+struct ScopeCreated {
+    state_dir: PathBuf,
+    made: Vec<CreatedCgroup>,
+    keep: bool,
+}
+
+impl ScopeCreated {
+    /// Creates the configuration's scope cgroups that do not exist (and
+    /// their missing parents, below the cgroup v2 root), records each in
+    /// the state directory before going on, and says so in the log.
+    fn create(config: &Config, state_dir: &Path) -> Result<ScopeCreated> {
+        let mut created = ScopeCreated {
+            state_dir: state_dir.to_owned(),
+            made: Vec::new(),
+            keep: false,
+        };
+        let missing: Vec<&PathBuf> = config
+            .scope
+            .cgroups
+            .iter()
+            .filter(|c| !c.exists())
+            .collect();
+        if missing.is_empty() {
+            return Ok(created);
+        }
+        let root = connredir_host::cgroup::cgroup2_root().context(
+            "cgroup v2 is not mounted (connredir needs the unified hierarchy, usually at /sys/fs/cgroup)",
+        )?;
+        let mut record = created_cgroups(state_dir);
+        for cgroup in missing {
+            if !creatable_below(cgroup, &root) {
+                bail!(
+                    "scope cgroup {} does not exist, and connredir creates scope cgroups only \
+                     below the cgroup v2 root {}: create it, or name one below {}",
+                    cgroup.display(),
+                    root.display(),
+                    root.display()
+                );
+            }
+            // Parents first, so each missing level is recorded and removed.
+            let mut levels: Vec<&Path> = cgroup
+                .ancestors()
+                .take_while(|p| *p != root.as_path())
+                .filter(|p| !p.exists())
+                .collect();
+            levels.reverse();
+            for level in levels {
+                std::fs::create_dir(level).with_context(|| {
+                    format!("cannot create the scope cgroup {}", level.display())
+                })?;
+                let id = connredir_host::cgroup::cgroup_id(level)?;
+                let made = CreatedCgroup {
+                    path: level.to_owned(),
+                    id,
+                };
+                created.made.push(made.clone());
+                record.push(made);
+                record_created(state_dir, &record)?;
+                info!(
+                    cgroup = %level.display(),
+                    "created the scope cgroup, which did not exist; `connredir down` removes it while empty"
+                );
+            }
+        }
+        Ok(created)
+    }
+
+    /// The layer is up: the cgroups stay (until `down`).
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for ScopeCreated {
+    fn drop(&mut self) {
+        if self.keep || self.made.is_empty() {
+            return;
+        }
+        let removed: Vec<&CreatedCgroup> = self
+            .made
+            .iter()
+            .rev()
+            .filter(|c| std::fs::remove_dir(&c.path).is_ok())
+            .collect();
+        let record: Vec<CreatedCgroup> = created_cgroups(&self.state_dir)
+            .into_iter()
+            .filter(|c| !removed.contains(&c))
+            .collect();
+        let _ = record_created(&self.state_dir, &record);
+    }
+}
+
+/// After the layer is down: removes the scope cgroups `up` created that are
+/// still the cgroup it created (same id) and empty, deepest first; keeps
+/// the others on the record. Returns the removed paths.
+fn remove_created(state_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut record = created_cgroups(state_dir);
+    // Deepest first: a child's removal lets its parent go.
+    record.sort_by_key(|c| std::cmp::Reverse(c.path.components().count()));
+    let mut kept = Vec::new();
+    let mut removed = Vec::new();
+    for cgroup in record {
+        match connredir_host::cgroup::cgroup_id(&cgroup.path) {
+            // Gone, or someone else's cgroup now: not ours to keep or remove.
+            Err(_) => continue,
+            Ok(id) if id != cgroup.id => continue,
+            Ok(_) => {}
+        }
+        match std::fs::remove_dir(&cgroup.path) {
+            Ok(()) => {
+                info!(cgroup = %cgroup.path.display(), "removed the scope cgroup `connredir up` created");
+                removed.push(cgroup.path);
+            }
+            Err(e) => {
+                // Processes or child cgroups inside: someone uses it now.
+                tracing::warn!(
+                    cgroup = %cgroup.path.display(),
+                    error = %e,
+                    "kept the scope cgroup `connredir up` created: it is not empty"
+                );
+                kept.push(cgroup);
+            }
+        }
+    }
+    record_created(state_dir, &kept)?;
+    Ok(removed)
+}
+
 /// Applies the configuration to an engine (fresh or taking over).
 fn apply(engine: &mut Engine, config: &Config) -> Result<()> {
     for cgroup in config.scope.resolve()? {
@@ -152,6 +337,7 @@ pub fn up(
     if let Some(bpffs) = places.pin_dir.parent() {
         ensure_bpffs(bpffs)?;
     }
+    let scope_created = ScopeCreated::create(config, &places.state_dir)?;
     let fresh = !places.pin_dir.exists();
     // Both undo themselves on failure: load_pinned removes what it pinned,
     // and an engine dropped before its takeover is finished restores the
@@ -168,6 +354,7 @@ pub fn up(
             return Err(e);
         }
     };
+    scope_created.keep();
     info!(
         services = engine.services().count(),
         rules = engine.rules().count(),
@@ -276,5 +463,11 @@ pub fn down(places: &Places) -> Result<()> {
         "connredir is down: removed {removed} pinned maps and links from {}",
         places.pin_dir.display()
     );
+    for cgroup in remove_created(&places.state_dir)? {
+        println!(
+            "removed the scope cgroup {} (created by `connredir up`)",
+            cgroup.display()
+        );
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod config;
 mod control;
 mod demo;
+mod doctor;
 mod lifecycle;
 mod metrics;
 mod process;
@@ -35,7 +36,18 @@ enum Command {
     /// Show the whole facility on this machine, on loopback only: a web
     /// server, two inspection proxies that each see the same request once,
     /// and curl; prints what each proxy saw, then removes everything.
-    Demo,
+    ///
+    /// Only the report is printed; the engine's and the proxies' logs are
+    /// left out (RUST_LOG=debug shows them on stderr), or written to a file.
+    ///
+    /// Examples:
+    ///   connredir demo
+    ///   connredir demo --log /tmp/connredir-demo.log
+    Demo {
+        /// Write the engine's and the proxies' log lines to this file.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
     /// Attach the redirect layer as the configuration says and run until
     /// Ctrl-C or SIGTERM. Maps and links are pinned in bpffs, so the layer
     /// stays attached when `up` stops or restarts (a new `up` takes over
@@ -56,22 +68,35 @@ enum Command {
         #[arg(long, value_name = "GROUP")]
         control_group: Option<String>,
     },
-    /// Stop a running `up` and remove everything it attached and pinned.
+    /// Stop a running `up` and remove everything it attached and pinned,
+    /// and the scope cgroups it created (those still empty; never a cgroup
+    /// it did not create).
+    ///
+    /// Example: connredir down
     Down,
     /// Run a command with its connections going through the redirect layer:
     /// it and its children run in a fresh cgroup inside the scope (so it
     /// works for statically linked programs too), removed when it ends.
     /// Exits with the command's status.
     ///
-    /// Example: connredir run -- curl https://example.com/
+    /// The scope is, in this order: --scope; the first scope cgroup of
+    /// --config; the first scope cgroup of the running `connredir up`
+    /// (asked over its control socket); the first of
+    /// /etc/connredir/connredir.toml.
+    ///
+    /// Examples:
+    ///   connredir run -- curl https://example.com/
+    ///   connredir run --scope /sys/fs/cgroup/inspected -- ./client
+    ///   connredir run --config my.toml -- wget -O- http://example.com/
     Run {
         /// The scope to run in: a cgroup v2 directory, or a systemd unit
-        /// (default: the first of the configuration's [scope]).
+        /// (default: the running engine's first scope cgroup).
         #[arg(long, value_name = "CGROUP|UNIT")]
         scope: Option<String>,
-        /// The configuration file that names the scope.
-        #[arg(long, short, default_value = "/etc/connredir/connredir.toml")]
-        config: PathBuf,
+        /// A configuration file whose first scope cgroup to run in, instead
+        /// of asking the running engine.
+        #[arg(long, short, value_name = "FILE", conflicts_with = "scope")]
+        config: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         command: Vec<String>,
@@ -115,10 +140,39 @@ enum Command {
         #[command(subcommand)]
         action: RuleAction,
     },
-    /// Check a configuration file without attaching anything.
+    /// Check a configuration file without attaching anything. Mistakes are
+    /// errors (exit status 1, with the file, line and key); what only this
+    /// machine makes a problem, such as a scope cgroup that does not exist
+    /// yet (`up` creates it), is a warning on stderr (exit status 0).
+    ///
+    /// Example: connredir check /etc/connredir/connredir.toml
     Check {
         /// The configuration file.
         file: PathBuf,
+    },
+    /// Find what keeps the redirect layer from working here, and what else
+    /// intercepts connections: BPF programs attached to the scope's cgroups
+    /// and their ancestors, nftables and iptables REDIRECT, TPROXY and DNAT
+    /// rules, policy-routing rules, services that do not listen, and the
+    /// kernel features the layer needs (cgroup v2, bpffs, BTF, and its
+    /// programs, probed by loading them). Each finding says what to do.
+    ///
+    /// The scope is the running engine's, or --config's. Netfilter and
+    /// routing are read in the network namespace doctor runs in. Exit
+    /// status 1 when something blocks the layer, else 0.
+    ///
+    /// Examples:
+    ///   connredir doctor
+    ///   connredir doctor --config /etc/connredir/connredir.toml --json
+    ///   nsenter --net=/run/netns/blue connredir doctor
+    Doctor {
+        /// Take the scope from this configuration file instead of the
+        /// running engine.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -218,19 +272,63 @@ fn main() {
     }
 }
 
+/// Logs go to stderr at `info` (RUST_LOG chooses otherwise), except for
+/// the demo and the doctor, whose output is their report: there only
+/// warnings, or everything at `info` into the demo's `--log` file.
+fn init_logs(command: &Command) -> Result<()> {
+    let filter = |default: &str| {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into())
+    };
+    match command {
+        Command::Demo { log: Some(path) } => {
+            // Emptied, then written in append mode: the proxies append
+            // their lines to the same file, and nothing overwrites them.
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create the log file {}", path.display()))?;
+            let file = std::fs::OpenOptions::new().append(true).open(path)?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter("info"))
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        Command::Demo { log: None } | Command::Doctor { .. } => tracing_subscriber::fmt()
+            .with_env_filter(filter("warn"))
+            .with_writer(std::io::stderr)
+            .init(),
+        _ => tracing_subscriber::fmt()
+            .with_env_filter(filter("info"))
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
+}
+
 fn real_main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(&cli.command)?;
     let places = cli.places;
     match cli.command {
-        Command::Demo => demo::run(),
+        Command::Demo { log } => demo::run(log.as_deref()),
+        Command::Doctor { config, json } => {
+            let report = doctor::examine(&places, config.as_deref());
+            if json {
+                print_json(&report)?;
+            } else {
+                doctor::print(&report);
+            }
+            if report.blocked {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Check { file } => {
-            let config = Config::load(&file)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let config = Config::parse(&text, &file.display().to_string())?;
+            for warning in config.scope_warnings(&text, &file.display().to_string()) {
+                eprintln!("warning: {warning}");
+            }
             let scope = &config.scope;
             let scope = if scope.host {
                 "the whole host".to_string()
@@ -281,21 +379,7 @@ fn real_main() -> Result<()> {
             config,
             command,
         } => {
-            let scope = match scope {
-                Some(scope) if scope.contains('/') => PathBuf::from(scope),
-                Some(unit) => config::Scope {
-                    units: vec![unit],
-                    ..Default::default()
-                }
-                .resolve()?
-                .remove(0),
-                None => Config::load(&config)?
-                    .scope
-                    .resolve()?
-                    .first()
-                    .cloned()
-                    .context("the configuration names no scope cgroup")?,
-            };
+            let scope = run::scope(scope, config.as_deref(), &places)?;
             let status = run::run(&scope, &command)?;
             std::process::exit(status);
         }

@@ -157,3 +157,90 @@ fn a_missing_file_says_so() {
         "error: cannot read absent.toml: No such file or directory (os error 2)\n"
     );
 }
+
+/// Where cgroup v2 is mounted, as /proc/self/mountinfo says.
+fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+#[test]
+fn a_scope_cgroup_this_machine_lacks_is_a_warning_with_file_line_and_key() {
+    let root = cgroup2_root();
+    let absent = match &root {
+        Some(root) => root.join(format!("connredir-check-absent-{}", std::process::id())),
+        None => PathBuf::from("/sys/fs/cgroup/connredir-check-absent"),
+    };
+    let text = GOOD.replace(
+        "cgroups = [\"/sys/fs/cgroup/apps\"]",
+        &format!(
+            "cgroups = [\n  \"{}\",\n  \"{}\",\n]",
+            std::env::temp_dir().display(),
+            absent.display()
+        ),
+    );
+    let (ok, out, err) = check(&file("absent-scope.toml", &text));
+    assert!(ok, "a warning is no error: {err}");
+    assert_eq!(
+        out,
+        "absent-scope.toml: ok (2 cgroups and 0 systemd units in scope, 2 services, 2 rules)\n"
+    );
+    let not_cgroup = format!(
+        "warning: absent-scope.toml, line 3, key `cgroups`: scope cgroup {tmp} is not a cgroup \
+         v2 directory: `connredir up` will stop on it; name a directory of the cgroup v2 \
+         hierarchy\n     3 |   \"{tmp}\",\n",
+        tmp = std::env::temp_dir().display()
+    );
+    let missing = match &root {
+        Some(_) => format!(
+            "warning: absent-scope.toml, line 4, key `cgroups`: scope cgroup {a} does not \
+             exist: `connredir up` will create it (and `connredir down` remove it again while \
+             empty)\n     4 |   \"{a}\",\n",
+            a = absent.display()
+        ),
+        None => format!(
+            "warning: absent-scope.toml, line 4, key `cgroups`: scope cgroup {a} does not \
+             exist, and cgroup v2 is not mounted here: `connredir up` needs the unified \
+             hierarchy (usually /sys/fs/cgroup)\n     4 |   \"{a}\",\n",
+            a = absent.display()
+        ),
+    };
+    assert_eq!(err, format!("{not_cgroup}{missing}"));
+}
+
+#[test]
+fn an_existing_scope_cgroup_gets_no_warning() {
+    let Some(root) = cgroup2_root() else {
+        // Nothing exists to name; the warning test covers this machine.
+        return;
+    };
+    let text = GOOD.replace("/sys/fs/cgroup/apps", &root.display().to_string());
+    let (ok, _, err) = check(&file("existing-scope.toml", &text));
+    assert!(ok, "{err}");
+    assert_eq!(err, "");
+}
+
+#[test]
+fn a_scope_cgroup_outside_the_hierarchy_cannot_be_created() {
+    let Some(root) = cgroup2_root() else {
+        return;
+    };
+    let outside = root.join("..").join("connredir-check-outside");
+    let text = GOOD.replace("/sys/fs/cgroup/apps", &outside.display().to_string());
+    let (ok, _, err) = check(&file("outside-scope.toml", &text));
+    assert!(ok, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "warning: outside-scope.toml, line 2, key `cgroups`: scope cgroup {} does not \
+             exist and is not below the cgroup v2 root {}: `connredir up` will stop on it",
+            outside.display(),
+            root.display()
+        )),
+        "{err}"
+    );
+}

@@ -665,6 +665,14 @@ fn failing_configs(
     let root = svc.tree.root().display().to_string();
     let scope = svc.cgroup("scope").display().to_string();
     let inner = svc.cgroup("scope/inner").display().to_string();
+    let plain = svc
+        .config
+        .parent()
+        .unwrap()
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string();
     let scope_line = good.lines().nth(1).unwrap().to_string();
     let with_scope = |extra: &str| {
         good.replace(
@@ -687,10 +695,30 @@ fn failing_configs(
     );
     vec![
         (
-            "missing-cgroup.toml",
-            with_scope(&format!("{root}/missing")),
+            // A directory, but no cgroup: fails where the programs attach.
+            "not-a-cgroup.toml",
+            with_scope(&plain),
             vec![],
-            format!("{root}/missing"),
+            format!("{plain}: not a cgroup v2 directory"),
+        ),
+        (
+            // A scope cgroup `up` creates, then a later step fails: the
+            // created cgroup goes again (checked by the callers).
+            "created-cgroup.toml",
+            format!(
+                "{}\n[[service]]\nname = \"ghost\"\nlisten = [\"{ghost}\"]\nidentity = {{ cgroups = [\"{root}/gone\"] }}\n",
+                with_scope(&format!("{root}/missing")),
+                ghost = free_addr("127.0.0.1"),
+            ),
+            vec![],
+            format!("{root}/gone"),
+        ),
+        (
+            // A missing scope cgroup `up` may not create: outside cgroup v2.
+            "uncreatable-cgroup.toml",
+            with_scope(&format!("{plain}/missing")),
+            vec![],
+            format!("scope cgroup {plain}/missing does not exist, and connredir creates scope cgroups only below the cgroup v2 root"),
         ),
         (
             "overlapping.toml",
@@ -806,6 +834,10 @@ fn a_failed_first_up_leaves_nothing_behind() {
         }
         assert!(!svc.pin_dir.exists(), "{name}: pins left behind");
         assert!(
+            !svc.tree.root().join("missing").exists(),
+            "{name}: the created scope cgroup was left behind"
+        );
+        assert!(
             !svc.state_dir.join("control.sock").exists(),
             "{name}: control socket left behind"
         );
@@ -852,6 +884,10 @@ fn a_failed_takeover_leaves_the_previous_layer_as_it_was() {
             assert_eq!(was, is, "{name} changed the layer");
         }
         assert!(!svc.state_dir.join("control.sock").exists(), "{name}");
+        assert!(
+            !svc.tree.root().join("missing").exists(),
+            "{name}: the created scope cgroup was left behind"
+        );
     }
 
     // The previous layer still works, and a good up takes it over.
@@ -914,4 +950,220 @@ fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
     );
     assert_eq!(attached(&bpftool, &svc.cgroup("scope")).len(), PER_CGROUP);
     stop(up);
+}
+
+#[test]
+fn run_takes_its_scope_from_the_running_engine_without_a_configuration_file() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("runscope", server.addr(), proxy_addr) else {
+        return;
+    };
+    let _up = svc.up();
+    let proxy = svc.start_proxy(proxy_addr);
+    // `run` gets no --config and no --scope; the file `up` read is gone,
+    // so only the engine can name the scope.
+    let config_text = std::fs::read_to_string(&svc.config).unwrap();
+    std::fs::remove_file(&svc.config).unwrap();
+    let empty = std::env::temp_dir().join(format!("connredir-runscope-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = |command: &[&str]| {
+        let mut args = vec!["run".to_string()];
+        args.extend(svc.places());
+        args.push("--".into());
+        args.extend(command.iter().map(|s| s.to_string()));
+        Command::new(workspace_bin("connredir"))
+            .args(&args)
+            .current_dir(&empty)
+            .output()
+            .unwrap()
+    };
+
+    // The command runs in a cgroup of its own inside the engine's first
+    // scope cgroup, removed afterwards.
+    let out = run(&["cat", "/proc/self/cgroup"]);
+    assert!(out.status.success(), "{out:?}");
+    let cgroup = String::from_utf8_lossy(&out.stdout);
+    let root = connredir_testkit::cgroup2_root().unwrap();
+    let scope = svc.cgroup("scope");
+    let relative = scope.strip_prefix(&root).unwrap().display().to_string();
+    assert!(
+        cgroup.contains(&format!("/{relative}/connredir-run-")),
+        "{cgroup} is not below {relative}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&scope)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("connredir-run-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // An unprivileged client started by `run` goes through the service.
+    let testkit = connredir_testkit::testkit_bin();
+    let server_addr = server.addr().to_string();
+    let out = run(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        testkit.to_str().unwrap(),
+        "client",
+        "--connect",
+        &server_addr,
+        "--bytes",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let logged = connredir_testkit::eventually("the proxy's report", || {
+        proxy.json_lines().into_iter().next()
+    });
+    assert_eq!(logged["original_dst"], server_addr, "{logged}");
+    assert_eq!(server.accepted().len(), 1);
+    // The exit status is the command's.
+    assert_eq!(run(&["sh", "-c", "exit 7"]).status.code(), Some(7));
+    std::fs::write(&svc.config, config_text).unwrap();
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[test]
+fn up_creates_a_missing_scope_cgroup_and_down_removes_only_that_one() {
+    let Some(bpftool) = require_program("mkscope", "bpftool") else {
+        return;
+    };
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("mkscope", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    // The scope names two levels that do not exist below the test's tree;
+    // `services` exists (the operator's own) and must stay.
+    let fresh = svc.tree.root().join("fresh");
+    let inner = fresh.join("inner");
+    let scope = svc.cgroup("scope");
+    let text = std::fs::read_to_string(&svc.config).unwrap().replacen(
+        &format!("\"{}\"", scope.display()),
+        &format!("\"{}\"", inner.display()),
+        1,
+    );
+    std::fs::write(&svc.config, text).unwrap();
+    let checked = svc.command(&["check", svc.config.to_str().unwrap()]);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(
+        String::from_utf8_lossy(&checked.stderr).contains(&format!(
+            "scope cgroup {} does not exist: `connredir up` will create it",
+            inner.display()
+        )),
+        "{checked:?}"
+    );
+
+    let up = svc.up();
+    assert!(inner.join("cgroup.procs").exists());
+    assert_eq!(attached(&bpftool, &inner).len(), PER_CGROUP);
+    stop(up);
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    let said = String::from_utf8_lossy(&down.stdout);
+    assert!(
+        said.contains(&format!("removed the scope cgroup {}", inner.display()))
+            && said.contains(&format!("removed the scope cgroup {}", fresh.display())),
+        "{said}"
+    );
+    assert!(!fresh.exists(), "the created cgroups are gone");
+    assert!(
+        svc.cgroup("services").exists(),
+        "the operator's cgroup stays"
+    );
+
+    // A created cgroup someone uses at `down` stays, and stays on the
+    // record: the next `down` removes it once it is empty.
+    let _up = svc.up();
+    let busy = svc.cgroup("fresh/inner/busy");
+    stop(_up);
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(inner.exists() && fresh.exists(), "a cgroup in use is kept");
+    std::fs::remove_dir(&busy).unwrap();
+    let down = svc.command(&["down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(!fresh.exists(), "removed once empty: {down:?}");
+
+    // A cgroup made again at a recorded path by someone else is theirs.
+    let up = svc.up();
+    stop(up);
+    std::fs::remove_dir(&inner).unwrap();
+    std::fs::remove_dir(&fresh).unwrap();
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::create_dir(&inner).unwrap();
+    let down = svc.command(&["down"]);
+    let kept = inner.exists() && fresh.exists();
+    let _ = std::fs::remove_dir(&inner);
+    let _ = std::fs::remove_dir(&fresh);
+    assert!(down.status.success(), "{down:?}");
+    assert!(kept, "a cgroup someone made again was removed: {down:?}");
+}
+
+#[test]
+fn doctor_knows_the_layers_own_programs_and_a_service_that_does_not_listen() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("doctor-own", server.addr(), proxy_addr) else {
+        return;
+    };
+    let _up = svc.up();
+    let doctor = || -> Value {
+        let out = svc.command(&["doctor", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let scope = svc.cgroup("scope").display().to_string();
+    let report = doctor();
+    assert_eq!(report["engine"]["running"], true, "{report:#}");
+    assert_eq!(report["engine"]["scope_from"], "engine");
+    assert_eq!(report["cgroups"][0]["path"], scope);
+    let programs = report["cgroups"][0]["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), PER_CGROUP, "{report:#}");
+    assert!(programs.iter().all(|p| p["ours"] == true), "{report:#}");
+    let about_scope = |report: &Value| -> Vec<Value> {
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["area"] == "bpf" && f["what"].as_str().unwrap().contains(&scope))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(about_scope(&report), Vec::<Value>::new());
+    // The proxy is not started: its service does not listen, and its rule
+    // refuses (on_down = block).
+    assert_eq!(report["services"][0]["up"], false, "{report:#}");
+    let down: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["area"] == "service")
+        .collect();
+    assert_eq!(down.len(), 1, "{report:#}");
+    assert_eq!(down[0]["severity"], "warning");
+    assert!(
+        down[0]["what"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("service proxy does not listen on {proxy_addr}")),
+        "{report:#}"
+    );
+
+    let _proxy = svc.start_proxy(proxy_addr);
+    let report = doctor();
+    assert_eq!(report["services"][0]["up"], true, "{report:#}");
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["area"] != "service"),
+        "{report:#}"
+    );
 }
