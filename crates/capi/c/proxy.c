@@ -221,8 +221,12 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (connredir_registered_service(listener, &self_id) < 0) {
-		fprintf(stderr, "%s is not a registered connredir service: %s\n", argv[2],
-			strerror(errno));
+		if (errno == EOPNOTSUPP)
+			fprintf(stderr, "the connredir layer is not active for this process: is "
+					"`connredir up` running, and is this process in its scope?\n");
+		else
+			fprintf(stderr, "%s is not a registered connredir service: %s\n", argv[2],
+				strerror(errno));
 		return 2;
 	}
 	printf("ready\n");

@@ -45,7 +45,8 @@
  *   other       as the system call answered (EBADF, ...)
  *
  * The calls are synchronous and thread-safe; none keeps the descriptor.
- * The layer redirects TCP connections only: there are no UDP flows to query.
+ * The calls cover redirected TCP connections; the connredir library this
+ * wraps has no UDP flows to ask about yet, so neither has this one.
  */
 #ifndef CONNREDIR_H
 #define CONNREDIR_H
