@@ -155,6 +155,8 @@ pub async fn front(
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut serial = 0u64;
     let mut refused = Refused::default();
+    // Flow sockets that could not be opened since the last warning.
+    let (mut failed, mut failed_warned) = (0u64, None);
     let mut tick = tokio::time::interval(REFUSED_EVERY);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -202,8 +204,14 @@ pub async fn front(
             Ok(client) => client,
             Err(e) => {
                 // Out of descriptors and the like: this datagram is lost,
-                // the client's next one tries again.
-                warn!(%peer, error = %e, "cannot open a UDP flow socket");
+                // the client's next one tries again. Warned at most once
+                // per REFUSED_EVERY: a flood must not flood stderr.
+                failed += 1;
+                if failed_warned.is_none_or(|at: Instant| at.elapsed() >= REFUSED_EVERY) {
+                    warn!(%peer, error = %e, failed, "cannot open UDP flow sockets");
+                    failed = 0;
+                    failed_warned = Some(Instant::now());
+                }
                 continue;
             }
         };
@@ -366,8 +374,6 @@ impl<'a> Flow<'a> {
         closing: impl Future<Output = ()>,
     ) {
         tokio::pin!(closing);
-        let mut up = vec![0u8; MAX_DATAGRAM];
-        let mut down = vec![0u8; MAX_DATAGRAM];
         let mut last = Instant::now();
         let mut result = self.up(&first).await;
         let idle = self.udp.idle_timeout;
@@ -376,9 +382,9 @@ impl<'a> Flow<'a> {
                 Mode::Relay { server, .. } => Some(server),
                 Mode::Drop => None,
             };
-            let from_server = async {
+            let server_ready = async {
                 match server {
-                    Some(server) => server.recv(&mut down).await,
+                    Some(server) => server.readable().await,
                     None => std::future::pending().await,
                 }
             };
@@ -391,10 +397,13 @@ impl<'a> Flow<'a> {
                     self.end_reason(&format!("idle for {idle:?}"));
                     break;
                 }
-                received = self.client.recv(&mut up) => {
-                    last = Instant::now();
-                    result = match received {
-                        Ok(n) => self.up(&up[..n]).await,
+                ready = self.client.readable() => {
+                    result = match ready.and_then(|()| take(&self.client)) {
+                        Ok(Some(datagram)) => {
+                            last = Instant::now();
+                            self.up(&datagram).await
+                        }
+                        Ok(None) => Ok(()),
                         Err(e) => Err(Ended::Client(self.peer, e)),
                     };
                 }
@@ -402,11 +411,17 @@ impl<'a> Flow<'a> {
                     last = Instant::now();
                     result = self.up(&datagram).await;
                 }
-                received = from_server => {
-                    last = Instant::now();
+                ready = server_ready => {
                     let dst = self.dst.expect("relaying flows have a destination");
-                    result = match received {
-                        Ok(n) => self.down(&down[..n]).await,
+                    let Mode::Relay { server, .. } = &self.mode else {
+                        unreachable!("only relaying flows wait for the server")
+                    };
+                    result = match ready.and_then(|()| take(server)) {
+                        Ok(Some(datagram)) => {
+                            last = Instant::now();
+                            self.down(&datagram).await
+                        }
+                        Ok(None) => Ok(()),
                         Err(e) => Err(Ended::Server(dst, e)),
                     };
                 }
@@ -614,6 +629,21 @@ impl<'a> Flow<'a> {
     }
 }
 
+/// Takes the datagram waiting on `socket`, if any (`None`: the readiness
+/// was spurious). It is read into this thread's buffer, large enough for
+/// any datagram, and copied out at its size: a flow waiting for datagrams
+/// holds no buffer (two of 64 KiB per flow would be 128 MiB at 1024 flows).
+fn take(socket: &UdpSocket) -> io::Result<Option<Vec<u8>>> {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM]);
+    }
+    BUFFER.with_borrow_mut(|buf| match socket.try_recv(buf) {
+        Ok(n) => Ok(Some(buf[..n].to_vec())),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    })
+}
+
 /// The onward socket: the destination's family, the records set before
 /// `connect` (what keeps the flow from coming back here), connected.
 fn onward(
@@ -675,7 +705,13 @@ mod tests {
         watch::Sender<Phase>,
         mpsc::Receiver<()>,
     ) {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // The proxy listens in the upstream's family.
+        let any = if upstream.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let listener = bind(any.parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let sink = Arc::new(LogSink::memory());
         let (phase, phase_rx) = watch::channel(Phase::Running);
@@ -719,7 +755,12 @@ mod tests {
     }
 
     async fn client(to: SocketAddr) -> UdpSocket {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let any = if to.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let socket = UdpSocket::bind(any).await.unwrap();
         socket.connect(to).await.unwrap();
         socket
     }
@@ -766,6 +807,26 @@ mod tests {
         assert_eq!(flow["verdict"], "allow");
         assert_eq!(flow["reason"], "idle for 300ms");
         assert_eq!(flow["original_dst"], echo.to_string());
+    }
+
+    #[tokio::test]
+    async fn ipv6_flows_are_relayed() {
+        let socket = UdpSocket::bind("[::1]:0").await.unwrap();
+        let echo = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
+        });
+        let (proxy, _sink, _phase, _done) =
+            start(&[], false, echo, 4, Duration::from_secs(5)).await;
+        assert!(proxy.is_ipv6());
+        let c = client(proxy).await;
+        for _ in 0..3 {
+            c.send(b"over six").await.unwrap();
+            assert_eq!(recv(&c).await.as_deref(), Some(&b"over six"[..]));
+        }
     }
 
     #[tokio::test]
