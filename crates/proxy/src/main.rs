@@ -128,7 +128,7 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     udp_upstream: Option<SocketAddr>,
     /// UDP flows to this destination port are read as DNS; repeat for
-    /// several (default 53).
+    /// several.
     #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
     dns_ports: Vec<u16>,
     /// How a DNS query denied by a dns rule is answered.
@@ -181,7 +181,8 @@ struct Cli {
     no_cut_through: bool,
     /// Run without the connredir layer: do not require each --listen address
     /// to be a registered service, and find destinations with SO_ORIGINAL_DST
-    /// only (e.g. behind iptables REDIRECT), without redirect records.
+    /// only (e.g. behind iptables REDIRECT), without redirect records; UDP
+    /// flows go to --udp-upstream, which is then required with --udp-listen.
     #[arg(long)]
     standalone: bool,
 }
@@ -692,6 +693,19 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("--standalone"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn udp_without_the_layer_needs_an_upstream() {
+        let args = ["x", "--name=p", "--standalone", "--udp-listen=127.0.0.1:0"];
+        let err = run(Cli::try_parse_from(args).unwrap()).await.unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref::<StartupError>(),
+                Some(StartupError::UdpNeedsUpstream)
+            ),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]
