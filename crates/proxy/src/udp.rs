@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -87,9 +88,50 @@ fn socket(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocket> 
     UdpSocket::from_std(socket.into())
 }
 
-/// Binds a listening UDP socket (see [`socket`]).
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic; the libc crate names it for
+/// Android only).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Binds a listening UDP socket (see [`socket`]), and makes it the one the
+/// kernel picks among this address's unconnected sockets.
+///
+/// A flow's socket is bound before it is connected: in between it is an
+/// unconnected member of the address's SO_REUSEPORT group, and the kernel
+/// would hand some new clients' datagrams to it by hash (they would then
+/// sit in the wrong flow's queue). A classic BPF program on the group that
+/// always answers index 0 (the listener, the group's first socket, there
+/// for the proxy's life) sends every datagram no connected socket matches
+/// to the listener. Where it cannot be attached, flows still drop
+/// datagrams from anybody but their client ([`take`]).
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    socket(addr, None)
+    let socket = socket(addr, None)?;
+    let program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: setsockopt with a valid sock_fprog on a socket we own; the
+    // kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        warn!(%addr, error = %io::Error::last_os_error(),
+              "cannot steer new clients to the listening UDP socket; \
+               datagrams that reach a flow just opened for another client are dropped");
+    }
+    Ok(socket)
 }
 
 /// Refusals at the flow limit, for the log.
@@ -254,7 +296,8 @@ struct Pending {
     sent: Instant,
 }
 
-/// One flow's state; its sockets live in `run`.
+/// One flow: its client's socket, where it goes and how (with the onward
+/// socket), its DNS queries waiting for answers, and its counts.
 struct Flow<'a> {
     client: UdpSocket,
     peer: SocketAddr,
@@ -398,7 +441,7 @@ impl<'a> Flow<'a> {
                     break;
                 }
                 ready = self.client.readable() => {
-                    result = match ready.and_then(|()| take(&self.client)) {
+                    result = match ready.and_then(|()| take(&self.client, Some(self.peer))) {
                         Ok(Some(datagram)) => {
                             last = Instant::now();
                             self.up(&datagram).await
@@ -416,7 +459,7 @@ impl<'a> Flow<'a> {
                     let Mode::Relay { server, .. } = &self.mode else {
                         unreachable!("only relaying flows wait for the server")
                     };
-                    result = match ready.and_then(|()| take(server)) {
+                    result = match ready.and_then(|()| take(server, None)) {
                         Ok(Some(datagram)) => {
                             last = Instant::now();
                             self.down(&datagram).await
@@ -630,15 +673,24 @@ impl<'a> Flow<'a> {
 }
 
 /// Takes the datagram waiting on `socket`, if any (`None`: the readiness
-/// was spurious). It is read into this thread's buffer, large enough for
-/// any datagram, and copied out at its size: a flow waiting for datagrams
-/// holds no buffer (two of 64 KiB per flow would be 128 MiB at 1024 flows).
-fn take(socket: &UdpSocket) -> io::Result<Option<Vec<u8>>> {
+/// was spurious, or the datagram was not from `only`). It is read into
+/// this thread's buffer, large enough for any datagram, and copied out at
+/// its size: a flow waiting for datagrams holds no buffer (two of 64 KiB
+/// per flow would be 128 MiB at 1024 flows).
+///
+/// `only`: the flow's client. A datagram another client sent while the
+/// flow's socket was bound but not yet connected may sit in its queue (see
+/// [`bind`]); it is dropped, never relayed as this client's.
+fn take(socket: &UdpSocket, only: Option<SocketAddr>) -> io::Result<Option<Vec<u8>>> {
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM]);
     }
-    BUFFER.with_borrow_mut(|buf| match socket.try_recv(buf) {
-        Ok(n) => Ok(Some(buf[..n].to_vec())),
+    BUFFER.with_borrow_mut(|buf| match socket.try_recv_from(buf) {
+        Ok((_, from)) if only.is_some_and(|peer| peer != from) => {
+            debug!(%from, "dropping a datagram of another client");
+            Ok(None)
+        }
+        Ok((n, _)) => Ok(Some(buf[..n].to_vec())),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     })
@@ -807,6 +859,29 @@ mod tests {
         assert_eq!(flow["verdict"], "allow");
         assert_eq!(flow["reason"], "idle for 300ms");
         assert_eq!(flow["original_dst"], echo.to_string());
+    }
+
+    #[tokio::test]
+    async fn new_clients_reach_the_listener_not_a_flow_socket_not_yet_connected() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A flow's socket between bind and connect.
+        let fresh = socket(addr, None).unwrap();
+        for _ in 0..64 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.send_to(b"new", addr).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 8];
+        let mut at_listener = 0;
+        while listener.try_recv_from(&mut buf).is_ok() {
+            at_listener += 1;
+        }
+        assert!(
+            fresh.try_recv_from(&mut buf).is_err(),
+            "a datagram reached the fresh socket"
+        );
+        assert_eq!(at_listener, 64);
     }
 
     #[tokio::test]
