@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::time::{Duration, SystemTime};
 
 use connredir::{RedirectContext, RedirectRecords, RedirectState, ServiceId};
@@ -66,11 +67,12 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    /// Asks the layer about `stream`, accepted on `listener`. Failures are
-    /// normal (no layer, or not the redirecting service): they leave fields
-    /// empty. With records this is one getsockopt, two when the records say
-    /// this proxy's service redirected the flow (the context).
-    pub fn query(stream: &TcpStream, listener: &Listener) -> Redirect {
+    /// Asks the layer about `stream`, accepted on `listener` (or a UDP
+    /// flow's socket, connected to its client). Failures are normal (no
+    /// layer, or not the redirecting service): they leave fields empty.
+    /// With records this is one getsockopt, two when the records say this
+    /// proxy's service redirected the flow (the context).
+    pub fn query(stream: &impl AsFd, listener: &Listener) -> Redirect {
         let records = match connredir::query_records(stream) {
             Ok(records) => Some(records),
             // No layer here, or a connection it did not redirect.
@@ -130,7 +132,7 @@ impl Redirect {
 impl Redirect {
     /// Without the layer (`--standalone`): the destination from
     /// SO_ORIGINAL_DST (conntrack's answer), no records and no context.
-    pub fn original_destination_only(stream: &TcpStream) -> Redirect {
+    pub fn original_destination_only(stream: &impl AsFd) -> Redirect {
         match connredir::original_destination(stream) {
             Ok(dst) => Redirect {
                 destination: Some(dst),
@@ -140,6 +142,43 @@ impl Redirect {
                 problem: Some(format!("no original destination: {e}")),
                 ..Redirect::default()
             },
+        }
+    }
+}
+
+/// The fields every log line about a flow takes from its records.
+#[derive(Debug, Clone, Default)]
+pub struct Who {
+    /// The client process.
+    pub client: Option<log::Client>,
+    /// The flow's id (the first hop's local address).
+    pub flow: Option<String>,
+    /// Service ids, oldest first.
+    pub chain: Vec<u32>,
+    /// The context, when this proxy may read it.
+    pub context: Option<log::Context>,
+}
+
+impl Redirect {
+    /// The log fields from the records and context (empty without them).
+    pub fn who(&self) -> Who {
+        let records = self.records.as_ref();
+        Who {
+            client: records.map(|r| log::Client {
+                pid: r.client().pid,
+                uid: r.client().uid,
+                cgroup_id: r.client().cgroup_id,
+                command: self.command.clone(),
+            }),
+            flow: records
+                .and_then(|r| r.hops().next())
+                .and_then(|hop| hop.local)
+                .map(|local| local.to_string()),
+            chain: records.map_or_else(Vec::new, |r| r.chain().iter().map(|s| s.0).collect()),
+            context: self.context.as_ref().map(|c| match c.original_addresses() {
+                Some((remote, _)) => log::Context::Destination(remote.to_string()),
+                None => log::Context::Length(c.as_bytes().len()),
+            }),
         }
     }
 }
@@ -248,21 +287,13 @@ fn log_line(
     verdict: Verdict,
     reason: Option<String>,
 ) -> ConnectionLog {
-    let records = redirect.records.as_ref();
+    let who = redirect.who();
     ConnectionLog {
         time: log::rfc3339(SystemTime::now()),
         proxy: settings.name.clone(),
-        client: records.map(|r| log::Client {
-            pid: r.client().pid,
-            uid: r.client().uid,
-            cgroup_id: r.client().cgroup_id,
-            command: redirect.command.clone(),
-        }),
+        client: who.client,
         peer: peer.to_string(),
-        flow: records
-            .and_then(|r| r.hops().next())
-            .and_then(|hop| hop.local)
-            .map(|local| local.to_string()),
+        flow: who.flow,
         original_dst: redirect.destination.map(|d| d.to_string()),
         server_name: seen.inspection.server_name,
         http: seen.inspection.http,
@@ -271,14 +302,8 @@ fn log_line(
         bytes_down: traffic.down(),
         cut_through: traffic.cut_through(),
         duration_ms: started.elapsed().as_millis() as u64,
-        chain: records.map_or_else(Vec::new, |r| r.chain().iter().map(|s| s.0).collect()),
-        context: redirect
-            .context
-            .as_ref()
-            .map(|c| match c.original_addresses() {
-                Some((remote, _)) => log::Context::Destination(remote.to_string()),
-                None => log::Context::Length(c.as_bytes().len()),
-            }),
+        chain: who.chain,
+        context: who.context,
         verdict,
         reason,
     }

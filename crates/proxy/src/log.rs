@@ -1,5 +1,8 @@
 //! The connection log: one JSON object per line, per connection, written
-//! when the connection ends.
+//! when the connection ends. UDP adds three shapes, told apart by their
+//! fields: a flow's line ([`UdpFlowLog`], `"protocol": "udp"`), a DNS
+//! query's ([`DnsQueryLog`], with `"dns"`), and the flows refused at the
+//! flow limit ([`FlowsRefusedLog`], with `"refused_datagrams"`).
 
 use std::fs::OpenOptions;
 use std::io::{self, LineWriter, Write};
@@ -97,27 +100,186 @@ pub struct ConnectionLog {
     pub reason: Option<String>,
 }
 
+/// One UDP flow (a client address and its destination), written when it
+/// ends (idle, shutdown, or an error).
+#[derive(Debug, Clone, Serialize)]
+pub struct UdpFlowLog {
+    /// When the flow ended, RFC 3339 UTC.
+    pub time: String,
+    /// This proxy's `--name`.
+    pub proxy: String,
+    /// Always `udp`.
+    pub protocol: crate::policy::Protocol,
+    /// Who opened the flow; null without records.
+    pub client: Option<Client>,
+    /// The client socket's address.
+    pub peer: String,
+    /// The flow's id, as for TCP; null without records.
+    pub flow: Option<String>,
+    /// Where the flow was going (or `--udp-upstream`).
+    pub original_dst: Option<String>,
+    /// Datagrams client → server, relayed.
+    pub datagrams_up: u64,
+    /// Datagrams to the client (the server's, or the proxy's DNS answers).
+    pub datagrams_down: u64,
+    /// Datagrams from the client not relayed (denied flow or query, or no
+    /// destination).
+    pub dropped: u64,
+    /// Bytes client → server.
+    pub bytes_up: u64,
+    /// Bytes to the client.
+    pub bytes_down: u64,
+    /// DNS queries seen (each has its own line); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dns_queries: u64,
+    /// From the first datagram to the end.
+    pub duration_ms: u64,
+    /// Service ids from the records, oldest first.
+    pub chain: Vec<u32>,
+    /// The redirect context, when this proxy may read it.
+    pub context: Option<Context>,
+    /// allow, deny or error.
+    pub verdict: Verdict,
+    /// The deciding rule, or why the flow ended.
+    pub reason: Option<String>,
+}
+
+/// What a DNS query asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsQuestion {
+    /// The message id.
+    pub id: Option<u16>,
+    /// The name asked for (the first question's), null when the query could
+    /// not be read.
+    pub name: Option<String>,
+    /// Its type (`A`, `AAAA`, ...), null when the query could not be read.
+    #[serde(rename = "type")]
+    pub qtype: Option<String>,
+    /// The answer's response code (`NOERROR`, `NXDOMAIN`, `REFUSED`, ...):
+    /// the server's, or the proxy's own for a denied query; null when no
+    /// answer came (see `reason`).
+    pub rcode: Option<String>,
+}
+
+/// One DNS query of a UDP flow to port 53, written when its answer passes
+/// (or the proxy answers it, or no answer came before the flow ended).
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsQueryLog {
+    /// When the answer passed, RFC 3339 UTC.
+    pub time: String,
+    /// This proxy's `--name`.
+    pub proxy: String,
+    /// Always `udp`.
+    pub protocol: crate::policy::Protocol,
+    /// Who asked; null without records.
+    pub client: Option<Client>,
+    /// The client socket's address.
+    pub peer: String,
+    /// The flow's id; null without records.
+    pub flow: Option<String>,
+    /// The DNS server the query was going to.
+    pub original_dst: Option<String>,
+    /// The query and its answer.
+    pub dns: DnsQuestion,
+    /// From the query to its answer; null without one.
+    pub duration_ms: Option<u64>,
+    /// Service ids from the records, oldest first.
+    pub chain: Vec<u32>,
+    /// allow or deny.
+    pub verdict: Verdict,
+    /// The deciding rule, or what was wrong with the query.
+    pub reason: Option<String>,
+}
+
+/// Datagrams from new client addresses dropped at `--max-udp-flows`: one
+/// line on the first, then at most one per 10 s with the count since the
+/// last line, and one at shutdown.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowsRefusedLog {
+    /// When written, RFC 3339 UTC.
+    pub time: String,
+    /// This proxy's `--name`.
+    pub proxy: String,
+    /// Always `udp`.
+    pub protocol: crate::policy::Protocol,
+    /// The UDP address they came to.
+    pub listen: String,
+    /// How many, since the previous such line.
+    pub refused_datagrams: u64,
+    /// How many since the proxy started.
+    pub refused_total: u64,
+    /// Always deny.
+    pub verdict: Verdict,
+    /// The limit.
+    pub reason: String,
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
 /// Where log lines go; shared by all connections, one line at a time.
-pub struct LogSink(Mutex<Box<dyn Write + Send>>);
+pub struct LogSink(Mutex<Box<dyn Write + Send>>, #[cfg(test)] Option<Memory>);
+
+/// Lines kept in memory, for tests.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub struct Memory(std::sync::Arc<Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for Memory {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl LogSink {
+    /// Lines kept in memory.
+    pub fn memory() -> LogSink {
+        let memory = Memory::default();
+        LogSink(Mutex::new(Box::new(memory.clone())), Some(memory))
+    }
+
+    /// The lines written so far, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let memory = self.1.as_ref().expect("a memory sink");
+        let bytes = memory.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
 
 impl LogSink {
     /// Lines to stdout.
     pub fn stdout() -> LogSink {
-        LogSink(Mutex::new(Box::new(io::stdout())))
+        LogSink(
+            Mutex::new(Box::new(io::stdout())),
+            #[cfg(test)]
+            None,
+        )
     }
 
     /// Lines appended to `path` (created when missing).
     pub fn file(path: &Path) -> io::Result<LogSink> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(LogSink(Mutex::new(Box::new(LineWriter::new(file)))))
+        Ok(LogSink(
+            Mutex::new(Box::new(LineWriter::new(file))),
+            #[cfg(test)]
+            None,
+        ))
     }
 
     /// Writes one line; a failure is reported, never fatal.
-    pub fn write(&self, entry: &ConnectionLog) {
+    pub fn write(&self, entry: &impl Serialize) {
         let mut line = serde_json::to_vec(entry).expect("log entries serialize");
         line.push(b'\n');
         let mut out = self

@@ -7,11 +7,13 @@
 //! stop accepting, let connections drain, then close the rest.
 
 mod conn;
+mod dns;
 mod http;
 mod inspect;
 mod log;
 mod policy;
 mod relay;
+mod udp;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use connredir::ServiceId;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
@@ -30,12 +32,14 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{info, warn};
 
 use crate::conn::{Listener, Redirect, Settings};
+use crate::dns::DenyAnswer;
 use crate::log::LogSink;
 use crate::policy::{Policy, Rule};
 use crate::relay::Mode;
+use crate::udp::UdpSettings;
 
 const ABOUT: &str = "\
-A transparent TCP proxy that takes part in connredir redirect chains.
+A transparent TCP and UDP proxy that takes part in connredir redirect chains.
 
 The connredir layer sends selected outbound connections to this proxy. For each
 one it reads the redirect records (the services that already handled the flow)
@@ -44,44 +48,92 @@ that destination carrying the same records (so the flow goes on to the next
 service in the chain, or to the destination, and never back here), looks at
 what the client sends first (TLS server name, HTTP request line and Host) and
 relays the bytes both ways (splice(2) unless --no-splice). Each connection ends with one JSON line on stdout
-(or --log FILE): who, where, what, how many bytes, and the verdict.";
+(or --log FILE): who, where, what, how many bytes, and the verdict.
+
+UDP (--udp-listen): each client address is a flow with a socket of its own
+(bound to the service address, connected to the client), its records and
+destination read there, relayed datagram by datagram until idle
+(--udp-idle-timeout). Flows to port 53 are read as DNS: one JSON line per
+query (name, type, the answer's response code), and dns rules answered here.";
 
 const EXAMPLES: &str = "\
 Rules (--rule ACTION:KIND:VALUE, repeatable) are checked in the order given; the
 first that matches decides; a flow that matches none is allowed.
   ACTION  allow | deny
   KIND    host  server name (TLS SNI, else HTTP Host), case-insensitive glob (* and ?):
-                *.example.com (subdomains, not example.com itself), example.com
+                *.example.com (subdomains, not example.com itself), example.com;
+                TCP only (a UDP flow names no host)
+          dns   the name a DNS query over UDP asks for (flows to --dns-port), the
+                same glob: *.ads.example; each query is decided on its own, a
+                denied one answered here with REFUSED (--dns-deny-answer)
           dst   destination address or prefix: 10.0.0.0/8, 2001:db8::/32, 192.0.2.7
-          port  destination port or range: 25, 8000-8999
+          port  destination port or range, both protocols or one: 25, 8000-8999,
+                443/udp (QUIC: browsers fall back to TCP, where host rules see it)
 A denied HTTP request gets a 403; anything else denied is closed. Destination
 and port rules decide before the onward connection is opened; host rules after
 the client's first bytes, and then not one byte reaches the server. A flow
 whose first bytes name no host (none in --inspect-timeout, none in the first
 16 KiB, or neither TLS nor HTTP) is denied by the first host rule reached,
 unless --allow-unknown-host. Under a host rule every HTTP/1 request on a
-connection is checked (Host header and absolute-form target alike).
+connection is checked (Host header and absolute-form target alike). Likewise a
+DNS query the proxy cannot read (truncated, malformed) is dropped, unanswered,
+by the first dns rule reached (unless --allow-unknown-host), and relayed as it
+is when no dns rule is reached. DNS over TCP is not read: add deny:port:53/tcp
+where dns rules must hold.
 
 Examples:
   connredir-proxy --name inspector --listen 127.0.0.1:15001 --listen [::1]:15001
   connredir-proxy --name filter --listen 127.0.0.1:15002 \\
       --rule allow:host:*.corp.example --rule deny:host:*.example \\
       --rule deny:port:25 --rule deny:dst:10.0.0.0/8 --log /var/log/filter.jsonl
+  connredir-proxy --name dns --udp-listen 127.0.0.1:15053 \\
+      --rule deny:dns:*.ads.example --rule deny:port:443/udp
+  connredir-proxy --name forwarder --standalone --udp-listen 127.0.0.1:5353 \\
+      --udp-upstream 192.0.2.53:53 --rule deny:dns:*.ads.example
 Register it with the layer first: at startup each --listen address must be a
 registered service, or the proxy exits (code 2) saying what to do; --standalone
-runs it without the layer (SO_ORIGINAL_DST only, e.g. behind iptables REDIRECT).
+runs it without the layer (SO_ORIGINAL_DST only, e.g. behind iptables REDIRECT;
+for UDP, which has no SO_ORIGINAL_DST, --udp-upstream names the destination).
   connredir service add --name inspector --listen 127.0.0.1:15001 --uid $(id -u)";
 
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(version, about = ABOUT, after_help = EXAMPLES)]
+#[command(group(ArgGroup::new("listeners").required(true).multiple(true).args(["listen", "udp_listen"])))]
 struct Cli {
     /// This proxy's name in the log.
     #[arg(long)]
     name: String,
-    /// Address to listen on (IPv4 or IPv6); repeat for several.
-    #[arg(long, required = true, value_name = "ADDR")]
+    /// TCP address to listen on (IPv4 or IPv6); repeat for several.
+    #[arg(long, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
+    /// UDP address to receive flows on (IPv4 or IPv6, a concrete address:
+    /// replies leave from it); repeat for several. A separate option, so
+    /// that each protocol's service address is said: give the same address
+    /// to --listen and --udp-listen for both.
+    #[arg(long, value_name = "ADDR")]
+    udp_listen: Vec<SocketAddr>,
+    /// End a UDP flow after this long without a datagram either way.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_positive_duration)]
+    udp_idle_timeout: Duration,
+    /// At most this many UDP flows at once per --udp-listen address (each
+    /// holds two sockets); datagrams from new client addresses past it are
+    /// dropped and counted in the log.
+    #[arg(long, default_value = "1024", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_udp_flows: u32,
+    /// Where UDP flows go that the layer did not redirect (with
+    /// --standalone: every flow). Makes the proxy a plain forwarder, e.g. a
+    /// filtering DNS forwarder; without it such flows are dropped.
+    #[arg(long, value_name = "ADDR")]
+    udp_upstream: Option<SocketAddr>,
+    /// UDP flows to this destination port are read as DNS; repeat for
+    /// several.
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    dns_ports: Vec<u16>,
+    /// How a DNS query denied by a dns rule is answered.
+    #[arg(long, value_enum, default_value_t = DenyAnswer::Refused, value_name = "CODE")]
+    dns_deny_answer: DenyAnswer,
     /// A policy rule, ACTION:KIND:VALUE (see below); repeat, first match wins.
     #[arg(long = "rule", value_name = "ACTION:KIND:VALUE")]
     rules: Vec<Rule>,
@@ -129,7 +181,8 @@ struct Cli {
     no_cut_through: bool,
     /// Run without the connredir layer: do not require each --listen address
     /// to be a registered service, and find destinations with SO_ORIGINAL_DST
-    /// only (e.g. behind iptables REDIRECT), without redirect records.
+    /// only (e.g. behind iptables REDIRECT), without redirect records; UDP
+    /// flows go to --udp-upstream, which is then required with --udp-listen.
     #[arg(long)]
     standalone: bool,
 }
@@ -186,6 +239,16 @@ enum StartupError {
     LayerNotActive(SocketAddr),
     #[error("cannot ask the connredir layer which service listens on {0}: {1}")]
     ServiceCheck(SocketAddr, #[source] connredir::ServiceError),
+    #[error(
+        "--udp-listen {0}: a UDP service needs a concrete address (such as 127.0.0.1:15053), \
+         since each flow's socket is bound to the address its client sent to"
+    )]
+    UdpUnspecified(SocketAddr),
+    #[error(
+        "--udp-listen with --standalone needs --udp-upstream: without the layer a UDP flow \
+         has no original destination (there is no SO_ORIGINAL_DST for UDP)"
+    )]
+    UdpNeedsUpstream,
 }
 
 /// Where the proxy is in its life; connections and accept loops watch it.
@@ -230,6 +293,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|&addr| bind(addr))
         .collect::<Result<Vec<_>, _>>()?;
+    if cli.standalone && !cli.udp_listen.is_empty() && cli.udp_upstream.is_none() {
+        return Err(StartupError::UdpNeedsUpstream.into());
+    }
+    let udp_listeners = cli
+        .udp_listen
+        .iter()
+        .map(|&addr| bind_udp(addr))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut udp_infos = Vec::with_capacity(udp_listeners.len());
+    for (socket, &addr) in udp_listeners.iter().zip(&cli.udp_listen) {
+        let addr = socket.local_addr().unwrap_or(addr);
+        let service = if cli.standalone {
+            None
+        } else {
+            check_registered_udp(socket, addr, &cli.name)?
+        };
+        udp_infos.push(Listener {
+            addr: Some(addr),
+            service,
+        });
+    }
     let mut infos = Vec::with_capacity(listeners.len());
     for (listener, &requested) in listeners.iter().zip(&cli.listen) {
         let addr = listener.local_addr().unwrap_or(requested);
@@ -251,11 +335,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     writeln!(stdout, "ready")
         .and_then(|()| stdout.flush())
         .context("writing to stdout")?;
-    info!(name = %cli.name, listen = ?cli.listen, rules = cli.rules.len(), "listening");
+    info!(name = %cli.name, listen = ?cli.listen, udp_listen = ?cli.udp_listen,
+          rules = cli.rules.len(), "listening");
 
     let settings = Arc::new(Settings {
         name: cli.name,
-        policy: Policy::new(cli.rules, cli.allow_unknown_host),
+        policy: Policy::new(cli.rules, cli.allow_unknown_host).with_dns_ports(cli.dns_ports),
         mode: if cli.no_splice {
             Mode::Copy
         } else {
@@ -284,6 +369,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             done_tx.clone(),
         );
         tokio::spawn(accepting);
+    }
+    let udp = Arc::new(UdpSettings {
+        idle_timeout: cli.udp_idle_timeout,
+        max_flows: cli.max_udp_flows as usize,
+        upstream: cli.udp_upstream,
+        deny_answer: cli.dns_deny_answer,
+    });
+    for (socket, info) in udp_listeners.into_iter().zip(udp_infos) {
+        tokio::spawn(udp::front(
+            socket,
+            info,
+            settings.clone(),
+            udp.clone(),
+            sink.clone(),
+            phase_rx.clone(),
+            done_tx.clone(),
+        ));
     }
     drop(done_tx);
 
@@ -337,6 +439,45 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     }
     socket.bind(addr).map_err(fail)?;
     socket.listen(1024).map_err(fail)
+}
+
+/// Binds one UDP address (see `udp::bind`); an unspecified address is
+/// refused.
+fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, StartupError> {
+    if addr.ip().is_unspecified() {
+        return Err(StartupError::UdpUnspecified(addr));
+    }
+    udp::bind(addr).map_err(|e| match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => StartupError::InUse(addr),
+        _ => StartupError::Bind(addr, e),
+    })
+}
+
+/// As [`check_registered`], for a UDP address. A layer that answers the
+/// service question for listening TCP sockets only says "not listening":
+/// then the check cannot be made, which is said, and the proxy goes on.
+fn check_registered_udp(
+    socket: &tokio::net::UdpSocket,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<Option<ServiceId>, StartupError> {
+    match connredir::registered_service(socket) {
+        Ok(id) => {
+            info!(%addr, service = id.0, "registered UDP service");
+            Ok(Some(id))
+        }
+        Err(connredir::ServiceError::NotListening) => {
+            warn!(%addr, "the connredir layer does not say which service a UDP address is: \
+                   cannot check that this one is registered");
+            Ok(None)
+        }
+        Err(connredir::ServiceError::NotRegistered(_)) => Err(StartupError::NotRegistered {
+            addr,
+            name: name.to_string(),
+        }),
+        Err(connredir::ServiceError::LayerNotActive(_)) => Err(StartupError::LayerNotActive(addr)),
+        Err(e) => Err(StartupError::ServiceCheck(addr, e)),
+    }
 }
 
 /// Checks that the layer knows `listener`'s address (`addr`) as a service's,
@@ -505,6 +646,24 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--standalone"]);
         assert!(cli.unwrap().standalone);
         assert!(Cli::try_parse_from(["connredir-proxy", "--name=p"]).is_err());
+        let udp = Cli::try_parse_from([
+            "x",
+            "--name=p",
+            "--udp-listen=127.0.0.1:5353",
+            "--udp-upstream=127.0.0.2:53",
+            "--dns-deny-answer=nxdomain",
+            "--rule=deny:port:443/udp",
+        ])
+        .unwrap();
+        assert!(udp.listen.is_empty());
+        assert_eq!(udp.udp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(udp.max_udp_flows, 1024);
+        assert_eq!(udp.dns_ports, [53]);
+        assert_eq!(udp.dns_deny_answer, DenyAnswer::Nxdomain);
+        assert!(matches!(
+            bind_udp("0.0.0.0:5353".parse().unwrap()),
+            Err(StartupError::UdpUnspecified(_))
+        ));
         assert!(
             Cli::try_parse_from(["x", "--name=p", "--listen=1.2.3.4:1", "--rule=nope"]).is_err()
         );
@@ -534,6 +693,19 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("--standalone"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn udp_without_the_layer_needs_an_upstream() {
+        let args = ["x", "--name=p", "--standalone", "--udp-listen=127.0.0.1:0"];
+        let err = run(Cli::try_parse_from(args).unwrap()).await.unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref::<StartupError>(),
+                Some(StartupError::UdpNeedsUpstream)
+            ),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]

@@ -6,6 +6,13 @@
 //! not TLS or HTTP at all), the first `host` rule reached denies the flow:
 //! otherwise a client could pass any host rule by hiding its name. With
 //! `--allow-unknown-host`, such a flow matches no host rule instead.
+//!
+//! Rules are scoped by protocol: `host` rules look at TCP flows (the names
+//! their first bytes carry; a UDP flow carries none the proxy reads), `dns`
+//! rules at the queries of UDP flows to port 53 (each query is decided on
+//! its own; a query the proxy cannot read names no name, and is treated as
+//! a flow naming no host is), `dst` rules at both, and `port` rules at both
+//! unless they name one (`443/udp`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -32,9 +39,36 @@ pub enum Match {
     Host(String),
     /// The destination address lies in this prefix.
     Dst(IpNet),
-    /// The destination port lies in this inclusive range.
-    Port(u16, u16),
+    /// The name a DNS query (UDP, port 53) asks for: a glob as for
+    /// [`Match::Host`].
+    Dns(String),
+    /// The destination port lies in this inclusive range, for this protocol
+    /// (`None`: both).
+    Port(u16, u16, Option<Protocol>),
 }
+
+/// The transport protocol of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// A TCP connection.
+    Tcp,
+    /// A UDP flow (a client address and its original destination).
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// The port DNS queries go to: by default UDP flows to it are read as DNS
+/// (`--dns-port` names others).
+pub const DNS_PORT: u16 = 53;
 
 /// One rule, as given with `--rule`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +110,10 @@ impl FromStr for Rule {
         let matches = match kind {
             "host" if !value.is_empty() => Match::Host(value.to_ascii_lowercase()),
             "host" => return Err(bad("host", "a host name or glob such as *.example.com")),
+            "dns" if !value.is_empty() => {
+                Match::Dns(value.trim_end_matches('.').to_ascii_lowercase())
+            }
+            "dns" => return Err(bad("dns", "a name or glob such as *.ads.example")),
             "dst" => Match::Dst(
                 // A bare address is a one-address prefix.
                 value
@@ -84,19 +122,25 @@ impl FromStr for Rule {
                     .map_err(|_| bad("dst", "an address or prefix such as 10.0.0.0/8"))?,
             ),
             "port" => {
-                let port = |s: &str| {
-                    s.parse::<u16>()
-                        .map_err(|_| bad("port", "PORT or LOW-HIGH"))
+                let usage = "PORT or LOW-HIGH, optionally /tcp or /udp";
+                let (range, protocol) = match value.rsplit_once('/') {
+                    Some((range, "tcp")) => (range, Some(Protocol::Tcp)),
+                    Some((range, "udp")) => (range, Some(Protocol::Udp)),
+                    Some(_) => return Err(bad("port", usage)),
+                    None => (value, None),
                 };
-                match value.split_once('-') {
-                    Some((lo, hi)) if port(lo)? <= port(hi)? => Match::Port(port(lo)?, port(hi)?),
+                let port = |s: &str| s.parse::<u16>().map_err(|_| bad("port", usage));
+                match range.split_once('-') {
+                    Some((lo, hi)) if port(lo)? <= port(hi)? => {
+                        Match::Port(port(lo)?, port(hi)?, protocol)
+                    }
                     Some(_) => return Err(bad("port", "LOW-HIGH with LOW <= HIGH")),
-                    None => Match::Port(port(value)?, port(value)?),
+                    None => Match::Port(port(range)?, port(range)?, protocol),
                 }
             }
             other => {
                 return Err(RuleError(format!(
-                    "unknown kind {other:?}: use host, dst or port"
+                    "unknown kind {other:?}: use host, dns, dst or port"
                 )))
             }
         };
@@ -113,8 +157,17 @@ impl fmt::Display for Rule {
         match &self.matches {
             Match::Host(glob) => write!(f, "{action}:host:{glob}"),
             Match::Dst(net) => write!(f, "{action}:dst:{net}"),
-            Match::Port(lo, hi) if lo == hi => write!(f, "{action}:port:{lo}"),
-            Match::Port(lo, hi) => write!(f, "{action}:port:{lo}-{hi}"),
+            Match::Dns(glob) => write!(f, "{action}:dns:{glob}"),
+            Match::Port(lo, hi, protocol) => {
+                write!(f, "{action}:port:{lo}")?;
+                if lo != hi {
+                    write!(f, "-{hi}")?;
+                }
+                match protocol {
+                    Some(protocol) => write!(f, "/{protocol}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -126,8 +179,8 @@ pub struct Decision {
     pub action: Action,
     /// The rule that decided (`rule 2: deny:port:25`), `None` for the default.
     pub rule: Option<String>,
-    /// Denied because a host rule was reached and the client named no
-    /// host.
+    /// Denied because a host (or dns) rule was reached and the client
+    /// named no host (or its query could not be read).
     pub unknown_host: bool,
 }
 
@@ -143,10 +196,18 @@ enum Host<'a> {
 }
 
 /// The ordered rules.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
     allow_unknown_host: bool,
+    /// UDP flows to these destination ports are DNS.
+    dns_ports: Vec<u16>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy::new(Vec::new(), false)
+    }
 }
 
 impl Policy {
@@ -157,27 +218,58 @@ impl Policy {
         Policy {
             rules,
             allow_unknown_host,
+            dns_ports: vec![DNS_PORT],
         }
+    }
+
+    /// The same policy, reading UDP flows to `ports` as DNS (instead of
+    /// port 53 alone).
+    pub fn with_dns_ports(mut self, ports: Vec<u16>) -> Policy {
+        self.dns_ports = ports;
+        self
+    }
+
+    /// Whether a UDP flow to `dst` is read as DNS.
+    pub fn is_dns(&self, dst: SocketAddr) -> bool {
+        self.dns_ports.contains(&dst.port())
     }
 
     /// Decides from the destination alone, before connecting. `None` when a
     /// host rule comes before any destination rule that matches: then only
     /// inspection can tell.
     pub fn before_connect(&self, dst: SocketAddr) -> Option<Decision> {
-        self.evaluate(dst, Host::Later)
+        self.evaluate(dst, Protocol::Tcp, Host::Later)
+    }
+
+    /// Decides a UDP flow from its destination alone, before its first
+    /// datagram goes on. `None` for a DNS flow (port 53) when a `dns` rule
+    /// comes before any destination rule that matches: then each query is
+    /// decided on its own ([`Policy::decide_dns`]).
+    pub fn udp_before(&self, dst: SocketAddr) -> Option<Decision> {
+        self.evaluate(dst, Protocol::Udp, Host::Later)
+    }
+
+    /// Decides one DNS query of a UDP flow to port 53 by the names it asks
+    /// for (none: the query could not be read); denied when any is.
+    pub fn decide_dns(&self, dst: SocketAddr, names: &[String]) -> Decision {
+        self.decide_names(dst, Protocol::Udp, names)
     }
 
     /// Decides with the names the client addressed known (none: it named
     /// no host). A flow naming several (an HTTP Host header and an
     /// absolute-form target) is denied when any of them is.
     pub fn decide(&self, dst: SocketAddr, names: &[String]) -> Decision {
+        self.decide_names(dst, Protocol::Tcp, names)
+    }
+
+    fn decide_names(&self, dst: SocketAddr, protocol: Protocol, names: &[String]) -> Decision {
         let known = "with the host known every rule can be evaluated";
         if names.is_empty() {
-            return self.evaluate(dst, Host::Unknown).expect(known);
+            return self.evaluate(dst, protocol, Host::Unknown).expect(known);
         }
         let mut first = None;
         for name in names {
-            let decision = self.evaluate(dst, Host::Name(name)).expect(known);
+            let decision = self.evaluate(dst, protocol, Host::Name(name)).expect(known);
             if decision.action == Action::Deny {
                 return decision;
             }
@@ -186,7 +278,15 @@ impl Policy {
         first.expect("at least one name")
     }
 
-    fn evaluate(&self, dst: SocketAddr, host: Host<'_>) -> Option<Decision> {
+    /// `host`: the name for `host` rules of a TCP flow, or the query's
+    /// name for `dns` rules of a UDP flow to port 53; rules of the other
+    /// protocol's kind do not match.
+    fn evaluate(&self, dst: SocketAddr, protocol: Protocol, host: Host<'_>) -> Option<Decision> {
+        let named_by = |m: &Match| match m {
+            Match::Host(_) => protocol == Protocol::Tcp,
+            Match::Dns(_) => protocol == Protocol::Udp && self.is_dns(dst),
+            _ => false,
+        };
         for (i, rule) in self.rules.iter().enumerate() {
             let decided = |action, unknown_host| Decision {
                 action,
@@ -194,12 +294,19 @@ impl Policy {
                 unknown_host,
             };
             let hit = match (&rule.matches, host) {
-                (Match::Host(_), Host::Later) => return None,
-                (Match::Host(_), Host::Unknown) if self.allow_unknown_host => false,
-                (Match::Host(_), Host::Unknown) => return Some(decided(Action::Deny, true)),
-                (Match::Host(pattern), Host::Name(name)) => glob(pattern, name),
+                (m @ (Match::Host(_) | Match::Dns(_)), _) if !named_by(m) => false,
+                (Match::Host(_) | Match::Dns(_), Host::Later) => return None,
+                (Match::Host(_) | Match::Dns(_), Host::Unknown) if self.allow_unknown_host => false,
+                (Match::Host(_) | Match::Dns(_), Host::Unknown) => {
+                    return Some(decided(Action::Deny, true))
+                }
+                (Match::Host(pattern) | Match::Dns(pattern), Host::Name(name)) => {
+                    glob(pattern, name)
+                }
                 (Match::Dst(net), _) => net.contains(&dst.ip()),
-                (Match::Port(lo, hi), _) => (*lo..=*hi).contains(&dst.port()),
+                (Match::Port(lo, hi, only), _) => {
+                    only.is_none_or(|p| p == protocol) && (*lo..=*hi).contains(&dst.port())
+                }
             };
             if hit {
                 return Some(decided(rule.action, false));
@@ -392,6 +499,83 @@ mod tests {
         assert_eq!(
             early_of(&Policy::default(), "192.0.2.1:1"),
             Some(Action::Allow)
+        );
+    }
+
+    #[test]
+    fn dns_and_protocol_rules_parse_and_print() {
+        for text in [
+            "deny:dns:*.ads.example",
+            "deny:port:443/udp",
+            "allow:port:8000-8999/tcp",
+        ] {
+            assert_eq!(text.parse::<Rule>().unwrap().to_string(), text);
+        }
+        let rule: Rule = "deny:dns:Tracker.Example.".parse().unwrap();
+        assert_eq!(rule.to_string(), "deny:dns:tracker.example");
+        for bad in [
+            "deny:dns:",
+            "deny:port:443/sctp",
+            "deny:port:/udp",
+            "deny:port:1-2/",
+        ] {
+            assert!(bad.parse::<Rule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn udp_flows_meet_dns_and_port_rules_not_host_rules() {
+        let p = policy(&[
+            "deny:host:*.example",
+            "deny:port:443/udp",
+            "deny:dns:*.ads.example",
+            "deny:port:8443/tcp",
+        ]);
+        // QUIC: denied by its port before any datagram goes on.
+        let quic = p.udp_before(addr("192.0.2.1:443")).unwrap();
+        assert_eq!(quic.action, Action::Deny);
+        assert_eq!(quic.rule.as_deref(), Some("rule 2: deny:port:443/udp"));
+        // A TCP flow to 443 meets the host rule first, as before.
+        assert_eq!(p.before_connect(addr("192.0.2.1:443")), None);
+        // /tcp rules do not touch UDP, nor dns rules a flow to another port.
+        let other = p.udp_before(addr("192.0.2.1:8443")).unwrap();
+        assert_eq!((other.action, other.rule), (Action::Allow, None));
+        // DNS: decided per query, by the name asked for.
+        assert_eq!(p.udp_before(addr("192.0.2.53:53")), None);
+        let dns = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            p.decide_dns(addr("192.0.2.53:53"), &names)
+        };
+        let denied = dns(&["x.ads.example"]);
+        assert_eq!(denied.action, Action::Deny);
+        assert_eq!(
+            denied.rule.as_deref(),
+            Some("rule 3: deny:dns:*.ads.example")
+        );
+        assert_eq!(dns(&["www.example"]).action, Action::Allow);
+        // A query that cannot be read names no name: the dns rule denies it.
+        let unreadable = dns(&[]);
+        assert_eq!(
+            (unreadable.action, unreadable.unknown_host),
+            (Action::Deny, true)
+        );
+        let lenient = Policy::new(p.rules.clone(), true);
+        assert_eq!(
+            lenient.decide_dns(addr("192.0.2.53:53"), &[]).action,
+            Action::Allow
+        );
+        // Without dns rules a DNS flow is decided by its destination.
+        let plain = policy(&["deny:host:*.example"]).udp_before(addr("192.0.2.53:53"));
+        assert_eq!(plain.map(|d| d.action), Some(Action::Allow));
+        // A bare port rule covers both protocols.
+        let both = policy(&["deny:port:53"]);
+        assert_eq!(
+            both.udp_before(addr("192.0.2.53:53")).unwrap().action,
+            Action::Deny
+        );
+        assert_eq!(
+            both.before_connect(addr("192.0.2.53:53")).unwrap().action,
+            Action::Deny
         );
     }
 
