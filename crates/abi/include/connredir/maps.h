@@ -122,6 +122,8 @@ struct connredir_service {
 /* ---- Rules. */
 
 #define CONNREDIR_PROTO_TCP 6
+/* UDP: connected sockets at connect(), unconnected ones at each sendto(). */
+#define CONNREDIR_PROTO_UDP 17
 /* Rules that can match one destination at once (after prefix merging). */
 #define CONNREDIR_MAX_RULES_PER_PREFIX 16
 #define CONNREDIR_ANY_UID 0xffffffffu

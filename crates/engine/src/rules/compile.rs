@@ -11,7 +11,7 @@ use std::ops::RangeInclusive;
 
 use connredir_abi::{
     connredir_rule, connredir_rule_set, CONNREDIR_ANY_UID, CONNREDIR_MAX_RULES_PER_PREFIX,
-    CONNREDIR_PROTO_TCP,
+    CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_UDP,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -32,15 +32,19 @@ impl std::fmt::Display for RuleId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// TCP (the only protocol the redirect layer handles so far).
+    /// TCP.
     #[default]
     Tcp,
+    /// UDP: connected sockets at `connect()`, unconnected ones at each
+    /// `sendto()`/`sendmsg()`.
+    Udp,
 }
 
 impl Protocol {
     fn number(self) -> u8 {
         match self {
             Protocol::Tcp => CONNREDIR_PROTO_TCP as u8,
+            Protocol::Udp => CONNREDIR_PROTO_UDP as u8,
         }
     }
 }
