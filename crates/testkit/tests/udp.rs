@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use connredir_engine::ServiceId;
-use connredir_testkit::{free_addr, permutations, Lab, Proc, UdpEchoServer};
+use connredir_engine::{Protocol, ServiceId};
+use connredir_testkit::{by_cgroup, free_addr, permutations, EchoServer, Lab, Proc, UdpEchoServer};
 use serde_json::{json, Value};
 
 /// The unprivileged user clients run as.
@@ -335,5 +335,44 @@ fn ipv4_mapped_udp_destinations_follow_the_ipv4_rules_connected_and_unconnected(
             unconnected,
             "udp-v4mapped",
         );
+    }
+}
+
+/// One rule for both protocols sends a TCP connection to the service's TCP
+/// listener and a UDP flow to its UDP socket on the same address; a UDP
+/// rule leaves TCP alone.
+#[test]
+fn one_rule_for_tcp_and_udp_redirects_both_and_a_udp_rule_only_udp() {
+    for protocol in [Protocol::TcpAndUdp, Protocol::Udp] {
+        let Some((mut lab, udp_server)) = udp_lab("udp-both", "127.0.0.2") else {
+            return;
+        };
+        let tcp_server = EchoServer::start("127.0.0.2:0").unwrap();
+        let listen = free_addr("127.0.0.1");
+        let cgroup = lab.cgroup("services/both");
+        let id = lab.service("both", &[listen], by_cgroup(&cgroup), None);
+        lab.route_protocol(id, protocol, "127.0.0.2/32", None, 0);
+        let udp = lab.start_udp_service(&cgroup, "both-udp", listen, &[]);
+        let tcp = lab.toy_proxy(&cgroup, None, "both-tcp", &[listen], &[]);
+
+        let report = udp_client(&lab, udp_server.addr(), &[]);
+        assert_eq!(report["ok"], true, "{protocol:?}: {report}");
+        assert_eq!(lab.wait_logged(udp, 1).len(), 1, "{protocol:?}");
+
+        let connect = tcp_server.addr().to_string();
+        let args = ["client", "--connect", &connect, "--bytes", "1000"];
+        let proc = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+        let (status, lines) = proc.finish().unwrap();
+        assert!(status.success(), "{protocol:?}: {lines:?}");
+        let tcp_log = if protocol == Protocol::TcpAndUdp {
+            lab.wait_logged(tcp, 1)
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            lab.proxy_log(tcp)
+        };
+        let expected = usize::from(protocol == Protocol::TcpAndUdp);
+        assert_eq!(tcp_log.len(), expected, "{protocol:?}: {tcp_log:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 1 + expected as u64, "{counters:?}");
     }
 }

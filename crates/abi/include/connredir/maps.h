@@ -124,6 +124,8 @@ struct connredir_service {
 #define CONNREDIR_PROTO_TCP 6
 /* UDP: connected sockets at connect(), unconnected ones at each sendto(). */
 #define CONNREDIR_PROTO_UDP 17
+/* One rule for both TCP and UDP (not an IP protocol number). */
+#define CONNREDIR_PROTO_TCP_AND_UDP 255
 /* Rules that can match one destination at once (after prefix merging). */
 #define CONNREDIR_MAX_RULES_PER_PREFIX 16
 #define CONNREDIR_ANY_UID 0xffffffffu

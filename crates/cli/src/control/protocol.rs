@@ -162,6 +162,10 @@ pub struct RuleStatus {
     pub service: Option<String>,
     /// The only user id it applies to.
     pub uid: Option<u32>,
+    /// Its protocols: `tcp`, `udp`, or both (absent from an older `up`:
+    /// TCP).
+    #[serde(default)]
+    pub protocol: Vec<String>,
 }
 
 /// One redirected socket: a leg of a flow.
@@ -391,6 +395,7 @@ mod tests {
                 priority: 0,
                 service: Some("scanner".into()),
                 uid: None,
+                protocol: vec!["tcp".into(), "udp".into()],
             }],
             scopes: vec!["/sys/fs/cgroup/apps".into()],
             services: vec![ServiceStatus {
@@ -406,7 +411,8 @@ mod tests {
             text,
             "{\"data\":{\"counters\":{\"handoffs\":2,\"redirects\":3},\"live_connections\":1,\
              \"rules\":[{\"destinations\":[\"10.0.0.0/8\"],\"hits\":3,\"id\":1,\
-             \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null}],\
+             \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null,\
+             \"protocol\":[\"tcp\",\"udp\"]}],\
              \"scopes\":[\"/sys/fs/cgroup/apps\"],\"services\":[{\"id\":1,\
              \"listen\":[\"127.0.0.1:15001\"],\"name\":\"scanner\",\"on_down\":\"bypass\",\
              \"up\":true}]},\"error\":null}"

@@ -104,7 +104,7 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 
 	if (!ctx || !rule || !env)
 		return JUDGED_NO_MATCH;
-	if (rule->protocol != env->protocol || env->port < rule->port_min ||
+	if ((rule->protocol != env->protocol && rule->protocol != CONNREDIR_PROTO_TCP_AND_UDP) || env->port < rule->port_min ||
 	    env->port > rule->port_max)
 		return JUDGED_NO_MATCH;
 	if (rule->uid != CONNREDIR_ANY_UID && rule->uid != env->uid)
