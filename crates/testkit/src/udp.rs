@@ -17,6 +17,8 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use socket2::{Domain, Socket, Type};
 
+use connredir::UdpFlow;
+
 use crate::{emit, kind, outcome};
 
 /// How long a relay leg waits for a datagram before it gives up.
@@ -71,12 +73,10 @@ fn open_flow(
     client: SocketAddr,
     set_records: bool,
 ) -> Result<(UdpSocket, UdpSocket)> {
-    let own = bound(listen).context("bind the client's socket")?;
-    own.connect(&client.into())
-        .with_context(|| format!("connect to the client {client}"))?;
-    let records = connredir::query_records(&own);
-    let context = connredir::query_context(&own);
-    let original = connredir::original_destination(&own);
+    let flow = UdpFlow::open(listen, client).context("open the client's socket")?;
+    let records = flow.records();
+    let context = flow.context();
+    let original = flow.original_destination();
     let destination = match (&original, &records) {
         (Ok(dst), _) => *dst,
         (Err(_), Ok(r)) => r.original_destination().context("record without hops")?,
@@ -100,17 +100,22 @@ fn open_flow(
             line["context_local"] = json!(local.map(|l| l.to_string()));
         }
     }
-    let onward = Socket::new(Domain::for_address(destination), Type::DGRAM, None)?;
-    if set_records {
-        if let Ok(r) = &records {
-            connredir::set_records(&onward, r).context("set records on the onward socket")?;
-        }
-    }
-    onward
-        .connect(&destination.into())
-        .with_context(|| format!("connect to {destination}"))?;
+    let onward = if set_records {
+        flow.connect_onward(destination)
+            .with_context(|| format!("connect to {destination} with the records"))?
+    } else {
+        let onward = UdpSocket::bind(if destination.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
+        onward
+            .connect(destination)
+            .with_context(|| format!("connect to {destination}"))?;
+        onward
+    };
     emit(line);
-    Ok((own.into(), onward.into()))
+    Ok((flow.into_socket(), onward))
 }
 
 /// Copies datagrams both ways until one side is idle for `IDLE`.

@@ -376,3 +376,42 @@ fn one_rule_for_tcp_and_udp_redirects_both_and_a_udp_rule_only_udp() {
         assert_eq!(counters.redirects, 1 + expected as u64, "{counters:?}");
     }
 }
+
+/// A client cannot stand in for a UDP service: a bind of the service's UDP
+/// address, or of a wildcard address on its port, by anyone else in the
+/// scope is refused, even with SO_REUSEPORT as the service's own user
+/// (which the kernel alone would let join the service's group).
+#[test]
+fn an_impostor_cannot_bind_a_udp_services_address() {
+    let Some((mut lab, server)) = udp_lab("udp-impostor", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let cgroup = lab.cgroup("services/guarded");
+    let id = lab.service("guarded", &[listen], by_cgroup(&cgroup), None);
+    lab.route_protocol(id, Protocol::Udp, "127.0.0.2/32", Some(dst.port()), 0);
+    let listen_text = listen.to_string();
+    let args = ["udp-proxy", "--name", "guarded", "--listen", &listen_text];
+    let service = Proc::spawn(&cgroup, Some(NOBODY), &args).unwrap();
+    service
+        .wait_line("UDP service ready", |l| l == "ready")
+        .unwrap();
+    lab.procs.push(service);
+    let service = lab.procs.len() - 1;
+
+    for addr in [listen_text.clone(), format!("0.0.0.0:{}", listen.port())] {
+        let args = ["attack", "udp-bind", &addr];
+        let (status, lines) = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(status.success(), "{lines:?}");
+        let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+        assert_eq!(report["errno"], 13, "{addr}: {report}");
+    }
+    let report = udp_client(&lab, dst, &[]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(lab.wait_logged(service, 1).len(), 1);
+    assert!(lab.engine.counters().unwrap().binds_refused >= 2);
+}
