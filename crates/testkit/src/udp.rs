@@ -156,17 +156,25 @@ pub fn client(addr: SocketAddr, count: usize, unconnected: bool) -> Result<()> {
     let socket = UdpSocket::bind(any)?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     if !unconnected {
-        socket.connect(addr)?;
+        if let Err(e) = socket.connect(addr) {
+            emit(json!({ "ok": false, "connect": e.to_string(), "errno": e.raw_os_error() }));
+            return Ok(());
+        }
     }
     let mut from = Vec::new();
     let mut ok = true;
     let mut buf = vec![0u8; 65536];
     for i in 0..count {
         let payload = format!("datagram {i} from {}", std::process::id());
-        if unconnected {
-            socket.send_to(payload.as_bytes(), addr)?;
+        let sent = if unconnected {
+            socket.send_to(payload.as_bytes(), addr)
         } else {
-            socket.send(payload.as_bytes())?;
+            socket.send(payload.as_bytes())
+        };
+        if let Err(e) = sent {
+            ok = false;
+            from.push(format!("send error {}", e.raw_os_error().unwrap_or(0)));
+            continue;
         }
         match socket.recv_from(&mut buf) {
             Ok((n, source)) => {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use connredir_engine::{Protocol, ServiceId};
+use connredir_engine::{OnDown, Protocol, Service, ServiceId};
 use connredir_testkit::{by_cgroup, free_addr, permutations, EchoServer, Lab, Proc, UdpEchoServer};
 use serde_json::{json, Value};
 
@@ -414,4 +414,60 @@ fn an_impostor_cannot_bind_a_udp_services_address() {
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(lab.wait_logged(service, 1).len(), 1);
     assert!(lab.engine.counters().unwrap().binds_refused >= 2);
+}
+
+/// While a UDP service is down, its failure policy decides in the kernel:
+/// `block` refuses the connect or the sendto (ECONNREFUSED) and nothing
+/// reaches the destination; `bypass` lets the flow go to the destination.
+#[test]
+fn a_udp_service_that_is_down_blocks_or_is_bypassed_as_its_policy_says() {
+    for on_down in [OnDown::Block, OnDown::Bypass] {
+        for unconnected in [false, true] {
+            let Some((mut lab, server)) = udp_lab("udp-down", "127.0.0.2") else {
+                return;
+            };
+            let dst = server.addr();
+            let cgroup = lab.cgroup("services/absent");
+            let id = lab
+                .engine
+                .add_service(Service {
+                    name: "absent".into(),
+                    listen: vec![free_addr("127.0.0.1")],
+                    identity: by_cgroup(&cgroup),
+                    context: None,
+                    own_connections_by_self: true,
+                    accelerate: false,
+                    on_down,
+                })
+                .unwrap();
+            lab.route_protocol(id, Protocol::Udp, "127.0.0.2/32", Some(dst.port()), 0);
+            let extra: &[&str] = if unconnected { &["--unconnected"] } else { &[] };
+            let report = udp_client(&lab, dst, extra);
+            let case = format!("{on_down:?}, unconnected: {unconnected}");
+            let counters = lab.engine.counters().unwrap();
+            if on_down == OnDown::Block {
+                assert_eq!(report["ok"], false, "{case}: {report}");
+                if unconnected {
+                    assert_eq!(
+                        report["from"],
+                        json!(vec!["send error 111"; 3]),
+                        "{case}: {report}"
+                    );
+                } else {
+                    assert_eq!(report["errno"], 111, "{case}: {report}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(
+                    server.sources().is_empty(),
+                    "{case}: {:?}",
+                    server.sources()
+                );
+                assert!(counters.service_down_blocked >= 1, "{case}: {counters:?}");
+            } else {
+                assert_eq!(report["ok"], true, "{case}: {report}");
+                assert_eq!(server.sources().len(), 3, "{case}");
+                assert!(counters.service_down_bypassed >= 1, "{case}: {counters:?}");
+            }
+        }
+    }
 }
