@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use connredir_engine::{OnDown, Protocol, Service, ServiceId};
-use connredir_testkit::{by_cgroup, free_addr, permutations, EchoServer, Lab, Proc, UdpEchoServer};
+use connredir_testkit::{
+    by_cgroup, eventually, free_addr, permutations, EchoServer, Lab, Proc, UdpEchoServer,
+};
 use serde_json::{json, Value};
 
 /// The unprivileged user clients run as.
@@ -469,5 +471,43 @@ fn a_udp_service_that_is_down_blocks_or_is_bypassed_as_its_policy_says() {
                 assert!(counters.service_down_bypassed >= 1, "{case}: {counters:?}");
             }
         }
+    }
+}
+
+/// The decision trace names the protocol: a UDP client's connect and an
+/// unconnected client's datagrams are traced as UDP decisions.
+#[test]
+fn udp_decisions_are_traced_as_udp() {
+    use connredir_engine::Decision;
+    let Some((mut lab, server)) = udp_lab("udp-trace", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let (id, _) = lab.udp_service(
+        "traced",
+        free_addr("127.0.0.1"),
+        "127.0.0.2/32",
+        dst.port(),
+        0,
+        &[],
+    );
+    let mut tracer = lab.engine.tracer().unwrap();
+    tracer.set_enabled(true).unwrap();
+    let connected = udp_client(&lab, dst, &[]);
+    let unconnected = udp_client(&lab, dst, &["--unconnected"]);
+    assert_eq!(connected["ok"], true, "{connected}");
+    assert_eq!(unconnected["ok"], true, "{unconnected}");
+    let pid = |report: &Value| report["pid"].as_u64().unwrap() as u32;
+    let mut events = Vec::new();
+    eventually("the clients' decisions", || {
+        events.extend(tracer.poll(Duration::from_millis(100)));
+        let seen = |p: u32| events.iter().any(|e| e.pid == p);
+        (seen(pid(&connected)) && seen(pid(&unconnected))).then_some(())
+    });
+    for report in [&connected, &unconnected] {
+        let event = events.iter().find(|e| e.pid == pid(report)).unwrap();
+        assert_eq!(event.decision, Decision::Redirected, "{event:?}");
+        assert_eq!(event.protocol, Protocol::Udp, "{event:?}");
+        assert_eq!((event.destination, event.service), (dst, Some(id)));
     }
 }

@@ -337,7 +337,8 @@ struct connredir_trace_event {
 	uint16_t hop_count; /* hops in the record before this decision */
 	uint8_t decision; /* enum connredir_decision */
 	uint8_t state; /* enum connredir_redirect_state */
-	uint32_t reserved;
+	uint8_t protocol; /* CONNREDIR_PROTO_TCP or CONNREDIR_PROTO_UDP */
+	uint8_t reserved[3];
 };
 
 /* ---- Counters (indices of the per-CPU counters array). */

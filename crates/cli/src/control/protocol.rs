@@ -249,6 +249,14 @@ pub struct TraceLine {
     pub state: TraceState,
     /// What happened.
     pub decision: Decision,
+    /// The socket's protocol, `tcp` or `udp` (absent from an older `up`:
+    /// `tcp`).
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
 }
 
 /// A flow's redirect state for one service, named as the library's
@@ -331,6 +339,7 @@ mod tests {
             hops: 1,
             state: TraceState::PreviouslyRedirectedBySelf,
             decision: Decision::ServiceDownBypassed,
+            protocol: "udp".into(),
         }
     }
 
@@ -342,7 +351,7 @@ mod tests {
             "{\"time\":\"2026-03-01T12:34:56.789Z\",\"pid\":42,\"uid\":0,\"command\":\"curl\",\
              \"cgroup_id\":5,\"destination\":\"[::1]:443\",\"rule\":2,\"service_id\":9,\
              \"service\":null,\"hops\":1,\"state\":\"PreviouslyRedirectedBySelf\",\
-             \"decision\":\"service-down-bypassed\"}"
+             \"decision\":\"service-down-bypassed\",\"protocol\":\"udp\"}"
         );
         let message = TraceMessage::Decision(line());
         let text = serde_json::to_string(&message).unwrap();

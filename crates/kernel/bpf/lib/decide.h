@@ -309,6 +309,7 @@ static __always_inline int decide_traced(struct bpf_sock_addr *ctx, struct bpf_s
 
 	if (tracing()) {
 		ev.dst = *dst;
+		ev.protocol = (__u8)protocol;
 		emit(&ev);
 	}
 	return verdict;
