@@ -18,7 +18,14 @@ use std::{
 
 /// The entry files, one per hook family: each holds its programs (`SEC`)
 /// and is compiled on its own.
-const ENTRY_FILES: &[&str] = &["connect.c", "bind.c", "sockops.c", "sockopt.c", "sk_msg.c"];
+const ENTRY_FILES: &[&str] = &[
+    "connect.c",
+    "bind.c",
+    "sockops.c",
+    "sockopt.c",
+    "sk_msg.c",
+    "udp.c",
+];
 
 /// The object the crate embeds (see `src/lib.rs`).
 const OBJECT: &str = "connredir.bpf.o";

@@ -250,8 +250,8 @@ pub struct IdentityConfig {
 pub struct RuleConfig {
     /// Name of the service that gets matching connections.
     pub service: String,
-    /// "tcp" (default).
-    #[serde(default)]
+    /// "tcp" (default), "udp", or both: ["tcp", "udp"].
+    #[serde(default, with = "protocols")]
     pub protocol: Protocol,
     /// Destination prefixes; none means all.
     #[serde(default)]
@@ -264,6 +264,62 @@ pub struct RuleConfig {
     /// Lower first.
     #[serde(default)]
     pub priority: u32,
+}
+
+/// The protocols a rule names ("tcp", "udp", in any case), as one
+/// `Protocol`; at least one, each at most once.
+pub fn parse_protocols<S: AsRef<str>>(names: &[S]) -> Result<Protocol, String> {
+    let (mut tcp, mut udp) = (false, false);
+    if names.is_empty() {
+        return Err("no protocol: write \"tcp\", \"udp\" or [\"tcp\", \"udp\"]".into());
+    }
+    for name in names {
+        let name = name.as_ref();
+        let seen = match name.to_ascii_lowercase().as_str() {
+            "tcp" => std::mem::replace(&mut tcp, true),
+            "udp" => std::mem::replace(&mut udp, true),
+            _ => {
+                return Err(format!(
+                    "{name:?} is not a protocol: write \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"
+                ))
+            }
+        };
+        if seen {
+            return Err(format!("protocol {name:?} is named twice"));
+        }
+    }
+    Ok(match (tcp, udp) {
+        (true, true) => Protocol::TcpAndUdp,
+        (false, true) => Protocol::Udp,
+        _ => Protocol::Tcp,
+    })
+}
+
+/// A rule's `protocol`: one name ("udp") or a list (["tcp", "udp"]).
+mod protocols {
+    use connredir_engine::Protocol;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(protocol: &Protocol, s: S) -> Result<S::Ok, S::Error> {
+        match protocol.names() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Names {
+            One(String),
+            Many(Vec<String>),
+        }
+        let names = match Names::deserialize(d)? {
+            Names::One(name) => vec![name],
+            Names::Many(names) => names,
+        };
+        super::parse_protocols(&names).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A port or a port range: "443", "8000-8999" (or the number 443).
@@ -645,6 +701,83 @@ ports = ["80", "8000-8999", 443]
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_rule_names_tcp_udp_or_both() {
+        let with = |protocol: &str| {
+            let text = GOOD.replace(
+                "service = \"scanner\"\n",
+                &format!("service = \"scanner\"\nprotocol = {protocol}\n"),
+            );
+            Config::parse(&text, "t.toml")
+                .map(|c| c.rules(|_| Some(ServiceId(1))).unwrap()[0].protocol)
+        };
+        assert_eq!(
+            Config::parse(GOOD, "t.toml")
+                .unwrap()
+                .rules(|_| Some(ServiceId(1)))
+                .unwrap()[0]
+                .protocol,
+            Protocol::Tcp,
+            "tcp is the default"
+        );
+        assert_eq!(with("\"udp\"").unwrap(), Protocol::Udp);
+        assert_eq!(with("\"TCP\"").unwrap(), Protocol::Tcp);
+        assert_eq!(with("[\"udp\"]").unwrap(), Protocol::Udp);
+        assert_eq!(with("[\"tcp\", \"udp\"]").unwrap(), Protocol::TcpAndUdp);
+        assert_eq!(with("[\"udp\", \"tcp\"]").unwrap(), Protocol::TcpAndUdp);
+        let bad = GOOD.replace(
+            "service = \"scanner\"\n",
+            "service = \"scanner\"\nprotocol = \"sctp\"\n",
+        );
+        assert_eq!(
+            error(&bad),
+            "t.toml, line 11, key `protocol`: \"sctp\" is not a protocol: write \"tcp\", \"udp\" \
+             or [\"tcp\", \"udp\"]\n    11 | protocol = \"sctp\""
+        );
+        let twice = GOOD.replace(
+            "service = \"scanner\"\n",
+            "service = \"scanner\"\nprotocol = [\"udp\", \"udp\"]\n",
+        );
+        assert!(
+            error(&twice)
+                .starts_with("t.toml, line 11, key `protocol`: protocol \"udp\" is named twice"),
+            "{}",
+            error(&twice)
+        );
+        let none = GOOD.replace(
+            "service = \"scanner\"\n",
+            "service = \"scanner\"\nprotocol = []\n",
+        );
+        assert!(
+            error(&none).starts_with("t.toml, line 11, key `protocol`: no protocol"),
+            "{}",
+            error(&none)
+        );
+    }
+
+    #[test]
+    fn a_rule_for_both_protocols_goes_back_to_its_list() {
+        let rule = RuleConfig {
+            service: "scanner".into(),
+            protocol: Protocol::TcpAndUdp,
+            destinations: vec![],
+            ports: vec![],
+            uid: None,
+            priority: 0,
+        };
+        let json = serde_json::to_string(&rule).unwrap();
+        assert!(json.contains("\"protocol\":[\"tcp\",\"udp\"]"), "{json}");
+        let back: RuleConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.protocol, Protocol::TcpAndUdp);
+        let udp = RuleConfig {
+            protocol: Protocol::Udp,
+            ..rule
+        };
+        assert!(serde_json::to_string(&udp)
+            .unwrap()
+            .contains("\"protocol\":\"udp\""));
     }
 
     #[test]

@@ -237,6 +237,9 @@ enum RuleAction {
         /// The service that gets matching connections.
         #[arg(long)]
         service: String,
+        /// Protocol: tcp, udp, or both as tcp,udp (repeatable; none: tcp).
+        #[arg(long, value_delimiter = ',')]
+        protocol: Vec<String>,
         /// Destination prefix (repeatable; none: every destination).
         #[arg(long)]
         dst: Vec<config::Prefix>,
@@ -422,9 +425,10 @@ fn print_rules(rules: &[RuleStatus]) {
     };
     for r in rules {
         println!(
-            "  {}  → {:<16} dst {:<24} ports {:<12} uid {:<6} priority {} hits {}",
+            "  {}  → {:<16} {:<7} dst {:<24} ports {:<12} uid {:<6} priority {} hits {}",
             r.id,
             r.service.as_deref().unwrap_or("?"),
+            list(&r.protocol, "tcp"),
             list(&r.destinations, "any"),
             list(&r.ports, "any"),
             r.uid.map_or("any".into(), |u| u.to_string()),
@@ -544,6 +548,7 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
     match action {
         RuleAction::Add {
             service,
+            protocol,
             dst,
             port,
             uid,
@@ -551,7 +556,11 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
         } => {
             let rule = config::RuleConfig {
                 service,
-                protocol: Default::default(),
+                protocol: if protocol.is_empty() {
+                    Default::default()
+                } else {
+                    config::parse_protocols(&protocol).map_err(anyhow::Error::msg)?
+                },
                 destinations: dst,
                 ports: port,
                 uid,

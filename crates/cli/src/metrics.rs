@@ -124,9 +124,15 @@ impl Collector for StatusMetrics {
         )?;
         for rule in &status.rules {
             let id = rule.id.to_string();
+            let protocol = if rule.protocol.is_empty() {
+                "tcp".to_string()
+            } else {
+                rule.protocol.join(",")
+            };
             let labels = [
                 ("rule", Escaped(&id)),
                 ("service", Escaped(rule.service.as_deref().unwrap_or(""))),
+                ("protocol", Escaped(&protocol)),
             ];
             ConstCounter::new(rule.hits).encode(hits.encode_family(&labels)?)?;
         }
@@ -182,6 +188,7 @@ mod tests {
                 priority: 0,
                 service: Some("scan\"ner".into()),
                 uid: None,
+                protocol: vec!["udp".into()],
             }],
             services: vec![ServiceStatus {
                 id: 1,
@@ -204,7 +211,7 @@ mod tests {
             text.contains(
                 "# HELP connredir_rule_hits Connections redirected by each rule.\n\
              # TYPE connredir_rule_hits counter\n\
-             connredir_rule_hits_total{rule=\"1\",service=\"scan\\\"ner\"} 3\n"
+             connredir_rule_hits_total{rule=\"1\",service=\"scan\\\"ner\",protocol=\"udp\"} 3\n"
             ),
             "{text}"
         );

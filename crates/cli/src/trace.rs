@@ -41,6 +41,7 @@ fn trace_line(event: &TraceEvent, boot_offset: Duration) -> TraceLine {
             RedirectState::PreviouslyRedirectedBySelf => TraceState::PreviouslyRedirectedBySelf,
         },
         decision: decision(event.decision),
+        protocol: event.protocol.names().join(","),
     }
 }
 
@@ -205,8 +206,8 @@ pub fn show(
 ) -> Result<()> {
     if !json {
         println!(
-            "{:<24} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} DECISION",
-            "TIME", "PID", "COMMAND", "DESTINATION", "SERVICE", "RULE", "STATE"
+            "{:<24} {:>7} {:<15} {:<5} {:<28} {:<15} {:<5} {:<28} DECISION",
+            "TIME", "PID", "COMMAND", "PROTO", "DESTINATION", "SERVICE", "RULE", "STATE"
         );
     }
     let mut shown = 0;
@@ -219,10 +220,11 @@ pub fn show(
             println!("{}", serde_json::to_string(&line)?);
         } else {
             println!(
-                "{:<24} {:>7} {:<15} {:<28} {:<15} {:<5} {:<28} {}",
+                "{:<24} {:>7} {:<15} {:<5} {:<28} {:<15} {:<5} {:<28} {}",
                 line.time,
                 line.pid,
                 line.command,
+                line.protocol,
                 line.destination,
                 line.service
                     .clone()
@@ -282,11 +284,11 @@ mod tests {
                 hops: 0,
                 state: s,
                 decision: engine::Decision::NoRule,
+                protocol: engine::Protocol::Udp,
             };
-            assert_eq!(
-                trace_line(&event, Duration::ZERO).state.name(),
-                format!("{s:?}")
-            );
+            let line = trace_line(&event, Duration::ZERO);
+            assert_eq!(line.state.name(), format!("{s:?}"));
+            assert_eq!(line.protocol, "udp");
         }
     }
 }

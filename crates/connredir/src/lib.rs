@@ -17,6 +17,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A UDP service does the same on a socket of its own for each client
+//! ([`UdpFlow`]).
+//!
 //! The records name the services that already handled the flow, so when the
 //! onward connection meets the redirect layer again it goes to the next
 //! service, or to the destination, and never back: independent proxies
@@ -33,6 +36,7 @@
 
 mod cut_through;
 mod records;
+mod udp;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -43,6 +47,7 @@ pub use cut_through::{bytes_written_into, cut_through, cut_through_to, CutThroug
 pub use records::{
     redirect_state, ClientIdentity, Hop, RedirectContext, RedirectRecords, RedirectState, ServiceId,
 };
+pub use udp::UdpFlow;
 
 /// Socket option numbers, for code that calls getsockopt/setsockopt itself.
 pub mod sockopt {

@@ -22,7 +22,7 @@ use crate::{map_err, program_err, Engine, Error};
 pub const CGROUP_PROGRAMS: usize = PROGRAMS.len();
 
 /// The programs, in the order they are attached.
-pub(crate) const PROGRAMS: [&str; 7] = [
+pub(crate) const PROGRAMS: [&str; 13] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::BIND4,
@@ -30,6 +30,12 @@ pub(crate) const PROGRAMS: [&str; 7] = [
     programs::SOCKOPS,
     programs::GETSOCKOPT,
     programs::SETSOCKOPT,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
 ];
 
 /// One cgroup with every program attached to it, through links the

@@ -24,6 +24,12 @@ pub(crate) fn attach_type(program: &str) -> bpf_attach_type {
         p::SOCKOPS => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
         p::GETSOCKOPT => bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
         p::SETSOCKOPT => bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
+        p::SENDMSG4 => bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG,
+        p::SENDMSG6 => bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG,
+        p::RECVMSG4 => bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG,
+        p::RECVMSG6 => bpf_attach_type::BPF_CGROUP_UDP6_RECVMSG,
+        p::GETPEERNAME4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+        p::GETPEERNAME6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         other => unreachable!("{other} is not a connredir program"),
     }
 }

@@ -49,6 +49,12 @@ pub(crate) fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
         programs::CONNECT6,
         programs::BIND4,
         programs::BIND6,
+        programs::SENDMSG4,
+        programs::SENDMSG6,
+        programs::RECVMSG4,
+        programs::RECVMSG6,
+        programs::GETPEERNAME4,
+        programs::GETPEERNAME6,
     ] {
         let prog: &mut CgroupSockAddr = program_mut(&mut bpf, name)?;
         prog.load().map_err(program_err(name))?;

@@ -13,11 +13,11 @@ use connredir_abi::{
     connredir_conn, connredir_endpoint, connredir_trace_event, map_names,
     CONNREDIR_DECISION_HOP_LIMIT, CONNREDIR_DECISION_LOOP_PREVENTED, CONNREDIR_DECISION_NO_MEMORY,
     CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_REDIRECTED, CONNREDIR_DECISION_SERVICE_DOWN,
-    CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED, CONNREDIR_STATE_BY_OTHER, CONNREDIR_STATE_BY_SELF,
-    CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
+    CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED, CONNREDIR_PROTO_UDP, CONNREDIR_STATE_BY_OTHER,
+    CONNREDIR_STATE_BY_SELF, CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
 };
 
-use crate::{map_err, Engine, Error};
+use crate::{map_err, Engine, Error, Protocol};
 
 /// One redirected socket: a leg of a flow, opened by the flow's client (the
 /// first leg) or by a service forwarding it (the later legs).
@@ -133,6 +133,8 @@ pub struct TraceEvent {
     pub state: RedirectState,
     /// What happened.
     pub decision: Decision,
+    /// The socket's protocol (`Tcp` or `Udp`).
+    pub protocol: Protocol,
 }
 
 fn command(comm: &[u8; 16]) -> String {
@@ -307,6 +309,11 @@ impl Tracer {
                 hops: raw.hop_count,
                 state: state_from_abi(raw.state),
                 decision,
+                protocol: if raw.protocol == CONNREDIR_PROTO_UDP as u8 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
             });
         }
         events

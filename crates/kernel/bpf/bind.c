@@ -2,7 +2,7 @@
 /*
  * cgroup/bind4 and cgroup/bind6: a service's address belongs to the service.
  *
- * A TCP bind of a registered service address (or of a wildcard address on a
+ * A TCP or UDP bind of a registered service address (or of a wildcard address on a
  * service's port, which would receive its connections too) by a process of
  * the service's identity marks the socket as the service's listener (see
  * lib/listener.h); any other bind notes who bound, so that a service
@@ -52,7 +52,7 @@ int connredir_bind4(struct bpf_sock_addr *ctx)
 	__u16 port = (__u16)ctx->user_port;
 	__u32 addr[4] = { 0, 0, bpf_htonl(0xffff), ip };
 
-	if (type != SOCK_STREAM || !port || !ctx->sk)
+	if ((type != SOCK_STREAM && type != SOCK_DGRAM) || !port || !ctx->sk)
 		return 1;
 	return on_bind(ctx, addr, port, ip == 0);
 }
@@ -68,7 +68,7 @@ int connredir_bind6(struct bpf_sock_addr *ctx)
 	addr[1] = ctx->user_ip6[1];
 	addr[2] = ctx->user_ip6[2];
 	addr[3] = ctx->user_ip6[3];
-	if (type != SOCK_STREAM || !port || !ctx->sk)
+	if ((type != SOCK_STREAM && type != SOCK_DGRAM) || !port || !ctx->sk)
 		return 1;
 	return on_bind(ctx, addr, port,
 		       (addr[0] | addr[1] | addr[2] | addr[3]) == 0 ||

@@ -1,12 +1,24 @@
 /* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
- * cgroup/connect4 and cgroup/connect6: every TCP connect() in the attached
- * cgroups. The destination is read from the context, decided by decide()
- * (lib/decide.h: the rules, the chain, the service's listener) and, when
- * redirected, rewritten to the service's listening address.
+ * cgroup/connect4 and cgroup/connect6: every TCP and UDP connect() in the
+ * attached cgroups; cgroup/sendmsg4 and cgroup/sendmsg6: every UDP sendto()
+ * or sendmsg() with an address there. The destination is read from the context, decided by
+ * decide() (lib/decide.h: the rules of the socket's protocol, the chain, the
+ * service's listener) and, when redirected, rewritten to the service's
+ * listening address. A UDP connect by a service's own socket to a client
+ * takes that client's flow instead (lib/udp.h).
  */
 #include "lib/addr.h"
 #include "lib/decide.h"
+#include "lib/udp.h"
+
+/* The rules' protocol for a socket type; 0 for types never redirected. */
+static __always_inline __u32 protocol_of(__u32 type)
+{
+	return type == SOCK_STREAM ? CONNREDIR_PROTO_TCP :
+	       type == SOCK_DGRAM  ? CONNREDIR_PROTO_UDP :
+				     0;
+}
 
 /* A refused connect: the errno reaches the caller of connect(). */
 static __always_inline int refuse(int err)
@@ -15,8 +27,11 @@ static __always_inline int refuse(int err)
 	return 0;
 }
 
-SEC("cgroup/connect4")
-int connredir_connect4(struct bpf_sock_addr *ctx)
+/*
+ * A connect (or, with `sending`, a UDP sendto/sendmsg with an address) to an
+ * IPv4 destination.
+ */
+static __always_inline int on_addr4(struct bpf_sock_addr *ctx, int sending)
 {
 	__u32 type = ctx->type;
 	__u32 ip = ctx->user_ip4;
@@ -26,10 +41,19 @@ int connredir_connect4(struct bpf_sock_addr *ctx)
 	struct connredir_endpoint dst;
 	int verdict, refusal = 0;
 
-	if (type != SOCK_STREAM || !sk)
+	__u32 protocol = protocol_of(type);
+
+	if (!protocol || !sk || (sending && protocol != CONNREDIR_PROTO_UDP))
 		return 1;
 	endpoint_set_v4(&dst, ip, port);
-	verdict = decide_traced(ctx, sk, &dst, 0, &target, &refusal);
+	if (!sending && protocol == CONNREDIR_PROTO_UDP && udp_take_flow(ctx, sk, &dst))
+		return 1;
+	/* Already the socket's redirect: an IPv6 socket's datagram to a
+	 * v4-mapped address (its connect was decided by connect6) passes here
+	 * with the service's address. */
+	if (sending && udp_original_peer(sk, &dst))
+		return 1;
+	verdict = decide_traced(ctx, sk, &dst, 0, protocol, &target, &refusal);
 	if (verdict == VERDICT_REFUSE)
 		return refuse(refusal);
 	if (verdict == VERDICT_REDIRECT && target) {
@@ -39,8 +63,8 @@ int connredir_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-SEC("cgroup/connect6")
-int connredir_connect6(struct bpf_sock_addr *ctx)
+/* As on_addr4(), for an IPv6 (or IPv4-mapped) destination. */
+static __always_inline int on_addr6(struct bpf_sock_addr *ctx, int sending)
 {
 	__u32 type = ctx->type;
 	__u32 ip6[4];
@@ -49,17 +73,22 @@ int connredir_connect6(struct bpf_sock_addr *ctx)
 	const struct connredir_endpoint *target = NULL;
 	struct connredir_endpoint dst;
 	int mapped, verdict, refusal = 0;
+	__u32 protocol = protocol_of(type);
 
 	ip6[0] = ctx->user_ip6[0];
 	ip6[1] = ctx->user_ip6[1];
 	ip6[2] = ctx->user_ip6[2];
 	ip6[3] = ctx->user_ip6[3];
-	if (type != SOCK_STREAM || !sk)
+	if (!protocol || !sk || (sending && protocol != CONNREDIR_PROTO_UDP))
 		return 1;
 	/* An IPv4-mapped destination follows the IPv4 rules and listeners. */
 	mapped = is_v4_mapped(ip6);
 	endpoint_set_v6(&dst, ip6, port);
-	verdict = decide_traced(ctx, sk, &dst, !mapped, &target, &refusal);
+	if (!sending && protocol == CONNREDIR_PROTO_UDP && udp_take_flow(ctx, sk, &dst))
+		return 1;
+	if (sending && udp_original_peer(sk, &dst))
+		return 1;
+	verdict = decide_traced(ctx, sk, &dst, !mapped, protocol, &target, &refusal);
 	if (verdict == VERDICT_REFUSE)
 		return refuse(refusal);
 	if (verdict != VERDICT_REDIRECT || !target)
@@ -79,4 +108,33 @@ int connredir_connect6(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_port = target->port;
 	return 1;
+}
+
+SEC("cgroup/connect4")
+int connredir_connect4(struct bpf_sock_addr *ctx)
+{
+	return on_addr4(ctx, 0);
+}
+
+SEC("cgroup/connect6")
+int connredir_connect6(struct bpf_sock_addr *ctx)
+{
+	return on_addr6(ctx, 0);
+}
+
+/*
+ * An unconnected UDP socket's sendto()/sendmsg() with an address: each
+ * datagram is decided as a connect would be. The socket's record is that of
+ * the last selected destination it sent to (see lib/udp.h).
+ */
+SEC("cgroup/sendmsg4")
+int connredir_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return on_addr4(ctx, 1);
+}
+
+SEC("cgroup/sendmsg6")
+int connredir_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return on_addr6(ctx, 1);
 }

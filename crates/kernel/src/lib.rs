@@ -4,14 +4,17 @@
 //! family's programs; each is compiled on its own and `build.rs` links the
 //! objects into one (`bpftool gen object`), so all programs share the maps:
 //! - `connect.c`: `cgroup/connect4` and `cgroup/connect6`, where a connect is
-//!   read, decided and rewritten to the service;
+//!   read, decided and rewritten to the service, and `cgroup/sendmsg4|6`,
+//!   the same for each datagram an unconnected UDP socket sends;
 //! - `bind.c`: `cgroup/bind4` and `cgroup/bind6`, which keep a service's
 //!   address for the service's own processes;
 //! - `sockops.c`: `sockops`, the TCP events: record hand-off, inheritance
 //!   clean-up, acceleration of established connections;
 //! - `sockopt.c`: `cgroup/getsockopt` and `cgroup/setsockopt`, the redirect
 //!   operations at the syscall level and `SO_ORIGINAL_DST`;
-//! - `sk_msg.c`: `sk_msg`, the sockmap acceleration of local legs.
+//! - `sk_msg.c`: `sk_msg`, the sockmap acceleration of local legs;
+//! - `udp.c`: `cgroup/recvmsg4|6` and `cgroup/getpeername4|6`, which show a
+//!   redirected UDP client its original destination as its peer.
 //!
 //! What they do is in `bpf/lib/`, one header per job:
 //! - `abi.h`: the one include of the shared ABI header (`connredir-abi`);
@@ -62,6 +65,20 @@ pub mod programs {
     pub const SETSOCKOPT: &str = "connredir_setsockopt";
     /// `sk_msg`: sockmap acceleration of local legs.
     pub const ACCEL: &str = "connredir_accel";
+    /// `cgroup/sendmsg4`: each UDP datagram sent with an address is decided.
+    pub const SENDMSG4: &str = "connredir_sendmsg4";
+    /// `cgroup/sendmsg6`: as `SENDMSG4`, for IPv6 sockets.
+    pub const SENDMSG6: &str = "connredir_sendmsg6";
+    /// `cgroup/recvmsg4`: a redirected UDP client's datagrams come from
+    /// the original destination.
+    pub const RECVMSG4: &str = "connredir_recvmsg4";
+    /// `cgroup/recvmsg6`: as `RECVMSG4`, for IPv6 sockets.
+    pub const RECVMSG6: &str = "connredir_recvmsg6";
+    /// `cgroup/getpeername4`: a redirected connected UDP socket's peer is
+    /// the original destination.
+    pub const GETPEERNAME4: &str = "connredir_getpeername4";
+    /// `cgroup/getpeername6`: as `GETPEERNAME4`, for IPv6 sockets.
+    pub const GETPEERNAME6: &str = "connredir_getpeername6";
 }
 
 #[cfg(test)]
@@ -90,6 +107,12 @@ mod tests {
             super::programs::GETSOCKOPT,
             super::programs::SETSOCKOPT,
             super::programs::ACCEL,
+            super::programs::SENDMSG4,
+            super::programs::SENDMSG6,
+            super::programs::RECVMSG4,
+            super::programs::RECVMSG6,
+            super::programs::GETPEERNAME4,
+            super::programs::GETPEERNAME6,
         ] {
             assert!(contains(name), "program {name} missing from the object");
         }

@@ -25,6 +25,7 @@ pub fn run(case: &str, addr: SocketAddr, millis: Option<u64>) -> Result<Value> {
         "fill-optmem" => fill_optmem(addr),
         "bind" => impostor(addr, false),
         "bind-reuseport" => impostor(addr, true),
+        "udp-bind" => udp_impostor(addr),
         "flows" => flows(addr, millis.context("missing MILLISECONDS")?),
         other => bail!("unknown attack case {other}"),
     }
@@ -214,6 +215,23 @@ fn impostor(addr: SocketAddr, reuseport: bool) -> Result<Value> {
         }
     }
     Ok(json!({ "bind": "ok", "accepted": accepted }))
+}
+
+/// Binds a UDP socket to `addr` with SO_REUSEADDR and SO_REUSEPORT (a
+/// service's UDP address, or a wildcard on its port): the kernel alone
+/// lets a process of the service's user join its group and take datagrams.
+fn udp_impostor(addr: SocketAddr) -> Result<Value> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    Ok(match socket.bind(&addr.into()) {
+        Ok(()) => json!({ "bind": "ok" }),
+        Err(e) => json!({ "bind": e.to_string(), "errno": e.raw_os_error() }),
+    })
 }
 
 /// New connections in a loop for `millis` ms, each an echo round trip:

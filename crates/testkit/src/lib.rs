@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use connredir_engine::{Engine, Identity, Rule, Service, ServiceId};
+use connredir_engine::{Engine, Identity, Protocol, Rule, Service, ServiceId};
 use connredir_host::child::ChildProcess;
 use serde_json::Value;
 
@@ -337,6 +337,58 @@ impl Drop for EchoServer {
     }
 }
 
+/// A UDP echo server on a thread of the test process: the "original
+/// destination" of UDP tests. Notes where each datagram came from; stops
+/// on drop.
+pub struct UdpEchoServer {
+    addr: SocketAddr,
+    sources: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpEchoServer {
+    /// Binds `addr` (port 0 for any) and sends every datagram back.
+    pub fn start(addr: &str) -> Result<UdpEchoServer> {
+        let socket =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("UDP echo on {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let addr = socket.local_addr()?;
+        let sources = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, stopping) = (Arc::clone(&sources), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    log.lock().unwrap().push(from);
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Ok(UdpEchoServer {
+            addr,
+            sources,
+            stop,
+        })
+    }
+
+    /// Where it receives.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The source of each datagram received so far.
+    pub fn sources(&self) -> Vec<SocketAddr> {
+        self.sources.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Waits (at most 10 s) until something listens on `addr`, read from
 /// /proc/net/tcp{,6} so that no probe connection disturbs the listener.
 pub fn wait_listening(addr: SocketAddr) -> Result<()> {
@@ -534,14 +586,66 @@ impl Lab {
 
     /// Sends TCP connections to `prefix` (on `port`, or any) to a service.
     pub fn route(&mut self, id: ServiceId, prefix: &str, port: Option<u16>, priority: u32) {
+        self.route_protocol(id, Protocol::Tcp, prefix, port, priority);
+    }
+
+    /// Sends `protocol` flows to `prefix` (on `port`, or any) to a service.
+    pub fn route_protocol(
+        &mut self,
+        id: ServiceId,
+        protocol: Protocol,
+        prefix: &str,
+        port: Option<u16>,
+        priority: u32,
+    ) {
         self.engine
             .add_rule(Rule {
+                protocol,
                 destinations: vec![prefix.parse().unwrap()],
                 ports: port.map(|p| p..=p).into_iter().collect(),
                 priority,
                 ..Rule::tcp_to(id)
             })
             .expect("add rule");
+    }
+
+    /// Registers `name` as a service whose identity is its own cgroup, with
+    /// one UDP rule sending `prefix` on `port` to it, and starts the test
+    /// kit's UDP service role on `listen` there (`extra`: its options).
+    /// Returns the service id and the process's index in `procs`.
+    pub fn udp_service(
+        &mut self,
+        name: &str,
+        listen: SocketAddr,
+        prefix: &str,
+        port: u16,
+        priority: u32,
+        extra: &[&str],
+    ) -> (ServiceId, usize) {
+        let cgroup = self.cgroup(&format!("services/{name}"));
+        let id = self.service(name, &[listen], by_cgroup(&cgroup), None);
+        self.route_protocol(id, Protocol::Udp, prefix, Some(port), priority);
+        let index = self.start_udp_service(&cgroup, name, listen, extra);
+        (id, index)
+    }
+
+    /// Starts the test kit's UDP service role as `name` on `listen` in
+    /// `cgroup` and waits until it is bound. Returns its index in `procs`.
+    pub fn start_udp_service(
+        &mut self,
+        cgroup: &Path,
+        name: &str,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> usize {
+        let listen = listen.to_string();
+        let mut args = vec!["udp-proxy", "--name", name, "--listen", &listen];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(cgroup, None, &args).expect("start the UDP service");
+        proc.wait_line("UDP service ready", |l| l == "ready")
+            .unwrap();
+        self.procs.push(proc);
+        self.procs.len() - 1
     }
 
     /// JSON lines a proxy (`procs[index]`) printed about connections.

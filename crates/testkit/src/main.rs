@@ -11,6 +11,8 @@
 //! connredir-testkit attack CASE ADDR [ARG]
 //! connredir-testkit forge --listen ADDR --connect ADDR --other ID [--iterations N] [--seed S]
 //! connredir-testkit set-blob --hex HEX --connect ADDR
+//! connredir-testkit udp-proxy --name NAME --listen ADDR [--no-records]
+//! connredir-testkit udp-client --connect ADDR [--count N] [--unconnected]
 //! ```
 //!
 //! and the roles of the isolation tests (see `isolation.rs`).
@@ -32,6 +34,7 @@ use socket2::{Domain, Socket, Type};
 
 mod attack;
 mod isolation;
+mod udp;
 
 /// The roles; each prints JSON lines on stdout.
 #[derive(Debug, Parser)]
@@ -145,6 +148,28 @@ enum Role {
         #[arg(long, value_name = "ADDR")]
         connect: SocketAddr,
     },
+    /// A toy UDP service built on the `connredir` library (`udp.rs`).
+    UdpProxy {
+        /// The name it logs under.
+        #[arg(long)]
+        name: String,
+        /// The service address it receives on.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Do not set the flow's records on the onward socket.
+        #[arg(long)]
+        no_records: bool,
+    },
+    /// UDP datagrams to an echo server, each echo checked (`udp.rs`).
+    UdpClient {
+        #[arg(long, value_name = "ADDR")]
+        connect: SocketAddr,
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        count: usize,
+        /// Send with sendto() on an unconnected socket.
+        #[arg(long)]
+        unconnected: bool,
+    },
     /// An attacker in another network namespace (`isolation.rs`).
     NetnsAttacker(isolation::NetnsAttacker),
     /// A service whose accept queue is full (`isolation.rs`).
@@ -201,6 +226,16 @@ fn main() -> Result<()> {
             seed,
         } => forge(&listen, connect, other, iterations, seed),
         Role::SetBlob { hex, connect } => set_blob(&hex, connect),
+        Role::UdpProxy {
+            name,
+            listen,
+            no_records,
+        } => udp::service(&name, listen, !no_records),
+        Role::UdpClient {
+            connect,
+            count,
+            unconnected,
+        } => udp::client(connect, count, unconnected),
         Role::NetnsAttacker(args) => isolation::netns_attacker(&args),
         Role::StalledService(args) => isolation::stalled_service(&args),
         Role::BoundClient(args) => isolation::bound_client(&args),

@@ -122,6 +122,10 @@ struct connredir_service {
 /* ---- Rules. */
 
 #define CONNREDIR_PROTO_TCP 6
+/* UDP: connected sockets at connect(), unconnected ones at each sendto(). */
+#define CONNREDIR_PROTO_UDP 17
+/* One rule for both TCP and UDP (not an IP protocol number). */
+#define CONNREDIR_PROTO_TCP_AND_UDP 255
 /* Rules that can match one destination at once (after prefix merging). */
 #define CONNREDIR_MAX_RULES_PER_PREFIX 16
 #define CONNREDIR_ANY_UID 0xffffffffu
@@ -333,7 +337,8 @@ struct connredir_trace_event {
 	uint16_t hop_count; /* hops in the record before this decision */
 	uint8_t decision; /* enum connredir_decision */
 	uint8_t state; /* enum connredir_redirect_state */
-	uint32_t reserved;
+	uint8_t protocol; /* CONNREDIR_PROTO_TCP or CONNREDIR_PROTO_UDP */
+	uint8_t reserved[3];
 };
 
 /* ---- Counters (indices of the per-CPU counters array). */

@@ -17,6 +17,8 @@ pub const CONNREDIR_SERVICE_ACCELERATE: u32 = 16;
 pub const CONNREDIR_SERVICE_BYPASS_WHEN_DOWN: u32 = 32;
 pub const CONNREDIR_CLOCK_TICKS_PER_SEC: u32 = 100;
 pub const CONNREDIR_PROTO_TCP: u32 = 6;
+pub const CONNREDIR_PROTO_UDP: u32 = 17;
+pub const CONNREDIR_PROTO_TCP_AND_UDP: u32 = 255;
 pub const CONNREDIR_MAX_RULES_PER_PREFIX: u32 = 16;
 pub const CONNREDIR_ANY_UID: u32 = 4294967295;
 pub const CONNREDIR_MAX_FOREIGN_HANDOFFS: u32 = 8192;
@@ -442,7 +444,8 @@ pub struct connredir_trace_event {
     pub hop_count: u16,
     pub decision: u8,
     pub state: u8,
-    pub reserved: u32,
+    pub protocol: u8,
+    pub reserved: [u8; 3usize],
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -471,8 +474,10 @@ const _: () = {
         [::std::mem::offset_of!(connredir_trace_event, decision) - 74usize];
     ["Offset of field: connredir_trace_event::state"]
         [::std::mem::offset_of!(connredir_trace_event, state) - 75usize];
+    ["Offset of field: connredir_trace_event::protocol"]
+        [::std::mem::offset_of!(connredir_trace_event, protocol) - 76usize];
     ["Offset of field: connredir_trace_event::reserved"]
-        [::std::mem::offset_of!(connredir_trace_event, reserved) - 76usize];
+        [::std::mem::offset_of!(connredir_trace_event, reserved) - 77usize];
 };
 pub const CONNREDIR_CNT_REDIRECTS: connredir_counter = 0;
 pub const CONNREDIR_CNT_LOOPS_PREVENTED: connredir_counter = 1;

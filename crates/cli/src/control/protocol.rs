@@ -162,6 +162,10 @@ pub struct RuleStatus {
     pub service: Option<String>,
     /// The only user id it applies to.
     pub uid: Option<u32>,
+    /// Its protocols: `tcp`, `udp`, or both (absent from an older `up`:
+    /// TCP).
+    #[serde(default)]
+    pub protocol: Vec<String>,
 }
 
 /// One redirected socket: a leg of a flow.
@@ -245,6 +249,14 @@ pub struct TraceLine {
     pub state: TraceState,
     /// What happened.
     pub decision: Decision,
+    /// The socket's protocol, `tcp` or `udp` (absent from an older `up`:
+    /// `tcp`).
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
 }
 
 /// A flow's redirect state for one service, named as the library's
@@ -327,6 +339,7 @@ mod tests {
             hops: 1,
             state: TraceState::PreviouslyRedirectedBySelf,
             decision: Decision::ServiceDownBypassed,
+            protocol: "udp".into(),
         }
     }
 
@@ -338,7 +351,7 @@ mod tests {
             "{\"time\":\"2026-03-01T12:34:56.789Z\",\"pid\":42,\"uid\":0,\"command\":\"curl\",\
              \"cgroup_id\":5,\"destination\":\"[::1]:443\",\"rule\":2,\"service_id\":9,\
              \"service\":null,\"hops\":1,\"state\":\"PreviouslyRedirectedBySelf\",\
-             \"decision\":\"service-down-bypassed\"}"
+             \"decision\":\"service-down-bypassed\",\"protocol\":\"udp\"}"
         );
         let message = TraceMessage::Decision(line());
         let text = serde_json::to_string(&message).unwrap();
@@ -391,6 +404,7 @@ mod tests {
                 priority: 0,
                 service: Some("scanner".into()),
                 uid: None,
+                protocol: vec!["tcp".into(), "udp".into()],
             }],
             scopes: vec!["/sys/fs/cgroup/apps".into()],
             services: vec![ServiceStatus {
@@ -406,7 +420,8 @@ mod tests {
             text,
             "{\"data\":{\"counters\":{\"handoffs\":2,\"redirects\":3},\"live_connections\":1,\
              \"rules\":[{\"destinations\":[\"10.0.0.0/8\"],\"hits\":3,\"id\":1,\
-             \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null}],\
+             \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null,\
+             \"protocol\":[\"tcp\",\"udp\"]}],\
              \"scopes\":[\"/sys/fs/cgroup/apps\"],\"services\":[{\"id\":1,\
              \"listen\":[\"127.0.0.1:15001\"],\"name\":\"scanner\",\"on_down\":\"bypass\",\
              \"up\":true}]},\"error\":null}"

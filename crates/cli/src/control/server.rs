@@ -381,6 +381,12 @@ fn rule_status(id: RuleId, rule: &Rule, engine: &Engine, hits: u64) -> RuleStatu
         priority: rule.priority,
         service: name_of(engine, rule.service),
         uid: rule.uid,
+        protocol: rule
+            .protocol
+            .names()
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
     }
 }
 

@@ -11,7 +11,7 @@ use std::ops::RangeInclusive;
 
 use connredir_abi::{
     connredir_rule, connredir_rule_set, CONNREDIR_ANY_UID, CONNREDIR_MAX_RULES_PER_PREFIX,
-    CONNREDIR_PROTO_TCP,
+    CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP, CONNREDIR_PROTO_UDP,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -32,15 +32,33 @@ impl std::fmt::Display for RuleId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// TCP (the only protocol the redirect layer handles so far).
+    /// TCP.
     #[default]
     Tcp,
+    /// UDP: connected sockets at `connect()`, unconnected ones at each
+    /// `sendto()`/`sendmsg()`.
+    Udp,
+    /// Both TCP and UDP, as one rule.
+    #[serde(rename = "tcp+udp")]
+    TcpAndUdp,
 }
 
 impl Protocol {
+    /// The protocols' names, as the configuration writes them: `tcp`,
+    /// `udp`, or both.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Protocol::Tcp => &["tcp"],
+            Protocol::Udp => &["udp"],
+            Protocol::TcpAndUdp => &["tcp", "udp"],
+        }
+    }
+
     fn number(self) -> u8 {
         match self {
             Protocol::Tcp => CONNREDIR_PROTO_TCP as u8,
+            Protocol::Udp => CONNREDIR_PROTO_UDP as u8,
+            Protocol::TcpAndUdp => CONNREDIR_PROTO_TCP_AND_UDP as u8,
         }
     }
 }

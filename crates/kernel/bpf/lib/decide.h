@@ -79,8 +79,9 @@ struct judge_env {
 	__u32 uid;
 	__u32 port; /* host order */
 	__u32 want_v6;
+	__u32 protocol; /* CONNREDIR_PROTO_TCP or CONNREDIR_PROTO_UDP */
 	__u8 flow_state; /* out: the flow's state for the rule's service */
-	__u8 reserved[7];
+	__u8 reserved[3];
 };
 
 /* How one rule stands for a connect. */
@@ -103,7 +104,7 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 
 	if (!ctx || !rule || !env)
 		return JUDGED_NO_MATCH;
-	if (rule->protocol != CONNREDIR_PROTO_TCP || env->port < rule->port_min ||
+	if ((rule->protocol != env->protocol && rule->protocol != CONNREDIR_PROTO_TCP_AND_UDP) || env->port < rule->port_min ||
 	    env->port > rule->port_max)
 		return JUDGED_NO_MATCH;
 	if (rule->uid != CONNREDIR_ANY_UID && rule->uid != env->uid)
@@ -126,7 +127,8 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 	    flow_state == CONNREDIR_STATE_PREVIOUSLY_BY_SELF)
 		return JUDGED_BY_SELF;
 
-	listener = listener_state(ctx, service_id, env->want_v6, env->tgid);
+	listener = listener_state(ctx, service_id, env->want_v6, env->tgid,
+				  env->protocol == CONNREDIR_PROTO_UDP);
 	if (listener == LISTENER_CALLER) {
 		/* The service's own listening process, not known by its
 		 * identity (which may have drifted): its flow, not a loop. */
@@ -147,7 +149,7 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
  * IPv6 destination).
  */
 static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
-				  const struct connredir_endpoint *dst, int want_v6,
+				  const struct connredir_endpoint *dst, int want_v6, __u32 protocol,
 				  struct connredir_trace_event *ev,
 				  const struct connredir_endpoint **target, int *refusal)
 {
@@ -196,6 +198,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	env.uid = caller.uid;
 	env.port = port;
 	env.want_v6 = want_v6;
+	env.protocol = protocol;
 	env.caller = caller;
 	env.chain = chain;
 	count_rules = set->count;
@@ -298,13 +301,15 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 /* decide(), and the decision to the trace when someone reads it. */
 static __always_inline int decide_traced(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
 					 const struct connredir_endpoint *dst, int want_v6,
-					 const struct connredir_endpoint **target, int *refusal)
+					 __u32 protocol, const struct connredir_endpoint **target,
+					 int *refusal)
 {
 	struct connredir_trace_event ev = {};
-	int verdict = decide(ctx, sk, dst, want_v6, &ev, target, refusal);
+	int verdict = decide(ctx, sk, dst, want_v6, protocol, &ev, target, refusal);
 
 	if (tracing()) {
 		ev.dst = *dst;
+		ev.protocol = (__u8)protocol;
 		emit(&ev);
 	}
 	return verdict;

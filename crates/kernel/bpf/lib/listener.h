@@ -51,12 +51,12 @@ static __always_inline int bound_by_identity(const struct connredir_listener *ma
 }
 
 /*
- * The state of `service_id`'s listener (IPv6 or IPv4) for a connect by
- * `tgid`. A global function: the verifier checks it once, apart from the
+ * The state of `service_id`'s listener (IPv6 or IPv4; its UDP socket when
+ * `udp`) for a connect by `tgid`. A global function: the verifier checks it once, apart from the
  * rule loop that calls it, whose states it would otherwise multiply.
  */
 __noinline int listener_state(struct bpf_sock_addr *ctx, __u32 service_id, __u32 want_v6,
-			      __u32 tgid)
+			      __u32 tgid, __u32 udp)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct connredir_service *service;
@@ -72,15 +72,27 @@ __noinline int listener_state(struct bpf_sock_addr *ctx, __u32 service_id, __u32
 	if (want_v6) {
 		__builtin_memcpy(tuple.ipv6.daddr, service->listen6.addr, 16);
 		tuple.ipv6.dport = service->listen6.port;
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+		if (udp)
+			sk = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS,
+					       0);
+		else
+			sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS,
+					       0);
 	} else {
 		tuple.ipv4.daddr = *(const __u32 *)service->listen4.addr;
 		tuple.ipv4.dport = service->listen4.port;
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (udp)
+			sk = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS,
+					       0);
+		else
+			sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS,
+					       0);
 	}
 	if (!sk)
 		return LISTENER_ABSENT;
-	if (sk->state == TCP_LISTEN) {
+	/* A UDP service's socket is bound, never listening; a lookup with no
+	 * source finds only an unconnected one (its receiving socket). */
+	if (udp || sk->state == TCP_LISTEN) {
 		mark = bpf_sk_storage_get(&listeners, sk, 0, 0);
 		if (mark && (mark->service_id == service_id ||
 			     (mark->service_id == 0 && bound_by_identity(mark, service_id))))

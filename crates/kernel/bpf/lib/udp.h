@@ -1,0 +1,158 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * UDP flows: a flow is a client socket and the original destination it
+ * sent to. The client's connect() is decided as for TCP (connect.c, with
+ * the rules for UDP) and its record kept in the client socket's storage;
+ * its destination becomes the service's UDP address (the service's
+ * listening address and port, on UDP).
+ *
+ * UDP has no accept(): a service answers a client from a socket of its
+ * own, bound to the service's address (SO_REUSEADDR/SO_REUSEPORT) and
+ * connected to the client's address. That connect (udp_take_flow, called
+ * from connect.c) finds the client's socket in the caller's network
+ * namespace (bpf_sk_lookup_udp, the 4-tuple seen from the service) and
+ * copies its record onto the service's socket, which then answers the
+ * socket options as an accepted TCP socket does.
+ *
+ * The client cannot tell: a datagram from the service's address reads as
+ * coming from the original destination (recvmsg4/6), and a connected
+ * socket's peer is the original destination (getpeername4/6); both in
+ * udp.c (udp_original_peer).
+ */
+#ifndef CONNREDIR_UDP_H
+#define CONNREDIR_UDP_H
+
+#include "addr.h"
+#include "maps.h"
+#include "record.h"
+#include "service.h"
+
+/* Whether `a` is the service endpoint `b` (address and port). */
+static __always_inline int same_endpoint(const struct connredir_endpoint *a,
+					 const struct connredir_endpoint *b)
+{
+	const __u32 *x = (const __u32 *)a->addr, *y = (const __u32 *)b->addr;
+
+	if (a->family != b->family || a->port != b->port || x[0] != y[0])
+		return 0;
+	return a->family == AF_INET || (x[1] == y[1] && x[2] == y[2] && x[3] == y[3]);
+}
+
+/*
+ * The original destination to show in place of `from` on a client's UDP
+ * socket: when the socket's own connect (or send) redirected it and `from`
+ * is that redirect's service address. NULL to leave `from` as it is.
+ */
+static __always_inline const struct connredir_endpoint *
+udp_original_peer(struct bpf_sock *sk, const struct connredir_endpoint *from)
+{
+	struct connredir_sock_state *state;
+	const struct connredir_hop *hop;
+	struct connredir_service *service;
+	__u32 hop_count, service_id;
+
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state || !(state->flags & CONNREDIR_SOCK_OWN_HOP))
+		return NULL;
+	hop_count = clamp_hops(state->record.hop_count);
+	if (hop_count == 0)
+		return NULL;
+	hop = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)];
+	service_id = hop->service_id;
+	service = bpf_map_lookup_elem(&services, &service_id);
+	if (!service)
+		return NULL;
+	if (!same_endpoint(from, from->family == AF_INET ? &service->listen4 : &service->listen6))
+		return NULL;
+	return &hop->original_dst;
+}
+
+/*
+ * A service's socket bound to its own address connects to `peer`, a
+ * client: when that client's socket holds a flow redirected to this
+ * service, the flow's record becomes this socket's (as on an accepted TCP
+ * socket), with the client's address as the last hop's local address.
+ * Returns 1 when the socket took a flow (the connect is then left as it
+ * is), 0 when it is not a service's socket or no flow of its is there.
+ *
+ * Only the service's processes (or root) can hold a socket bound to its
+ * address: bind.c refuses that address to anyone else in the scope.
+ */
+static __always_inline int udp_take_flow(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+					 const struct connredir_endpoint *peer)
+{
+	__u32 family = ctx_read(sk->family);
+	__u32 src_port = ctx_read(sk->src_port);
+	__u32 src4 = ctx_read(sk->src_ip4);
+	__u32 local[4];
+	struct bpf_sock_tuple tuple = {};
+	struct caller_services caller;
+	struct connredir_sock_state *theirs, *ours;
+	struct connredir_hop *hop;
+	struct bpf_sock *client;
+	__u32 service_id, hop_count;
+	int taken = 0;
+
+	local[0] = ctx_read(sk->src_ip6[0]);
+	local[1] = ctx_read(sk->src_ip6[1]);
+	local[2] = ctx_read(sk->src_ip6[2]);
+	local[3] = ctx_read(sk->src_ip6[3]);
+	if (family == AF_INET) {
+		local[0] = 0;
+		local[1] = 0;
+		local[2] = bpf_htonl(0xffff);
+		local[3] = src4;
+	}
+	if (!src_port)
+		return 0;
+	service_id = service_at(local, (__u16)src_port);
+	if (!service_id)
+		return 0;
+	caller_services(&caller);
+	if (caller.uid != 0 && !caller_is(&caller, service_id))
+		return 0;
+
+	/* The client's socket is the one that receives what this socket sends. */
+	if (peer->family == AF_INET) {
+		if (!is_v4_mapped(local))
+			return 0;
+		tuple.ipv4.saddr = local[3];
+		tuple.ipv4.sport = bpf_htons((__u16)src_port);
+		tuple.ipv4.daddr = *(const __u32 *)peer->addr;
+		tuple.ipv4.dport = peer->port;
+		client = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, local, 16);
+		tuple.ipv6.sport = bpf_htons((__u16)src_port);
+		__builtin_memcpy(tuple.ipv6.daddr, peer->addr, 16);
+		tuple.ipv6.dport = peer->port;
+		client = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!client)
+		return 0;
+	theirs = bpf_sk_storage_get(&sock_state, client, 0, 0);
+	if (theirs && (theirs->flags & CONNREDIR_SOCK_OWN_HOP)) {
+		hop_count = clamp_hops(theirs->record.hop_count);
+		if (hop_count > 0 &&
+		    theirs->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)].service_id ==
+			    service_id) {
+			ours = bpf_sk_storage_get(&sock_state, sk, 0,
+						  BPF_SK_STORAGE_GET_F_CREATE);
+			if (ours) {
+				ours->record = theirs->record;
+				hop = &ours->record.hops[(hop_count - 1) &
+							 (CONNREDIR_MAX_HOPS - 1)];
+				hop->local = *peer;
+				ours->flags = CONNREDIR_SOCK_ACCEPTED;
+				ours->pid = theirs->pid;
+				ours->uid = theirs->uid;
+				ours->cgroup_id = theirs->cgroup_id;
+				taken = 1;
+			}
+		}
+	}
+	bpf_sk_release(client);
+	return taken;
+}
+
+#endif /* CONNREDIR_UDP_H */

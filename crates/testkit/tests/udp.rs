@@ -1,0 +1,513 @@
+//! End-to-end tests of UDP redirection: real eBPF programs attached to a
+//! cgroup tree each test makes, the test kit's UDP service role in its own
+//! cgroup, clients as an unprivileged user, datagrams on loopback.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use connredir_engine::{OnDown, Protocol, Service, ServiceId};
+use connredir_testkit::{
+    by_cgroup, eventually, free_addr, permutations, EchoServer, Lab, Proc, UdpEchoServer,
+};
+use serde_json::{json, Value};
+
+/// The unprivileged user clients run as.
+const NOBODY: u32 = 65534;
+
+/// The lab and a UDP echo server on `server_ip`, the original destination.
+fn udp_lab(test: &str, server_ip: &str) -> Option<(Lab, UdpEchoServer)> {
+    let lab = Lab::new(test)?;
+    let server = UdpEchoServer::start(&format!("{server_ip}:0")).expect("UDP echo server");
+    Some((lab, server))
+}
+
+/// Runs the UDP client role as `nobody` in `scope/client` and returns its
+/// report (with its pid).
+fn udp_client(lab: &Lab, connect: SocketAddr, extra: &[&str]) -> Value {
+    let connect = connect.to_string();
+    let mut args = vec!["udp-client", "--connect", &connect];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+    let pid = proc.pid();
+    let (status, lines) = proc.finish().unwrap();
+    assert!(status.success(), "client failed: {status}, {lines:?}");
+    let mut report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    report["pid"] = pid.into();
+    report
+}
+
+/// The port a client report's local address names.
+fn local_port(report: &Value) -> u16 {
+    report["local"]
+        .as_str()
+        .unwrap()
+        .parse::<SocketAddr>()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn connected_udp_client_is_redirected_inspected_and_answered_from_the_original_destination() {
+    let Some((mut lab, server)) = udp_lab("udp-connected-v4", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let (id, service) = lab.udp_service("inspector", listen, "127.0.0.2/32", dst.port(), 0, &[]);
+
+    let report = udp_client(&lab, dst, &[]);
+    assert_eq!(report["ok"], true, "{report}");
+    // The client cannot tell: every echo comes from the original
+    // destination, and that is its socket's peer.
+    assert_eq!(report["from"], json!(vec![dst.to_string(); 3]), "{report}");
+    assert_eq!(report["peer"], dst.to_string(), "{report}");
+
+    let log = lab.wait_logged(service, 1);
+    assert_eq!(log.len(), 1, "service log: {log:?}");
+    let entry = &log[0];
+    assert_eq!(entry["records"], "ok", "{entry}");
+    assert_eq!(entry["chain"], json!([id.0]), "{entry}");
+    assert_eq!(entry["original_dst"], dst.to_string(), "{entry}");
+    assert_eq!(entry["record_dst"], dst.to_string(), "{entry}");
+    assert_eq!(entry["client_pid"], report["pid"], "{entry}");
+    assert_eq!(entry["context"], "ok", "{entry}");
+    assert_eq!(entry["context_remote"], dst.to_string(), "{entry}");
+    let client_port = local_port(&report);
+    assert_eq!(
+        entry["context_local"],
+        format!("127.0.0.1:{client_port}"),
+        "{entry}"
+    );
+    // Every datagram reached the destination through the service, none
+    // straight from the client.
+    let sources = server.sources();
+    assert_eq!(sources.len(), 3, "{sources:?}");
+    assert!(
+        sources.iter().all(|s| s.port() != client_port),
+        "{sources:?} vs client port {client_port}"
+    );
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.redirects, 1, "{counters:?}");
+}
+
+/// `n` UDP services for one destination, registered and started in every
+/// order, priority by name: each of several clients' flows passes each
+/// service once, in priority order, and reaches the destination once.
+fn udp_chain_in_every_start_order(n: usize, test: &str) {
+    const FLOWS: usize = 2;
+    let names = ["alpha", "bravo", "charlie"];
+    for order in permutations(n) {
+        let Some((mut lab, server)) = udp_lab(test, "127.0.0.2") else {
+            return;
+        };
+        let dst = server.addr();
+        let mut started = vec![None; n];
+        for &which in &order {
+            let listen = free_addr("127.0.0.1");
+            started[which] = Some(lab.udp_service(
+                names[which],
+                listen,
+                "127.0.0.2/32",
+                dst.port(),
+                which as u32 + 1,
+                &[],
+            ));
+        }
+        let started: Vec<(ServiceId, usize)> = started.into_iter().map(Option::unwrap).collect();
+        for _ in 0..FLOWS {
+            let report = udp_client(&lab, dst, &[]);
+            assert_eq!(report["ok"], true, "order {order:?}: {report}");
+            assert_eq!(report["peer"], dst.to_string(), "{report}");
+        }
+        let ids: Vec<u32> = started.iter().map(|(id, _)| id.0).collect();
+        for (position, (_, service)) in started.iter().enumerate() {
+            let log = lab.wait_logged(*service, FLOWS);
+            assert_eq!(
+                log.len(),
+                FLOWS,
+                "order {order:?}, {}: {log:?}",
+                names[position]
+            );
+            for entry in &log {
+                assert_eq!(
+                    entry["chain"],
+                    json!(ids[..=position]),
+                    "order {order:?}: {entry}"
+                );
+                assert_eq!(entry["original_dst"], dst.to_string(), "{entry}");
+            }
+        }
+        // Three datagrams per flow, each once, from the last service's
+        // onward socket of that flow.
+        let sources = server.sources();
+        assert_eq!(sources.len(), 3 * FLOWS, "order {order:?}: {sources:?}");
+        let distinct: HashSet<SocketAddr> = sources.iter().copied().collect();
+        assert_eq!(distinct.len(), FLOWS, "order {order:?}: {sources:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, (FLOWS * n) as u64, "{counters:?}");
+        assert_eq!(counters.hop_limit, 0, "{counters:?}");
+    }
+}
+
+#[test]
+fn two_udp_services_chain_once_each_in_every_start_order() {
+    udp_chain_in_every_start_order(2, "udp-chain2");
+}
+
+#[test]
+fn three_udp_services_chain_once_each_in_every_start_order() {
+    udp_chain_in_every_start_order(3, "udp-chain3");
+}
+
+#[test]
+fn records_less_udp_service_does_not_loop() {
+    let Some((mut lab, server)) = udp_lab("udp-norecords", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let (id, service) = lab.udp_service(
+        "plain",
+        listen,
+        "127.0.0.2/32",
+        dst.port(),
+        0,
+        &["--no-records"],
+    );
+    for _ in 0..2 {
+        let report = udp_client(&lab, dst, &[]);
+        assert_eq!(report["ok"], true, "{report}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = lab.proxy_log(service);
+    assert_eq!(log.len(), 2, "{log:?}");
+    for entry in &log {
+        assert_eq!(entry["chain"], json!([id.0]), "{entry}");
+    }
+    assert_eq!(server.sources().len(), 6, "{:?}", server.sources());
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.redirects, 2, "{counters:?}");
+    assert!(counters.loops_prevented >= 2, "{counters:?}");
+}
+
+/// A records-less UDP service chained with one that sets records, in both
+/// priority orders: the records-less one's onward socket inherits the
+/// record of the flow it forwards, so each flow passes each service once.
+#[test]
+fn records_less_udp_service_chains_with_others_without_looping() {
+    for plain_first in [true, false] {
+        let Some((mut lab, server)) = udp_lab("udp-inherit", "127.0.0.2") else {
+            return;
+        };
+        let dst = server.addr();
+        let (plain_id, plain) = lab.udp_service(
+            "plain",
+            free_addr("127.0.0.1"),
+            "127.0.0.2/32",
+            dst.port(),
+            if plain_first { 1 } else { 2 },
+            &["--no-records"],
+        );
+        let (aware_id, aware) = lab.udp_service(
+            "aware",
+            free_addr("127.0.0.1"),
+            "127.0.0.2/32",
+            dst.port(),
+            if plain_first { 2 } else { 1 },
+            &[],
+        );
+        for _ in 0..2 {
+            let report = udp_client(&lab, dst, &[]);
+            assert_eq!(report["ok"], true, "plain first: {plain_first}: {report}");
+        }
+        let expected = if plain_first {
+            [vec![plain_id.0], vec![plain_id.0, aware_id.0]]
+        } else {
+            [vec![aware_id.0, plain_id.0], vec![aware_id.0]]
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        for (service, chain) in [(plain, &expected[0]), (aware, &expected[1])] {
+            let log = lab.proxy_log(service);
+            assert_eq!(log.len(), 2, "plain first: {plain_first}: {log:?}");
+            for entry in log {
+                assert_eq!(entry["chain"], json!(chain), "{entry}");
+            }
+        }
+        assert_eq!(server.sources().len(), 6, "{:?}", server.sources());
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 4, "{counters:?}");
+        assert_eq!(counters.records_inherited, 2, "{counters:?}");
+    }
+}
+
+/// One UDP service for a destination on `server_ip`, reached by a client
+/// (connected, or with sendto when `unconnected`) at `connect(dst)`: every
+/// datagram goes through the service, whose socket for the client reads the
+/// flow's records and original destination, and every echo reads as coming
+/// from the address the client sent to.
+fn udp_round_trip(
+    server_ip: &str,
+    listen_ip: &str,
+    prefix: &str,
+    connect: impl Fn(SocketAddr) -> SocketAddr,
+    unconnected: bool,
+    test: &str,
+) {
+    let Some((mut lab, server)) = udp_lab(test, server_ip) else {
+        return;
+    };
+    let dst = server.addr();
+    let (id, service) = lab.udp_service(
+        "inspector",
+        free_addr(listen_ip),
+        prefix,
+        dst.port(),
+        0,
+        &[],
+    );
+    let target = connect(dst);
+    let extra: &[&str] = if unconnected { &["--unconnected"] } else { &[] };
+    let report = udp_client(&lab, target, extra);
+    assert_eq!(
+        report["ok"],
+        true,
+        "{report}; service: {:?}",
+        lab.proxy_log(service)
+    );
+    assert_eq!(
+        report["from"],
+        json!(vec![target.to_string(); 3]),
+        "{report}"
+    );
+    if !unconnected {
+        assert_eq!(report["peer"], target.to_string(), "{report}");
+    }
+    let log = lab.wait_logged(service, 1);
+    assert_eq!(log.len(), 1, "service log: {log:?}");
+    let entry = &log[0];
+    assert_eq!(entry["records"], "ok", "{entry}");
+    assert_eq!(entry["chain"], json!([id.0]), "{entry}");
+    assert_eq!(entry["original_dst"], dst.to_string(), "{entry}");
+    assert_eq!(entry["client_pid"], report["pid"], "{entry}");
+    let client_port = local_port(&report);
+    let sources = server.sources();
+    assert_eq!(sources.len(), 3, "{sources:?}");
+    assert!(
+        sources.iter().all(|s| s.port() != client_port),
+        "{sources:?} vs client port {client_port}"
+    );
+}
+
+/// An IPv4 destination as IPv4-mapped IPv6.
+fn mapped(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    }
+}
+
+#[test]
+fn unconnected_udp_client_is_redirected_per_datagram_and_answered_from_the_original_destination() {
+    udp_round_trip(
+        "127.0.0.2",
+        "127.0.0.1",
+        "127.0.0.2/32",
+        |d| d,
+        true,
+        "udp-sendto-v4",
+    );
+}
+
+#[test]
+fn ipv6_udp_clients_are_redirected_connected_and_unconnected() {
+    for unconnected in [false, true] {
+        udp_round_trip("[::1]", "::1", "::1/128", |d| d, unconnected, "udp-v6");
+    }
+}
+
+#[test]
+fn ipv4_mapped_udp_destinations_follow_the_ipv4_rules_connected_and_unconnected() {
+    for unconnected in [false, true] {
+        udp_round_trip(
+            "127.0.0.2",
+            "127.0.0.1",
+            "127.0.0.0/8",
+            mapped,
+            unconnected,
+            "udp-v4mapped",
+        );
+    }
+}
+
+/// One rule for both protocols sends a TCP connection to the service's TCP
+/// listener and a UDP flow to its UDP socket on the same address; a UDP
+/// rule leaves TCP alone.
+#[test]
+fn one_rule_for_tcp_and_udp_redirects_both_and_a_udp_rule_only_udp() {
+    for protocol in [Protocol::TcpAndUdp, Protocol::Udp] {
+        let Some((mut lab, udp_server)) = udp_lab("udp-both", "127.0.0.2") else {
+            return;
+        };
+        let tcp_server = EchoServer::start("127.0.0.2:0").unwrap();
+        let listen = free_addr("127.0.0.1");
+        let cgroup = lab.cgroup("services/both");
+        let id = lab.service("both", &[listen], by_cgroup(&cgroup), None);
+        lab.route_protocol(id, protocol, "127.0.0.2/32", None, 0);
+        let udp = lab.start_udp_service(&cgroup, "both-udp", listen, &[]);
+        let tcp = lab.toy_proxy(&cgroup, None, "both-tcp", &[listen], &[]);
+
+        let report = udp_client(&lab, udp_server.addr(), &[]);
+        assert_eq!(report["ok"], true, "{protocol:?}: {report}");
+        assert_eq!(lab.wait_logged(udp, 1).len(), 1, "{protocol:?}");
+
+        let connect = tcp_server.addr().to_string();
+        let args = ["client", "--connect", &connect, "--bytes", "1000"];
+        let proc = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+        let (status, lines) = proc.finish().unwrap();
+        assert!(status.success(), "{protocol:?}: {lines:?}");
+        let tcp_log = if protocol == Protocol::TcpAndUdp {
+            lab.wait_logged(tcp, 1)
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            lab.proxy_log(tcp)
+        };
+        let expected = usize::from(protocol == Protocol::TcpAndUdp);
+        assert_eq!(tcp_log.len(), expected, "{protocol:?}: {tcp_log:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 1 + expected as u64, "{counters:?}");
+    }
+}
+
+/// A client cannot stand in for a UDP service: a bind of the service's UDP
+/// address, or of a wildcard address on its port, by anyone else in the
+/// scope is refused, even with SO_REUSEPORT as the service's own user
+/// (which the kernel alone would let join the service's group).
+#[test]
+fn an_impostor_cannot_bind_a_udp_services_address() {
+    let Some((mut lab, server)) = udp_lab("udp-impostor", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let cgroup = lab.cgroup("services/guarded");
+    let id = lab.service("guarded", &[listen], by_cgroup(&cgroup), None);
+    lab.route_protocol(id, Protocol::Udp, "127.0.0.2/32", Some(dst.port()), 0);
+    let listen_text = listen.to_string();
+    let args = ["udp-proxy", "--name", "guarded", "--listen", &listen_text];
+    let service = Proc::spawn(&cgroup, Some(NOBODY), &args).unwrap();
+    service
+        .wait_line("UDP service ready", |l| l == "ready")
+        .unwrap();
+    lab.procs.push(service);
+    let service = lab.procs.len() - 1;
+
+    for addr in [listen_text.clone(), format!("0.0.0.0:{}", listen.port())] {
+        let args = ["attack", "udp-bind", &addr];
+        let (status, lines) = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(status.success(), "{lines:?}");
+        let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+        assert_eq!(report["errno"], 13, "{addr}: {report}");
+    }
+    let report = udp_client(&lab, dst, &[]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(lab.wait_logged(service, 1).len(), 1);
+    assert!(lab.engine.counters().unwrap().binds_refused >= 2);
+}
+
+/// While a UDP service is down, its failure policy decides in the kernel:
+/// `block` refuses the connect or the sendto (ECONNREFUSED) and nothing
+/// reaches the destination; `bypass` lets the flow go to the destination.
+#[test]
+fn a_udp_service_that_is_down_blocks_or_is_bypassed_as_its_policy_says() {
+    for on_down in [OnDown::Block, OnDown::Bypass] {
+        for unconnected in [false, true] {
+            let Some((mut lab, server)) = udp_lab("udp-down", "127.0.0.2") else {
+                return;
+            };
+            let dst = server.addr();
+            let cgroup = lab.cgroup("services/absent");
+            let id = lab
+                .engine
+                .add_service(Service {
+                    name: "absent".into(),
+                    listen: vec![free_addr("127.0.0.1")],
+                    identity: by_cgroup(&cgroup),
+                    context: None,
+                    own_connections_by_self: true,
+                    accelerate: false,
+                    on_down,
+                })
+                .unwrap();
+            lab.route_protocol(id, Protocol::Udp, "127.0.0.2/32", Some(dst.port()), 0);
+            let extra: &[&str] = if unconnected { &["--unconnected"] } else { &[] };
+            let report = udp_client(&lab, dst, extra);
+            let case = format!("{on_down:?}, unconnected: {unconnected}");
+            let counters = lab.engine.counters().unwrap();
+            if on_down == OnDown::Block {
+                assert_eq!(report["ok"], false, "{case}: {report}");
+                if unconnected {
+                    assert_eq!(
+                        report["from"],
+                        json!(vec!["send error 111"; 3]),
+                        "{case}: {report}"
+                    );
+                } else {
+                    assert_eq!(report["errno"], 111, "{case}: {report}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(
+                    server.sources().is_empty(),
+                    "{case}: {:?}",
+                    server.sources()
+                );
+                assert!(counters.service_down_blocked >= 1, "{case}: {counters:?}");
+            } else {
+                assert_eq!(report["ok"], true, "{case}: {report}");
+                assert_eq!(server.sources().len(), 3, "{case}");
+                assert!(counters.service_down_bypassed >= 1, "{case}: {counters:?}");
+            }
+        }
+    }
+}
+
+/// The decision trace names the protocol: a UDP client's connect and an
+/// unconnected client's datagrams are traced as UDP decisions.
+#[test]
+fn udp_decisions_are_traced_as_udp() {
+    use connredir_engine::Decision;
+    let Some((mut lab, server)) = udp_lab("udp-trace", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let (id, _) = lab.udp_service(
+        "traced",
+        free_addr("127.0.0.1"),
+        "127.0.0.2/32",
+        dst.port(),
+        0,
+        &[],
+    );
+    let mut tracer = lab.engine.tracer().unwrap();
+    tracer.set_enabled(true).unwrap();
+    let connected = udp_client(&lab, dst, &[]);
+    let unconnected = udp_client(&lab, dst, &["--unconnected"]);
+    assert_eq!(connected["ok"], true, "{connected}");
+    assert_eq!(unconnected["ok"], true, "{unconnected}");
+    let pid = |report: &Value| report["pid"].as_u64().unwrap() as u32;
+    let mut events = Vec::new();
+    eventually("the clients' decisions", || {
+        events.extend(tracer.poll(Duration::from_millis(100)));
+        let seen = |p: u32| events.iter().any(|e| e.pid == p);
+        (seen(pid(&connected)) && seen(pid(&unconnected))).then_some(())
+    });
+    for report in [&connected, &unconnected] {
+        let event = events.iter().find(|e| e.pid == pid(report)).unwrap();
+        assert_eq!(event.decision, Decision::Redirected, "{event:?}");
+        assert_eq!(event.protocol, Protocol::Udp, "{event:?}");
+        assert_eq!((event.destination, event.service), (dst, Some(id)));
+    }
+}
