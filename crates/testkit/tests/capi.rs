@@ -628,5 +628,9 @@ fn a_c_udp_service_and_the_test_kits_chain_in_both_orders() {
         let counters = lab.engine.counters().unwrap();
         assert_eq!(counters.redirects, 2 * FLOWS as u64, "{what}: {counters:?}");
         assert_eq!(counters.hop_limit, 0, "{what}: {counters:?}");
+        // The C service handed each record on itself, as issued.
+        assert_eq!(counters.records_inherited, 0, "{what}: {counters:?}");
+        assert_eq!(counters.denied_sets, 0, "{what}: {counters:?}");
+        assert_eq!(counters.forged_records, 0, "{what}: {counters:?}");
     }
 }
