@@ -273,6 +273,9 @@ int main(int argc, char **argv)
 		if (errno == EOPNOTSUPP)
 			fprintf(stderr, "the connredir layer is not active for this process: is "
 					"`connredir up` running, and is this process in its scope?\n");
+		else if (errno == EADDRINUSE)
+			fprintf(stderr, "cannot ask whether %s is a registered service: a TCP "
+					"socket holds the address\n", argv[2]);
 		else
 			fprintf(stderr, "%s is not a registered connredir service: %s\n", argv[2],
 				strerror(errno));
