@@ -16,6 +16,11 @@ A redirect service accepts a connection the layer sent it, then::
 
 The records name the services that already handled the flow, so the onward
 connection goes to the next service, or to the destination, never back.
+
+A UDP service has no accept(): for each new client it opens a socket of its
+own, bound to the service address and connected to the client
+(`udp_flow`), asks the same calls on it, and sends onward from a socket
+that carries the records (`udp_connect_onward`); see `connredir.udp`.
 The option numbers and layouts come from uapi.h (`connredir._abi`, made by
 `cargo run -p connredir-abi-codegen`).
 """
@@ -55,6 +60,7 @@ from .sockets import (
     registered_service,
     set_records,
 )
+from .udp import udp_bind, udp_connect_onward, udp_flow
 
 #: The private socket option level.
 SOL_CONNREDIR = _abi.CONNREDIR_SOL
@@ -103,4 +109,7 @@ __all__ = [
     "redirect_state",
     "registered_service",
     "set_records",
+    "udp_bind",
+    "udp_connect_onward",
+    "udp_flow",
 ]

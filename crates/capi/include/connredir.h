@@ -45,8 +45,11 @@
  *   other       as the system call answered (EBADF, ...)
  *
  * The calls are synchronous and thread-safe; none keeps the descriptor.
- * The calls cover redirected TCP connections; the connredir library this
- * wraps has no UDP flows to ask about yet, so neither has this one.
+ * They cover redirected TCP connections and UDP flows alike: a UDP
+ * service opens a socket of its own for each client's flow
+ * (connredir_udp_flow_open), and every query call below takes that socket
+ * as it takes an accepted TCP connection ("accepted connection" below
+ * means either).
  */
 #ifndef CONNREDIR_H
 #define CONNREDIR_H
@@ -181,8 +184,46 @@ int connredir_context_addresses(const void *context, size_t len, struct sockaddr
  * after listen() to know that the layer will send connections here.
  * ENOENT when no service is registered there, EOPNOTSUPP when the layer
  * does not cover this process, EINVAL when the socket does not listen.
+ * The layer answers for listening TCP sockets only (EINVAL on a UDP
+ * socket): a UDP-only service may ask on a TCP socket bound to its address
+ * and listening (a service's address is the same for both protocols).
  */
 int connredir_registered_service(int listen_fd, uint32_t *service_id);
+
+/* ---- UDP flows. */
+
+/*
+ * UDP has no accept(): a UDP service receives a client's first datagram on
+ * its socket bound to the service address with SO_REUSEADDR and
+ * SO_REUSEPORT (recvfrom gives the client's address), then opens a socket
+ * of its own for that client. This call makes it: a UDP socket bound to
+ * `service` (the registered address, where the datagram arrived) with
+ * SO_REUSEADDR and SO_REUSEPORT, and connected to `client`; its descriptor
+ * goes to *fd_out (-1 on failure), close-on-exec, the caller's to close.
+ * Its connect() is where the layer finds the client's flow: from then on
+ * connredir_ioctl, connredir_query_records, connredir_query_context and
+ * connredir_original_destination answer on it as on an accepted TCP
+ * connection (ENOENT when the flow was not redirected), and the kernel
+ * delivers the client's later datagrams to it. Answer the client from this
+ * socket: datagrams sent from the shared one show the service's address.
+ * The shared socket must have been bound with both options, by the same
+ * user. `service` and `client` are sockaddr_in or sockaddr_in6 (EINVAL
+ * otherwise).
+ */
+int connredir_udp_flow_open(const struct sockaddr *service, socklen_t service_len,
+			    const struct sockaddr *client, socklen_t client_len, int *fd_out);
+
+/*
+ * The onward socket of the flow on `flow_fd` (from connredir_udp_flow_open):
+ * a new UDP socket with the flow's records set (when it has any; none when
+ * it was not redirected), then connected to `destination` (usually its
+ * original destination); its descriptor goes to *fd_out (-1 on failure).
+ * Its datagrams meet the next service, or the destination, never this
+ * service again. A service that makes its own onward socket does the same:
+ * connredir_set_records before connect() or the first sendto().
+ */
+int connredir_udp_connect_onward(int flow_fd, const struct sockaddr *destination,
+				 socklen_t destination_len, int *fd_out);
 
 /* ---- Acceleration (services registered with `accelerate`). */
 

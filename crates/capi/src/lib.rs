@@ -578,5 +578,134 @@ pub unsafe extern "C" fn connredir_bytes_written_into(fd: c_int, bytes: *mut u64
     )
 }
 
+/// The IPv4 or IPv6 address of the `len` bytes at `addr` (a sockaddr_in or
+/// sockaddr_in6; an IPv4-mapped IPv6 address stays IPv6, as the kernel
+/// takes it).
+///
+/// # Safety
+///
+/// `addr` valid for reads of `len` bytes (or NULL: EFAULT).
+unsafe fn get_sockaddr(
+    addr: *const libc::sockaddr,
+    len: libc::socklen_t,
+) -> Result<SocketAddr, Error> {
+    if addr.is_null() {
+        return Err(Error::Io(std::io::Error::from_raw_os_error(libc::EFAULT)));
+    }
+    let len = len as usize;
+    let invalid = || Error::InvalidArgument("not an IPv4 or IPv6 socket address".into());
+    if len < std::mem::size_of::<libc::sa_family_t>() {
+        return Err(invalid());
+    }
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let n = len.min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: addr holds len >= n readable bytes; storage has room for n.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            addr.cast::<u8>(),
+            std::ptr::addr_of_mut!(storage).cast::<u8>(),
+            n,
+        )
+    };
+    let needed = match c_int::from(storage.ss_family) {
+        libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+        libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+        _ => return Err(invalid()),
+    };
+    if n < needed {
+        return Err(invalid());
+    }
+    // SAFETY: storage is a sockaddr_storage holding n valid bytes.
+    let addr = unsafe { socket2::SockAddr::new(storage, n as libc::socklen_t) };
+    addr.as_socket().ok_or_else(invalid)
+}
+
+/// Hands a socket to the caller: its descriptor into `*fd_out`.
+///
+/// # Safety
+///
+/// `fd_out` writable (checked for NULL by the caller).
+unsafe fn give_fd(socket: std::net::UdpSocket, fd_out: *mut c_int) {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: not NULL (checked by the caller), writable as promised.
+    unsafe { *fd_out = socket.into_raw_fd() };
+}
+
+/// The service's socket for one client's UDP flow (connredir::UdpFlow::open).
+///
+/// # Safety
+///
+/// `service`/`client` valid for reads of their lengths; `fd_out` writable
+/// (any may be NULL: EFAULT).
+#[no_mangle]
+pub unsafe extern "C" fn connredir_udp_flow_open(
+    service: *const libc::sockaddr,
+    service_len: libc::socklen_t,
+    client: *const libc::sockaddr,
+    client_len: libc::socklen_t,
+    fd_out: *mut c_int,
+) -> c_int {
+    if fd_out.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: not NULL, writable as the caller promises.
+    unsafe { *fd_out = -1 };
+    let open = || -> Result<connredir::UdpFlow, Error> {
+        // SAFETY: forwarded from the caller.
+        let service = unsafe { get_sockaddr(service, service_len) }?;
+        // SAFETY: forwarded from the caller.
+        let client = unsafe { get_sockaddr(client, client_len) }?;
+        connredir::UdpFlow::open(service, client)
+    };
+    // SAFETY: fd_out checked above.
+    status(open().map(|flow| unsafe { give_fd(flow.into_socket(), fd_out) }))
+}
+
+/// A UDP socket to `destination` carrying the records of the flow on
+/// `flow_fd`, connected (connredir::UdpFlow::connect_onward).
+///
+/// # Safety
+///
+/// `destination` valid for reads of `destination_len` bytes; `fd_out`
+/// writable (either may be NULL: EFAULT).
+#[no_mangle]
+pub unsafe extern "C" fn connredir_udp_connect_onward(
+    flow_fd: c_int,
+    destination: *const libc::sockaddr,
+    destination_len: libc::socklen_t,
+    fd_out: *mut c_int,
+) -> c_int {
+    if fd_out.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: not NULL, writable as the caller promises.
+    unsafe { *fd_out = -1 };
+    let onward = || -> Result<std::net::UdpSocket, Error> {
+        let flow = borrow_fd(flow_fd)?;
+        // SAFETY: forwarded from the caller.
+        let destination = unsafe { get_sockaddr(destination, destination_len) }?;
+        // Read first: a flow that cannot be asked makes no socket.
+        let records = match connredir::query_records(&flow) {
+            Ok(records) => Some(records),
+            Err(Error::NotRedirected) => None,
+            Err(e) => return Err(e),
+        };
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(destination),
+            socket2::Type::DGRAM,
+            None,
+        )
+        .map_err(Error::Io)?;
+        if let Some(records) = &records {
+            connredir::set_records(&socket, records)?;
+        }
+        socket.connect(&destination.into()).map_err(Error::Io)?;
+        Ok(socket.into())
+    };
+    // SAFETY: fd_out checked above.
+    status(onward().map(|socket| unsafe { give_fd(socket, fd_out) }))
+}
+
 #[cfg(test)]
 mod tests;

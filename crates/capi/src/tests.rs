@@ -344,3 +344,103 @@ fn a_default_context_decodes_to_its_addresses() {
         "a service's own context"
     );
 }
+
+/// `addr` as the C caller passes it.
+fn c_sockaddr(addr: SocketAddr) -> socket2::SockAddr {
+    socket2::SockAddr::from(addr)
+}
+
+/// A UDP flow socket is bound to the service address and connected to the
+/// client; the client's datagrams reach it. Outside the layer the queries
+/// on it are not supported, and the onward socket is not made.
+#[test]
+fn a_udp_flow_socket_is_bound_to_the_service_and_connected_to_the_client() {
+    use std::net::UdpSocket;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    // The service's shared socket, bound with both options as the call
+    // requires; its port is the service address.
+    let shared = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    shared.set_reuse_address(true).unwrap();
+    shared.set_reuse_port(true).unwrap();
+    shared
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let service = shared.local_addr().unwrap().as_socket().unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let client_addr = client.local_addr().unwrap();
+
+    let (s, c) = (c_sockaddr(service), c_sockaddr(client_addr));
+    let mut fd = -2;
+    // SAFETY: the addresses are valid for their lengths; fd is a local.
+    let rc = unsafe { connredir_udp_flow_open(s.as_ptr(), s.len(), c.as_ptr(), c.len(), &mut fd) };
+    assert_eq!(rc, 0);
+    assert!(fd >= 0);
+    // SAFETY: the call gave us this descriptor to own.
+    let flow = UdpSocket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    assert_eq!(flow.local_addr().unwrap(), service);
+    assert_eq!(flow.peer_addr().unwrap(), client_addr);
+    // The connected socket gets the client's datagrams (the more specific
+    // match of the two bound to the service address).
+    client.send_to(b"hello", service).unwrap();
+    flow.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = flow.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+
+    // The query calls take it as they take an accepted connection; this
+    // test process is in no attached cgroup, so the kernel answers.
+    let mut size = 0usize;
+    // SAFETY: size is a local; a NULL buffer with length 0 is allowed.
+    let rc = unsafe { connredir_query_records(fd, std::ptr::null_mut(), 0, &mut size) };
+    assert_eq!(rc, -libc::EOPNOTSUPP);
+    let mut onward = -2;
+    // SAFETY: c is valid for its length; onward is a local.
+    let rc = unsafe { connredir_udp_connect_onward(fd, c.as_ptr(), c.len(), &mut onward) };
+    assert_eq!((rc, onward), (-libc::EOPNOTSUPP, -1));
+
+    // Bad arguments: NULL pointers, a family that is not IP, a length too
+    // short for the family.
+    let mut out = -2;
+    // SAFETY: NULL pointers are what is tested; the call checks them.
+    unsafe {
+        assert_eq!(
+            connredir_udp_flow_open(
+                s.as_ptr(),
+                s.len(),
+                c.as_ptr(),
+                c.len(),
+                std::ptr::null_mut()
+            ),
+            -libc::EFAULT
+        );
+        assert_eq!(
+            connredir_udp_flow_open(std::ptr::null(), s.len(), c.as_ptr(), c.len(), &mut out),
+            -libc::EFAULT
+        );
+        assert_eq!(out, -1);
+        assert_eq!(
+            connredir_udp_flow_open(s.as_ptr(), 4, c.as_ptr(), c.len(), &mut out),
+            -libc::EINVAL
+        );
+        let unix = libc::sockaddr {
+            sa_family: libc::AF_UNIX as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        let unix_len = std::mem::size_of_val(&unix) as libc::socklen_t;
+        assert_eq!(
+            connredir_udp_flow_open(&unix, unix_len, c.as_ptr(), c.len(), &mut out),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            connredir_udp_connect_onward(fd, std::ptr::null(), 0, &mut out),
+            -libc::EFAULT
+        );
+        assert_eq!(
+            connredir_udp_connect_onward(-1, c.as_ptr(), c.len(), &mut out),
+            -libc::EBADF
+        );
+        assert_eq!(out, -1);
+    }
+}

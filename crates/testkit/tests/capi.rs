@@ -7,6 +7,9 @@
 //! (`WSAIoctl` of `<connredir/wfp.h>`): one test per behaviour the
 //! reference pages state. `crates/capi/c/proxy.c`, a thread-per-connection
 //! proxy, chains with `connredir-proxy` in both orders, curl as the client.
+//! `crates/capi/c/udp_service.c`, a UDP service on the library's UDP flow
+//! calls, chains with the test kit's UDP service in both orders, the test
+//! kit's UDP client as the client.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use connredir_abi::{connredir_default_context, connredir_record};
-use connredir_testkit::{free_addr, require_program, workspace_bin, EchoServer, Lab, Proc};
+use connredir_engine::Protocol;
+use connredir_testkit::{
+    by_cgroup, free_addr, require_program, workspace_bin, EchoServer, Lab, Proc, UdpEchoServer,
+};
 use serde_json::{json, Value};
 
 /// The unprivileged user clients and unprivileged callers run as.
@@ -29,6 +35,8 @@ struct Built {
     wfp_check_static: PathBuf,
     /// `proxy.c`, linked with the shared library.
     proxy: PathBuf,
+    /// `udp_service.c`, linked with the shared library.
+    udp_service: PathBuf,
 }
 
 /// Runs `command`; panics with its output when it fails. Returns stdout.
@@ -136,6 +144,7 @@ fn build(cc: &Path, pkg_config: &Path) -> Built {
         wfp_check: compile("wfp_check.c", "wfp_check", &shared),
         wfp_check_static: compile("wfp_check.c", "wfp_check_static", &static_flags),
         proxy: compile("proxy.c", "proxy", &shared),
+        udp_service: compile("udp_service.c", "udp_service", &shared),
     }
 }
 
@@ -516,5 +525,112 @@ fn a_c_proxy_and_the_reference_proxy_chain_in_both_orders() {
         let counters = lab.engine.counters().unwrap();
         assert_eq!(counters.redirects, 2, "{what}: {counters:?}");
         assert_eq!(counters.handoff_misses, 0, "{what}: {counters:?}");
+    }
+}
+
+/// The C UDP service and the test kit's UDP service on the same flows, each
+/// order of the two: each client (the UDP client role, as nobody) gets
+/// every echo from the original destination, each service handles each
+/// flow exactly once, with the chain in rule order, and the C service reads
+/// the records, its redirect state, the context and the original
+/// destination on its own socket for the flow.
+#[test]
+fn a_c_udp_service_and_the_test_kits_chain_in_both_orders() {
+    const FLOWS: usize = 2;
+    let Some(built) = built("capiudp") else {
+        return;
+    };
+    for c_first in [true, false] {
+        let Some(mut lab) = Lab::new("capiudp") else {
+            return;
+        };
+        let server = UdpEchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let prefix = format!("{}/32", dst.ip());
+        let (c_priority, k_priority) = if c_first { (1, 2) } else { (2, 1) };
+
+        let c_listen = free_addr("127.0.0.1");
+        let c_cgroup = lab.cgroup("services/cudp");
+        let c_id = lab.service("cudp", &[c_listen], by_cgroup(&c_cgroup), None);
+        lab.route_protocol(c_id, Protocol::Udp, &prefix, Some(dst.port()), c_priority);
+        let c_listen = c_listen.to_string();
+        let c_service = start_proxy(
+            &mut lab,
+            &c_cgroup,
+            &built.udp_service,
+            &["cudp", &c_listen],
+        );
+        let (k_id, k_service) = lab.udp_service(
+            "toy",
+            free_addr("127.0.0.1"),
+            &prefix,
+            dst.port(),
+            k_priority,
+            &[],
+        );
+
+        let what = format!("C service first: {c_first}");
+        let dst_text = dst.to_string();
+        for _ in 0..FLOWS {
+            let args = ["udp-client", "--connect", &dst_text];
+            let client = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+            let (status, lines) = client.finish().unwrap();
+            assert!(status.success(), "{what}: client {status}: {lines:?}");
+            let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+            assert_eq!(report["ok"], true, "{what}: {report}");
+            assert_eq!(
+                report["from"],
+                json!(vec![dst_text.clone(); 3]),
+                "{what}: {report}"
+            );
+            assert_eq!(report["peer"], dst_text, "{what}: {report}");
+        }
+
+        let chain = if c_first {
+            json!([c_id.0, k_id.0])
+        } else {
+            json!([k_id.0, c_id.0])
+        };
+        let (c_chain, k_chain) = if c_first {
+            (json!([c_id.0]), chain.clone())
+        } else {
+            (chain.clone(), json!([k_id.0]))
+        };
+        lab.wait_logged(c_service, FLOWS);
+        lab.wait_logged(k_service, FLOWS);
+        // Once each: nothing more comes.
+        std::thread::sleep(Duration::from_millis(300));
+        let c_log = lab.proxy_log(c_service);
+        let k_log = lab.proxy_log(k_service);
+        assert_eq!(c_log.len(), FLOWS, "{what}: {c_log:?}");
+        assert_eq!(k_log.len(), FLOWS, "{what}: {k_log:?}");
+        for c in &c_log {
+            assert_eq!(c["proxy"], "cudp", "{what}: {c}");
+            assert_eq!(c["verdict"], "allow", "{what}: {c}");
+            assert_eq!(c["chain"], c_chain, "{what}: {c}");
+            assert_eq!(c["state"], "redirected_by_self", "{what}: {c}");
+            assert_eq!(c["original_dst"], dst_text, "{what}: {c}");
+            assert_eq!(c["context_dst"], dst_text, "{what}: {c}");
+            assert_eq!(c["records_bytes"], RECORDS_SIZE, "{what}: {c}");
+        }
+        for k in &k_log {
+            assert_eq!(k["records"], "ok", "{what}: {k}");
+            assert_eq!(k["chain"], k_chain, "{what}: {k}");
+            assert_eq!(k["original_dst"], dst_text, "{what}: {k}");
+        }
+
+        // Three datagrams per flow, each once, from the last service's
+        // onward socket of that flow.
+        let sources = server.sources();
+        assert_eq!(sources.len(), 3 * FLOWS, "{what}: {sources:?}");
+        let distinct: std::collections::HashSet<_> = sources.iter().collect();
+        assert_eq!(distinct.len(), FLOWS, "{what}: {sources:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(counters.redirects, 2 * FLOWS as u64, "{what}: {counters:?}");
+        assert_eq!(counters.hop_limit, 0, "{what}: {counters:?}");
+        // The C service handed each record on itself, as issued.
+        assert_eq!(counters.records_inherited, 0, "{what}: {counters:?}");
+        assert_eq!(counters.denied_sets, 0, "{what}: {counters:?}");
+        assert_eq!(counters.forged_records, 0, "{what}: {counters:?}");
     }
 }

@@ -3,7 +3,10 @@
 //! against the installed copy; and its example proxy (`python/examples/
 //! proxy.py`), run as an unprivileged user on the installed package, chains
 //! with `connredir-proxy` in both orders under the real layer, curl (uid
-//! 65534) as the client.
+//! 65534) as the client; its example UDP service (`python/examples/
+//! udp_service.py`, on `connredir.udp_flow` and `udp_connect_onward`)
+//! chains with the test kit's UDP service in both orders, the test kit's
+//! UDP client (uid 65534) as the client.
 //!
 //! The interpreter is `$CONNREDIR_PYTHON`, else `/usr/bin/python3` (the one
 //! scripts/setup installs with venv, setuptools and wheel), else `python3`
@@ -13,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use connredir_engine::{Rule, ServiceId};
+use connredir_engine::{Protocol, Rule, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, require_program, workspace_bin, EchoServer, Lab, Proc,
+    by_cgroup, free_addr, require_program, workspace_bin, EchoServer, Lab, Proc, UdpEchoServer,
 };
 use serde_json::{json, Value};
 
@@ -147,7 +150,12 @@ impl Venv {
 
     /// The example proxy, copied where every user can read it.
     fn proxy_script(&self) -> PathBuf {
-        self.dir.join("src/examples/proxy.py")
+        self.example("proxy.py")
+    }
+
+    /// An example, copied where every user can read it.
+    fn example(&self, name: &str) -> PathBuf {
+        self.dir.join("src/examples").join(name)
     }
 }
 
@@ -368,6 +376,137 @@ fn a_python_proxy_and_the_reference_proxy_chain_in_both_orders() {
         // Both proxies handed the record on themselves (set, not inherited
         // through SO_ORIGINAL_DST), and the layer took both as issued.
         assert_eq!(counters.records_set, 2, "{order}: {counters:?}");
+        assert_eq!(counters.records_inherited, 0, "{order}: {counters:?}");
+        assert_eq!(counters.denied_sets, 0, "{order}: {counters:?}");
+        assert_eq!(counters.forged_records, 0, "{order}: {counters:?}");
+    }
+}
+
+/// The example Python UDP service (installed package, uid 65534) and the
+/// test kit's UDP service on the same flows, in both priority orders: each
+/// client (uid 65534) gets every echo from the original destination, each
+/// service handles each flow once, with the chain in priority order, and
+/// the Python service reads the records, its redirect state, the context
+/// and the original destination on its socket for the flow, and hands the
+/// sealed record on as the layer issued it.
+#[test]
+fn a_python_udp_service_and_the_test_kits_chain_in_both_orders() {
+    const FLOWS: usize = 2;
+    let Some(python) = python("py_udp") else {
+        return;
+    };
+    if !connredir_testkit::require_privileges("py_udp") {
+        return;
+    }
+    let venv = Venv::install(&python, "udp");
+    for python_first in [true, false] {
+        let Some(mut lab) = Lab::new("pyudp") else {
+            return;
+        };
+        let server = UdpEchoServer::start("127.0.0.2:0").unwrap();
+        let dst = server.addr();
+        let prefix = format!("{}/32", dst.ip());
+        let (py_priority, kit_priority) = if python_first { (1, 2) } else { (2, 1) };
+
+        let py_cgroup = lab.cgroup("services/pyudp");
+        let py_listen = free_addr("127.0.0.1");
+        let py_id = lab.service("pyudp", &[py_listen], by_cgroup(&py_cgroup), None);
+        lab.route_protocol(py_id, Protocol::Udp, &prefix, Some(dst.port()), py_priority);
+        let script = venv.example("udp_service.py");
+        let py_listen = py_listen.to_string();
+        let args = [
+            script.to_str().unwrap(),
+            "--name",
+            "pyudp",
+            "--listen",
+            &py_listen,
+        ];
+        let proc = Proc::spawn_program(&py_cgroup, Some(NOBODY), &venv.python(), &args)
+            .expect("start the Python UDP service");
+        proc.wait_line("Python UDP service ready", |l| l == "ready")
+            .unwrap();
+        assert!(
+            proc.lines().contains(&format!("service {}", py_id.0)),
+            "the Python UDP service's address is service {}: {:?}",
+            py_id.0,
+            proc.lines()
+        );
+        lab.procs.push(proc);
+        let py_service = lab.procs.len() - 1;
+        let (kit_id, kit_service) = lab.udp_service(
+            "toy",
+            free_addr("127.0.0.1"),
+            &prefix,
+            dst.port(),
+            kit_priority,
+            &[],
+        );
+
+        let order = if python_first {
+            "python first"
+        } else {
+            "test kit first"
+        };
+        let dst_text = dst.to_string();
+        for _ in 0..FLOWS {
+            let args = ["udp-client", "--connect", &dst_text];
+            let client = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+            let (status, lines) = client.finish().unwrap();
+            assert!(status.success(), "{order}: client {status}: {lines:?}");
+            let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+            assert_eq!(report["ok"], true, "{order}: {report}");
+            assert_eq!(
+                report["from"],
+                json!(vec![dst_text.clone(); 3]),
+                "{order}: {report}"
+            );
+            assert_eq!(report["peer"], dst_text, "{order}: {report}");
+        }
+
+        let (py_chain, kit_chain) = if python_first {
+            (json!([py_id.0]), json!([py_id.0, kit_id.0]))
+        } else {
+            (json!([kit_id.0, py_id.0]), json!([kit_id.0]))
+        };
+        lab.wait_logged(py_service, FLOWS);
+        lab.wait_logged(kit_service, FLOWS);
+        // Once each: nothing more comes.
+        std::thread::sleep(Duration::from_millis(300));
+        let py_log = lab.proxy_log(py_service);
+        let kit_log = lab.proxy_log(kit_service);
+        assert_eq!(py_log.len(), FLOWS, "{order}: Python: {py_log:?}");
+        assert_eq!(kit_log.len(), FLOWS, "{order}: test kit: {kit_log:?}");
+        for py in &py_log {
+            assert_eq!(py["verdict"], "allow", "{order}: {py}");
+            assert_eq!(py["chain"], py_chain, "{order}: {py}");
+            assert_eq!(py["state"], "redirected_by_self", "{order}: {py}");
+            assert_eq!(py["original_dst"], dst_text, "{order}: {py}");
+            assert_eq!(
+                py["context"], dst_text,
+                "{order}: the default context: {py}"
+            );
+            assert_eq!(py["client"]["uid"], NOBODY, "{order}: {py}");
+        }
+        for kit in &kit_log {
+            assert_eq!(kit["records"], "ok", "{order}: {kit}");
+            assert_eq!(kit["chain"], kit_chain, "{order}: {kit}");
+            assert_eq!(kit["original_dst"], dst_text, "{order}: {kit}");
+        }
+
+        // Three datagrams per flow, each once, from the last service's
+        // onward socket of that flow.
+        let sources = server.sources();
+        assert_eq!(sources.len(), 3 * FLOWS, "{order}: {sources:?}");
+        let distinct: std::collections::HashSet<_> = sources.iter().collect();
+        assert_eq!(distinct.len(), FLOWS, "{order}: {sources:?}");
+        let counters = lab.engine.counters().unwrap();
+        assert_eq!(
+            counters.redirects,
+            2 * FLOWS as u64,
+            "{order}: {counters:?}"
+        );
+        assert_eq!(counters.hop_limit, 0, "{order}: {counters:?}");
+        // The Python service handed the record on itself, as issued.
         assert_eq!(counters.records_inherited, 0, "{order}: {counters:?}");
         assert_eq!(counters.denied_sets, 0, "{order}: {counters:?}");
         assert_eq!(counters.forged_records, 0, "{order}: {counters:?}");
