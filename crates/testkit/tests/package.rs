@@ -85,17 +85,29 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
     let in_ci = std::env::var("CI").as_deref() == Ok("true");
     let cargo_deb = Command::new("cargo").args(["deb", "--version"]).output();
     if !cargo_deb.is_ok_and(|o| o.status.success()) {
-        assert!(!in_ci, "{test}: cargo-deb is not installed (scripts/setup installs it)");
+        assert!(
+            !in_ci,
+            "{test}: cargo-deb is not installed (scripts/setup installs it)"
+        );
         eprintln!("SKIPPED {test}: cargo-deb is not installed (run scripts/setup)");
         return;
     }
     // Overlayfs over / needs a kernel with overlayfs; say so plainly.
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !filesystems.lines().any(|l| l.trim_end().ends_with("overlay")) {
+    if !filesystems
+        .lines()
+        .any(|l| l.trim_end().ends_with("overlay"))
+    {
         let _ = Command::new("modprobe").arg("overlay").status();
         let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-        if !filesystems.lines().any(|l| l.trim_end().ends_with("overlay")) {
-            assert!(!in_ci, "{test}: the kernel has no overlayfs for the throwaway root");
+        if !filesystems
+            .lines()
+            .any(|l| l.trim_end().ends_with("overlay"))
+        {
+            assert!(
+                !in_ci,
+                "{test}: the kernel has no overlayfs for the throwaway root"
+            );
             eprintln!("SKIPPED {test}: the kernel has no overlayfs for the throwaway root");
             return;
         }
@@ -111,7 +123,12 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
         Some(name) => name.to_string(),
         None => panic!("no profile in {}", profile_dir.display()),
     };
-    for built in ["connredir", "connredir-proxy", "libconnredir.so", "libconnredir.a"] {
+    for built in [
+        "connredir",
+        "connredir-proxy",
+        "libconnredir.so",
+        "libconnredir.a",
+    ] {
         assert!(
             profile_dir.join(built).exists(),
             "{built} is missing in {}: run `cargo build --workspace` before the tests (scripts/test does)",
@@ -152,7 +169,10 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
         output.status
     );
     assert!(stdout.contains("libconnredir: ok"), "{stdout}");
-    assert!(stdout.contains("nothing of the package is left"), "{stdout}");
+    assert!(
+        stdout.contains("nothing of the package is left"),
+        "{stdout}"
+    );
 }
 
 /// The kubernetes-validate that scripts/setup installs; None when the test
@@ -262,7 +282,9 @@ fn the_configmaps_configuration_passes_connredir_check() {
     );
     let output = run(
         "connredir check",
-        Command::new(workspace_bin("connredir")).arg("check").arg(&toml),
+        Command::new(workspace_bin("connredir"))
+            .arg("check")
+            .arg(&toml),
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
