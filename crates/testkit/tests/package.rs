@@ -5,9 +5,12 @@
 //! own build, installed with `dpkg -i` into a throwaway root (an overlay
 //! over `/` whose writes go to a tmpfs of a private mount namespace, so the
 //! host is never changed), the README's quick start for the package is run
-//! from the installed files, and after `dpkg -r` and `dpkg -P` nothing of
-//! the package may be left but dpkg's own bookkeeping
-//! (`tests/package_install.sh` does the part inside the namespace).
+//! from the installed files, `connredir up` runs from them on a scope cgroup
+//! of the test's own (in a bpffs of the namespace's own), `dpkg -r` must take
+//! that layer down (stop `up`, remove its pins and the cgroup it created),
+//! and after `dpkg -P` nothing of the package may be left but dpkg's own
+//! bookkeeping (`tests/package_install.sh` does the part inside the
+//! namespace).
 //!
 //! Every manifest in `deploy/kubernetes` passes kubernetes-validate (strict,
 //! against a pinned Kubernetes version, offline: scripts/setup installs it

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian package into a throwaway root, runs the README's quick
-# start for the package from the installed files, removes and purges it, and
+# start for the package from the installed files, starts the layer from them,
+# removes the package (which must take the layer down) and purges it, and
 # checks that nothing of it is left: crates/testkit/tests/package.rs runs it
 # under `unshare -m` (a mount namespace of its own, gone when it ends).
 #
@@ -53,7 +54,7 @@ echo "== install"
 chroot "$root" /bin/bash -euxo pipefail <<'SH'
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 dpkg -i /tmp/connredir.deb
-dpkg -s connredir | grep -qx 'Status: install ok installed'
+dpkg -s connredir | grep -x 'Status: install ok installed' >/dev/null
 SH
 
 echo "== the quick start, from the installed files"
@@ -68,7 +69,7 @@ grep -qx 'ExecStart=/usr/bin/connredir up --config /etc/connredir/connredir.toml
 grep -qx 'ExecStartPre=/usr/bin/connredir check /etc/connredir/connredir.toml' /lib/systemd/system/connredir.service
 test ! -e /etc/systemd/system/multi-user.target.wants/connredir.service
 # The configuration is a conffile.
-dpkg-query -W -f='${Conffiles}\n' connredir | grep -q '/etc/connredir/connredir.toml'
+dpkg-query -W -f='${Conffiles}\n' connredir | grep '/etc/connredir/connredir.toml' >/dev/null
 flags="$(pkg-config --cflags --libs connredir)"
 echo "pkg-config: $flags"
 case " $flags " in *" -lconnredir "*) ;; *) echo "no -lconnredir" >&2; exit 1 ;; esac
@@ -76,7 +77,7 @@ libdir="$(pkg-config --variable=libdir connredir)"
 test "$libdir" = "/usr/lib/$(gcc -print-multiarch)"
 test -f "$libdir/libconnredir.a"
 test "$(readlink "$libdir/libconnredir.so")" = libconnredir.so.0
-ldconfig -p | grep -q 'libconnredir.so.0 '
+ldconfig -p | grep 'libconnredir.so.0 ' >/dev/null
 cd /tmp
 cc -std=c11 -Wall -Wextra -Werror -o quickstart quickstart.c $flags -pthread
 ./quickstart </dev/null
@@ -86,10 +87,58 @@ cc -std=c11 -Wall -Wextra -Werror -o quickstart-static quickstart.c \
 ./quickstart-static </dev/null
 SH
 
+echo "== a running layer, which the removal must take down"
+# A bpffs of this namespace's own (pins of the host's layer stay out of
+# reach) and the host's cgroup v2 tree, where the layer's scope is a cgroup
+# of this test's own that `up` creates (and `down` removes again).
+cg2="$(findmnt -n -t cgroup2 -o TARGET | head -n 1)"
+mount -t bpf bpf "$root/sys/fs/bpf"
+if [ "$cg2" != /sys/fs/cgroup ]; then
+  mount -t tmpfs -o mode=0755 cgroups "$root/sys/fs/cgroup"
+  mkdir -p "$root$cg2"
+fi
+mount --bind "$cg2" "$root$cg2"
+# /run of its own, so that only this test's `up` is found there.
+mount -t tmpfs -o mode=0755 run "$root/run"
+scope="$cg2/connredir-test-package-$$"
+up_pid=""
+cleanup() {
+  if [ -n "$up_pid" ] && kill -0 "$up_pid" 2>/dev/null; then
+    kill "$up_pid"
+    wait "$up_pid" || true
+  fi
+  rmdir "$scope" 2>/dev/null || true
+}
+trap cleanup EXIT
+cat >"$root/tmp/layer.toml" <<TOML
+[scope]
+cgroups = ["$scope"]
+
+[[service]]
+name = "scanner"
+listen = ["127.0.0.1:1"]
+identity = { uids = [65534] }
+TOML
+chroot "$root" /usr/bin/connredir up --config /tmp/layer.toml >"$root/tmp/up.log" 2>&1 &
+up_pid=$!
+for _ in $(seq 100); do
+  if chroot "$root" /usr/bin/connredir status >/dev/null 2>&1; then
+    break
+  fi
+  sleep 0.1
+done
+chroot "$root" /usr/bin/connredir status || { cat "$root/tmp/up.log"; exit 1; }
+test -d "$scope"
+test -d "$root/sys/fs/bpf/connredir"
+
 echo "== remove, then purge"
 chroot "$root" /bin/bash -euxo pipefail <<'SH'
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 dpkg -r connredir
+# prerm took the layer down: `up` stopped, its pins and its scope cgroup
+# removed.
+test ! -e /sys/fs/bpf/connredir
+test ! -e /run/connredir
 test ! -e /usr/bin/connredir
 test ! -e /usr/include/connredir.h
 # dpkg keeps a removed package's conffiles until it is purged.
@@ -100,6 +149,17 @@ if dpkg-query -W connredir 2>/dev/null; then exit 1; fi
 if ldconfig -p | grep libconnredir; then exit 1; fi
 if grep '^Package: connredir$' /var/lib/dpkg/status; then exit 1; fi
 SH
+
+if kill -0 "$up_pid" 2>/dev/null; then
+  echo "connredir up still runs after dpkg -r"
+  exit 1
+fi
+wait "$up_pid" || true
+up_pid=""
+if [ -e "$scope" ]; then
+  echo "the scope cgroup $scope that up created is still there after dpkg -r"
+  exit 1
+fi
 
 echo "== what is left in the overlay's upper dir"
 # Only dpkg's own bookkeeping (its database, its log) and the dynamic
