@@ -131,6 +131,12 @@ chroot "$root" /usr/bin/connredir status || { cat "$root/tmp/up.log"; exit 1; }
 test -d "$scope"
 test -d "$root/sys/fs/bpf/connredir"
 
+echo "== an upgrade (the same version again) leaves the layer running"
+chroot "$root" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg -i /tmp/connredir.deb
+kill -0 "$up_pid"
+chroot "$root" /usr/bin/connredir status >/dev/null
+test -d "$root/sys/fs/bpf/connredir"
+
 echo "== remove, then purge"
 chroot "$root" /bin/bash -euxo pipefail <<'SH'
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
