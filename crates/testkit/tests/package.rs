@@ -126,17 +126,28 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
         Some(name) => name.to_string(),
         None => panic!("no profile in {}", profile_dir.display()),
     };
+    // cargo-deb clears earlier packages of the same name from its target
+    // directory's `debian/`: it works on a target directory of its own,
+    // holding (hard links to) what the build made, so that a package built
+    // by hand in target/debian stays.
+    let stage = TempDir::new("package-target");
+    let staged = stage.0.join(profile_dir.file_name().unwrap());
+    std::fs::create_dir_all(&staged).unwrap();
     for built in [
         "connredir",
         "connredir-proxy",
         "libconnredir.so",
         "libconnredir.a",
     ] {
+        let from = profile_dir.join(built);
         assert!(
-            profile_dir.join(built).exists(),
+            from.exists(),
             "{built} is missing in {}: run `cargo build --workspace` before the tests (scripts/test does)",
             profile_dir.display()
         );
+        if std::fs::hard_link(&from, staged.join(built)).is_err() {
+            std::fs::copy(&from, staged.join(built)).unwrap();
+        }
     }
     let out = TempDir::new("package-deb");
     run(
@@ -144,7 +155,7 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
         Command::new(repo().join("scripts/package"))
             .args(["--profile", &profile, "--no-build", "--fast", "--output"])
             .arg(&out.0)
-            .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target")),
+            .env("CARGO_TARGET_DIR", &stage.0),
     );
     let debs: Vec<PathBuf> = std::fs::read_dir(&out.0)
         .unwrap()
