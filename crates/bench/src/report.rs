@@ -370,10 +370,11 @@ fn udp_section(o: &mut String, u: &crate::scenarios::Udp) {
          1 service**: a UDP rule sends port 53 of the origin to `connredir-proxy --udp-listen` \
          (its own engine and scope), which reads each query as DNS, logs it (to /dev/null) and \
          relays it on its onward socket with the records; **connredir, 2 services**: two such \
-         proxies chained (a third engine and scope), each query passing both. The proxies run \
-         as an unprivileged uid. dnsmasq answers from one thread: the direct rate is bounded \
-         by it (and by the client), so the ratios show what the services add on top of a real \
-         DNS server, not the services' own ceiling.\n",
+         proxies chained (another engine and scope), each query passing both. The proxies run \
+         as an unprivileged uid. The direct rate is what dnsmasq (one thread) and the client \
+         reach together on this machine, well above the redirected variants' rates: the \
+         services, not dnsmasq, bound those, so dnsmasq is kept as the origin (a real DNS \
+         server) rather than an echo server.\n",
         crate::worker::DNS_NAME
     );
     for d in &u.dns {
