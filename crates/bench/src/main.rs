@@ -77,9 +77,6 @@ pub enum Scenario {
     Bulk,
     /// Proxy RSS per idle connection; kernel memory per live connection.
     Memory,
-    /// DNS queries through one and two UDP services, and UDP bulk through
-    /// one, against direct.
-    Udp,
 }
 
 fn main() -> Result<()> {
@@ -98,7 +95,6 @@ fn main() -> Result<()> {
             Scenario::Proxied,
             Scenario::Bulk,
             Scenario::Memory,
-            Scenario::Udp,
         ]
     } else {
         cli.only.clone()
