@@ -131,7 +131,35 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
               "cannot steer new clients to the listening UDP socket; \
                datagrams that reach a flow just opened for another client are dropped");
     }
+    enlarge_receive_buffer(&socket);
     Ok(socket)
+}
+
+/// What the listening socket may queue: every new client's first datagram
+/// waits there while flows are opened, and a burst (a resolver's retries, a
+/// flood at the flow limit) overflows the default 208 KiB, where the kernel
+/// drops datagrams before the proxy can relay or count them.
+const LISTENER_RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
+/// Raises the listener's receive buffer to [`LISTENER_RECEIVE_BUFFER`]:
+/// past `net.core.rmem_max` where the proxy may (SO_RCVBUFFORCE, with
+/// CAP_NET_ADMIN), else as far as that limit lets SO_RCVBUF go.
+fn enlarge_receive_buffer(socket: &UdpSocket) {
+    let set = |option| {
+        // SAFETY: setsockopt with an int on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&LISTENER_RECEIVE_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
+        debug!(error = %io::Error::last_os_error(), "keeping the listener's receive buffer");
+    }
 }
 
 /// Refusals at the flow limit, for the log.
