@@ -184,9 +184,9 @@ int connredir_context_addresses(const void *context, size_t len, struct sockaddr
  * after listen() to know that the layer will send connections here.
  * ENOENT when no service is registered there, EOPNOTSUPP when the layer
  * does not cover this process, EINVAL when the socket does not listen.
- * The layer answers for listening TCP sockets only (EINVAL on a UDP
- * socket): a UDP-only service may ask on a TCP socket bound to its address
- * and listening (a service's address is the same for both protocols).
+ * The layer answers for a listening TCP socket and for a bound UDP
+ * socket (a UDP service asks on the socket bound to its address); EINVAL
+ * for a socket that is neither.
  */
 int connredir_registered_service(int listen_fd, uint32_t *service_id);
 
