@@ -77,6 +77,9 @@ pub enum Scenario {
     Bulk,
     /// Proxy RSS per idle connection; kernel memory per live connection.
     Memory,
+    /// DNS queries through one and two UDP services, and UDP bulk through
+    /// one, against direct.
+    Udp,
 }
 
 fn main() -> Result<()> {
@@ -95,6 +98,7 @@ fn main() -> Result<()> {
             Scenario::Proxied,
             Scenario::Bulk,
             Scenario::Memory,
+            Scenario::Udp,
         ]
     } else {
         cli.only.clone()

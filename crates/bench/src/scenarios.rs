@@ -1,4 +1,4 @@
-//! The four scenarios and the setup they share.
+//! The five scenarios and the setup they share.
 //!
 //! Layout: a cgroup tree `<cgroup2>/connredir-bench-<pid>` and network
 //! namespaces `connredir-bench-<pid>-{plain,nat,mem}`.
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use connredir_engine::{Engine, Identity, Rule, Service};
+use connredir_engine::{Engine, Identity, Protocol, Rule, Service};
 use connredir_host::cgroup::CgroupTree;
 use serde::Serialize;
 
@@ -45,6 +45,19 @@ const ACCEL_BULK: &str = "127.0.0.3:8081";
 const ACCEL_CLIENT_LEG_BULK: &str = "127.0.0.4:8081";
 /// The accept-and-close server of the overhead scenario.
 const SINK_DROP: &str = "127.0.0.2:7000";
+/// The UDP scenario's origins, in the plain namespace: dnsmasq, and a UDP
+/// echo server for bulk.
+const UDP_ORIGIN_IP: &str = "127.0.0.5";
+const DNS_ORIGIN: &str = "127.0.0.5:53";
+const UDP_ECHO: &str = "127.0.0.5:9000";
+/// The UDP services: one alone (its own engine and scope), and a chain of
+/// two (another engine and scope).
+const UDP_ONE: &str = "127.0.0.1:15053";
+const UDP_CHAIN_FIRST: &str = "127.0.0.1:15054";
+const UDP_CHAIN_SECOND: &str = "127.0.0.1:15055";
+/// Bytes per datagram of the UDP bulk runs, and datagrams in flight.
+const UDP_DATAGRAM: usize = 8192;
+const UDP_WINDOW: usize = 32;
 
 /// How much each scenario does.
 struct Sizes {
@@ -58,6 +71,10 @@ struct Sizes {
     rss_connections: usize,
     kernel_connections: usize,
     kernel_rounds: usize,
+    udp_rounds: usize,
+    udp_ms: u64,
+    udp_concurrency: Vec<usize>,
+    udp_bulk_bytes: u64,
 }
 
 impl Sizes {
@@ -83,6 +100,10 @@ impl Sizes {
                 rss_connections: 1_000,
                 kernel_connections: 10_000,
                 kernel_rounds: 1,
+                udp_rounds: 2,
+                udp_ms: 300,
+                udp_concurrency: vec![1, 16],
+                udp_bulk_bytes: 32 << 20,
             }
         } else {
             Sizes {
@@ -96,6 +117,10 @@ impl Sizes {
                 rss_connections: 10_000,
                 kernel_connections: 100_000,
                 kernel_rounds: 2,
+                udp_rounds: 7,
+                udp_ms: 1_000,
+                udp_concurrency: vec![1, 16],
+                udp_bulk_bytes: 256 << 20,
             }
         }
     }
@@ -124,6 +149,8 @@ pub struct Results {
     pub bulk: Option<Bulk>,
     /// Scenario 4.
     pub memory: Option<Memory>,
+    /// Scenario 5.
+    pub udp: Option<Udp>,
 }
 
 /// Layer overhead for connections that match no rule.
@@ -219,6 +246,36 @@ pub struct Memory {
     pub slab_after_redir: f64,
     /// Hand-off entries pending while the connections were open.
     pub pending_handoffs: usize,
+}
+
+/// DNS queries at one concurrency: direct, through one service, through two.
+#[derive(Debug, Serialize)]
+pub struct UdpDns {
+    /// Clients at once, each with one connected socket.
+    pub concurrency: usize,
+    /// Queries/s and latency per variant.
+    pub variants: Vec<VariantFigures>,
+    /// One service's queries/s ÷ direct, per round.
+    pub one_vs_direct: Spread,
+    /// Two services' queries/s ÷ direct, per round.
+    pub two_vs_direct: Spread,
+}
+
+/// UDP through the layer and connredir-proxy.
+#[derive(Debug, Serialize)]
+pub struct Udp {
+    /// DNS, one entry per concurrency.
+    pub dns: Vec<UdpDns>,
+    /// Bytes per bulk run.
+    pub bulk_bytes: u64,
+    /// Bytes per datagram of the bulk runs.
+    pub bulk_datagram: usize,
+    /// Datagrams in flight in the bulk runs.
+    pub bulk_window: usize,
+    /// Bulk Gbit/s per variant (direct, one service).
+    pub bulk: Vec<VariantFigures>,
+    /// One service's bulk ÷ direct, per round.
+    pub bulk_vs_direct: Spread,
 }
 
 /// What the benchmark set up; removed on drop (fields drop in order:
@@ -382,6 +439,12 @@ pub fn run_all(only: &[Scenario], quick: bool) -> Result<Results> {
             memory.rss_nft = rss_nft;
             results.memory = Some(memory);
         }
+        drop(setup);
+    }
+    if only.contains(&Scenario::Udp) {
+        eprintln!("== UDP and DNS");
+        let setup = UdpSetup::new(&mut bench)?;
+        results.udp = Some(udp(&bench, &setup, &sizes)?);
         drop(setup);
     }
     drop(bench);
@@ -1126,5 +1189,309 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         slab_per_conn: [median(&slab[0]), median(&slab[1])],
         slab_after_redir: median(&slab_after_redir),
         pending_handoffs: pending,
+    })
+}
+
+// ---- Scenario 5: UDP and DNS.
+
+/// The UDP paths: dnsmasq and an echo server in the plain namespace, one
+/// service under its own engine (scope `udp1`), and two chained services
+/// under another (scope `udp2`). Fields drop in order: the processes, then
+/// the engines.
+struct UdpSetup {
+    /// Held for the run: dropping them stops them.
+    #[allow(dead_code)]
+    procs: Vec<Proc>,
+    one: Engine,
+    two: Engine,
+}
+
+impl Bench {
+    /// Starts connredir-proxy as a UDP service on `listen` in `cgroup` (of
+    /// the plain namespace, as [`PROXY_UID`]); it logs each query to
+    /// /dev/null, as a service would to its log.
+    fn udp_proxy(&self, cgroup: &Path, name: &str, listen: &str) -> Result<Proc> {
+        let args: Vec<String> = [
+            "--name",
+            name,
+            "--udp-listen",
+            listen,
+            "--log",
+            "/dev/null",
+            "--max-udp-flows",
+            "10000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let place = Place {
+            cgroup,
+            netns: Some(&self.plain),
+            uid: Some(PROXY_UID),
+        };
+        let mut proc = Proc::spawn(place, &self.proxy_bin, &args)?;
+        proc.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        Ok(proc)
+    }
+
+    /// An engine attached to scope `group`, with a UDP service per
+    /// `(name, listen)` (each in `group/name`, priority in order) for port
+    /// `ports` of the UDP origin; their proxies started.
+    fn udp_path(
+        &self,
+        group: &str,
+        services: &[(&str, &str)],
+        ports: &[u16],
+        procs: &mut Vec<Proc>,
+    ) -> Result<Engine> {
+        let scope = self.cgroup(group)?;
+        self.cgroup(&format!("{group}/clients"))?;
+        let mut engine = Engine::load()?;
+        engine.attach(&scope)?;
+        for (priority, (name, listen)) in services.iter().enumerate() {
+            let cgroup = self.cgroup(&format!("{group}/{name}"))?;
+            let id = engine.add_service(Service {
+                name: (*name).into(),
+                listen: vec![listen.parse()?],
+                identity: Identity {
+                    cgroups: vec![cgroup.clone()],
+                    ..Default::default()
+                },
+                context: None,
+                own_connections_by_self: true,
+                accelerate: false,
+                on_down: Default::default(),
+            })?;
+            engine.add_rule(Rule {
+                protocol: Protocol::Udp,
+                destinations: vec![format!("{UDP_ORIGIN_IP}/32").parse()?],
+                ports: ports.iter().map(|&p| p..=p).collect(),
+                priority: priority as u32 + 1,
+                ..Rule::tcp_to(id)
+            })?;
+            procs.push(self.udp_proxy(&cgroup, name, listen)?);
+        }
+        Ok(engine)
+    }
+}
+
+impl UdpSetup {
+    fn new(bench: &mut Bench) -> Result<UdpSetup> {
+        // dnsmasq binds the origin's own address (--bind-interfaces).
+        bench.plain.exec(
+            "ip",
+            &["addr", "add", &format!("{UDP_ORIGIN_IP}/32"), "dev", "lo"],
+            None,
+        )?;
+        let servers = bench.cgroup("udp-servers")?;
+        let place = Place {
+            cgroup: &servers,
+            netns: Some(&bench.plain),
+            uid: None,
+        };
+        let dnsmasq = ["/usr/sbin/dnsmasq", "/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .iter()
+            .map(Path::new)
+            .find(|p| p.is_file())
+            .context("dnsmasq is not installed (scripts/setup installs dnsmasq-base)")?;
+        let args: Vec<String> = [
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={UDP_ORIGIN_IP}"),
+            "--port=53",
+            "--pid-file=",
+            "--user=nobody",
+            "--group=nogroup",
+            &format!("--address=/{}/192.0.2.1", crate::worker::DNS_NAME),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut procs = vec![Proc::spawn(place, dnsmasq, &args)?];
+        let mut echo = bench.worker(place, &["udp-echo", "--listen", UDP_ECHO])?;
+        echo.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        procs.push(echo);
+        let direct = bench.cgroup("udp-direct")?;
+        let place = Place {
+            cgroup: &direct,
+            netns: Some(&bench.plain),
+            uid: None,
+        };
+        // dnsmasq says nothing when it is ready: ask until it answers.
+        let mut answered = false;
+        for _ in 0..50 {
+            let (rate, _, _, errors) = dns_run(bench, place, 1, 100)?;
+            if rate > 0.0 && errors == 0 {
+                answered = true;
+                break;
+            }
+        }
+        ensure!(answered, "dnsmasq does not answer on {DNS_ORIGIN}");
+        let one = bench.udp_path("udp1", &[("dns-one", UDP_ONE)], &[53, 9000], &mut procs)?;
+        let two = bench.udp_path(
+            "udp2",
+            &[
+                ("dns-first", UDP_CHAIN_FIRST),
+                ("dns-second", UDP_CHAIN_SECOND),
+            ],
+            &[53],
+            &mut procs,
+        )?;
+        Ok(UdpSetup { procs, one, two })
+    }
+}
+
+/// One DNS load run against the origin from `place`; returns (queries/s,
+/// p50 µs, p99 µs, errors).
+fn dns_run(
+    bench: &Bench,
+    place: Place<'_>,
+    concurrency: usize,
+    ms: u64,
+) -> Result<(f64, f64, f64, u64)> {
+    let (c, ms_arg) = (concurrency.to_string(), ms.to_string());
+    let proc = bench.worker(
+        place,
+        &[
+            "dns-load",
+            "--connect",
+            DNS_ORIGIN,
+            "--concurrency",
+            &c,
+            "--duration-ms",
+            &ms_arg,
+        ],
+    )?;
+    let r: wire::Load = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
+    if r.errors > 0 {
+        eprintln!(
+            "  {} failed queries (last: {:?})",
+            r.errors,
+            r.last_error.as_deref().unwrap_or_default()
+        );
+    }
+    let secs = r.elapsed_ns as f64 / 1e9;
+    Ok((
+        r.count as f64 / secs,
+        f64::from(r.p50_us),
+        f64::from(r.p99_us),
+        r.errors,
+    ))
+}
+
+/// One UDP bulk run against the echo server from `place`; returns Gbit/s
+/// of data echoed.
+fn udp_bulk_run(bench: &Bench, place: Place<'_>, bytes: u64) -> Result<f64> {
+    let (bytes, size, window) = (
+        bytes.to_string(),
+        UDP_DATAGRAM.to_string(),
+        UDP_WINDOW.to_string(),
+    );
+    let proc = bench.worker(
+        place,
+        &[
+            "udp-bulk",
+            "--connect",
+            UDP_ECHO,
+            "--bytes",
+            &bytes,
+            "--size",
+            &size,
+            "--window",
+            &window,
+        ],
+    )?;
+    let r: wire::Bulk = proc.finish(Duration::from_secs(120))?;
+    Ok(r.bytes as f64 * 8.0 / (r.elapsed_ns as f64 / 1e9) / 1e9)
+}
+
+fn udp(bench: &Bench, setup: &UdpSetup, sizes: &Sizes) -> Result<Udp> {
+    let names = ["direct", "connredir, 1 service", "connredir, 2 services"];
+    let cgroups = [
+        bench.cgroup("udp-direct")?,
+        bench.cgroup("udp1/clients")?,
+        bench.cgroup("udp2/clients")?,
+    ];
+    let place = |i: usize| Place {
+        cgroup: &cgroups[i],
+        netns: Some(&bench.plain),
+        uid: None,
+    };
+    let before = (
+        setup.one.counters()?.redirects,
+        setup.two.counters()?.redirects,
+    );
+    let mut dns = Vec::new();
+    for &concurrency in &sizes.udp_concurrency {
+        for i in 0..names.len() {
+            dns_run(bench, place(i), concurrency, 200)?;
+        }
+        let runs = interleaved(
+            &format!("dns c={concurrency} "),
+            names.len(),
+            sizes.udp_rounds,
+            |i| dns_run(bench, place(i), concurrency, sizes.udp_ms),
+            |i, (rate, p50, p99, _)| format!("{} {rate:.0} q/s p50 {p50}µs p99 {p99}µs", names[i]),
+        )?;
+        let column = |pick: fn(&(f64, f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
+            runs.iter().map(|r| r.iter().map(pick).collect()).collect()
+        };
+        let (rate, p50, p99) = (column(|r| r.0), column(|r| r.1), column(|r| r.2));
+        let errors: Vec<u64> = runs.iter().map(|r| r.iter().map(|r| r.3).sum()).collect();
+        dns.push(UdpDns {
+            concurrency,
+            one_vs_direct: Spread::of(&ratios(&rate[1], &rate[0])),
+            two_vs_direct: Spread::of(&ratios(&rate[2], &rate[0])),
+            variants: names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| VariantFigures {
+                    name: (*name).into(),
+                    rate: Spread::of(&rate[i]),
+                    p50_us: Spread::of(&p50[i]),
+                    p99_us: Spread::of(&p99[i]),
+                    errors: errors[i],
+                })
+                .collect(),
+        });
+    }
+    for i in 0..2 {
+        udp_bulk_run(bench, place(i), 4 << 20)?;
+    }
+    let gbps = interleaved(
+        "bulk ",
+        2,
+        sizes.udp_rounds,
+        |i| udp_bulk_run(bench, place(i), sizes.udp_bulk_bytes),
+        |i, gbps| format!("{} {gbps:.2} Gbit/s", names[i]),
+    )?;
+    // Every query of the connredir variants was the layer's to redirect.
+    let after = (
+        setup.one.counters()?.redirects,
+        setup.two.counters()?.redirects,
+    );
+    ensure!(
+        after.0 > before.0 && after.1 > before.1,
+        "the connredir variants' flows were not redirected"
+    );
+    let none = Spread::of(&[0.0]);
+    Ok(Udp {
+        dns,
+        bulk_bytes: sizes.udp_bulk_bytes,
+        bulk_datagram: UDP_DATAGRAM,
+        bulk_window: UDP_WINDOW,
+        bulk_vs_direct: Spread::of(&ratios(&gbps[1], &gbps[0])),
+        bulk: (0..2)
+            .map(|i| VariantFigures {
+                name: names[i].into(),
+                rate: Spread::of(&gbps[i]),
+                p50_us: none,
+                p99_us: none,
+                errors: 0,
+            })
+            .collect(),
     })
 }

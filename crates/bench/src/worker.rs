@@ -69,6 +69,43 @@ pub enum Role {
         #[arg(long)]
         bytes: u64,
     },
+    /// CONCURRENCY DNS clients, each with one connected UDP socket, in a
+    /// loop for DURATION: send an A query, wait for its answer (1 s at
+    /// most), check it.
+    DnsLoad {
+        /// The DNS server.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Clients at once.
+        #[arg(long)]
+        concurrency: usize,
+        /// How long, in milliseconds.
+        #[arg(long)]
+        duration_ms: u64,
+    },
+    /// A UDP echo server: prints `ready`, then sends each datagram back to
+    /// its sender until killed.
+    UdpEcho {
+        /// Where to receive.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// One connected UDP socket that sends BYTES in datagrams of SIZE to an
+    /// echo server, WINDOW of them in flight, and reads the echoes.
+    UdpBulk {
+        /// The echo server.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// How many bytes to send (and have echoed).
+        #[arg(long)]
+        bytes: u64,
+        /// Bytes per datagram.
+        #[arg(long, default_value_t = 8192)]
+        size: usize,
+        /// Datagrams in flight.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+    },
     /// Opens COUNT connections (round robin over the source addresses),
     /// sends a few bytes on each, reports, then waits for a line on stdin
     /// and closes them all.
@@ -122,6 +159,22 @@ pub fn run(role: Role) -> Result<()> {
             count,
             sources,
         } => hold(connect, count, &sources),
+        Role::DnsLoad {
+            connect,
+            concurrency,
+            duration_ms,
+        } => runtime()?.block_on(dns_load(
+            connect,
+            concurrency,
+            Duration::from_millis(duration_ms),
+        )),
+        Role::UdpEcho { listen } => udp_echo(listen),
+        Role::UdpBulk {
+            connect,
+            bytes,
+            size,
+            window,
+        } => udp_bulk(connect, bytes, size, window),
     }
 }
 
@@ -375,6 +428,175 @@ fn hold(addr: SocketAddr, count: usize, sources: &[Ipv4Addr]) -> Result<()> {
     drop(open);
     emit(&wire::HoldClosed {
         closed: count as u64,
+    });
+    Ok(())
+}
+
+/// The name every DNS query of [`dns_load`] asks for (the origin answers it
+/// from its configuration).
+pub const DNS_NAME: &str = "bench.example.test";
+
+/// A DNS query for [`DNS_NAME`], type A, recursion desired, with `id`.
+fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = Vec::with_capacity(40);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in DNS_NAME.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Checks an answer to [`dns_query`]`(id)`: same id, a response, NOERROR,
+/// at least one answer record.
+fn dns_answer_ok(answer: &[u8], id: u16) -> std::io::Result<()> {
+    let ok = answer.len() >= 12
+        && answer[..2] == id.to_be_bytes()
+        && answer[2] & 0x80 != 0
+        && answer[3] & 0x0f == 0
+        && u16::from_be_bytes([answer[6], answer[7]]) > 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "not a good answer to query {id}: {:02x?}",
+            &answer[..answer.len().min(12)]
+        )))
+    }
+}
+
+async fn dns_load(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<()> {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for client in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut errors = 0u64;
+            let mut last_error = None;
+            let local: SocketAddr = match addr {
+                SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+                SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+            };
+            let socket = match tokio::net::UdpSocket::bind(local).await {
+                Ok(s) => s,
+                Err(e) => return (latencies, 1, Some(e.to_string())),
+            };
+            if let Err(e) = socket.connect(addr).await {
+                return (latencies, 1, Some(e.to_string()));
+            }
+            let mut buf = vec![0u8; 1500];
+            let mut id = (client as u16).wrapping_mul(4099);
+            while tokio::time::Instant::now() < deadline {
+                id = id.wrapping_add(1);
+                let t0 = Instant::now();
+                let result: std::io::Result<u32> = async {
+                    socket.send(&dns_query(id)).await?;
+                    // A late answer to an earlier query is skipped.
+                    loop {
+                        let n = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf))
+                            .await
+                            .map_err(|_| std::io::Error::other("no answer within 1 s"))??;
+                        if n >= 2 && buf[..2] != id.to_be_bytes() {
+                            continue;
+                        }
+                        dns_answer_ok(&buf[..n], id)?;
+                        return Ok(t0.elapsed().as_micros() as u32);
+                    }
+                }
+                .await;
+                match result {
+                    Ok(latency) => latencies.push(latency),
+                    Err(e) => {
+                        errors += 1;
+                        last_error = Some(e.to_string());
+                    }
+                }
+            }
+            (latencies, errors, last_error)
+        }));
+    }
+    let mut all = Vec::new();
+    let (mut errors, mut last_error) = (0, None);
+    for task in tasks {
+        let (latencies, e, last) = task.await?;
+        all.extend(latencies);
+        errors += e;
+        last_error = last_error.or(last);
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    emit(&wire::Load {
+        count: all.len() as u64,
+        elapsed_ns: elapsed.as_nanos() as u64,
+        errors,
+        last_error,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+    });
+    Ok(())
+}
+
+fn udp_echo(addr: SocketAddr) -> Result<()> {
+    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("ready");
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf)?;
+        // A full send buffer drops the echo, as the network would.
+        let _ = socket.send_to(&buf[..n], from);
+    }
+}
+
+/// Sends `bytes` in datagrams of `size` with `window` in flight and reads
+/// the echoes; a datagram lost (no echo within 200 ms) is counted and its
+/// place in the window given to the next. Reports the bytes echoed.
+fn udp_bulk(addr: SocketAddr, bytes: u64, size: usize, window: usize) -> Result<()> {
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
+        SocketAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let datagram = vec![0x5au8; size];
+    let mut buf = vec![0u8; 65_536];
+    let total = bytes.div_ceil(size as u64);
+    let start = Instant::now();
+    let (mut sent, mut in_flight, mut echoed, mut lost) = (0u64, 0usize, 0u64, 0u64);
+    while sent < total || in_flight > 0 {
+        while in_flight < window && sent < total {
+            socket.send(&datagram)?;
+            sent += 1;
+            in_flight += 1;
+        }
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                echoed += n as u64;
+                in_flight -= 1;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                lost += in_flight as u64;
+                in_flight = 0;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        lost * 10 <= total,
+        "{lost} of {total} datagrams lost: not a throughput figure"
+    );
+    emit(&wire::Bulk {
+        bytes: echoed,
+        elapsed_ns: elapsed.as_nanos() as u64,
     });
     Ok(())
 }

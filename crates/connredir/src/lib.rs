@@ -157,13 +157,16 @@ pub enum ServiceError {
     Other(#[from] Error),
 }
 
-/// The id of the service registered for a listening socket's local address,
-/// so a proxy can tell at startup that the layer will send it connections
-/// (and treat its own onward connections as the service's).
+/// The id of the service registered for a listening socket's local address
+/// (a TCP listener, or a bound UDP socket), so a proxy can tell at startup
+/// that the layer will send it connections or flows (and treat its own
+/// onward connections as the service's).
 ///
 /// Fails with [`ServiceError::NotRegistered`] when no service listens at that
 /// address, [`ServiceError::LayerNotActive`] when the layer does not cover
-/// the caller's cgroup, and [`ServiceError::NotListening`] before `listen()`.
+/// the caller's cgroup, and [`ServiceError::NotListening`] before `listen()`
+/// (before `bind()` for UDP; a layer from before UDP services says it for
+/// every UDP socket).
 /// The syscall is `getsockopt(fd, LEVEL, SERVICE, &u32, &len)`.
 pub fn registered_service(listener: &impl AsFd) -> Result<ServiceId, ServiceError> {
     let fd = listener.as_fd();

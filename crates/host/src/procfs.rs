@@ -1,6 +1,6 @@
-//! What `/proc` says about this network namespace's TCP sockets and about
-//! processes: listening sockets, the processes holding a socket, and a
-//! process's uid, cgroup and start time.
+//! What `/proc` says about this network namespace's TCP and UDP sockets and
+//! about processes: listening TCP sockets, bound UDP sockets, the processes
+//! holding a socket, and a process's uid, cgroup and start time.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,25 +32,60 @@ pub fn is_listening(addr: &SocketAddr) -> bool {
 /// The inodes of TCP sockets that listen where a connection to `addr` would
 /// arrive: on `addr` itself or on a wildcard address with its port.
 pub fn listening_inodes(addr: &SocketAddr) -> Vec<u64> {
+    TCP_TABLES
+        .iter()
+        .flat_map(|table| {
+            inodes_in(
+                &std::fs::read_to_string(table).unwrap_or_default(),
+                LISTEN,
+                addr,
+            )
+        })
+        .collect()
+}
+
+/// The UDP tables of this network namespace.
+const UDP_TABLES: [&str; 2] = ["/proc/net/udp", "/proc/net/udp6"];
+
+/// The `st` column of a UDP socket that is not connected (`TCP_CLOSE`): a
+/// socket receiving from anyone, as a UDP service's does.
+const UNCONNECTED: &str = "07";
+
+/// The inodes of unconnected UDP sockets bound where a datagram to `addr`
+/// would arrive: on `addr` itself or on a wildcard address with its port.
+/// A UDP service receives on such a socket (it has no `listen()`).
+pub fn bound_udp_inodes(addr: &SocketAddr) -> Vec<u64> {
+    UDP_TABLES
+        .iter()
+        .flat_map(|table| {
+            inodes_in(
+                &std::fs::read_to_string(table).unwrap_or_default(),
+                UNCONNECTED,
+                addr,
+            )
+        })
+        .collect()
+}
+
+/// The inodes of a `/proc/net/{tcp,udp}{,6}` table's sockets in state
+/// `state` whose local address is `addr`, or a wildcard address on its port.
+fn inodes_in(table: &str, state: &str, addr: &SocketAddr) -> Vec<u64> {
     let port = format!("{:04X}", addr.port());
     let mut inodes = Vec::new();
-    for table in TCP_TABLES {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != LISTEN {
-                continue;
-            }
-            let Some((ip, p)) = cols[1].split_once(':') else {
-                continue;
-            };
-            if p != port || !(ip.chars().all(|c| c == '0') || proc_ip_is(ip, addr)) {
-                continue;
-            }
-            if let Ok(inode) = cols[9].parse() {
-                inodes.push(inode);
-            }
+    for line in table.lines().skip(1) {
+        // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 10 || cols[3] != state {
+            continue;
+        }
+        let Some((ip, p)) = cols[1].split_once(':') else {
+            continue;
+        };
+        if p != port || !(ip.chars().all(|c| c == '0') || proc_ip_is(ip, addr)) {
+            continue;
+        }
+        if let Ok(inode) = cols[9].parse() {
+            inodes.push(inode);
         }
     }
     inodes
@@ -177,6 +212,23 @@ mod tests {
             "0000000000000000FFFF00000100007F",
             &"127.0.0.1:80".parse().unwrap()
         ));
+    }
+
+    #[test]
+    fn udp_sockets_bound_to_an_address_or_its_wildcard_are_found_connected_ones_not() {
+        // /proc/net/udp as the kernel prints it: 127.0.0.1:15053 unconnected,
+        // 127.0.0.1:15053 connected to 127.0.0.1:40000, 0.0.0.0:15053, and
+        // 127.0.0.1:53.
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 0100007F:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1001 2 0000000000000000 0
+  2: 0100007F:3ACD 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 1002 2 0000000000000000 0
+  3: 00000000:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1003 2 0000000000000000 0
+  4: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1004 2 0000000000000000 0
+";
+        let addr = "127.0.0.1:15053".parse().unwrap();
+        assert_eq!(inodes_in(table, UNCONNECTED, &addr), [1001, 1003]);
+        let other = "127.0.0.2:15053".parse().unwrap();
+        assert_eq!(inodes_in(table, UNCONNECTED, &other), [1003]);
     }
 
     #[test]

@@ -125,13 +125,13 @@ static __always_inline void get_context(struct bpf_sockopt *ctx, __s32 optlen, v
 	ctx->retval = 0;
 }
 
-/* The service registered for a listening socket's local address. */
+/* The service registered for a listening (TCP) or bound (UDP) socket's local address. */
 static __always_inline void get_service(struct bpf_sockopt *ctx, __s32 optlen, void *optval,
 					void *optval_end, struct bpf_sock *sk)
 {
 	struct connredir_addr_key key = {};
 	__u32 *out = optval;
-	__u32 sk_state, family, port, ip4, ip6[4];
+	__u32 sk_state, protocol, family, port, ip4, ip6[4];
 	__u32 *id;
 
 	if (!sk) {
@@ -139,6 +139,7 @@ static __always_inline void get_service(struct bpf_sockopt *ctx, __s32 optlen, v
 		return;
 	}
 	sk_state = ctx_read(sk->state);
+	protocol = ctx_read(sk->protocol);
 	family = ctx_read(sk->family);
 	port = ctx_read(sk->src_port);
 	ip4 = ctx_read(sk->src_ip4);
@@ -146,7 +147,9 @@ static __always_inline void get_service(struct bpf_sockopt *ctx, __s32 optlen, v
 	ip6[1] = ctx_read(sk->src_ip6[1]);
 	ip6[2] = ctx_read(sk->src_ip6[2]);
 	ip6[3] = ctx_read(sk->src_ip6[3]);
-	if (sk_state != TCP_LISTEN) {
+	/* A TCP socket once it listens; a UDP socket once it is bound (UDP has
+	 * no listen: a service receives on its bound socket). */
+	if (protocol == IPPROTO_UDP ? port == 0 : sk_state != TCP_LISTEN) {
 		ctx->retval = -EINVAL;
 		return;
 	}

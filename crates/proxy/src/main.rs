@@ -453,9 +453,10 @@ fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket, StartupError> {
     })
 }
 
-/// As [`check_registered`], for a UDP address. A layer that answers the
-/// service question for listening TCP sockets only says "not listening":
-/// then the check cannot be made, which is said, and the proxy goes on.
+/// As [`check_registered`], for a UDP address (the layer answers on a bound
+/// UDP socket). A layer from before UDP services answers the service
+/// question for listening TCP sockets only, and says "not listening": then
+/// the check cannot be made, which is said, and the proxy goes on.
 fn check_registered_udp(
     socket: &tokio::net::UdpSocket,
     addr: SocketAddr,

@@ -597,6 +597,13 @@ fn probe(case: &str, addr: Option<SocketAddr>) -> Result<()> {
             socket.bind(&addr()?.into())?;
             service_outcome(&socket)
         }
+        // A UDP service's socket: bound (there is no listen), or not yet.
+        "udp-service" => service_outcome(&std::net::UdpSocket::bind(addr()?)?),
+        "udp-service-unbound" => service_outcome(&Socket::new(
+            Domain::for_address(addr()?),
+            Type::DGRAM,
+            None,
+        )?),
         "connected-query" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
         other => bail!("unknown probe case {other}"),
     };

@@ -6,10 +6,11 @@
 //! reads, idle expiry, and QUIC denied by a port rule.
 //!
 //! The proxy runs in the lab's attached `services` cgroup, under the real
-//! layer. Until the layer redirects UDP, each flow's record query answers
-//! "not redirected", and the flow goes to `--udp-upstream`: these tests
-//! cover the proxy's relay, DNS and policy; flows redirected by the layer
-//! (records, original destination, chains) are for the layer's UDP tests.
+//! layer, its address registered as its service's but no rule sending flows
+//! to it: each flow's record query answers "not redirected", and the flow
+//! goes to `--udp-upstream`. These tests cover the proxy's relay, DNS and
+//! policy; DNS redirected by the layer through chains of these proxies is
+//! in `dns_chain.rs`.
 //! Everything listens on loopback: dnsmasq on 127.0.0.3, UDP echo servers on
 //! 127.0.0.2, the proxies on 127.0.0.1, each on a port of the test's own.
 
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use connredir_testkit::{require_program, workspace_bin, Lab, Proc};
+use connredir_testkit::{by_cgroup, require_program, workspace_bin, Lab, Proc};
 use serde_json::Value;
 
 /// A free UDP port on `ip` (bound and released; good enough on loopback).
@@ -57,7 +58,9 @@ fn dnsmasq(lab: &mut Lab, program: &Path) -> (SocketAddr, usize) {
 
 /// Starts `connredir-proxy --udp-listen` in `services/NAME`, sending flows
 /// to `upstream` (read as DNS when `dns`), with `extra` arguments; returns
-/// its address and index.
+/// its address and index. Its address is registered as the service of its
+/// cgroup (the proxy refuses to start otherwise), with no rule: no flow is
+/// redirected to it, each goes to `upstream`.
 fn proxy(
     lab: &mut Lab,
     name: &str,
@@ -81,6 +84,7 @@ fn proxy(
     }
     args.extend_from_slice(extra);
     let cgroup = lab.cgroup(&format!("services/{name}"));
+    lab.service(name, &[listen.parse().unwrap()], by_cgroup(&cgroup), None);
     let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
         .expect("start connredir-proxy");
     proc.wait_line("proxy ready", |l| l == "ready").unwrap();
@@ -544,4 +548,80 @@ fn a_port_rule_on_udp_443_denies_quic() {
     assert_eq!(round_trip(&client, &initial).as_deref(), Some(&initial[..]));
     let flows = wait_lines(&lab, p2, 1, is_flow);
     assert_eq!(flows[0]["verdict"], "allow", "{flows:?}");
+}
+
+/// Runs `connredir-proxy ARGS` in `cgroup` until it exits (at most 10 s);
+/// returns its exit code and what it said on stderr.
+fn proxy_exit(lab: &Lab, cgroup: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(workspace_bin("connredir-proxy"));
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    connredir_host::cgroup::run_in_cgroup(&mut command, &lab.cgroup(cgroup), None).unwrap();
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("connredir-proxy {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.code(), stderr)
+}
+
+/// The proxy checks at startup that each `--udp-listen` address is a
+/// registered service's, as it does for `--listen`: when one is not, it
+/// exits saying which and what to do; outside the layer it says that.
+#[test]
+fn the_proxy_refuses_an_unregistered_udp_address() {
+    let Some(mut lab) = Lab::new("udp_unreg") else {
+        return;
+    };
+    let registered = free_udp("127.0.0.1");
+    let cgroup = lab.cgroup("services/lonely");
+    lab.service("lonely", &[registered], by_cgroup(&cgroup), None);
+    let unregistered = free_udp("127.0.0.1").to_string();
+    let registered = registered.to_string();
+
+    let args = [
+        "--name",
+        "lonely",
+        "--udp-listen",
+        &registered,
+        "--udp-listen",
+        &unregistered,
+    ];
+    let (code, stderr) = proxy_exit(&lab, "services/lonely", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{unregistered} is not a registered connredir service"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "connredir service add --name lonely --listen {unregistered}"
+        )),
+        "{stderr}"
+    );
+    // Where the layer is not attached at all, it says that.
+    let args = ["--name", "lonely", "--udp-listen", &registered];
+    let (code, stderr) = proxy_exit(&lab, "outside", &args);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("layer is not active"), "{stderr}");
+    // The registered address alone: it starts, and says which service it is.
+    let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
+        .expect("start connredir-proxy");
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
 }

@@ -511,3 +511,83 @@ fn udp_decisions_are_traced_as_udp() {
         assert_eq!((event.destination, event.service), (dst, Some(id)));
     }
 }
+
+/// Runs a probe case in `cgroup` and returns its result.
+fn probe(lab: &Lab, cgroup: &str, args: &[&str]) -> String {
+    let mut all = vec!["probe"];
+    all.extend_from_slice(args);
+    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), None, &all)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(status.success(), "probe {args:?} failed: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    report["result"].as_str().unwrap().to_string()
+}
+
+/// `registered_service` on a bound UDP socket names the service registered
+/// for its address (IPv4 and IPv6), as on a listening TCP socket: so that a
+/// UDP service can tell at startup that it is the service its address is.
+/// None when no service is registered there; "not listening" before bind;
+/// "not active" outside the layer's cgroups.
+#[test]
+fn a_udp_socket_learns_which_service_it_is() {
+    let Some(mut lab) = Lab::new("udp-svcid") else {
+        return;
+    };
+    let (v4, v6) = (free_addr("127.0.0.1"), free_addr("::1"));
+    let cgroup = lab.cgroup("services/known");
+    let id = lab.service("known", &[v4, v6], by_cgroup(&cgroup), None);
+    let ok = format!("ok:{}", id.0);
+    let (v4s, v6s) = (v4.to_string(), v6.to_string());
+    assert_eq!(probe(&lab, "services/known", &["udp-service", &v4s]), ok);
+    assert_eq!(probe(&lab, "services/known", &["udp-service", &v6s]), ok);
+    let elsewhere = free_addr("127.0.0.1").to_string();
+    assert_eq!(
+        probe(&lab, "services/known", &["udp-service", &elsewhere]),
+        "NotRegistered"
+    );
+    assert_eq!(
+        probe(&lab, "services/known", &["udp-service-unbound", &v4s]),
+        "NotListening"
+    );
+    assert_eq!(
+        probe(&lab, "outside", &["udp-service", &v4s]),
+        "LayerNotActive"
+    );
+}
+
+/// A UDP service whose bind the kernel did not see (it bound before the
+/// layer covered its cgroup, as a service started before `connredir up`)
+/// is found by the engine's scan when its service is registered, as a TCP
+/// listener is: its socket is marked as the service's, so flows go to it
+/// rather than being refused as a service that is down.
+#[test]
+fn a_udp_service_bound_before_the_layer_saw_it_is_found_at_registration() {
+    let Some((mut lab, server)) = udp_lab("udp-early", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let cgroup = lab.cgroup("late/early");
+    let service = lab.start_udp_service(&cgroup, "early", listen, &[]);
+    // From now on its sockets' binds and connects are the layer's; the
+    // receiving socket's bind was not.
+    lab.engine.attach(lab.cgroup("late")).expect("attach late");
+    let id = lab.service("early", &[listen], by_cgroup(&cgroup), None);
+    lab.route_protocol(id, Protocol::Udp, "127.0.0.2/32", Some(dst.port()), 0);
+
+    for extra in [&[][..], &["--unconnected"][..]] {
+        let report = udp_client(&lab, dst, extra);
+        assert_eq!(report["ok"], true, "{extra:?}: {report}");
+        assert_eq!(report["from"], json!(vec![dst.to_string(); 3]), "{report}");
+    }
+    let log = lab.wait_logged(service, 2);
+    assert_eq!(log.len(), 2, "{log:?}");
+    for entry in &log {
+        assert_eq!(entry["chain"], json!([id.0]), "{entry}");
+        assert_eq!(entry["original_dst"], dst.to_string(), "{entry}");
+    }
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.service_down_blocked, 0, "{counters:?}");
+}

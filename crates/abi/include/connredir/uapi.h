@@ -41,10 +41,11 @@ typedef unsigned long long uint64_t;
 /* get: the redirect context, for the service that redirected the flow. */
 #define CONNREDIR_SO_CONTEXT 2
 /*
- * get, on a listening socket: the id (uint32_t) of the service registered for
- * the socket's local address; ENOENT when none is, EINVAL when the socket
- * does not listen. Where the layer is not active the kernel answers
- * EOPNOTSUPP, as for every option of this level.
+ * get, on a listening TCP socket or a bound UDP socket: the id (uint32_t) of
+ * the service registered for the socket's local address; ENOENT when none
+ * is, EINVAL when the socket does not listen (TCP) or is not bound (UDP).
+ * Where the layer is not active the kernel answers EOPNOTSUPP, as for every
+ * option of this level.
  */
 #define CONNREDIR_SO_SERVICE 3
 

@@ -1,21 +1,35 @@
-//! Marks a service's listening sockets that were opened before the service
-//! was registered (or before the layer was loaded).
+//! Marks a service's listening sockets (TCP) and bound sockets (UDP) that
+//! were opened before the service was registered (or before the layer was
+//! loaded).
 //!
 //! The kernel marks a listener when a process of the service's identity
 //! binds the service's address (the bind programs); a proxy that was already
 //! listening never passed through them. Here the engine finds such sockets
-//! (`/proc/net/tcp{,6}` for the listening inode, `/proc/PID/fd` for the
-//! processes holding it), keeps those whose process is the service's own by
-//! its identity, takes a duplicate of the socket (`pidfd_getfd`) and writes
-//! the mark into the socket's storage.
+//! (`/proc/net/tcp{,6}` for the listening inode, `/proc/net/udp{,6}` for an
+//! unconnected UDP socket's, `/proc/PID/fd` for the processes holding it),
+//! keeps those whose process is the service's own by its identity, takes a
+//! duplicate of the socket (`pidfd_getfd`) and writes the mark into the
+//! socket's storage.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-pub(crate) use connredir_host::procfs::listening_inodes;
-use connredir_host::procfs::{process_cgroup, process_uid, socket_holders, HeldSocket};
+use std::net::SocketAddr;
+
+use connredir_host::procfs::{
+    bound_udp_inodes, process_cgroup, process_uid, socket_holders, HeldSocket,
+};
 
 use super::Identity;
+
+/// The inodes of the sockets a service at `addr` receives on: TCP sockets
+/// listening there and UDP sockets bound there (unconnected), each on `addr`
+/// itself or on a wildcard address with its port.
+pub(crate) fn listening_inodes(addr: &SocketAddr) -> Vec<u64> {
+    let mut inodes = connredir_host::procfs::listening_inodes(addr);
+    inodes.extend(bound_udp_inodes(addr));
+    inodes
+}
 
 /// Whether the process `pid` is one of `identity`'s.
 fn is_identity(pid: u32, identity: &Identity, cgroups: &[PathBuf]) -> bool {

@@ -104,8 +104,8 @@ fn mark_existing_listeners(engine: &mut Engine, id: ServiceId, service: &Service
 /// (a proxy outside the attached cgroups, whose bind the kernel did not
 /// see, or one that bound before its service was registered and
 /// listened after): `connredir up` calls it every second. Cheap when
-/// nothing changed: it reads `/proc/net/tcp{,6}` and looks for the
-/// holders of a listening socket only when one is new.
+/// nothing changed: it reads `/proc/net/tcp{,6}` and `udp{,6}` and looks
+/// for the holders of a listening socket only when one is new.
 pub(crate) fn mark_new_listeners(engine: &mut Engine) {
     let services: Vec<(ServiceId, Service)> = engine
         .services
