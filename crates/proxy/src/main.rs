@@ -53,7 +53,7 @@ relays the bytes both ways (splice(2) unless --no-splice). Each connection ends 
 UDP (--udp-listen): each client address is a flow with a socket of its own
 (bound to the service address, connected to the client), its records and
 destination read there, relayed datagram by datagram until idle
-(--udp-idle-timeout). Flows to port 53 are read as DNS: one JSON line per
+(--udp-idle-timeout, or --udp-replied-timeout once answered). Flows to port 53 are read as DNS: one JSON line per
 query (name, type, the answer's response code), and dns rules answered here.";
 
 const EXAMPLES: &str = "\
@@ -113,9 +113,15 @@ struct Cli {
     /// to --listen and --udp-listen for both.
     #[arg(long, value_name = "ADDR")]
     udp_listen: Vec<SocketAddr>,
-    /// End a UDP flow after this long without a datagram either way.
+    /// End a UDP flow whose destination has not answered yet after this
+    /// long without a datagram either way (as conntrack's unreplied UDP
+    /// timeout).
     #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_positive_duration)]
     udp_idle_timeout: Duration,
+    /// End a UDP flow whose destination has answered after this long
+    /// without a datagram either way (as conntrack's replied UDP timeout).
+    #[arg(long, default_value = "120s", value_name = "DURATION", value_parser = parse_positive_duration)]
+    udp_replied_timeout: Duration,
     /// At most this many UDP flows at once per --udp-listen address (each
     /// holds two sockets); datagrams from new client addresses past it are
     /// dropped and counted in the log.
@@ -372,6 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let udp = Arc::new(UdpSettings {
         idle_timeout: cli.udp_idle_timeout,
+        replied_timeout: cli.udp_replied_timeout,
         max_flows: cli.max_udp_flows as usize,
         upstream: cli.udp_upstream,
         deny_answer: cli.dns_deny_answer,
@@ -658,6 +665,7 @@ mod tests {
         .unwrap();
         assert!(udp.listen.is_empty());
         assert_eq!(udp.udp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(udp.udp_replied_timeout, Duration::from_secs(120));
         assert_eq!(udp.max_udp_flows, 1024);
         assert_eq!(udp.dns_ports, [53]);
         assert_eq!(udp.dns_deny_answer, DenyAnswer::Nxdomain);

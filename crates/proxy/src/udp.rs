@@ -10,7 +10,8 @@
 //! accepted TCP socket. The flow reads the records and the original
 //! destination there, applies the policy, opens its onward socket (records
 //! set before `connect`), and relays datagrams both ways until no datagram
-//! has moved for `--udp-idle-timeout`. Datagrams that still reach the
+//! has moved for `--udp-idle-timeout` (`--udp-replied-timeout` once the
+//! destination has answered). Datagrams that still reach the
 //! listener for an existing flow (sent before its socket was connected) are
 //! handed to that flow.
 //!
@@ -56,8 +57,12 @@ const REFUSED_EVERY: Duration = Duration::from_secs(10);
 /// What the UDP side needs beyond the shared [`Settings`].
 #[derive(Debug, Clone)]
 pub struct UdpSettings {
-    /// A flow without a datagram either way for this long ends.
+    /// A flow whose destination has not answered yet ends after this long
+    /// without a datagram either way (conntrack's "unreplied" timeout).
     pub idle_timeout: Duration,
+    /// The same, once the destination has answered (conntrack's "replied"
+    /// timeout: a flow that works is given longer).
+    pub replied_timeout: Duration,
     /// At most this many flows at once (per listening address).
     pub max_flows: usize,
     /// Where flows the layer did not redirect go (`--udp-upstream`).
@@ -447,8 +452,13 @@ impl<'a> Flow<'a> {
         tokio::pin!(closing);
         let mut last = Instant::now();
         let mut result = self.up(&first).await;
-        let idle = self.udp.idle_timeout;
+        let mut replied = false;
         while result.is_ok() {
+            let idle = if replied {
+                self.udp.replied_timeout
+            } else {
+                self.udp.idle_timeout
+            };
             let server = match &self.mode {
                 Mode::Relay { server, .. } => Some(server),
                 Mode::Drop => None,
@@ -490,6 +500,7 @@ impl<'a> Flow<'a> {
                     result = match ready.and_then(|()| take(server, None)) {
                         Ok(Some(datagram)) => {
                             last = Instant::now();
+                            replied = true;
                             self.down(&datagram).await
                         }
                         Ok(None) => Ok(()),
@@ -785,6 +796,23 @@ mod tests {
         watch::Sender<Phase>,
         mpsc::Receiver<()>,
     ) {
+        start_with(rules, dns, upstream, max_flows, idle, idle).await
+    }
+
+    /// [`start`] with the unreplied and replied idle timeouts apart.
+    async fn start_with(
+        rules: &[&str],
+        dns: bool,
+        upstream: SocketAddr,
+        max_flows: usize,
+        idle: Duration,
+        replied: Duration,
+    ) -> (
+        SocketAddr,
+        Arc<LogSink>,
+        watch::Sender<Phase>,
+        mpsc::Receiver<()>,
+    ) {
         // The proxy listens in the upstream's family.
         let any = if upstream.is_ipv6() {
             "[::1]:0"
@@ -799,6 +827,7 @@ mod tests {
         let dns_port = if dns { upstream.port() } else { 53 };
         let udp = Arc::new(UdpSettings {
             idle_timeout: idle,
+            replied_timeout: replied,
             max_flows,
             upstream: Some(upstream),
             deny_answer: DenyAnswer::Refused,
@@ -910,6 +939,39 @@ mod tests {
             "a datagram reached the fresh socket"
         );
         assert_eq!(at_listener, 64);
+    }
+
+    #[tokio::test]
+    async fn an_unreplied_flow_ends_sooner_than_one_that_was_answered() {
+        // Unreplied 300 ms, replied 5 s.
+        let silent = server(|_| None).await;
+        let echo = server(|d| Some(d.to_vec())).await;
+        let short = Duration::from_millis(300);
+        let long = Duration::from_secs(5);
+        let (quiet_proxy, quiet_sink, quiet_phase, mut quiet_done) =
+            start_with(&[], false, silent, 4, short, long).await;
+        let (proxy, sink, phase, mut all_done) = start_with(&[], false, echo, 4, short, long).await;
+        let unanswered = client(quiet_proxy).await;
+        unanswered.send(b"anyone?").await.unwrap();
+        let answered = client(proxy).await;
+        answered.send(b"one").await.unwrap();
+        assert_eq!(recv(&answered).await.as_deref(), Some(&b"one"[..]));
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        // The unreplied flow is gone by now; the answered one lives on.
+        assert_eq!(quiet_sink.lines().len(), 1, "{:?}", quiet_sink.lines());
+        assert_eq!(quiet_sink.lines()[0]["reason"], "idle for 300ms");
+        assert!(sink.lines().is_empty(), "{:?}", sink.lines());
+        answered.send(b"two").await.unwrap();
+        assert_eq!(recv(&answered).await.as_deref(), Some(&b"two"[..]));
+        for phase in [quiet_phase, phase] {
+            phase.send_replace(Phase::Closing);
+        }
+        quiet_done.recv().await;
+        all_done.recv().await;
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["datagrams_up"], 2);
+        assert_eq!(lines[0]["reason"], "closed at shutdown");
     }
 
     #[tokio::test]
