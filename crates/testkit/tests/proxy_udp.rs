@@ -186,6 +186,8 @@ fn dns_queries_are_logged_one_line_each_and_denied_names_answered_by_the_proxy()
         "deny:dns:*.blocked.test",
         "--udp-idle-timeout",
         "1s",
+        "--udp-replied-timeout",
+        "1s",
     ];
     let (refusing, p1) = proxy(&mut lab, "refusing", server, true, &rules);
     let mut nx_args = rules.to_vec();
@@ -269,6 +271,8 @@ fn malformed_and_truncated_dns_is_dropped_under_a_dns_rule_and_relayed_without_o
             "deny:dns:*.blocked.test",
             "--udp-idle-timeout",
             "1s",
+            "--udp-replied-timeout",
+            "1s",
         ],
     );
     let (open, p2) = proxy(
@@ -276,7 +280,7 @@ fn malformed_and_truncated_dns_is_dropped_under_a_dns_rule_and_relayed_without_o
         "open",
         server,
         true,
-        &["--udp-idle-timeout", "1s"],
+        &["--udp-idle-timeout", "1s", "--udp-replied-timeout", "1s"],
     );
     // A query for www.example.test, cut inside its name; a header whose
     // question is a compression pointer to itself; 64 KiB of 0xff.
@@ -422,7 +426,14 @@ fn the_flow_limit_holds_under_a_flood_and_flows_keep_working() {
         "limited",
         echo.addr,
         false,
-        &["--max-udp-flows", "8", "--udp-idle-timeout", "3s"],
+        &[
+            "--max-udp-flows",
+            "8",
+            "--udp-idle-timeout",
+            "3s",
+            "--udp-replied-timeout",
+            "3s",
+        ],
     );
     let steady = udp_client(proxy);
     let mut steady_sent = Sent::default();
@@ -519,14 +530,28 @@ fn a_port_rule_on_udp_443_denies_quic() {
         "noquic",
         quic_server.addr,
         false,
-        &["--rule", "deny:port:443/udp", "--udp-idle-timeout", "1s"],
+        &[
+            "--rule",
+            "deny:port:443/udp",
+            "--udp-idle-timeout",
+            "1s",
+            "--udp-replied-timeout",
+            "1s",
+        ],
     );
     let (tcp_only, p2) = proxy(
         &mut lab,
         "tcponly",
         quic_server.addr,
         false,
-        &["--rule", "deny:port:443/tcp", "--udp-idle-timeout", "1s"],
+        &[
+            "--rule",
+            "deny:port:443/tcp",
+            "--udp-idle-timeout",
+            "1s",
+            "--udp-replied-timeout",
+            "1s",
+        ],
     );
     // A QUIC Initial is at least 1200 bytes, long header first.
     let initial: Vec<u8> = std::iter::once(0xc3).chain([0u8; 1_199]).collect();
