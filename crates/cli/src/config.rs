@@ -5,7 +5,9 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use connredir_engine::{Identity, OnDown, Protocol, Rule, Service, ServiceId};
+use connredir_engine::{
+    Action, CgroupCondition, CommandCondition, Identity, OnDown, Protocol, Rule, Service, ServiceId,
+};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,12 @@ struct NamedSpan {
 #[derive(Debug, Default, Deserialize)]
 struct RuleSpan {
     service: Option<toml::Spanned<toml::Value>>,
+    action: Option<toml::Spanned<toml::Value>>,
+    after: Option<toml::Spanned<toml::Value>>,
+    cgroup: Option<toml::Spanned<toml::Value>>,
+    unit: Option<toml::Spanned<toml::Value>>,
+    command: Option<toml::Spanned<toml::Value>>,
+    local_ports: Option<toml::Spanned<toml::Value>>,
 }
 
 /// An error at byte `at` of file `name`: "NAME, line N, key `K`: MESSAGE",
@@ -155,13 +163,19 @@ impl Scope {
 
 /// The cgroup of a systemd unit, as systemd reports it.
 fn unit_cgroup(root: &Path, unit: &str) -> Result<PathBuf> {
+    unit_cgroup_for("[scope] units", root, unit)
+}
+
+/// The cgroup of a systemd unit; errors begin with `what` (where it was named).
+fn unit_cgroup_for(what: &str, root: &Path, unit: &str) -> Result<PathBuf> {
     let output = std::process::Command::new("systemctl")
         .args(["show", "--property=ControlGroup", "--value", "--", unit])
         .output()
         .with_context(|| {
-            format!("[scope] units: cannot ask systemd about {unit:?} (is systemctl installed?)")
+            format!("{what}: cannot ask systemd about {unit:?} (is systemctl installed?)")
         })?;
     unit_cgroup_from(root, unit, &String::from_utf8_lossy(&output.stdout))
+        .map_err(|e| anyhow!("{}", e.to_string().replacen("[scope] units", what, 1)))
 }
 
 /// Joins systemd's `ControlGroup` answer to the cgroup root.
@@ -248,8 +262,13 @@ pub struct IdentityConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    /// Name of the service that gets matching connections.
-    pub service: String,
+    /// Name of the service that gets matching connections (redirect rules
+    /// only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// `redirect` (the default), `permit` or `block`.
+    #[serde(default)]
+    pub action: Action,
     /// "tcp" (default), "udp", or both: ["tcp", "udp"].
     #[serde(default, with = "protocols")]
     pub protocol: Protocol,
@@ -264,6 +283,28 @@ pub struct RuleConfig {
     /// Lower first.
     #[serde(default)]
     pub priority: u32,
+    /// Only connections of processes of this (real) gid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Only connections of processes in this cgroup v2 directory or below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// Only connections of processes in this systemd unit's cgroup or below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Only connections of processes of this command name (`curl`), or
+    /// whose name starts so (`python*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Only sockets whose local port is in this range at connect time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_ports: Option<PortRange>,
+    /// Only flows that this service (by name) already inspected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// The executable's file name: not available (see `RuleConfig::check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
 }
 
 /// The protocols a rule names ("tcp", "udp", in any case), as one
@@ -493,21 +534,43 @@ impl Config {
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {
-            if !self.services.iter().any(|s| s.name == rule.service) {
-                let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-                return Err((
-                    at(spans.rules.get(i).and_then(|r| r.service.as_ref())),
-                    format!(
-                        "rule {} names service {:?}, which is not defined (defined: {})",
-                        i + 1,
-                        rule.service,
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ));
+            let span = spans.rules.get(i);
+            let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+            let undefined = |what: &str, name: &str| {
+                format!(
+                    "rule {} names service {name:?}{what}, which is not defined (defined: {})",
+                    i + 1,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            };
+            rule.check().map_err(|(key, message)| {
+                let key_at = span.and_then(|r| match key {
+                    RuleKey::Service => r.service.as_ref().or(r.action.as_ref()),
+                    RuleKey::Cgroup => r.cgroup.as_ref().or(r.unit.as_ref()),
+                    RuleKey::Command => r.command.as_ref(),
+                    RuleKey::LocalPorts => r.local_ports.as_ref(),
+                });
+                (at(key_at), format!("rule {}: {message}", i + 1))
+            })?;
+            if let Some(service) = &rule.service {
+                if !self.services.iter().any(|s| &s.name == service) {
+                    return Err((
+                        at(span.and_then(|r| r.service.as_ref())),
+                        undefined("", service),
+                    ));
+                }
+            }
+            if let Some(after) = &rule.after {
+                if !self.services.iter().any(|s| &s.name == after) {
+                    return Err((
+                        at(span.and_then(|r| r.after.as_ref())),
+                        undefined(" in `after`", after),
+                    ));
+                }
             }
         }
         Ok(())
@@ -571,17 +634,113 @@ impl ServiceConfig {
     }
 }
 
+/// The key of a rule that [`RuleConfig::check`] complains about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleKey {
+    /// `service`.
+    Service,
+    /// `cgroup` or `unit`.
+    Cgroup,
+    /// `command` (or `executable`).
+    Command,
+    /// `local_ports`.
+    LocalPorts,
+}
+
+/// Why a rule cannot name the executable's file name.
+pub const EXECUTABLE_UNAVAILABLE: &str =
+    "`executable` is not available: the connect hooks (cgroup/connect4|6, sendmsg4|6) \
+     cannot read a process's executable on this kernel (that needs the BPF LSM, which is \
+     not enabled, or task-walking helpers that these program types are not given); \
+     match the command name with `command` (as /proc/PID/comm) instead";
+
 impl RuleConfig {
-    /// The rule, given how service names resolve to ids.
+    /// The checks of one rule on its own: which keys go with its action,
+    /// and whether its conditions can be written.
+    pub fn check(&self) -> std::result::Result<(), (RuleKey, String)> {
+        match (self.action, &self.service) {
+            (Action::Redirect, None) => {
+                return Err((
+                    RuleKey::Service,
+                    "a redirect rule needs `service` (or give `action = \"permit\"` or \
+                     `\"block\"`)"
+                        .into(),
+                ))
+            }
+            (Action::Permit | Action::Block, Some(service)) => {
+                return Err((
+                    RuleKey::Service,
+                    format!(
+                        "a {} rule sends no flow to a service: remove `service = {service:?}`",
+                        self.action.name()
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if self.cgroup.is_some() && self.unit.is_some() {
+            return Err((
+                RuleKey::Cgroup,
+                "give `cgroup` or `unit`, not both (a unit is a cgroup)".into(),
+            ));
+        }
+        if self.executable.is_some() {
+            return Err((RuleKey::Command, EXECUTABLE_UNAVAILABLE.into()));
+        }
+        if let Some(command) = &self.command {
+            CommandCondition::parse(command).map_err(|e| (RuleKey::Command, e.to_string()))?;
+        }
+        if let Some(range) = &self.local_ports {
+            if range.0.start() > range.0.end() {
+                return Err((
+                    RuleKey::LocalPorts,
+                    format!("local port range {range} is empty: write the lower port first"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule, given how service names resolve to ids; a cgroup or
+    /// unit is looked up now.
     pub fn to_rule(&self, id_of: impl Fn(&str) -> Option<ServiceId>) -> Result<Rule> {
+        self.check().map_err(|(_, message)| anyhow!(message))?;
+        let resolve =
+            |name: &str| id_of(name).ok_or_else(|| anyhow!("service {name:?} is not registered"));
+        let service = match &self.service {
+            Some(name) => resolve(name)?,
+            None => ServiceId(0),
+        };
+        let cgroup = match (&self.cgroup, &self.unit) {
+            (Some(path), _) => Some(CgroupCondition::resolve(path)?),
+            (None, Some(unit)) => {
+                let root = connredir_host::cgroup::cgroup2_root()
+                    .context("cgroup v2 is not mounted: a `unit` condition needs it")?;
+                Some(CgroupCondition::resolve(&unit_cgroup_for(
+                    "rule unit",
+                    &root,
+                    unit,
+                )?)?)
+            }
+            (None, None) => None,
+        };
         Ok(Rule {
-            service: id_of(&self.service)
-                .ok_or_else(|| anyhow!("service {:?} is not registered", self.service))?,
+            service,
             protocol: self.protocol,
             destinations: self.destinations.iter().map(|p| p.0).collect(),
             ports: self.ports.iter().map(|p| p.0.clone()).collect(),
             uid: self.uid,
             priority: self.priority,
+            action: self.action,
+            gid: self.gid,
+            cgroup,
+            command: self
+                .command
+                .as_deref()
+                .map(CommandCondition::parse)
+                .transpose()?,
+            local_ports: self.local_ports.as_ref().map(|p| p.0.clone()),
+            after: self.after.as_deref().map(resolve).transpose()?,
         })
     }
 }
@@ -760,12 +919,20 @@ ports = ["80", "8000-8999", 443]
     #[test]
     fn a_rule_for_both_protocols_goes_back_to_its_list() {
         let rule = RuleConfig {
-            service: "scanner".into(),
+            service: Some("scanner".into()),
             protocol: Protocol::TcpAndUdp,
             destinations: vec![],
             ports: vec![],
             uid: None,
             priority: 0,
+            action: Action::Redirect,
+            gid: None,
+            cgroup: None,
+            unit: None,
+            command: None,
+            local_ports: None,
+            after: None,
+            executable: None,
         };
         let json = serde_json::to_string(&rule).unwrap();
         assert!(json.contains("\"protocol\":[\"tcp\",\"udp\"]"), "{json}");

@@ -120,6 +120,10 @@ counters! {
     forged_records = CONNREDIR_CNT_FORGED_RECORDS,
         "Record sets refused to a service's process because the record was not one the layer \
          issued to that service (forged, changed, or the last hop another service's).";
+    permitted = CONNREDIR_CNT_PERMITTED,
+        "Connects and UDP datagrams a permit rule sent to their destination.";
+    blocked = CONNREDIR_CNT_BLOCKED,
+        "Connects and UDP datagrams a block rule refused (EACCES).";
 }
 
 /// Reads the counters.

@@ -166,6 +166,18 @@ pub struct RuleStatus {
     /// TCP).
     #[serde(default)]
     pub protocol: Vec<String>,
+    /// `redirect`, `permit` or `block` (absent from an older `up`: redirect).
+    #[serde(default = "redirect")]
+    pub action: String,
+    /// Its conditions on the process and the flow beyond destination, port,
+    /// protocol and uid: `gid 100`, `cgroup /sys/fs/cgroup/x`, `command
+    /// curl`, `local-port 1000-2000`, `after scanner`.
+    #[serde(default)]
+    pub conditions: Vec<String>,
+}
+
+fn redirect() -> String {
+    "redirect".into()
 }
 
 /// One redirected socket: a leg of a flow.
@@ -253,6 +265,10 @@ pub struct TraceLine {
     /// `tcp`).
     #[serde(default = "tcp")]
     pub protocol: String,
+    /// The deciding rule as `rule list` shows it: its action and every
+    /// condition it names (absent when no rule decided).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_text: Option<String>,
 }
 
 fn tcp() -> String {
@@ -304,6 +320,10 @@ pub enum Decision {
     ServiceDown,
     /// The service was down and was skipped.
     ServiceDownBypassed,
+    /// A permit rule sent the flow direct.
+    Permitted,
+    /// A block rule refused the connect (EACCES).
+    Blocked,
 }
 
 impl Decision {
@@ -317,6 +337,8 @@ impl Decision {
             Decision::NoMemory => "no-memory",
             Decision::ServiceDown => "service-down",
             Decision::ServiceDownBypassed => "service-down-bypassed",
+            Decision::Permitted => "permitted",
+            Decision::Blocked => "blocked",
         }
     }
 }
