@@ -30,6 +30,7 @@ struct NamedSpan {
 struct RuleSpan {
     service: Option<toml::Spanned<toml::Value>>,
     action: Option<toml::Spanned<toml::Value>>,
+    destinations: Option<toml::Spanned<toml::Value>>,
     after: Option<toml::Spanned<toml::Value>>,
     cgroup: Option<toml::Spanned<toml::Value>>,
     unit: Option<toml::Spanned<toml::Value>>,
@@ -573,6 +574,45 @@ impl Config {
                 }
             }
         }
+        // The limit of rule entries per prefix, as the engine will apply it
+        // (conditions on the process do not change how many entries apply;
+        // cgroups and units are looked up only when the rules are applied).
+        let rules: Vec<Rule> = self
+            .rules
+            .iter()
+            .map(|r| RuleConfig {
+                cgroup: None,
+                unit: None,
+                ..r.clone()
+            })
+            .map(|r| {
+                r.to_rule(|name| {
+                    self.services
+                        .iter()
+                        .position(|s| s.name == name)
+                        .map(|i| ServiceId(i as u32 + 1))
+                })
+            })
+            .collect::<Result<_>>()
+            .map_err(|e| (None, e.to_string()))?;
+        if let Err(e) = connredir_engine::check_rules(&rules) {
+            // Point at the last rule the message names: the one too many.
+            let message = e.to_string();
+            let last = message
+                .split_once("(rules ")
+                .and_then(|(_, rest)| rest.split(';').next())
+                .and_then(|ids| ids.split(", ").last())
+                .and_then(|id| id.trim().parse::<usize>().ok());
+            let at_rule = last
+                .and_then(|n| spans.rules.get(n.saturating_sub(1)))
+                .and_then(|r| {
+                    r.destinations
+                        .as_ref()
+                        .or(r.service.as_ref())
+                        .or(r.action.as_ref())
+                });
+            return Err((at(at_rule), message));
+        }
         Ok(())
     }
 
@@ -768,6 +808,73 @@ ports = ["80", "8000-8999", 443]
     }
 
     #[test]
+    fn actions_and_conditions_are_read() {
+        let text = format!(
+            "{GOOD}\n[[rule]]\naction = \"block\"\nprotocol = \"udp\"\nports = [443]\n\
+             command = \"chrom*\"\ngid = 100\npriority = 1\n\n[[rule]]\naction = \"permit\"\n\
+             destinations = [\"192.0.2.7\"]\nports = [22]\nlocal_ports = \"1000-2000\"\n\
+             after = \"scanner\"\n"
+        );
+        let config = Config::parse(&text, "t.toml").unwrap();
+        let rules = config.rules(|_| Some(ServiceId(1))).unwrap();
+        assert_eq!(rules[0].action, Action::Redirect);
+        assert_eq!(rules[1].action, Action::Block);
+        let command = rules[1].command.as_ref().unwrap();
+        assert_eq!((command.name.as_str(), command.prefix), ("chrom", true));
+        assert_eq!(rules[1].gid, Some(100));
+        assert_eq!(rules[2].action, Action::Permit);
+        assert_eq!(rules[2].local_ports, Some(1000..=2000));
+        assert_eq!(rules[2].after, Some(ServiceId(1)));
+    }
+
+    #[test]
+    fn rule_keys_that_do_not_fit_are_refused_at_their_line() {
+        let with = |rule: &str| error(&format!("{GOOD}\n[[rule]]\n{rule}\n"));
+        let e = with("action = \"permit\"\nservice = \"scanner\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `service`: rule 2: a permit rule sends no flow"),
+            "{e}"
+        );
+        let e = with("ports = [22]");
+        assert!(e.contains("rule 2: a redirect rule needs `service`"), "{e}");
+        let e = with("action = \"block\"\ncommand = \"a-very-long-command-name\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `command`: rule 2: ")
+                && e.contains("at most 15 bytes"),
+            "{e}"
+        );
+        let e = with("action = \"block\"\nexecutable = \"/usr/bin/curl\"");
+        assert!(e.contains("`executable` is not available"), "{e}");
+        let e = with("action = \"block\"\nafter = \"nope\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `after`: rule 2 names service \"nope\" in `after`"),
+            "{e}"
+        );
+        let e = with("action = \"block\"\ncgroup = \"/a\"\nunit = \"b.service\"");
+        assert!(e.contains("give `cgroup` or `unit`, not both"), "{e}");
+    }
+
+    #[test]
+    fn check_refuses_more_rule_entries_on_a_prefix_than_the_kernel_judges() {
+        let mut text = GOOD.replace("ports = [\"80\", \"8000-8999\", 443]", "ports = [80]");
+        for i in 0..16 {
+            text.push_str(&format!(
+                "\n[[rule]]\naction = \"block\"\ndestinations = [\"10.0.0.0/8\"]\npriority = {i}\n"
+            ));
+        }
+        let e = error(&text);
+        assert!(e.contains("17 rule entries apply to 10.0.0.0/8"), "{e}");
+        assert!(
+            e.contains("at most 16 can, because the connect program judges"),
+            "{e}"
+        );
+        assert!(e.contains(", key `destinations`"), "{e}");
+        // One fewer fits.
+        let fits = text.rsplitn(2, "\n[[rule]]").last().unwrap().to_string();
+        Config::parse(&fits, "t.toml").unwrap();
+    }
+
+    #[test]
     fn a_complete_file_parses() {
         let config = Config::parse(GOOD, "t.toml").unwrap();
         let rules = config.rules(|_| Some(ServiceId(1))).unwrap();
@@ -805,7 +912,8 @@ ports = ["80", "8000-8999", 443]
         assert_eq!(
             error(&GOOD.replace("ports =", "portz =")),
             "t.toml, line 12, key `portz`: unknown field `portz`, expected one of `service`, \
-             `protocol`, `destinations`, `ports`, `uid`, `priority`\n    12 | portz = [\"80\", \"8000-8999\", 443]"
+             `action`, `protocol`, `destinations`, `ports`, `uid`, `priority`, `gid`, `cgroup`, \
+             `unit`, `command`, `local_ports`, `after`, `executable`\n    12 | portz = [\"80\", \"8000-8999\", 443]"
         );
     }
 

@@ -169,7 +169,7 @@ mod tests {
     fn the_table_names_every_field_with_its_value() {
         let counters = Counters {
             redirects: 3,
-            forged_records: 7,
+            blocked: 7,
             ..Default::default()
         };
         // The status JSON has exactly the table's names, with its values.

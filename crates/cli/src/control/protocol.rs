@@ -362,6 +362,7 @@ mod tests {
             state: TraceState::PreviouslyRedirectedBySelf,
             decision: Decision::ServiceDownBypassed,
             protocol: "udp".into(),
+            rule_text: None,
         }
     }
 
@@ -427,6 +428,8 @@ mod tests {
                 service: Some("scanner".into()),
                 uid: None,
                 protocol: vec!["tcp".into(), "udp".into()],
+                action: "redirect".into(),
+                conditions: vec![],
             }],
             scopes: vec!["/sys/fs/cgroup/apps".into()],
             services: vec![ServiceStatus {
@@ -443,7 +446,7 @@ mod tests {
             "{\"data\":{\"counters\":{\"handoffs\":2,\"redirects\":3},\"live_connections\":1,\
              \"rules\":[{\"destinations\":[\"10.0.0.0/8\"],\"hits\":3,\"id\":1,\
              \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null,\
-             \"protocol\":[\"tcp\",\"udp\"]}],\
+             \"protocol\":[\"tcp\",\"udp\"],\"action\":\"redirect\",\"conditions\":[]}],\
              \"scopes\":[\"/sys/fs/cgroup/apps\"],\"services\":[{\"id\":1,\
              \"listen\":[\"127.0.0.1:15001\"],\"name\":\"scanner\",\"on_down\":\"bypass\",\
              \"up\":true}]},\"error\":null}"

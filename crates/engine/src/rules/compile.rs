@@ -364,6 +364,22 @@ fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir
     }
 }
 
+/// Checks that `rules` can be compiled (at most
+/// `CONNREDIR_MAX_RULES_PER_PREFIX` rule entries on one prefix), without an
+/// engine: for `connredir check`. Rule ids are the rules' positions, from 1.
+pub fn check_rules(rules: &[Rule]) -> Result<(), Error> {
+    for rule in rules {
+        rule.validate()?;
+    }
+    compile(
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (RuleId(i as u32 + 1), r)),
+    )
+    .map(drop)
+}
+
 /// Compiles rules into trie entries. Fails when more than
 /// `CONNREDIR_MAX_RULES_PER_PREFIX` rule entries apply to one prefix.
 pub(crate) fn compile<'a>(
@@ -398,10 +414,17 @@ pub(crate) fn compile<'a>(
         }
         entries.sort_by_key(|(priority, id, _)| (*priority, *id));
         if entries.len() > CONNREDIR_MAX_RULES_PER_PREFIX as usize {
+            let mut named: Vec<u32> = entries.iter().map(|(_, id, _)| id.0).collect();
+            named.dedup();
+            let named: Vec<String> = named.iter().map(u32::to_string).collect();
             return Err(Error::InvalidRule(format!(
-                "{} rule entries apply to {net} (each port range counts once); at most {} can: \
-                 merge rules or their port ranges",
+                "{} rule entries apply to {net} (rules {}; each port range of a rule counts \
+                 once, and a rule for a shorter prefix applies to every longer one inside it); \
+                 at most {} can, because the connect program judges every entry that applies \
+                 to a destination, and that bound keeps its cost independent of the number of \
+                 rules: merge rules or their port ranges, or move conditions into fewer rules",
                 entries.len(),
+                named.join(", "),
                 CONNREDIR_MAX_RULES_PER_PREFIX
             )));
         }
