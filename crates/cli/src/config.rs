@@ -303,7 +303,7 @@ pub struct RuleConfig {
     /// Only flows that this service (by name) already inspected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
-    /// The executable's file name: not available (see `RuleConfig::check`).
+    /// The executable's file name: refused with [`EXECUTABLE_UNAVAILABLE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executable: Option<String>,
 }
@@ -687,12 +687,12 @@ pub enum RuleKey {
     LocalPorts,
 }
 
-/// Why a rule cannot name the executable's file name.
+/// Why a rule cannot name the executable's file name (yet).
 pub const EXECUTABLE_UNAVAILABLE: &str =
-    "`executable` is not available: the connect hooks (cgroup/connect4|6, sendmsg4|6) \
-     cannot read a process's executable on this kernel (that needs the BPF LSM, which is \
-     not enabled, or task-walking helpers that these program types are not given); \
-     match the command name with `command` (as /proc/PID/comm) instead";
+    "`executable` is not available in this version: the BPF LSM (and with it bpf_d_path, \
+     the executable's full path) is not enabled on this kernel, and the connect programs do \
+     not read the executable's file name yet; match the command name with `command` (as \
+     /proc/PID/comm) instead";
 
 impl RuleConfig {
     /// The checks of one rule on its own: which keys go with its action,

@@ -260,6 +260,10 @@ enum RuleAction {
         /// Only flows this service (by name) already inspected.
         #[arg(long)]
         after: Option<String>,
+        /// The executable's file name: not available yet (refused with the
+        /// reason; use --command).
+        #[arg(long)]
+        executable: Option<String>,
         /// Protocol: tcp, udp, or both as tcp,udp (repeatable; none: tcp).
         #[arg(long, value_delimiter = ',')]
         protocol: Vec<String>,
@@ -597,6 +601,7 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
             gid,
             local_port,
             after,
+            executable,
             protocol,
             dst,
             port,
@@ -612,7 +617,7 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
                 gid,
                 local_ports: local_port,
                 after,
-                executable: None,
+                executable,
                 protocol: if protocol.is_empty() {
                     Default::default()
                 } else {
@@ -623,6 +628,9 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
                 uid,
                 priority,
             };
+            // Refused here too, so that no running engine is needed to learn why.
+            rule.check()
+                .map_err(|(_, message)| anyhow::anyhow!(message))?;
             let created = control::client::rule_add(dir, rule)?;
             println!("rule {} added", created.id);
         }
