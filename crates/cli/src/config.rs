@@ -599,7 +599,7 @@ impl Config {
             // Point at the last rule the message names: the one too many.
             let message = e.to_string();
             let last = message
-                .split_once("(rules ")
+                .split_once("in evaluation order: ")
                 .and_then(|(_, rest)| rest.split(';').next())
                 .and_then(|ids| ids.split(", ").last())
                 .and_then(|id| id.trim().parse::<usize>().ok());

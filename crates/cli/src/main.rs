@@ -228,6 +228,8 @@ enum ServiceAction {
     },
 }
 
+// Parsed once per run: boxing the large variant would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum RuleAction {
     /// Add a rule.

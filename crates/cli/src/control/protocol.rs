@@ -36,8 +36,8 @@ pub enum Request {
     },
     /// Add a rule.
     RuleAdd {
-        /// As in a `[[rule]]` table.
-        rule: RuleConfig,
+        /// As in a `[[rule]]` table (boxed: requests queue in an enum).
+        rule: Box<RuleConfig>,
     },
     /// Remove a rule.
     RuleDel {

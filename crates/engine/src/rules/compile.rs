@@ -415,10 +415,11 @@ pub(crate) fn compile<'a>(
         entries.sort_by_key(|(priority, id, _)| (*priority, *id));
         if entries.len() > CONNREDIR_MAX_RULES_PER_PREFIX as usize {
             let mut named: Vec<u32> = entries.iter().map(|(_, id, _)| id.0).collect();
-            named.dedup();
+            let mut seen = HashSet::new();
+            named.retain(|id| seen.insert(*id));
             let named: Vec<String> = named.iter().map(u32::to_string).collect();
             return Err(Error::InvalidRule(format!(
-                "{} rule entries apply to {net} (rules {}; each port range of a rule counts \
+                "{} rule entries apply to {net} (rules, in evaluation order: {}; each port range of a rule counts \
                  once, and a rule for a shorter prefix applies to every longer one inside it); \
                  at most {} can, because the connect program judges every entry that applies \
                  to a destination, and that bound keeps its cost independent of the number of \
