@@ -598,6 +598,27 @@ fn probe(case: &str, addr: Option<SocketAddr>) -> Result<()> {
             service_outcome(&socket)
         }
         "connected-query" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
+        // udp[-as-NAME]: one datagram sent with sendto() (unconnected) and
+        // its echo read back: "ok" or the errno.
+        udp if udp.starts_with("udp") => {
+            if let Some(name) = udp.strip_prefix("udp-as-") {
+                let name = std::ffi::CString::new(name)?;
+                // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+            }
+            let addr = addr()?;
+            let bind: SocketAddr = if addr.is_ipv6() {
+                "[::]:0".parse()?
+            } else {
+                "0.0.0.0:0".parse()?
+            };
+            let socket = std::net::UdpSocket::bind(bind)?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            errno_outcome(socket.send_to(b"x", addr).and_then(|_| {
+                let mut buf = [0u8; 16];
+                socket.recv_from(&mut buf).map(drop)
+            }))
+        }
         // connect[-as-NAME][-from-PORT]: a TCP connect (under command name
         // NAME, from local port PORT) and one echoed byte: "ok" or the errno.
         connect if connect.starts_with("connect") => {

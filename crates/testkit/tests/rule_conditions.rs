@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use connredir_engine::{
-    Action, CgroupCondition, CommandCondition, Decision, Rule, RuleId, ServiceId, TraceEvent,
+    Action, CgroupCondition, CommandCondition, Decision, Protocol, Rule, RuleId, ServiceId,
+    TraceEvent,
 };
-use connredir_testkit::{eventually, free_addr, EchoServer, Lab, Proc};
+use connredir_testkit::{eventually, free_addr, EchoServer, Lab, Proc, UdpEchoServer};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -336,4 +337,42 @@ fn an_after_condition_takes_only_flows_the_named_service_inspected() {
         1,
         "the scanned flow was not recorded"
     );
+}
+
+#[test]
+fn a_udp_block_rule_refuses_the_datagrams_of_the_command_it_names() {
+    // "Block QUIC from browsers so they use TCP": UDP to the port, from
+    // one command name; IPv4 and IPv6.
+    let Some((mut lab, _server)) = Lab::with_server("block-udp") else {
+        return;
+    };
+    for ip in ["127.0.0.2", "[::1]"] {
+        let server = UdpEchoServer::start(&format!("{ip}:0")).unwrap();
+        let dst = server.addr();
+        let rule = lab
+            .engine
+            .add_rule(Rule {
+                protocol: Protocol::Udp,
+                command: Some(CommandCondition::parse("browser*").unwrap()),
+                ..action_rule(Action::Block, dst, 0)
+            })
+            .unwrap();
+        let events = traced(&mut lab, 1, |lab| {
+            assert_eq!(
+                connect(lab, "scope/app", Some(NOBODY), "udp-as-browser-main", dst),
+                "EACCES"
+            );
+        });
+        assert!(
+            events
+                .iter()
+                .any(|e| e.decision == Decision::Blocked && e.rule == Some(rule.0)),
+            "{events:?}"
+        );
+        assert_eq!(
+            connect(&lab, "scope/app", Some(NOBODY), "udp-as-resolver", dst),
+            "ok"
+        );
+        lab.engine.remove_rule(rule).unwrap();
+    }
 }
