@@ -161,7 +161,7 @@ pub struct Filter {
     #[arg(long)]
     pub service: Option<String>,
     /// Only this decision: redirected, no-rule, loop-prevented, hop-limit,
-    /// no-memory.
+    /// no-memory, service-down, service-down-bypassed, permitted, blocked.
     #[arg(long, value_parser = parse_decision)]
     pub decision: Option<Decision>,
 }
@@ -173,6 +173,10 @@ fn parse_decision(text: &str) -> Result<Decision, String> {
         Decision::LoopPrevented,
         Decision::HopLimit,
         Decision::NoMemory,
+        Decision::ServiceDown,
+        Decision::ServiceDownBypassed,
+        Decision::Permitted,
+        Decision::Blocked,
     ];
     all.iter()
         .copied()

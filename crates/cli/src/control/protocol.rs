@@ -406,6 +406,8 @@ mod tests {
             Decision::NoMemory,
             Decision::ServiceDown,
             Decision::ServiceDownBypassed,
+            Decision::Permitted,
+            Decision::Blocked,
         ] {
             assert_eq!(
                 serde_json::to_string(&decision).unwrap(),
