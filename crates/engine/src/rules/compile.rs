@@ -503,6 +503,57 @@ mod tests {
     }
 
     #[test]
+    fn actions_and_conditions_reach_the_kernel_entry() {
+        let mut block = Rule {
+            gid: Some(100),
+            command: Some(CommandCondition::parse("chrom*").unwrap()),
+            local_ports: Some(1000..=2000),
+            after: Some(ServiceId(3)),
+            ..Rule::tcp_action(Action::Block)
+        };
+        block.cgroup = Some(CgroupCondition {
+            path: "/sys/fs/cgroup/a/b".into(),
+            id: 77,
+            level: 2,
+        });
+        let compiled = compile([(RuleId(9), &block)]).unwrap();
+        let entry = compiled[&"0.0.0.0/0".parse::<IpNet>().unwrap()].rules[0];
+        assert_eq!(entry.action, CONNREDIR_ACTION_BLOCK as u8);
+        assert_eq!(entry.service_id, 0);
+        assert_eq!((entry.gid, entry.uid), (100, CONNREDIR_ANY_UID));
+        assert_eq!((entry.local_port_min, entry.local_port_max), (1000, 2000));
+        assert_eq!(
+            (entry.after, entry.cgroup_id, entry.cgroup_level),
+            (3, 77, 2)
+        );
+        assert_eq!(entry.comm_len, 5 | CONNREDIR_COMM_PREFIX as u8);
+        assert_eq!(&entry.comm[..6], b"chrom\0");
+        // No condition: every field says "any".
+        let plain = compile([(RuleId(1), &Rule::tcp_to(ServiceId(2)))]).unwrap();
+        let entry = plain[&"::/0".parse::<IpNet>().unwrap()].rules[0];
+        assert_eq!(
+            (entry.action, entry.service_id),
+            (CONNREDIR_ACTION_REDIRECT as u8, 2)
+        );
+        assert_eq!(
+            (entry.gid, entry.comm_len, entry.cgroup_id, entry.after),
+            (CONNREDIR_ANY_GID, 0, 0, 0)
+        );
+        assert_eq!((entry.local_port_min, entry.local_port_max), (0, u16::MAX));
+    }
+
+    #[test]
+    fn command_names_are_exact_or_a_prefix_and_fit_the_kernel() {
+        let exact = CommandCondition::parse("curl").unwrap();
+        assert!(!exact.prefix);
+        assert!(CommandCondition::parse("py*").unwrap().prefix);
+        for bad in ["", "*", "a*b", "a-sixteen-bytes!"] {
+            assert!(CommandCondition::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(CommandCondition::parse("fifteen-bytes!!").is_ok());
+    }
+
+    #[test]
     fn empty_port_range_is_rejected() {
         let mut a = rule(1, &[], 0);
         #[allow(clippy::reversed_empty_ranges)]
