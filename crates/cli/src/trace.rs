@@ -42,6 +42,7 @@ fn trace_line(event: &TraceEvent, boot_offset: Duration) -> TraceLine {
         },
         decision: decision(event.decision),
         protocol: event.protocol.names().join(","),
+        rule_text: None,
     }
 }
 
@@ -55,6 +56,8 @@ fn decision(decision: engine::Decision) -> Decision {
         engine::Decision::NoMemory => Decision::NoMemory,
         engine::Decision::ServiceDown => Decision::ServiceDown,
         engine::Decision::ServiceDownBypassed => Decision::ServiceDownBypassed,
+        engine::Decision::Permitted => Decision::Permitted,
+        engine::Decision::Blocked => Decision::Blocked,
     }
 }
 
@@ -70,11 +73,13 @@ const BACKLOG: usize = 4096;
 
 impl Hub {
     /// Starts the hub thread around the engine's tracer. `names` gives a
-    /// service's name from its id; it must be cheap, as it is asked for
-    /// every decision that names a service.
+    /// service's name from its id, `rules` a rule's action and conditions
+    /// from its id; both must be cheap, as they are asked for every
+    /// decision.
     pub fn start(
         mut tracer: Tracer,
         names: impl Fn(u32) -> Option<String> + Send + 'static,
+        rules: impl Fn(u32) -> Option<String> + Send + 'static,
     ) -> Hub {
         let (subscribe, subscriptions) = mpsc::channel::<mpsc::SyncSender<TraceMessage>>();
         std::thread::spawn(move || {
@@ -96,6 +101,7 @@ impl Hub {
                 for event in &events {
                     let mut line = trace_line(event, offset);
                     line.service = line.service_id.and_then(&names);
+                    line.rule_text = line.rule.and_then(&rules);
                     let message = TraceMessage::Decision(line);
                     send(&mut subscribers, &message);
                 }
@@ -155,7 +161,7 @@ pub struct Filter {
     #[arg(long)]
     pub service: Option<String>,
     /// Only this decision: redirected, no-rule, loop-prevented, hop-limit,
-    /// no-memory.
+    /// no-memory, service-down, service-down-bypassed, permitted, blocked.
     #[arg(long, value_parser = parse_decision)]
     pub decision: Option<Decision>,
 }
@@ -167,6 +173,10 @@ fn parse_decision(text: &str) -> Result<Decision, String> {
         Decision::LoopPrevented,
         Decision::HopLimit,
         Decision::NoMemory,
+        Decision::ServiceDown,
+        Decision::ServiceDownBypassed,
+        Decision::Permitted,
+        Decision::Blocked,
     ];
     all.iter()
         .copied()
@@ -232,7 +242,10 @@ pub fn show(
                     .unwrap_or_else(|| "-".into()),
                 line.rule.map_or("-".into(), |r| r.to_string()),
                 line.state.name(),
-                line.decision.name()
+                match &line.rule_text {
+                    Some(text) => format!("{}  [{text}]", line.decision.name()),
+                    None => line.decision.name().to_string(),
+                }
             );
         }
         std::io::stdout().flush()?;
@@ -258,6 +271,8 @@ mod tests {
             engine::Decision::NoMemory,
             engine::Decision::ServiceDown,
             engine::Decision::ServiceDownBypassed,
+            engine::Decision::Permitted,
+            engine::Decision::Blocked,
         ] {
             assert_eq!(decision(d).name(), d.name());
         }

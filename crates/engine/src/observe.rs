@@ -11,8 +11,9 @@ use aya::maps::{Array, HashMap, MapData, RingBuf};
 use connredir::{RedirectState, ServiceId};
 use connredir_abi::{
     connredir_conn, connredir_endpoint, connredir_trace_event, map_names,
-    CONNREDIR_DECISION_HOP_LIMIT, CONNREDIR_DECISION_LOOP_PREVENTED, CONNREDIR_DECISION_NO_MEMORY,
-    CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_REDIRECTED, CONNREDIR_DECISION_SERVICE_DOWN,
+    CONNREDIR_DECISION_BLOCKED, CONNREDIR_DECISION_HOP_LIMIT, CONNREDIR_DECISION_LOOP_PREVENTED,
+    CONNREDIR_DECISION_NO_MEMORY, CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_PERMITTED,
+    CONNREDIR_DECISION_REDIRECTED, CONNREDIR_DECISION_SERVICE_DOWN,
     CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED, CONNREDIR_PROTO_UDP, CONNREDIR_STATE_BY_OTHER,
     CONNREDIR_STATE_BY_SELF, CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
 };
@@ -69,6 +70,12 @@ pub enum Decision {
     /// The service's own listener was absent and its policy is to bypass:
     /// it was skipped, and no later rule took the connection.
     ServiceDownBypassed,
+    /// A permit rule matched: the connection went direct, and no later
+    /// rule was judged.
+    Permitted,
+    /// A block rule matched: the connect (or datagram) was refused with
+    /// `EACCES` before any service saw it.
+    Blocked,
 }
 
 impl Decision {
@@ -81,6 +88,8 @@ impl Decision {
             CONNREDIR_DECISION_NO_MEMORY => Decision::NoMemory,
             CONNREDIR_DECISION_SERVICE_DOWN => Decision::ServiceDown,
             CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED => Decision::ServiceDownBypassed,
+            CONNREDIR_DECISION_PERMITTED => Decision::Permitted,
+            CONNREDIR_DECISION_BLOCKED => Decision::Blocked,
             _ => return None,
         })
     }
@@ -95,6 +104,8 @@ impl Decision {
             Decision::NoMemory => "no-memory",
             Decision::ServiceDown => "service-down",
             Decision::ServiceDownBypassed => "service-down-bypassed",
+            Decision::Permitted => "permitted",
+            Decision::Blocked => "blocked",
         }
     }
 }

@@ -36,8 +36,8 @@ pub enum Request {
     },
     /// Add a rule.
     RuleAdd {
-        /// As in a `[[rule]]` table.
-        rule: RuleConfig,
+        /// As in a `[[rule]]` table (boxed: requests queue in an enum).
+        rule: Box<RuleConfig>,
     },
     /// Remove a rule.
     RuleDel {
@@ -166,6 +166,18 @@ pub struct RuleStatus {
     /// TCP).
     #[serde(default)]
     pub protocol: Vec<String>,
+    /// `redirect`, `permit` or `block` (absent from an older `up`: redirect).
+    #[serde(default = "redirect")]
+    pub action: String,
+    /// Its conditions on the process and the flow beyond destination, port,
+    /// protocol and uid: `gid 100`, `cgroup /sys/fs/cgroup/x`, `command
+    /// curl`, `local-port 1000-2000`, `after scanner`.
+    #[serde(default)]
+    pub conditions: Vec<String>,
+}
+
+fn redirect() -> String {
+    "redirect".into()
 }
 
 /// One redirected socket: a leg of a flow.
@@ -253,6 +265,10 @@ pub struct TraceLine {
     /// `tcp`).
     #[serde(default = "tcp")]
     pub protocol: String,
+    /// The deciding rule as `rule list` shows it: its action and every
+    /// condition it names (absent when no rule decided).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_text: Option<String>,
 }
 
 fn tcp() -> String {
@@ -304,6 +320,10 @@ pub enum Decision {
     ServiceDown,
     /// The service was down and was skipped.
     ServiceDownBypassed,
+    /// A permit rule sent the flow direct.
+    Permitted,
+    /// A block rule refused the connect (EACCES).
+    Blocked,
 }
 
 impl Decision {
@@ -317,6 +337,8 @@ impl Decision {
             Decision::NoMemory => "no-memory",
             Decision::ServiceDown => "service-down",
             Decision::ServiceDownBypassed => "service-down-bypassed",
+            Decision::Permitted => "permitted",
+            Decision::Blocked => "blocked",
         }
     }
 }
@@ -340,6 +362,7 @@ mod tests {
             state: TraceState::PreviouslyRedirectedBySelf,
             decision: Decision::ServiceDownBypassed,
             protocol: "udp".into(),
+            rule_text: None,
         }
     }
 
@@ -383,6 +406,8 @@ mod tests {
             Decision::NoMemory,
             Decision::ServiceDown,
             Decision::ServiceDownBypassed,
+            Decision::Permitted,
+            Decision::Blocked,
         ] {
             assert_eq!(
                 serde_json::to_string(&decision).unwrap(),
@@ -405,6 +430,8 @@ mod tests {
                 service: Some("scanner".into()),
                 uid: None,
                 protocol: vec!["tcp".into(), "udp".into()],
+                action: "redirect".into(),
+                conditions: vec![],
             }],
             scopes: vec!["/sys/fs/cgroup/apps".into()],
             services: vec![ServiceStatus {
@@ -421,7 +448,7 @@ mod tests {
             "{\"data\":{\"counters\":{\"handoffs\":2,\"redirects\":3},\"live_connections\":1,\
              \"rules\":[{\"destinations\":[\"10.0.0.0/8\"],\"hits\":3,\"id\":1,\
              \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null,\
-             \"protocol\":[\"tcp\",\"udp\"]}],\
+             \"protocol\":[\"tcp\",\"udp\"],\"action\":\"redirect\",\"conditions\":[]}],\
              \"scopes\":[\"/sys/fs/cgroup/apps\"],\"services\":[{\"id\":1,\
              \"listen\":[\"127.0.0.1:15001\"],\"name\":\"scanner\",\"on_down\":\"bypass\",\
              \"up\":true}]},\"error\":null}"
