@@ -40,24 +40,9 @@ fn trace_line(event: &TraceEvent, boot_offset: Duration) -> TraceLine {
             RedirectState::RedirectedByOther => TraceState::RedirectedByOther,
             RedirectState::PreviouslyRedirectedBySelf => TraceState::PreviouslyRedirectedBySelf,
         },
-        decision: decision(event.decision),
+        decision: event.decision,
         protocol: event.protocol.names().join(","),
         rule_text: None,
-    }
-}
-
-/// The engine's decision as the protocol names it.
-fn decision(decision: engine::Decision) -> Decision {
-    match decision {
-        engine::Decision::Redirected => Decision::Redirected,
-        engine::Decision::NoRule => Decision::NoRule,
-        engine::Decision::LoopPrevented => Decision::LoopPrevented,
-        engine::Decision::HopLimit => Decision::HopLimit,
-        engine::Decision::NoMemory => Decision::NoMemory,
-        engine::Decision::ServiceDown => Decision::ServiceDown,
-        engine::Decision::ServiceDownBypassed => Decision::ServiceDownBypassed,
-        engine::Decision::Permitted => Decision::Permitted,
-        engine::Decision::Blocked => Decision::Blocked,
     }
 }
 
@@ -167,24 +152,13 @@ pub struct Filter {
 }
 
 fn parse_decision(text: &str) -> Result<Decision, String> {
-    let all = [
-        Decision::Redirected,
-        Decision::NoRule,
-        Decision::LoopPrevented,
-        Decision::HopLimit,
-        Decision::NoMemory,
-        Decision::ServiceDown,
-        Decision::ServiceDownBypassed,
-        Decision::Permitted,
-        Decision::Blocked,
-    ];
-    all.iter()
-        .copied()
+    Decision::ALL
+        .into_iter()
         .find(|d| d.name() == text)
         .ok_or_else(|| {
             format!(
                 "unknown decision; use one of: {}",
-                all.map(|d| d.name()).join(", ")
+                Decision::ALL.map(|d| d.name()).join(", ")
             )
         })
 }
@@ -262,20 +236,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn protocol_decisions_are_named_as_the_engine_names_them() {
-        for d in [
-            engine::Decision::Redirected,
-            engine::Decision::NoRule,
-            engine::Decision::LoopPrevented,
-            engine::Decision::HopLimit,
-            engine::Decision::NoMemory,
-            engine::Decision::ServiceDown,
-            engine::Decision::ServiceDownBypassed,
-            engine::Decision::Permitted,
-            engine::Decision::Blocked,
-        ] {
-            assert_eq!(decision(d).name(), d.name());
+    fn trace_decision_takes_every_name_and_lists_them_for_an_unknown_one() {
+        for d in Decision::ALL {
+            assert_eq!(parse_decision(d.name()), Ok(d));
         }
+        let refused = parse_decision("redirect").unwrap_err();
+        assert!(
+            refused.contains("service-down-bypassed, permitted, blocked"),
+            "{refused}"
+        );
     }
 
     #[test]

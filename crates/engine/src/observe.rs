@@ -49,8 +49,10 @@ pub struct Connection {
     pub age: Duration,
 }
 
-/// What the connect program decided for one connect().
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the connect program decided for one connect(). Serialized by its
+/// [`Decision::name`], as `trace --json` and the control protocol carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Decision {
     /// Sent to a service.
     Redirected,
@@ -79,6 +81,19 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Every decision, in the order of the ABI's numbers (1 onwards).
+    pub const ALL: [Decision; 9] = [
+        Decision::Redirected,
+        Decision::NoRule,
+        Decision::LoopPrevented,
+        Decision::HopLimit,
+        Decision::NoMemory,
+        Decision::ServiceDown,
+        Decision::ServiceDownBypassed,
+        Decision::Permitted,
+        Decision::Blocked,
+    ];
+
     fn from_abi(value: u8) -> Option<Decision> {
         Some(match u32::from(value) {
             CONNREDIR_DECISION_REDIRECTED => Decision::Redirected,
@@ -328,5 +343,19 @@ impl Tracer {
             });
         }
         events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_abi_decision_is_one_of_all_in_order() {
+        for (i, decision) in Decision::ALL.into_iter().enumerate() {
+            assert_eq!(Decision::from_abi(i as u8 + 1), Some(decision));
+        }
+        assert_eq!(Decision::from_abi(0), None);
+        assert_eq!(Decision::from_abi(Decision::ALL.len() as u8 + 1), None);
     }
 }

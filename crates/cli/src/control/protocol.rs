@@ -301,47 +301,9 @@ impl TraceState {
     }
 }
 
-/// What the connect program decided, named as the engine's `Decision::name`
-/// names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Decision {
-    /// Sent to a service.
-    Redirected,
-    /// No rule matched.
-    NoRule,
-    /// Every matching rule's service had already handled the flow.
-    LoopPrevented,
-    /// The chain was full.
-    HopLimit,
-    /// The record could not be allocated: refused.
-    NoMemory,
-    /// The service was down and blocks: refused.
-    ServiceDown,
-    /// The service was down and was skipped.
-    ServiceDownBypassed,
-    /// A permit rule sent the flow direct.
-    Permitted,
-    /// A block rule refused the connect (EACCES).
-    Blocked,
-}
-
-impl Decision {
-    /// The name used in output and filters (`redirected`, `no-rule`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Decision::Redirected => "redirected",
-            Decision::NoRule => "no-rule",
-            Decision::LoopPrevented => "loop-prevented",
-            Decision::HopLimit => "hop-limit",
-            Decision::NoMemory => "no-memory",
-            Decision::ServiceDown => "service-down",
-            Decision::ServiceDownBypassed => "service-down-bypassed",
-            Decision::Permitted => "permitted",
-            Decision::Blocked => "blocked",
-        }
-    }
-}
+/// What the connect program decided: the engine's own type, serialized by
+/// its name (`redirected`, `no-rule`, ...).
+pub use connredir_engine::Decision;
 
 #[cfg(test)]
 mod tests {
@@ -398,17 +360,7 @@ mod tests {
                 format!("\"{}\"", state.name())
             );
         }
-        for decision in [
-            Decision::Redirected,
-            Decision::NoRule,
-            Decision::LoopPrevented,
-            Decision::HopLimit,
-            Decision::NoMemory,
-            Decision::ServiceDown,
-            Decision::ServiceDownBypassed,
-            Decision::Permitted,
-            Decision::Blocked,
-        ] {
+        for decision in Decision::ALL {
             assert_eq!(
                 serde_json::to_string(&decision).unwrap(),
                 format!("\"{}\"", decision.name())
