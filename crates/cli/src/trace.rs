@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use connredir::RedirectState;
-use connredir_engine::{self as engine, boot_time, TraceEvent, Tracer};
+use connredir_engine::{boot_time, TraceEvent, Tracer};
 use tracing::warn;
 
 use crate::control::protocol::{Decision, TraceLine, TraceMessage, TraceState};
@@ -234,6 +234,7 @@ pub fn show(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use connredir_engine as engine;
 
     #[test]
     fn trace_decision_takes_every_name_and_lists_them_for_an_unknown_one() {
