@@ -5,7 +5,9 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use connredir_engine::{Identity, OnDown, Protocol, Rule, Service, ServiceId};
+use connredir_engine::{
+    Action, CgroupCondition, CommandCondition, Identity, OnDown, Protocol, Rule, Service, ServiceId,
+};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,13 @@ struct NamedSpan {
 #[derive(Debug, Default, Deserialize)]
 struct RuleSpan {
     service: Option<toml::Spanned<toml::Value>>,
+    action: Option<toml::Spanned<toml::Value>>,
+    destinations: Option<toml::Spanned<toml::Value>>,
+    after: Option<toml::Spanned<toml::Value>>,
+    cgroup: Option<toml::Spanned<toml::Value>>,
+    unit: Option<toml::Spanned<toml::Value>>,
+    command: Option<toml::Spanned<toml::Value>>,
+    local_ports: Option<toml::Spanned<toml::Value>>,
 }
 
 /// An error at byte `at` of file `name`: "NAME, line N, key `K`: MESSAGE",
@@ -155,13 +164,19 @@ impl Scope {
 
 /// The cgroup of a systemd unit, as systemd reports it.
 fn unit_cgroup(root: &Path, unit: &str) -> Result<PathBuf> {
+    unit_cgroup_for("[scope] units", root, unit)
+}
+
+/// The cgroup of a systemd unit; errors begin with `what` (where it was named).
+fn unit_cgroup_for(what: &str, root: &Path, unit: &str) -> Result<PathBuf> {
     let output = std::process::Command::new("systemctl")
         .args(["show", "--property=ControlGroup", "--value", "--", unit])
         .output()
         .with_context(|| {
-            format!("[scope] units: cannot ask systemd about {unit:?} (is systemctl installed?)")
+            format!("{what}: cannot ask systemd about {unit:?} (is systemctl installed?)")
         })?;
     unit_cgroup_from(root, unit, &String::from_utf8_lossy(&output.stdout))
+        .map_err(|e| anyhow!("{}", e.to_string().replacen("[scope] units", what, 1)))
 }
 
 /// Joins systemd's `ControlGroup` answer to the cgroup root.
@@ -248,8 +263,13 @@ pub struct IdentityConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    /// Name of the service that gets matching connections.
-    pub service: String,
+    /// Name of the service that gets matching connections (redirect rules
+    /// only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// `redirect` (the default), `permit` or `block`.
+    #[serde(default)]
+    pub action: Action,
     /// "tcp" (default), "udp", or both: ["tcp", "udp"].
     #[serde(default, with = "protocols")]
     pub protocol: Protocol,
@@ -264,6 +284,28 @@ pub struct RuleConfig {
     /// Lower first.
     #[serde(default)]
     pub priority: u32,
+    /// Only connections of processes of this (real) gid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Only connections of processes in this cgroup v2 directory or below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// Only connections of processes in this systemd unit's cgroup or below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Only connections of processes of this command name (`curl`), or
+    /// whose name starts so (`python*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Only sockets whose local port is in this range at connect time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_ports: Option<PortRange>,
+    /// Only flows that this service (by name) already inspected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// The executable's file name: refused with [`EXECUTABLE_UNAVAILABLE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
 }
 
 /// The protocols a rule names ("tcp", "udp", in any case), as one
@@ -493,22 +535,83 @@ impl Config {
             }
         }
         for (i, rule) in self.rules.iter().enumerate() {
-            if !self.services.iter().any(|s| s.name == rule.service) {
-                let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-                return Err((
-                    at(spans.rules.get(i).and_then(|r| r.service.as_ref())),
-                    format!(
-                        "rule {} names service {:?}, which is not defined (defined: {})",
-                        i + 1,
-                        rule.service,
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ));
+            let span = spans.rules.get(i);
+            let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+            let undefined = |what: &str, name: &str| {
+                format!(
+                    "rule {} names service {name:?}{what}, which is not defined (defined: {})",
+                    i + 1,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            };
+            rule.check().map_err(|(key, message)| {
+                let key_at = span.and_then(|r| match key {
+                    RuleKey::Service => r.service.as_ref().or(r.action.as_ref()),
+                    RuleKey::Cgroup => r.cgroup.as_ref().or(r.unit.as_ref()),
+                    RuleKey::Command => r.command.as_ref(),
+                    RuleKey::LocalPorts => r.local_ports.as_ref(),
+                });
+                (at(key_at), format!("rule {}: {message}", i + 1))
+            })?;
+            if let Some(service) = &rule.service {
+                if !self.services.iter().any(|s| &s.name == service) {
+                    return Err((
+                        at(span.and_then(|r| r.service.as_ref())),
+                        undefined("", service),
+                    ));
+                }
             }
+            if let Some(after) = &rule.after {
+                if !self.services.iter().any(|s| &s.name == after) {
+                    return Err((
+                        at(span.and_then(|r| r.after.as_ref())),
+                        undefined(" in `after`", after),
+                    ));
+                }
+            }
+        }
+        // The limit of rule entries per prefix, as the engine will apply it
+        // (conditions on the process do not change how many entries apply;
+        // cgroups and units are looked up only when the rules are applied).
+        let rules: Vec<Rule> = self
+            .rules
+            .iter()
+            .map(|r| RuleConfig {
+                cgroup: None,
+                unit: None,
+                ..r.clone()
+            })
+            .map(|r| {
+                r.to_rule(|name| {
+                    self.services
+                        .iter()
+                        .position(|s| s.name == name)
+                        .map(|i| ServiceId(i as u32 + 1))
+                })
+            })
+            .collect::<Result<_>>()
+            .map_err(|e| (None, e.to_string()))?;
+        if let Err(e) = connredir_engine::check_rules(&rules) {
+            // Point at the last rule the message names: the one too many.
+            let message = e.to_string();
+            let last = message
+                .split_once("in evaluation order: ")
+                .and_then(|(_, rest)| rest.split(';').next())
+                .and_then(|ids| ids.split(", ").last())
+                .and_then(|id| id.trim().parse::<usize>().ok());
+            let at_rule = last
+                .and_then(|n| spans.rules.get(n.saturating_sub(1)))
+                .and_then(|r| {
+                    r.destinations
+                        .as_ref()
+                        .or(r.service.as_ref())
+                        .or(r.action.as_ref())
+                });
+            return Err((at(at_rule), message));
         }
         Ok(())
     }
@@ -571,17 +674,113 @@ impl ServiceConfig {
     }
 }
 
+/// The key of a rule that [`RuleConfig::check`] complains about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleKey {
+    /// `service`.
+    Service,
+    /// `cgroup` or `unit`.
+    Cgroup,
+    /// `command` (or `executable`).
+    Command,
+    /// `local_ports`.
+    LocalPorts,
+}
+
+/// Why a rule cannot name the executable's file name (yet).
+pub const EXECUTABLE_UNAVAILABLE: &str =
+    "`executable` is not available in this version: the BPF LSM (and with it bpf_d_path, \
+     the executable's full path) is not enabled on this kernel, and the connect programs do \
+     not read the executable's file name yet; match the command name with `command` (as \
+     /proc/PID/comm) instead";
+
 impl RuleConfig {
-    /// The rule, given how service names resolve to ids.
+    /// The checks of one rule on its own: which keys go with its action,
+    /// and whether its conditions can be written.
+    pub fn check(&self) -> std::result::Result<(), (RuleKey, String)> {
+        match (self.action, &self.service) {
+            (Action::Redirect, None) => {
+                return Err((
+                    RuleKey::Service,
+                    "a redirect rule needs `service` (or give `action = \"permit\"` or \
+                     `\"block\"`)"
+                        .into(),
+                ))
+            }
+            (Action::Permit | Action::Block, Some(service)) => {
+                return Err((
+                    RuleKey::Service,
+                    format!(
+                        "a {} rule sends no flow to a service: remove `service = {service:?}`",
+                        self.action.name()
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if self.cgroup.is_some() && self.unit.is_some() {
+            return Err((
+                RuleKey::Cgroup,
+                "give `cgroup` or `unit`, not both (a unit is a cgroup)".into(),
+            ));
+        }
+        if self.executable.is_some() {
+            return Err((RuleKey::Command, EXECUTABLE_UNAVAILABLE.into()));
+        }
+        if let Some(command) = &self.command {
+            CommandCondition::parse(command).map_err(|e| (RuleKey::Command, e.to_string()))?;
+        }
+        if let Some(range) = &self.local_ports {
+            if range.0.start() > range.0.end() {
+                return Err((
+                    RuleKey::LocalPorts,
+                    format!("local port range {range} is empty: write the lower port first"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule, given how service names resolve to ids; a cgroup or
+    /// unit is looked up now.
     pub fn to_rule(&self, id_of: impl Fn(&str) -> Option<ServiceId>) -> Result<Rule> {
+        self.check().map_err(|(_, message)| anyhow!(message))?;
+        let resolve =
+            |name: &str| id_of(name).ok_or_else(|| anyhow!("service {name:?} is not registered"));
+        let service = match &self.service {
+            Some(name) => resolve(name)?,
+            None => ServiceId(0),
+        };
+        let cgroup = match (&self.cgroup, &self.unit) {
+            (Some(path), _) => Some(CgroupCondition::resolve(path)?),
+            (None, Some(unit)) => {
+                let root = connredir_host::cgroup::cgroup2_root()
+                    .context("cgroup v2 is not mounted: a `unit` condition needs it")?;
+                Some(CgroupCondition::resolve(&unit_cgroup_for(
+                    "rule unit",
+                    &root,
+                    unit,
+                )?)?)
+            }
+            (None, None) => None,
+        };
         Ok(Rule {
-            service: id_of(&self.service)
-                .ok_or_else(|| anyhow!("service {:?} is not registered", self.service))?,
+            service,
             protocol: self.protocol,
             destinations: self.destinations.iter().map(|p| p.0).collect(),
             ports: self.ports.iter().map(|p| p.0.clone()).collect(),
             uid: self.uid,
             priority: self.priority,
+            action: self.action,
+            gid: self.gid,
+            cgroup,
+            command: self
+                .command
+                .as_deref()
+                .map(CommandCondition::parse)
+                .transpose()?,
+            local_ports: self.local_ports.as_ref().map(|p| p.0.clone()),
+            after: self.after.as_deref().map(resolve).transpose()?,
         })
     }
 }
@@ -606,6 +805,73 @@ ports = ["80", "8000-8999", 443]
 
     fn error(text: &str) -> String {
         format!("{:#}", Config::parse(text, "t.toml").unwrap_err())
+    }
+
+    #[test]
+    fn actions_and_conditions_are_read() {
+        let text = format!(
+            "{GOOD}\n[[rule]]\naction = \"block\"\nprotocol = \"udp\"\nports = [443]\n\
+             command = \"chrom*\"\ngid = 100\npriority = 1\n\n[[rule]]\naction = \"permit\"\n\
+             destinations = [\"192.0.2.7\"]\nports = [22]\nlocal_ports = \"1000-2000\"\n\
+             after = \"scanner\"\n"
+        );
+        let config = Config::parse(&text, "t.toml").unwrap();
+        let rules = config.rules(|_| Some(ServiceId(1))).unwrap();
+        assert_eq!(rules[0].action, Action::Redirect);
+        assert_eq!(rules[1].action, Action::Block);
+        let command = rules[1].command.as_ref().unwrap();
+        assert_eq!((command.name.as_str(), command.prefix), ("chrom", true));
+        assert_eq!(rules[1].gid, Some(100));
+        assert_eq!(rules[2].action, Action::Permit);
+        assert_eq!(rules[2].local_ports, Some(1000..=2000));
+        assert_eq!(rules[2].after, Some(ServiceId(1)));
+    }
+
+    #[test]
+    fn rule_keys_that_do_not_fit_are_refused_at_their_line() {
+        let with = |rule: &str| error(&format!("{GOOD}\n[[rule]]\n{rule}\n"));
+        let e = with("action = \"permit\"\nservice = \"scanner\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `service`: rule 2: a permit rule sends no flow"),
+            "{e}"
+        );
+        let e = with("ports = [22]");
+        assert!(e.contains("rule 2: a redirect rule needs `service`"), "{e}");
+        let e = with("action = \"block\"\ncommand = \"a-very-long-command-name\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `command`: rule 2: ")
+                && e.contains("at most 15 bytes"),
+            "{e}"
+        );
+        let e = with("action = \"block\"\nexecutable = \"/usr/bin/curl\"");
+        assert!(e.contains("`executable` is not available"), "{e}");
+        let e = with("action = \"block\"\nafter = \"nope\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `after`: rule 2 names service \"nope\" in `after`"),
+            "{e}"
+        );
+        let e = with("action = \"block\"\ncgroup = \"/a\"\nunit = \"b.service\"");
+        assert!(e.contains("give `cgroup` or `unit`, not both"), "{e}");
+    }
+
+    #[test]
+    fn check_refuses_more_rule_entries_on_a_prefix_than_the_kernel_judges() {
+        let mut text = GOOD.replace("ports = [\"80\", \"8000-8999\", 443]", "ports = [80]");
+        for i in 0..16 {
+            text.push_str(&format!(
+                "\n[[rule]]\naction = \"block\"\ndestinations = [\"10.0.0.0/8\"]\npriority = {i}\n"
+            ));
+        }
+        let e = error(&text);
+        assert!(e.contains("17 rule entries apply to 10.0.0.0/8"), "{e}");
+        assert!(
+            e.contains("at most 16 can, because the connect program judges"),
+            "{e}"
+        );
+        assert!(e.contains(", key `destinations`"), "{e}");
+        // One fewer fits.
+        let fits = text.rsplitn(2, "\n[[rule]]").last().unwrap().to_string();
+        Config::parse(&fits, "t.toml").unwrap();
     }
 
     #[test]
@@ -646,7 +912,8 @@ ports = ["80", "8000-8999", 443]
         assert_eq!(
             error(&GOOD.replace("ports =", "portz =")),
             "t.toml, line 12, key `portz`: unknown field `portz`, expected one of `service`, \
-             `protocol`, `destinations`, `ports`, `uid`, `priority`\n    12 | portz = [\"80\", \"8000-8999\", 443]"
+             `action`, `protocol`, `destinations`, `ports`, `uid`, `priority`, `gid`, `cgroup`, \
+             `unit`, `command`, `local_ports`, `after`, `executable`\n    12 | portz = [\"80\", \"8000-8999\", 443]"
         );
     }
 
@@ -760,12 +1027,20 @@ ports = ["80", "8000-8999", 443]
     #[test]
     fn a_rule_for_both_protocols_goes_back_to_its_list() {
         let rule = RuleConfig {
-            service: "scanner".into(),
+            service: Some("scanner".into()),
             protocol: Protocol::TcpAndUdp,
             destinations: vec![],
             ports: vec![],
             uid: None,
             priority: 0,
+            action: Action::Redirect,
+            gid: None,
+            cgroup: None,
+            unit: None,
+            command: None,
+            local_ports: None,
+            after: None,
+            executable: None,
         };
         let json = serde_json::to_string(&rule).unwrap();
         assert!(json.contains("\"protocol\":[\"tcp\",\"udp\"]"), "{json}");

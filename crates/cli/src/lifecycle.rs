@@ -430,7 +430,8 @@ fn trace_feed(engine: &mut Engine, names: control::ServiceNames) -> Option<contr
             return None;
         }
     };
-    let hub = crate::trace::Hub::start(tracer, move |id| names.get(id));
+    let rules = names.clone();
+    let hub = crate::trace::Hub::start(tracer, move |id| names.get(id), move |id| rules.rule(id));
     Some(std::sync::Arc::new(move || hub.subscribe()))
 }
 

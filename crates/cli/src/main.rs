@@ -228,15 +228,44 @@ enum ServiceAction {
     },
 }
 
+// Parsed once per run: boxing the large variant would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum RuleAction {
     /// Add a rule.
     ///
     /// Example: connredir rule add --service scanner --dst 0.0.0.0/0 --port 80 --port 443
     Add {
-        /// The service that gets matching connections.
+        /// The service that gets matching connections (redirect rules only).
         #[arg(long)]
-        service: String,
+        service: Option<String>,
+        /// What a match does: redirect (to --service), permit (direct, no
+        /// later rule judged) or block (connect fails with EACCES).
+        #[arg(long, default_value = "redirect", value_parser = parse_action)]
+        action: connredir_engine::Action,
+        /// Only processes in this cgroup v2 directory or below it.
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
+        /// Only processes in this systemd unit's cgroup or below it.
+        #[arg(long)]
+        unit: Option<String>,
+        /// Only processes of this command name (as /proc/PID/comm), or
+        /// whose name starts so when it ends in `*` (`python*`).
+        #[arg(long)]
+        command: Option<String>,
+        /// Only processes of this (real) gid.
+        #[arg(long)]
+        gid: Option<u32>,
+        /// Only sockets whose local port is in this range at connect time.
+        #[arg(long)]
+        local_port: Option<config::PortRange>,
+        /// Only flows this service (by name) already inspected.
+        #[arg(long)]
+        after: Option<String>,
+        /// The executable's file name: not available yet (refused with the
+        /// reason; use --command).
+        #[arg(long)]
+        executable: Option<String>,
         /// Protocol: tcp, udp, or both as tcp,udp (repeatable; none: tcp).
         #[arg(long, value_delimiter = ',')]
         protocol: Vec<String>,
@@ -425,15 +454,24 @@ fn print_rules(rules: &[RuleStatus]) {
     };
     for r in rules {
         println!(
-            "  {}  → {:<16} {:<7} dst {:<24} ports {:<12} uid {:<6} priority {} hits {}",
+            "  {}  {:<8} {:<16} {:<7} dst {:<24} ports {:<12} uid {:<6} priority {} hits {}{}",
             r.id,
-            r.service.as_deref().unwrap_or("?"),
+            r.action,
+            match r.action.as_str() {
+                "redirect" => format!("→ {}", r.service.as_deref().unwrap_or("?")),
+                _ => "-".to_string(),
+            },
             list(&r.protocol, "tcp"),
             list(&r.destinations, "any"),
             list(&r.ports, "any"),
             r.uid.map_or("any".into(), |u| u.to_string()),
             r.priority,
             r.hits,
+            if r.conditions.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", r.conditions.join(", "))
+            },
         );
     }
 }
@@ -543,11 +581,29 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
     Ok(())
 }
 
+/// `--action`: redirect, permit or block.
+fn parse_action(text: &str) -> std::result::Result<connredir_engine::Action, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "redirect" => Ok(connredir_engine::Action::Redirect),
+        "permit" => Ok(connredir_engine::Action::Permit),
+        "block" => Ok(connredir_engine::Action::Block),
+        _ => Err(format!("{text:?}: give redirect, permit or block")),
+    }
+}
+
 fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
     let dir = &places.state_dir;
     match action {
         RuleAction::Add {
             service,
+            action,
+            cgroup,
+            unit,
+            command,
+            gid,
+            local_port,
+            after,
+            executable,
             protocol,
             dst,
             port,
@@ -556,6 +612,14 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
         } => {
             let rule = config::RuleConfig {
                 service,
+                action,
+                cgroup,
+                unit,
+                command,
+                gid,
+                local_ports: local_port,
+                after,
+                executable,
                 protocol: if protocol.is_empty() {
                     Default::default()
                 } else {
@@ -566,6 +630,9 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
                 uid,
                 priority,
             };
+            // Refused here too, so that no running engine is needed to learn why.
+            rule.check()
+                .map_err(|(_, message)| anyhow::anyhow!(message))?;
             let created = control::client::rule_add(dir, rule)?;
             println!("rule {} added", created.id);
         }

@@ -189,6 +189,8 @@ mod tests {
                 service: Some("scan\"ner".into()),
                 uid: None,
                 protocol: vec!["udp".into()],
+                action: "redirect".into(),
+                conditions: vec![],
             }],
             services: vec![ServiceStatus {
                 id: 1,

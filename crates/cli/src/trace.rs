@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use connredir::RedirectState;
-use connredir_engine::{self as engine, boot_time, TraceEvent, Tracer};
+use connredir_engine::{boot_time, TraceEvent, Tracer};
 use tracing::warn;
 
 use crate::control::protocol::{Decision, TraceLine, TraceMessage, TraceState};
@@ -40,21 +40,9 @@ fn trace_line(event: &TraceEvent, boot_offset: Duration) -> TraceLine {
             RedirectState::RedirectedByOther => TraceState::RedirectedByOther,
             RedirectState::PreviouslyRedirectedBySelf => TraceState::PreviouslyRedirectedBySelf,
         },
-        decision: decision(event.decision),
+        decision: event.decision,
         protocol: event.protocol.names().join(","),
-    }
-}
-
-/// The engine's decision as the protocol names it.
-fn decision(decision: engine::Decision) -> Decision {
-    match decision {
-        engine::Decision::Redirected => Decision::Redirected,
-        engine::Decision::NoRule => Decision::NoRule,
-        engine::Decision::LoopPrevented => Decision::LoopPrevented,
-        engine::Decision::HopLimit => Decision::HopLimit,
-        engine::Decision::NoMemory => Decision::NoMemory,
-        engine::Decision::ServiceDown => Decision::ServiceDown,
-        engine::Decision::ServiceDownBypassed => Decision::ServiceDownBypassed,
+        rule_text: None,
     }
 }
 
@@ -70,11 +58,13 @@ const BACKLOG: usize = 4096;
 
 impl Hub {
     /// Starts the hub thread around the engine's tracer. `names` gives a
-    /// service's name from its id; it must be cheap, as it is asked for
-    /// every decision that names a service.
+    /// service's name from its id, `rules` a rule's action and conditions
+    /// from its id; both must be cheap, as they are asked for every
+    /// decision.
     pub fn start(
         mut tracer: Tracer,
         names: impl Fn(u32) -> Option<String> + Send + 'static,
+        rules: impl Fn(u32) -> Option<String> + Send + 'static,
     ) -> Hub {
         let (subscribe, subscriptions) = mpsc::channel::<mpsc::SyncSender<TraceMessage>>();
         std::thread::spawn(move || {
@@ -96,6 +86,7 @@ impl Hub {
                 for event in &events {
                     let mut line = trace_line(event, offset);
                     line.service = line.service_id.and_then(&names);
+                    line.rule_text = line.rule.and_then(&rules);
                     let message = TraceMessage::Decision(line);
                     send(&mut subscribers, &message);
                 }
@@ -155,26 +146,19 @@ pub struct Filter {
     #[arg(long)]
     pub service: Option<String>,
     /// Only this decision: redirected, no-rule, loop-prevented, hop-limit,
-    /// no-memory.
+    /// no-memory, service-down, service-down-bypassed, permitted, blocked.
     #[arg(long, value_parser = parse_decision)]
     pub decision: Option<Decision>,
 }
 
 fn parse_decision(text: &str) -> Result<Decision, String> {
-    let all = [
-        Decision::Redirected,
-        Decision::NoRule,
-        Decision::LoopPrevented,
-        Decision::HopLimit,
-        Decision::NoMemory,
-    ];
-    all.iter()
-        .copied()
+    Decision::ALL
+        .into_iter()
         .find(|d| d.name() == text)
         .ok_or_else(|| {
             format!(
                 "unknown decision; use one of: {}",
-                all.map(|d| d.name()).join(", ")
+                Decision::ALL.map(|d| d.name()).join(", ")
             )
         })
 }
@@ -232,7 +216,10 @@ pub fn show(
                     .unwrap_or_else(|| "-".into()),
                 line.rule.map_or("-".into(), |r| r.to_string()),
                 line.state.name(),
-                line.decision.name()
+                match &line.rule_text {
+                    Some(text) => format!("{}  [{text}]", line.decision.name()),
+                    None => line.decision.name().to_string(),
+                }
             );
         }
         std::io::stdout().flush()?;
@@ -247,20 +234,18 @@ pub fn show(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use connredir_engine as engine;
 
     #[test]
-    fn protocol_decisions_are_named_as_the_engine_names_them() {
-        for d in [
-            engine::Decision::Redirected,
-            engine::Decision::NoRule,
-            engine::Decision::LoopPrevented,
-            engine::Decision::HopLimit,
-            engine::Decision::NoMemory,
-            engine::Decision::ServiceDown,
-            engine::Decision::ServiceDownBypassed,
-        ] {
-            assert_eq!(decision(d).name(), d.name());
+    fn trace_decision_takes_every_name_and_lists_them_for_an_unknown_one() {
+        for d in Decision::ALL {
+            assert_eq!(parse_decision(d.name()), Ok(d));
         }
+        let refused = parse_decision("redirect").unwrap_err();
+        assert!(
+            refused.contains("service-down-bypassed, permitted, blocked"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -71,7 +71,8 @@ fn bad_files_get_one_message_with_file_line_key_and_what_is_valid() {
             "unknown-key.toml",
             GOOD.replace("priority = 10", "prio = 10"),
             "error: unknown-key.toml, line 22, key `prio`: unknown field `prio`, expected one of \
-             `service`, `protocol`, `destinations`, `ports`, `uid`, `priority`\n    22 | prio = 10\n",
+             `service`, `action`, `protocol`, `destinations`, `ports`, `uid`, `priority`, `gid`, \
+             `cgroup`, `unit`, `command`, `local_ports`, `after`, `executable`\n    22 | prio = 10\n",
         ),
         (
             "bad-prefix.toml",
@@ -241,6 +242,37 @@ fn a_scope_cgroup_outside_the_hierarchy_cannot_be_created() {
             outside.display(),
             root.display()
         )),
+        "{err}"
+    );
+}
+
+#[test]
+fn actions_and_conditions_pass_and_what_exceeds_the_per_prefix_limit_is_refused() {
+    let text = format!(
+        "{GOOD}\n[[rule]]\naction = \"permit\"\ndestinations = [\"192.0.2.1\"]\nports = [\"22\"]\n\
+         priority = 0\n\n[[rule]]\naction = \"block\"\nprotocol = \"udp\"\nports = [\"443\"]\n\
+         command = \"chrom*\"\n\n[[rule]]\nservice = \"recorder\"\nafter = \"scanner\"\n\
+         cgroup = \"/sys/fs/cgroup/apps/recorded\"\ngid = 100\nlocal_ports = \"1024-65535\"\n"
+    );
+    let (ok, out, err) = check(&file("conditions.toml", &text));
+    assert!(ok, "{err}");
+    assert!(out.contains("5 rules"), "{out}");
+
+    // GOOD's first two rules apply to 10.0.0.0/8 with three entries; 14
+    // more reach 17.
+    let mut text = GOOD.to_string();
+    for _ in 0..14 {
+        text.push_str("\n[[rule]]\naction = \"block\"\ndestinations = [\"10.0.0.0/8\"]\n");
+    }
+    let (ok, _, err) = check(&file("too-many.toml", &text));
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: too-many.toml, line ")
+            && err.contains(
+                "line 20, key `service`: invalid rule: 17 rule entries apply to 10.0.0.0/8 \
+                             (rules, in evaluation order: 1, 3,"
+            )
+            && err.contains("at most 16 can, because the connect program judges every entry"),
         "{err}"
     );
 }

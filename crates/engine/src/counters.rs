@@ -120,6 +120,10 @@ counters! {
     forged_records = CONNREDIR_CNT_FORGED_RECORDS,
         "Record sets refused to a service's process because the record was not one the layer \
          issued to that service (forged, changed, or the last hop another service's).";
+    permitted = CONNREDIR_CNT_PERMITTED,
+        "Connects and UDP datagrams a permit rule sent to their destination.";
+    blocked = CONNREDIR_CNT_BLOCKED,
+        "Connects and UDP datagrams a block rule refused (EACCES).";
 }
 
 /// Reads the counters.
@@ -165,7 +169,7 @@ mod tests {
     fn the_table_names_every_field_with_its_value() {
         let counters = Counters {
             redirects: 3,
-            forged_records: 7,
+            blocked: 7,
             ..Default::default()
         };
         // The status JSON has exactly the table's names, with its values.

@@ -11,8 +11,9 @@ use aya::maps::{Array, HashMap, MapData, RingBuf};
 use connredir::{RedirectState, ServiceId};
 use connredir_abi::{
     connredir_conn, connredir_endpoint, connredir_trace_event, map_names,
-    CONNREDIR_DECISION_HOP_LIMIT, CONNREDIR_DECISION_LOOP_PREVENTED, CONNREDIR_DECISION_NO_MEMORY,
-    CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_REDIRECTED, CONNREDIR_DECISION_SERVICE_DOWN,
+    CONNREDIR_DECISION_BLOCKED, CONNREDIR_DECISION_HOP_LIMIT, CONNREDIR_DECISION_LOOP_PREVENTED,
+    CONNREDIR_DECISION_NO_MEMORY, CONNREDIR_DECISION_NO_RULE, CONNREDIR_DECISION_PERMITTED,
+    CONNREDIR_DECISION_REDIRECTED, CONNREDIR_DECISION_SERVICE_DOWN,
     CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED, CONNREDIR_PROTO_UDP, CONNREDIR_STATE_BY_OTHER,
     CONNREDIR_STATE_BY_SELF, CONNREDIR_STATE_PREVIOUSLY_BY_SELF,
 };
@@ -48,8 +49,10 @@ pub struct Connection {
     pub age: Duration,
 }
 
-/// What the connect program decided for one connect().
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the connect program decided for one connect(). Serialized by its
+/// [`Decision::name`], as `trace --json` and the control protocol carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Decision {
     /// Sent to a service.
     Redirected,
@@ -69,9 +72,28 @@ pub enum Decision {
     /// The service's own listener was absent and its policy is to bypass:
     /// it was skipped, and no later rule took the connection.
     ServiceDownBypassed,
+    /// A permit rule matched: the connection went direct, and no later
+    /// rule was judged.
+    Permitted,
+    /// A block rule matched: the connect (or datagram) was refused with
+    /// `EACCES` before any service saw it.
+    Blocked,
 }
 
 impl Decision {
+    /// Every decision, in the order of the ABI's numbers (1 onwards).
+    pub const ALL: [Decision; 9] = [
+        Decision::Redirected,
+        Decision::NoRule,
+        Decision::LoopPrevented,
+        Decision::HopLimit,
+        Decision::NoMemory,
+        Decision::ServiceDown,
+        Decision::ServiceDownBypassed,
+        Decision::Permitted,
+        Decision::Blocked,
+    ];
+
     fn from_abi(value: u8) -> Option<Decision> {
         Some(match u32::from(value) {
             CONNREDIR_DECISION_REDIRECTED => Decision::Redirected,
@@ -81,6 +103,8 @@ impl Decision {
             CONNREDIR_DECISION_NO_MEMORY => Decision::NoMemory,
             CONNREDIR_DECISION_SERVICE_DOWN => Decision::ServiceDown,
             CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED => Decision::ServiceDownBypassed,
+            CONNREDIR_DECISION_PERMITTED => Decision::Permitted,
+            CONNREDIR_DECISION_BLOCKED => Decision::Blocked,
             _ => return None,
         })
     }
@@ -95,6 +119,8 @@ impl Decision {
             Decision::NoMemory => "no-memory",
             Decision::ServiceDown => "service-down",
             Decision::ServiceDownBypassed => "service-down-bypassed",
+            Decision::Permitted => "permitted",
+            Decision::Blocked => "blocked",
         }
     }
 }
@@ -317,5 +343,19 @@ impl Tracer {
             });
         }
         events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_abi_decision_is_one_of_all_in_order() {
+        for (i, decision) in Decision::ALL.into_iter().enumerate() {
+            assert_eq!(Decision::from_abi(i as u8 + 1), Some(decision));
+        }
+        assert_eq!(Decision::from_abi(0), None);
+        assert_eq!(Decision::from_abi(Decision::ALL.len() as u8 + 1), None);
     }
 }

@@ -605,10 +605,86 @@ fn probe(case: &str, addr: Option<SocketAddr>) -> Result<()> {
             None,
         )?),
         "connected-query" => outcome(&connredir::query_records(&TcpStream::connect(addr()?)?)),
+        // udp[-as-NAME]: one datagram sent with sendto() (unconnected) and
+        // its echo read back: "ok" or the errno.
+        udp if udp.starts_with("udp") => {
+            if let Some(name) = udp.strip_prefix("udp-as-") {
+                let name = std::ffi::CString::new(name)?;
+                // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+            }
+            let addr = addr()?;
+            let bind: SocketAddr = if addr.is_ipv6() {
+                "[::]:0".parse()?
+            } else {
+                "0.0.0.0:0".parse()?
+            };
+            let socket = std::net::UdpSocket::bind(bind)?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            errno_outcome(socket.send_to(b"x", addr).and_then(|_| {
+                let mut buf = [0u8; 16];
+                socket.recv_from(&mut buf).map(drop)
+            }))
+        }
+        // connect[-as-NAME][-from-PORT]: a TCP connect (under command name
+        // NAME, from local port PORT) and one echoed byte: "ok" or the errno.
+        connect if connect.starts_with("connect") => {
+            let mut rest = connect.strip_prefix("connect").unwrap_or_default();
+            let mut from = None;
+            if let Some((head, port)) = rest.split_once("-from-") {
+                from = Some(port.parse::<u16>().context("local port")?);
+                rest = head;
+            }
+            if let Some(name) = rest.strip_prefix("-as-") {
+                let name = std::ffi::CString::new(name)?;
+                // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+            }
+            errno_outcome(echo_one(addr()?, from))
+        }
         other => bail!("unknown probe case {other}"),
     };
     emit(json!({ "case": case, "result": result }));
     Ok(())
+}
+
+/// A TCP connect to `addr` (from local port `from`), one byte echoed.
+fn echo_one(addr: SocketAddr, from: Option<u16>) -> std::io::Result<()> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let socket = Socket::new(domain, Type::STREAM, None)?;
+    if let Some(port) = from {
+        let local: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+        };
+        socket.set_reuse_address(true)?;
+        socket.bind(&local.into())?;
+    }
+    socket.connect(&addr.into())?;
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(b"x")?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte)?;
+    Ok(())
+}
+
+/// "ok", or the errno's name for the ones tests expect.
+fn errno_outcome(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EACCES) => "EACCES".into(),
+            Some(libc::EPERM) => "EPERM".into(),
+            Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+            Some(n) => format!("errno {n}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// What `registered_service` says: `ok:ID` or the error's variant name.

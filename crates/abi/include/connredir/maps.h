@@ -126,9 +126,31 @@ struct connredir_service {
 #define CONNREDIR_PROTO_UDP 17
 /* One rule for both TCP and UDP (not an IP protocol number). */
 #define CONNREDIR_PROTO_TCP_AND_UDP 255
-/* Rules that can match one destination at once (after prefix merging). */
+/*
+ * Rule entries that can apply to one destination prefix at once, after
+ * merging (each port range of a rule is one entry). The connect program
+ * judges at most this many per connect, so its cost does not grow with
+ * the number of rules; user space refuses a rule set that exceeds it.
+ */
 #define CONNREDIR_MAX_RULES_PER_PREFIX 16
 #define CONNREDIR_ANY_UID 0xffffffffu
+/* connredir_rule.gid: any group. */
+#define CONNREDIR_ANY_GID 0xffffffffu
+
+/* What a rule does with the connects it matches (connredir_rule.action). */
+enum connredir_action {
+	/* To the rule's service (skipped when the service had the flow). */
+	CONNREDIR_ACTION_REDIRECT = 0,
+	/* The connect goes to its destination; no later rule is judged. */
+	CONNREDIR_ACTION_PERMIT = 1,
+	/* The connect fails with EACCES; no service sees the flow. */
+	CONNREDIR_ACTION_BLOCK = 2,
+};
+
+/* connredir_rule.comm_len: the command name matches as a prefix (the low
+ * bits are the length compared); without it, the whole name matches. */
+#define CONNREDIR_COMM_PREFIX 0x80u
+#define CONNREDIR_COMM_LEN_MASK 0x1fu
 
 /*
  * Key of the rules LPM trie. data[0] is the generation (0 or 1), data[1] the
@@ -142,14 +164,35 @@ struct connredir_rule_key {
 	uint8_t data[18];
 };
 
+/*
+ * One rule entry. Every condition is on the connecting process or the flow,
+ * read in the kernel at connect time; a zero (or "any") field is no
+ * condition.
+ */
 struct connredir_rule {
 	uint32_t rule_id;
-	uint32_t service_id;
+	uint32_t service_id; /* CONNREDIR_ACTION_REDIRECT only; else 0 */
 	uint32_t uid; /* CONNREDIR_ANY_UID: any */
-	uint16_t port_min; /* host order, inclusive */
+	uint32_t gid; /* CONNREDIR_ANY_GID: any (the process's real gid) */
+	uint16_t port_min; /* destination, host order, inclusive */
 	uint16_t port_max;
+	/* The socket's local port, host order, inclusive (0-65535: any). A
+	 * socket not bound before connect() has local port 0 here. */
+	uint16_t local_port_min;
+	uint16_t local_port_max;
 	uint8_t protocol;
-	uint8_t reserved[3];
+	uint8_t action; /* enum connredir_action */
+	uint8_t comm_len; /* 0: any command; else bytes of comm compared, with
+			   * CONNREDIR_COMM_PREFIX for a prefix match */
+	/* With cgroup_id: the depth of that cgroup below the cgroup v2 root
+	 * (the root is 0); the caller's ancestor at this depth must be it. */
+	uint8_t cgroup_level;
+	/* Only flows whose record already names this service (0: any flow). */
+	uint32_t after;
+	/* Only processes in this cgroup or below it (0: any). */
+	uint64_t cgroup_id;
+	/* The command name (as /proc/PID/comm), NUL padded. */
+	uint8_t comm[16];
 };
 
 /* Every rule whose prefix contains the key's prefix, in evaluation order. */
@@ -315,6 +358,10 @@ enum connredir_decision {
 	/* The service's own listener is absent; on_down = bypass: skipped, and
 	 * no later rule took the flow. */
 	CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED = 7,
+	/* A permit rule decided: the flow goes direct, no later rule judged. */
+	CONNREDIR_DECISION_PERMITTED = 8,
+	/* A block rule decided: the connect (or datagram) fails with EACCES. */
+	CONNREDIR_DECISION_BLOCKED = 9,
 };
 
 /* The flow's redirect state for the deciding rule's service (as WFP's). */
@@ -374,7 +421,11 @@ enum connredir_counter {
 	/* Sets refused to a service: a record the layer did not issue, or not
 	 * the caller's (its last hop is another service's). */
 	CONNREDIR_CNT_FORGED_RECORDS = 21,
-	CONNREDIR_CNT_MAX = 22,
+	/* Connects (and datagrams) a permit rule sent direct. */
+	CONNREDIR_CNT_PERMITTED = 22,
+	/* Connects (and datagrams) a block rule refused. */
+	CONNREDIR_CNT_BLOCKED = 23,
+	CONNREDIR_CNT_MAX = 24,
 };
 
 /* ---- Map names, as the engine finds them in the object. */

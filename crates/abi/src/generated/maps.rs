@@ -21,6 +21,9 @@ pub const CONNREDIR_PROTO_UDP: u32 = 17;
 pub const CONNREDIR_PROTO_TCP_AND_UDP: u32 = 255;
 pub const CONNREDIR_MAX_RULES_PER_PREFIX: u32 = 16;
 pub const CONNREDIR_ANY_UID: u32 = 4294967295;
+pub const CONNREDIR_ANY_GID: u32 = 4294967295;
+pub const CONNREDIR_COMM_PREFIX: u32 = 128;
+pub const CONNREDIR_COMM_LEN_MASK: u32 = 31;
 pub const CONNREDIR_MAX_FOREIGN_HANDOFFS: u32 = 8192;
 pub const CONNREDIR_ACCEL_PASSED: u32 = 1;
 pub const CONNREDIR_ACCEL_CUT_THROUGH: i64 = -9223372036854775808;
@@ -158,6 +161,10 @@ impl Default for connredir_service {
         }
     }
 }
+pub const CONNREDIR_ACTION_REDIRECT: connredir_action = 0;
+pub const CONNREDIR_ACTION_PERMIT: connredir_action = 1;
+pub const CONNREDIR_ACTION_BLOCK: connredir_action = 2;
+pub type connredir_action = u32;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct connredir_rule_key {
@@ -179,28 +186,51 @@ pub struct connredir_rule {
     pub rule_id: u32,
     pub service_id: u32,
     pub uid: u32,
+    pub gid: u32,
     pub port_min: u16,
     pub port_max: u16,
+    pub local_port_min: u16,
+    pub local_port_max: u16,
     pub protocol: u8,
-    pub reserved: [u8; 3usize],
+    pub action: u8,
+    pub comm_len: u8,
+    pub cgroup_level: u8,
+    pub after: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16usize],
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of connredir_rule"][::std::mem::size_of::<connredir_rule>() - 20usize];
-    ["Alignment of connredir_rule"][::std::mem::align_of::<connredir_rule>() - 4usize];
+    ["Size of connredir_rule"][::std::mem::size_of::<connredir_rule>() - 56usize];
+    ["Alignment of connredir_rule"][::std::mem::align_of::<connredir_rule>() - 8usize];
     ["Offset of field: connredir_rule::rule_id"]
         [::std::mem::offset_of!(connredir_rule, rule_id) - 0usize];
     ["Offset of field: connredir_rule::service_id"]
         [::std::mem::offset_of!(connredir_rule, service_id) - 4usize];
     ["Offset of field: connredir_rule::uid"][::std::mem::offset_of!(connredir_rule, uid) - 8usize];
+    ["Offset of field: connredir_rule::gid"][::std::mem::offset_of!(connredir_rule, gid) - 12usize];
     ["Offset of field: connredir_rule::port_min"]
-        [::std::mem::offset_of!(connredir_rule, port_min) - 12usize];
+        [::std::mem::offset_of!(connredir_rule, port_min) - 16usize];
     ["Offset of field: connredir_rule::port_max"]
-        [::std::mem::offset_of!(connredir_rule, port_max) - 14usize];
+        [::std::mem::offset_of!(connredir_rule, port_max) - 18usize];
+    ["Offset of field: connredir_rule::local_port_min"]
+        [::std::mem::offset_of!(connredir_rule, local_port_min) - 20usize];
+    ["Offset of field: connredir_rule::local_port_max"]
+        [::std::mem::offset_of!(connredir_rule, local_port_max) - 22usize];
     ["Offset of field: connredir_rule::protocol"]
-        [::std::mem::offset_of!(connredir_rule, protocol) - 16usize];
-    ["Offset of field: connredir_rule::reserved"]
-        [::std::mem::offset_of!(connredir_rule, reserved) - 17usize];
+        [::std::mem::offset_of!(connredir_rule, protocol) - 24usize];
+    ["Offset of field: connredir_rule::action"]
+        [::std::mem::offset_of!(connredir_rule, action) - 25usize];
+    ["Offset of field: connredir_rule::comm_len"]
+        [::std::mem::offset_of!(connredir_rule, comm_len) - 26usize];
+    ["Offset of field: connredir_rule::cgroup_level"]
+        [::std::mem::offset_of!(connredir_rule, cgroup_level) - 27usize];
+    ["Offset of field: connredir_rule::after"]
+        [::std::mem::offset_of!(connredir_rule, after) - 28usize];
+    ["Offset of field: connredir_rule::cgroup_id"]
+        [::std::mem::offset_of!(connredir_rule, cgroup_id) - 32usize];
+    ["Offset of field: connredir_rule::comm"]
+        [::std::mem::offset_of!(connredir_rule, comm) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
@@ -211,8 +241,8 @@ pub struct connredir_rule_set {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of connredir_rule_set"][::std::mem::size_of::<connredir_rule_set>() - 328usize];
-    ["Alignment of connredir_rule_set"][::std::mem::align_of::<connredir_rule_set>() - 4usize];
+    ["Size of connredir_rule_set"][::std::mem::size_of::<connredir_rule_set>() - 904usize];
+    ["Alignment of connredir_rule_set"][::std::mem::align_of::<connredir_rule_set>() - 8usize];
     ["Offset of field: connredir_rule_set::count"]
         [::std::mem::offset_of!(connredir_rule_set, count) - 0usize];
     ["Offset of field: connredir_rule_set::reserved"]
@@ -424,6 +454,8 @@ pub const CONNREDIR_DECISION_HOP_LIMIT: connredir_decision = 4;
 pub const CONNREDIR_DECISION_NO_MEMORY: connredir_decision = 5;
 pub const CONNREDIR_DECISION_SERVICE_DOWN: connredir_decision = 6;
 pub const CONNREDIR_DECISION_SERVICE_DOWN_BYPASSED: connredir_decision = 7;
+pub const CONNREDIR_DECISION_PERMITTED: connredir_decision = 8;
+pub const CONNREDIR_DECISION_BLOCKED: connredir_decision = 9;
 pub type connredir_decision = u32;
 pub const CONNREDIR_STATE_NOT_REDIRECTED: connredir_redirect_state = 0;
 pub const CONNREDIR_STATE_BY_SELF: connredir_redirect_state = 1;
@@ -501,5 +533,7 @@ pub const CONNREDIR_CNT_SERVICE_DOWN_BYPASSED: connredir_counter = 18;
 pub const CONNREDIR_CNT_BINDS_REFUSED: connredir_counter = 19;
 pub const CONNREDIR_CNT_SELF_LOOPS: connredir_counter = 20;
 pub const CONNREDIR_CNT_FORGED_RECORDS: connredir_counter = 21;
-pub const CONNREDIR_CNT_MAX: connredir_counter = 22;
+pub const CONNREDIR_CNT_PERMITTED: connredir_counter = 22;
+pub const CONNREDIR_CNT_BLOCKED: connredir_counter = 23;
+pub const CONNREDIR_CNT_MAX: connredir_counter = 24;
 pub type connredir_counter = u32;

@@ -113,7 +113,12 @@ pub fn service_del(state_dir: &Path, name: String) -> Result<()> {
 
 /// `rule add`: adds `rule`, returns its id.
 pub fn rule_add(state_dir: &Path, rule: RuleConfig) -> Result<Created> {
-    call_for(state_dir, &Request::RuleAdd { rule })
+    call_for(
+        state_dir,
+        &Request::RuleAdd {
+            rule: Box::new(rule),
+        },
+    )
 }
 
 /// `rule del`: removes the rule with this id.

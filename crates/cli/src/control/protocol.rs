@@ -36,8 +36,8 @@ pub enum Request {
     },
     /// Add a rule.
     RuleAdd {
-        /// As in a `[[rule]]` table.
-        rule: RuleConfig,
+        /// As in a `[[rule]]` table (boxed: requests queue in an enum).
+        rule: Box<RuleConfig>,
     },
     /// Remove a rule.
     RuleDel {
@@ -166,6 +166,18 @@ pub struct RuleStatus {
     /// TCP).
     #[serde(default)]
     pub protocol: Vec<String>,
+    /// `redirect`, `permit` or `block` (absent from an older `up`: redirect).
+    #[serde(default = "redirect")]
+    pub action: String,
+    /// Its conditions on the process and the flow beyond destination, port,
+    /// protocol and uid: `gid 100`, `cgroup /sys/fs/cgroup/x`, `command
+    /// curl`, `local-port 1000-2000`, `after scanner`.
+    #[serde(default)]
+    pub conditions: Vec<String>,
+}
+
+fn redirect() -> String {
+    "redirect".into()
 }
 
 /// One redirected socket: a leg of a flow.
@@ -253,6 +265,10 @@ pub struct TraceLine {
     /// `tcp`).
     #[serde(default = "tcp")]
     pub protocol: String,
+    /// The deciding rule as `rule list` shows it: its action and every
+    /// condition it names (absent when no rule decided).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_text: Option<String>,
 }
 
 fn tcp() -> String {
@@ -285,41 +301,9 @@ impl TraceState {
     }
 }
 
-/// What the connect program decided, named as the engine's `Decision::name`
-/// names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Decision {
-    /// Sent to a service.
-    Redirected,
-    /// No rule matched.
-    NoRule,
-    /// Every matching rule's service had already handled the flow.
-    LoopPrevented,
-    /// The chain was full.
-    HopLimit,
-    /// The record could not be allocated: refused.
-    NoMemory,
-    /// The service was down and blocks: refused.
-    ServiceDown,
-    /// The service was down and was skipped.
-    ServiceDownBypassed,
-}
-
-impl Decision {
-    /// The name used in output and filters (`redirected`, `no-rule`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Decision::Redirected => "redirected",
-            Decision::NoRule => "no-rule",
-            Decision::LoopPrevented => "loop-prevented",
-            Decision::HopLimit => "hop-limit",
-            Decision::NoMemory => "no-memory",
-            Decision::ServiceDown => "service-down",
-            Decision::ServiceDownBypassed => "service-down-bypassed",
-        }
-    }
-}
+/// What the connect program decided: the engine's own type, serialized by
+/// its name (`redirected`, `no-rule`, ...).
+pub use connredir_engine::Decision;
 
 #[cfg(test)]
 mod tests {
@@ -340,6 +324,7 @@ mod tests {
             state: TraceState::PreviouslyRedirectedBySelf,
             decision: Decision::ServiceDownBypassed,
             protocol: "udp".into(),
+            rule_text: None,
         }
     }
 
@@ -375,15 +360,7 @@ mod tests {
                 format!("\"{}\"", state.name())
             );
         }
-        for decision in [
-            Decision::Redirected,
-            Decision::NoRule,
-            Decision::LoopPrevented,
-            Decision::HopLimit,
-            Decision::NoMemory,
-            Decision::ServiceDown,
-            Decision::ServiceDownBypassed,
-        ] {
+        for decision in Decision::ALL {
             assert_eq!(
                 serde_json::to_string(&decision).unwrap(),
                 format!("\"{}\"", decision.name())
@@ -405,6 +382,8 @@ mod tests {
                 service: Some("scanner".into()),
                 uid: None,
                 protocol: vec!["tcp".into(), "udp".into()],
+                action: "redirect".into(),
+                conditions: vec![],
             }],
             scopes: vec!["/sys/fs/cgroup/apps".into()],
             services: vec![ServiceStatus {
@@ -421,7 +400,7 @@ mod tests {
             "{\"data\":{\"counters\":{\"handoffs\":2,\"redirects\":3},\"live_connections\":1,\
              \"rules\":[{\"destinations\":[\"10.0.0.0/8\"],\"hits\":3,\"id\":1,\
              \"ports\":[\"80\",\"8000-8999\"],\"priority\":0,\"service\":\"scanner\",\"uid\":null,\
-             \"protocol\":[\"tcp\",\"udp\"]}],\
+             \"protocol\":[\"tcp\",\"udp\"],\"action\":\"redirect\",\"conditions\":[]}],\
              \"scopes\":[\"/sys/fs/cgroup/apps\"],\"services\":[{\"id\":1,\
              \"listen\":[\"127.0.0.1:15001\"],\"name\":\"scanner\",\"on_down\":\"bypass\",\
              \"up\":true}]},\"error\":null}"

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, RwLock};
 
 use anyhow::{Context, Result};
-use connredir_engine::{Engine, OnDown, Rule, RuleId, ServiceId};
+use connredir_engine::{Action, Engine, OnDown, Rule, RuleId, ServiceId};
 
 use super::protocol::{
     Conn, Created, Pending, Reply, Request, Response, RuleStatus, ServiceStatus, Status, Streaming,
@@ -362,6 +362,59 @@ fn name_of(engine: &Engine, id: ServiceId) -> Option<String> {
         .map(|(_, s)| s.name.clone())
 }
 
+/// A rule's conditions beyond destination, port, protocol and uid, as
+/// `rule list` and `trace` show them.
+fn conditions(engine: &Engine, rule: &Rule) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(gid) = rule.gid {
+        out.push(format!("gid {gid}"));
+    }
+    if let Some(cgroup) = &rule.cgroup {
+        out.push(format!("cgroup {}", cgroup.path.display()));
+    }
+    if let Some(command) = &rule.command {
+        out.push(format!("command {command}"));
+    }
+    if let Some(range) = &rule.local_ports {
+        out.push(format!("local-port {}-{}", range.start(), range.end()));
+    }
+    if let Some(after) = rule.after {
+        out.push(format!(
+            "after {}",
+            name_of(engine, after).unwrap_or_else(|| format!("#{}", after.0))
+        ));
+    }
+    out
+}
+
+/// "rule 3: block uid 65534, command curl": the deciding rule in `trace`.
+fn rule_text(engine: &Engine, rule: &Rule) -> String {
+    let mut named = Vec::new();
+    if rule.action == Action::Redirect {
+        named.push(format!(
+            "to {}",
+            name_of(engine, rule.service).unwrap_or_else(|| format!("#{}", rule.service.0))
+        ));
+    }
+    if !rule.destinations.is_empty() {
+        let dst: Vec<String> = rule.destinations.iter().map(ToString::to_string).collect();
+        named.push(format!("dst {}", dst.join(",")));
+    }
+    if !rule.ports.is_empty() {
+        let ports: Vec<String> = rule
+            .ports
+            .iter()
+            .map(|r| format!("{}-{}", r.start(), r.end()))
+            .collect();
+        named.push(format!("port {}", ports.join(",")));
+    }
+    if let Some(uid) = rule.uid {
+        named.push(format!("uid {uid}"));
+    }
+    named.extend(conditions(engine, rule));
+    format!("{} {}", rule.action.name(), named.join(", "))
+}
+
 fn rule_status(id: RuleId, rule: &Rule, engine: &Engine, hits: u64) -> RuleStatus {
     RuleStatus {
         destinations: rule.destinations.iter().map(ToString::to_string).collect(),
@@ -379,7 +432,9 @@ fn rule_status(id: RuleId, rule: &Rule, engine: &Engine, hits: u64) -> RuleStatu
             })
             .collect(),
         priority: rule.priority,
-        service: name_of(engine, rule.service),
+        service: (rule.action == Action::Redirect)
+            .then(|| name_of(engine, rule.service))
+            .flatten(),
         uid: rule.uid,
         protocol: rule
             .protocol
@@ -387,6 +442,8 @@ fn rule_status(id: RuleId, rule: &Rule, engine: &Engine, hits: u64) -> RuleStatu
             .iter()
             .map(|p| p.to_string())
             .collect(),
+        action: rule.action.name().to_string(),
+        conditions: conditions(engine, rule),
     }
 }
 
@@ -455,10 +512,14 @@ fn conns(engine: &Engine) -> Result<Vec<Conn>> {
         .collect())
 }
 
-/// The registered services' names by id, as the engine thread last saw
-/// them: lets the trace hub name services without asking the engine.
+/// The registered services' names by id, and the rules' descriptions by
+/// id, as the engine thread last saw them: lets the trace hub name services
+/// and deciding rules without asking the engine.
 #[derive(Debug, Clone, Default)]
-pub struct ServiceNames(Arc<RwLock<BTreeMap<u32, String>>>);
+pub struct ServiceNames(
+    Arc<RwLock<BTreeMap<u32, String>>>,
+    Arc<RwLock<BTreeMap<u32, String>>>,
+);
 
 impl ServiceNames {
     /// Takes the names from the engine; called on the engine thread after
@@ -469,6 +530,20 @@ impl ServiceNames {
             .map(|(id, s)| (id.0, s.name.clone()))
             .collect();
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = names;
+        let rules = engine
+            .rules()
+            .map(|(id, rule)| (id.0, rule_text(engine, rule)))
+            .collect();
+        *self.1.write().unwrap_or_else(|e| e.into_inner()) = rules;
+    }
+
+    /// The action and conditions of the rule with this id.
+    pub fn rule(&self, id: u32) -> Option<String> {
+        self.1
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     /// The name of the service with this id.

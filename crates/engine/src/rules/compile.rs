@@ -9,9 +9,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
+use std::path::{Path, PathBuf};
+
 use connredir_abi::{
-    connredir_rule, connredir_rule_set, CONNREDIR_ANY_UID, CONNREDIR_MAX_RULES_PER_PREFIX,
-    CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP, CONNREDIR_PROTO_UDP,
+    connredir_rule, connredir_rule_set, CONNREDIR_ACTION_BLOCK, CONNREDIR_ACTION_PERMIT,
+    CONNREDIR_ACTION_REDIRECT, CONNREDIR_ANY_GID, CONNREDIR_ANY_UID, CONNREDIR_COMM_PREFIX,
+    CONNREDIR_MAX_RULES_PER_PREFIX, CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP,
+    CONNREDIR_PROTO_UDP,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -63,10 +67,132 @@ impl Protocol {
     }
 }
 
-/// A filter: which connections a service gets.
+/// What a rule does with the connects it matches. Priorities order all
+/// three, as WFP's filter weights do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// To the rule's service, unless the service already had the flow (then
+    /// the next matching rule is judged).
+    #[default]
+    Redirect,
+    /// The flow goes to its destination; no later rule is judged.
+    Permit,
+    /// The connect (or UDP datagram) fails with `EACCES`; no service sees it.
+    Block,
+}
+
+impl Action {
+    /// The action's name, as the configuration writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Redirect => "redirect",
+            Action::Permit => "permit",
+            Action::Block => "block",
+        }
+    }
+
+    fn number(self) -> u8 {
+        (match self {
+            Action::Redirect => CONNREDIR_ACTION_REDIRECT,
+            Action::Permit => CONNREDIR_ACTION_PERMIT,
+            Action::Block => CONNREDIR_ACTION_BLOCK,
+        }) as u8
+    }
+}
+
+/// A cgroup subtree condition: the cgroup and every cgroup below it (a
+/// container, or a service and its children, as one condition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupCondition {
+    /// The cgroup v2 directory.
+    pub path: PathBuf,
+    /// Its id (the directory's inode), as the kernel reports it.
+    pub id: u64,
+    /// Its depth below the cgroup v2 root (the root is 0).
+    pub level: u8,
+}
+
+impl CgroupCondition {
+    /// Looks the cgroup up: it must exist now (a cgroup made again later
+    /// is another cgroup, with another id).
+    pub fn resolve(path: &Path) -> Result<CgroupCondition, Error> {
+        let root = connredir_host::cgroup::cgroup2_root().ok_or_else(|| {
+            Error::InvalidRule("cgroup v2 is not mounted: a cgroup condition needs it".into())
+        })?;
+        let path = path
+            .canonicalize()
+            .map_err(|e| Error::InvalidRule(format!("cgroup {}: {e}", path.display())))?;
+        let below = path.strip_prefix(&root).map_err(|_| {
+            Error::InvalidRule(format!(
+                "cgroup {} is not under the cgroup v2 root {}",
+                path.display(),
+                root.display()
+            ))
+        })?;
+        let level = below.components().count();
+        let level = u8::try_from(level).map_err(|_| {
+            Error::InvalidRule(format!("cgroup {} is {level} levels deep", path.display()))
+        })?;
+        let id = connredir_host::cgroup::cgroup_id(&path)
+            .map_err(|e| Error::InvalidRule(format!("cgroup {}: {e}", path.display())))?;
+        Ok(CgroupCondition { path, id, level })
+    }
+}
+
+/// A command-name condition, on the name the kernel keeps for a process
+/// (`/proc/PID/comm`: at most 15 bytes, the executable's name unless the
+/// process renamed itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandCondition {
+    /// The name, or its start.
+    pub name: String,
+    /// Whether `name` is a prefix (written `name*`).
+    pub prefix: bool,
+}
+
+impl CommandCondition {
+    /// The longest name the kernel keeps (`TASK_COMM_LEN` - 1).
+    pub const MAX_LEN: usize = 15;
+
+    /// Reads `curl` (exactly) or `python*` (a prefix).
+    pub fn parse(text: &str) -> Result<CommandCondition, Error> {
+        let (name, prefix) = match text.strip_suffix('*') {
+            Some(start) => (start, true),
+            None => (text, false),
+        };
+        if name.is_empty() || name.contains('*') || name.contains('\0') {
+            return Err(Error::InvalidRule(format!(
+                "command {text:?}: give a name (`curl`) or a name's start and one `*` (`python*`)"
+            )));
+        }
+        if name.len() > Self::MAX_LEN {
+            return Err(Error::InvalidRule(format!(
+                "command {text:?}: the kernel keeps at most {} bytes of a command name \
+                 (/proc/PID/comm); write its first {} followed by `*`",
+                Self::MAX_LEN,
+                Self::MAX_LEN
+            )));
+        }
+        Ok(CommandCondition {
+            name: name.to_string(),
+            prefix,
+        })
+    }
+}
+
+impl std::fmt::Display for CommandCondition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.name, if self.prefix { "*" } else { "" })
+    }
+}
+
+/// A filter: which connections a service gets, or which go direct or are
+/// refused.
 ///
 /// Rules are evaluated in ascending `priority`, then in the order they were
-/// added; the first one whose service has not yet handled the flow wins.
+/// added; the first one that matches decides, except that a redirect rule
+/// whose service already handled the flow is passed over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// The service that receives matching connections.
@@ -81,6 +207,20 @@ pub struct Rule {
     pub uid: Option<u32>,
     /// Evaluation order: lower first.
     pub priority: u32,
+    /// What a match does; `service` counts for `Redirect` only.
+    pub action: Action,
+    /// Only connections of processes of this (real) gid.
+    pub gid: Option<u32>,
+    /// Only connections of processes in this cgroup or below it.
+    pub cgroup: Option<CgroupCondition>,
+    /// Only connections of processes of this command name.
+    pub command: Option<CommandCondition>,
+    /// Only sockets whose local port is in this range when they connect
+    /// (a socket not bound before `connect()` has local port 0 then).
+    pub local_ports: Option<RangeInclusive<u16>>,
+    /// Only flows that this service already handled (their record names
+    /// it): e.g. what `scanner` already inspected.
+    pub after: Option<ServiceId>,
 }
 
 impl Rule {
@@ -93,7 +233,31 @@ impl Rule {
             ports: Vec::new(),
             uid: None,
             priority: 0,
+            action: Action::Redirect,
+            gid: None,
+            cgroup: None,
+            command: None,
+            local_ports: None,
+            after: None,
         }
+    }
+
+    /// A TCP rule with `action` (permit or block) for every destination
+    /// and port, priority 0; it names no service.
+    pub fn tcp_action(action: Action) -> Rule {
+        Rule {
+            action,
+            ..Rule::tcp_to(ServiceId(0))
+        }
+    }
+
+    /// The services the rule names (its own when it redirects, and
+    /// `after`), each of which must be registered.
+    pub fn services(&self) -> impl Iterator<Item = ServiceId> + '_ {
+        (self.action == Action::Redirect)
+            .then_some(self.service)
+            .into_iter()
+            .chain(self.after)
     }
 
     /// Checks the rule's own fields (not whether its service exists).
@@ -111,6 +275,30 @@ impl Rule {
             return Err(Error::InvalidRule(format!(
                 "uid {CONNREDIR_ANY_UID} is reserved (it means any uid)"
             )));
+        }
+        if self.gid == Some(CONNREDIR_ANY_GID) {
+            return Err(Error::InvalidRule(format!(
+                "gid {CONNREDIR_ANY_GID} is reserved (it means any gid)"
+            )));
+        }
+        if let Some(range) = &self.local_ports {
+            if range.start() > range.end() {
+                return Err(Error::InvalidRule(format!(
+                    "local port range {}-{} is empty: write the lower port first",
+                    range.start(),
+                    range.end()
+                )));
+            }
+        }
+        if let Some(command) = &self.command {
+            CommandCondition::parse(&command.to_string())?;
+        }
+        if let Some(after) = self.after {
+            if after.0 == 0 || after.0 >= connredir_abi::CONNREDIR_MAX_SERVICES {
+                return Err(Error::InvalidRule(format!(
+                    "`after` names no service ({after})"
+                )));
+            }
         }
         Ok(())
     }
@@ -139,6 +327,59 @@ impl Rule {
 /// cleared).
 pub(crate) type CompiledRules = BTreeMap<IpNet, connredir_rule_set>;
 
+/// One kernel rule entry: the rule with one of its port ranges.
+fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir_rule {
+    let local = rule.local_ports.clone().unwrap_or(0..=u16::MAX);
+    let mut comm = [0u8; 16];
+    let mut comm_len = 0u8;
+    if let Some(command) = &rule.command {
+        let name = command.name.as_bytes();
+        let len = name.len().min(CommandCondition::MAX_LEN);
+        comm[..len].copy_from_slice(&name[..len]);
+        comm_len = len as u8;
+        if command.prefix {
+            comm_len |= CONNREDIR_COMM_PREFIX as u8;
+        }
+    }
+    connredir_rule {
+        rule_id: id.0,
+        service_id: if rule.action == Action::Redirect {
+            rule.service.0
+        } else {
+            0
+        },
+        uid: rule.uid.unwrap_or(CONNREDIR_ANY_UID),
+        gid: rule.gid.unwrap_or(CONNREDIR_ANY_GID),
+        port_min: *ports.start(),
+        port_max: *ports.end(),
+        local_port_min: *local.start(),
+        local_port_max: *local.end(),
+        protocol: rule.protocol.number(),
+        action: rule.action.number(),
+        comm_len,
+        cgroup_level: rule.cgroup.as_ref().map_or(0, |c| c.level),
+        after: rule.after.map_or(0, |s| s.0),
+        cgroup_id: rule.cgroup.as_ref().map_or(0, |c| c.id),
+        comm,
+    }
+}
+
+/// Checks that `rules` can be compiled (at most
+/// `CONNREDIR_MAX_RULES_PER_PREFIX` rule entries on one prefix), without an
+/// engine: for `connredir check`. Rule ids are the rules' positions, from 1.
+pub fn check_rules(rules: &[Rule]) -> Result<(), Error> {
+    for rule in rules {
+        rule.validate()?;
+    }
+    compile(
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (RuleId(i as u32 + 1), r)),
+    )
+    .map(drop)
+}
+
 /// Compiles rules into trie entries. Fails when more than
 /// `CONNREDIR_MAX_RULES_PER_PREFIX` rule entries apply to one prefix.
 pub(crate) fn compile<'a>(
@@ -149,15 +390,7 @@ pub(crate) fn compile<'a>(
     for (id, rule) in rules {
         for net in rule.prefixes() {
             for ports in rule.port_ranges() {
-                let entry = connredir_rule {
-                    rule_id: id.0,
-                    service_id: rule.service.0,
-                    uid: rule.uid.unwrap_or(CONNREDIR_ANY_UID),
-                    port_min: *ports.start(),
-                    port_max: *ports.end(),
-                    protocol: rule.protocol.number(),
-                    reserved: [0; 3],
-                };
+                let entry = rule_entry(id, rule, &ports);
                 by_prefix
                     .entry(net)
                     .or_default()
@@ -181,10 +414,18 @@ pub(crate) fn compile<'a>(
         }
         entries.sort_by_key(|(priority, id, _)| (*priority, *id));
         if entries.len() > CONNREDIR_MAX_RULES_PER_PREFIX as usize {
+            let mut named: Vec<u32> = entries.iter().map(|(_, id, _)| id.0).collect();
+            let mut seen = HashSet::new();
+            named.retain(|id| seen.insert(*id));
+            let named: Vec<String> = named.iter().map(u32::to_string).collect();
             return Err(Error::InvalidRule(format!(
-                "{} rule entries apply to {net} (each port range counts once); at most {} can: \
-                 merge rules or their port ranges",
+                "{} rule entries apply to {net} (rules, in evaluation order: {}; each port range of a rule counts \
+                 once, and a rule for a shorter prefix applies to every longer one inside it); \
+                 at most {} can, because the connect program judges every entry that applies \
+                 to a destination, and that bound keeps its cost independent of the number of \
+                 rules: merge rules or their port ranges, or move conditions into fewer rules",
                 entries.len(),
+                named.join(", "),
                 CONNREDIR_MAX_RULES_PER_PREFIX
             )));
         }
@@ -259,6 +500,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("17 rule entries apply to 10.0.0.0/8"), "{err}");
+    }
+
+    #[test]
+    fn actions_and_conditions_reach_the_kernel_entry() {
+        let mut block = Rule {
+            gid: Some(100),
+            command: Some(CommandCondition::parse("chrom*").unwrap()),
+            local_ports: Some(1000..=2000),
+            after: Some(ServiceId(3)),
+            ..Rule::tcp_action(Action::Block)
+        };
+        block.cgroup = Some(CgroupCondition {
+            path: "/sys/fs/cgroup/a/b".into(),
+            id: 77,
+            level: 2,
+        });
+        let compiled = compile([(RuleId(9), &block)]).unwrap();
+        let entry = compiled[&"0.0.0.0/0".parse::<IpNet>().unwrap()].rules[0];
+        assert_eq!(entry.action, CONNREDIR_ACTION_BLOCK as u8);
+        assert_eq!(entry.service_id, 0);
+        assert_eq!((entry.gid, entry.uid), (100, CONNREDIR_ANY_UID));
+        assert_eq!((entry.local_port_min, entry.local_port_max), (1000, 2000));
+        assert_eq!(
+            (entry.after, entry.cgroup_id, entry.cgroup_level),
+            (3, 77, 2)
+        );
+        assert_eq!(entry.comm_len, 5 | CONNREDIR_COMM_PREFIX as u8);
+        assert_eq!(&entry.comm[..6], b"chrom\0");
+        // No condition: every field says "any".
+        let plain = compile([(RuleId(1), &Rule::tcp_to(ServiceId(2)))]).unwrap();
+        let entry = plain[&"::/0".parse::<IpNet>().unwrap()].rules[0];
+        assert_eq!(
+            (entry.action, entry.service_id),
+            (CONNREDIR_ACTION_REDIRECT as u8, 2)
+        );
+        assert_eq!(
+            (entry.gid, entry.comm_len, entry.cgroup_id, entry.after),
+            (CONNREDIR_ANY_GID, 0, 0, 0)
+        );
+        assert_eq!((entry.local_port_min, entry.local_port_max), (0, u16::MAX));
+    }
+
+    #[test]
+    fn command_names_are_exact_or_a_prefix_and_fit_the_kernel() {
+        let exact = CommandCondition::parse("curl").unwrap();
+        assert!(!exact.prefix);
+        assert!(CommandCondition::parse("py*").unwrap().prefix);
+        for bad in ["", "*", "a*b", "a-sixteen-bytes!"] {
+            assert!(CommandCondition::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(CommandCondition::parse("fifteen-bytes!!").is_ok());
     }
 
     #[test]

@@ -7,5 +7,5 @@ pub(crate) mod sync;
 mod trie;
 
 pub(crate) use compile::CompiledRules;
-pub use compile::{Protocol, Rule, RuleId};
+pub use compile::{check_rules, Action, CgroupCondition, CommandCondition, Protocol, Rule, RuleId};
 pub(crate) use trie::TrieData;

@@ -12,15 +12,22 @@ use super::compile::{compile, CompiledRules, Rule, RuleId};
 use super::trie;
 use crate::{map_err, Engine, Error};
 
+/// Whether every service the rule names is registered.
+fn check_services(engine: &Engine, rule: &Rule) -> Result<(), Error> {
+    for service in rule.services() {
+        if !engine.services.contains_key(&service) {
+            return Err(Error::InvalidRule(format!(
+                "it names {service}, which is not registered"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Adds a rule; it applies to the next connect.
 pub(crate) fn add_rule(engine: &mut Engine, rule: Rule) -> Result<RuleId, Error> {
     rule.validate()?;
-    if !engine.services.contains_key(&rule.service) {
-        return Err(Error::InvalidRule(format!(
-            "it names {}, which is not registered",
-            rule.service
-        )));
-    }
+    check_services(engine, &rule)?;
     let id = RuleId(engine.next_rule);
     engine.rules.insert(id, rule);
     if let Err(e) = sync_rules(engine) {
@@ -36,12 +43,7 @@ pub(crate) fn add_rule(engine: &mut Engine, rule: Rule) -> Result<RuleId, Error>
 pub(crate) fn replace_rules(engine: &mut Engine, rules: Vec<Rule>) -> Result<Vec<RuleId>, Error> {
     for rule in &rules {
         rule.validate()?;
-        if !engine.services.contains_key(&rule.service) {
-            return Err(Error::InvalidRule(format!(
-                "it names {}, which is not registered",
-                rule.service
-            )));
-        }
+        check_services(engine, rule)?;
     }
     let ids: Vec<RuleId> = (0..rules.len() as u32)
         .map(|i| RuleId(engine.next_rule + i))

@@ -290,7 +290,7 @@ pub(crate) fn remove_service(engine: &mut Engine, id: ServiceId) -> Result<Servi
     let rules: Vec<String> = engine
         .rules
         .iter()
-        .filter(|(_, r)| r.service == id)
+        .filter(|(_, r)| r.services().any(|s| s == id))
         .map(|(rid, _)| rid.0.to_string())
         .collect();
     if !rules.is_empty() {

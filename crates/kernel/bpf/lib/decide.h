@@ -92,7 +92,75 @@ enum judged {
 	JUDGED_BYPASSED = 3, /* its service is down and lets flows pass */
 	JUDGED_DOWN = 4, /* it decides, but its service is down: refuse */
 	JUDGED_TAKE = 5, /* it decides: redirect to its service */
+	JUDGED_PERMIT = 6, /* a permit rule decides: the flow goes direct */
+	JUDGED_BLOCK = 7, /* a block rule decides: the connect is refused */
 };
+
+/* The low `len` bytes (of 8) of a little-endian word. */
+static __always_inline __u64 low_bytes(__u32 len)
+{
+	return len >= 8 ? ~0ull : (1ull << (len * 8)) - 1;
+}
+
+/*
+ * Whether the caller's command name is the rule's or, with
+ * CONNREDIR_COMM_PREFIX, starts with it. Both names are NUL padded to 16
+ * bytes, so an exact match is equality of all 16, and a prefix match that
+ * of the first comm_len bytes: two masked words, no loop.
+ */
+__noinline int comm_matches(const struct connredir_rule *rule)
+{
+	__u32 len;
+	__u64 want[2], have[2] = {}, mask_lo = ~0ull, mask_hi = ~0ull;
+
+	/* A global function of its own: its stack is not added to the
+	 * listener_state() chain's (main program, judge_rule(), 512 bytes). */
+	if (!rule)
+		return 0;
+	len = rule->comm_len & CONNREDIR_COMM_LEN_MASK;
+	__builtin_memcpy(want, rule->comm, 16);
+	bpf_get_current_comm(have, sizeof(have));
+	if (rule->comm_len & CONNREDIR_COMM_PREFIX) {
+		if (len > 16)
+			len = 16;
+		mask_lo = low_bytes(len);
+		mask_hi = len > 8 ? low_bytes(len - 8) : 0;
+	}
+	return ((want[0] ^ have[0]) & mask_lo) == 0 && ((want[1] ^ have[1]) & mask_hi) == 0;
+}
+
+/*
+ * Whether the rule's conditions on the connecting process and on the flow
+ * hold: uid, gid, local port, command name, cgroup subtree and chain. The
+ * cheap ones first; a helper is called only when the rule names it.
+ */
+static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
+					   const struct connredir_rule *rule,
+					   const struct judge_env *env)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 local_port = sk ? sk->src_port : 0; /* host order; 0 if unbound */
+
+	if (rule->uid != CONNREDIR_ANY_UID && rule->uid != env->uid)
+		return 0;
+	if (rule->gid != CONNREDIR_ANY_GID &&
+	    rule->gid != (__u32)(bpf_get_current_uid_gid() >> 32))
+		return 0;
+	if (local_port < rule->local_port_min || local_port > rule->local_port_max)
+		return 0;
+	/* `after`: the record must already name that service. */
+	if (rule->after && (rule->after >= CONNREDIR_MAX_SERVICES || !env->chain.hop_count ||
+			    !(env->chain.seen & (1ull << rule->after))))
+		return 0;
+	if (rule->comm_len && !comm_matches(rule))
+		return 0;
+	/* Any descendant of the rule's cgroup: the caller's ancestor at that
+	 * cgroup's depth is that cgroup (0 when the caller is shallower). */
+	if (rule->cgroup_id &&
+	    bpf_get_current_ancestor_cgroup_id(rule->cgroup_level) != rule->cgroup_id)
+		return 0;
+	return 1;
+}
 
 __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule *rule,
 			  struct judge_env *env)
@@ -107,8 +175,12 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 	if ((rule->protocol != env->protocol && rule->protocol != CONNREDIR_PROTO_TCP_AND_UDP) || env->port < rule->port_min ||
 	    env->port > rule->port_max)
 		return JUDGED_NO_MATCH;
-	if (rule->uid != CONNREDIR_ANY_UID && rule->uid != env->uid)
+	if (!conditions_hold(ctx, rule, env))
 		return JUDGED_NO_MATCH;
+	if (rule->action == CONNREDIR_ACTION_PERMIT)
+		return JUDGED_PERMIT;
+	if (rule->action == CONNREDIR_ACTION_BLOCK)
+		return JUDGED_BLOCK;
 	service_id = rule->service_id;
 	service = bpf_map_lookup_elem(&services, &service_id);
 	if (!service || !(service->flags & CONNREDIR_SERVICE_ACTIVE))
@@ -156,15 +228,13 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	struct connredir_rule_key key = {};
 	struct connredir_rule_set *set;
 	struct connredir_sock_state *state;
-	struct caller_services caller;
-	struct chain_summary chain = {};
 	const struct connredir_rule *rule;
 	struct connredir_service *service;
 	struct connredir_hop *hop;
 	__u32 hop_count = 0, count_rules, service_id, tgid;
 	__u16 port = bpf_ntohs(dst->port);
 	struct judge_env env = {};
-	int skipped = 0, bypassed = 0, down = 0, chosen = -1;
+	int skipped = 0, bypassed = 0, down = 0, chosen = -1, settled = 0;
 	__u8 chosen_state = 0;
 
 	ev->decision = CONNREDIR_DECISION_NO_RULE;
@@ -178,7 +248,10 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 
 	/* Only connects that a rule may select pay for what follows. */
 	tgid = bpf_get_current_pid_tgid() >> 32;
-	caller_services(&caller);
+	/* The caller and the chain are gathered straight into `env`: a copy
+	 * would cost stack, and the main program, judge_rule() and
+	 * listener_state() share 512 bytes. */
+	caller_services(&env.caller);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (state)
 		undo_own_hop(state);
@@ -188,19 +261,17 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 		hop_count = clamp_hops(state->record.hop_count);
 	ev->hop_count = hop_count;
 	if (state)
-		summarise_chain(&state->record, hop_count, &chain);
+		summarise_chain(&state->record, hop_count, &env.chain);
 
 	/* Find the deciding rule; what it leads to is worked out after the
 	 * loop, once. Each rule is judged by a global function, verified once
 	 * on its own: inline, its branches multiplied by the loop's iterations
 	 * exceed the verifier's budget. */
 	env.tgid = tgid;
-	env.uid = caller.uid;
+	env.uid = env.caller.uid;
 	env.port = port;
 	env.want_v6 = want_v6;
 	env.protocol = protocol;
-	env.caller = caller;
-	env.chain = chain;
 	count_rules = set->count;
 	for (__u32 i = 0; i < CONNREDIR_MAX_RULES_PER_PREFIX; i++) {
 		int judged;
@@ -231,6 +302,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 		chosen = i;
 		chosen_state = env.flow_state;
 		down = judged == JUDGED_DOWN;
+		if (judged == JUDGED_PERMIT || judged == JUDGED_BLOCK)
+			settled = judged;
 		break;
 	}
 	if (skipped)
@@ -242,6 +315,22 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	}
 
 	rule = &set->rules[chosen & (CONNREDIR_MAX_RULES_PER_PREFIX - 1)];
+	if (settled) {
+		/* Permit and block: no service, no record; evaluation stops. */
+		ev->rule_id = rule->rule_id;
+		ev->service_id = 0;
+		ev->state = chosen_state;
+		count_hit(rule->rule_id);
+		if (settled == JUDGED_PERMIT) {
+			ev->decision = CONNREDIR_DECISION_PERMITTED;
+			count(CONNREDIR_CNT_PERMITTED);
+			return VERDICT_LEAVE;
+		}
+		ev->decision = CONNREDIR_DECISION_BLOCKED;
+		count(CONNREDIR_CNT_BLOCKED);
+		*refusal = -EACCES;
+		return VERDICT_REFUSE;
+	}
 	service_id = rule->service_id;
 	service = bpf_map_lookup_elem(&services, &service_id);
 	if (!service)
@@ -277,7 +366,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 		state->record.version = CONNREDIR_RECORD_VERSION;
 		state->record.size = sizeof(struct connredir_record);
 		state->record.client_pid = tgid;
-		state->record.client_uid = caller.uid;
+		state->record.client_uid = env.caller.uid;
 		state->record.client_cgroup_id = bpf_get_current_cgroup_id();
 		bpf_get_current_comm(state->record.client_comm, sizeof(state->record.client_comm));
 	}
@@ -290,7 +379,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	__builtin_memset(&hop->local, 0, sizeof(hop->local));
 	state->record.hop_count = hop_count + 1;
 	state->flags |= CONNREDIR_SOCK_HANDOFF_PENDING | CONNREDIR_SOCK_OWN_HOP;
-	note_connecting_process(state, caller.uid);
+	note_connecting_process(state, env.caller.uid);
 	count(CONNREDIR_CNT_REDIRECTS);
 	count_hit(rule->rule_id);
 	ev->decision = CONNREDIR_DECISION_REDIRECTED;
