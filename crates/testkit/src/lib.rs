@@ -256,10 +256,25 @@ impl Drop for Release {
     }
 }
 
-/// A free TCP port on `ip` (bound and released; good enough on loopback).
+/// A port on `ip` free for TCP and for UDP (bound and released), never
+/// handed out before by this test process: a port released here is free
+/// again until its service binds it, and a service registered on the same
+/// address as another one is refused, so two services of one test (or of
+/// two tests running at once) must never be given the same port.
 pub fn free_addr(ip: &str) -> SocketAddr {
-    let listener = TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
-    listener.local_addr().unwrap()
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
+        let addr = listener.local_addr().unwrap();
+        if std::net::UdpSocket::bind(addr).is_err() {
+            continue;
+        }
+        let mut handed_out = HANDED_OUT.lock().unwrap();
+        if !handed_out.contains(&addr.port()) {
+            handed_out.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// An echo server on a thread of the test process: the "original
