@@ -476,22 +476,28 @@ fn print_rules(rules: &[RuleStatus]) {
     }
 }
 
-/// Prints one line per flow: its legs grouped by the flow's first socket,
-/// the client process from the first leg, the chain from the longest.
+/// Prints one line per flow: its legs grouped by the flow's protocol and
+/// first socket, the client process from the first leg, the chain from the
+/// longest. A leg whose first socket is unknown (a UDP client that
+/// connected before binding) is a flow of its own.
 fn print_conns(conns: &[Conn], json: bool) -> Result<()> {
     if json {
         return print_json(&conns);
     }
-    let mut flows: std::collections::BTreeMap<String, Vec<&Conn>> = Default::default();
-    for leg in conns {
-        let key = leg.client.map_or("?".to_string(), |c| c.to_string());
+    let mut flows: std::collections::BTreeMap<(String, String, usize), Vec<&Conn>> =
+        Default::default();
+    for (i, leg) in conns.iter().enumerate() {
+        let key = match leg.client {
+            Some(c) => (leg.protocol.clone(), c.to_string(), 0),
+            None => (leg.protocol.clone(), "?".to_string(), i),
+        };
         flows.entry(key).or_default().push(leg);
     }
     println!(
-        "{:<28} {:<28} {:<28} {:<40} AGE",
-        "CLIENT", "PROCESS", "ORIGINAL DESTINATION", "CHAIN"
+        "{:<5} {:<28} {:<28} {:<28} {:<40} AGE",
+        "PROTO", "CLIENT", "PROCESS", "ORIGINAL DESTINATION", "CHAIN"
     );
-    for (client, legs) in &flows {
+    for ((protocol, client, _), legs) in &flows {
         let longest = legs
             .iter()
             .max_by_key(|l| l.chain.len())
@@ -502,7 +508,8 @@ fn print_conns(conns: &[Conn], json: bool) -> Result<()> {
         };
         let age = legs.iter().map(|l| l.age_ms).max().unwrap_or(0);
         println!(
-            "{:<28} {:<28} {:<28} {:<40} {:.1}s",
+            "{:<5} {:<28} {:<28} {:<28} {:<40} {:.1}s",
+            protocol,
             client,
             process,
             longest

@@ -591,3 +591,98 @@ fn a_udp_service_bound_before_the_layer_saw_it_is_found_at_registration() {
     let counters = lab.engine.counters().unwrap();
     assert_eq!(counters.service_down_blocked, 0, "{counters:?}");
 }
+
+/// A redirected UDP client socket (uid 65534, connected or sending with
+/// `sendto()`) is a leg in the live-connection list while it is open: the
+/// UDP protocol, the client process, the chain, the original destination,
+/// its bound port; it leaves the list when the client closes the socket,
+/// while the client process still lives.
+fn udp_flow_is_listed_until_its_socket_closes(
+    server_ip: &str,
+    listen_ip: &str,
+    prefix: &str,
+    unconnected: bool,
+    test: &str,
+) {
+    let Some((mut lab, server)) = udp_lab(test, server_ip) else {
+        return;
+    };
+    let dst = server.addr();
+    let (id, service) = lab.udp_service("listed", free_addr(listen_ip), prefix, dst.port(), 0, &[]);
+    let release = std::env::temp_dir().join(format!(
+        "connredir-{test}-{}-{unconnected}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&release);
+    let (connect, until) = (dst.to_string(), release.display().to_string());
+    let mut args = vec!["udp-client", "--connect", &connect, "--until", &until];
+    if unconnected {
+        args.push("--unconnected");
+    }
+    let client = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+    let line = client
+        .wait_line("the client's report", |l| l.contains("\"ok\""))
+        .unwrap();
+    let report: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        report["ok"],
+        true,
+        "{report}; service: {:?}",
+        lab.proxy_log(service)
+    );
+
+    // The service's onward socket goes to the destination, not redirected:
+    // the client's socket is the one leg.
+    let conns = lab.engine.connections().unwrap();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let leg = &conns[0];
+    assert_eq!(leg.protocol, Protocol::Udp, "{leg:?}");
+    assert_eq!(leg.chain, vec![id], "{leg:?}");
+    assert_eq!(leg.original_destination, Some(dst), "{leg:?}");
+    assert_eq!((leg.pid, leg.uid), (client.pid(), NOBODY), "{leg:?}");
+    assert_eq!((leg.client_pid, leg.client_uid), (client.pid(), NOBODY));
+    assert_eq!(leg.command, "connredir-testk", "{leg:?}");
+    // Bound before it connected or sent: its port is known.
+    let local = leg.local.expect("the client socket's bound address");
+    assert_eq!(local.port(), local_port(&report), "{leg:?}");
+    assert_eq!(leg.client, leg.local, "{leg:?}");
+    assert!(leg.age < Duration::from_secs(30), "{leg:?}");
+
+    std::fs::write(&release, b"").unwrap();
+    client
+        .wait_line("the socket closed", |l| l.contains("\"closed\""))
+        .unwrap();
+    eventually("the leg to leave the list once its socket closed", || {
+        lab.engine.connections().unwrap().is_empty().then_some(())
+    });
+    std::fs::remove_file(&release).unwrap();
+    let (status, lines) = client.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(lab.engine.counters().unwrap().conns_untracked, 0);
+}
+
+#[test]
+fn redirected_udp_flows_are_listed_until_their_socket_closes_ipv4() {
+    for unconnected in [false, true] {
+        udp_flow_is_listed_until_its_socket_closes(
+            "127.0.0.2",
+            "127.0.0.1",
+            "127.0.0.2/32",
+            unconnected,
+            "udp-conns-v4",
+        );
+    }
+}
+
+#[test]
+fn redirected_udp_flows_are_listed_until_their_socket_closes_ipv6() {
+    for unconnected in [false, true] {
+        udp_flow_is_listed_until_its_socket_closes(
+            "[::1]",
+            "::1",
+            "::1/128",
+            unconnected,
+            "udp-conns-v6",
+        );
+    }
+}
