@@ -686,3 +686,64 @@ fn redirected_udp_flows_are_listed_until_their_socket_closes_ipv6() {
         );
     }
 }
+
+/// A UDP flow through two services is listed leg by leg, as a TCP flow is:
+/// the client's socket (chain: the first service) and the first service's
+/// onward socket (both services, opened by the service for the same
+/// client), each UDP, each with the original destination. Closing the
+/// client's socket removes its leg only: the service's socket is its own.
+#[test]
+fn a_chained_udp_flow_is_listed_leg_by_leg_and_the_clients_leaves_when_it_closes() {
+    let Some((mut lab, server)) = udp_lab("udp-conns-chain", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let prefix = "127.0.0.2/32";
+    let (first, a) = lab.udp_service("alpha", free_addr("127.0.0.1"), prefix, dst.port(), 0, &[]);
+    let (second, _) = lab.udp_service("bravo", free_addr("127.0.0.1"), prefix, dst.port(), 1, &[]);
+    let release =
+        std::env::temp_dir().join(format!("connredir-udp-conns-chain-{}", std::process::id()));
+    let _ = std::fs::remove_file(&release);
+    let (connect, until) = (dst.to_string(), release.display().to_string());
+    let args = ["udp-client", "--connect", &connect, "--until", &until];
+    let client = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+    let line = client
+        .wait_line("the client's report", |l| l.contains("\"ok\""))
+        .unwrap();
+    let report: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+
+    let conns = eventually("both legs in the list", || {
+        let conns = lab.engine.connections().unwrap();
+        (conns.len() == 2).then_some(conns)
+    });
+    let leg = |hops: usize| conns.iter().find(|c| c.chain.len() == hops).unwrap();
+    let (client_leg, forward_leg) = (leg(1), leg(2));
+    assert_eq!(client_leg.chain, vec![first], "{client_leg:?}");
+    assert_eq!(client_leg.pid, client.pid(), "{client_leg:?}");
+    assert_eq!(forward_leg.chain, vec![first, second], "{forward_leg:?}");
+    assert_eq!(forward_leg.pid, lab.procs[a].pid(), "{forward_leg:?}");
+    assert_eq!(
+        (forward_leg.client_pid, forward_leg.client_uid),
+        (client.pid(), NOBODY),
+        "{forward_leg:?}"
+    );
+    for leg in [client_leg, forward_leg] {
+        assert_eq!(leg.protocol, Protocol::Udp, "{leg:?}");
+        assert_eq!(leg.original_destination, Some(dst), "{leg:?}");
+        let port = leg.client.map(|c| c.port());
+        assert_eq!(port, Some(local_port(&report)), "{leg:?}");
+    }
+
+    std::fs::write(&release, b"").unwrap();
+    client
+        .wait_line("the socket closed", |l| l.contains("\"closed\""))
+        .unwrap();
+    let left = eventually("the client's leg to leave the list", || {
+        let conns = lab.engine.connections().unwrap();
+        (conns.len() == 1).then_some(conns)
+    });
+    assert_eq!(left[0].chain, vec![first, second], "{left:?}");
+    std::fs::remove_file(&release).unwrap();
+    assert!(client.finish().unwrap().0.success());
+}
