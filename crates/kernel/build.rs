@@ -25,6 +25,7 @@ const ENTRY_FILES: &[&str] = &[
     "sockopt.c",
     "sk_msg.c",
     "udp.c",
+    "release.c",
 ];
 
 /// The object the crate embeds (see `src/lib.rs`).

@@ -476,22 +476,28 @@ fn print_rules(rules: &[RuleStatus]) {
     }
 }
 
-/// Prints one line per flow: its legs grouped by the flow's first socket,
-/// the client process from the first leg, the chain from the longest.
+/// Prints one line per flow: its legs grouped by the flow's protocol and
+/// first socket, the client process from the first leg, the chain from the
+/// longest. A leg whose first socket is unknown (a UDP client that
+/// connected before binding) is a flow of its own.
 fn print_conns(conns: &[Conn], json: bool) -> Result<()> {
     if json {
         return print_json(&conns);
     }
-    let mut flows: std::collections::BTreeMap<String, Vec<&Conn>> = Default::default();
-    for leg in conns {
-        let key = leg.client.map_or("?".to_string(), |c| c.to_string());
+    let mut flows: std::collections::BTreeMap<(String, String, usize), Vec<&Conn>> =
+        Default::default();
+    for (i, leg) in conns.iter().enumerate() {
+        let key = match flow_client(leg, conns) {
+            Some(c) => (leg.protocol.clone(), c.to_string(), 0),
+            None => (leg.protocol.clone(), "?".to_string(), i),
+        };
         flows.entry(key).or_default().push(leg);
     }
     println!(
-        "{:<28} {:<28} {:<28} {:<40} AGE",
-        "CLIENT", "PROCESS", "ORIGINAL DESTINATION", "CHAIN"
+        "{:<5} {:<28} {:<28} {:<28} {:<40} AGE",
+        "PROTO", "CLIENT", "PROCESS", "ORIGINAL DESTINATION", "CHAIN"
     );
-    for (client, legs) in &flows {
+    for ((protocol, client, _), legs) in &flows {
         let longest = legs
             .iter()
             .max_by_key(|l| l.chain.len())
@@ -502,7 +508,8 @@ fn print_conns(conns: &[Conn], json: bool) -> Result<()> {
         };
         let age = legs.iter().map(|l| l.age_ms).max().unwrap_or(0);
         println!(
-            "{:<28} {:<28} {:<28} {:<40} {:.1}s",
+            "{:<5} {:<28} {:<28} {:<28} {:<40} {:.1}s",
+            protocol,
             client,
             process,
             longest
@@ -514,6 +521,26 @@ fn print_conns(conns: &[Conn], json: bool) -> Result<()> {
     }
     println!("{} flows, {} redirected sockets", flows.len(), conns.len());
     Ok(())
+}
+
+/// The first socket of `leg`'s flow. A UDP client's own leg has the address
+/// its socket had when it was redirected, often a wildcard one with its
+/// port; the services' legs of the flow name the address its datagrams came
+/// from, with the same port: that one, when a leg has it.
+fn flow_client(leg: &Conn, conns: &[Conn]) -> Option<std::net::SocketAddr> {
+    let client = leg.client?;
+    if leg.protocol != "udp" || !client.ip().is_unspecified() {
+        return Some(client);
+    }
+    let named = conns.iter().filter_map(|other| {
+        let c = other.client?;
+        (other.protocol == "udp"
+            && other.client_pid == leg.client_pid
+            && c.port() == client.port()
+            && !c.ip().is_unspecified())
+        .then_some(c)
+    });
+    Some(named.min().unwrap_or(client))
 }
 
 fn print_status(status: &Status, json: bool) -> Result<()> {
@@ -649,4 +676,43 @@ fn rule(action: RuleAction, places: &lifecycle::Places) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leg(protocol: &str, client: &str, client_pid: u32, hops: usize) -> Conn {
+        Conn {
+            age_ms: 0,
+            cgroup_id: 0,
+            chain: vec!["a".into(); hops],
+            client: Some(client.parse().unwrap()),
+            client_pid,
+            client_uid: 65534,
+            command: "c".into(),
+            local: None,
+            original_dst: Some("192.0.2.53:53".parse().unwrap()),
+            pid: client_pid,
+            protocol: protocol.into(),
+            uid: 65534,
+        }
+    }
+
+    #[test]
+    fn a_udp_clients_wildcard_leg_is_one_flow_with_the_services_legs() {
+        let conns = [
+            leg("udp", "0.0.0.0:40000", 7, 1),
+            leg("udp", "127.0.0.1:40000", 7, 2),
+            // Another client on the same port number elsewhere: its own flow.
+            leg("udp", "0.0.0.0:40000", 8, 1),
+            // TCP keeps its address as it is.
+            leg("tcp", "0.0.0.0:40000", 7, 1),
+        ];
+        let flow = |i: usize| flow_client(&conns[i], &conns).unwrap().to_string();
+        assert_eq!(flow(0), "127.0.0.1:40000");
+        assert_eq!(flow(1), "127.0.0.1:40000");
+        assert_eq!(flow(2), "0.0.0.0:40000");
+        assert_eq!(flow(3), "0.0.0.0:40000");
+    }
 }

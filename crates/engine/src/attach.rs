@@ -22,7 +22,7 @@ use crate::{map_err, program_err, Engine, Error};
 pub const CGROUP_PROGRAMS: usize = PROGRAMS.len();
 
 /// The programs, in the order they are attached.
-pub(crate) const PROGRAMS: [&str; 13] = [
+pub(crate) const PROGRAMS: [&str; 14] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::BIND4,
@@ -36,6 +36,7 @@ pub(crate) const PROGRAMS: [&str; 13] = [
     programs::RECVMSG6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::SOCK_RELEASE,
 ];
 
 /// One cgroup with every program attached to it, through links the

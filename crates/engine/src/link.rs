@@ -30,6 +30,7 @@ pub(crate) fn attach_type(program: &str) -> bpf_attach_type {
         p::RECVMSG6 => bpf_attach_type::BPF_CGROUP_UDP6_RECVMSG,
         p::GETPEERNAME4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
         p::GETPEERNAME6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
+        p::SOCK_RELEASE => bpf_attach_type::BPF_CGROUP_INET_SOCK_RELEASE,
         other => unreachable!("{other} is not a connredir program"),
     }
 }

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, MapError};
-use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
+use aya::programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use connredir_abi::{connredir_seal_key, map_names};
 use connredir_kernel::programs;
@@ -65,6 +65,8 @@ pub(crate) fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
         let prog: &mut CgroupSockopt = program_mut(&mut bpf, name)?;
         prog.load().map_err(program_err(name))?;
     }
+    let prog: &mut CgroupSock = program_mut(&mut bpf, programs::SOCK_RELEASE)?;
+    prog.load().map_err(program_err(programs::SOCK_RELEASE))?;
     // Before the sk_msg attachment, whose previous program a failure
     // would have to put back.
     let pids = pid_identities(&bpf)?;

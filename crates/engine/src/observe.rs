@@ -1,5 +1,6 @@
 //! Watching the layer work: the live redirected connections (the `conns`
-//! map, kept by the sockops program) and the stream of redirect decisions
+//! map: TCP legs kept by the sockops program, UDP legs by the connect and
+//! sendmsg programs and the sock_release program) and the stream of redirect decisions
 //! (the `trace` ring buffer, fed by the connect programs while someone
 //! reads it).
 
@@ -47,6 +48,8 @@ pub struct Connection {
     pub chain: Vec<ServiceId>,
     /// How long ago this leg was redirected.
     pub age: Duration,
+    /// The socket's protocol (`Tcp` or `Udp`; never `TcpAndUdp`).
+    pub protocol: Protocol,
 }
 
 /// What the connect program decided for one connect(). Serialized by its
@@ -163,6 +166,16 @@ pub struct TraceEvent {
     pub protocol: Protocol,
 }
 
+/// A socket's protocol as the programs write it: UDP, or else TCP (0 in a
+/// live-connection entry of a layer from before UDP legs were listed).
+fn protocol_from_abi(value: u8) -> Protocol {
+    if value == CONNREDIR_PROTO_UDP as u8 {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    }
+}
+
 fn command(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
@@ -198,6 +211,7 @@ impl Connection {
             original_destination: endpoint(&conn.original_dst),
             chain: conn.chain[..hops].iter().map(|id| ServiceId(*id)).collect(),
             age: now.saturating_sub(Duration::from_nanos(conn.time_ns)),
+            protocol: protocol_from_abi(conn.protocol),
         }
     }
 }
@@ -219,6 +233,10 @@ impl Engine {
             let Ok((_, conn)) = entry else {
                 continue;
             };
+            // A UDP leg's entry is added blank and then filled: not yet.
+            if conn.hop_count == 0 {
+                continue;
+            }
             out.push(Connection::from_abi(&conn, now));
         }
         out.sort_by_key(|c| std::cmp::Reverse(c.age));
@@ -335,11 +353,7 @@ impl Tracer {
                 hops: raw.hop_count,
                 state: state_from_abi(raw.state),
                 decision,
-                protocol: if raw.protocol == CONNREDIR_PROTO_UDP as u8 {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
-                },
+                protocol: protocol_from_abi(raw.protocol),
             });
         }
         events

@@ -6,7 +6,8 @@
  * decide() (lib/decide.h: the rules of the socket's protocol, the chain, the
  * service's listener) and, when redirected, rewritten to the service's
  * listening address. A UDP connect by a service's own socket to a client
- * takes that client's flow instead (lib/udp.h).
+ * takes that client's flow instead (lib/udp.h). A redirected UDP socket is
+ * listed in conns here (TCP ones are, by sockops, once connected).
  */
 #include "lib/addr.h"
 #include "lib/decide.h"
@@ -18,6 +19,30 @@ static __always_inline __u32 protocol_of(__u32 type)
 	return type == SOCK_STREAM ? CONNREDIR_PROTO_TCP :
 	       type == SOCK_DGRAM  ? CONNREDIR_PROTO_UDP :
 				     0;
+}
+
+/*
+ * A UDP socket's place in the live-connection list after a decision (TCP
+ * sockets are listed by sockops, once connected). A global function,
+ * verified once on its own: inlined after decide(), it was walked again on
+ * every way out of decide(), past the verifier's budget. It reads the
+ * socket type itself so that the caller keeps nothing more alive across
+ * decide() (which also costs the verifier its pruning).
+ */
+__noinline int udp_list(struct bpf_sock_addr *ctx, int verdict)
+{
+	struct bpf_sock *sk;
+
+	if (!ctx || ctx->type != SOCK_DGRAM)
+		return 0;
+	sk = ctx->sk;
+	if (!sk)
+		return 0;
+	if (verdict == VERDICT_REDIRECT)
+		udp_track(ctx, sk);
+	else
+		udp_untrack(ctx, sk);
+	return 0;
 }
 
 /* A refused connect: the errno reaches the caller of connect(). */
@@ -54,6 +79,7 @@ static __always_inline int on_addr4(struct bpf_sock_addr *ctx, int sending)
 	if (sending && udp_original_peer(sk, &dst))
 		return 1;
 	verdict = decide_traced(ctx, sk, &dst, 0, protocol, &target, &refusal);
+	udp_list(ctx, verdict);
 	if (verdict == VERDICT_REFUSE)
 		return refuse(refusal);
 	if (verdict == VERDICT_REDIRECT && target) {
@@ -89,6 +115,7 @@ static __always_inline int on_addr6(struct bpf_sock_addr *ctx, int sending)
 	if (sending && udp_original_peer(sk, &dst))
 		return 1;
 	verdict = decide_traced(ctx, sk, &dst, !mapped, protocol, &target, &refusal);
+	udp_list(ctx, verdict);
 	if (verdict == VERDICT_REFUSE)
 		return refuse(refusal);
 	if (verdict != VERDICT_REDIRECT || !target)

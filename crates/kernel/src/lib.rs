@@ -14,7 +14,9 @@
 //!   operations at the syscall level and `SO_ORIGINAL_DST`;
 //! - `sk_msg.c`: `sk_msg`, the sockmap acceleration of local legs;
 //! - `udp.c`: `cgroup/recvmsg4|6` and `cgroup/getpeername4|6`, which show a
-//!   redirected UDP client its original destination as its peer.
+//!   redirected UDP client its original destination as its peer;
+//! - `release.c`: `cgroup/sock_release`, where a redirected UDP socket
+//!   leaves the live-connection list.
 //!
 //! What they do is in `bpf/lib/`, one header per job:
 //! - `abi.h`: the one include of the shared ABI header (`connredir-abi`);
@@ -26,7 +28,8 @@
 //! - `record.h`: the redirect record and its chain of services;
 //! - `decide.h`: where a redirect is decided (`decide`, `judge_rule`);
 //! - `listener.h`: whether a service's listener is its own;
-//! - `handoff.h`: the record's way to the accepted socket, the `conns` list;
+//! - `handoff.h`: the record's way to the accepted socket;
+//! - `conns.h`: the live-connection list (`conns`), for TCP and UDP legs;
 //! - `inherit.h`: records inherited by services that set none;
 //! - `seal.h`: the record seal (SipHash-2-4) and its check;
 //! - `accel.h`: acceleration and cut-through, every part of it.
@@ -79,6 +82,9 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "connredir_getpeername4";
     /// `cgroup/getpeername6`: as `GETPEERNAME4`, for IPv6 sockets.
     pub const GETPEERNAME6: &str = "connredir_getpeername6";
+    /// `cgroup/sock_release`: a redirected UDP socket leaves the
+    /// live-connection list when it is closed.
+    pub const SOCK_RELEASE: &str = "connredir_sock_release";
 }
 
 #[cfg(test)]
@@ -113,6 +119,7 @@ mod tests {
             super::programs::RECVMSG6,
             super::programs::GETPEERNAME4,
             super::programs::GETPEERNAME6,
+            super::programs::SOCK_RELEASE,
         ] {
             assert!(contains(name), "program {name} missing from the object");
         }

@@ -12,7 +12,7 @@
 //! connredir-testkit forge --listen ADDR --connect ADDR --other ID [--iterations N] [--seed S]
 //! connredir-testkit set-blob --hex HEX --connect ADDR
 //! connredir-testkit udp-proxy --name NAME --listen ADDR [--no-records]
-//! connredir-testkit udp-client --connect ADDR [--count N] [--unconnected]
+//! connredir-testkit udp-client --connect ADDR [--count N] [--unconnected] [--until FILE]
 //! ```
 //!
 //! and the roles of the isolation tests (see `isolation.rs`).
@@ -169,6 +169,10 @@ enum Role {
         /// Send with sendto() on an unconnected socket.
         #[arg(long)]
         unconnected: bool,
+        /// After the report, keep the socket open until FILE exists, then
+        /// close it (printing `closed`) and live on until FILE is gone.
+        #[arg(long, value_name = "FILE")]
+        until: Option<PathBuf>,
     },
     /// An attacker in another network namespace (`isolation.rs`).
     NetnsAttacker(isolation::NetnsAttacker),
@@ -235,7 +239,8 @@ fn main() -> Result<()> {
             connect,
             count,
             unconnected,
-        } => udp::client(connect, count, unconnected),
+            until,
+        } => udp::client(connect, count, unconnected, until.as_deref()),
         Role::NetnsAttacker(args) => isolation::netns_attacker(&args),
         Role::StalledService(args) => isolation::stalled_service(&args),
         Role::BoundClient(args) => isolation::bound_client(&args),

@@ -147,7 +147,16 @@ fn relay(own: UdpSocket, onward: UdpSocket) {
 /// Sends `count` datagrams to `addr` (connected with `connect()`, or with
 /// `sendto()` when `unconnected`) and checks each echo. Reports where the
 /// echoes came from (`recvfrom`) and, when connected, the socket's peer.
-pub fn client(addr: SocketAddr, count: usize, unconnected: bool) -> Result<()> {
+/// With `until`, the socket stays open after the report until that file
+/// exists; then it is closed (`{"closed": true}`) while the process lives on
+/// until the file is removed, so that what a close does can be seen apart
+/// from what an exit does.
+pub fn client(
+    addr: SocketAddr,
+    count: usize,
+    unconnected: bool,
+    until: Option<&std::path::Path>,
+) -> Result<()> {
     let any: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
@@ -203,5 +212,15 @@ pub fn client(addr: SocketAddr, count: usize, unconnected: bool) -> Result<()> {
         "from": from,
         "peer": peer,
     }));
+    if let Some(until) = until {
+        while !until.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(socket);
+        emit(json!({ "closed": true }));
+        while until.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     Ok(())
 }

@@ -7,13 +7,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use connredir_testkit::{
-    free_addr, require_privileges, require_program, test_tree, workspace_bin, CgroupTree,
-    EchoServer, Proc,
+    eventually, free_addr, require_privileges, require_program, test_tree, workspace_bin,
+    CgroupTree, EchoServer, Proc, UdpEchoServer,
 };
 use serde_json::Value;
 
 /// Programs `up` attaches to each cgroup of its scope: connect4/6,
-/// bind4/6, sockops, getsockopt, setsockopt.
+/// bind4/6, sockops, getsockopt, setsockopt, sendmsg4/6, recvmsg4/6,
+/// getpeername4/6, sock_release.
 const PER_CGROUP: usize = connredir_engine::CGROUP_PROGRAMS;
 
 /// One test's `up` setup: a cgroup tree, a config, a pin and state dir.
@@ -495,6 +496,111 @@ fn conns_trace_and_metrics_show_a_redirected_connection() {
     assert_eq!(event["destination"], server.addr().to_string());
     assert_eq!(event["command"], "connredir-testk");
     assert_eq!(event["state"], "NotRedirected");
+    stop(up);
+}
+
+/// `status --json`'s entry for the one service.
+fn service_status(svc: &Service) -> Value {
+    let out = svc.command(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["services"][0].clone()
+}
+
+/// A service whose rule is UDP only is up while its own UDP socket is bound
+/// on its address, and not listening otherwise, a TCP listener there
+/// included (`status`, the `connredir_service_up` metric); `conns` lists a
+/// UDP flow (client uid 65534) with its protocol, chain and original
+/// destination, in JSON and text, until the client closes its socket.
+#[test]
+fn status_and_conns_show_a_udp_service_and_its_flows() {
+    let server = UdpEchoServer::start("127.0.0.2:0").unwrap();
+    let proxy_addr = free_addr("127.0.0.1");
+    let Some(svc) = Service::new("observe-udp", server.addr(), proxy_addr) else {
+        return;
+    };
+    let config = std::fs::read_to_string(&svc.config).unwrap();
+    let config = config.replace("[[rule]]\n", "[[rule]]\nprotocol = \"udp\"\n");
+    std::fs::write(&svc.config, config).unwrap();
+    let metrics = free_addr("127.0.0.1");
+    let up = svc.up_with(&["--metrics", &metrics.to_string()]);
+
+    let service = service_status(&svc);
+    assert_eq!(service["up"], false, "{service}");
+    // A TCP listener on the address is not what a UDP rule needs.
+    let tcp = std::net::TcpListener::bind(proxy_addr).unwrap();
+    let service = service_status(&svc);
+    assert_eq!(service["up"], false, "{service}");
+    let text = String::from_utf8(svc.command(&["status"]).stdout).unwrap();
+    assert!(text.contains("not listening"), "{text}");
+    drop(tcp);
+
+    let listen = proxy_addr.to_string();
+    let args = ["udp-proxy", "--name", "proxy", "--listen", &listen];
+    let proxy = Proc::spawn(&svc.cgroup("services/proxy"), None, &args).unwrap();
+    proxy
+        .wait_line("UDP service ready", |l| l == "ready")
+        .unwrap();
+    let service = service_status(&svc);
+    assert_eq!(service["up"], true, "{service}");
+    let text = String::from_utf8(svc.command(&["status"]).stdout).unwrap();
+    assert!(!text.contains("not listening"), "{text}");
+    let scraped = scrape(metrics);
+    assert!(
+        scraped.contains("connredir_service_up{service=\"proxy\"} 1\n"),
+        "{scraped}"
+    );
+
+    // A UDP flow held open by an unprivileged client.
+    let release = svc.config.with_file_name("release");
+    let (connect, until) = (server.addr().to_string(), release.display().to_string());
+    let args = ["udp-client", "--connect", &connect, "--until", &until];
+    let client = Proc::spawn(&svc.cgroup("scope/client"), Some(65534), &args).unwrap();
+    let report = client
+        .wait_line("the client's report", |l| l.contains("\"ok\""))
+        .unwrap();
+    assert!(report.contains("\"ok\":true"), "{report}");
+    let out = svc.command(&["conns", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let conns: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let legs = conns.as_array().unwrap();
+    assert_eq!(legs.len(), 1, "{conns}");
+    assert_eq!(legs[0]["protocol"], "udp", "{conns}");
+    assert_eq!(legs[0]["chain"], serde_json::json!(["proxy"]), "{conns}");
+    assert_eq!(legs[0]["pid"], client.pid(), "{conns}");
+    assert_eq!(legs[0]["uid"], 65534, "{conns}");
+    assert_eq!(legs[0]["original_dst"], server.addr().to_string());
+    let text = String::from_utf8(svc.command(&["conns"]).stdout).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("udp ")
+            && l.contains(&format!("{} connredir-testk", client.pid()))
+            && l.contains(&server.addr().to_string())),
+        "{text}"
+    );
+    assert!(text.contains("1 flows, 1 redirected sockets"), "{text}");
+    let scraped = scrape(metrics);
+    assert!(
+        scraped.contains("connredir_live_connections 1\n"),
+        "{scraped}"
+    );
+
+    std::fs::write(&release, b"").unwrap();
+    client
+        .wait_line("the socket closed", |l| l.contains("\"closed\""))
+        .unwrap();
+    eventually("conns to empty once the client closed its socket", || {
+        let out = svc.command(&["conns", "--json"]);
+        let conns: Value = serde_json::from_slice(&out.stdout).ok()?;
+        conns.as_array()?.is_empty().then_some(())
+    });
+    std::fs::remove_file(&release).unwrap();
+    assert!(client.finish().unwrap().0.success());
+
+    // The service gone, it is not listening again.
+    drop(proxy);
+    eventually("the service to be reported down", || {
+        (service_status(&svc)["up"] == false).then_some(())
+    });
     stop(up);
 }
 

@@ -591,3 +591,159 @@ fn a_udp_service_bound_before_the_layer_saw_it_is_found_at_registration() {
     let counters = lab.engine.counters().unwrap();
     assert_eq!(counters.service_down_blocked, 0, "{counters:?}");
 }
+
+/// A redirected UDP client socket (uid 65534, connected or sending with
+/// `sendto()`) is a leg in the live-connection list while it is open: the
+/// UDP protocol, the client process, the chain, the original destination,
+/// its bound port; it leaves the list when the client closes the socket,
+/// while the client process still lives.
+fn udp_flow_is_listed_until_its_socket_closes(
+    server_ip: &str,
+    listen_ip: &str,
+    prefix: &str,
+    unconnected: bool,
+    test: &str,
+) {
+    let Some((mut lab, server)) = udp_lab(test, server_ip) else {
+        return;
+    };
+    let dst = server.addr();
+    let (id, service) = lab.udp_service("listed", free_addr(listen_ip), prefix, dst.port(), 0, &[]);
+    let release = std::env::temp_dir().join(format!(
+        "connredir-{test}-{}-{unconnected}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&release);
+    let (connect, until) = (dst.to_string(), release.display().to_string());
+    let mut args = vec!["udp-client", "--connect", &connect, "--until", &until];
+    if unconnected {
+        args.push("--unconnected");
+    }
+    let client = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+    let line = client
+        .wait_line("the client's report", |l| l.contains("\"ok\""))
+        .unwrap();
+    let report: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        report["ok"],
+        true,
+        "{report}; service: {:?}",
+        lab.proxy_log(service)
+    );
+
+    // The service's onward socket goes to the destination, not redirected:
+    // the client's socket is the one leg.
+    let conns = lab.engine.connections().unwrap();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let leg = &conns[0];
+    assert_eq!(leg.protocol, Protocol::Udp, "{leg:?}");
+    assert_eq!(leg.chain, vec![id], "{leg:?}");
+    assert_eq!(leg.original_destination, Some(dst), "{leg:?}");
+    assert_eq!((leg.pid, leg.uid), (client.pid(), NOBODY), "{leg:?}");
+    assert_eq!((leg.client_pid, leg.client_uid), (client.pid(), NOBODY));
+    assert_eq!(leg.command, "connredir-testk", "{leg:?}");
+    // Bound before it connected or sent: its port is known.
+    let local = leg.local.expect("the client socket's bound address");
+    assert_eq!(local.port(), local_port(&report), "{leg:?}");
+    assert_eq!(leg.client, leg.local, "{leg:?}");
+    assert!(leg.age < Duration::from_secs(30), "{leg:?}");
+
+    std::fs::write(&release, b"").unwrap();
+    client
+        .wait_line("the socket closed", |l| l.contains("\"closed\""))
+        .unwrap();
+    eventually("the leg to leave the list once its socket closed", || {
+        lab.engine.connections().unwrap().is_empty().then_some(())
+    });
+    std::fs::remove_file(&release).unwrap();
+    let (status, lines) = client.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(lab.engine.counters().unwrap().conns_untracked, 0);
+}
+
+#[test]
+fn redirected_udp_flows_are_listed_until_their_socket_closes_ipv4() {
+    for unconnected in [false, true] {
+        udp_flow_is_listed_until_its_socket_closes(
+            "127.0.0.2",
+            "127.0.0.1",
+            "127.0.0.2/32",
+            unconnected,
+            "udp-conns-v4",
+        );
+    }
+}
+
+#[test]
+fn redirected_udp_flows_are_listed_until_their_socket_closes_ipv6() {
+    for unconnected in [false, true] {
+        udp_flow_is_listed_until_its_socket_closes(
+            "[::1]",
+            "::1",
+            "::1/128",
+            unconnected,
+            "udp-conns-v6",
+        );
+    }
+}
+
+/// A UDP flow through two services is listed leg by leg, as a TCP flow is:
+/// the client's socket (chain: the first service) and the first service's
+/// onward socket (both services, opened by the service for the same
+/// client), each UDP, each with the original destination. Closing the
+/// client's socket removes its leg only: the service's socket is its own.
+#[test]
+fn a_chained_udp_flow_is_listed_leg_by_leg_and_the_clients_leaves_when_it_closes() {
+    let Some((mut lab, server)) = udp_lab("udp-conns-chain", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let prefix = "127.0.0.2/32";
+    let (first, a) = lab.udp_service("alpha", free_addr("127.0.0.1"), prefix, dst.port(), 0, &[]);
+    let (second, _) = lab.udp_service("bravo", free_addr("127.0.0.1"), prefix, dst.port(), 1, &[]);
+    let release =
+        std::env::temp_dir().join(format!("connredir-udp-conns-chain-{}", std::process::id()));
+    let _ = std::fs::remove_file(&release);
+    let (connect, until) = (dst.to_string(), release.display().to_string());
+    let args = ["udp-client", "--connect", &connect, "--until", &until];
+    let client = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).unwrap();
+    let line = client
+        .wait_line("the client's report", |l| l.contains("\"ok\""))
+        .unwrap();
+    let report: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+
+    let conns = eventually("both legs in the list", || {
+        let conns = lab.engine.connections().unwrap();
+        (conns.len() == 2).then_some(conns)
+    });
+    let leg = |hops: usize| conns.iter().find(|c| c.chain.len() == hops).unwrap();
+    let (client_leg, forward_leg) = (leg(1), leg(2));
+    assert_eq!(client_leg.chain, vec![first], "{client_leg:?}");
+    assert_eq!(client_leg.pid, client.pid(), "{client_leg:?}");
+    assert_eq!(forward_leg.chain, vec![first, second], "{forward_leg:?}");
+    assert_eq!(forward_leg.pid, lab.procs[a].pid(), "{forward_leg:?}");
+    assert_eq!(
+        (forward_leg.client_pid, forward_leg.client_uid),
+        (client.pid(), NOBODY),
+        "{forward_leg:?}"
+    );
+    for leg in [client_leg, forward_leg] {
+        assert_eq!(leg.protocol, Protocol::Udp, "{leg:?}");
+        assert_eq!(leg.original_destination, Some(dst), "{leg:?}");
+        let port = leg.client.map(|c| c.port());
+        assert_eq!(port, Some(local_port(&report)), "{leg:?}");
+    }
+
+    std::fs::write(&release, b"").unwrap();
+    client
+        .wait_line("the socket closed", |l| l.contains("\"closed\""))
+        .unwrap();
+    let left = eventually("the client's leg to leave the list", || {
+        let conns = lab.engine.connections().unwrap();
+        (conns.len() == 1).then_some(conns)
+    });
+    assert_eq!(left[0].chain, vec![first, second], "{left:?}");
+    std::fs::remove_file(&release).unwrap();
+    assert!(client.finish().unwrap().0.success());
+}

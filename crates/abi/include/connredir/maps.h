@@ -323,7 +323,13 @@ struct connredir_accel_state {
 
 /* ---- Live redirected connections (the conns hash, keyed by socket cookie). */
 
-/* One redirected socket: a leg of a flow, from its client or a service. */
+/*
+ * One redirected socket: a leg of a flow, from its client or a service. A
+ * TCP leg is listed from TCP_CONNECT_CB until the socket closes (sockops);
+ * a UDP leg from the connect() or sendto() that redirected it until the
+ * socket is released (cgroup/sock_release), or until a later decision of
+ * the same socket sends it past every service.
+ */
 struct connredir_conn {
 	uint64_t time_ns; /* CLOCK_BOOTTIME of the redirect */
 	uint64_t cgroup_id; /* of the process that connected */
@@ -333,10 +339,15 @@ struct connredir_conn {
 	uint32_t client_pid; /* the process that opened the flow */
 	uint32_t client_uid;
 	uint16_t hop_count; /* services in chain, this leg's included */
-	uint16_t reserved;
+	/* CONNREDIR_PROTO_TCP or CONNREDIR_PROTO_UDP; 0 in an entry of a layer
+	 * from before UDP flows were listed, which listed TCP only. */
+	uint8_t protocol;
+	uint8_t reserved;
 	uint32_t chain[CONNREDIR_MAX_HOPS]; /* service ids, oldest first */
-	struct connredir_endpoint client; /* the flow's first socket */
-	struct connredir_endpoint local; /* this leg's socket */
+	/* The flow's first socket; for a UDP client's own leg, its bound
+	 * address when it sent (zero when its connect() came before a bind). */
+	struct connredir_endpoint client;
+	struct connredir_endpoint local; /* this leg's socket (as `client`) */
 	struct connredir_endpoint original_dst;
 };
 

@@ -412,7 +412,8 @@ pub struct connredir_conn {
     pub client_pid: u32,
     pub client_uid: u32,
     pub hop_count: u16,
-    pub reserved: u16,
+    pub protocol: u8,
+    pub reserved: u8,
     pub chain: [u32; 8usize],
     pub client: connredir_endpoint,
     pub local: connredir_endpoint,
@@ -436,8 +437,10 @@ const _: () = {
         [::std::mem::offset_of!(connredir_conn, client_uid) - 44usize];
     ["Offset of field: connredir_conn::hop_count"]
         [::std::mem::offset_of!(connredir_conn, hop_count) - 48usize];
+    ["Offset of field: connredir_conn::protocol"]
+        [::std::mem::offset_of!(connredir_conn, protocol) - 50usize];
     ["Offset of field: connredir_conn::reserved"]
-        [::std::mem::offset_of!(connredir_conn, reserved) - 50usize];
+        [::std::mem::offset_of!(connredir_conn, reserved) - 51usize];
     ["Offset of field: connredir_conn::chain"]
         [::std::mem::offset_of!(connredir_conn, chain) - 52usize];
     ["Offset of field: connredir_conn::client"]

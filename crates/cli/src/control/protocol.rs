@@ -141,7 +141,9 @@ pub struct ServiceStatus {
     pub name: String,
     /// What happens to its connections while it is not listening.
     pub on_down: OnDownConfig,
-    /// Whether its own listener is on every address.
+    /// Whether it receives on every address, for each protocol its rules
+    /// redirect there: a TCP listener, a bound UDP socket (with no rule
+    /// yet, either).
     pub up: bool,
 }
 
@@ -204,6 +206,10 @@ pub struct Conn {
     pub original_dst: Option<SocketAddr>,
     /// The process that connected this leg.
     pub pid: u32,
+    /// The socket's protocol, `tcp` or `udp` (absent from an older `up`,
+    /// which listed TCP legs only: `tcp`).
+    #[serde(default = "tcp")]
+    pub protocol: String,
     /// Its user id.
     pub uid: u32,
 }
@@ -366,6 +372,40 @@ mod tests {
                 format!("\"{}\"", decision.name())
             );
         }
+    }
+
+    #[test]
+    fn a_conn_carries_its_protocol_and_an_older_one_reads_as_tcp() {
+        let conn = Conn {
+            age_ms: 1500,
+            cgroup_id: 7,
+            chain: vec!["dns-guard".into()],
+            client: Some("127.0.0.1:40000".parse().unwrap()),
+            client_pid: 42,
+            client_uid: 65534,
+            command: "dig".into(),
+            local: Some("127.0.0.1:40000".parse().unwrap()),
+            original_dst: Some("192.0.2.53:53".parse().unwrap()),
+            pid: 42,
+            protocol: "udp".into(),
+            uid: 65534,
+        };
+        let text = serde_json::to_string(&conn).unwrap();
+        assert_eq!(
+            text,
+            "{\"age_ms\":1500,\"cgroup_id\":7,\"chain\":[\"dns-guard\"],\
+             \"client\":\"127.0.0.1:40000\",\"client_pid\":42,\"client_uid\":65534,\
+             \"command\":\"dig\",\"local\":\"127.0.0.1:40000\",\
+             \"original_dst\":\"192.0.2.53:53\",\"pid\":42,\"protocol\":\"udp\",\
+             \"uid\":65534}"
+        );
+        assert_eq!(serde_json::from_str::<Conn>(&text).unwrap(), conn);
+        // An `up` from before UDP legs were listed sends no protocol.
+        let older = text.replace(",\"protocol\":\"udp\"", "");
+        assert_eq!(
+            serde_json::from_str::<Conn>(&older).unwrap().protocol,
+            "tcp"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, RwLock};
 
 use anyhow::{Context, Result};
-use connredir_engine::{Action, Engine, OnDown, Rule, RuleId, ServiceId};
+use connredir_engine::{Action, Engine, OnDown, Protocol, Rule, RuleId, ServiceId};
 
 use super::protocol::{
     Conn, Created, Pending, Reply, Request, Response, RuleStatus, ServiceStatus, Status, Streaming,
@@ -462,6 +462,30 @@ fn counters(engine: &Engine) -> Result<BTreeMap<String, u64>> {
     Ok(serde_json::from_slice(&counters)?)
 }
 
+/// Whether a service is up: on each of its addresses, its socket for each
+/// protocol its redirect rules send there (TCP: a listener; UDP: a bound unconnected
+/// socket, where a UDP service receives); with no rule yet, either one.
+/// Read from `/proc/net/{tcp,udp}{,6}`, so nothing probes the service.
+fn service_up(engine: &Engine, id: ServiceId, listen: &[std::net::SocketAddr]) -> bool {
+    let (mut tcp, mut udp) = (false, false);
+    let redirects_here = |r: &Rule| r.service == id && r.action == Action::Redirect;
+    for (_, rule) in engine.rules().filter(|(_, r)| redirects_here(r)) {
+        match rule.protocol {
+            Protocol::Tcp => tcp = true,
+            Protocol::Udp => udp = true,
+            Protocol::TcpAndUdp => (tcp, udp) = (true, true),
+        }
+    }
+    listen.iter().all(|addr| {
+        let listening = || connredir_host::procfs::is_listening(addr);
+        let bound = || !connredir_host::procfs::bound_udp_inodes(addr).is_empty();
+        match (tcp, udp) {
+            (false, false) => listening() || bound(),
+            _ => (!tcp || listening()) && (!udp || bound()),
+        }
+    })
+}
+
 fn status(engine: &Engine) -> Result<Status> {
     let hits = engine.rule_hits()?;
     let services = engine
@@ -470,7 +494,7 @@ fn status(engine: &Engine) -> Result<Status> {
             id: id.0,
             listen: s.listen.clone(),
             name: s.name.clone(),
-            up: s.listen.iter().all(connredir_host::procfs::is_listening),
+            up: service_up(engine, id, &s.listen),
             on_down: on_down(s.on_down),
         })
         .collect();
@@ -508,6 +532,7 @@ fn conns(engine: &Engine) -> Result<Vec<Conn>> {
                 .map(|id| name_of(engine, *id).unwrap_or_else(|| format!("#{}", id.0)))
                 .collect(),
             age_ms: c.age.as_millis() as u64,
+            protocol: c.protocol.names()[0].to_string(),
         })
         .collect())
 }

@@ -86,22 +86,22 @@ pub const HOOKS: &[Hook] = &[
     Hook {
         attach_type: 14,
         name: "cgroup_udp4_sendmsg",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 15,
         name: "cgroup_udp6_sendmsg",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 19,
         name: "cgroup_udp4_recvmsg",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 20,
         name: "cgroup_udp6_recvmsg",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 21,
@@ -116,12 +116,12 @@ pub const HOOKS: &[Hook] = &[
     Hook {
         attach_type: 29,
         name: "cgroup_inet4_getpeername",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 30,
         name: "cgroup_inet6_getpeername",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 31,
@@ -136,7 +136,7 @@ pub const HOOKS: &[Hook] = &[
     Hook {
         attach_type: 34,
         name: "cgroup_inet_sock_release",
-        layers: false,
+        layers: true,
     },
 ];
 
@@ -328,4 +328,29 @@ pub fn pinned_programs(pin_dir: &Path) -> BTreeSet<u32> {
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HOOKS;
+
+    #[test]
+    fn the_layers_hooks_are_one_per_program_the_engine_attaches() {
+        // Each of the engine's cgroup programs has a hook of its own: a
+        // foreign program on any of them shares the layer's events.
+        let layers: Vec<&str> = HOOKS.iter().filter(|h| h.layers).map(|h| h.name).collect();
+        assert_eq!(
+            layers.len(),
+            connredir_engine::CGROUP_PROGRAMS,
+            "hooks marked as the layer's: {layers:?}"
+        );
+        for name in [
+            "cgroup_udp4_sendmsg",
+            "cgroup_udp6_recvmsg",
+            "cgroup_inet4_getpeername",
+            "cgroup_inet_sock_release",
+        ] {
+            assert!(layers.contains(&name), "{name} is one of the layer's hooks");
+        }
+    }
 }

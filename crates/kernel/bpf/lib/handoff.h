@@ -12,8 +12,8 @@
  * service (refused, reset, timed out) deletes its entry when the client socket
  * closes, so the map does not grow without bound.
  *
- * The redirected client socket is also listed in the conns map, from
- * TCP_CONNECT_CB until it closes: the live redirected connections.
+ * The redirected client socket is also listed in the conns map (conns.h),
+ * from TCP_CONNECT_CB until it closes: the live redirected connections.
  */
 #ifndef CONNREDIR_HANDOFF_H
 #define CONNREDIR_HANDOFF_H
@@ -23,6 +23,7 @@
 #include "trace.h"
 #include "service.h"
 #include "record.h"
+#include "conns.h"
 
 /* The count of entries held by other namespaces when `netns` is one of
  * them; NULL for the layer's own namespace (or before the engine said
@@ -60,34 +61,6 @@ static __always_inline void handoff_key(struct connredir_handoff_key *key, __u64
 	key->service_port = service_port;
 }
 
-/* Adds the redirected socket to the live-connection list (see abi.h). */
-static __always_inline int track(__u64 cookie, const struct connredir_sock_state *state,
-				 __u32 hop_count)
-{
-	struct connredir_conn conn = {};
-	const struct connredir_hop *last = &state->record.hops[(hop_count - 1) &
-							       (CONNREDIR_MAX_HOPS - 1)];
-
-	conn.time_ns = last->time_ns;
-	conn.cgroup_id = state->cgroup_id;
-	conn.pid = state->pid;
-	conn.uid = state->uid;
-	__builtin_memcpy(conn.comm, state->comm, sizeof(conn.comm));
-	conn.client_pid = state->record.client_pid;
-	conn.client_uid = state->record.client_uid;
-	conn.hop_count = hop_count;
-	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++)
-		conn.chain[i] = i < hop_count ? state->record.hops[i].service_id : 0;
-	conn.client = state->record.hops[0].local;
-	conn.local = last->local;
-	conn.original_dst = last->original_dst;
-	if (bpf_map_update_elem(&conns, &cookie, &conn, BPF_ANY)) {
-		count(CONNREDIR_CNT_CONNS_UNTRACKED);
-		return 0;
-	}
-	return 1;
-}
-
 static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
 					       __u64 netns, const struct tuple *tp, __u32 cb_flags)
 {
@@ -123,7 +96,8 @@ static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struc
 	}
 	if (!handed)
 		count(CONNREDIR_CNT_HANDOFF_MISSES);
-	tracked = track(bpf_get_socket_cookie(skops), state, hop_count);
+	tracked = conns_track(bpf_get_socket_cookie(skops), state, hop_count,
+			      CONNREDIR_PROTO_TCP);
 	/* Ask for state changes: closing removes the entries made here. */
 	if (handed || tracked)
 		bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -167,7 +141,7 @@ static __always_inline void handoff_on_close(struct bpf_sock_ops *skops, __u64 n
 
 	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
 	handoff_delete(&key);
-	bpf_map_delete_elem(&conns, &cookie);
+	conns_forget(cookie);
 }
 
 #endif /* CONNREDIR_HANDOFF_H */

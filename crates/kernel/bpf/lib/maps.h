@@ -108,6 +108,16 @@ struct {
 	__type(value, struct connredir_conn);
 } conns SEC(".maps") __weak;
 
+/* One all-zero conns entry, never written: what a UDP leg's entry is added
+ * from before it is filled in place (conns.h conns_entry). It holds no
+ * state, so the engine does not pin it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct connredir_conn);
+} conn_blank SEC(".maps") __weak;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, CONNREDIR_TRACE_BYTES);

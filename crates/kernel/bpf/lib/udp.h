@@ -18,6 +18,11 @@
  * coming from the original destination (recvmsg4/6), and a connected
  * socket's peer is the original destination (getpeername4/6); both in
  * udp.c (udp_original_peer).
+ *
+ * A redirected UDP socket is a leg in the conns list from the connect() or
+ * sendto() that redirected it (udp_track) until it is released (release.c)
+ * or a later decision leaves it without a redirect of its own
+ * (udp_untrack): there is no connection event between the two.
  */
 #ifndef CONNREDIR_UDP_H
 #define CONNREDIR_UDP_H
@@ -26,6 +31,7 @@
 #include "maps.h"
 #include "record.h"
 #include "service.h"
+#include "conns.h"
 
 /* Whether `a` is the service endpoint `b` (address and port). */
 static __always_inline int same_endpoint(const struct connredir_endpoint *a,
@@ -153,6 +159,74 @@ static __always_inline int udp_take_flow(struct bpf_sock_addr *ctx, struct bpf_s
 	}
 	bpf_sk_release(client);
 	return taken;
+}
+
+/* The socket's bound address as an endpoint; all zero while it has no port
+ * (a connect() before any bind: the port comes after the connect hook). */
+static __always_inline void udp_local(struct bpf_sock *sk, struct connredir_endpoint *ep)
+{
+	__u32 family = ctx_read(sk->family);
+	__u32 port = ctx_read(sk->src_port);
+	__u32 ip6[4];
+
+	__builtin_memset(ep, 0, sizeof(*ep));
+	if (!port)
+		return;
+	if (family == AF_INET) {
+		endpoint_set_v4(ep, ctx_read(sk->src_ip4), bpf_htons((__u16)port));
+		return;
+	}
+	ip6[0] = ctx_read(sk->src_ip6[0]);
+	ip6[1] = ctx_read(sk->src_ip6[1]);
+	ip6[2] = ctx_read(sk->src_ip6[2]);
+	ip6[3] = ctx_read(sk->src_ip6[3]);
+	endpoint_set_v6(ep, ip6, bpf_htons((__u16)port));
+}
+
+/*
+ * After decide() redirected the UDP socket `sk`: its leg in the conns list,
+ * with its bound address as this hop's local address (and, on the flow's
+ * first socket, as the flow's client). An unconnected socket is decided at
+ * every sendto(): the entry is written only when the flow changed (another
+ * destination, chain or local address), so it keeps the time of the
+ * flow's first redirect and a steady sender pays one lookup per datagram.
+ */
+static __always_inline void udp_track(struct bpf_sock_addr *ctx, struct bpf_sock *sk)
+{
+	struct connredir_sock_state *state;
+	struct connredir_conn *listed;
+	struct connredir_hop *hop;
+	__u32 hop_count, last;
+	__u64 cookie;
+
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state || !(state->flags & CONNREDIR_SOCK_OWN_HOP))
+		return;
+	hop_count = clamp_hops(state->record.hop_count);
+	if (hop_count == 0)
+		return;
+	last = (hop_count - 1) & (CONNREDIR_MAX_HOPS - 1);
+	hop = &state->record.hops[last];
+	udp_local(sk, &hop->local);
+	cookie = bpf_get_socket_cookie(ctx);
+	listed = bpf_map_lookup_elem(&conns, &cookie);
+	if (listed && listed->hop_count == hop_count && listed->chain[last] == hop->service_id &&
+	    listed->local.port == hop->local.port &&
+	    same_endpoint(&listed->original_dst, &hop->original_dst))
+		return;
+	listed = conns_entry(cookie);
+	if (listed)
+		conns_fill(listed, state, hop_count, CONNREDIR_PROTO_UDP);
+}
+
+/* After a decision that left the UDP socket `sk` without a redirect of its
+ * own (its earlier one taken back): it is no longer a leg. */
+static __always_inline void udp_untrack(struct bpf_sock_addr *ctx, struct bpf_sock *sk)
+{
+	struct connredir_sock_state *state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+
+	if (state && !(state->flags & CONNREDIR_SOCK_OWN_HOP))
+		conns_forget(bpf_get_socket_cookie(ctx));
 }
 
 #endif /* CONNREDIR_UDP_H */
