@@ -55,7 +55,10 @@ pub use counters::{Counter, Counters};
 pub use error::Error;
 pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};
 pub use pin::ensure_bpffs;
-pub use rules::{check_rules, Action, CgroupCondition, CommandCondition, Protocol, Rule, RuleId};
+pub use rules::{
+    check_rules, Action, CgroupCondition, CommandCondition, ExecutableCondition, Protocol, Rule,
+    RuleId,
+};
 pub use services::{Identity, OnDown, Service, ServiceId};
 
 pub(crate) use error::{map_err, program_err};

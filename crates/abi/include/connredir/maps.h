@@ -153,6 +153,13 @@ enum connredir_action {
 #define CONNREDIR_COMM_LEN_MASK 0x1fu
 
 /*
+ * Bytes of an executable's file name a rule holds (connredir_rule.exe). A
+ * rule names a file name of at most this many bytes, compared whole: a
+ * process whose executable's name is longer matches no rule that names one.
+ */
+#define CONNREDIR_EXE_LEN 32
+
+/*
  * Key of the rules LPM trie. data[0] is the generation (0 or 1), data[1] the
  * family tag (4 or 6), then the address; prefixlen counts 16 bits for the
  * two tags plus the prefix length. Connects read the generation named in
@@ -193,6 +200,10 @@ struct connredir_rule {
 	uint64_t cgroup_id;
 	/* The command name (as /proc/PID/comm), NUL padded. */
 	uint8_t comm[16];
+	/* The file name of the process's executable (the last component of
+	 * the path it was started from, symbolic links resolved: the name of
+	 * mm->exe_file's dentry), NUL padded; all zero: any executable. */
+	uint8_t exe[CONNREDIR_EXE_LEN];
 };
 
 /* Every rule whose prefix contains the key's prefix, in evaluation order. */

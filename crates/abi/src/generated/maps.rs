@@ -24,6 +24,7 @@ pub const CONNREDIR_ANY_UID: u32 = 4294967295;
 pub const CONNREDIR_ANY_GID: u32 = 4294967295;
 pub const CONNREDIR_COMM_PREFIX: u32 = 128;
 pub const CONNREDIR_COMM_LEN_MASK: u32 = 31;
+pub const CONNREDIR_EXE_LEN: u32 = 32;
 pub const CONNREDIR_MAX_FOREIGN_HANDOFFS: u32 = 8192;
 pub const CONNREDIR_ACCEL_PASSED: u32 = 1;
 pub const CONNREDIR_ACCEL_CUT_THROUGH: i64 = -9223372036854775808;
@@ -198,10 +199,11 @@ pub struct connredir_rule {
     pub after: u32,
     pub cgroup_id: u64,
     pub comm: [u8; 16usize],
+    pub exe: [u8; 32usize],
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of connredir_rule"][::std::mem::size_of::<connredir_rule>() - 56usize];
+    ["Size of connredir_rule"][::std::mem::size_of::<connredir_rule>() - 88usize];
     ["Alignment of connredir_rule"][::std::mem::align_of::<connredir_rule>() - 8usize];
     ["Offset of field: connredir_rule::rule_id"]
         [::std::mem::offset_of!(connredir_rule, rule_id) - 0usize];
@@ -231,6 +233,7 @@ const _: () = {
         [::std::mem::offset_of!(connredir_rule, cgroup_id) - 32usize];
     ["Offset of field: connredir_rule::comm"]
         [::std::mem::offset_of!(connredir_rule, comm) - 40usize];
+    ["Offset of field: connredir_rule::exe"][::std::mem::offset_of!(connredir_rule, exe) - 56usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
@@ -241,7 +244,7 @@ pub struct connredir_rule_set {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of connredir_rule_set"][::std::mem::size_of::<connredir_rule_set>() - 904usize];
+    ["Size of connredir_rule_set"][::std::mem::size_of::<connredir_rule_set>() - 1416usize];
     ["Alignment of connredir_rule_set"][::std::mem::align_of::<connredir_rule_set>() - 8usize];
     ["Offset of field: connredir_rule_set::count"]
         [::std::mem::offset_of!(connredir_rule_set, count) - 0usize];

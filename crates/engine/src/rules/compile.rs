@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use connredir_abi::{
     connredir_rule, connredir_rule_set, CONNREDIR_ACTION_BLOCK, CONNREDIR_ACTION_PERMIT,
     CONNREDIR_ACTION_REDIRECT, CONNREDIR_ANY_GID, CONNREDIR_ANY_UID, CONNREDIR_COMM_PREFIX,
-    CONNREDIR_MAX_RULES_PER_PREFIX, CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP,
-    CONNREDIR_PROTO_UDP,
+    CONNREDIR_EXE_LEN, CONNREDIR_MAX_RULES_PER_PREFIX, CONNREDIR_PROTO_TCP,
+    CONNREDIR_PROTO_TCP_AND_UDP, CONNREDIR_PROTO_UDP,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -187,6 +187,58 @@ impl std::fmt::Display for CommandCondition {
     }
 }
 
+/// An executable condition: the file name of the process's executable, as
+/// the kernel reads it at connect time (the last component of the path the
+/// process was started from, symbolic links resolved; a script's
+/// executable is its interpreter). Only the name: the directory is not
+/// known to the kernel programs (no `bpf_d_path` without the BPF LSM), so
+/// any copy or hard link of that name matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutableCondition {
+    /// The file name, compared whole.
+    pub name: String,
+}
+
+impl ExecutableCondition {
+    /// The longest file name a rule can name (`CONNREDIR_EXE_LEN`).
+    pub const MAX_LEN: usize = CONNREDIR_EXE_LEN as usize;
+
+    /// Reads a file name (`curl`). A path is refused rather than cut to
+    /// its last component: only the name is compared, and a rule written
+    /// `/usr/bin/curl` would also match `/tmp/curl`.
+    pub fn parse(text: &str) -> Result<ExecutableCondition, Error> {
+        if text.contains('/') {
+            let name = text.rsplit('/').next().unwrap_or_default();
+            return Err(Error::InvalidRule(format!(
+                "executable {text:?}: give the executable's file name ({name:?}), not a path: \
+                 only the file name is compared, not the directory"
+            )));
+        }
+        if text.is_empty() || text == "." || text == ".." || text.contains('\0') {
+            return Err(Error::InvalidRule(format!(
+                "executable {text:?}: give the executable's file name (`curl`)"
+            )));
+        }
+        if text.len() > Self::MAX_LEN {
+            return Err(Error::InvalidRule(format!(
+                "executable {text:?}: a rule can name an executable file name of at most {} \
+                 bytes (this one has {})",
+                Self::MAX_LEN,
+                text.len()
+            )));
+        }
+        Ok(ExecutableCondition {
+            name: text.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for ExecutableCondition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
 /// A filter: which connections a service gets, or which go direct or are
 /// refused.
 ///
@@ -215,6 +267,8 @@ pub struct Rule {
     pub cgroup: Option<CgroupCondition>,
     /// Only connections of processes of this command name.
     pub command: Option<CommandCondition>,
+    /// Only connections of processes whose executable has this file name.
+    pub executable: Option<ExecutableCondition>,
     /// Only sockets whose local port is in this range when they connect
     /// (a socket not bound before `connect()` has local port 0 then).
     pub local_ports: Option<RangeInclusive<u16>>,
@@ -237,6 +291,7 @@ impl Rule {
             gid: None,
             cgroup: None,
             command: None,
+            executable: None,
             local_ports: None,
             after: None,
         }
@@ -293,6 +348,9 @@ impl Rule {
         if let Some(command) = &self.command {
             CommandCondition::parse(&command.to_string())?;
         }
+        if let Some(executable) = &self.executable {
+            ExecutableCondition::parse(&executable.name)?;
+        }
         if let Some(after) = self.after {
             if after.0 == 0 || after.0 >= connredir_abi::CONNREDIR_MAX_SERVICES {
                 return Err(Error::InvalidRule(format!(
@@ -341,6 +399,13 @@ fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir
             comm_len |= CONNREDIR_COMM_PREFIX as u8;
         }
     }
+    let mut exe = [0u8; CONNREDIR_EXE_LEN as usize];
+    if let Some(executable) = &rule.executable {
+        // Checked by validate(); cut rather than index out of bounds.
+        let name = executable.name.as_bytes();
+        let len = name.len().min(exe.len());
+        exe[..len].copy_from_slice(&name[..len]);
+    }
     connredir_rule {
         rule_id: id.0,
         service_id: if rule.action == Action::Redirect {
@@ -361,6 +426,7 @@ fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir
         after: rule.after.map_or(0, |s| s.0),
         cgroup_id: rule.cgroup.as_ref().map_or(0, |c| c.id),
         comm,
+        exe,
     }
 }
 
@@ -507,6 +573,7 @@ mod tests {
         let mut block = Rule {
             gid: Some(100),
             command: Some(CommandCondition::parse("chrom*").unwrap()),
+            executable: Some(ExecutableCondition::parse("chromium-browser").unwrap()),
             local_ports: Some(1000..=2000),
             after: Some(ServiceId(3)),
             ..Rule::tcp_action(Action::Block)
@@ -528,6 +595,8 @@ mod tests {
         );
         assert_eq!(entry.comm_len, 5 | CONNREDIR_COMM_PREFIX as u8);
         assert_eq!(&entry.comm[..6], b"chrom\0");
+        assert_eq!(&entry.exe[..17], b"chromium-browser\0");
+        assert!(entry.exe[17..].iter().all(|b| *b == 0));
         // No condition: every field says "any".
         let plain = compile([(RuleId(1), &Rule::tcp_to(ServiceId(2)))]).unwrap();
         let entry = plain[&"::/0".parse::<IpNet>().unwrap()].rules[0];
@@ -540,6 +609,30 @@ mod tests {
             (CONNREDIR_ANY_GID, 0, 0, 0)
         );
         assert_eq!((entry.local_port_min, entry.local_port_max), (0, u16::MAX));
+        assert_eq!(entry.exe, [0; CONNREDIR_EXE_LEN as usize]);
+    }
+
+    #[test]
+    fn executable_names_are_file_names_that_fit_the_rule() {
+        assert_eq!(ExecutableCondition::parse("curl").unwrap().name, "curl");
+        let longest = "x".repeat(ExecutableCondition::MAX_LEN);
+        assert!(ExecutableCondition::parse(&longest).is_ok());
+        let e = ExecutableCondition::parse("/usr/bin/curl")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(\"curl\"), not a path"), "{e}");
+        let e = ExecutableCondition::parse(&format!("{longest}x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 32 bytes (this one has 33)"), "{e}");
+        for bad in ["", ".", "..", "a\0b", "bin/"] {
+            assert!(ExecutableCondition::parse(bad).is_err(), "{bad:?}");
+        }
+        let rule = Rule {
+            executable: Some(ExecutableCondition { name: "a/b".into() }),
+            ..Rule::tcp_to(ServiceId(1))
+        };
+        assert!(rule.validate().is_err());
     }
 
     #[test]

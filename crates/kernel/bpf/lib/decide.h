@@ -33,6 +33,7 @@
 #include "record.h"
 #include "inherit.h"
 #include "listener.h"
+#include "exe.h"
 
 /* What decide() tells the connect program to do. */
 enum verdict {
@@ -130,8 +131,28 @@ __noinline int comm_matches(const struct connredir_rule *rule)
 }
 
 /*
+ * Whether the caller's executable file name (exe.h) is the rule's. The
+ * rule holds at most CONNREDIR_EXE_LEN bytes, NUL padded; the name is read
+ * into one word more, zeroed first, so that word is zero exactly when the
+ * name is not longer than that: the whole name is compared, as five
+ * words, no loop. A global function for the same reason as comm_matches().
+ */
+__noinline int exe_matches(const struct connredir_rule *rule)
+{
+	__u64 want[CONNREDIR_EXE_LEN / 8], have[CONNREDIR_EXE_LEN / 8 + 1] = {};
+
+	if (!rule)
+		return 0;
+	__builtin_memcpy(want, rule->exe, sizeof(want));
+	read_exe_name(have, sizeof(have));
+	return ((want[0] ^ have[0]) | (want[1] ^ have[1]) | (want[2] ^ have[2]) |
+		(want[3] ^ have[3]) | have[4]) == 0;
+}
+
+/*
  * Whether the rule's conditions on the connecting process and on the flow
- * hold: uid, gid, local port, command name, cgroup subtree and chain. The
+ * hold: uid, gid, local port, command name, executable name, cgroup
+ * subtree and chain. The
  * cheap ones first; a helper is called only when the rule names it.
  */
 static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
@@ -153,6 +174,9 @@ static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
 			    !(env->chain.seen & (1ull << rule->after))))
 		return 0;
 	if (rule->comm_len && !comm_matches(rule))
+		return 0;
+	/* A name is never empty: a first byte of zero is no condition. */
+	if (rule->exe[0] && !exe_matches(rule))
 		return 0;
 	/* Any descendant of the rule's cgroup: the caller's ancestor at that
 	 * cgroup's depth is that cgroup (0 when the caller is shallower). */
