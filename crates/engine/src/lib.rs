@@ -91,6 +91,8 @@ pub struct Engine {
     pub(crate) rules: BTreeMap<RuleId, Rule>,
     /// What each generation of the rule trie holds.
     pub(crate) installed: [CompiledRules; 2],
+    /// The rule ids whose executable name `rule_exes` holds.
+    pub(crate) rule_exes: BTreeSet<u32>,
     /// The generation connects read.
     pub(crate) rules_generation: u8,
     /// When the generation last flipped (a grace period follows).

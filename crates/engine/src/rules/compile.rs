@@ -12,10 +12,11 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use connredir_abi::{
-    connredir_rule, connredir_rule_set, CONNREDIR_ACTION_BLOCK, CONNREDIR_ACTION_PERMIT,
-    CONNREDIR_ACTION_REDIRECT, CONNREDIR_ANY_GID, CONNREDIR_ANY_UID, CONNREDIR_COMM_PREFIX,
-    CONNREDIR_EXE_LEN, CONNREDIR_MAX_RULES_PER_PREFIX, CONNREDIR_PROTO_TCP,
-    CONNREDIR_PROTO_TCP_AND_UDP, CONNREDIR_PROTO_UDP,
+    connredir_exe_name, connredir_rule, connredir_rule_set, CONNREDIR_ACTION_BLOCK,
+    CONNREDIR_ACTION_PERMIT, CONNREDIR_ACTION_REDIRECT, CONNREDIR_ANY_GID, CONNREDIR_ANY_UID,
+    CONNREDIR_COMM_PREFIX, CONNREDIR_EXE_LEN, CONNREDIR_MAX_RULES_PER_PREFIX,
+    CONNREDIR_MAX_RULE_EXES, CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP, CONNREDIR_PROTO_UDP,
+    CONNREDIR_RULE_EXE,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -399,13 +400,6 @@ fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir
             comm_len |= CONNREDIR_COMM_PREFIX as u8;
         }
     }
-    let mut exe = [0u8; CONNREDIR_EXE_LEN as usize];
-    if let Some(executable) = &rule.executable {
-        // Checked by validate(); cut rather than index out of bounds.
-        let name = executable.name.as_bytes();
-        let len = name.len().min(exe.len());
-        exe[..len].copy_from_slice(&name[..len]);
-    }
     connredir_rule {
         rule_id: id.0,
         service_id: if rule.action == Action::Redirect {
@@ -423,11 +417,31 @@ fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir
         action: rule.action.number(),
         comm_len,
         cgroup_level: rule.cgroup.as_ref().map_or(0, |c| c.level),
-        after: rule.after.map_or(0, |s| s.0),
+        // Service ids are below CONNREDIR_MAX_SERVICES (validate()).
+        after: rule.after.map_or(0, |s| s.0 as u16),
+        flags: if rule.executable.is_some() {
+            CONNREDIR_RULE_EXE as u16
+        } else {
+            0
+        },
         cgroup_id: rule.cgroup.as_ref().map_or(0, |c| c.id),
         comm,
-        exe,
     }
+}
+
+/// The most rules of one rule set that can name an executable: the names
+/// of the rules of both generations share `rule_exes`.
+pub const MAX_EXECUTABLE_RULES: usize = CONNREDIR_MAX_RULE_EXES as usize / 2;
+
+/// The kernel's `rule_exes` value of `rule`, when it names an executable.
+pub(crate) fn exe_name(rule: &Rule) -> Option<connredir_exe_name> {
+    let executable = rule.executable.as_ref()?;
+    let mut name = [0u8; CONNREDIR_EXE_LEN as usize];
+    // Checked by validate(); cut rather than index out of bounds.
+    let bytes = executable.name.as_bytes();
+    let len = bytes.len().min(name.len());
+    name[..len].copy_from_slice(&bytes[..len]);
+    Some(connredir_exe_name { name })
 }
 
 /// Checks that `rules` can be compiled (at most
@@ -453,7 +467,17 @@ pub(crate) fn compile<'a>(
 ) -> Result<CompiledRules, Error> {
     // Every rule entry (one per port range), grouped by prefix.
     let mut by_prefix: HashMap<IpNet, Vec<(u32, RuleId, connredir_rule)>> = HashMap::new();
+    let mut executables = 0;
     for (id, rule) in rules {
+        if rule.executable.is_some() {
+            executables += 1;
+            if executables > MAX_EXECUTABLE_RULES {
+                return Err(Error::InvalidRule(format!(
+                    "more than {MAX_EXECUTABLE_RULES} rules name an executable ({id} is one too \
+                     many)"
+                )));
+            }
+        }
         for net in rule.prefixes() {
             for ports in rule.port_ranges() {
                 let entry = rule_entry(id, rule, &ports);
@@ -595,8 +619,10 @@ mod tests {
         );
         assert_eq!(entry.comm_len, 5 | CONNREDIR_COMM_PREFIX as u8);
         assert_eq!(&entry.comm[..6], b"chrom\0");
-        assert_eq!(&entry.exe[..17], b"chromium-browser\0");
-        assert!(entry.exe[17..].iter().all(|b| *b == 0));
+        assert_eq!(entry.flags, CONNREDIR_RULE_EXE as u16);
+        let name = exe_name(&block).unwrap().name;
+        assert_eq!(&name[..17], b"chromium-browser\0");
+        assert!(name[17..].iter().all(|b| *b == 0));
         // No condition: every field says "any".
         let plain = compile([(RuleId(1), &Rule::tcp_to(ServiceId(2)))]).unwrap();
         let entry = plain[&"::/0".parse::<IpNet>().unwrap()].rules[0];
@@ -609,7 +635,8 @@ mod tests {
             (CONNREDIR_ANY_GID, 0, 0, 0)
         );
         assert_eq!((entry.local_port_min, entry.local_port_max), (0, u16::MAX));
-        assert_eq!(entry.exe, [0; CONNREDIR_EXE_LEN as usize]);
+        assert_eq!(entry.flags, 0);
+        assert!(exe_name(&Rule::tcp_to(ServiceId(2))).is_none());
     }
 
     #[test]
@@ -633,6 +660,30 @@ mod tests {
             ..Rule::tcp_to(ServiceId(1))
         };
         assert!(rule.validate().is_err());
+    }
+
+    #[test]
+    fn at_most_half_the_name_map_is_one_rule_sets() {
+        let named = Rule {
+            executable: Some(ExecutableCondition::parse("curl").unwrap()),
+            ..Rule::tcp_action(Action::Block)
+        };
+        let rules = vec![named; MAX_EXECUTABLE_RULES + 1];
+        let ids = || (1..).map(RuleId).zip(rules.iter());
+        let err = compile(ids().take(MAX_EXECUTABLE_RULES + 1)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than 4096 rules name an executable (rule 4097 is one too many)"),
+            "{err}"
+        );
+        // Each rule has a prefix of its own: only the name limit applies.
+        let spread: Vec<Rule> = (0..MAX_EXECUTABLE_RULES as u32)
+            .map(|i| Rule {
+                destinations: vec![format!("10.{}.{}.0/24", i >> 8, i & 255).parse().unwrap()],
+                ..rules[0].clone()
+            })
+            .collect();
+        assert!(compile((1..).map(RuleId).zip(spread.iter())).is_ok());
     }
 
     #[test]
