@@ -100,9 +100,11 @@ pub mod map_names {
     pub const LISTENERS: &str = name(maps::CONNREDIR_MAP_LISTENERS);
     /// The secret key that seals records (root only, like every map).
     pub const SEAL_KEY: &str = name(maps::CONNREDIR_MAP_SEAL_KEY);
+    /// The executable file names that rules name, by rule id.
+    pub const RULE_EXES: &str = name(maps::CONNREDIR_MAP_RULE_EXES);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         SOCK_STATE,
         SERVICES,
         SERVICE_BY_PID,
@@ -123,6 +125,7 @@ pub mod map_names {
         ACCEL_STATE,
         LISTENERS,
         SEAL_KEY,
+        RULE_EXES,
     ];
 }
 

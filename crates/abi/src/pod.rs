@@ -44,6 +44,8 @@ pod!(
     connredir_conn,
     // seal_key: value.
     connredir_seal_key,
+    // rule_exes: value.
+    connredir_exe_name,
     // trace (ring buffer): item.
     connredir_trace_event,
 );

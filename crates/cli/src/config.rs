@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use connredir_engine::{
-    Action, CgroupCondition, CommandCondition, Identity, OnDown, Protocol, Rule, Service, ServiceId,
+    Action, CgroupCondition, CommandCondition, ExecutableCondition, Identity, OnDown, Protocol,
+    Rule, Service, ServiceId,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,7 @@ struct RuleSpan {
     cgroup: Option<toml::Spanned<toml::Value>>,
     unit: Option<toml::Spanned<toml::Value>>,
     command: Option<toml::Spanned<toml::Value>>,
+    executable: Option<toml::Spanned<toml::Value>>,
     local_ports: Option<toml::Spanned<toml::Value>>,
 }
 
@@ -303,7 +305,8 @@ pub struct RuleConfig {
     /// Only flows that this service (by name) already inspected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
-    /// The executable's file name: refused with [`EXECUTABLE_UNAVAILABLE`].
+    /// Only connections of processes whose executable has this file name
+    /// (`curl`; not a path: the directory is not compared).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executable: Option<String>,
 }
@@ -553,6 +556,7 @@ impl Config {
                     RuleKey::Service => r.service.as_ref().or(r.action.as_ref()),
                     RuleKey::Cgroup => r.cgroup.as_ref().or(r.unit.as_ref()),
                     RuleKey::Command => r.command.as_ref(),
+                    RuleKey::Executable => r.executable.as_ref(),
                     RuleKey::LocalPorts => r.local_ports.as_ref(),
                 });
                 (at(key_at), format!("rule {}: {message}", i + 1))
@@ -681,18 +685,13 @@ pub enum RuleKey {
     Service,
     /// `cgroup` or `unit`.
     Cgroup,
-    /// `command` (or `executable`).
+    /// `command`.
     Command,
+    /// `executable`.
+    Executable,
     /// `local_ports`.
     LocalPorts,
 }
-
-/// Why a rule cannot name the executable's file name (yet).
-pub const EXECUTABLE_UNAVAILABLE: &str =
-    "`executable` is not available in this version: the BPF LSM (and with it bpf_d_path, \
-     the executable's full path) is not enabled on this kernel, and the connect programs do \
-     not read the executable's file name yet; match the command name with `command` (as \
-     /proc/PID/comm) instead";
 
 impl RuleConfig {
     /// The checks of one rule on its own: which keys go with its action,
@@ -724,11 +723,12 @@ impl RuleConfig {
                 "give `cgroup` or `unit`, not both (a unit is a cgroup)".into(),
             ));
         }
-        if self.executable.is_some() {
-            return Err((RuleKey::Command, EXECUTABLE_UNAVAILABLE.into()));
-        }
         if let Some(command) = &self.command {
             CommandCondition::parse(command).map_err(|e| (RuleKey::Command, e.to_string()))?;
+        }
+        if let Some(executable) = &self.executable {
+            ExecutableCondition::parse(executable)
+                .map_err(|e| (RuleKey::Executable, e.to_string()))?;
         }
         if let Some(range) = &self.local_ports {
             if range.0.start() > range.0.end() {
@@ -779,6 +779,11 @@ impl RuleConfig {
                 .as_deref()
                 .map(CommandCondition::parse)
                 .transpose()?,
+            executable: self
+                .executable
+                .as_deref()
+                .map(ExecutableCondition::parse)
+                .transpose()?,
             local_ports: self.local_ports.as_ref().map(|p| p.0.clone()),
             after: self.after.as_deref().map(resolve).transpose()?,
         })
@@ -811,7 +816,7 @@ ports = ["80", "8000-8999", 443]
     fn actions_and_conditions_are_read() {
         let text = format!(
             "{GOOD}\n[[rule]]\naction = \"block\"\nprotocol = \"udp\"\nports = [443]\n\
-             command = \"chrom*\"\ngid = 100\npriority = 1\n\n[[rule]]\naction = \"permit\"\n\
+             command = \"chrom*\"\nexecutable = \"chromium\"\ngid = 100\npriority = 1\n\n[[rule]]\naction = \"permit\"\n\
              destinations = [\"192.0.2.7\"]\nports = [22]\nlocal_ports = \"1000-2000\"\n\
              after = \"scanner\"\n"
         );
@@ -821,6 +826,8 @@ ports = ["80", "8000-8999", 443]
         assert_eq!(rules[1].action, Action::Block);
         let command = rules[1].command.as_ref().unwrap();
         assert_eq!((command.name.as_str(), command.prefix), ("chrom", true));
+        assert_eq!(rules[1].executable.as_ref().unwrap().name, "chromium");
+        assert_eq!(rules[2].executable, None);
         assert_eq!(rules[1].gid, Some(100));
         assert_eq!(rules[2].action, Action::Permit);
         assert_eq!(rules[2].local_ports, Some(1000..=2000));
@@ -844,7 +851,26 @@ ports = ["80", "8000-8999", 443]
             "{e}"
         );
         let e = with("action = \"block\"\nexecutable = \"/usr/bin/curl\"");
-        assert!(e.contains("`executable` is not available"), "{e}");
+        assert!(
+            e.starts_with(
+                "t.toml, line 16, key `executable`: rule 2: invalid rule: executable \"/usr/bin/curl\""
+            ) && e.contains("(\"curl\"), not a path"),
+            "{e}"
+        );
+        let e = with(&format!(
+            "action = \"block\"\nexecutable = \"{}\"",
+            "x".repeat(33)
+        ));
+        assert!(
+            e.starts_with("t.toml, line 16, key `executable`: rule 2: ")
+                && e.contains("at most 32 bytes (this one has 33)"),
+            "{e}"
+        );
+        let e = with("action = \"block\"\nexecutable = \"\"");
+        assert!(
+            e.starts_with("t.toml, line 16, key `executable`: rule 2: "),
+            "{e}"
+        );
         let e = with("action = \"block\"\nafter = \"nope\"");
         assert!(
             e.starts_with("t.toml, line 16, key `after`: rule 2 names service \"nope\" in `after`"),

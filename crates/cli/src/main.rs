@@ -262,8 +262,9 @@ enum RuleAction {
         /// Only flows this service (by name) already inspected.
         #[arg(long)]
         after: Option<String>,
-        /// The executable's file name: not available yet (refused with the
-        /// reason; use --command).
+        /// Only processes whose executable has this file name (`curl`,
+        /// compared whole, at most 32 bytes; not a path: the directory is
+        /// not compared).
         #[arg(long)]
         executable: Option<String>,
         /// Protocol: tcp, udp, or both as tcp,udp (repeatable; none: tcp).

@@ -124,3 +124,25 @@ fn every_subcommand_that_acts_shows_an_example_in_its_help() {
         );
     }
 }
+
+#[test]
+fn rule_add_refuses_an_executable_path_without_an_engine() {
+    let state = no_engine();
+    let out = connredir(&[
+        "rule",
+        "add",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--action",
+        "block",
+        "--executable",
+        "/usr/bin/curl",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: invalid rule: executable \"/usr/bin/curl\": give the executable's file name (\"curl\"), not a path")
+            && !err.contains("control.sock"),
+        "{err}"
+    );
+}

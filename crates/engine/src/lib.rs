@@ -55,7 +55,10 @@ pub use counters::{Counter, Counters};
 pub use error::Error;
 pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};
 pub use pin::ensure_bpffs;
-pub use rules::{check_rules, Action, CgroupCondition, CommandCondition, Protocol, Rule, RuleId};
+pub use rules::{
+    check_rules, Action, CgroupCondition, CommandCondition, ExecutableCondition, Protocol, Rule,
+    RuleId,
+};
 pub use services::{Identity, OnDown, Service, ServiceId};
 
 pub(crate) use error::{map_err, program_err};
@@ -88,6 +91,8 @@ pub struct Engine {
     pub(crate) rules: BTreeMap<RuleId, Rule>,
     /// What each generation of the rule trie holds.
     pub(crate) installed: [CompiledRules; 2],
+    /// The rule ids whose executable name `rule_exes` holds.
+    pub(crate) rule_exes: BTreeSet<u32>,
     /// The generation connects read.
     pub(crate) rules_generation: u8,
     /// When the generation last flipped (a grace period follows).

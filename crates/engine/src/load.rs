@@ -84,6 +84,7 @@ pub(crate) fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
         services: BTreeMap::new(),
         rules: BTreeMap::new(),
         installed: [CompiledRules::new(), CompiledRules::new()],
+        rule_exes: std::collections::BTreeSet::new(),
         rules_generation: 0,
         rules_flipped_at: None,
         next_rule: 1,

@@ -27,6 +27,7 @@
 //! - `service.h`: the caller's services by identity, the service at an address;
 //! - `record.h`: the redirect record and its chain of services;
 //! - `decide.h`: where a redirect is decided (`decide`, `judge_rule`);
+//! - `exe.h`: the connecting process's executable file name (CO-RE reads);
 //! - `listener.h`: whether a service's listener is its own;
 //! - `handoff.h`: the record's way to the accepted socket;
 //! - `conns.h`: the live-connection list (`conns`), for TCP and UDP legs;

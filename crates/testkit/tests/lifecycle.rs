@@ -1275,6 +1275,75 @@ fn doctor_knows_the_layers_own_programs_and_a_service_that_does_not_listen() {
 }
 
 #[test]
+fn rule_add_takes_an_executable_and_list_and_trace_name_it() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(svc) = Service::new("cli-exe", server.addr(), free_addr("127.0.0.1")) else {
+        return;
+    };
+    let up = svc.up();
+    // A destination the configuration's redirect rule does not name.
+    let other = EchoServer::start("127.0.0.3:0").unwrap();
+    let dst = other.addr();
+    let (ip, port) = (format!("{}/32", dst.ip()), dst.port().to_string());
+    // The probe's executable is the test kit's binary, under its own name.
+    let out = svc.command(&[
+        "rule",
+        "add",
+        "--action",
+        "block",
+        "--dst",
+        &ip,
+        "--port",
+        &port,
+        "--executable",
+        "connredir-testkit",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let list = String::from_utf8(svc.command(&["rule", "list"]).stdout).unwrap();
+    assert!(
+        list.contains("block") && list.contains("(executable connredir-testkit)"),
+        "{list}"
+    );
+
+    let mut args = vec!["trace", "--json", "-n", "1", "--decision", "blocked"];
+    let places = svc.places();
+    args.extend(places.iter().map(String::as_str));
+    let trace = Proc::spawn_program(
+        &svc.cgroup("engine"),
+        None,
+        &workspace_bin("connredir"),
+        &args,
+    )
+    .unwrap();
+    let addr = dst.to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while trace.lines().is_empty() {
+        assert!(Instant::now() < deadline, "trace printed nothing");
+        // Under another command name: the executable decides.
+        let (status, lines) = Proc::spawn(
+            &svc.cgroup("scope/client"),
+            Some(65534),
+            &["probe", "connect-as-curl", &addr],
+        )
+        .unwrap()
+        .finish()
+        .unwrap();
+        assert!(status.success());
+        assert!(lines.last().unwrap().contains("EACCES"), "{lines:?}");
+    }
+    let (status, lines) = trace.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let event: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(event["decision"], "blocked", "{event}");
+    let text = event["rule_text"].as_str().unwrap();
+    assert!(
+        text.starts_with("block ") && text.contains("executable connredir-testkit"),
+        "{text}"
+    );
+    stop(up);
+}
+
+#[test]
 fn rule_add_takes_actions_and_conditions_and_trace_names_the_deciding_rule() {
     let server = EchoServer::start("127.0.0.2:0").unwrap();
     let Some(svc) = Service::new("cli-block", server.addr(), free_addr("127.0.0.1")) else {

@@ -1,17 +1,19 @@
 //! End-to-end tests of the rules' actions (`permit`, `block`) and their
-//! conditions on the connecting process (cgroup subtree, command name, gid)
+//! conditions on the connecting process (cgroup subtree, command name,
+//! executable file name, gid)
 //! and on the flow (local port, `after`): real programs on the test's own
 //! cgroup tree, clients as uid 65534, one process that matches and one that
 //! does not, and the trace naming the deciding rule.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use connredir_engine::{
-    Action, CgroupCondition, CommandCondition, Decision, Protocol, Rule, RuleId, ServiceId,
-    TraceEvent,
+    Action, CgroupCondition, CommandCondition, Decision, ExecutableCondition, Protocol, Rule,
+    RuleId, ServiceId, TraceEvent,
 };
-use connredir_testkit::{eventually, free_addr, EchoServer, Lab, Proc, UdpEchoServer};
+use connredir_testkit::{eventually, free_addr, testkit_bin, EchoServer, Lab, Proc, UdpEchoServer};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -19,8 +21,22 @@ const NOBODY: u32 = 65534;
 /// Runs the probe case `case` against `addr` in `cgroup` as `uid`: "ok"
 /// (one byte echoed) or the errno's name.
 fn connect(lab: &Lab, cgroup: &str, uid: Option<u32>, case: &str, addr: SocketAddr) -> String {
+    connect_with(lab, &testkit_bin(), cgroup, uid, case, addr)
+}
+
+/// [`connect`], with the test kit's binary at `program` (a copy under
+/// another file name).
+fn connect_with(
+    lab: &Lab,
+    program: &Path,
+    cgroup: &str,
+    uid: Option<u32>,
+    case: &str,
+    addr: SocketAddr,
+) -> String {
     let addr = addr.to_string();
-    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), uid, &["probe", case, &addr])
+    let args = ["probe", case, addr.as_str()];
+    let (status, lines) = Proc::spawn_program(&lab.cgroup(cgroup), uid, program, &args)
         .unwrap()
         .finish()
         .unwrap();
@@ -246,6 +262,101 @@ fn a_command_condition_matches_exactly_or_as_a_prefix() {
         ("scope/app", "connect-as-quicbrowser2"),
         ("scope/app", "connect-as-qui"),
     );
+}
+
+/// Copies of the test kit's binary under other file names, in a directory
+/// every user can read; removed on drop.
+struct NamedCopies {
+    dir: PathBuf,
+}
+
+impl NamedCopies {
+    fn new(test: &str) -> NamedCopies {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = PathBuf::from(format!("/tmp/connredir-test-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        NamedCopies { dir }
+    }
+
+    /// The binary as `name` (mode 0755).
+    fn copy(&self, name: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::copy(testkit_bin(), &path).unwrap();
+        path
+    }
+}
+
+impl Drop for NamedCopies {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn an_executable_condition_names_the_file_name_whole() {
+    let Some((mut lab, server)) = Lab::with_server("cond-executable") else {
+        return;
+    };
+    let dst = server.addr();
+    let copies = NamedCopies::new("cond-executable");
+    // The same binary under two names, each run under the other's command
+    // name: the executable's file name decides, not the command name, and
+    // a name that only starts with the rule's is another name.
+    let netclient = copies.copy("netclient");
+    let netclient2 = copies.copy("netclient2");
+    // The longest name a rule holds, and that name with one byte more: a
+    // longer name is never cut to the rule's length.
+    let longest = "n".repeat(ExecutableCondition::MAX_LEN);
+    let at_limit = copies.copy(&longest);
+    let over_limit = copies.copy(&format!("{longest}x"));
+    let cases = [
+        (
+            "netclient",
+            &netclient,
+            "connect-as-netclient2",
+            &netclient2,
+            "connect-as-netclient",
+        ),
+        (
+            longest.as_str(),
+            &at_limit,
+            "connect",
+            &over_limit,
+            "connect",
+        ),
+    ];
+    for (name, matching, matching_case, other, other_case) in cases {
+        let rule = lab
+            .engine
+            .add_rule(Rule {
+                executable: Some(ExecutableCondition::parse(name).unwrap()),
+                ..action_rule(Action::Block, dst, 0)
+            })
+            .unwrap();
+        let events = traced(&mut lab, 2, |lab| {
+            assert_eq!(
+                connect_with(lab, matching, "scope/app", Some(NOBODY), matching_case, dst),
+                "EACCES",
+                "{} should match {name}",
+                matching.display()
+            );
+            assert_eq!(
+                connect_with(lab, other, "scope/app", Some(NOBODY), other_case, dst),
+                "ok",
+                "{} should not match {name}",
+                other.display()
+            );
+        });
+        let deciding: Vec<_> = events
+            .iter()
+            .filter(|e| e.decision == Decision::Blocked)
+            .collect();
+        assert_eq!(deciding.len(), 1, "{events:?}");
+        assert_eq!(deciding[0].rule, Some(rule.0), "{events:?}");
+        assert_eq!(lab.engine.rule_hits().unwrap()[&rule], 1);
+        lab.engine.remove_rule(rule).unwrap();
+    }
 }
 
 #[test]

@@ -153,6 +153,17 @@ enum connredir_action {
 #define CONNREDIR_COMM_LEN_MASK 0x1fu
 
 /*
+ * Bytes of an executable's file name a rule names (connredir_exe_name). A
+ * rule names a file name of at most this many bytes, compared whole: a
+ * process whose executable's name is longer matches no rule that names one.
+ */
+#define CONNREDIR_EXE_LEN 32
+
+/* connredir_rule.flags: the rule has an executable condition, whose name
+ * is the rule_exes entry of its rule_id. */
+#define CONNREDIR_RULE_EXE 0x1u
+
+/*
  * Key of the rules LPM trie. data[0] is the generation (0 or 1), data[1] the
  * family tag (4 or 6), then the address; prefixlen counts 16 bits for the
  * two tags plus the prefix length. Connects read the generation named in
@@ -188,11 +199,25 @@ struct connredir_rule {
 	 * (the root is 0); the caller's ancestor at this depth must be it. */
 	uint8_t cgroup_level;
 	/* Only flows whose record already names this service (0: any flow). */
-	uint32_t after;
+	uint16_t after;
+	uint16_t flags; /* CONNREDIR_RULE_* */
 	/* Only processes in this cgroup or below it (0: any). */
 	uint64_t cgroup_id;
 	/* The command name (as /proc/PID/comm), NUL padded. */
 	uint8_t comm[16];
+};
+
+/*
+ * The executable's file name a rule names (the last component of the path
+ * the process was started from, symbolic links resolved: the name of
+ * mm->exe_file's dentry), NUL padded; the rule_exes value, by rule id.
+ * Kept out of connredir_rule so that the rule sets, one per prefix in the
+ * trie, stay as small as they are: only rules that name an executable pay.
+ * Rule ids are never reused within a pinned layer, and user space writes
+ * a rule's name before the generation that holds the rule is flipped in.
+ */
+struct connredir_exe_name {
+	uint8_t name[CONNREDIR_EXE_LEN];
 };
 
 /* Every rule whose prefix contains the key's prefix, in evaluation order. */
@@ -460,6 +485,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_ACCEL_STATE "accel_state"
 #define CONNREDIR_MAP_LISTENERS "listeners"
 #define CONNREDIR_MAP_SEAL_KEY "seal_key"
+#define CONNREDIR_MAP_RULE_EXES "rule_exes"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */
@@ -467,6 +493,8 @@ enum connredir_counter {
 #define CONNREDIR_MAX_IDENTITIES 1024
 #define CONNREDIR_MAX_INHERITS 16384
 #define CONNREDIR_MAX_RULE_HITS 65536
+/* Executable names of both generations' rules: a rule set may hold half. */
+#define CONNREDIR_MAX_RULE_EXES 8192
 #define CONNREDIR_MAX_CONNS 262144
 #define CONNREDIR_TRACE_BYTES (256 * 1024)
 #define CONNREDIR_MAX_ACCEL 131072

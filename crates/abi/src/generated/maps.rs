@@ -24,6 +24,8 @@ pub const CONNREDIR_ANY_UID: u32 = 4294967295;
 pub const CONNREDIR_ANY_GID: u32 = 4294967295;
 pub const CONNREDIR_COMM_PREFIX: u32 = 128;
 pub const CONNREDIR_COMM_LEN_MASK: u32 = 31;
+pub const CONNREDIR_EXE_LEN: u32 = 32;
+pub const CONNREDIR_RULE_EXE: u32 = 1;
 pub const CONNREDIR_MAX_FOREIGN_HANDOFFS: u32 = 8192;
 pub const CONNREDIR_ACCEL_PASSED: u32 = 1;
 pub const CONNREDIR_ACCEL_CUT_THROUGH: i64 = -9223372036854775808;
@@ -47,11 +49,13 @@ pub const CONNREDIR_MAP_ACCEL_SOCKS: &[u8; 12] = b"accel_socks\0";
 pub const CONNREDIR_MAP_ACCEL_STATE: &[u8; 12] = b"accel_state\0";
 pub const CONNREDIR_MAP_LISTENERS: &[u8; 10] = b"listeners\0";
 pub const CONNREDIR_MAP_SEAL_KEY: &[u8; 9] = b"seal_key\0";
+pub const CONNREDIR_MAP_RULE_EXES: &[u8; 10] = b"rule_exes\0";
 pub const CONNREDIR_MAX_RULE_PREFIXES: u32 = 262144;
 pub const CONNREDIR_MAX_HANDOFFS: u32 = 65536;
 pub const CONNREDIR_MAX_IDENTITIES: u32 = 1024;
 pub const CONNREDIR_MAX_INHERITS: u32 = 16384;
 pub const CONNREDIR_MAX_RULE_HITS: u32 = 65536;
+pub const CONNREDIR_MAX_RULE_EXES: u32 = 8192;
 pub const CONNREDIR_MAX_CONNS: u32 = 262144;
 pub const CONNREDIR_TRACE_BYTES: u32 = 262144;
 pub const CONNREDIR_MAX_ACCEL: u32 = 131072;
@@ -195,7 +199,8 @@ pub struct connredir_rule {
     pub action: u8,
     pub comm_len: u8,
     pub cgroup_level: u8,
-    pub after: u32,
+    pub after: u16,
+    pub flags: u16,
     pub cgroup_id: u64,
     pub comm: [u8; 16usize],
 }
@@ -227,10 +232,24 @@ const _: () = {
         [::std::mem::offset_of!(connredir_rule, cgroup_level) - 27usize];
     ["Offset of field: connredir_rule::after"]
         [::std::mem::offset_of!(connredir_rule, after) - 28usize];
+    ["Offset of field: connredir_rule::flags"]
+        [::std::mem::offset_of!(connredir_rule, flags) - 30usize];
     ["Offset of field: connredir_rule::cgroup_id"]
         [::std::mem::offset_of!(connredir_rule, cgroup_id) - 32usize];
     ["Offset of field: connredir_rule::comm"]
         [::std::mem::offset_of!(connredir_rule, comm) - 40usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct connredir_exe_name {
+    pub name: [u8; 32usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of connredir_exe_name"][::std::mem::size_of::<connredir_exe_name>() - 32usize];
+    ["Alignment of connredir_exe_name"][::std::mem::align_of::<connredir_exe_name>() - 1usize];
+    ["Offset of field: connredir_exe_name::name"]
+        [::std::mem::offset_of!(connredir_exe_name, name) - 0usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

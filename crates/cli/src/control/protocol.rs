@@ -173,7 +173,7 @@ pub struct RuleStatus {
     pub action: String,
     /// Its conditions on the process and the flow beyond destination, port,
     /// protocol and uid: `gid 100`, `cgroup /sys/fs/cgroup/x`, `command
-    /// curl`, `local-port 1000-2000`, `after scanner`.
+    /// curl`, `executable curl`, `local-port 1000-2000`, `after scanner`.
     #[serde(default)]
     pub conditions: Vec<String>,
 }

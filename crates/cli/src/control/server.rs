@@ -375,6 +375,9 @@ fn conditions(engine: &Engine, rule: &Rule) -> Vec<String> {
     if let Some(command) = &rule.command {
         out.push(format!("command {command}"));
     }
+    if let Some(executable) = &rule.executable {
+        out.push(format!("executable {executable}"));
+    }
     if let Some(range) = &rule.local_ports {
         out.push(format!("local-port {}-{}", range.start(), range.end()));
     }

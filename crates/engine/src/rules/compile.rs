@@ -12,10 +12,11 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use connredir_abi::{
-    connredir_rule, connredir_rule_set, CONNREDIR_ACTION_BLOCK, CONNREDIR_ACTION_PERMIT,
-    CONNREDIR_ACTION_REDIRECT, CONNREDIR_ANY_GID, CONNREDIR_ANY_UID, CONNREDIR_COMM_PREFIX,
-    CONNREDIR_MAX_RULES_PER_PREFIX, CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP,
-    CONNREDIR_PROTO_UDP,
+    connredir_exe_name, connredir_rule, connredir_rule_set, CONNREDIR_ACTION_BLOCK,
+    CONNREDIR_ACTION_PERMIT, CONNREDIR_ACTION_REDIRECT, CONNREDIR_ANY_GID, CONNREDIR_ANY_UID,
+    CONNREDIR_COMM_PREFIX, CONNREDIR_EXE_LEN, CONNREDIR_MAX_RULES_PER_PREFIX,
+    CONNREDIR_MAX_RULE_EXES, CONNREDIR_PROTO_TCP, CONNREDIR_PROTO_TCP_AND_UDP, CONNREDIR_PROTO_UDP,
+    CONNREDIR_RULE_EXE,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -187,6 +188,58 @@ impl std::fmt::Display for CommandCondition {
     }
 }
 
+/// An executable condition: the file name of the process's executable, as
+/// the kernel reads it at connect time (the last component of the path the
+/// process was started from, symbolic links resolved; a script's
+/// executable is its interpreter). Only the name: the directory is not
+/// known to the kernel programs (no `bpf_d_path` without the BPF LSM), so
+/// any copy or hard link of that name matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutableCondition {
+    /// The file name, compared whole.
+    pub name: String,
+}
+
+impl ExecutableCondition {
+    /// The longest file name a rule can name (`CONNREDIR_EXE_LEN`).
+    pub const MAX_LEN: usize = CONNREDIR_EXE_LEN as usize;
+
+    /// Reads a file name (`curl`). A path is refused rather than cut to
+    /// its last component: only the name is compared, and a rule written
+    /// `/usr/bin/curl` would also match `/tmp/curl`.
+    pub fn parse(text: &str) -> Result<ExecutableCondition, Error> {
+        if text.contains('/') {
+            let name = text.rsplit('/').next().unwrap_or_default();
+            return Err(Error::InvalidRule(format!(
+                "executable {text:?}: give the executable's file name ({name:?}), not a path: \
+                 only the file name is compared, not the directory"
+            )));
+        }
+        if text.is_empty() || text == "." || text == ".." || text.contains('\0') {
+            return Err(Error::InvalidRule(format!(
+                "executable {text:?}: give the executable's file name (`curl`)"
+            )));
+        }
+        if text.len() > Self::MAX_LEN {
+            return Err(Error::InvalidRule(format!(
+                "executable {text:?}: a rule can name an executable file name of at most {} \
+                 bytes (this one has {})",
+                Self::MAX_LEN,
+                text.len()
+            )));
+        }
+        Ok(ExecutableCondition {
+            name: text.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for ExecutableCondition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
 /// A filter: which connections a service gets, or which go direct or are
 /// refused.
 ///
@@ -215,6 +268,8 @@ pub struct Rule {
     pub cgroup: Option<CgroupCondition>,
     /// Only connections of processes of this command name.
     pub command: Option<CommandCondition>,
+    /// Only connections of processes whose executable has this file name.
+    pub executable: Option<ExecutableCondition>,
     /// Only sockets whose local port is in this range when they connect
     /// (a socket not bound before `connect()` has local port 0 then).
     pub local_ports: Option<RangeInclusive<u16>>,
@@ -237,6 +292,7 @@ impl Rule {
             gid: None,
             cgroup: None,
             command: None,
+            executable: None,
             local_ports: None,
             after: None,
         }
@@ -292,6 +348,9 @@ impl Rule {
         }
         if let Some(command) = &self.command {
             CommandCondition::parse(&command.to_string())?;
+        }
+        if let Some(executable) = &self.executable {
+            ExecutableCondition::parse(&executable.name)?;
         }
         if let Some(after) = self.after {
             if after.0 == 0 || after.0 >= connredir_abi::CONNREDIR_MAX_SERVICES {
@@ -358,10 +417,31 @@ fn rule_entry(id: RuleId, rule: &Rule, ports: &RangeInclusive<u16>) -> connredir
         action: rule.action.number(),
         comm_len,
         cgroup_level: rule.cgroup.as_ref().map_or(0, |c| c.level),
-        after: rule.after.map_or(0, |s| s.0),
+        // Service ids are below CONNREDIR_MAX_SERVICES (validate()).
+        after: rule.after.map_or(0, |s| s.0 as u16),
+        flags: if rule.executable.is_some() {
+            CONNREDIR_RULE_EXE as u16
+        } else {
+            0
+        },
         cgroup_id: rule.cgroup.as_ref().map_or(0, |c| c.id),
         comm,
     }
+}
+
+/// The most rules of one rule set that can name an executable: the names
+/// of the rules of both generations share `rule_exes`.
+pub const MAX_EXECUTABLE_RULES: usize = CONNREDIR_MAX_RULE_EXES as usize / 2;
+
+/// The kernel's `rule_exes` value of `rule`, when it names an executable.
+pub(crate) fn exe_name(rule: &Rule) -> Option<connredir_exe_name> {
+    let executable = rule.executable.as_ref()?;
+    let mut name = [0u8; CONNREDIR_EXE_LEN as usize];
+    // Checked by validate(); cut rather than index out of bounds.
+    let bytes = executable.name.as_bytes();
+    let len = bytes.len().min(name.len());
+    name[..len].copy_from_slice(&bytes[..len]);
+    Some(connredir_exe_name { name })
 }
 
 /// Checks that `rules` can be compiled (at most
@@ -387,7 +467,17 @@ pub(crate) fn compile<'a>(
 ) -> Result<CompiledRules, Error> {
     // Every rule entry (one per port range), grouped by prefix.
     let mut by_prefix: HashMap<IpNet, Vec<(u32, RuleId, connredir_rule)>> = HashMap::new();
+    let mut executables = 0;
     for (id, rule) in rules {
+        if rule.executable.is_some() {
+            executables += 1;
+            if executables > MAX_EXECUTABLE_RULES {
+                return Err(Error::InvalidRule(format!(
+                    "more than {MAX_EXECUTABLE_RULES} rules name an executable ({id} is one too \
+                     many)"
+                )));
+            }
+        }
         for net in rule.prefixes() {
             for ports in rule.port_ranges() {
                 let entry = rule_entry(id, rule, &ports);
@@ -507,6 +597,7 @@ mod tests {
         let mut block = Rule {
             gid: Some(100),
             command: Some(CommandCondition::parse("chrom*").unwrap()),
+            executable: Some(ExecutableCondition::parse("chromium-browser").unwrap()),
             local_ports: Some(1000..=2000),
             after: Some(ServiceId(3)),
             ..Rule::tcp_action(Action::Block)
@@ -528,6 +619,10 @@ mod tests {
         );
         assert_eq!(entry.comm_len, 5 | CONNREDIR_COMM_PREFIX as u8);
         assert_eq!(&entry.comm[..6], b"chrom\0");
+        assert_eq!(entry.flags, CONNREDIR_RULE_EXE as u16);
+        let name = exe_name(&block).unwrap().name;
+        assert_eq!(&name[..17], b"chromium-browser\0");
+        assert!(name[17..].iter().all(|b| *b == 0));
         // No condition: every field says "any".
         let plain = compile([(RuleId(1), &Rule::tcp_to(ServiceId(2)))]).unwrap();
         let entry = plain[&"::/0".parse::<IpNet>().unwrap()].rules[0];
@@ -540,6 +635,55 @@ mod tests {
             (CONNREDIR_ANY_GID, 0, 0, 0)
         );
         assert_eq!((entry.local_port_min, entry.local_port_max), (0, u16::MAX));
+        assert_eq!(entry.flags, 0);
+        assert!(exe_name(&Rule::tcp_to(ServiceId(2))).is_none());
+    }
+
+    #[test]
+    fn executable_names_are_file_names_that_fit_the_rule() {
+        assert_eq!(ExecutableCondition::parse("curl").unwrap().name, "curl");
+        let longest = "x".repeat(ExecutableCondition::MAX_LEN);
+        assert!(ExecutableCondition::parse(&longest).is_ok());
+        let e = ExecutableCondition::parse("/usr/bin/curl")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(\"curl\"), not a path"), "{e}");
+        let e = ExecutableCondition::parse(&format!("{longest}x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 32 bytes (this one has 33)"), "{e}");
+        for bad in ["", ".", "..", "a\0b", "bin/"] {
+            assert!(ExecutableCondition::parse(bad).is_err(), "{bad:?}");
+        }
+        let rule = Rule {
+            executable: Some(ExecutableCondition { name: "a/b".into() }),
+            ..Rule::tcp_to(ServiceId(1))
+        };
+        assert!(rule.validate().is_err());
+    }
+
+    #[test]
+    fn at_most_half_the_name_map_is_one_rule_sets() {
+        let named = Rule {
+            executable: Some(ExecutableCondition::parse("curl").unwrap()),
+            ..Rule::tcp_action(Action::Block)
+        };
+        let rules = vec![named; MAX_EXECUTABLE_RULES + 1];
+        let ids = || (1..).map(RuleId).zip(rules.iter());
+        let err = compile(ids().take(MAX_EXECUTABLE_RULES + 1)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than 4096 rules name an executable (rule 4097 is one too many)"),
+            "{err}"
+        );
+        // Each rule has a prefix of its own: only the name limit applies.
+        let spread: Vec<Rule> = (0..MAX_EXECUTABLE_RULES as u32)
+            .map(|i| Rule {
+                destinations: vec![format!("10.{}.{}.0/24", i >> 8, i & 255).parse().unwrap()],
+                ..rules[0].clone()
+            })
+            .collect();
+        assert!(compile((1..).map(RuleId).zip(spread.iter())).is_ok());
     }
 
     #[test]

@@ -7,5 +7,8 @@ pub(crate) mod sync;
 mod trie;
 
 pub(crate) use compile::CompiledRules;
-pub use compile::{check_rules, Action, CgroupCondition, CommandCondition, Protocol, Rule, RuleId};
+pub use compile::{
+    check_rules, Action, CgroupCondition, CommandCondition, ExecutableCondition, Protocol, Rule,
+    RuleId,
+};
 pub(crate) use trie::TrieData;

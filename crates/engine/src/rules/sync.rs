@@ -2,13 +2,13 @@
 //! generation of the trie, then the generation flipped, so a connect sees
 //! the old rule set or the new one, never a mix.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{Array, LpmTrie, MapData};
-use connredir_abi::{connredir_rule_set, map_names};
+use aya::maps::{Array, HashMap, LpmTrie, MapData};
+use connredir_abi::{connredir_exe_name, connredir_rule_set, map_names};
 use tracing::{debug, info, warn};
 
-use super::compile::{compile, CompiledRules, Rule, RuleId};
+use super::compile::{compile, exe_name, CompiledRules, Rule, RuleId};
 use super::trie;
 use crate::{map_err, Engine, Error};
 
@@ -97,7 +97,10 @@ fn sync_rules(engine: &mut Engine) -> Result<(), Error> {
         }
     }
     let previous = std::mem::take(&mut engine.installed[target as usize]);
-    let written = write_generation(engine, target, &previous, &compiled)
+    // The names first: a rule that names an executable must find its name
+    // as soon as its generation is read.
+    let written = write_exe_names(engine)
+        .and_then(|()| write_generation(engine, target, &previous, &compiled))
         .and_then(|()| set_rules_generation(engine, target));
     if let Err(e) = written {
         // `target` is inactive and half written: empty it so that what it
@@ -114,7 +117,60 @@ fn sync_rules(engine: &mut Engine) -> Result<(), Error> {
     engine.installed[target as usize] = compiled;
     engine.rules_generation = target;
     engine.rules_flipped_at = Some(std::time::Instant::now());
+    remove_stale_exe_names(engine);
     Ok(())
+}
+
+fn rule_exes(engine: &mut Engine) -> Result<HashMap<&mut MapData, u32, connredir_exe_name>, Error> {
+    let name = map_names::RULE_EXES;
+    HashMap::try_from(engine.bpf.map_mut(name).expect("checked at load")).map_err(map_err(name))
+}
+
+/// Writes the executable name of every rule that names one (again, for
+/// the rules that had theirs: an id may have been written by a run whose
+/// rules were then rolled back, and ids are not reused otherwise).
+fn write_exe_names(engine: &mut Engine) -> Result<(), Error> {
+    let names: Vec<(u32, connredir_exe_name)> = engine
+        .rules
+        .iter()
+        .filter_map(|(id, rule)| Some((id.0, exe_name(rule)?)))
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut map = rule_exes(engine)?;
+    for (id, name) in &names {
+        map.insert(id, name, 0)
+            .map_err(map_err(map_names::RULE_EXES))?;
+    }
+    engine.rule_exes.extend(names.iter().map(|(id, _)| *id));
+    Ok(())
+}
+
+/// Removes the names of rules that neither generation holds any more (the
+/// inactive one may still be read by a connect that began before the flip).
+/// A name left behind by a failure here is only memory: no rule names it.
+fn remove_stale_exe_names(engine: &mut Engine) {
+    let held: BTreeSet<u32> = engine
+        .installed
+        .iter()
+        .flat_map(|generation| generation.values())
+        .flat_map(|set| set.rules[..(set.count as usize).min(set.rules.len())].iter())
+        .map(|rule| rule.rule_id)
+        .collect();
+    let stale: Vec<u32> = engine.rule_exes.difference(&held).copied().collect();
+    if stale.is_empty() {
+        return;
+    }
+    let Ok(mut map) = rule_exes(engine) else {
+        return;
+    };
+    for id in &stale {
+        if let Err(e) = map.remove(id) {
+            warn!(rule = id, error = %e, "cannot remove a rule's executable name");
+        }
+    }
+    engine.rule_exes.retain(|id| !stale.contains(id));
 }
 
 /// Turns generation `generation` of the trie from `from` into `to`.
@@ -191,6 +247,12 @@ pub(crate) fn adopt_rules(engine: &mut Engine) -> Result<(), Error> {
             engine.next_rule = engine.next_rule.max(rule.rule_id + 1);
         }
         engine.installed[usize::from(generation)].insert(prefix, set);
+    }
+    let name = map_names::RULE_EXES;
+    let names: HashMap<&MapData, u32, connredir_exe_name> =
+        HashMap::try_from(engine.bpf.map(name).expect("checked at load")).map_err(map_err(name))?;
+    for id in names.keys() {
+        engine.rule_exes.insert(id.map_err(map_err(name))?);
     }
     if engine.installed.iter().any(|g| !g.is_empty()) {
         info!(

@@ -33,6 +33,7 @@
 #include "record.h"
 #include "inherit.h"
 #include "listener.h"
+#include "exe.h"
 
 /* What decide() tells the connect program to do. */
 enum verdict {
@@ -130,8 +131,39 @@ __noinline int comm_matches(const struct connredir_rule *rule)
 }
 
 /*
+ * Whether the caller's executable file name (exe.h) is the rule's, which
+ * is kept in rule_exes under the rule's id (CONNREDIR_EXE_LEN bytes, NUL
+ * padded; no entry: the condition does not hold). The name is read into
+ * one word more than that, zeroed first, so that word is zero exactly
+ * when the name is not longer: the whole name is compared, as five words,
+ * no loop, straight from the map value (a copy on the stack would not fit
+ * beside the main program's and judge_rule()'s in 512 bytes). A global
+ * function for the same reason as comm_matches().
+ */
+__noinline int exe_matches(const struct connredir_rule *rule)
+{
+	const struct connredir_exe_name *want;
+	const __u64 *w;
+	__u64 have[CONNREDIR_EXE_LEN / 8 + 1] = {};
+	__u32 rule_id;
+
+	if (!rule)
+		return 0;
+	rule_id = rule->rule_id;
+	want = bpf_map_lookup_elem(&rule_exes, &rule_id);
+	if (!want)
+		return 0;
+	/* Map values are 8-byte aligned. */
+	w = (const __u64 *)want->name;
+	read_exe_name(have, sizeof(have));
+	return ((w[0] ^ have[0]) | (w[1] ^ have[1]) | (w[2] ^ have[2]) | (w[3] ^ have[3]) |
+		have[4]) == 0;
+}
+
+/*
  * Whether the rule's conditions on the connecting process and on the flow
- * hold: uid, gid, local port, command name, cgroup subtree and chain. The
+ * hold: uid, gid, local port, command name, executable name, cgroup
+ * subtree and chain. The
  * cheap ones first; a helper is called only when the rule names it.
  */
 static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
@@ -153,6 +185,8 @@ static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
 			    !(env->chain.seen & (1ull << rule->after))))
 		return 0;
 	if (rule->comm_len && !comm_matches(rule))
+		return 0;
+	if ((rule->flags & CONNREDIR_RULE_EXE) && !exe_matches(rule))
 		return 0;
 	/* Any descendant of the rule's cgroup: the caller's ancestor at that
 	 * cgroup's depth is that cgroup (0 when the caller is shallower). */

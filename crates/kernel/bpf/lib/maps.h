@@ -78,6 +78,14 @@ struct {
 	__type(value, __u64);
 } rule_hits SEC(".maps") __weak;
 
+/* The executable names of rules with CONNREDIR_RULE_EXE, by rule id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CONNREDIR_MAX_RULE_EXES);
+	__type(key, __u32);
+	__type(value, struct connredir_exe_name);
+} rule_exes SEC(".maps") __weak;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

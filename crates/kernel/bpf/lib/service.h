@@ -10,10 +10,13 @@
 #include "maps.h"
 
 /* What the layer reads of a task; the offsets come from the running
- * kernel's BTF when the object is loaded (CO-RE). */
+ * kernel's BTF when the object is loaded (CO-RE). `mm` is exe.h's way to
+ * the executable. */
+struct mm_struct;
 struct task_struct {
 	struct task_struct *group_leader;
 	__u64 start_boottime;
+	struct mm_struct *mm;
 } __attribute__((preserve_access_index));
 
 /* When the current process started, in clock ticks since boot: what
