@@ -178,9 +178,16 @@ mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 report = {}
 if mode == "hold":
     n = int(sys.argv[4])
-    socks = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+    socks, closed = [], []
+    for _ in range(n):
+        try:
+            socks.append(socket.create_connection((host, port), timeout=5))
+            closed.append(None)
+        except ConnectionResetError:
+            # Accepted and reset before connect() returned: closed at once.
+            socks.append(None)
+            closed.append(0.0)
     start = time.monotonic()
-    closed = [None] * n
     while time.monotonic() - start < 6 and None in closed:
         open_ = [s for s, c in zip(socks, closed) if c is None]
         ready, _, _ = select.select(open_, [], [], 0.05)
