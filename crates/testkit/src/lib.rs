@@ -712,3 +712,20 @@ pub fn permutations(n: usize) -> Vec<Vec<usize>> {
     }
     out
 }
+
+/// The response code (`NOERROR`, `REFUSED`, ...) and the answer lines of
+/// `dig +noall +comments +answer` output; the code reads "no answer: ..."
+/// when dig printed no header (it timed out).
+pub fn dig_reply(lines: &[String]) -> (String, Vec<String>) {
+    let status = lines
+        .iter()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|rest| rest.split(',').next().unwrap().to_string())
+        .unwrap_or_else(|| format!("no answer: {lines:?}"));
+    let answers = lines
+        .iter()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .cloned()
+        .collect();
+    (status, answers)
+}

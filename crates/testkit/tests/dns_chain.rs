@@ -276,16 +276,7 @@ fn dig(
         &args,
     );
     let (_, lines) = client.finish().unwrap();
-    let status = lines
-        .iter()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|rest| rest.split(',').next().unwrap().to_string())
-        .unwrap_or_else(|| format!("no answer: {lines:?}"));
-    let answers = lines
-        .iter()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .cloned()
-        .collect();
+    let (status, answers) = connredir_testkit::dig_reply(&lines);
     (status, answers)
 }
 

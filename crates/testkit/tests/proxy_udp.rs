@@ -118,16 +118,7 @@ fn dig(lab: &Lab, program: &Path, server: SocketAddr, name: &str, qtype: &str) -
     let client = Proc::spawn_program(&lab.cgroup("scope/client"), Some(65534), program, &args)
         .expect("start dig");
     let (_, lines) = client.finish().unwrap();
-    let status = lines
-        .iter()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|rest| rest.split(',').next().unwrap().to_string())
-        .unwrap_or_else(|| format!("no answer: {lines:?}"));
-    let answers = lines
-        .iter()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .cloned()
-        .collect();
+    let (status, answers) = connredir_testkit::dig_reply(&lines);
     Dig { status, answers }
 }
 
