@@ -250,12 +250,17 @@ fn an_impostor_cannot_join_a_running_service_through_so_reuseport() {
     assert_ne!(report["bind"], "ok", "{report}");
 }
 
+/// Clients connecting in a loop while the proxy is killed and restarted.
+const CLIENTS: usize = 4;
+/// How many times the proxy is killed (SIGKILL) and started again.
+const RESTARTS: usize = 3;
+
 /// Four clients connect in a loop while the proxy is killed and restarted
 /// three times (the clients run for 6 s, the restarts take about 2 s);
 /// returns their reports and the failed and the made connects in all.
 fn clients_across_restarts(setup: &mut Setup, dst: SocketAddr) -> (Vec<Value>, u64, u64) {
     let dst = dst.to_string();
-    let clients: Vec<Proc> = (0..4)
+    let clients: Vec<Proc> = (0..CLIENTS)
         .map(|_| {
             Proc::spawn(
                 &setup.lab.cgroup("scope/client"),
@@ -266,7 +271,7 @@ fn clients_across_restarts(setup: &mut Setup, dst: SocketAddr) -> (Vec<Value>, u
         })
         .collect();
     let started = Instant::now();
-    for _ in 0..3 {
+    for _ in 0..RESTARTS {
         std::thread::sleep(Duration::from_millis(300));
         let index = setup.lab.procs.len() - 1;
         setup.lab.procs[index].kill().unwrap();
@@ -299,7 +304,12 @@ fn with_block_no_connection_reaches_the_destination_while_the_proxy_restarts() {
     setup.start_proxy(&[]);
     let (reports, refused, connected) = clients_across_restarts(&mut setup, server.addr());
     assert!(connected > 0, "{reports:?}");
-    assert!(refused > 0, "the proxy was down at times: {reports:?}");
+    // Refused for the whole time the proxy was down: far more than the
+    // kill instants alone that the bypass test allows.
+    assert!(
+        refused > (RESTARTS * CLIENTS) as u64,
+        "the proxy was down at times: {reports:?}"
+    );
     // The clients' flows leave from 127.0.0.3; the proxy's from 127.0.0.1.
     let direct: Vec<SocketAddr> = server
         .accepted()
@@ -321,7 +331,16 @@ fn with_bypass_no_connection_fails_while_the_proxy_restarts() {
     setup.start_proxy(&[]);
     let (reports, refused, connected) = clients_across_restarts(&mut setup, server.addr());
     assert!(connected > 0, "{reports:?}");
-    assert_eq!(refused, 0, "{reports:?}");
+    // While the proxy is down (300 ms, three times) every connect goes
+    // direct: without the bypass that would be hundreds of refusals (as
+    // with `block`). What remains is the instant of each SIGKILL: a connect
+    // whose listener check passed just before the listener closed has its
+    // SYN already on the way to it and is refused; at most once per client
+    // per kill.
+    assert!(
+        refused <= (RESTARTS * CLIENTS) as u64,
+        "{refused} refused: {reports:?}"
+    );
     let counters = setup.lab.engine.counters().unwrap();
     assert!(counters.service_down_bypassed >= 1, "{counters:?}");
 }
