@@ -105,17 +105,14 @@ static __always_inline void accel_join(struct bpf_sock_ops *skops, __u64 netns,
 	count(CONNREDIR_CNT_ACCEL_JOINED);
 }
 
-/* ACTIVE_ESTABLISHED_CB: a connecting socket that may join. */
-static __always_inline void accel_on_active(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-					    __u64 netns, const struct tuple *tp, __u32 cb_flags)
+/* ACTIVE_ESTABLISHED_CB: a connecting socket with a state that may join. */
+static __always_inline void accel_on_active(struct bpf_sock_ops *skops,
+					    const struct connredir_sock_state *state, __u64 netns,
+					    const struct tuple *tp, __u32 cb_flags)
 {
 	const struct tuple t = *tp;
-	struct connredir_sock_state *state;
 	int join, onward;
 
-	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state)
-		return;
 	onward = state->flags & CONNREDIR_SOCK_ACCEL_ONWARD;
 	join = service_accelerates(t.remote, t.remote_port) || (onward && is_loopback(t.remote));
 	/* An onward socket is its service's; a redirected client's is no one's. */

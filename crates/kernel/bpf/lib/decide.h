@@ -62,14 +62,25 @@ static __always_inline void count_hit(__u32 rule_id)
 		bpf_map_update_elem(&rule_hits, &rule_id, &one, BPF_NOEXIST);
 }
 
-/* Notes who connected, for the live-connection list (see handoff.h). */
+/* Notes who connected, for the live-connection list (see handoff.h); on
+ * the flow's first redirect, the same process is the record's client (read
+ * once, copied). */
 static __always_inline void note_connecting_process(struct connredir_sock_state *state,
-						    __u32 uid)
+						    __u32 tgid, __u32 uid, int first)
 {
-	state->pid = bpf_get_current_pid_tgid() >> 32;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+
+	state->pid = tgid;
 	state->uid = uid;
-	state->cgroup_id = bpf_get_current_cgroup_id();
+	state->cgroup_id = cgroup_id;
 	bpf_get_current_comm(state->comm, sizeof(state->comm));
+	if (first) {
+		state->record.client_pid = tgid;
+		state->record.client_uid = uid;
+		state->record.client_cgroup_id = cgroup_id;
+		__builtin_memcpy(state->record.client_comm, state->comm,
+				 sizeof(state->record.client_comm));
+	}
 }
 
 /* What judge_rule() needs to know of the connect, gathered once. */
@@ -395,14 +406,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 		}
 	}
 	if (hop_count == 0) {
-		/* First redirect: this process opened the flow. */
+		/* First redirect: this process opened the flow (its pid, uid,
+		 * cgroup and command: note_connecting_process below). */
 		state->record.magic = CONNREDIR_RECORD_MAGIC;
 		state->record.version = CONNREDIR_RECORD_VERSION;
 		state->record.size = sizeof(struct connredir_record);
-		state->record.client_pid = tgid;
-		state->record.client_uid = env.caller.uid;
-		state->record.client_cgroup_id = bpf_get_current_cgroup_id();
-		bpf_get_current_comm(state->record.client_comm, sizeof(state->record.client_comm));
 	}
 	hop = &state->record.hops[hop_count & (CONNREDIR_MAX_HOPS - 1)];
 	hop->service_id = service_id;
@@ -413,7 +421,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	__builtin_memset(&hop->local, 0, sizeof(hop->local));
 	state->record.hop_count = hop_count + 1;
 	state->flags |= CONNREDIR_SOCK_HANDOFF_PENDING | CONNREDIR_SOCK_OWN_HOP;
-	note_connecting_process(state, env.caller.uid);
+	note_connecting_process(state, tgid, env.caller.uid, hop_count == 0);
 	count(CONNREDIR_CNT_REDIRECTS);
 	count_hit(rule->rule_id);
 	ev->decision = CONNREDIR_DECISION_REDIRECTED;

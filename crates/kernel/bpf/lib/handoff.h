@@ -61,20 +61,19 @@ static __always_inline void handoff_key(struct connredir_handoff_key *key, __u64
 	key->service_port = service_port;
 }
 
-static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-					       __u64 netns, const struct tuple *tp, __u32 cb_flags)
+/* TCP_CONNECT_CB of a socket whose connect was redirected (its `state`
+ * has CONNREDIR_SOCK_HANDOFF_PENDING). */
+static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops,
+					       struct connredir_sock_state *state, __u64 netns,
+					       const struct tuple *tp, __u32 cb_flags)
 {
 	struct connredir_handoff_key key = {};
-	struct connredir_sock_state *state;
 	struct connredir_hop *hop;
 	struct tuple t = *tp;
 	__u32 hop_count;
 	int handed, tracked;
 	__u64 *held;
 
-	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
-		return;
 	state->flags &= ~CONNREDIR_SOCK_HANDOFF_PENDING;
 	hop_count = clamp_hops(state->record.hop_count);
 	if (hop_count == 0)

@@ -103,26 +103,22 @@ inherit_take(struct bpf_sock_addr *ctx, struct bpf_sock *sk, const struct connre
 	return state;
 }
 
-/* The accepted socket closes: what it kept and nobody took goes. */
-static __always_inline void inherit_on_close(struct bpf_sock_ops *skops, struct bpf_sock *sk)
+/* The accepted socket (its `state`, in namespace `netns`) closes: what it
+ * kept and nobody took goes. */
+static __always_inline void inherit_on_close(struct connredir_sock_state *state, __u64 netns)
 {
 	struct connredir_inherit_key key = {};
-	struct connredir_sock_state *state;
 	struct connredir_record *kept;
 	const struct connredir_endpoint *dst;
 	__u32 hops;
 
-	if (!sk)
-		return;
-	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state || !(state->flags & CONNREDIR_SOCK_INHERIT_KEPT))
+	if (!(state->flags & CONNREDIR_SOCK_INHERIT_KEPT))
 		return;
 	hops = clamp_hops(state->record.hop_count);
 	if (hops == 0)
 		return;
 	dst = &state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].original_dst;
-	inherit_key(&key, bpf_get_netns_cookie(skops), state->inherit_tgid, state->inherit_tid,
-		    dst);
+	inherit_key(&key, netns, state->inherit_tgid, state->inherit_tid, dst);
 	kept = bpf_map_lookup_elem(&inherit, &key);
 	if (kept && same_flow(kept, &state->record))
 		bpf_map_delete_elem(&inherit, &key);
