@@ -66,7 +66,9 @@ struct connredir_sock_state {
 /*
  * A socket whose flow's record is one hop, the hop that brought it here: a
  * client's socket once sockops handed its record on (TCP_CONNECT_CB), and
- * the socket a service accepted for it (PASSIVE_ESTABLISHED_CB). Such a
+ * the socket a service accepted for it (PASSIVE_ESTABLISHED_CB; unless the
+ * service accelerates: a socket it cuts through gets a state at close,
+ * for its byte count, so it keeps the whole state from the start). Such a
  * record is fully known from this much (the rest of struct
  * connredir_record is the magic, this version, zero reserved fields and
  * empty hop slots), so these sockets keep it here, in the sock_hop socket

@@ -125,6 +125,21 @@ static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struc
 	compact_after_handoff(sk, state);
 }
 
+/*
+ * Whether the service at `addr`:`port` accelerates its flows. Its accepted
+ * sockets keep the whole state: a socket it cuts through gets one at close
+ * anyway (the byte count, accel.h), and both forms together would cost
+ * more than the whole state alone.
+ */
+static __always_inline int accelerated_at(const __u32 addr[4], __u16 port)
+{
+	struct connredir_service *service;
+	__u32 id = service_at(addr, port);
+
+	service = bpf_map_lookup_elem(&services, &id);
+	return service && (service->flags & CONNREDIR_SERVICE_ACCELERATE);
+}
+
 /* Returns 1 when the accepted socket got its flow's record. */
 static __always_inline int handoff_on_passive_established(struct bpf_sock *sk, __u64 netns,
 							  const struct tuple *tp)
@@ -144,7 +159,7 @@ static __always_inline int handoff_on_passive_established(struct bpf_sock *sk, _
 			count(CONNREDIR_CNT_HANDOFF_MISSES);
 		return 0;
 	}
-	if (record_is_one_hop(record)) {
+	if (record_is_one_hop(record) && !accelerated_at(t.local, t.local_port)) {
 		/* The usual flow, redirected once: its one-hop form (abi.h). */
 		small = bpf_sk_storage_get(&sock_hop, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (small) {
