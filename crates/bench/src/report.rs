@@ -207,8 +207,9 @@ pub fn render(r: &Results, notes: &str) -> String {
            to its original destination, read with `SO_ORIGINAL_DST` (the layer answers it); \
            haproxy sets no records, so its onward connection is decided past it through the \
            layer's `inherit` map. Configured alike: TCP mode, 2 threads (the reference proxy's \
-           runtime has one per core), `option splice-auto`, the same idle timeout and connection \
-           cap, and one log line per connection (JSON: time, flow, original destination, bytes \
+           runtime has one per core), splicing both directions (`option splice-request`, \
+           `option splice-response`), the same idle timeout and connection cap (as far as the \
+           descriptor limit allows), and one log line per connection (JSON: time, flow, original destination, bytes \
            each way, duration, how it ended) written to /dev/null as the reference proxy's log \
            is. It does not look at the first bytes (the reference proxy inspects them for its \
            rules and the log's protocol fields) and reads no records.\n"
