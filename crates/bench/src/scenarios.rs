@@ -618,6 +618,7 @@ fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     })?;
     // One rule on the destination's own prefix but another port, so the
@@ -845,6 +846,7 @@ impl Bench {
             context: None,
             own_connections_by_self: true,
             accelerate: path.accelerate,
+            transparent: false,
             on_down: Default::default(),
         })?;
         let origin: SocketAddr = path.origin.parse()?;
@@ -1207,6 +1209,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     })?;
     engine.add_rule(Rule {
@@ -1419,6 +1422,7 @@ impl Bench {
                 context: None,
                 own_connections_by_self: true,
                 accelerate: false,
+                transparent: false,
                 on_down: Default::default(),
             })?;
             engine.add_rule(Rule {

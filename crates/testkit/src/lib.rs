@@ -514,6 +514,7 @@ impl Lab {
                 context: context.map(<[u8]>::to_vec),
                 own_connections_by_self: true,
                 accelerate: false,
+                transparent: false,
                 on_down: Default::default(),
             })
             .expect("register service")

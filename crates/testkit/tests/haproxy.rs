@@ -7,16 +7,16 @@
 //! a proxy after haproxy in priority order still sees it exactly once.
 //!
 //! Clients run as an unprivileged user in the test's cgroup; the origin is
-//! an echo server on loopback, reached from IPv4 sockets and from IPv6
-//! sockets (its IPv4-mapped address).
+//! an echo server on loopback, reached from IPv4 sockets, from IPv6 sockets
+//! (its IPv4-mapped address), and on a native IPv6 address.
 //!
-//! Not covered: an origin on a native IPv6 address. haproxy (2.6) asks
-//! `SO_ORIGINAL_DST` only on IPv4 sockets; on an IPv6 socket it takes the
-//! destination from getsockname(), which names its own listener, so it
-//! connects to itself over and over (it does the same behind an nftables
-//! REDIRECT; only TPROXY, where getsockname() is the original destination,
-//! serves it). The layer answers `IP6T_SO_ORIGINAL_DST`, which haproxy
-//! never asks. Each haproxy this file starts runs in the
+//! haproxy (2.6) asks `SO_ORIGINAL_DST` only on IPv4 sockets; on an IPv6
+//! socket it takes the destination from getsockname(), as behind TPROXY
+//! (behind an nftables REDIRECT it would connect to itself over and over).
+//! For IPv6, haproxy is therefore registered as a transparent service: the
+//! sockets it accepts answer getsockname() with the original destination,
+//! and that answer keeps the record for its onward connect as
+//! `SO_ORIGINAL_DST` does. Each haproxy this file starts runs in the
 //! foreground (no daemon mode, one thread), from a configuration in the
 //! test's own temporary directory, and is ended by its pid with the lab.
 
@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use connredir_engine::ServiceId;
+use connredir_engine::{Service, ServiceId};
 use connredir_testkit::{
     by_cgroup, free_addr, require_program, wait_listening, workspace_bin, EchoServer, Lab, Proc,
 };
@@ -66,20 +66,33 @@ impl Drop for TempDir {
 }
 
 /// Registers haproxy as a service (identity: its cgroup `services/haproxy`,
-/// listening on a free port of `listen_ip`) with one rule sending `dst` to
-/// it at `priority`, writes its configuration into `dir` and starts it
-/// there. Returns the service id and haproxy's index in `lab.procs`.
+/// listening on a free port of `family.listen_ip`, transparent if the
+/// family says so) with one rule sending `dst` to it at `priority`, writes
+/// its configuration into `dir` and starts it there. Returns the service id
+/// and haproxy's index in `lab.procs`.
 fn start_haproxy(
     lab: &mut Lab,
     haproxy: &Path,
     dir: &Path,
-    listen_ip: &str,
+    family: &Family,
     dst: SocketAddr,
     priority: u32,
 ) -> (ServiceId, usize) {
     let cgroup = lab.cgroup("services/haproxy");
-    let listen = free_addr(listen_ip);
-    let id = lab.service("haproxy", &[listen], by_cgroup(&cgroup), None);
+    let listen = free_addr(family.listen_ip);
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "haproxy".into(),
+            listen: vec![listen],
+            identity: by_cgroup(&cgroup),
+            context: None,
+            own_connections_by_self: true,
+            accelerate: false,
+            transparent: family.transparent,
+            on_down: Default::default(),
+        })
+        .expect("register haproxy");
     let prefix = match dst {
         SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
         SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
@@ -164,6 +177,13 @@ fn plain(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// An address as haproxy's log format (`%ci:%cp`) prints it: IPv6
+/// without brackets.
+fn haproxy_printed(addr: SocketAddr) -> String {
+    let addr = plain(addr);
+    format!("{}:{}", addr.ip(), addr.port())
+}
+
 /// Where the proxies of a test listen and how the client names the origin.
 struct Family {
     /// The echo server's address (port 0: any).
@@ -172,6 +192,9 @@ struct Family {
     listen_ip: &'static str,
     /// The address the client connects to, from the server's.
     connect: fn(SocketAddr) -> SocketAddr,
+    /// haproxy is registered as a transparent service: it reads the
+    /// destination with getsockname(), not `SO_ORIGINAL_DST`.
+    transparent: bool,
 }
 
 /// IPv4 sockets throughout.
@@ -179,6 +202,7 @@ const V4: Family = Family {
     server: "127.0.0.2:0",
     listen_ip: "127.0.0.1",
     connect: |dst| dst,
+    transparent: false,
 };
 
 /// The client's socket is IPv6: it connects to the origin's IPv4-mapped
@@ -191,6 +215,17 @@ const V6_CLIENT: Family = Family {
         SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
         v6 => v6,
     },
+    transparent: false,
+};
+
+/// IPv6 throughout: the origin, the services and the client on `::1`.
+/// haproxy reads the destination with getsockname(), so it is a
+/// transparent service.
+const V6: Family = Family {
+    server: "[::1]:0",
+    listen_ip: "::1",
+    connect: |dst| dst,
+    transparent: true,
 };
 
 /// Which services a test puts on the flow, in priority order.
@@ -222,14 +257,7 @@ fn round_trip(test: &str, family: &Family, chain: Chain) {
         Chain::Haproxy | Chain::HaproxyThenOurs => (1, 2),
         Chain::OursThenHaproxy => (2, 1),
     };
-    let (hap_id, hap) = start_haproxy(
-        &mut lab,
-        &haproxy,
-        &dir.0,
-        family.listen_ip,
-        dst,
-        hap_priority,
-    );
+    let (hap_id, hap) = start_haproxy(&mut lab, &haproxy, &dir.0, family, dst, hap_priority);
     let ours = (chain != Chain::Haproxy)
         .then(|| start_reference_proxy(&mut lab, family.listen_ip, dst, ours_priority));
 
@@ -253,13 +281,13 @@ fn round_trip(test: &str, family: &Family, chain: Chain) {
     for (entry, (local, size)) in hap_log.iter().zip(locals.iter().zip(SIZES)) {
         assert_eq!(
             entry["original_dst"],
-            plain(dst).to_string(),
+            haproxy_printed(dst),
             "{chain:?}: {entry}"
         );
         assert_eq!(entry["bytes_up"], size, "{chain:?}: {entry}");
         assert_eq!(entry["bytes_down"], size, "{chain:?}: {entry}");
         if chain != Chain::OursThenHaproxy {
-            assert_eq!(entry["flow"], local.to_string(), "{chain:?}: {entry}");
+            assert_eq!(entry["flow"], haproxy_printed(*local), "{chain:?}: {entry}");
         }
     }
 
@@ -293,17 +321,19 @@ fn round_trip(test: &str, family: &Family, chain: Chain) {
         (services * SIZES.len()) as u64,
         "{chain:?}: {counters:?}"
     );
-    // haproxy's onward connection took the record its SO_ORIGINAL_DST
-    // question kept: once per flow.
+    // haproxy's onward connection took the record its SO_ORIGINAL_DST (or,
+    // transparent, its getsockname) question kept: once per flow.
     assert_eq!(
         counters.records_inherited,
         SIZES.len() as u64,
         "{chain:?}: {counters:?}"
     );
-    assert!(
-        counters.original_dst_answered >= SIZES.len() as u64,
-        "{chain:?}: {counters:?}"
-    );
+    if !family.transparent {
+        assert!(
+            counters.original_dst_answered >= SIZES.len() as u64,
+            "{chain:?}: {counters:?}"
+        );
+    }
 }
 
 #[test]
@@ -334,4 +364,19 @@ fn haproxy_then_connredir_proxy_ipv6_client() {
 #[test]
 fn connredir_proxy_then_haproxy_ipv6_client() {
     round_trip("hap-last-v6", &V6_CLIENT, Chain::OursThenHaproxy);
+}
+
+#[test]
+fn haproxy_forwards_native_ipv6_to_the_original_destination() {
+    round_trip("hap-n6", &V6, Chain::Haproxy);
+}
+
+#[test]
+fn haproxy_then_connredir_proxy_native_ipv6() {
+    round_trip("hap-first-n6", &V6, Chain::HaproxyThenOurs);
+}
+
+#[test]
+fn connredir_proxy_then_haproxy_native_ipv6() {
+    round_trip("hap-last-n6", &V6, Chain::OursThenHaproxy);
 }

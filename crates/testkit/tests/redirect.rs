@@ -798,6 +798,7 @@ fn own_connections_reach_the_service_only_when_it_says_so() {
             context: None,
             own_connections_by_self: false,
             accelerate: false,
+            transparent: false,
             on_down: Default::default(),
         })
         .unwrap();
@@ -856,6 +857,7 @@ fn accelerated_lab_with_server_in(
             context: None,
             own_connections_by_self: true,
             accelerate: true,
+            transparent: false,
             on_down: Default::default(),
         })
         .unwrap();

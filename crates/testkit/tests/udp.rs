@@ -439,6 +439,7 @@ fn a_udp_service_that_is_down_blocks_or_is_bypassed_as_its_policy_says() {
                     context: None,
                     own_connections_by_self: true,
                     accelerate: false,
+                    transparent: false,
                     on_down,
                 })
                 .unwrap();
