@@ -24,24 +24,6 @@ static __always_inline int is_connected(__u32 state)
 	       state != TCP_SYN_RECV && state != TCP_NEW_SYN_RECV;
 }
 
-/*
- * Where the socket's record is: its state when that holds one (returned),
- * else the record's one-hop form (`*small`, lib/handoff.h); both NULL when
- * the socket has no record. A socket holding the one-hop form may also
- * have a state without a record (the acceleration's byte count at close).
- */
-static __always_inline struct connredir_sock_state *record_holder(struct bpf_sock *sk,
-								  struct connredir_sock_hop **small)
-{
-	struct connredir_sock_state *state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-
-	*small = NULL;
-	if (state && state->record.hop_count > 0)
-		return state;
-	*small = bpf_sk_storage_get(&sock_hop, sk, 0, 0);
-	return NULL;
-}
-
 /* Checks the buffer protocol; returns 0 to go on and copy, or sets the answer. */
 static __always_inline int buffer_check(struct bpf_sockopt *ctx, __s32 optlen, __u32 needed)
 {

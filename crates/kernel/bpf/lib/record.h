@@ -128,4 +128,22 @@ static __always_inline void record_from_hop(struct connredir_record *out,
 	__builtin_memcpy(out->client_comm, in->client_comm, sizeof(out->client_comm));
 }
 
+/*
+ * Where the socket's record is: its state when that holds one (returned),
+ * else the record's one-hop form (`*small`, lib/handoff.h); both NULL when
+ * the socket has no record. A socket holding the one-hop form may also
+ * have a state without a record (the acceleration's byte count at close).
+ */
+static __always_inline struct connredir_sock_state *record_holder(struct bpf_sock *sk,
+								  struct connredir_sock_hop **small)
+{
+	struct connredir_sock_state *state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+
+	*small = NULL;
+	if (state && state->record.hop_count > 0)
+		return state;
+	*small = bpf_sk_storage_get(&sock_hop, sk, 0, 0);
+	return NULL;
+}
+
 #endif /* CONNREDIR_RECORD_H */
