@@ -59,8 +59,10 @@ pub mod map_names {
             Err(_) => panic!("map name is not UTF-8"),
         }
     }
-    /// Per-socket state (the record lives here).
+    /// Per-socket state (the record lives here, unless it is one hop).
     pub const SOCK_STATE: &str = name(maps::CONNREDIR_MAP_SOCK_STATE);
+    /// Per-socket one-hop form of a record (`connredir_sock_hop`).
+    pub const SOCK_HOP: &str = name(maps::CONNREDIR_MAP_SOCK_HOP);
     /// Registered services, by id.
     pub const SERVICES: &str = name(maps::CONNREDIR_MAP_SERVICES);
     /// Service id by process id (tgid).
@@ -104,8 +106,9 @@ pub mod map_names {
     pub const RULE_EXES: &str = name(maps::CONNREDIR_MAP_RULE_EXES);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SOCK_STATE,
+        SOCK_HOP,
         SERVICES,
         SERVICE_BY_PID,
         SERVICE_BY_CGROUP,

@@ -34,8 +34,9 @@ pod!(
     // inherit: key, value.
     connredir_inherit_key,
     connredir_inherit,
-    // sock_state and listeners (socket storage): values.
+    // sock_state, sock_hop and listeners (socket storage): values.
     connredir_sock_state,
+    connredir_sock_hop,
     connredir_listener,
     // accel_socks and accel_state: key; accel_state: value.
     connredir_pair_key,

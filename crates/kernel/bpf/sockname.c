@@ -8,61 +8,86 @@
  * proxies written for TPROXY) then forward where the client was going. The
  * answer keeps the record for the asker's onward connect exactly as
  * SO_ORIGINAL_DST does (lib/inherit.h), so such a proxy chains without
- * loops. Every other socket is left as it is: its state is looked up, once.
+ * loops. Every other socket is left as it is.
  */
 #include "lib/addr.h"
 #include "lib/inherit.h"
+#include "lib/record.h"
 
-/* The original destination an accepted socket of a transparent service
- * answers with, or NULL; `*state_out` is its state. */
-static __always_inline const struct connredir_endpoint *
-transparent_local(struct bpf_sock_addr *ctx, struct connredir_sock_state **state_out)
+/* Where an accepted socket's record is (its state, or its one-hop form). */
+struct accepted {
+	struct connredir_sock_state *state;
+	struct connredir_sock_hop *small;
+};
+
+/* The original destination a socket a transparent service accepted
+ * answers with, or NULL. */
+static __always_inline const struct connredir_endpoint *transparent_local(struct bpf_sock_addr *ctx,
+									 struct accepted *at)
 {
 	struct bpf_sock *sk = ctx->sk;
-	struct connredir_sock_state *state;
 	struct connredir_service *service;
-	struct connredir_hop *hop;
-	__u32 hops, service_id;
+	const struct connredir_hop *hop;
+	__u32 hops, flags, service_id;
 
 	if (!sk || ctx->type != SOCK_STREAM)
 		return NULL;
-	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state || !(state->flags & CONNREDIR_SOCK_ACCEPTED))
+	at->state = record_holder(sk, &at->small);
+	if (at->state) {
+		flags = at->state->flags;
+		hops = clamp_hops(at->state->record.hop_count);
+		if (hops == 0)
+			return NULL;
+		hop = &at->state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)];
+	} else if (at->small) {
+		flags = at->small->flags;
+		hop = &at->small->hop;
+	} else {
 		return NULL;
-	hops = clamp_hops(state->record.hop_count);
-	if (hops == 0)
+	}
+	if (!(flags & CONNREDIR_SOCK_ACCEPTED))
 		return NULL;
-	hop = &state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)];
 	service_id = hop->service_id;
 	service = bpf_map_lookup_elem(&services, &service_id);
 	if (!service || !(service->flags & CONNREDIR_SERVICE_TRANSPARENT))
 		return NULL;
-	*state_out = state;
 	return &hop->original_dst;
+}
+
+/* Keeps the record for the asker's onward connect, as SO_ORIGINAL_DST. */
+static __always_inline void keep(struct bpf_sock_addr *ctx, const struct accepted *at,
+				 const struct connredir_endpoint *original)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+
+	if (at->state)
+		inherit_keep(netns, at->state, original);
+	else if (at->small)
+		inherit_keep_hop(netns, at->small, original);
 }
 
 SEC("cgroup/getsockname4")
 int connredir_getsockname4(struct bpf_sock_addr *ctx)
 {
-	struct connredir_sock_state *state = NULL;
-	const struct connredir_endpoint *original = transparent_local(ctx, &state);
+	struct accepted at = {};
+	const struct connredir_endpoint *original = transparent_local(ctx, &at);
 
-	if (!original || !state || original->family != AF_INET)
+	if (!original || original->family != AF_INET)
 		return 1;
 	ctx->user_ip4 = *(const __u32 *)original->addr;
 	ctx->user_port = original->port;
-	inherit_keep(bpf_get_netns_cookie(ctx), state, original);
+	keep(ctx, &at, original);
 	return 1;
 }
 
 SEC("cgroup/getsockname6")
 int connredir_getsockname6(struct bpf_sock_addr *ctx)
 {
-	struct connredir_sock_state *state = NULL;
-	const struct connredir_endpoint *original = transparent_local(ctx, &state);
+	struct accepted at = {};
+	const struct connredir_endpoint *original = transparent_local(ctx, &at);
 	__u32 ip6[4];
 
-	if (!original || !state)
+	if (!original)
 		return 1;
 	/* An IPv4 destination reached from an IPv6 socket: IPv4-mapped. */
 	endpoint_to_mapped(original, ip6);
@@ -71,6 +96,6 @@ int connredir_getsockname6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[2] = ip6[2];
 	ctx->user_ip6[3] = ip6[3];
 	ctx->user_port = original->port;
-	inherit_keep(bpf_get_netns_cookie(ctx), state, original);
+	keep(ctx, &at, original);
 	return 1;
 }

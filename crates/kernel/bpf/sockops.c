@@ -32,24 +32,32 @@ static __always_inline int on_connect(struct bpf_sock_ops *skops)
 	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
 		return 1;
 	read_tuple(skops, &t);
-	handoff_on_connect(skops, state, bpf_get_netns_cookie(skops), &t,
+	handoff_on_connect(skops, sk, state, bpf_get_netns_cookie(skops), &t,
 			   skops->bpf_sock_ops_cb_flags);
 	return 1;
 }
 
+/* The state of a socket that holds only the one-hop form of its record
+ * (lib/handoff.h): none of the acceleration's flags. */
+static const struct connredir_sock_state no_state;
+
 /* ACTIVE_ESTABLISHED_CB: only a socket with a state (redirected, or a
- * service's onward socket) may join the acceleration. */
+ * service's onward socket) may join the acceleration; a redirected one
+ * may hold its record's one-hop form instead (lib/handoff.h). */
 static __always_inline int on_active(struct bpf_sock_ops *skops)
 {
+	const struct connredir_sock_state *state;
 	struct bpf_sock *sk = skops->sk;
-	struct connredir_sock_state *state;
 	struct tuple t = {};
 
 	if (!sk)
 		return 1;
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state)
-		return 1;
+	if (!state) {
+		if (!bpf_sk_storage_get(&sock_hop, sk, 0, 0))
+			return 1;
+		state = &no_state;
+	}
 	read_tuple(skops, &t);
 	accel_on_active(skops, state, bpf_get_netns_cookie(skops), &t,
 			skops->bpf_sock_ops_cb_flags);
@@ -79,8 +87,8 @@ static __always_inline int on_passive(struct bpf_sock_ops *skops)
 /*
  * STATE_CB, asked for only by sockets that left something behind: at close,
  * each part removes what this socket made. The socket's state tells which:
- * only a socket whose own connect was redirected (CONNREDIR_SOCK_OWN_HOP)
- * made hand-off and `conns` entries, only one that answered
+ * only a socket whose own connect was redirected (CONNREDIR_SOCK_OWN_HOP,
+ * in its state or its record's one-hop form) made hand-off and `conns` entries, only one that answered
  * SO_ORIGINAL_DST (CONNREDIR_SOCK_INHERIT_KEPT) kept records; an
  * accelerated socket may have no state at all, so that part always looks.
  */
@@ -88,19 +96,29 @@ static __always_inline int on_state(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct connredir_sock_state *state = NULL;
+	struct connredir_sock_hop *small = NULL;
 	struct tuple t = {};
+	__u32 flags = 0;
 	__u64 netns;
 
 	if (skops->args[1] != TCP_CLOSE)
 		return 1;
 	read_tuple(skops, &t);
 	netns = bpf_get_netns_cookie(skops);
-	if (sk)
+	if (sk) {
 		state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (state && (state->flags & CONNREDIR_SOCK_OWN_HOP))
+		small = bpf_sk_storage_get(&sock_hop, sk, 0, 0);
+	}
+	if (state)
+		flags = state->flags;
+	if (small)
+		flags |= small->flags;
+	if (flags & CONNREDIR_SOCK_OWN_HOP)
 		handoff_on_close(skops, netns, &t);
 	if (state)
 		inherit_on_close(state, netns);
+	if (small)
+		inherit_on_close_hop(small, netns);
 	accel_on_close(sk, netns, &t);
 	return 1;
 }

@@ -43,9 +43,11 @@ static __always_inline int buffer_check(struct bpf_sockopt *ctx, __s32 optlen, _
 	return 0;
 }
 
+/* The socket's record, from its state or else (`small`) its one-hop form. */
 static __always_inline void get_records(struct bpf_sockopt *ctx, __s32 optlen, void *optval,
 					void *optval_end,
-					const struct connredir_sock_state *state)
+					const struct connredir_sock_state *state,
+					const struct connredir_sock_hop *small)
 {
 	struct connredir_record *out = optval;
 	const struct connredir_seal_key *key;
@@ -56,31 +58,44 @@ static __always_inline void get_records(struct bpf_sockopt *ctx, __s32 optlen, v
 		ctx->retval = -ENOBUFS;
 		return;
 	}
-	*out = state->record;
+	if (state) {
+		*out = state->record;
+	} else if (small) {
+		__builtin_memset(out, 0, sizeof(*out));
+		record_from_hop(out, small);
+	} else {
+		ctx->retval = -ENOENT;
+		return;
+	}
 	/*
 	 * Sealed here, as the record leaves the layer, rather than wherever the
 	 * layer writes records (connect, hand-off, inheritance, set): one place
 	 * covers every writer, and connections whose records nobody asks for
 	 * pay nothing. The stored record never needs a seal: only what comes
-	 * back through setsockopt is checked.
+	 * back through setsockopt is checked. The seal is made of the copy
+	 * just written, which is the record whichever form it was kept in.
 	 */
 	key = seal_key_get();
-	out->seal = key ? seal_of(key, &state->record) : 0;
+	out->seal = key ? seal_of(key, out) : 0;
 	ctx->optlen = sizeof(*out);
 	ctx->retval = 0;
 }
 
 static __always_inline void get_context(struct bpf_sockopt *ctx, __s32 optlen, void *optval,
 					void *optval_end,
-					const struct connredir_sock_state *state)
+					const struct connredir_sock_state *state,
+					const struct connredir_sock_hop *small)
 {
 	struct caller_services caller;
-	const struct connredir_hop *hop;
+	const struct connredir_hop *hop = NULL;
 	struct connredir_service *service;
 	__u32 service_id, len;
 
 	caller_services(&caller);
-	hop = own_hop(&state->record, &caller);
+	if (state)
+		hop = own_hop(&state->record, &caller);
+	else if (small && caller_is(&caller, small->hop.service_id))
+		hop = &small->hop;
 	if (!hop) {
 		/* Neither redirected by self nor previously by self. */
 		ctx->retval = -EACCES;
@@ -178,17 +193,27 @@ static __always_inline void get_service(struct bpf_sockopt *ctx, __s32 optlen, v
 	ctx->retval = 0;
 }
 
+/* SO_ORIGINAL_DST from the socket's state or else (`small`) its record's
+ * one-hop form; neither: the kernel answers (conntrack, or an error). */
 static __always_inline void get_original_dst(struct bpf_sockopt *ctx, int level, __s32 optlen,
 					     void *optval, void *optval_end,
-					     struct connredir_sock_state *state)
+					     struct connredir_sock_state *state,
+					     struct connredir_sock_hop *small)
 {
-	__u32 hop_count = clamp_hops(state->record.hop_count);
 	const struct connredir_endpoint *dst;
+	__u32 hop_count;
 
-	if (hop_count == 0)
-		return;
 	/* The destination the connection had when it was redirected to us. */
-	dst = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)].original_dst;
+	if (state) {
+		hop_count = clamp_hops(state->record.hop_count);
+		if (hop_count == 0)
+			return;
+		dst = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)].original_dst;
+	} else if (small) {
+		dst = &small->hop.original_dst;
+	} else {
+		return;
+	}
 
 	if (level == SOL_IP) {
 		struct sockaddr_in *out = optval;
@@ -217,7 +242,10 @@ static __always_inline void get_original_dst(struct bpf_sockopt *ctx, int level,
 	}
 	ctx->retval = 0;
 	count(CONNREDIR_CNT_ORIGINAL_DST_ANSWERED);
-	inherit_keep(bpf_get_netns_cookie(ctx), state, dst);
+	if (state)
+		inherit_keep(bpf_get_netns_cookie(ctx), state, dst);
+	else
+		inherit_keep_hop(bpf_get_netns_cookie(ctx), small, dst);
 }
 
 SEC("cgroup/getsockopt")
@@ -230,6 +258,7 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 	void *optval = ctx->optval;
 	void *optval_end = ctx->optval_end;
 	struct connredir_sock_state *state;
+	struct connredir_sock_hop *small;
 	__u32 sk_state;
 
 	if (level == CONNREDIR_SOL && optname == CONNREDIR_SO_ACCELERATED) {
@@ -282,15 +311,15 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 			ctx->retval = -ENOTCONN;
 			return 1;
 		}
-		state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-		if (!state || state->record.hop_count == 0) {
+		state = record_holder(sk, &small);
+		if (!state && !small) {
 			ctx->retval = -ENOENT;
 			return 1;
 		}
 		if (optname == CONNREDIR_SO_RECORDS)
-			get_records(ctx, optlen, optval, optval_end, state);
+			get_records(ctx, optlen, optval, optval_end, state, small);
 		else
-			get_context(ctx, optlen, optval, optval_end, state);
+			get_context(ctx, optlen, optval, optval_end, state, small);
 		return 1;
 	}
 
@@ -298,9 +327,9 @@ int connredir_getsockopt(struct bpf_sockopt *ctx)
 	    (level == SOL_IPV6 && optname == CONNREDIR_IP6T_SO_ORIGINAL_DST)) {
 		if (!sk)
 			return 1;
-		state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-		if (state)
-			get_original_dst(ctx, level, optlen, optval, optval_end, state);
+		state = record_holder(sk, &small);
+		if (state || small)
+			get_original_dst(ctx, level, optlen, optval, optval_end, state, small);
 	}
 	return 1;
 }
@@ -375,6 +404,9 @@ int connredir_setsockopt(struct bpf_sockopt *ctx)
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
 		return reject(-ENOMEM);
+	/* A socket disconnected after a redirect may still hold that
+	 * redirect's one-hop form (lib/handoff.h): the state replaces it. */
+	bpf_sk_storage_delete(&sock_hop, sk);
 	if (in->version >= 3 && (void *)(in + 1) <= optval_end) {
 		state->record = *in;
 	} else if (in->version == 2 && (void *)in + CONNREDIR_RECORD_V2_SIZE <= optval_end) {

@@ -10,7 +10,7 @@ use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
     by_cgroup, by_uid, eventually, free_addr, permutations, require_program, workspace_bin,
-    EchoServer, Lab, Proc,
+    EchoServer, Lab, Proc, Release,
 };
 use serde_json::Value;
 
@@ -153,6 +153,82 @@ fn single_proxy_round_trip(
 #[test]
 fn ipv4_connection_is_redirected_inspected_and_forwarded() {
     single_proxy_round_trip("127.0.0.2", &["127.0.0.1"], "127.0.0.2/32", |d| d, "v4");
+}
+
+/// The BPF socket storage (option memory, `ss -m` field `o`) of each TCP
+/// socket of this host that matches the `ss` filter `filter`, by its local
+/// and remote address.
+fn option_memory(filter: &str) -> Vec<(String, String, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tmHnO", "state", "established", filter])
+        .output()
+        .expect("run ss (iproute2)");
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let optmem = line
+                .split([',', '(', ')'])
+                .find_map(|f| f.strip_prefix('o').and_then(|n| n.parse().ok()))
+                .unwrap_or_else(|| panic!("no option memory in {line}"));
+            (fields[2].to_string(), fields[3].to_string(), optmem)
+        })
+        .collect()
+}
+
+/// A flow redirected once costs each of its two redirected sockets (the
+/// client's and the one the service accepted) a few hundred bytes of
+/// socket storage: the record's one-hop form, not the whole state (872
+/// bytes per socket before); the service's onward socket, which carries
+/// the records it set, stays within 1 KiB. The records are still answered
+/// whole on both ends.
+#[test]
+fn a_flow_redirected_once_costs_each_socket_little_kernel_memory() {
+    let Some((mut lab, server)) = Lab::with_server("sockmem") else {
+        return;
+    };
+    let dst = server.addr();
+    let spec = v4_proxy("inspector", dst, 0);
+    let listen = spec.listen[0];
+    let (id, proxy) = lab.proxy(spec);
+    let release = Release::new("sockmem", "release");
+    let (connect, until) = (dst.to_string(), release.arg());
+    let hold = Proc::spawn(
+        &lab.cgroup("scope/client"),
+        Some(65534),
+        &["hold", "--connect", &connect, "--until", &until],
+    )
+    .unwrap();
+    hold.wait_line("first exchange", |l| l.contains("\"first\""))
+        .unwrap();
+
+    let port = listen.port();
+    let legs = option_memory(&format!("( sport = :{port} or dport = :{port} )"));
+    assert_eq!(
+        legs.len(),
+        2,
+        "the client's and the accepted socket: {legs:?}"
+    );
+    for (local, remote, optmem) in &legs {
+        assert!(
+            *optmem > 0 && *optmem <= 512,
+            "{local} -> {remote}: {optmem} bytes of socket storage"
+        );
+    }
+    let onward = option_memory(&format!("( dst {dst} )"));
+    assert_eq!(onward.len(), 1, "the service's onward socket: {onward:?}");
+    assert!(onward[0].2 <= 1024, "onward socket: {onward:?}");
+
+    release.release();
+    let (status, lines) = hold.finish().unwrap();
+    assert!(status.success(), "{lines:?}");
+    let log = lab.wait_logged(proxy, 1);
+    assert_eq!(log[0]["records"], "ok", "{log:?}");
+    assert_eq!(log[0]["chain"], serde_json::json!([id.0]));
+    assert_eq!(log[0]["original_dst"], dst.to_string());
+    assert_eq!(log[0]["context"], "ok");
 }
 
 #[test]

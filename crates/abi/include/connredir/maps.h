@@ -63,6 +63,36 @@ struct connredir_sock_state {
 	uint32_t inherit_tid;
 };
 
+/*
+ * A socket whose flow's record is one hop, the hop that brought it here: a
+ * client's socket once sockops handed its record on (TCP_CONNECT_CB), and
+ * the socket a service accepted for it (PASSIVE_ESTABLISHED_CB; unless the
+ * service accelerates: a socket it cuts through gets a state at close,
+ * for its byte count, so it keeps the whole state from the start). Such a
+ * record is fully known from this much (the rest of struct
+ * connredir_record is the magic, this version, zero reserved fields and
+ * empty hop slots), so these sockets keep it here, in the sock_hop socket
+ * storage, instead of the whole struct connredir_sock_state: a fifth of
+ * the memory per socket. The socket options answer from it as from a
+ * whole record. A socket has one of the two, never both at once.
+ */
+struct connredir_sock_hop {
+	/* CONNREDIR_SOCK_OWN_HOP (a client's own redirect, handed on), or
+	 * CONNREDIR_SOCK_ACCEPTED with CONNREDIR_SOCK_INHERIT_KEPT. */
+	uint32_t flags;
+	/* The record's client (the process that opened the flow). */
+	uint32_t client_pid;
+	uint32_t client_uid;
+	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking thread (see inherit). */
+	uint32_t inherit_tgid;
+	uint64_t client_cgroup_id;
+	uint8_t client_comm[16];
+	uint32_t inherit_tid;
+	uint32_t reserved;
+	/* The record's one hop. */
+	struct connredir_hop hop;
+};
+
 /* ---- Services. */
 
 #define CONNREDIR_MAX_SERVICES 64
@@ -475,6 +505,7 @@ enum connredir_counter {
 
 /* ---- Map names, as the engine finds them in the object. */
 #define CONNREDIR_MAP_SOCK_STATE "sock_state"
+#define CONNREDIR_MAP_SOCK_HOP "sock_hop"
 #define CONNREDIR_MAP_SERVICES "services"
 #define CONNREDIR_MAP_SERVICE_BY_PID "service_by_pid"
 #define CONNREDIR_MAP_SERVICE_BY_CGROUP "service_by_cgroup"

@@ -31,6 +31,7 @@ pub const CONNREDIR_MAX_FOREIGN_HANDOFFS: u32 = 8192;
 pub const CONNREDIR_ACCEL_PASSED: u32 = 1;
 pub const CONNREDIR_ACCEL_CUT_THROUGH: i64 = -9223372036854775808;
 pub const CONNREDIR_MAP_SOCK_STATE: &[u8; 11] = b"sock_state\0";
+pub const CONNREDIR_MAP_SOCK_HOP: &[u8; 9] = b"sock_hop\0";
 pub const CONNREDIR_MAP_SERVICES: &[u8; 9] = b"services\0";
 pub const CONNREDIR_MAP_SERVICE_BY_PID: &[u8; 15] = b"service_by_pid\0";
 pub const CONNREDIR_MAP_SERVICE_BY_CGROUP: &[u8; 18] = b"service_by_cgroup\0";
@@ -113,6 +114,42 @@ const _: () = {
         [::std::mem::offset_of!(connredir_sock_state, inherit_tgid) - 616usize];
     ["Offset of field: connredir_sock_state::inherit_tid"]
         [::std::mem::offset_of!(connredir_sock_state, inherit_tid) - 620usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct connredir_sock_hop {
+    pub flags: u32,
+    pub client_pid: u32,
+    pub client_uid: u32,
+    pub inherit_tgid: u32,
+    pub client_cgroup_id: u64,
+    pub client_comm: [u8; 16usize],
+    pub inherit_tid: u32,
+    pub reserved: u32,
+    pub hop: connredir_hop,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of connredir_sock_hop"][::std::mem::size_of::<connredir_sock_hop>() - 112usize];
+    ["Alignment of connredir_sock_hop"][::std::mem::align_of::<connredir_sock_hop>() - 8usize];
+    ["Offset of field: connredir_sock_hop::flags"]
+        [::std::mem::offset_of!(connredir_sock_hop, flags) - 0usize];
+    ["Offset of field: connredir_sock_hop::client_pid"]
+        [::std::mem::offset_of!(connredir_sock_hop, client_pid) - 4usize];
+    ["Offset of field: connredir_sock_hop::client_uid"]
+        [::std::mem::offset_of!(connredir_sock_hop, client_uid) - 8usize];
+    ["Offset of field: connredir_sock_hop::inherit_tgid"]
+        [::std::mem::offset_of!(connredir_sock_hop, inherit_tgid) - 12usize];
+    ["Offset of field: connredir_sock_hop::client_cgroup_id"]
+        [::std::mem::offset_of!(connredir_sock_hop, client_cgroup_id) - 16usize];
+    ["Offset of field: connredir_sock_hop::client_comm"]
+        [::std::mem::offset_of!(connredir_sock_hop, client_comm) - 24usize];
+    ["Offset of field: connredir_sock_hop::inherit_tid"]
+        [::std::mem::offset_of!(connredir_sock_hop, inherit_tid) - 40usize];
+    ["Offset of field: connredir_sock_hop::reserved"]
+        [::std::mem::offset_of!(connredir_sock_hop, reserved) - 44usize];
+    ["Offset of field: connredir_sock_hop::hop"]
+        [::std::mem::offset_of!(connredir_sock_hop, hop) - 48usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

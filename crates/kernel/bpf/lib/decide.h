@@ -297,6 +297,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	 * would cost stack, and the main program, judge_rule() and
 	 * listener_state() share 512 bytes. */
 	caller_services(&env.caller);
+	/* A socket that holds the one-hop form of its own earlier redirect
+	 * (handoff.h) has no other state: taken back whole, it connects as a
+	 * new socket would (its chain was that hop alone). The result is not
+	 * looked at: a branch here would multiply the verifier's paths. */
+	bpf_sk_storage_delete(&sock_hop, sk);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (state)
 		undo_own_hop(state);

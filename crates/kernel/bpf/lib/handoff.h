@@ -61,9 +61,31 @@ static __always_inline void handoff_key(struct connredir_handoff_key *key, __u64
 	key->service_port = service_port;
 }
 
+/*
+ * After the hand-off: a socket whose record is its own one hop and nothing
+ * else (the flow's first redirect, no acceleration) keeps the one-hop form
+ * (sock_hop, see abi.h) instead of its whole state, which goes. `state`
+ * must not be used after this.
+ */
+static __always_inline void compact_after_handoff(struct bpf_sock *sk,
+						  const struct connredir_sock_state *state)
+{
+	struct connredir_sock_hop *small;
+
+	if (state->flags != CONNREDIR_SOCK_OWN_HOP || !record_is_one_hop(&state->record))
+		return;
+	small = bpf_sk_storage_get(&sock_hop, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!small)
+		return; /* the whole state stays: it answers the same */
+	hop_from_record(small, &state->record);
+	small->flags = CONNREDIR_SOCK_OWN_HOP;
+	bpf_sk_storage_delete(&sock_state, sk);
+}
+
 /* TCP_CONNECT_CB of a socket whose connect was redirected (its `state`
- * has CONNREDIR_SOCK_HANDOFF_PENDING). */
-static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops,
+ * has CONNREDIR_SOCK_HANDOFF_PENDING). `state` must not be used after
+ * this (it may have been replaced by the one-hop form). */
+static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struct bpf_sock *sk,
 					       struct connredir_sock_state *state, __u64 netns,
 					       const struct tuple *tp, __u32 cb_flags)
 {
@@ -100,6 +122,22 @@ static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops,
 	/* Ask for state changes: closing removes the entries made here. */
 	if (handed || tracked)
 		bpf_sock_ops_cb_flags_set(skops, cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	compact_after_handoff(sk, state);
+}
+
+/*
+ * Whether the service at `addr`:`port` accelerates its flows. Its accepted
+ * sockets keep the whole state: a socket it cuts through gets one at close
+ * anyway (the byte count, accel.h), and both forms together would cost
+ * more than the whole state alone.
+ */
+static __always_inline int accelerated_at(const __u32 addr[4], __u16 port)
+{
+	struct connredir_service *service;
+	__u32 id = service_at(addr, port);
+
+	service = bpf_map_lookup_elem(&services, &id);
+	return service && (service->flags & CONNREDIR_SERVICE_ACCELERATE);
 }
 
 /* Returns 1 when the accepted socket got its flow's record. */
@@ -108,8 +146,10 @@ static __always_inline int handoff_on_passive_established(struct bpf_sock *sk, _
 {
 	struct connredir_handoff_key key = {};
 	struct connredir_sock_state *state;
+	struct connredir_sock_hop *small;
 	struct connredir_record *record;
 	const struct tuple t = *tp;
+	int got;
 
 	handoff_key(&key, netns, t.remote, t.remote_port, t.local, t.local_port);
 	record = bpf_map_lookup_elem(&handoff, &key);
@@ -119,16 +159,25 @@ static __always_inline int handoff_on_passive_established(struct bpf_sock *sk, _
 			count(CONNREDIR_CNT_HANDOFF_MISSES);
 		return 0;
 	}
-	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (state) {
-		state->record = *record;
-		state->flags = CONNREDIR_SOCK_ACCEPTED;
-		count(CONNREDIR_CNT_HANDOFFS);
+	if (record_is_one_hop(record) && !accelerated_at(t.local, t.local_port)) {
+		/* The usual flow, redirected once: its one-hop form (abi.h). */
+		small = bpf_sk_storage_get(&sock_hop, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (small) {
+			hop_from_record(small, record);
+			small->flags = CONNREDIR_SOCK_ACCEPTED;
+		}
+		got = small != NULL;
 	} else {
-		count(CONNREDIR_CNT_HANDOFF_MISSES);
+		state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (state) {
+			state->record = *record;
+			state->flags = CONNREDIR_SOCK_ACCEPTED;
+		}
+		got = state != NULL;
 	}
+	count(got ? CONNREDIR_CNT_HANDOFFS : CONNREDIR_CNT_HANDOFF_MISSES);
 	handoff_delete(&key);
-	return state != NULL;
+	return got;
 }
 
 static __always_inline void handoff_on_close(struct bpf_sock_ops *skops, __u64 netns,

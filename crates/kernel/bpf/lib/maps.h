@@ -21,6 +21,14 @@ struct {
 	__type(value, struct connredir_sock_state);
 } sock_state SEC(".maps") __weak;
 
+/* A socket whose record is one hop keeps this instead (see abi.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct connredir_sock_hop);
+} sock_hop SEC(".maps") __weak;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CONNREDIR_MAX_SERVICES);
@@ -100,6 +108,17 @@ struct {
 	__type(key, struct connredir_inherit_key);
 	__type(value, struct connredir_inherit);
 } inherit SEC(".maps") __weak;
+
+/* One all-zero inherit entry, never written: what an entry kept for a
+ * socket holding a one-hop record (sock_hop) is added from before it is
+ * filled in place (inherit.h inherit_keep_hop): a whole record does not
+ * fit on the stack. It holds no state, so the engine does not pin it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct connredir_inherit);
+} inherit_blank SEC(".maps") __weak;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);

@@ -85,4 +85,65 @@ own_hop(const struct connredir_record *record, const struct caller_services *cal
 	return found;
 }
 
+/*
+ * Whether `record` is wholly known from its one hop and its client (see
+ * struct connredir_sock_hop in abi.h): one hop, this version's header, no
+ * flags, zero reserved fields. Unused hop slots are empty in every record
+ * the layer keeps (set zeroes them, a connect writes only the slot it
+ * appends), and the stored seal is always 0 (made when handed out).
+ */
+static __always_inline int record_is_one_hop(const struct connredir_record *record)
+{
+	return record->hop_count == 1 && record->magic == CONNREDIR_RECORD_MAGIC &&
+	       record->version == CONNREDIR_RECORD_VERSION &&
+	       record->size == sizeof(struct connredir_record) && record->flags == 0 &&
+	       record->reserved == 0 && record->hops[0].reserved == 0;
+}
+
+/* The one-hop form of `record` (record_is_one_hop()) into `out`, whose
+ * inheritance fields are left as they are. */
+static __always_inline void hop_from_record(struct connredir_sock_hop *out,
+					    const struct connredir_record *record)
+{
+	out->client_pid = record->client_pid;
+	out->client_uid = record->client_uid;
+	out->client_cgroup_id = record->client_cgroup_id;
+	__builtin_memcpy(out->client_comm, record->client_comm, sizeof(out->client_comm));
+	out->hop = record->hops[0];
+}
+
+/* The whole record that the one-hop form `in` stands for, into `out`,
+ * which must be all zero before (a blank map entry, or cleared). */
+static __always_inline void record_from_hop(struct connredir_record *out,
+					    const struct connredir_sock_hop *in)
+{
+	out->magic = CONNREDIR_RECORD_MAGIC;
+	out->version = CONNREDIR_RECORD_VERSION;
+	out->size = sizeof(struct connredir_record);
+	out->hop_count = 1;
+	out->client_pid = in->client_pid;
+	out->client_uid = in->client_uid;
+	out->client_cgroup_id = in->client_cgroup_id;
+	out->hops[0] = in->hop;
+	__builtin_memcpy(out->client_comm, in->client_comm, sizeof(out->client_comm));
+}
+
+/*
+ * Where the socket's record is: its state when that holds one (returned),
+ * else the record's one-hop form (`*small`, lib/handoff.h); both NULL when
+ * the socket has no record. A socket holding the one-hop form may also
+ * have a state without a record (the acceleration's byte count at close).
+ */
+static __always_inline struct connredir_sock_state *record_holder(struct bpf_sock *sk,
+								  struct connredir_sock_hop **small)
+{
+	struct connredir_sock_state *state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+
+	*small = NULL;
+	if (state && state->record.hop_count > 0)
+		return state;
+	*small = bpf_sk_storage_get(&sock_hop, sk, 0, 0);
+	return NULL;
+}
+
 #endif /* CONNREDIR_RECORD_H */
