@@ -49,6 +49,8 @@ pub struct Listener {
     pub addr: Option<SocketAddr>,
     /// The service the layer has registered for it; `None` standalone.
     pub service: Option<ServiceId>,
+    /// The worker (0-based) whose listener this is, for the log.
+    pub worker: u32,
 }
 
 /// What the redirect layer says about an accepted connection.
@@ -250,7 +252,7 @@ pub async fn handle(
     };
     debug!(%peer, ?verdict, ?reason, spliced = traffic.spliced(), "connection ended");
     log_line(
-        settings, peer, &redirect, started, seen, &traffic, verdict, reason,
+        settings, listener, peer, &redirect, started, seen, &traffic, verdict, reason,
     )
 }
 
@@ -258,6 +260,7 @@ pub async fn handle(
 /// why), which the caller then closes.
 pub fn refused(
     peer: SocketAddr,
+    listener: &Listener,
     redirect: &Redirect,
     settings: &Settings,
     reason: String,
@@ -266,6 +269,7 @@ pub fn refused(
     let seen = Seen::default();
     log_line(
         settings,
+        listener,
         peer,
         redirect,
         started,
@@ -279,6 +283,7 @@ pub fn refused(
 #[allow(clippy::too_many_arguments)]
 fn log_line(
     settings: &Settings,
+    listener: &Listener,
     peer: SocketAddr,
     redirect: &Redirect,
     started: Instant,
@@ -291,6 +296,7 @@ fn log_line(
     ConnectionLog {
         time: log::rfc3339(SystemTime::now()),
         proxy: settings.name.clone(),
+        worker: listener.worker,
         client: who.client,
         peer: peer.to_string(),
         flow: who.flow,
