@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, SystemTime};
 
 use connredir::{RedirectContext, RedirectRecords, RedirectState, ServiceId};
+use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -89,7 +90,7 @@ impl Redirect {
         };
         let Some(records) = records else {
             // No records, no context either: only SO_ORIGINAL_DST may know.
-            return Redirect::original_destination_only(stream);
+            return Redirect::original_destination_only(stream, listener);
         };
         // Only the service that redirected the flow (now or earlier) may
         // read its context; the layer refuses anybody else.
@@ -134,8 +135,16 @@ impl Redirect {
 impl Redirect {
     /// Without the layer (`--standalone`): the destination from
     /// SO_ORIGINAL_DST (conntrack's answer), no records and no context.
-    pub fn original_destination_only(stream: &impl AsFd) -> Redirect {
-        match connredir::original_destination(stream) {
+    /// `listener` is where `stream` came from.
+    pub fn original_destination_only(stream: &impl AsFd, listener: &Listener) -> Redirect {
+        // A socket of an IPv4 listener is an IPv4 one, and SO_ORIGINAL_DST
+        // the one question to ask: no getsockname first to learn the
+        // family. Failures are asked again below, for the library's error.
+        let ipv4 = matches!(listener.addr, Some(SocketAddr::V4(_)));
+        let found = ipv4
+            .then(|| SockRef::from(stream).original_dst().ok()?.as_socket())
+            .flatten();
+        match found.map_or_else(|| connredir::original_destination(stream), Ok) {
             Ok(dst) => Redirect {
                 destination: Some(dst),
                 ..Redirect::default()
@@ -840,6 +849,26 @@ mod tests {
             Some("no byte from the client in 800ms (--first-bytes-timeout)")
         );
         assert_eq!(client.read(&mut [0; 1]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn on_an_ipv4_listener_the_original_destination_is_asked_as_the_library_does() {
+        // No NAT here: conntrack (when loaded) answers the socket's own
+        // address, else the kernel refuses; either way both ways agree.
+        let (client, accepted) = pair().await;
+        let listener = Listener {
+            addr: Some(accepted.local_addr().unwrap()),
+            ..Listener::default()
+        };
+        let fast = Redirect::original_destination_only(&accepted, &listener);
+        let slow = Redirect::original_destination_only(&accepted, &Listener::default());
+        assert_eq!(fast.destination, slow.destination);
+        assert_eq!(fast.problem, slow.problem);
+        match connredir::original_destination(&accepted) {
+            Ok(dst) => assert_eq!(fast.destination, Some(dst)),
+            Err(e) => assert_eq!(fast.problem, Some(format!("no original destination: {e}"))),
+        }
+        drop(client);
     }
 
     #[tokio::test]

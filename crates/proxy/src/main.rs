@@ -677,7 +677,7 @@ async fn accept_loop(
         };
         let redirect = |stream: &tokio::net::TcpStream| {
             if settings.standalone {
-                Redirect::original_destination_only(stream)
+                Redirect::original_destination_only(stream, &info)
             } else {
                 Redirect::query(stream, &info)
             }
