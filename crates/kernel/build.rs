@@ -26,6 +26,7 @@ const ENTRY_FILES: &[&str] = &[
     "sk_msg.c",
     "udp.c",
     "release.c",
+    "sockname.c",
 ];
 
 /// The object the crate embeds (see `src/lib.rs`).

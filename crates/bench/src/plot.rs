@@ -66,6 +66,12 @@ fn bars(r: &Results) -> Vec<Bar> {
             None,
             GREEN,
         ));
+        bars.push((
+            format!("conn/s c={c}: connredir x haproxy"),
+            p.vs_haproxy,
+            Some(1.0),
+            GREEN,
+        ));
     }
     if let Some(b) = &r.bulk {
         bars.push((
@@ -76,6 +82,12 @@ fn bars(r: &Results) -> Vec<Bar> {
         ));
         bars.push(("bulk: connredir x nft".into(), b.vs_nft, None, GREEN));
         bars.push(("bulk: nft x direct".into(), b.nft_vs_direct, None, ORANGE));
+        bars.push((
+            "bulk: connredir x haproxy".into(),
+            b.vs_haproxy,
+            None,
+            GREEN,
+        ));
         bars.push((
             "bulk: sockmap x direct".into(),
             b.sockmap_vs_direct,

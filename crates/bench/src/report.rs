@@ -69,6 +69,15 @@ pub fn goals(r: &Results) -> Vec<(String, String, String, String)> {
             p.vs_direct.ratio(),
             verdict(p.vs_direct.median, Goal::AtLeast(0.45)),
         ));
+        rows.push((
+            format!(
+                "new proxied conn/s, {} clients (× haproxy on the layer)",
+                p.concurrency
+            ),
+            "≥ 1.0×".into(),
+            p.vs_haproxy.ratio(),
+            verdict(p.vs_haproxy.median, Goal::AtLeast(1.0)),
+        ));
     }
     if let Some(b) = &r.bulk {
         rows.push((
@@ -76,6 +85,12 @@ pub fn goals(r: &Results) -> Vec<(String, String, String, String)> {
             "≥ 0.45×".into(),
             b.vs_direct.ratio(),
             verdict(b.vs_direct.median, Goal::AtLeast(0.45)),
+        ));
+        rows.push((
+            "bulk throughput through the proxy (× haproxy on the layer)".into(),
+            "≥ 1.0×".into(),
+            b.vs_haproxy.ratio(),
+            verdict(b.vs_haproxy.median, Goal::AtLeast(1.0)),
         ));
         rows.push((
             "bulk throughput, sockmap, client-to-proxy leg accelerated (× direct)".into(),
@@ -96,6 +111,19 @@ pub fn goals(r: &Results) -> Vec<(String, String, String, String)> {
             "< 16 KiB".into(),
             kib(m.rss_per_conn_redir),
             verdict(m.rss_per_conn_redir, Goal::Below(16.0 * 1024.0)),
+        ));
+        rows.push((
+            "proxy RSS per idle proxied connection (× haproxy on the layer)".into(),
+            "≤ 1.0×".into(),
+            format!("{:.2}×", m.rss_per_conn_redir / m.rss_per_conn_haproxy),
+            if m.rss_per_conn_redir <= m.rss_per_conn_haproxy {
+                "met".into()
+            } else {
+                format!(
+                    "**missed** by {:.1} % of the goal",
+                    (m.rss_per_conn_redir / m.rss_per_conn_haproxy - 1.0) * 100.0
+                )
+            },
         ));
     }
     rows
@@ -172,7 +200,19 @@ pub fn render(r: &Results, notes: &str) -> String {
            receive queue, past the proxy.\n\
          - **sockmap-client-leg** (bulk only): the same accelerated proxy, for an origin outside \
            the scope, so only the client-to-proxy leg moves socket to socket; the proxy \
-           splices from the origin's TCP socket into the accelerated client socket.\n"
+           splices from the origin's TCP socket into the accelerated client socket.\n\
+         - **haproxy**: haproxy (the distribution's build) as the layer's service instead of \
+           `connredir-proxy`: its own engine and scope, a rule for the same origins, haproxy \
+           registered as the service by its cgroup. `option transparent` sends each connection \
+           to its original destination, read with `SO_ORIGINAL_DST` (the layer answers it); \
+           haproxy sets no records, so its onward connection is decided past it through the \
+           layer's `inherit` map. Configured alike: TCP mode, 2 threads (the reference proxy's \
+           runtime has one per core), splicing both directions (`option splice-request`, \
+           `option splice-response`), the same idle timeout and connection cap (as far as the \
+           descriptor limit allows), and one log line per connection (JSON: time, flow, original destination, bytes \
+           each way, duration, how it ended) written to /dev/null as the reference proxy's log \
+           is. It does not look at the first bytes (the reference proxy inspects them for its \
+           rules and the log's protocol fields) and reads no records.\n"
     );
     let _ = writeln!(o, "![ratios](benchmarks.svg)\n");
     let _ = writeln!(o, "## Against the goals\n");
@@ -229,11 +269,13 @@ pub fn render(r: &Results, notes: &str) -> String {
             variant_rows(&mut o, &p.variants, "/s", true);
             let _ = writeln!(
                 o,
-                "\nPer-round ratios: connredir × direct {}, connredir × nftables {}, nftables × direct {}, sockmap × direct {}.\n",
+                "\nPer-round ratios: connredir × direct {}, connredir × nftables {}, nftables × direct {}, sockmap × direct {}, connredir × haproxy {}, haproxy × direct {}.\n",
                 p.vs_direct.ratio(),
                 p.vs_nft.ratio(),
                 p.nft_vs_direct.ratio(),
-                p.sockmap_vs_direct.ratio()
+                p.sockmap_vs_direct.ratio(),
+                p.vs_haproxy.ratio(),
+                p.haproxy_vs_direct.ratio()
             );
         }
     }
@@ -255,12 +297,14 @@ pub fn render(r: &Results, notes: &str) -> String {
         variant_rows(&mut o, &b.variants, "Gbit/s", false);
         let _ = writeln!(
             o,
-            "\nPer-round ratios: connredir × direct {}, connredir × nftables {}, nftables × direct {}, sockmap × direct {}, sockmap-client-leg × direct {}.\n",
+            "\nPer-round ratios: connredir × direct {}, connredir × nftables {}, nftables × direct {}, sockmap × direct {}, sockmap-client-leg × direct {}, connredir × haproxy {}, haproxy × direct {}.\n",
             b.vs_direct.ratio(),
             b.vs_nft.ratio(),
             b.nft_vs_direct.ratio(),
             b.sockmap_vs_direct.ratio(),
-            b.sockmap_client_leg_vs_direct.ratio()
+            b.sockmap_client_leg_vs_direct.ratio(),
+            b.vs_haproxy.ratio(),
+            b.haproxy_vs_direct.ratio()
         );
     }
 
@@ -284,6 +328,7 @@ pub fn render(r: &Results, notes: &str) -> String {
         for (name, rss, per) in [
             ("connredir", m.rss_redir, m.rss_per_conn_redir),
             ("nftables", m.rss_nft, m.rss_per_conn_nft),
+            ("haproxy", m.rss_haproxy, m.rss_per_conn_haproxy),
         ] {
             let _ = writeln!(
                 o,

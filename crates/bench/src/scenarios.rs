@@ -43,6 +43,14 @@ const ACCEL_BULK: &str = "127.0.0.3:8081";
 /// A bulk origin outside the accelerating scope, sent to the same
 /// accelerated proxy: only the client-to-proxy leg can be accelerated.
 const ACCEL_CLIENT_LEG_BULK: &str = "127.0.0.4:8081";
+/// haproxy, the third-party yardstick: a service on the layer like the
+/// reference proxy (its own engine and scope), for the same origins.
+const HAPROXY_ADDR: &str = "127.0.0.1:15003";
+/// haproxy's connection log line: the same facts as the reference proxy's
+/// per-connection JSON line (when, which flow, its original destination,
+/// bytes each way, how long, how it ended), so both format and write one
+/// line per connection.
+const HAPROXY_LOG_FORMAT: &str = r#"{"time":"%t","flow":"%ci:%cp","original_dst":"%si:%sp","bytes_up":%U,"bytes_down":%B,"duration_ms":%Tt,"termination":"%ts"}"#;
 /// The accept-and-close server of the overhead scenario.
 const SINK_DROP: &str = "127.0.0.2:7000";
 /// The UDP scenario's origins, in the plain namespace: dnsmasq, and a UDP
@@ -194,6 +202,10 @@ pub struct Proxied {
     pub nft_vs_direct: Spread,
     /// connredir with sockmap acceleration conn/s ÷ direct, per round.
     pub sockmap_vs_direct: Spread,
+    /// connredir conn/s ÷ haproxy on the same layer, per round.
+    pub vs_haproxy: Spread,
+    /// haproxy on the layer conn/s ÷ direct, per round.
+    pub haproxy_vs_direct: Spread,
 }
 
 /// Bulk download through the proxy.
@@ -213,6 +225,10 @@ pub struct Bulk {
     pub sockmap_vs_direct: Spread,
     /// connredir with only the client-to-proxy leg accelerated ÷ direct.
     pub sockmap_client_leg_vs_direct: Spread,
+    /// connredir ÷ haproxy on the same layer.
+    pub vs_haproxy: Spread,
+    /// haproxy on the layer ÷ direct.
+    pub haproxy_vs_direct: Spread,
 }
 
 /// Memory.
@@ -224,10 +240,14 @@ pub struct Memory {
     pub rss_per_conn_redir: f64,
     /// The same through nftables.
     pub rss_per_conn_nft: f64,
+    /// The same for haproxy on the layer.
+    pub rss_per_conn_haproxy: f64,
     /// Proxy RSS before, with, and after the connections (connredir path).
     pub rss_redir: [u64; 3],
     /// The same, nftables path.
     pub rss_nft: [u64; 3],
+    /// The same, haproxy on the layer.
+    pub rss_haproxy: [u64; 3],
     /// Live connections held for the kernel reading.
     pub kernel_connections: usize,
     /// Rounds (direct, redirected pairs).
@@ -287,6 +307,17 @@ struct Bench {
     tree: CgroupTree,
     exe: PathBuf,
     proxy_bin: PathBuf,
+}
+
+/// haproxy on PATH (scripts/setup installs it).
+fn haproxy_bin() -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("haproxy"))
+                .find(|p| p.is_file())
+        })
+        .context("haproxy is not installed (scripts/setup installs it): the proxied, bulk and memory scenarios compare against it")
 }
 
 impl Bench {
@@ -391,6 +422,62 @@ impl Bench {
         proc.wait_line(Duration::from_secs(10), |l| l == "ready")?;
         Ok(proc)
     }
+
+    /// Starts haproxy in `cgroup` of the plain namespace as [`PROXY_UID`],
+    /// listening on `listen`, sending each connection to its original
+    /// destination (`option transparent`: SO_ORIGINAL_DST, which the layer
+    /// answers) and logging it, as the reference proxy does, to a file that
+    /// is /dev/null. Two threads, one per core of the benchmark machine, as
+    /// the reference proxy's runtime has; splice in both directions, as the
+    /// reference proxy does after the bytes it inspects (`splice-auto`
+    /// hardly ever spliced here: 2–3 Gbit/s in bulk against 6 always
+    /// splicing); the idle timeout and (as far as the
+    /// descriptor limit allows) the connection cap of the reference proxy's
+    /// command line.
+    fn haproxy(&self, cgroup: &Path, listen: &str) -> Result<Proc> {
+        let haproxy = haproxy_bin()?;
+        // The reference proxy's cap (20,000), as far as the descriptor limit
+        // allows: haproxy counts two descriptors per connection and one pipe
+        // (two more) per four connections for splicing, and refuses to
+        // start with a cap it cannot reach.
+        let maxconn = 20_000.min(sys::nofile()?.saturating_sub(500) / 3);
+        let config = format!(
+            "global\n  nbthread 2\n  maxconn {maxconn}\n  log stdout format raw daemon\n\
+             defaults\n  mode tcp\n  log global\n  option splice-request\n  option splice-response\n  maxconn {maxconn}\n\
+             \x20 timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n\
+             frontend inbound\n  bind {listen}\n  log-format '{HAPROXY_LOG_FORMAT}'\n\
+             \x20 default_backend original\n\
+             backend original\n  option transparent\n"
+        );
+        let path = std::env::temp_dir().join(format!(
+            "connredir-bench-{}-haproxy.cfg",
+            std::process::id()
+        ));
+        std::fs::write(&path, config).context("write the haproxy configuration")?;
+        let place = Place {
+            cgroup,
+            netns: Some(&self.plain),
+            uid: Some(PROXY_UID),
+        };
+        // The shell replaces itself with haproxy (same pid) once its
+        // standard output, where the log goes, is /dev/null. No daemon
+        // mode: the pid is haproxy's, ended by it.
+        let args: Vec<String> = [
+            "-c",
+            "exec \"$0\" -f \"$1\" -db >/dev/null",
+            &haproxy.display().to_string(),
+            &path.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::spawn(place, Path::new("/bin/sh"), &args)?;
+        let waited = sys::wait_listening(proc.pid(), listen.parse()?, Duration::from_secs(10));
+        // Read at start-up: nothing needs it any more.
+        let _ = std::fs::remove_file(&path);
+        waited.context("haproxy did not start listening")?;
+        Ok(proc)
+    }
 }
 
 /// Runs the chosen scenarios.
@@ -429,12 +516,14 @@ pub fn run_all(only: &[Scenario], quick: bool) -> Result<Results> {
         }
         if only.contains(&Scenario::Memory) {
             eprintln!("== memory");
-            let (rss_redir, rss_nft) = proxy_rss(&bench, &setup, &sizes)?;
+            let [rss_redir, rss_nft, rss_haproxy] = proxy_rss(&bench, &setup, &sizes)?;
             let mut memory = kernel_memory(&mut bench, &sizes, nofile)?;
             memory.rss_connections = sizes.rss_connections;
             let n = sizes.rss_connections as f64;
             memory.rss_per_conn_redir = rss_redir[1].saturating_sub(rss_redir[0]) as f64 / n;
             memory.rss_per_conn_nft = rss_nft[1].saturating_sub(rss_nft[0]) as f64 / n;
+            memory.rss_per_conn_haproxy = rss_haproxy[1].saturating_sub(rss_haproxy[0]) as f64 / n;
+            memory.rss_haproxy = rss_haproxy;
             memory.rss_redir = rss_redir;
             memory.rss_nft = rss_nft;
             results.memory = Some(memory);
@@ -529,6 +618,7 @@ fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     })?;
     // One rule on the destination's own prefix but another port, so the
@@ -621,6 +711,10 @@ struct ProxySetup {
     accel_engine: Engine,
     #[allow(dead_code)]
     accel_proxy: Proc,
+    /// haproxy's own engine (scope `hap`) and haproxy, registered as its
+    /// service.
+    hap_engine: Engine,
+    hap_proxy: Proc,
 }
 
 /// A way for clients to reach the origin.
@@ -666,6 +760,14 @@ impl Bench {
                 reply: ACCEL_REPLY,
                 bulk: ACCEL_BULK,
             },
+            // haproxy as the layer's service instead of connredir-proxy.
+            Variant {
+                name: "haproxy",
+                cgroup: self.cgroup("hap/clients")?,
+                nat: false,
+                reply: ORIGIN_REPLY,
+                bulk: ORIGIN_BULK,
+            },
         ])
     }
 
@@ -696,6 +798,23 @@ impl Bench {
     }
 }
 
+/// Where variant `name` is in `variants`.
+fn position(variants: &[Variant], name: &str) -> usize {
+    variants
+        .iter()
+        .position(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no variant {name}"))
+}
+
+/// What runs as a redirected path's service.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServiceProgram {
+    /// The reference proxy.
+    ConnredirProxy,
+    /// haproxy with `option transparent`.
+    Haproxy,
+}
+
 /// One redirected path: a scope cgroup `group` (with `proxy` and `clients`
 /// inside) and its own engine, a service, and a rule sending the origin's
 /// address and `ports` to it.
@@ -706,6 +825,7 @@ struct RedirectedPath {
     origin: &'static str,
     ports: std::ops::RangeInclusive<u16>,
     accelerate: bool,
+    program: ServiceProgram,
 }
 
 impl Bench {
@@ -726,6 +846,7 @@ impl Bench {
             context: None,
             own_connections_by_self: true,
             accelerate: path.accelerate,
+            transparent: false,
             on_down: Default::default(),
         })?;
         let origin: SocketAddr = path.origin.parse()?;
@@ -734,7 +855,12 @@ impl Bench {
             ports: vec![path.ports],
             ..Rule::tcp_to(service)
         })?;
-        let proxy = self.proxy_at(&proxy_cgroup, &self.plain, false, path.listen)?;
+        let proxy = match path.program {
+            ServiceProgram::ConnredirProxy => {
+                self.proxy_at(&proxy_cgroup, &self.plain, false, path.listen)?
+            }
+            ServiceProgram::Haproxy => self.haproxy(&proxy_cgroup, path.listen)?,
+        };
         Ok((engine, proxy))
     }
 }
@@ -771,6 +897,7 @@ impl ProxySetup {
             origin: ORIGIN_REPLY,
             ports: 8080..=8082,
             accelerate: false,
+            program: ServiceProgram::ConnredirProxy,
         })?;
         let nft_proxy = bench.proxy(
             &bench.cgroup("nft/proxy")?,
@@ -788,6 +915,7 @@ impl ProxySetup {
             origin: ACCEL_REPLY,
             ports: 8080..=8081,
             accelerate: true,
+            program: ServiceProgram::ConnredirProxy,
         })?;
         // Its origin outside the scope: the origin's end never joins, so the
         // proxy-to-origin leg stays on TCP.
@@ -801,12 +929,25 @@ impl ProxySetup {
             ports: vec![client_leg.port()..=client_leg.port()],
             ..Rule::tcp_to(accel_service)
         })?;
+        // haproxy: a path of its own, the same origins and ports as the
+        // connredir variant.
+        let (hap_engine, hap_proxy) = bench.redirected_path(RedirectedPath {
+            group: "hap",
+            service: "bench-haproxy",
+            listen: HAPROXY_ADDR,
+            origin: ORIGIN_REPLY,
+            ports: 8080..=8082,
+            accelerate: false,
+            program: ServiceProgram::Haproxy,
+        })?;
         Ok(ProxySetup {
             engine,
             redir_proxy,
             nft_proxy,
             accel_engine,
             accel_proxy,
+            hap_engine,
+            hap_proxy,
         })
     }
 }
@@ -862,6 +1003,7 @@ fn proxied_small(
         load_run(bench, v, concurrency, 200)?;
     }
     let before = setup.engine.counters()?.redirects;
+    let hap_before = setup.hap_engine.counters()?.redirects;
     let runs = interleaved(
         &format!("c={concurrency} "),
         variants.len(),
@@ -880,12 +1022,21 @@ fn proxied_small(
         setup.engine.counters()?.redirects > before,
         "the connredir variant's connections were not redirected"
     );
+    ensure!(
+        setup.hap_engine.counters()?.redirects > hap_before,
+        "the haproxy variant's connections were not redirected"
+    );
+    let at = |name| position(&variants, name);
+    let (direct, redir, nft) = (at("direct"), at("connredir"), at("nftables"));
+    let (sockmap, haproxy) = (at("sockmap"), at("haproxy"));
     Ok(Proxied {
         concurrency,
-        vs_direct: Spread::of(&ratios(&rate[1], &rate[0])),
-        vs_nft: Spread::of(&ratios(&rate[1], &rate[2])),
-        nft_vs_direct: Spread::of(&ratios(&rate[2], &rate[0])),
-        sockmap_vs_direct: Spread::of(&ratios(&rate[3], &rate[0])),
+        vs_direct: Spread::of(&ratios(&rate[redir], &rate[direct])),
+        vs_nft: Spread::of(&ratios(&rate[redir], &rate[nft])),
+        nft_vs_direct: Spread::of(&ratios(&rate[nft], &rate[direct])),
+        sockmap_vs_direct: Spread::of(&ratios(&rate[sockmap], &rate[direct])),
+        vs_haproxy: Spread::of(&ratios(&rate[redir], &rate[haproxy])),
+        haproxy_vs_direct: Spread::of(&ratios(&rate[haproxy], &rate[direct])),
         variants: variants
             .iter()
             .enumerate()
@@ -931,13 +1082,18 @@ fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
         accel.accel_joined, accel.accel_passed
     );
     let none = Spread::of(&[0.0]);
+    let at = |name| position(&variants, name);
+    let (direct, redir, nft) = (at("direct"), at("connredir"), at("nftables"));
+    let (sockmap, client_leg, haproxy) = (at("sockmap"), at("sockmap-client-leg"), at("haproxy"));
     Ok(Bulk {
         bytes: sizes.bulk_bytes,
-        vs_direct: Spread::of(&ratios(&gbps[1], &gbps[0])),
-        vs_nft: Spread::of(&ratios(&gbps[1], &gbps[2])),
-        nft_vs_direct: Spread::of(&ratios(&gbps[2], &gbps[0])),
-        sockmap_vs_direct: Spread::of(&ratios(&gbps[3], &gbps[0])),
-        sockmap_client_leg_vs_direct: Spread::of(&ratios(&gbps[4], &gbps[0])),
+        vs_direct: Spread::of(&ratios(&gbps[redir], &gbps[direct])),
+        vs_nft: Spread::of(&ratios(&gbps[redir], &gbps[nft])),
+        nft_vs_direct: Spread::of(&ratios(&gbps[nft], &gbps[direct])),
+        sockmap_vs_direct: Spread::of(&ratios(&gbps[sockmap], &gbps[direct])),
+        sockmap_client_leg_vs_direct: Spread::of(&ratios(&gbps[client_leg], &gbps[direct])),
+        vs_haproxy: Spread::of(&ratios(&gbps[redir], &gbps[haproxy])),
+        haproxy_vs_direct: Spread::of(&ratios(&gbps[haproxy], &gbps[direct])),
         variants: variants
             .iter()
             .enumerate()
@@ -960,14 +1116,17 @@ fn open_fds(pid: u32) -> usize {
 }
 
 /// Proxy RSS before, with `rss_connections` idle proxied connections, and
-/// after they closed; for the connredir and the nftables path.
-fn proxy_rss(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<([u64; 3], [u64; 3])> {
+/// after they closed; for the connredir path, the nftables path and haproxy
+/// on the layer, in that order.
+fn proxy_rss(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<[[u64; 3]; 3]> {
     let variants = bench.variants()?;
+    let at = |name| &variants[position(&variants, name)];
     let n = sizes.rss_connections;
     let mut out = Vec::new();
     for (v, proxy) in [
-        (&variants[1], &setup.redir_proxy),
-        (&variants[2], &setup.nft_proxy),
+        (at("connredir"), &setup.redir_proxy),
+        (at("nftables"), &setup.nft_proxy),
+        (at("haproxy"), &setup.hap_proxy),
     ] {
         let pid = proxy.pid();
         let fds0 = open_fds(pid);
@@ -1011,7 +1170,7 @@ fn proxy_rss(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<([u64; 
         );
         out.push([before, with, after]);
     }
-    Ok((out[0], out[1]))
+    Ok([out[0], out[1], out[2]])
 }
 
 /// Kernel memory of `kernel_connections` live connections held by an
@@ -1050,6 +1209,7 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     })?;
     engine.add_rule(Rule {
@@ -1179,8 +1339,10 @@ fn kernel_memory(bench: &mut Bench, sizes: &Sizes, nofile: u64) -> Result<Memory
         rss_connections: 0,
         rss_per_conn_redir: 0.0,
         rss_per_conn_nft: 0.0,
+        rss_per_conn_haproxy: 0.0,
         rss_redir: [0; 3],
         rss_nft: [0; 3],
+        rss_haproxy: [0; 3],
         kernel_connections: n,
         kernel_rounds: sizes.kernel_rounds,
         memlock,
@@ -1260,6 +1422,7 @@ impl Bench {
                 context: None,
                 own_connections_by_self: true,
                 accelerate: false,
+                transparent: false,
                 on_down: Default::default(),
             })?;
             engine.add_rule(Rule {

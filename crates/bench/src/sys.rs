@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -67,6 +68,19 @@ pub fn raise_nofile(want: u64) -> Result<u64> {
         }
         Ok(now.rlim_max)
     }
+}
+
+/// The soft RLIMIT_NOFILE this process (and so each child) runs with.
+pub fn nofile() -> Result<u64> {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
+    }
+    Ok(now.rlim_cur)
 }
 
 /// Runs a command to completion, failing with its stderr.
@@ -273,6 +287,43 @@ impl Proc {
             .find(|l| wire::is_report(l))
             .with_context(|| format!("{} printed no report", self.what))?;
         Ok(R::from_line(line)?)
+    }
+}
+
+/// Waits (up to `limit`) until process `pid` has a TCP socket listening on
+/// `addr`, read from the process's own view of the TCP tables (its network
+/// namespace), so that no probe connection is counted as a client; fails
+/// early when the process has ended.
+pub fn wait_listening(pid: u32, addr: SocketAddr, limit: Duration) -> Result<()> {
+    let (table, local) = match addr {
+        SocketAddr::V4(a) => (
+            "tcp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(_) => bail!("{addr}: only IPv4 listeners are looked for"),
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        check_interrupted()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+            .with_context(|| format!("process {pid} has ended"))?;
+        // Columns: sl local_address rem_address st ...; st 0A is LISTEN.
+        let listening = text.lines().skip(1).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3 && cols[1] == local && cols[3] == "0A"
+        });
+        if listening {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -214,6 +214,11 @@ pub struct ServiceConfig {
     /// the service must read accelerated sockets with read(), not splice().
     #[serde(default)]
     pub accelerate: bool,
+    /// The sockets the service accepts answer getsockname() with the flow's
+    /// original destination, as with TPROXY (default false): for proxies
+    /// that read the destination there (haproxy on IPv6).
+    #[serde(default)]
+    pub transparent: bool,
     /// What a selected connection does while nothing of the service's own
     /// listens on its address: "block" (the default) or "bypass".
     #[serde(default)]
@@ -673,6 +678,7 @@ impl ServiceConfig {
             context: self.context.as_ref().map(|c| c.as_bytes().to_vec()),
             own_connections_by_self: self.own_connections_by_self,
             accelerate: self.accelerate,
+            transparent: self.transparent,
             on_down: self.on_down.into(),
         }
     }

@@ -113,6 +113,7 @@ fn start_proxy(
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     })?;
     engine.add_rule(Rule {

@@ -209,6 +209,12 @@ enum ServiceAction {
         /// them with read(), not splice() (connredir-proxy does).
         #[arg(long)]
         accelerate: bool,
+        /// The sockets the service accepts name the flow's original
+        /// destination as their local address (getsockname), as TPROXY
+        /// sockets do: for proxies that read it there (haproxy's `option
+        /// transparent` on IPv6) instead of asking SO_ORIGINAL_DST.
+        #[arg(long)]
+        transparent: bool,
         /// While nothing of the service's own listens on its address:
         /// `block` refuses the selected connections at once, `bypass` skips
         /// the service (the next matching rule, or the destination).
@@ -576,6 +582,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
             context,
             inspect_own_connections,
             accelerate,
+            transparent,
             on_down,
         } => {
             let service = config::ServiceConfig {
@@ -589,6 +596,7 @@ fn service(action: ServiceAction, places: &lifecycle::Places) -> Result<()> {
                 context,
                 own_connections_by_self: !inspect_own_connections,
                 accelerate,
+                transparent,
                 on_down,
             };
             let created = control::client::service_add(dir, service)?;

@@ -22,7 +22,7 @@ use crate::{map_err, program_err, Engine, Error};
 pub const CGROUP_PROGRAMS: usize = PROGRAMS.len();
 
 /// The programs, in the order they are attached.
-pub(crate) const PROGRAMS: [&str; 14] = [
+pub(crate) const PROGRAMS: [&str; 16] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::BIND4,
@@ -37,6 +37,8 @@ pub(crate) const PROGRAMS: [&str; 14] = [
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
     programs::SOCK_RELEASE,
+    programs::GETSOCKNAME4,
+    programs::GETSOCKNAME6,
 ];
 
 /// One cgroup with every program attached to it, through links the

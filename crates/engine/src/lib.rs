@@ -13,6 +13,7 @@
 //!     context: None,
 //!     own_connections_by_self: true,
 //!     accelerate: false,
+//!     transparent: false,
 //!     on_down: Default::default(),
 //! })?;
 //! engine.add_rule(Rule { ports: vec![80..=80, 443..=443], ..Rule::tcp_to(scanner) })?;

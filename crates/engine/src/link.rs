@@ -31,6 +31,8 @@ pub(crate) fn attach_type(program: &str) -> bpf_attach_type {
         p::GETPEERNAME4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
         p::GETPEERNAME6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         p::SOCK_RELEASE => bpf_attach_type::BPF_CGROUP_INET_SOCK_RELEASE,
+        p::GETSOCKNAME4 => bpf_attach_type::BPF_CGROUP_INET4_GETSOCKNAME,
+        p::GETSOCKNAME6 => bpf_attach_type::BPF_CGROUP_INET6_GETSOCKNAME,
         other => unreachable!("{other} is not a connredir program"),
     }
 }

@@ -55,6 +55,8 @@ pub(crate) fn load_with(pin_dir: Option<&Path>) -> Result<Engine, Error> {
         programs::RECVMSG6,
         programs::GETPEERNAME4,
         programs::GETPEERNAME6,
+        programs::GETSOCKNAME4,
+        programs::GETSOCKNAME6,
     ] {
         let prog: &mut CgroupSockAddr = program_mut(&mut bpf, name)?;
         prog.load().map_err(program_err(name))?;

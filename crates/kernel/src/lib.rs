@@ -16,7 +16,9 @@
 //! - `udp.c`: `cgroup/recvmsg4|6` and `cgroup/getpeername4|6`, which show a
 //!   redirected UDP client its original destination as its peer;
 //! - `release.c`: `cgroup/sock_release`, where a redirected UDP socket
-//!   leaves the live-connection list.
+//!   leaves the live-connection list;
+//! - `sockname.c`: `cgroup/getsockname4|6`, where a socket a transparent
+//!   service accepted names the flow's original destination.
 //!
 //! What they do is in `bpf/lib/`, one header per job:
 //! - `abi.h`: the one include of the shared ABI header (`connredir-abi`);
@@ -86,6 +88,11 @@ pub mod programs {
     /// `cgroup/sock_release`: a redirected UDP socket leaves the
     /// live-connection list when it is closed.
     pub const SOCK_RELEASE: &str = "connredir_sock_release";
+    /// `cgroup/getsockname4`: a socket a transparent service accepted names
+    /// the flow's original destination as its local address.
+    pub const GETSOCKNAME4: &str = "connredir_getsockname4";
+    /// `cgroup/getsockname6`: as `GETSOCKNAME4`, for IPv6 sockets.
+    pub const GETSOCKNAME6: &str = "connredir_getsockname6";
 }
 
 #[cfg(test)]
@@ -121,6 +128,8 @@ mod tests {
             super::programs::GETPEERNAME4,
             super::programs::GETPEERNAME6,
             super::programs::SOCK_RELEASE,
+            super::programs::GETSOCKNAME4,
+            super::programs::GETSOCKNAME6,
         ] {
             assert!(contains(name), "program {name} missing from the object");
         }

@@ -514,6 +514,7 @@ impl Lab {
                 context: context.map(<[u8]>::to_vec),
                 own_connections_by_self: true,
                 accelerate: false,
+                transparent: false,
                 on_down: Default::default(),
             })
             .expect("register service")
@@ -661,6 +662,26 @@ impl Lab {
             .unwrap();
         self.procs.push(proc);
         self.procs.len() - 1
+    }
+
+    /// Runs the test kit's `probe` role with `args` in the lab's `cgroup`
+    /// (as `uid`, or root) and returns the `result` it reported: "ok…", or the name
+    /// of the error the probed call gave.
+    pub fn probe(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> String {
+        /// The last line `probe` prints.
+        #[derive(serde::Deserialize)]
+        struct ProbeReport {
+            result: String,
+        }
+        let mut all = vec!["probe"];
+        all.extend_from_slice(args);
+        let (status, lines) = Proc::spawn(&self.cgroup(cgroup), uid, &all)
+            .and_then(Proc::finish)
+            .expect("run the probe");
+        assert!(status.success(), "probe {args:?} failed: {lines:?}");
+        let last = lines.last().expect("the probe prints its report");
+        let report: ProbeReport = serde_json::from_str(last).expect("the probe's report");
+        report.result
     }
 
     /// JSON lines a proxy (`procs[index]`) printed about connections.

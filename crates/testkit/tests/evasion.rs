@@ -39,6 +39,7 @@ impl Setup {
                 context: None,
                 own_connections_by_self: true,
                 accelerate: false,
+                transparent: false,
                 on_down,
             })
             .expect("register the service");

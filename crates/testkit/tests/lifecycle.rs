@@ -171,6 +171,30 @@ ports = ["{port}"]
         proxy.wait_line("proxy ready", |l| l == "ready").unwrap();
         proxy
     }
+
+    /// Starts `trace --json -n 1 --decision DECISION` and runs `connect`
+    /// until it prints (the trace flows only once `trace` is connected, so
+    /// an early connection can be missed); returns the traced event.
+    fn first_traced(&self, decision: &str, mut connect: impl FnMut()) -> Value {
+        let mut args = vec!["trace", "--json", "-n", "1", "--decision", decision];
+        let places = self.places();
+        args.extend(places.iter().map(String::as_str));
+        let trace = Proc::spawn_program(
+            &self.cgroup("engine"),
+            None,
+            &workspace_bin("connredir"),
+            &args,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while trace.lines().is_empty() {
+            assert!(Instant::now() < deadline, "trace printed nothing");
+            connect();
+        }
+        let (status, lines) = trace.finish().unwrap();
+        assert!(status.success(), "{lines:?}");
+        serde_json::from_str(&lines[0]).unwrap()
+    }
 }
 
 impl Drop for Service {
@@ -472,25 +496,7 @@ fn conns_trace_and_metrics_show_a_redirected_connection() {
     assert!(hold.finish().unwrap().0.success());
 
     // `trace` prints the decisions of new connections as they happen.
-    let mut args = vec!["trace", "--json", "-n", "1", "--decision", "redirected"];
-    let places = svc.places();
-    args.extend(places.iter().map(String::as_str));
-    let trace = Proc::spawn_program(
-        &svc.cgroup("engine"),
-        None,
-        &workspace_bin("connredir"),
-        &args,
-    )
-    .unwrap();
-    // The trace starts flowing once `trace` is connected: connect until seen.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while trace.lines().is_empty() {
-        assert!(Instant::now() < deadline, "trace printed nothing");
-        svc.client(server.addr(), 10);
-    }
-    let (status, lines) = trace.finish().unwrap();
-    assert!(status.success(), "{lines:?}");
-    let event: Value = serde_json::from_str(&lines[0]).unwrap();
+    let event = svc.first_traced("redirected", || svc.client(server.addr(), 10));
     assert_eq!(event["decision"], "redirected", "{event}");
     assert_eq!(event["service"], "proxy", "{event}");
     assert_eq!(event["destination"], server.addr().to_string());
@@ -1305,20 +1311,8 @@ fn rule_add_takes_an_executable_and_list_and_trace_name_it() {
         "{list}"
     );
 
-    let mut args = vec!["trace", "--json", "-n", "1", "--decision", "blocked"];
-    let places = svc.places();
-    args.extend(places.iter().map(String::as_str));
-    let trace = Proc::spawn_program(
-        &svc.cgroup("engine"),
-        None,
-        &workspace_bin("connredir"),
-        &args,
-    )
-    .unwrap();
     let addr = dst.to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while trace.lines().is_empty() {
-        assert!(Instant::now() < deadline, "trace printed nothing");
+    let event = svc.first_traced("blocked", || {
         // Under another command name: the executable decides.
         let (status, lines) = Proc::spawn(
             &svc.cgroup("scope/client"),
@@ -1330,10 +1324,7 @@ fn rule_add_takes_an_executable_and_list_and_trace_name_it() {
         .unwrap();
         assert!(status.success());
         assert!(lines.last().unwrap().contains("EACCES"), "{lines:?}");
-    }
-    let (status, lines) = trace.finish().unwrap();
-    assert!(status.success(), "{lines:?}");
-    let event: Value = serde_json::from_str(&lines[0]).unwrap();
+    });
     assert_eq!(event["decision"], "blocked", "{event}");
     let text = event["rule_text"].as_str().unwrap();
     assert!(
@@ -1383,20 +1374,8 @@ fn rule_add_takes_actions_and_conditions_and_trace_names_the_deciding_rule() {
         "{list}"
     );
 
-    let mut args = vec!["trace", "--json", "-n", "1", "--decision", "blocked"];
-    let places = svc.places();
-    args.extend(places.iter().map(String::as_str));
-    let trace = Proc::spawn_program(
-        &svc.cgroup("engine"),
-        None,
-        &workspace_bin("connredir"),
-        &args,
-    )
-    .unwrap();
     let addr = dst.to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while trace.lines().is_empty() {
-        assert!(Instant::now() < deadline, "trace printed nothing");
+    let event = svc.first_traced("blocked", || {
         let (status, lines) = Proc::spawn(
             &svc.cgroup("scope/client"),
             Some(65534),
@@ -1407,10 +1386,7 @@ fn rule_add_takes_actions_and_conditions_and_trace_names_the_deciding_rule() {
         .unwrap();
         assert!(status.success());
         assert!(lines.last().unwrap().contains("EACCES"), "{lines:?}");
-    }
-    let (status, lines) = trace.finish().unwrap();
-    assert!(status.success(), "{lines:?}");
-    let event: Value = serde_json::from_str(&lines[0]).unwrap();
+    });
     assert_eq!(event["decision"], "blocked", "{event}");
     assert_eq!(event["rule"], id, "{event}");
     let text = event["rule_text"].as_str().unwrap();

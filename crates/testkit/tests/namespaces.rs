@@ -231,6 +231,7 @@ fn accelerated(lab: &mut Lab) -> (SocketAddr, SocketAddr, PathBuf) {
             context: None,
             own_connections_by_self: true,
             accelerate: true,
+            transparent: false,
             on_down: Default::default(),
         })
         .unwrap();

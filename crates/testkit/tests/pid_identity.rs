@@ -41,6 +41,7 @@ fn guarded(pid: u32, cgroup: &std::path::Path, listen: std::net::SocketAddr) -> 
         context: Some(b"only for the service".to_vec()),
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     }
 }
@@ -154,6 +155,7 @@ fn registering_a_pid_that_does_not_exist_is_an_error() {
         context: None,
         own_connections_by_self: true,
         accelerate: false,
+        transparent: false,
         on_down: Default::default(),
     });
     let err = added.expect_err("a pid with no process is no identity");

@@ -406,19 +406,6 @@ fn haproxy_and_the_reference_proxy_chain_in_both_orders() {
     }
 }
 
-/// Runs a probe case in `cgroup` and returns its result.
-fn probe(lab: &Lab, cgroup: &str, args: &[&str]) -> String {
-    let mut all = vec!["probe"];
-    all.extend_from_slice(args);
-    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), None, &all)
-        .unwrap()
-        .finish()
-        .unwrap();
-    assert!(status.success(), "probe {args:?} failed: {lines:?}");
-    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    report["result"].as_str().unwrap().to_string()
-}
-
 /// `registered_service` on a listening socket names the service registered
 /// for its address (IPv4 and IPv6), and says when none is, when the layer
 /// does not cover the caller, and when the socket does not listen.
@@ -432,24 +419,27 @@ fn a_listener_learns_which_service_it_is() {
     let id = lab.service("known", &[v4, v6], by_cgroup(&cgroup), None);
     let ok = format!("ok:{}", id.0);
     let (v4s, v6s) = (v4.to_string(), v6.to_string());
-    assert_eq!(probe(&lab, "services/known", &["service", &v4s]), ok);
-    assert_eq!(probe(&lab, "services/known", &["service", &v6s]), ok);
+    assert_eq!(lab.probe("services/known", None, &["service", &v4s]), ok);
+    assert_eq!(lab.probe("services/known", None, &["service", &v6s]), ok);
     // Any process of an attached cgroup may ask, not only the service's.
-    assert_eq!(probe(&lab, "scope/other", &["service", &v4s]), ok);
+    assert_eq!(lab.probe("scope/other", None, &["service", &v4s]), ok);
     let elsewhere = free_addr("127.0.0.1").to_string();
     assert_eq!(
-        probe(&lab, "services/known", &["service", &elsewhere]),
+        lab.probe("services/known", None, &["service", &elsewhere]),
         "NotRegistered"
     );
     assert_eq!(
-        probe(&lab, "services/known", &["service-not-listening", &v4s]),
+        lab.probe("services/known", None, &["service-not-listening", &v4s]),
         "NotListening"
     );
-    assert_eq!(probe(&lab, "outside", &["service", &v4s]), "LayerNotActive");
+    assert_eq!(
+        lab.probe("outside", None, &["service", &v4s]),
+        "LayerNotActive"
+    );
     // Unregistered, the address is nobody's again.
     lab.engine.remove_service(id).unwrap();
     assert_eq!(
-        probe(&lab, "services/known", &["service", &v4s]),
+        lab.probe("services/known", None, &["service", &v4s]),
         "NotRegistered"
     );
 }

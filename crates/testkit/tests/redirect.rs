@@ -34,7 +34,6 @@ trait ToyRoles {
         bytes: usize,
         extra: &[&str],
     ) -> Result<Value>;
-    fn probe(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> String;
 }
 
 impl ToyRoles for Lab {
@@ -77,19 +76,6 @@ impl ToyRoles for Lab {
         let mut report: Value = serde_json::from_str(lines.last().context("no report")?)?;
         report["pid"] = pid.into();
         Ok(report)
-    }
-
-    /// Runs a probe case in `cgroup` (as `uid`) and returns its result.
-    fn probe(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> String {
-        let mut all = vec!["probe"];
-        all.extend_from_slice(args);
-        let (status, lines) = Proc::spawn(&self.cgroup(cgroup), uid, &all)
-            .unwrap()
-            .finish()
-            .unwrap();
-        assert!(status.success(), "probe {args:?} failed: {lines:?}");
-        let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-        report["result"].as_str().unwrap().to_string()
     }
 }
 
@@ -812,6 +798,7 @@ fn own_connections_reach_the_service_only_when_it_says_so() {
             context: None,
             own_connections_by_self: false,
             accelerate: false,
+            transparent: false,
             on_down: Default::default(),
         })
         .unwrap();
@@ -870,6 +857,7 @@ fn accelerated_lab_with_server_in(
             context: None,
             own_connections_by_self: true,
             accelerate: true,
+            transparent: false,
             on_down: Default::default(),
         })
         .unwrap();

@@ -439,6 +439,7 @@ fn a_udp_service_that_is_down_blocks_or_is_bypassed_as_its_policy_says() {
                     context: None,
                     own_connections_by_self: true,
                     accelerate: false,
+                    transparent: false,
                     on_down,
                 })
                 .unwrap();
@@ -512,19 +513,6 @@ fn udp_decisions_are_traced_as_udp() {
     }
 }
 
-/// Runs a probe case in `cgroup` and returns its result.
-fn probe(lab: &Lab, cgroup: &str, args: &[&str]) -> String {
-    let mut all = vec!["probe"];
-    all.extend_from_slice(args);
-    let (status, lines) = Proc::spawn(&lab.cgroup(cgroup), None, &all)
-        .unwrap()
-        .finish()
-        .unwrap();
-    assert!(status.success(), "probe {args:?} failed: {lines:?}");
-    let report: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    report["result"].as_str().unwrap().to_string()
-}
-
 /// `registered_service` on a bound UDP socket names the service registered
 /// for its address (IPv4 and IPv6), as on a listening TCP socket: so that a
 /// UDP service can tell at startup that it is the service its address is.
@@ -540,19 +528,25 @@ fn a_udp_socket_learns_which_service_it_is() {
     let id = lab.service("known", &[v4, v6], by_cgroup(&cgroup), None);
     let ok = format!("ok:{}", id.0);
     let (v4s, v6s) = (v4.to_string(), v6.to_string());
-    assert_eq!(probe(&lab, "services/known", &["udp-service", &v4s]), ok);
-    assert_eq!(probe(&lab, "services/known", &["udp-service", &v6s]), ok);
+    assert_eq!(
+        lab.probe("services/known", None, &["udp-service", &v4s]),
+        ok
+    );
+    assert_eq!(
+        lab.probe("services/known", None, &["udp-service", &v6s]),
+        ok
+    );
     let elsewhere = free_addr("127.0.0.1").to_string();
     assert_eq!(
-        probe(&lab, "services/known", &["udp-service", &elsewhere]),
+        lab.probe("services/known", None, &["udp-service", &elsewhere]),
         "NotRegistered"
     );
     assert_eq!(
-        probe(&lab, "services/known", &["udp-service-unbound", &v4s]),
+        lab.probe("services/known", None, &["udp-service-unbound", &v4s]),
         "NotListening"
     );
     assert_eq!(
-        probe(&lab, "outside", &["udp-service", &v4s]),
+        lab.probe("outside", None, &["udp-service", &v4s]),
         "LayerNotActive"
     );
 }

@@ -92,6 +92,15 @@ struct connredir_sock_state {
  * let past a service that is down.
  */
 #define CONNREDIR_SERVICE_BYPASS_WHEN_DOWN 32u
+/*
+ * Transparent (TPROXY-like): a socket the service accepted for a redirected
+ * flow answers getsockname() with the flow's original destination instead
+ * of the service's address, for proxies that read the destination there
+ * (cgroup/getsockname4|6). Off by default: a proxy that compares its
+ * accepted sockets' local address with the destination (to catch loops)
+ * would otherwise take every flow for a loop.
+ */
+#define CONNREDIR_SERVICE_TRANSPARENT 64u
 
 /*
  * Value of the service_by_pid hash (key: the process id, tgid). A pid names

@@ -126,12 +126,12 @@ pub const HOOKS: &[Hook] = &[
     Hook {
         attach_type: 31,
         name: "cgroup_inet4_getsockname",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 32,
         name: "cgroup_inet6_getsockname",
-        layers: false,
+        layers: true,
     },
     Hook {
         attach_type: 34,
@@ -349,6 +349,7 @@ mod tests {
             "cgroup_udp6_recvmsg",
             "cgroup_inet4_getpeername",
             "cgroup_inet_sock_release",
+            "cgroup_inet6_getsockname",
         ] {
             assert!(layers.contains(&name), "{name} is one of the layer's hooks");
         }

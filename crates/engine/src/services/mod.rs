@@ -347,6 +347,7 @@ mod tests {
             context: None,
             own_connections_by_self: true,
             accelerate: false,
+            transparent: false,
             on_down: OnDown::Block,
         }
     }

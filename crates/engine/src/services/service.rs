@@ -7,7 +7,7 @@ pub use connredir::ServiceId;
 use connredir_abi::{
     connredir_endpoint, connredir_service, CONNREDIR_MAX_CONTEXT, CONNREDIR_SERVICE_ACCELERATE,
     CONNREDIR_SERVICE_ACTIVE, CONNREDIR_SERVICE_BYPASS_WHEN_DOWN, CONNREDIR_SERVICE_LISTEN4,
-    CONNREDIR_SERVICE_LISTEN6, CONNREDIR_SERVICE_OWN_BY_SELF,
+    CONNREDIR_SERVICE_LISTEN6, CONNREDIR_SERVICE_OWN_BY_SELF, CONNREDIR_SERVICE_TRANSPARENT,
 };
 
 use crate::Error;
@@ -59,6 +59,14 @@ pub struct Service {
     /// sockets with read()/recv(), not splice() (ask with
     /// `connredir::is_accelerated`).
     pub accelerate: bool,
+    /// Transparent, as a TPROXY socket is: the sockets the service accepts
+    /// for redirected flows answer `getsockname()` with the flow's original
+    /// destination, for proxies that read the destination there rather
+    /// than asking `SO_ORIGINAL_DST` (haproxy's `option transparent` on
+    /// IPv6). Off by default: a proxy comparing an accepted socket's local
+    /// address with the destination, to catch loops, would see every flow
+    /// as one.
+    pub transparent: bool,
     /// What a selected connection does while nothing of the service's own
     /// listens on its address (it is stopped or restarting).
     pub on_down: OnDown,
@@ -108,6 +116,9 @@ impl Service {
         }
         if self.accelerate {
             value.flags |= CONNREDIR_SERVICE_ACCELERATE;
+        }
+        if self.transparent {
+            value.flags |= CONNREDIR_SERVICE_TRANSPARENT;
         }
         if self.on_down == OnDown::Bypass {
             value.flags |= CONNREDIR_SERVICE_BYPASS_WHEN_DOWN;

@@ -1,0 +1,382 @@
+//! haproxy as a service on the redirect layer: an unmodified third-party
+//! transparent proxy (`option transparent`: it sends each connection to the
+//! socket's original destination, which it reads with `SO_ORIGINAL_DST`, and
+//! sets no records) registered as a service the way `connredir-proxy` is.
+//! Its onward connection chains through the layer's `inherit` map, so it is
+//! decided past haproxy: the flow reaches the origin once, never loops, and
+//! a proxy after haproxy in priority order still sees it exactly once.
+//!
+//! Clients run as an unprivileged user in the test's cgroup; the origin is
+//! an echo server on loopback, reached from IPv4 sockets, from IPv6 sockets
+//! (its IPv4-mapped address), and on a native IPv6 address.
+//!
+//! haproxy (2.6) asks `SO_ORIGINAL_DST` only on IPv4 sockets; on an IPv6
+//! socket it takes the destination from getsockname(), as behind TPROXY
+//! (behind an nftables REDIRECT it would connect to itself over and over).
+//! For IPv6, haproxy is therefore registered as a transparent service: the
+//! sockets it accepts answer getsockname() with the original destination,
+//! and that answer keeps the record for its onward connect as
+//! `SO_ORIGINAL_DST` does. Each haproxy this file starts runs in the
+//! foreground (no daemon mode, one thread), from a configuration in the
+//! test's own temporary directory, and is ended by its pid with the lab.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use connredir_engine::{Service, ServiceId};
+use connredir_testkit::{
+    by_cgroup, free_addr, require_program, wait_listening, workspace_bin, EchoServer, Lab, Proc,
+};
+use serde_json::{json, Value};
+
+/// The unprivileged user the clients run as.
+const NOBODY: u32 = 65534;
+
+/// Payload sizes of the flows of each test. No empty flow: haproxy may drop
+/// a client that closes before sending anything without connecting to the
+/// origin, so such a flow says nothing about forwarding.
+const SIZES: [usize; 3] = [1, 1_000, 300_000];
+
+/// haproxy's per-connection log line, JSON on its standard output: the
+/// client's address, where haproxy connected (the original destination it
+/// read), and the bytes each way.
+const LOG_FORMAT: &str = r#"{"flow":"%ci:%cp","original_dst":"%si:%sp","bytes_up":%U,"bytes_down":%B,"termination":"%ts"}"#;
+
+/// A directory of the test's own for haproxy's configuration, removed on
+/// drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "connredir-test-haproxy-{test}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("the test's temporary directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Registers haproxy as a service (identity: its cgroup `services/haproxy`,
+/// listening on a free port of `family.listen_ip`, transparent if the
+/// family says so) with one rule sending `dst` to it at `priority`, writes
+/// its configuration into `dir` and starts it there. Returns the service id
+/// and haproxy's index in `lab.procs`.
+fn start_haproxy(
+    lab: &mut Lab,
+    haproxy: &Path,
+    dir: &Path,
+    family: &Family,
+    dst: SocketAddr,
+    priority: u32,
+) -> (ServiceId, usize) {
+    let cgroup = lab.cgroup("services/haproxy");
+    let listen = free_addr(family.listen_ip);
+    let id = lab
+        .engine
+        .add_service(Service {
+            name: "haproxy".into(),
+            listen: vec![listen],
+            identity: by_cgroup(&cgroup),
+            context: None,
+            own_connections_by_self: true,
+            accelerate: false,
+            transparent: family.transparent,
+            on_down: Default::default(),
+        })
+        .expect("register haproxy");
+    let prefix = match dst {
+        SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
+        SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
+    };
+    lab.route(id, &prefix, Some(dst.port()), priority);
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  nbthread 1\n  log stdout format raw daemon\n\
+             defaults\n  mode tcp\n  log global\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend inbound\n  bind {listen}\n  log-format '{LOG_FORMAT}'\n  default_backend original\n\
+             backend original\n  option transparent\n"
+        ),
+    )
+    .expect("write the haproxy configuration");
+    let args = ["-f", config.to_str().expect("a UTF-8 path"), "-db"];
+    let proc = Proc::spawn_program(&cgroup, None, haproxy, &args).expect("start haproxy");
+    lab.procs.push(proc);
+    wait_listening(listen).expect("haproxy listens");
+    (id, lab.procs.len() - 1)
+}
+
+/// Registers `connredir-proxy` as the service `ours` (its own cgroup, a
+/// free port of `listen_ip`) with one rule sending `dst` to it at
+/// `priority`, and starts it. Returns the service id and its index.
+fn start_reference_proxy(
+    lab: &mut Lab,
+    listen_ip: &str,
+    dst: SocketAddr,
+    priority: u32,
+) -> (ServiceId, usize) {
+    let cgroup = lab.cgroup("services/ours");
+    let listen = free_addr(listen_ip);
+    let id = lab.service("ours", &[listen], by_cgroup(&cgroup), None);
+    let prefix = match dst {
+        SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
+        SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
+    };
+    lab.route(id, &prefix, Some(dst.port()), priority);
+    let listen = listen.to_string();
+    let args = ["--name", "ours", "--listen", &listen];
+    let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
+        .expect("start connredir-proxy");
+    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+    lab.procs.push(proc);
+    (id, lab.procs.len() - 1)
+}
+
+/// One echo flow of `bytes` from the client role, run as [`NOBODY`] in
+/// `scope/client`; returns its report (`ok`, `local`).
+fn client(lab: &Lab, dst: SocketAddr, bytes: usize) -> Value {
+    let (connect, size) = (dst.to_string(), bytes.to_string());
+    let args = ["client", "--connect", &connect, "--bytes", &size];
+    let proc =
+        Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args).expect("start the client");
+    let (status, lines) = proc.finish().expect("the client ends");
+    assert!(status.success(), "client: {status}: {lines:?}");
+    serde_json::from_str(lines.last().expect("a report")).expect("a JSON report")
+}
+
+/// Waits (at most 10 s) until process `index` has printed `n` JSON lines.
+fn wait_log(lab: &Lab, index: usize, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = lab.proxy_log(index);
+        if log.len() >= n || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An address as the proxies print it: IPv4-mapped IPv6 as plain IPv4.
+fn plain(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// An address as haproxy's log format (`%ci:%cp`) prints it: IPv6
+/// without brackets.
+fn haproxy_printed(addr: SocketAddr) -> String {
+    let addr = plain(addr);
+    format!("{}:{}", addr.ip(), addr.port())
+}
+
+/// Where the proxies of a test listen and how the client names the origin.
+struct Family {
+    /// The echo server's address (port 0: any).
+    server: &'static str,
+    /// The services' listening address.
+    listen_ip: &'static str,
+    /// The address the client connects to, from the server's.
+    connect: fn(SocketAddr) -> SocketAddr,
+    /// haproxy is registered as a transparent service: it reads the
+    /// destination with getsockname(), not `SO_ORIGINAL_DST`.
+    transparent: bool,
+}
+
+/// IPv4 sockets throughout.
+const V4: Family = Family {
+    server: "127.0.0.2:0",
+    listen_ip: "127.0.0.1",
+    connect: |dst| dst,
+    transparent: false,
+};
+
+/// The client's socket is IPv6: it connects to the origin's IPv4-mapped
+/// address, which the layer's IPv4 rules cover, and is redirected to the
+/// service's IPv4 listener.
+const V6_CLIENT: Family = Family {
+    server: "127.0.0.2:0",
+    listen_ip: "127.0.0.1",
+    connect: |dst| match dst {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    },
+    transparent: false,
+};
+
+/// IPv6 throughout: the origin, the services and the client on `::1`.
+/// haproxy reads the destination with getsockname(), so it is a
+/// transparent service.
+const V6: Family = Family {
+    server: "[::1]:0",
+    listen_ip: "::1",
+    connect: |dst| dst,
+    transparent: true,
+};
+
+/// Which services a test puts on the flow, in priority order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    /// haproxy alone.
+    Haproxy,
+    /// haproxy first, then connredir-proxy.
+    HaproxyThenOurs,
+    /// connredir-proxy first, then haproxy.
+    OursThenHaproxy,
+}
+
+/// Runs [`SIZES`] one flow at a time from an unprivileged client to the
+/// echo server through `chain`, and checks that each flow arrives
+/// byte-exact, reaches the origin once, passes each service once, and that
+/// haproxy forwarded it to its original destination.
+fn round_trip(test: &str, family: &Family, chain: Chain) {
+    let Some(haproxy) = require_program(test, "haproxy") else {
+        return;
+    };
+    let start = || EchoServer::start(family.server);
+    let Some((mut lab, server)) = Lab::with_server_from(test, start) else {
+        return;
+    };
+    let dir = TempDir::new(test);
+    let dst = server.addr();
+    let (hap_priority, ours_priority) = match chain {
+        Chain::Haproxy | Chain::HaproxyThenOurs => (1, 2),
+        Chain::OursThenHaproxy => (2, 1),
+    };
+    let (hap_id, hap) = start_haproxy(&mut lab, &haproxy, &dir.0, family, dst, hap_priority);
+    let ours = (chain != Chain::Haproxy)
+        .then(|| start_reference_proxy(&mut lab, family.listen_ip, dst, ours_priority));
+
+    // One flow at a time: haproxy sets no records, so its onward
+    // connection inherits the record kept for (service, destination),
+    // which concurrent flows to one destination would share.
+    let mut locals = Vec::new();
+    for size in SIZES {
+        let report = client(&lab, (family.connect)(dst), size);
+        assert_eq!(report["ok"], true, "{chain:?}: {report}");
+        let local: SocketAddr = report["local"].as_str().unwrap().parse().unwrap();
+        locals.push(plain(local));
+    }
+
+    // haproxy logs each connection once, with the original destination it
+    // connected to and every byte each way. The client it saw is the
+    // client itself when haproxy is first, and the reference proxy's
+    // onward connection when haproxy comes after it.
+    let hap_log = wait_log(&lab, hap, SIZES.len());
+    assert_eq!(hap_log.len(), SIZES.len(), "{chain:?}: {hap_log:?}");
+    for (entry, (local, size)) in hap_log.iter().zip(locals.iter().zip(SIZES)) {
+        assert_eq!(
+            entry["original_dst"],
+            haproxy_printed(dst),
+            "{chain:?}: {entry}"
+        );
+        assert_eq!(entry["bytes_up"], size, "{chain:?}: {entry}");
+        assert_eq!(entry["bytes_down"], size, "{chain:?}: {entry}");
+        if chain != Chain::OursThenHaproxy {
+            assert_eq!(entry["flow"], haproxy_printed(*local), "{chain:?}: {entry}");
+        }
+    }
+
+    // The reference proxy sees each flow once, and the chain so far.
+    if let Some((ours_id, ours)) = ours {
+        let expected = match chain {
+            Chain::HaproxyThenOurs => json!([hap_id.0, ours_id.0]),
+            _ => json!([ours_id.0]),
+        };
+        let log = wait_log(&lab, ours, SIZES.len());
+        assert_eq!(log.len(), SIZES.len(), "{chain:?}: {log:?}");
+        for (entry, (local, size)) in log.iter().zip(locals.iter().zip(SIZES)) {
+            assert_eq!(entry["chain"], expected, "{chain:?}: {entry}");
+            assert_eq!(entry["verdict"], "allow", "{entry}");
+            assert_eq!(entry["original_dst"], dst.to_string(), "{entry}");
+            assert_eq!(entry["flow"], local.to_string(), "{entry}");
+            assert_eq!(entry["bytes_up"], size, "{entry}");
+            assert_eq!(entry["bytes_down"], size, "{entry}");
+        }
+    }
+
+    // No loop: the origin accepted each flow once, from the last service's
+    // onward connection, and only the services' own inbound legs were
+    // redirected.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.accepted().len(), SIZES.len(), "{chain:?}");
+    let services = if chain == Chain::Haproxy { 1 } else { 2 };
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(
+        counters.redirects,
+        (services * SIZES.len()) as u64,
+        "{chain:?}: {counters:?}"
+    );
+    // haproxy's onward connection took the record its SO_ORIGINAL_DST (or,
+    // transparent, its getsockname) question kept: once per flow.
+    assert_eq!(
+        counters.records_inherited,
+        SIZES.len() as u64,
+        "{chain:?}: {counters:?}"
+    );
+    if !family.transparent {
+        assert!(
+            counters.original_dst_answered >= SIZES.len() as u64,
+            "{chain:?}: {counters:?}"
+        );
+    }
+}
+
+#[test]
+fn haproxy_forwards_ipv4_to_the_original_destination() {
+    round_trip("hap-v4", &V4, Chain::Haproxy);
+}
+
+#[test]
+fn haproxy_forwards_an_ipv6_client_to_the_original_destination() {
+    round_trip("hap-v6", &V6_CLIENT, Chain::Haproxy);
+}
+
+#[test]
+fn haproxy_then_connredir_proxy_ipv4() {
+    round_trip("hap-first-v4", &V4, Chain::HaproxyThenOurs);
+}
+
+#[test]
+fn connredir_proxy_then_haproxy_ipv4() {
+    round_trip("hap-last-v4", &V4, Chain::OursThenHaproxy);
+}
+
+#[test]
+fn haproxy_then_connredir_proxy_ipv6_client() {
+    round_trip("hap-first-v6", &V6_CLIENT, Chain::HaproxyThenOurs);
+}
+
+#[test]
+fn connredir_proxy_then_haproxy_ipv6_client() {
+    round_trip("hap-last-v6", &V6_CLIENT, Chain::OursThenHaproxy);
+}
+
+#[test]
+fn haproxy_forwards_native_ipv6_to_the_original_destination() {
+    round_trip("hap-n6", &V6, Chain::Haproxy);
+}
+
+#[test]
+fn haproxy_then_connredir_proxy_native_ipv6() {
+    round_trip("hap-first-n6", &V6, Chain::HaproxyThenOurs);
+}
+
+#[test]
+fn connredir_proxy_then_haproxy_native_ipv6() {
+    round_trip("hap-last-n6", &V6, Chain::OursThenHaproxy);
+}
