@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, SystemTime};
 
 use connredir::{RedirectContext, RedirectRecords, RedirectState, ServiceId};
+use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -49,6 +50,8 @@ pub struct Listener {
     pub addr: Option<SocketAddr>,
     /// The service the layer has registered for it; `None` standalone.
     pub service: Option<ServiceId>,
+    /// The worker (0-based) whose listener this is, for the log.
+    pub worker: u32,
 }
 
 /// What the redirect layer says about an accepted connection.
@@ -87,7 +90,7 @@ impl Redirect {
         };
         let Some(records) = records else {
             // No records, no context either: only SO_ORIGINAL_DST may know.
-            return Redirect::original_destination_only(stream);
+            return Redirect::original_destination_only(stream, listener);
         };
         // Only the service that redirected the flow (now or earlier) may
         // read its context; the layer refuses anybody else.
@@ -132,8 +135,16 @@ impl Redirect {
 impl Redirect {
     /// Without the layer (`--standalone`): the destination from
     /// SO_ORIGINAL_DST (conntrack's answer), no records and no context.
-    pub fn original_destination_only(stream: &impl AsFd) -> Redirect {
-        match connredir::original_destination(stream) {
+    /// `listener` is where `stream` came from.
+    pub fn original_destination_only(stream: &impl AsFd, listener: &Listener) -> Redirect {
+        // A socket of an IPv4 listener is an IPv4 one, and SO_ORIGINAL_DST
+        // the one question to ask: no getsockname first to learn the
+        // family. Failures are asked again below, for the library's error.
+        let ipv4 = matches!(listener.addr, Some(SocketAddr::V4(_)));
+        let found = ipv4
+            .then(|| SockRef::from(stream).original_dst().ok()?.as_socket())
+            .flatten();
+        match found.map_or_else(|| connredir::original_destination(stream), Ok) {
             Ok(dst) => Redirect {
                 destination: Some(dst),
                 ..Redirect::default()
@@ -250,7 +261,7 @@ pub async fn handle(
     };
     debug!(%peer, ?verdict, ?reason, spliced = traffic.spliced(), "connection ended");
     log_line(
-        settings, peer, &redirect, started, seen, &traffic, verdict, reason,
+        settings, listener, peer, &redirect, started, seen, &traffic, verdict, reason,
     )
 }
 
@@ -258,6 +269,7 @@ pub async fn handle(
 /// why), which the caller then closes.
 pub fn refused(
     peer: SocketAddr,
+    listener: &Listener,
     redirect: &Redirect,
     settings: &Settings,
     reason: String,
@@ -266,6 +278,7 @@ pub fn refused(
     let seen = Seen::default();
     log_line(
         settings,
+        listener,
         peer,
         redirect,
         started,
@@ -279,6 +292,7 @@ pub fn refused(
 #[allow(clippy::too_many_arguments)]
 fn log_line(
     settings: &Settings,
+    listener: &Listener,
     peer: SocketAddr,
     redirect: &Redirect,
     started: Instant,
@@ -291,6 +305,7 @@ fn log_line(
     ConnectionLog {
         time: log::rfc3339(SystemTime::now()),
         proxy: settings.name.clone(),
+        worker: listener.worker,
         client: who.client,
         peer: peer.to_string(),
         flow: who.flow,
@@ -834,6 +849,26 @@ mod tests {
             Some("no byte from the client in 800ms (--first-bytes-timeout)")
         );
         assert_eq!(client.read(&mut [0; 1]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn on_an_ipv4_listener_the_original_destination_is_asked_as_the_library_does() {
+        // No NAT here: conntrack (when loaded) answers the socket's own
+        // address, else the kernel refuses; either way both ways agree.
+        let (client, accepted) = pair().await;
+        let listener = Listener {
+            addr: Some(accepted.local_addr().unwrap()),
+            ..Listener::default()
+        };
+        let fast = Redirect::original_destination_only(&accepted, &listener);
+        let slow = Redirect::original_destination_only(&accepted, &Listener::default());
+        assert_eq!(fast.destination, slow.destination);
+        assert_eq!(fast.problem, slow.problem);
+        match connredir::original_destination(&accepted) {
+            Ok(dst) => assert_eq!(fast.destination, Some(dst)),
+            Err(e) => assert_eq!(fast.problem, Some(format!("no original destination: {e}"))),
+        }
+        drop(client);
     }
 
     #[tokio::test]

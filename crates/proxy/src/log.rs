@@ -60,6 +60,9 @@ pub struct ConnectionLog {
     pub time: String,
     /// This proxy's `--name`.
     pub proxy: String,
+    /// The worker (0-based, below `--workers`) that accepted and served
+    /// the connection.
+    pub worker: u32,
     /// Who opened the flow; null without records.
     pub client: Option<Client>,
     /// The client socket's address as accepted.

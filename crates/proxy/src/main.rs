@@ -1,10 +1,14 @@
 //! `connredir-proxy`: the reference inspecting proxy for connredir.
 //!
-//! `main` reads the command line, binds the listeners, checks that the
-//! layer knows each as a registered service (unless `--standalone`), prints
-//! `ready`, and runs an accept loop per listener; each connection is a task
-//! ([`conn::handle`]) that logs one JSON line when it ends. SIGINT/SIGTERM
-//! stop accepting, let connections drain, then close the rest.
+//! `main` reads the command line, binds the listeners (one per `--listen`
+//! address and worker, SO_REUSEPORT when there are several workers), checks
+//! that the layer knows each as a registered service (unless
+//! `--standalone`), prints `ready`, and starts the workers: each a thread
+//! with an event loop of its own, running an accept loop per listener of
+//! its own; each connection is a task ([`conn::handle`]) on the worker that
+//! accepted it, which logs one JSON line when it ends. UDP runs on the main
+//! event loop. SIGINT/SIGTERM stop accepting, let connections drain, then
+//! close the rest.
 
 mod conn;
 mod dns;
@@ -17,7 +21,6 @@ mod udp;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,7 +29,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{ArgGroup, Parser};
 use connredir::ServiceId;
-use tokio::net::{TcpListener, TcpSocket};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{info, warn};
@@ -169,6 +173,15 @@ struct Cli {
     #[arg(long, default_value = "4096", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Worker threads (default: the number of CPUs this process may run
+    /// on). Each has its own listening socket per --listen address
+    /// (SO_REUSEPORT: the kernel spreads new connections over them) and
+    /// its own event loop, which runs the connections it accepted: accept,
+    /// inspection and logging run on every core instead of funnelling
+    /// through one acceptor, and a connection never moves between threads.
+    /// --max-connections counts across all of them.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    workers: Option<u32>,
     /// How long connecting to the destination may take.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -294,10 +307,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         LogSink::file(&cli.log).map_err(|e| StartupError::Log(cli.log.clone(), e))?
     };
+    let workers = cli.workers.unwrap_or_else(default_workers);
+    // Per --listen address, one listener per worker.
     let listeners = cli
         .listen
         .iter()
-        .map(|&addr| bind(addr))
+        .map(|&addr| bind_group(addr, workers))
         .collect::<Result<Vec<_>, _>>()?;
     if cli.standalone && !cli.udp_listen.is_empty() && cli.udp_upstream.is_none() {
         return Err(StartupError::UdpNeedsUpstream.into());
@@ -318,20 +333,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         udp_infos.push(Listener {
             addr: Some(addr),
             service,
+            ..Listener::default()
         });
     }
     let mut infos = Vec::with_capacity(listeners.len());
-    for (listener, &requested) in listeners.iter().zip(&cli.listen) {
-        let addr = listener.local_addr().unwrap_or(requested);
-        let service = if cli.standalone {
-            None
-        } else {
-            Some(check_registered(listener, addr, &cli.name)?)
-        };
+    for (group, &requested) in listeners.iter().zip(&cli.listen) {
+        let addr = group[0].local_addr().unwrap_or(requested);
+        // Every listener of the group must be the service's: the layer
+        // checks whichever one the kernel would pick for a connect.
+        let mut service = None;
+        if !cli.standalone {
+            for listener in group {
+                service = Some(check_registered(listener, addr, &cli.name)?);
+            }
+        }
         infos.push(Listener {
             addr: (!addr.ip().is_unspecified()).then_some(addr),
             service,
+            worker: 0,
         });
+    }
+    // Each worker's event loop, with its own listeners registered in it.
+    let mut groups: Vec<_> = listeners.into_iter().map(Vec::into_iter).collect();
+    let mut loops = Vec::with_capacity(workers as usize);
+    for worker in 0..workers {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a worker's event loop")?;
+        let own = {
+            let _registering = runtime.enter();
+            groups
+                .iter_mut()
+                .zip(&infos)
+                .map(|(group, info)| {
+                    let listener = group.next().expect("one listener per worker");
+                    let info = Listener { worker, ..*info };
+                    TcpListener::from_std(listener).map(|l| (l, info))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .context("registering a listener with a worker's event loop")?
+        };
+        loops.push((runtime, own));
     }
     // Before `ready`, so a supervisor's signal right after it is handled.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -364,17 +407,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (phase, phase_rx) = watch::channel(Phase::Running);
     // Every task holds a sender; `recv` returns None once all are gone.
     let (done_tx, mut all_done) = mpsc::channel::<()>(1);
-    for (listener, info) in listeners.into_iter().zip(infos) {
-        let accepting = accept_loop(
-            listener,
-            info,
-            settings.clone(),
-            sink.clone(),
-            limit.clone(),
-            phase_rx.clone(),
-            done_tx.clone(),
-        );
-        tokio::spawn(accepting);
+    for (worker, (runtime, own)) in loops.into_iter().enumerate() {
+        let (settings, sink, limit) = (settings.clone(), sink.clone(), limit.clone());
+        let (phase, done) = (phase_rx.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("worker-{worker}"))
+            .spawn(move || {
+                runtime.block_on(serve_worker(own, settings, sink, limit, phase));
+                // Dropped once the worker's connections are all done.
+                drop(done);
+            })
+            .context("starting a worker thread")?;
     }
     let udp = Arc::new(UdpSettings {
         idle_timeout: cli.udp_idle_timeout,
@@ -413,39 +456,66 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds one listener. IPv6 sockets are IPv6-only, so `[::]:P` and
-/// `0.0.0.0:P` can both be given.
-fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
-    let fail = |e: std::io::Error| match e.raw_os_error() {
-        Some(libc::EADDRINUSE) => StartupError::InUse(addr),
-        _ => StartupError::Bind(addr, e),
-    };
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
+/// The number of CPUs this process may run on (its affinity and cgroup
+/// quota), the default `--workers`.
+fn default_workers() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(1024) as u32)
+}
+
+/// Binds `workers` listeners on `addr`: one plain listener for one worker,
+/// else a SO_REUSEPORT group (all on the first one's port when `addr` asks
+/// for any port). An address already in use is refused as with one
+/// listener, never joined: a SO_REUSEPORT group another process of this
+/// user left open on it would otherwise take a share of the connections.
+fn bind_group(addr: SocketAddr, workers: u32) -> Result<Vec<std::net::TcpListener>, StartupError> {
+    if workers == 1 {
+        return Ok(vec![bind(addr, false)?]);
     }
-    .map_err(fail)?;
-    socket.set_reuseaddr(true).map_err(fail)?;
+    // A bind without SO_REUSEPORT conflicts with any socket on the address
+    // (a listener, or a group of any user): it says whether the address is
+    // free, and which port a request for any port gets.
+    let addr = bind_socket(addr, false)?
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(addr);
+    (0..workers).map(|_| bind(addr, true)).collect()
+}
+
+/// Binds one listener (with SO_REUSEPORT when `reuseport`). IPv6 sockets
+/// are IPv6-only, so `[::]:P` and `0.0.0.0:P` can both be given.
+fn bind(addr: SocketAddr, reuseport: bool) -> Result<std::net::TcpListener, StartupError> {
+    let socket = bind_socket(addr, reuseport)?;
+    socket.listen(1024).map_err(|e| bind_error(addr, e))?;
+    Ok(socket.into())
+}
+
+/// A bound TCP socket, non-blocking, with the options every accepted
+/// socket inherits.
+fn bind_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, StartupError> {
+    let fail = |e| bind_error(addr, e);
+    // Non-blocking from the start: no fcntl before the event loop takes it.
+    let kind = Type::STREAM.nonblocking();
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(Protocol::TCP)).map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
     // Accepted sockets inherit it: one setsockopt here, none per connection.
     socket.set_nodelay(true).map_err(fail)?;
     if addr.is_ipv6() {
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt with a valid int option on a socket we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of_val(&on) as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(fail(std::io::Error::last_os_error()));
-        }
+        socket.set_only_v6(true).map_err(fail)?;
     }
-    socket.bind(addr).map_err(fail)?;
-    socket.listen(1024).map_err(fail)
+    if reuseport {
+        socket.set_reuse_port(true).map_err(fail)?;
+    }
+    socket.bind(&addr.into()).map_err(fail)?;
+    Ok(socket)
+}
+
+/// A bind or listen failure, naming an address in use as such.
+fn bind_error(addr: SocketAddr, e: std::io::Error) -> StartupError {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => StartupError::InUse(addr),
+        _ => StartupError::Bind(addr, e),
+    }
 }
 
 /// Binds one UDP address (see `udp::bind`); an unspecified address is
@@ -491,7 +561,7 @@ fn check_registered_udp(
 /// Checks that the layer knows `listener`'s address (`addr`) as a service's,
 /// and returns that service.
 fn check_registered(
-    listener: &TcpListener,
+    listener: &std::net::TcpListener,
     addr: SocketAddr,
     name: &str,
 ) -> Result<ServiceId, StartupError> {
@@ -550,6 +620,33 @@ impl Limit {
     }
 }
 
+/// One worker: an accept loop per listener of its own; returns once they
+/// stopped and the connections they accepted are done.
+async fn serve_worker(
+    listeners: Vec<(TcpListener, Listener)>,
+    settings: Arc<Settings>,
+    sink: Arc<LogSink>,
+    limit: Arc<Limit>,
+    phase: watch::Receiver<Phase>,
+) {
+    // Every task of this worker holds a sender; `recv` returns None once
+    // all are gone.
+    let (done_tx, mut done) = mpsc::channel::<()>(1);
+    for (listener, info) in listeners {
+        tokio::spawn(accept_loop(
+            listener,
+            info,
+            settings.clone(),
+            sink.clone(),
+            limit.clone(),
+            phase.clone(),
+            done_tx.clone(),
+        ));
+    }
+    drop(done_tx);
+    done.recv().await;
+}
+
 /// Accepts until the proxy stops running; one task per connection, as long
 /// as the cap allows; past it each connection is logged and closed at once.
 async fn accept_loop(
@@ -580,7 +677,7 @@ async fn accept_loop(
         };
         let redirect = |stream: &tokio::net::TcpStream| {
             if settings.standalone {
-                Redirect::original_destination_only(stream)
+                Redirect::original_destination_only(stream, &info)
             } else {
                 Redirect::query(stream, &info)
             }
@@ -591,7 +688,13 @@ async fn accept_loop(
                 "too many connections: {} open (--max-connections)",
                 limit.max
             );
-            sink.write(&conn::refused(peer, &redirect(&stream), &settings, reason));
+            sink.write(&conn::refused(
+                peer,
+                &info,
+                &redirect(&stream),
+                &settings,
+                reason,
+            ));
             // A reset, not an orderly close: the client learns at once.
             let _ = stream.set_zero_linger();
             continue;
@@ -681,7 +784,7 @@ mod tests {
     #[tokio::test]
     async fn without_the_layer_startup_says_what_to_do() {
         // This test process is in no cgroup the layer is attached to.
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = listener.local_addr().unwrap();
         let err = check_registered(&listener, addr, "p").unwrap_err();
         assert!(
@@ -719,12 +822,26 @@ mod tests {
 
     #[tokio::test]
     async fn an_address_in_use_is_named() {
-        let taken = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = taken.local_addr().unwrap();
-        let err = bind(addr).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("{addr} is already in use by another process: choose another --listen address or stop that process")
-        );
+        for workers in [1, 2] {
+            let taken = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+            let addr = taken.local_addr().unwrap();
+            let err = bind_group(addr, workers).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{addr} is already in use by another process: choose another --listen address or stop that process")
+            );
+        }
+        // Nor is a SO_REUSEPORT group of this user joined.
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        assert_eq!(group[1].local_addr().unwrap(), addr, "one port for all");
+        assert!(matches!(
+            bind_group(addr, 2),
+            Err(StartupError::InUse(a)) if a == addr
+        ));
+        assert!(matches!(
+            bind_group(addr, 1),
+            Err(StartupError::InUse(a)) if a == addr
+        ));
     }
 }

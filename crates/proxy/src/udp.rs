@@ -835,6 +835,7 @@ mod tests {
         let info = Listener {
             addr: Some(addr),
             service: None,
+            ..Listener::default()
         };
         tokio::spawn(front(
             listener,

@@ -138,7 +138,10 @@ fn python(test: &str) -> Option<PathBuf> {
 ///   records of 16 KiB);
 /// - `raw HEX`: these bytes at once;
 /// - `hold N`: N connections that send nothing; reports after how many
-///   seconds each was closed (null: still open after 6 s).
+///   seconds each was closed (null: still open after 6 s);
+/// - `get N NAME`: N connections open at once, each sending an HTTP
+///   request for host NAME once all are open; reports how many were
+///   answered with a 200.
 ///
 /// Each sending mode then reads until the connection ends (at most 5 s)
 /// and reports what came back.
@@ -199,6 +202,26 @@ if mode == "hold":
             if not data:
                 closed[socks.index(s)] = round(time.monotonic() - start, 2)
     report["closed"] = closed
+elif mode == "get":
+    n, name = int(sys.argv[4]), sys.argv[5]
+    socks = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+    request = ("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name).encode()
+    for s in socks:
+        s.sendall(request)
+    answered = 0
+    for s in socks:
+        received = b""
+        try:
+            while not received.endswith(b"ok\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        except OSError:
+            pass
+        answered += received.startswith(b"HTTP/1.1 200 OK")
+        s.close()
+    report["answered"] = answered
 else:
     if mode == "hello":
         data = client_hello(sys.argv[4], int(sys.argv[6]))
@@ -489,4 +512,92 @@ fn connections_past_the_cap_and_silent_clients_are_closed() {
     assert_eq!((capped, silent), (2, 4), "{log:#?}");
     assert!(log.iter().all(|l| l["verdict"] == "deny"), "{log:#?}");
     assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+/// `--workers 2`: each worker listens on the service address with a socket
+/// of its own (SO_REUSEPORT), each of which the layer takes for the
+/// service's listener, and each serves the connections it accepted; the
+/// log names the worker.
+#[test]
+fn two_workers_each_serve_connections() {
+    let Some(python) = python("pevade-workers") else {
+        return;
+    };
+    let args = ["--workers", "2", "--rule", "deny:host:*.example"];
+    let Some((lab, origin, proxy)) = filtered("pevade-workers", &args) else {
+        return;
+    };
+    // 64 connections from as many ports: that one worker gets none of
+    // them happens once in 2^63.
+    let report = python_client(&lab, &python, origin.addr, &["get", "64", ALLOWED]);
+    assert_eq!(report["answered"], 64, "{report}");
+    let log = logged(&lab, proxy, 64);
+    assert!(
+        log.iter()
+            .all(|l| l["verdict"] == "allow" && l["chain"].as_array().is_some_and(|c| c.len() == 1)),
+        "{log:#?}"
+    );
+    let mut per_worker = [0; 2];
+    for line in &log {
+        let worker = line["worker"].as_u64().expect("the log names the worker");
+        per_worker[usize::try_from(worker).unwrap()] += 1;
+    }
+    assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+    // A denied host is denied whichever worker accepted it.
+    let request = format!("GET / HTTP/1.1\r\nHost: {DENIED}\r\n\r\n");
+    let report = python_client(
+        &lab,
+        &python,
+        origin.addr,
+        &["raw", &hex(request.as_bytes())],
+    );
+    assert!(
+        report["received"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP/1.1 403"),
+        "{report}"
+    );
+    assert!(!origin.saw(DENIED), "{:?}", origin.received());
+}
+
+/// `--max-connections` holds across workers: with 2 workers and a cap of
+/// 4, of 6 connections 2 are refused at once, however the kernel spread
+/// them over the workers (a cap per worker would refuse none).
+#[test]
+fn the_connection_cap_counts_across_workers() {
+    let Some(python) = python("pevade-workercap") else {
+        return;
+    };
+    let args = [
+        "--workers",
+        "2",
+        "--max-connections",
+        "4",
+        "--first-bytes-timeout",
+        "1s",
+    ];
+    let Some((lab, origin, proxy)) = filtered("pevade-workercap", &args) else {
+        return;
+    };
+    let report = python_client(&lab, &python, origin.addr, &["hold", "6"]);
+    let closed: Vec<f64> = report["closed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_f64().unwrap_or(f64::INFINITY))
+        .collect();
+    let at_once = closed.iter().filter(|&&t| t < 0.7).count();
+    let timed_out = closed.iter().filter(|&&t| (0.7..4.0).contains(&t)).count();
+    assert_eq!((at_once, timed_out), (2, 4), "{report}");
+    let log = logged(&lab, proxy, 6);
+    let capped = log
+        .iter()
+        .filter(|l| {
+            l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("--max-connections"))
+        })
+        .count();
+    assert_eq!(capped, 2, "{log:#?}");
 }
