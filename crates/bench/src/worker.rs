@@ -437,11 +437,25 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
     }
     let elapsed = start.elapsed();
     anyhow::ensure!(got == bytes, "got {got} bytes of {bytes}");
+    emit_bulk(got, elapsed);
+    Ok(())
+}
+
+/// Reports a bulk transfer (`bulk`, `udp-bulk`): `bytes` moved in `elapsed`.
+fn emit_bulk(bytes: u64, elapsed: Duration) {
     emit(&wire::Bulk {
-        bytes: got,
+        bytes,
         elapsed_ns: elapsed.as_nanos() as u64,
     });
-    Ok(())
+}
+
+/// The unspecified local address of `addr`'s family, any port: where a
+/// UDP client binds before it connects.
+fn any_local(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
 }
 
 /// IP_BIND_ADDRESS_NO_PORT: bind the address now, the port at connect.
@@ -541,11 +555,7 @@ struct DnsClient {
 
 impl LoadClient for DnsClient {
     async fn start(addr: SocketAddr, index: usize) -> std::io::Result<DnsClient> {
-        let local: SocketAddr = match addr {
-            SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
-            SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
-        };
-        let socket = tokio::net::UdpSocket::bind(local).await?;
+        let socket = tokio::net::UdpSocket::bind(any_local(addr)).await?;
         socket.connect(addr).await?;
         Ok(DnsClient {
             socket,
@@ -588,11 +598,7 @@ fn udp_echo(addr: SocketAddr) -> Result<()> {
 /// the echoes; a datagram lost (no echo within 200 ms) is counted and its
 /// place in the window given to the next. Reports the bytes echoed.
 fn udp_bulk(addr: SocketAddr, bytes: u64, size: usize, window: usize) -> Result<()> {
-    let local: SocketAddr = match addr {
-        SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
-        SocketAddr::V6(_) => "[::]:0".parse()?,
-    };
-    let socket = std::net::UdpSocket::bind(local)?;
+    let socket = std::net::UdpSocket::bind(any_local(addr))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let datagram = vec![0x5au8; size];
@@ -628,9 +634,6 @@ fn udp_bulk(addr: SocketAddr, bytes: u64, size: usize, window: usize) -> Result<
         lost * 10 <= total,
         "{lost} of {total} datagrams lost: not a throughput figure"
     );
-    emit(&wire::Bulk {
-        bytes: echoed,
-        elapsed_ns: elapsed.as_nanos() as u64,
-    });
+    emit_bulk(echoed, elapsed);
     Ok(())
 }
