@@ -568,10 +568,10 @@ pub fn soak(spec: &str) -> Result<()> {
     }
     let clients: usize = parts[1].parse()?;
     eprintln!("soak: {} with {clients} clients for {secs}s", v.name);
-    let (rate, p50, p99, errors) = load_run(&bench, v, clients, secs * 1000)?;
+    let run = load_run(&bench, v, clients, secs * 1000)?;
     println!(
-        "{}: {rate:.0} conn/s, p50 {p50} µs, p99 {p99} µs, {errors} failed",
-        v.name
+        "{}: {:.0} conn/s, p50 {} µs, p99 {} µs, {} failed",
+        v.name, run.rate, run.p50_us, run.p99_us, run.errors
     );
     drop(setup);
     Ok(())
@@ -601,6 +601,75 @@ fn interleaved<T>(
         eprintln!("  {prefix}round {round}: {}", line.join(" | "));
     }
     Ok(figures)
+}
+
+/// What one run of a load role (`load`, `dns-load`) measured.
+#[derive(Debug, Clone, Copy)]
+struct LoadRun {
+    /// Requests answered per second.
+    rate: f64,
+    /// Median latency, µs.
+    p50_us: f64,
+    /// 99th percentile latency, µs.
+    p99_us: f64,
+    /// Failed requests.
+    errors: u64,
+}
+
+/// A run of a load role: which, against what, how many clients, how long.
+struct LoadSpec<'a> {
+    role: &'a str,
+    connect: &'a str,
+    concurrency: usize,
+    ms: u64,
+    /// What a failed request is called on stderr.
+    failures: &'a str,
+}
+
+impl LoadSpec<'_> {
+    /// Runs it from `place`; failures are told on stderr after `label`.
+    fn measure(&self, bench: &Bench, place: Place<'_>, label: &str) -> Result<LoadRun> {
+        let (c, ms_arg) = (self.concurrency.to_string(), self.ms.to_string());
+        let proc = bench.worker(
+            place,
+            &[
+                self.role,
+                "--connect",
+                self.connect,
+                "--concurrency",
+                &c,
+                "--duration-ms",
+                &ms_arg,
+            ],
+        )?;
+        let r: wire::Load =
+            proc.finish(Duration::from_millis(self.ms) + Duration::from_secs(60))?;
+        if r.errors > 0 {
+            // Quoted, as the report line has it.
+            eprintln!(
+                "  {label}{} failed {} (last: {:?})",
+                r.errors,
+                self.failures,
+                r.last_error.as_deref().unwrap_or_default()
+            );
+        }
+        let secs = r.elapsed_ns as f64 / 1e9;
+        Ok(LoadRun {
+            rate: r.count as f64 / secs,
+            p50_us: f64::from(r.p50_us),
+            p99_us: f64::from(r.p99_us),
+            errors: r.errors,
+        })
+    }
+}
+
+/// Runs a bulk role (`bulk`, `udp-bulk`) with `args` from `place`; returns
+/// Gbit/s.
+fn bulk_worker(bench: &Bench, place: Place<'_>, args: &[&str]) -> Result<f64> {
+    let r: wire::Bulk = bench
+        .worker(place, args)?
+        .finish(Duration::from_secs(120))?;
+    Ok(r.bytes as f64 * 8.0 / (r.elapsed_ns as f64 / 1e9) / 1e9)
 }
 
 // ---- Scenario 1: layer overhead.
@@ -952,44 +1021,17 @@ impl ProxySetup {
     }
 }
 
-/// One load run; returns (conn/s, p50 µs, p99 µs, errors).
-fn load_run(
-    bench: &Bench,
-    v: &Variant,
-    concurrency: usize,
-    ms: u64,
-) -> Result<(f64, f64, f64, u64)> {
-    let c = concurrency.to_string();
-    let ms_arg = ms.to_string();
-    let proc = bench.worker(
-        bench.place(v),
-        &[
-            "load",
-            "--connect",
-            v.reply,
-            "--concurrency",
-            &c,
-            "--duration-ms",
-            &ms_arg,
-        ],
-    )?;
-    let r: wire::Load = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
-    let errors = r.errors;
-    if errors > 0 {
-        // Quoted, as the report line has it.
-        eprintln!(
-            "  {}: {errors} failed connections (last: {:?})",
-            v.name,
-            r.last_error.as_deref().unwrap_or_default()
-        );
-    }
-    let secs = r.elapsed_ns as f64 / 1e9;
-    Ok((
-        r.count as f64 / secs,
-        f64::from(r.p50_us),
-        f64::from(r.p99_us),
-        errors,
-    ))
+/// One load run of variant `v`'s small requests.
+fn load_run(bench: &Bench, v: &Variant, concurrency: usize, ms: u64) -> Result<LoadRun> {
+    let label = format!("{}: ", v.name);
+    let run = LoadSpec {
+        role: "load",
+        connect: v.reply,
+        concurrency,
+        ms,
+        failures: "connections",
+    };
+    run.measure(bench, bench.place(v), &label)
 }
 
 fn proxied_small(
@@ -1009,15 +1051,23 @@ fn proxied_small(
         variants.len(),
         sizes.proxied_rounds,
         |i| load_run(bench, &variants[i], concurrency, sizes.proxied_ms),
-        |i, (rate, p50, p99, _)| {
-            format!("{} {rate:.0}/s p50 {p50}µs p99 {p99}µs", variants[i].name)
+        |i, r| {
+            let (name, rate, p50, p99) = (variants[i].name, r.rate, r.p50_us, r.p99_us);
+            format!("{name} {rate:.0}/s p50 {p50}µs p99 {p99}µs")
         },
     )?;
-    let column = |pick: fn(&(f64, f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
+    let column = |pick: fn(&LoadRun) -> f64| -> Vec<Vec<f64>> {
         runs.iter().map(|r| r.iter().map(pick).collect()).collect()
     };
-    let (rate, p50, p99) = (column(|r| r.0), column(|r| r.1), column(|r| r.2));
-    let errors: Vec<u64> = runs.iter().map(|r| r.iter().map(|r| r.3).sum()).collect();
+    let (rate, p50, p99) = (
+        column(|r| r.rate),
+        column(|r| r.p50_us),
+        column(|r| r.p99_us),
+    );
+    let errors: Vec<u64> = runs
+        .iter()
+        .map(|r| r.iter().map(|r| r.errors).sum())
+        .collect();
     ensure!(
         setup.engine.counters()?.redirects > before,
         "the connredir variant's connections were not redirected"
@@ -1054,14 +1104,11 @@ fn proxied_small(
 /// One download of `bytes` by variant `v`; returns Gbit/s.
 fn bulk_run(bench: &Bench, v: &Variant, bytes: u64) -> Result<f64> {
     let bytes = bytes.to_string();
-    let proc = bench.worker(
+    bulk_worker(
+        bench,
         bench.place(v),
         &["bulk", "--connect", v.bulk, "--bytes", &bytes],
-    )?;
-    let r: wire::Bulk = proc.finish(Duration::from_secs(120))?;
-    let b = r.bytes as f64;
-    let secs = r.elapsed_ns as f64 / 1e9;
-    Ok(b * 8.0 / secs / 1e9)
+    )
 }
 
 fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
@@ -1486,8 +1533,8 @@ impl UdpSetup {
         // dnsmasq says nothing when it is ready: ask until it answers.
         let mut answered = false;
         for _ in 0..50 {
-            let (rate, _, _, errors) = dns_run(bench, place, 1, 100)?;
-            if rate > 0.0 && errors == 0 {
+            let run = dns_run(bench, place, 1, 100)?;
+            if run.rate > 0.0 && run.errors == 0 {
                 answered = true;
                 break;
             }
@@ -1507,42 +1554,16 @@ impl UdpSetup {
     }
 }
 
-/// One DNS load run against the origin from `place`; returns (queries/s,
-/// p50 µs, p99 µs, errors).
-fn dns_run(
-    bench: &Bench,
-    place: Place<'_>,
-    concurrency: usize,
-    ms: u64,
-) -> Result<(f64, f64, f64, u64)> {
-    let (c, ms_arg) = (concurrency.to_string(), ms.to_string());
-    let proc = bench.worker(
-        place,
-        &[
-            "dns-load",
-            "--connect",
-            DNS_ORIGIN,
-            "--concurrency",
-            &c,
-            "--duration-ms",
-            &ms_arg,
-        ],
-    )?;
-    let r: wire::Load = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
-    if r.errors > 0 {
-        eprintln!(
-            "  {} failed queries (last: {:?})",
-            r.errors,
-            r.last_error.as_deref().unwrap_or_default()
-        );
-    }
-    let secs = r.elapsed_ns as f64 / 1e9;
-    Ok((
-        r.count as f64 / secs,
-        f64::from(r.p50_us),
-        f64::from(r.p99_us),
-        r.errors,
-    ))
+/// One DNS load run against the origin from `place`.
+fn dns_run(bench: &Bench, place: Place<'_>, concurrency: usize, ms: u64) -> Result<LoadRun> {
+    let run = LoadSpec {
+        role: "dns-load",
+        connect: DNS_ORIGIN,
+        concurrency,
+        ms,
+        failures: "queries",
+    };
+    run.measure(bench, place, "")
 }
 
 /// One UDP bulk run against the echo server from `place`; returns Gbit/s
@@ -1553,7 +1574,8 @@ fn udp_bulk_run(bench: &Bench, place: Place<'_>, bytes: u64) -> Result<f64> {
         UDP_DATAGRAM.to_string(),
         UDP_WINDOW.to_string(),
     );
-    let proc = bench.worker(
+    bulk_worker(
+        bench,
         place,
         &[
             "udp-bulk",
@@ -1566,9 +1588,7 @@ fn udp_bulk_run(bench: &Bench, place: Place<'_>, bytes: u64) -> Result<f64> {
             "--window",
             &window,
         ],
-    )?;
-    let r: wire::Bulk = proc.finish(Duration::from_secs(120))?;
-    Ok(r.bytes as f64 * 8.0 / (r.elapsed_ns as f64 / 1e9) / 1e9)
+    )
 }
 
 fn udp(bench: &Bench, setup: &UdpSetup, sizes: &Sizes) -> Result<Udp> {
@@ -1597,13 +1617,23 @@ fn udp(bench: &Bench, setup: &UdpSetup, sizes: &Sizes) -> Result<Udp> {
             names.len(),
             sizes.udp_rounds,
             |i| dns_run(bench, place(i), concurrency, sizes.udp_ms),
-            |i, (rate, p50, p99, _)| format!("{} {rate:.0} q/s p50 {p50}µs p99 {p99}µs", names[i]),
+            |i, r| {
+                let (name, rate, p50, p99) = (names[i], r.rate, r.p50_us, r.p99_us);
+                format!("{name} {rate:.0} q/s p50 {p50}µs p99 {p99}µs")
+            },
         )?;
-        let column = |pick: fn(&(f64, f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
+        let column = |pick: fn(&LoadRun) -> f64| -> Vec<Vec<f64>> {
             runs.iter().map(|r| r.iter().map(pick).collect()).collect()
         };
-        let (rate, p50, p99) = (column(|r| r.0), column(|r| r.1), column(|r| r.2));
-        let errors: Vec<u64> = runs.iter().map(|r| r.iter().map(|r| r.3).sum()).collect();
+        let (rate, p50, p99) = (
+            column(|r| r.rate),
+            column(|r| r.p50_us),
+            column(|r| r.p99_us),
+        );
+        let errors: Vec<u64> = runs
+            .iter()
+            .map(|r| r.iter().map(|r| r.errors).sum())
+            .collect();
         dns.push(UdpDns {
             concurrency,
             one_vs_direct: Spread::of(&ratios(&rate[1], &rate[0])),
