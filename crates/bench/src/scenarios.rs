@@ -568,39 +568,204 @@ pub fn soak(spec: &str) -> Result<()> {
     }
     let clients: usize = parts[1].parse()?;
     eprintln!("soak: {} with {clients} clients for {secs}s", v.name);
-    let (rate, p50, p99, errors) = load_run(&bench, v, clients, secs * 1000)?;
+    let run = load_run(&bench, v, clients, secs * 1000)?;
     println!(
-        "{}: {rate:.0} conn/s, p50 {p50} µs, p99 {p99} µs, {errors} failed",
-        v.name
+        "{}: {:.0} conn/s, p50 {} µs, p99 {} µs, {} failed",
+        v.name, run.rate, run.p50_us, run.p99_us, run.errors
     );
     drop(setup);
     Ok(())
 }
 
-/// Measures `n` configurations for `rounds` rounds, interleaved: each
-/// round runs every configuration once, the order rotated by one each
-/// round, so drift in the machine's load falls on all of them alike.
-/// Returns each configuration's figures, in round order, and prints a
-/// progress line per round (`describe` gives a configuration's part).
-fn interleaved<T>(
-    prefix: &str,
-    n: usize,
-    rounds: usize,
-    mut measure: impl FnMut(usize) -> Result<T>,
-    describe: impl Fn(usize, &T) -> String,
-) -> Result<Vec<Vec<T>>> {
-    let mut figures: Vec<Vec<T>> = (0..n).map(|_| Vec::with_capacity(rounds)).collect();
-    for round in 0..rounds {
-        check_interrupted()?;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.rotate_left(round % n);
-        for i in order {
-            figures[i].push(measure(i)?);
-        }
-        let line: Vec<String> = (0..n).map(|i| describe(i, &figures[i][round])).collect();
-        eprintln!("  {prefix}round {round}: {}", line.join(" | "));
+/// What one run of a variant gives: a rate (conn/s, queries/s, Gbit/s),
+/// and where the run times requests, their latencies and failures.
+trait RunFigures {
+    /// The rate.
+    fn rate(&self) -> f64;
+
+    /// Whether the run times requests: without, its latencies are given
+    /// as one 0.
+    const TIMED: bool = false;
+
+    /// (p50, p99) latency in µs, where the run times requests.
+    fn latency(&self) -> (f64, f64) {
+        (0.0, 0.0)
     }
-    Ok(figures)
+
+    /// Failed requests.
+    fn errors(&self) -> u64 {
+        0
+    }
+}
+
+/// A bulk or connect-loop run: its rate alone.
+impl RunFigures for f64 {
+    fn rate(&self) -> f64 {
+        *self
+    }
+}
+
+impl RunFigures for LoadRun {
+    fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    const TIMED: bool = true;
+
+    fn latency(&self) -> (f64, f64) {
+        (self.p50_us, self.p99_us)
+    }
+
+    fn errors(&self) -> u64 {
+        self.errors
+    }
+}
+
+/// Named variants measured in interleaved rounds: each round runs every
+/// variant once, the order rotated by one each round, so drift in the
+/// machine's load falls on all of them alike.
+struct Rounds<T> {
+    names: Vec<&'static str>,
+    /// Per variant, its figures in round order.
+    runs: Vec<Vec<T>>,
+}
+
+impl<T: RunFigures> Rounds<T> {
+    /// Measures `names` for `rounds` rounds (`measure` runs the variant at
+    /// that index), printing a progress line per round after `prefix`
+    /// (`describe` gives a variant's part).
+    fn measure(
+        prefix: &str,
+        names: Vec<&'static str>,
+        rounds: usize,
+        mut measure: impl FnMut(usize) -> Result<T>,
+        describe: impl Fn(&str, &T) -> String,
+    ) -> Result<Rounds<T>> {
+        let n = names.len();
+        let mut runs: Vec<Vec<T>> = (0..n).map(|_| Vec::with_capacity(rounds)).collect();
+        for round in 0..rounds {
+            check_interrupted()?;
+            let mut order: Vec<usize> = (0..n).collect();
+            order.rotate_left(round % n);
+            for i in order {
+                runs[i].push(measure(i)?);
+            }
+            let line: Vec<String> = (0..n)
+                .map(|i| describe(names[i], &runs[i][round]))
+                .collect();
+            eprintln!("  {prefix}round {round}: {}", line.join(" | "));
+        }
+        Ok(Rounds { names, runs })
+    }
+
+    /// Variant `name`'s rates, in round order.
+    fn rates(&self, name: &str) -> Vec<f64> {
+        let i = self
+            .names
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no variant {name}"));
+        self.runs[i].iter().map(T::rate).collect()
+    }
+
+    /// Variant `a`'s rate ÷ variant `b`'s, per round.
+    fn ratio(&self, a: &str, b: &str) -> Spread {
+        Spread::of(&ratios(&self.rates(a), &self.rates(b)))
+    }
+
+    /// Each variant's figures over the rounds.
+    fn figures(&self) -> Vec<VariantFigures> {
+        self.names
+            .iter()
+            .zip(&self.runs)
+            .map(|(name, runs)| {
+                let latency = |pick: fn((f64, f64)) -> f64| {
+                    if T::TIMED {
+                        let values: Vec<f64> = runs.iter().map(|r| pick(r.latency())).collect();
+                        Spread::of(&values)
+                    } else {
+                        Spread::of(&[0.0])
+                    }
+                };
+                VariantFigures {
+                    name: (*name).into(),
+                    rate: Spread::of(&self.rates(name)),
+                    p50_us: latency(|l| l.0),
+                    p99_us: latency(|l| l.1),
+                    errors: runs.iter().map(T::errors).sum(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// What one run of a load role (`load`, `dns-load`) measured.
+#[derive(Debug, Clone, Copy)]
+struct LoadRun {
+    /// Requests answered per second.
+    rate: f64,
+    /// Median latency, µs.
+    p50_us: f64,
+    /// 99th percentile latency, µs.
+    p99_us: f64,
+    /// Failed requests.
+    errors: u64,
+}
+
+/// A run of a load role: which, against what, how many clients, how long.
+struct LoadSpec<'a> {
+    role: &'a str,
+    connect: &'a str,
+    concurrency: usize,
+    ms: u64,
+    /// What a failed request is called on stderr.
+    failures: &'a str,
+}
+
+impl LoadSpec<'_> {
+    /// Runs it from `place`; failures are told on stderr after `label`.
+    fn measure(&self, bench: &Bench, place: Place<'_>, label: &str) -> Result<LoadRun> {
+        let (c, ms_arg) = (self.concurrency.to_string(), self.ms.to_string());
+        let proc = bench.worker(
+            place,
+            &[
+                self.role,
+                "--connect",
+                self.connect,
+                "--concurrency",
+                &c,
+                "--duration-ms",
+                &ms_arg,
+            ],
+        )?;
+        let r: wire::Load =
+            proc.finish(Duration::from_millis(self.ms) + Duration::from_secs(60))?;
+        if r.errors > 0 {
+            // Quoted, as the report line has it.
+            eprintln!(
+                "  {label}{} failed {} (last: {:?})",
+                r.errors,
+                self.failures,
+                r.last_error.as_deref().unwrap_or_default()
+            );
+        }
+        let secs = r.elapsed_ns as f64 / 1e9;
+        Ok(LoadRun {
+            rate: r.count as f64 / secs,
+            p50_us: f64::from(r.p50_us),
+            p99_us: f64::from(r.p99_us),
+            errors: r.errors,
+        })
+    }
+}
+
+/// Runs a bulk role (`bulk`, `udp-bulk`) with `args` from `place`; returns
+/// Gbit/s.
+fn bulk_worker(bench: &Bench, place: Place<'_>, args: &[&str]) -> Result<f64> {
+    let r: wire::Bulk = bench
+        .worker(place, args)?
+        .finish(Duration::from_secs(120))?;
+    Ok(r.bytes as f64 * 8.0 / (r.elapsed_ns as f64 / 1e9) / 1e9)
 }
 
 // ---- Scenario 1: layer overhead.
@@ -672,12 +837,12 @@ fn overhead(bench: &mut Bench, sizes: &Sizes) -> Result<Overhead> {
     for (name, _) in configs {
         run(name)?;
     }
-    let rates = interleaved(
+    let rates = Rounds::measure(
         "",
-        configs.len(),
+        configs.iter().map(|c| c.0).collect(),
         sizes.overhead_rounds,
         |i| run(configs[i].0),
-        |i, rate| format!("{} {rate:.0}/s", configs[i].0),
+        |name, rate| format!("{name} {rate:.0}/s"),
     )?;
     for engine in &engines {
         ensure!(
@@ -688,12 +853,10 @@ fn overhead(bench: &mut Bench, sizes: &Sizes) -> Result<Overhead> {
     drop(engines);
     Ok(Overhead {
         connects: sizes.overhead_connects,
-        bare_rate: median(&rates[0]),
-        ratios: configs
+        bare_rate: median(&rates.rates("bare")),
+        ratios: configs[1..]
             .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, (_, rules))| (*rules, Spread::of(&ratios(&rates[i], &rates[0]))))
+            .map(|(name, rules)| (*rules, rates.ratio(name, "bare")))
             .collect(),
     })
 }
@@ -952,44 +1115,17 @@ impl ProxySetup {
     }
 }
 
-/// One load run; returns (conn/s, p50 µs, p99 µs, errors).
-fn load_run(
-    bench: &Bench,
-    v: &Variant,
-    concurrency: usize,
-    ms: u64,
-) -> Result<(f64, f64, f64, u64)> {
-    let c = concurrency.to_string();
-    let ms_arg = ms.to_string();
-    let proc = bench.worker(
-        bench.place(v),
-        &[
-            "load",
-            "--connect",
-            v.reply,
-            "--concurrency",
-            &c,
-            "--duration-ms",
-            &ms_arg,
-        ],
-    )?;
-    let r: wire::Load = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
-    let errors = r.errors;
-    if errors > 0 {
-        // Quoted, as the report line has it.
-        eprintln!(
-            "  {}: {errors} failed connections (last: {:?})",
-            v.name,
-            r.last_error.as_deref().unwrap_or_default()
-        );
-    }
-    let secs = r.elapsed_ns as f64 / 1e9;
-    Ok((
-        r.count as f64 / secs,
-        f64::from(r.p50_us),
-        f64::from(r.p99_us),
-        errors,
-    ))
+/// One load run of variant `v`'s small requests.
+fn load_run(bench: &Bench, v: &Variant, concurrency: usize, ms: u64) -> Result<LoadRun> {
+    let label = format!("{}: ", v.name);
+    let run = LoadSpec {
+        role: "load",
+        connect: v.reply,
+        concurrency,
+        ms,
+        failures: "connections",
+    };
+    run.measure(bench, bench.place(v), &label)
 }
 
 fn proxied_small(
@@ -1004,20 +1140,18 @@ fn proxied_small(
     }
     let before = setup.engine.counters()?.redirects;
     let hap_before = setup.hap_engine.counters()?.redirects;
-    let runs = interleaved(
+    let runs = Rounds::measure(
         &format!("c={concurrency} "),
-        variants.len(),
+        variants.iter().map(|v| v.name).collect(),
         sizes.proxied_rounds,
         |i| load_run(bench, &variants[i], concurrency, sizes.proxied_ms),
-        |i, (rate, p50, p99, _)| {
-            format!("{} {rate:.0}/s p50 {p50}µs p99 {p99}µs", variants[i].name)
+        |name, r| {
+            format!(
+                "{name} {:.0}/s p50 {}µs p99 {}µs",
+                r.rate, r.p50_us, r.p99_us
+            )
         },
     )?;
-    let column = |pick: fn(&(f64, f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
-        runs.iter().map(|r| r.iter().map(pick).collect()).collect()
-    };
-    let (rate, p50, p99) = (column(|r| r.0), column(|r| r.1), column(|r| r.2));
-    let errors: Vec<u64> = runs.iter().map(|r| r.iter().map(|r| r.3).sum()).collect();
     ensure!(
         setup.engine.counters()?.redirects > before,
         "the connredir variant's connections were not redirected"
@@ -1026,42 +1160,26 @@ fn proxied_small(
         setup.hap_engine.counters()?.redirects > hap_before,
         "the haproxy variant's connections were not redirected"
     );
-    let at = |name| position(&variants, name);
-    let (direct, redir, nft) = (at("direct"), at("connredir"), at("nftables"));
-    let (sockmap, haproxy) = (at("sockmap"), at("haproxy"));
     Ok(Proxied {
         concurrency,
-        vs_direct: Spread::of(&ratios(&rate[redir], &rate[direct])),
-        vs_nft: Spread::of(&ratios(&rate[redir], &rate[nft])),
-        nft_vs_direct: Spread::of(&ratios(&rate[nft], &rate[direct])),
-        sockmap_vs_direct: Spread::of(&ratios(&rate[sockmap], &rate[direct])),
-        vs_haproxy: Spread::of(&ratios(&rate[redir], &rate[haproxy])),
-        haproxy_vs_direct: Spread::of(&ratios(&rate[haproxy], &rate[direct])),
-        variants: variants
-            .iter()
-            .enumerate()
-            .map(|(i, v)| VariantFigures {
-                name: v.name.into(),
-                rate: Spread::of(&rate[i]),
-                p50_us: Spread::of(&p50[i]),
-                p99_us: Spread::of(&p99[i]),
-                errors: errors[i],
-            })
-            .collect(),
+        vs_direct: runs.ratio("connredir", "direct"),
+        vs_nft: runs.ratio("connredir", "nftables"),
+        nft_vs_direct: runs.ratio("nftables", "direct"),
+        sockmap_vs_direct: runs.ratio("sockmap", "direct"),
+        vs_haproxy: runs.ratio("connredir", "haproxy"),
+        haproxy_vs_direct: runs.ratio("haproxy", "direct"),
+        variants: runs.figures(),
     })
 }
 
 /// One download of `bytes` by variant `v`; returns Gbit/s.
 fn bulk_run(bench: &Bench, v: &Variant, bytes: u64) -> Result<f64> {
     let bytes = bytes.to_string();
-    let proc = bench.worker(
+    bulk_worker(
+        bench,
         bench.place(v),
         &["bulk", "--connect", v.bulk, "--bytes", &bytes],
-    )?;
-    let r: wire::Bulk = proc.finish(Duration::from_secs(120))?;
-    let b = r.bytes as f64;
-    let secs = r.elapsed_ns as f64 / 1e9;
-    Ok(b * 8.0 / secs / 1e9)
+    )
 }
 
 fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
@@ -1069,42 +1187,28 @@ fn bulk(bench: &Bench, setup: &ProxySetup, sizes: &Sizes) -> Result<Bulk> {
     for v in &variants {
         bulk_run(bench, v, 16 << 20)?;
     }
-    let gbps = interleaved(
+    let gbps = Rounds::measure(
         "",
-        variants.len(),
+        variants.iter().map(|v| v.name).collect(),
         sizes.bulk_rounds,
         |i| bulk_run(bench, &variants[i], sizes.bulk_bytes),
-        |i, gbps| format!("{} {gbps:.1} Gbit/s", variants[i].name),
+        |name, gbps| format!("{name} {gbps:.1} Gbit/s"),
     )?;
     let accel = setup.accel_engine.counters()?;
     eprintln!(
         "  sockmap: {} sockets joined, {} of them stayed on TCP",
         accel.accel_joined, accel.accel_passed
     );
-    let none = Spread::of(&[0.0]);
-    let at = |name| position(&variants, name);
-    let (direct, redir, nft) = (at("direct"), at("connredir"), at("nftables"));
-    let (sockmap, client_leg, haproxy) = (at("sockmap"), at("sockmap-client-leg"), at("haproxy"));
     Ok(Bulk {
         bytes: sizes.bulk_bytes,
-        vs_direct: Spread::of(&ratios(&gbps[redir], &gbps[direct])),
-        vs_nft: Spread::of(&ratios(&gbps[redir], &gbps[nft])),
-        nft_vs_direct: Spread::of(&ratios(&gbps[nft], &gbps[direct])),
-        sockmap_vs_direct: Spread::of(&ratios(&gbps[sockmap], &gbps[direct])),
-        sockmap_client_leg_vs_direct: Spread::of(&ratios(&gbps[client_leg], &gbps[direct])),
-        vs_haproxy: Spread::of(&ratios(&gbps[redir], &gbps[haproxy])),
-        haproxy_vs_direct: Spread::of(&ratios(&gbps[haproxy], &gbps[direct])),
-        variants: variants
-            .iter()
-            .enumerate()
-            .map(|(i, v)| VariantFigures {
-                name: v.name.into(),
-                rate: Spread::of(&gbps[i]),
-                p50_us: none,
-                p99_us: none,
-                errors: 0,
-            })
-            .collect(),
+        vs_direct: gbps.ratio("connredir", "direct"),
+        vs_nft: gbps.ratio("connredir", "nftables"),
+        nft_vs_direct: gbps.ratio("nftables", "direct"),
+        sockmap_vs_direct: gbps.ratio("sockmap", "direct"),
+        sockmap_client_leg_vs_direct: gbps.ratio("sockmap-client-leg", "direct"),
+        vs_haproxy: gbps.ratio("connredir", "haproxy"),
+        haproxy_vs_direct: gbps.ratio("haproxy", "direct"),
+        variants: gbps.figures(),
     })
 }
 
@@ -1486,8 +1590,8 @@ impl UdpSetup {
         // dnsmasq says nothing when it is ready: ask until it answers.
         let mut answered = false;
         for _ in 0..50 {
-            let (rate, _, _, errors) = dns_run(bench, place, 1, 100)?;
-            if rate > 0.0 && errors == 0 {
+            let run = dns_run(bench, place, 1, 100)?;
+            if run.rate > 0.0 && run.errors == 0 {
                 answered = true;
                 break;
             }
@@ -1507,42 +1611,16 @@ impl UdpSetup {
     }
 }
 
-/// One DNS load run against the origin from `place`; returns (queries/s,
-/// p50 µs, p99 µs, errors).
-fn dns_run(
-    bench: &Bench,
-    place: Place<'_>,
-    concurrency: usize,
-    ms: u64,
-) -> Result<(f64, f64, f64, u64)> {
-    let (c, ms_arg) = (concurrency.to_string(), ms.to_string());
-    let proc = bench.worker(
-        place,
-        &[
-            "dns-load",
-            "--connect",
-            DNS_ORIGIN,
-            "--concurrency",
-            &c,
-            "--duration-ms",
-            &ms_arg,
-        ],
-    )?;
-    let r: wire::Load = proc.finish(Duration::from_millis(ms) + Duration::from_secs(60))?;
-    if r.errors > 0 {
-        eprintln!(
-            "  {} failed queries (last: {:?})",
-            r.errors,
-            r.last_error.as_deref().unwrap_or_default()
-        );
-    }
-    let secs = r.elapsed_ns as f64 / 1e9;
-    Ok((
-        r.count as f64 / secs,
-        f64::from(r.p50_us),
-        f64::from(r.p99_us),
-        r.errors,
-    ))
+/// One DNS load run against the origin from `place`.
+fn dns_run(bench: &Bench, place: Place<'_>, concurrency: usize, ms: u64) -> Result<LoadRun> {
+    let run = LoadSpec {
+        role: "dns-load",
+        connect: DNS_ORIGIN,
+        concurrency,
+        ms,
+        failures: "queries",
+    };
+    run.measure(bench, place, "")
 }
 
 /// One UDP bulk run against the echo server from `place`; returns Gbit/s
@@ -1553,7 +1631,8 @@ fn udp_bulk_run(bench: &Bench, place: Place<'_>, bytes: u64) -> Result<f64> {
         UDP_DATAGRAM.to_string(),
         UDP_WINDOW.to_string(),
     );
-    let proc = bench.worker(
+    bulk_worker(
+        bench,
         place,
         &[
             "udp-bulk",
@@ -1566,9 +1645,7 @@ fn udp_bulk_run(bench: &Bench, place: Place<'_>, bytes: u64) -> Result<f64> {
             "--window",
             &window,
         ],
-    )?;
-    let r: wire::Bulk = proc.finish(Duration::from_secs(120))?;
-    Ok(r.bytes as f64 * 8.0 / (r.elapsed_ns as f64 / 1e9) / 1e9)
+    )
 }
 
 fn udp(bench: &Bench, setup: &UdpSetup, sizes: &Sizes) -> Result<Udp> {
@@ -1592,44 +1669,34 @@ fn udp(bench: &Bench, setup: &UdpSetup, sizes: &Sizes) -> Result<Udp> {
         for i in 0..names.len() {
             dns_run(bench, place(i), concurrency, 200)?;
         }
-        let runs = interleaved(
+        let runs = Rounds::measure(
             &format!("dns c={concurrency} "),
-            names.len(),
+            names.to_vec(),
             sizes.udp_rounds,
             |i| dns_run(bench, place(i), concurrency, sizes.udp_ms),
-            |i, (rate, p50, p99, _)| format!("{} {rate:.0} q/s p50 {p50}µs p99 {p99}µs", names[i]),
+            |name, r| {
+                format!(
+                    "{name} {:.0} q/s p50 {}µs p99 {}µs",
+                    r.rate, r.p50_us, r.p99_us
+                )
+            },
         )?;
-        let column = |pick: fn(&(f64, f64, f64, u64)) -> f64| -> Vec<Vec<f64>> {
-            runs.iter().map(|r| r.iter().map(pick).collect()).collect()
-        };
-        let (rate, p50, p99) = (column(|r| r.0), column(|r| r.1), column(|r| r.2));
-        let errors: Vec<u64> = runs.iter().map(|r| r.iter().map(|r| r.3).sum()).collect();
         dns.push(UdpDns {
             concurrency,
-            one_vs_direct: Spread::of(&ratios(&rate[1], &rate[0])),
-            two_vs_direct: Spread::of(&ratios(&rate[2], &rate[0])),
-            variants: names
-                .iter()
-                .enumerate()
-                .map(|(i, name)| VariantFigures {
-                    name: (*name).into(),
-                    rate: Spread::of(&rate[i]),
-                    p50_us: Spread::of(&p50[i]),
-                    p99_us: Spread::of(&p99[i]),
-                    errors: errors[i],
-                })
-                .collect(),
+            one_vs_direct: runs.ratio(names[1], names[0]),
+            two_vs_direct: runs.ratio(names[2], names[0]),
+            variants: runs.figures(),
         });
     }
     for i in 0..2 {
         udp_bulk_run(bench, place(i), 4 << 20)?;
     }
-    let gbps = interleaved(
+    let gbps = Rounds::measure(
         "bulk ",
-        2,
+        names[..2].to_vec(),
         sizes.udp_rounds,
         |i| udp_bulk_run(bench, place(i), sizes.udp_bulk_bytes),
-        |i, gbps| format!("{} {gbps:.2} Gbit/s", names[i]),
+        |name, gbps| format!("{name} {gbps:.2} Gbit/s"),
     )?;
     // Every query of the connredir variants was the layer's to redirect.
     let after = (
@@ -1640,21 +1707,75 @@ fn udp(bench: &Bench, setup: &UdpSetup, sizes: &Sizes) -> Result<Udp> {
         after.0 > before.0 && after.1 > before.1,
         "the connredir variants' flows were not redirected"
     );
-    let none = Spread::of(&[0.0]);
     Ok(Udp {
         dns,
         bulk_bytes: sizes.udp_bulk_bytes,
         bulk_datagram: UDP_DATAGRAM,
         bulk_window: UDP_WINDOW,
-        bulk_vs_direct: Spread::of(&ratios(&gbps[1], &gbps[0])),
-        bulk: (0..2)
-            .map(|i| VariantFigures {
-                name: names[i].into(),
-                rate: Spread::of(&gbps[i]),
-                p50_us: none,
-                p99_us: none,
-                errors: 0,
-            })
-            .collect(),
+        bulk_vs_direct: gbps.ratio(names[1], names[0]),
+        bulk: gbps.figures(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_rotate_the_order_and_keep_each_variants_runs() {
+        let mut order = Vec::new();
+        let rounds = Rounds::measure(
+            "",
+            vec!["a", "b", "c"],
+            4,
+            |i| {
+                order.push(i);
+                Ok((order.len() * 10 + i) as f64)
+            },
+            |name, rate| format!("{name} {rate}"),
+        )
+        .unwrap();
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]);
+        // A variant's runs are its own, in round order.
+        assert_eq!(rounds.rates("a"), [10.0, 60.0, 80.0, 100.0]);
+        assert_eq!(rounds.rates("b"), [21.0, 41.0, 91.0, 111.0]);
+        assert_eq!(rounds.ratio("b", "a").n, 4);
+        assert_eq!(rounds.ratio("b", "a").max, 2.1);
+    }
+
+    #[test]
+    fn figures_of_timed_and_untimed_runs() {
+        let load = |rate: f64, errors| LoadRun {
+            rate,
+            p50_us: rate / 10.0,
+            p99_us: rate,
+            errors,
+        };
+        let mut runs = vec![load(100.0, 1), load(300.0, 0), load(200.0, 2)].into_iter();
+        let timed = Rounds::measure(
+            "",
+            vec!["x"],
+            3,
+            |_| Ok(runs.next().unwrap()),
+            |_, _| String::new(),
+        )
+        .unwrap()
+        .figures();
+        assert_eq!(timed.len(), 1);
+        let x = &timed[0];
+        assert_eq!((x.name.as_str(), x.errors), ("x", 3));
+        assert_eq!(
+            (x.rate.median, x.p50_us.median, x.p99_us.max),
+            (200.0, 20.0, 300.0)
+        );
+        assert_eq!(x.p50_us.n, 3);
+        // A bulk run times no requests: its latencies are one 0, as the
+        // report has always had them.
+        let untimed = Rounds::measure("", vec!["y"], 2, |_| Ok(5.0), |_, _| String::new())
+            .unwrap()
+            .figures();
+        let y = &untimed[0];
+        assert_eq!((y.rate.median, y.rate.n, y.errors), (5.0, 2, 0));
+        assert_eq!((y.p50_us.median, y.p50_us.n, y.p99_us.n), (0.0, 1, 1));
+    }
 }

@@ -148,7 +148,7 @@ pub fn run(role: Role) -> Result<()> {
             connect,
             concurrency,
             duration_ms,
-        } => runtime()?.block_on(load(
+        } => runtime()?.block_on(latency_load::<TcpClient>(
             connect,
             concurrency,
             Duration::from_millis(duration_ms),
@@ -163,7 +163,7 @@ pub fn run(role: Role) -> Result<()> {
             connect,
             concurrency,
             duration_ms,
-        } => runtime()?.block_on(dns_load(
+        } => runtime()?.block_on(latency_load::<DnsClient>(
             connect,
             concurrency,
             Duration::from_millis(duration_ms),
@@ -289,61 +289,80 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[i]
 }
 
-async fn load(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<()> {
+/// One client of a latency load ([`latency_load`]): how it starts and what
+/// one request is; the loop, the tally and the report are shared.
+trait LoadClient: Sized + Send + 'static {
+    /// How long a client waits after a failed request before the next.
+    const PAUSE_AFTER_ERROR: Duration = Duration::ZERO;
+
+    /// Sets up client number `index` of a load on `addr`.
+    fn start(
+        addr: SocketAddr,
+        index: usize,
+    ) -> impl std::future::Future<Output = std::io::Result<Self>> + Send;
+
+    /// Makes one request; returns its latency in microseconds.
+    fn request(&mut self) -> impl std::future::Future<Output = std::io::Result<u32>> + Send;
+}
+
+/// What one client of a latency load counted.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u32>,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+impl Tally {
+    fn failed(&mut self, e: std::io::Error) {
+        self.errors += 1;
+        self.last_error = Some(e.to_string());
+    }
+}
+
+/// Runs `concurrency` clients of type `C` against `addr`, each making
+/// requests one after the other until `duration` is over, and reports them
+/// all as one [`wire::Load`]. A client that cannot start counts as one
+/// failure.
+async fn latency_load<C: LoadClient>(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<()> {
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + duration;
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
+    for index in 0..concurrency {
         tasks.push(tokio::spawn(async move {
-            let mut latencies: Vec<u32> = Vec::new();
-            let mut errors = 0u64;
-            let mut last_error = None;
-            let mut buf = vec![0u8; 4096];
-            while tokio::time::Instant::now() < deadline {
-                let t0 = Instant::now();
-                let result: std::io::Result<u32> = async {
-                    let mut stream = TcpStream::connect(addr).await?;
-                    stream.write_all(REQUEST).await?;
-                    let n = stream.read(&mut buf).await?;
-                    let first = t0.elapsed().as_micros() as u32;
-                    let mut total = n;
-                    if n > 0 {
-                        loop {
-                            let n = stream.read(&mut buf).await?;
-                            if n == 0 {
-                                break;
-                            }
-                            total += n;
-                        }
-                    }
-                    if total != RESPONSE.len() {
-                        return Err(std::io::Error::other(format!(
-                            "answer of {total} bytes, expected {}",
-                            RESPONSE.len()
-                        )));
-                    }
-                    Ok(first)
+            let mut tally = Tally::default();
+            let mut client = match C::start(addr, index).await {
+                Ok(client) => client,
+                Err(e) => {
+                    tally.failed(e);
+                    return tally;
                 }
-                .await;
-                match result {
-                    Ok(first) => latencies.push(first),
+            };
+            while tokio::time::Instant::now() < deadline {
+                match client.request().await {
+                    Ok(latency) => tally.latencies.push(latency),
                     Err(e) => {
-                        errors += 1;
-                        last_error = Some(e.to_string());
-                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        tally.failed(e);
+                        if !C::PAUSE_AFTER_ERROR.is_zero() {
+                            tokio::time::sleep(C::PAUSE_AFTER_ERROR).await;
+                        }
                     }
                 }
             }
-            (latencies, errors, last_error)
+            tally
         }));
     }
     let mut all = Vec::new();
     let (mut errors, mut last_error) = (0, None);
     for task in tasks {
-        let (latencies, e, last) = task.await?;
-        all.extend(latencies);
-        errors += e;
-        last_error = last_error.or(last);
+        let tally = task.await?;
+        all.extend(tally.latencies);
+        errors += tally.errors;
+        last_error = last_error.or(tally.last_error);
     }
     let elapsed = start.elapsed();
     all.sort_unstable();
@@ -356,6 +375,51 @@ async fn load(addr: SocketAddr, concurrency: usize, duration: Duration) -> Resul
         p99_us: percentile(&all, 0.99),
     });
     Ok(())
+}
+
+/// A client of the `load` role: a connection per request, the small
+/// request, the answer read to its end; the latency is to its first byte.
+struct TcpClient {
+    addr: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl LoadClient for TcpClient {
+    // A refused or reset connection fails at once: without a pause a
+    // client would spin on it.
+    const PAUSE_AFTER_ERROR: Duration = Duration::from_millis(1);
+
+    async fn start(addr: SocketAddr, _index: usize) -> std::io::Result<TcpClient> {
+        Ok(TcpClient {
+            addr,
+            buf: vec![0u8; 4096],
+        })
+    }
+
+    async fn request(&mut self) -> std::io::Result<u32> {
+        let t0 = Instant::now();
+        let mut stream = TcpStream::connect(self.addr).await?;
+        stream.write_all(REQUEST).await?;
+        let n = stream.read(&mut self.buf).await?;
+        let first = t0.elapsed().as_micros() as u32;
+        let mut total = n;
+        if n > 0 {
+            loop {
+                let n = stream.read(&mut self.buf).await?;
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+        }
+        if total != RESPONSE.len() {
+            return Err(std::io::Error::other(format!(
+                "answer of {total} bytes, expected {}",
+                RESPONSE.len()
+            )));
+        }
+        Ok(first)
+    }
 }
 
 async fn bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
@@ -373,11 +437,25 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
     }
     let elapsed = start.elapsed();
     anyhow::ensure!(got == bytes, "got {got} bytes of {bytes}");
+    emit_bulk(got, elapsed);
+    Ok(())
+}
+
+/// Reports a bulk transfer (`bulk`, `udp-bulk`): `bytes` moved in `elapsed`.
+fn emit_bulk(bytes: u64, elapsed: Duration) {
     emit(&wire::Bulk {
-        bytes: got,
+        bytes,
         elapsed_ns: elapsed.as_nanos() as u64,
     });
-    Ok(())
+}
+
+/// The unspecified local address of `addr`'s family, any port: where a
+/// UDP client binds before it connects.
+fn any_local(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
 }
 
 /// IP_BIND_ADDRESS_NO_PORT: bind the address now, the port at connect.
@@ -432,7 +510,7 @@ fn hold(addr: SocketAddr, count: usize, sources: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
-/// The name every DNS query of [`dns_load`] asks for (the origin answers it
+/// The name every DNS query of [`DnsClient`] asks for (the origin answers it
 /// from its configuration).
 pub const DNS_NAME: &str = "bench.example.test";
 
@@ -467,76 +545,42 @@ fn dns_answer_ok(answer: &[u8], id: u16) -> std::io::Result<()> {
     }
 }
 
-async fn dns_load(addr: SocketAddr, concurrency: usize, duration: Duration) -> Result<()> {
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for client in 0..concurrency {
-        tasks.push(tokio::spawn(async move {
-            let mut latencies: Vec<u32> = Vec::new();
-            let mut errors = 0u64;
-            let mut last_error = None;
-            let local: SocketAddr = match addr {
-                SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
-                SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
-            };
-            let socket = match tokio::net::UdpSocket::bind(local).await {
-                Ok(s) => s,
-                Err(e) => return (latencies, 1, Some(e.to_string())),
-            };
-            if let Err(e) = socket.connect(addr).await {
-                return (latencies, 1, Some(e.to_string()));
-            }
-            let mut buf = vec![0u8; 1500];
-            let mut id = (client as u16).wrapping_mul(4099);
-            while tokio::time::Instant::now() < deadline {
-                id = id.wrapping_add(1);
-                let t0 = Instant::now();
-                let result: std::io::Result<u32> = async {
-                    socket.send(&dns_query(id)).await?;
-                    // A late answer to an earlier query is skipped.
-                    loop {
-                        let n = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf))
-                            .await
-                            .map_err(|_| std::io::Error::other("no answer within 1 s"))??;
-                        if n >= 2 && buf[..2] != id.to_be_bytes() {
-                            continue;
-                        }
-                        dns_answer_ok(&buf[..n], id)?;
-                        return Ok(t0.elapsed().as_micros() as u32);
-                    }
-                }
-                .await;
-                match result {
-                    Ok(latency) => latencies.push(latency),
-                    Err(e) => {
-                        errors += 1;
-                        last_error = Some(e.to_string());
-                    }
-                }
-            }
-            (latencies, errors, last_error)
-        }));
+/// A client of the `dns-load` role: one connected UDP socket, an A query
+/// per request, its answer awaited (1 s at most) and checked.
+struct DnsClient {
+    socket: tokio::net::UdpSocket,
+    buf: Vec<u8>,
+    id: u16,
+}
+
+impl LoadClient for DnsClient {
+    async fn start(addr: SocketAddr, index: usize) -> std::io::Result<DnsClient> {
+        let socket = tokio::net::UdpSocket::bind(any_local(addr)).await?;
+        socket.connect(addr).await?;
+        Ok(DnsClient {
+            socket,
+            buf: vec![0u8; 1500],
+            id: (index as u16).wrapping_mul(4099),
+        })
     }
-    let mut all = Vec::new();
-    let (mut errors, mut last_error) = (0, None);
-    for task in tasks {
-        let (latencies, e, last) = task.await?;
-        all.extend(latencies);
-        errors += e;
-        last_error = last_error.or(last);
+
+    async fn request(&mut self) -> std::io::Result<u32> {
+        self.id = self.id.wrapping_add(1);
+        let id = self.id;
+        let t0 = Instant::now();
+        self.socket.send(&dns_query(id)).await?;
+        // A late answer to an earlier query is skipped.
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(1), self.socket.recv(&mut self.buf))
+                .await
+                .map_err(|_| std::io::Error::other("no answer within 1 s"))??;
+            if n >= 2 && self.buf[..2] != id.to_be_bytes() {
+                continue;
+            }
+            dns_answer_ok(&self.buf[..n], id)?;
+            return Ok(t0.elapsed().as_micros() as u32);
+        }
     }
-    let elapsed = start.elapsed();
-    all.sort_unstable();
-    emit(&wire::Load {
-        count: all.len() as u64,
-        elapsed_ns: elapsed.as_nanos() as u64,
-        errors,
-        last_error,
-        p50_us: percentile(&all, 0.50),
-        p99_us: percentile(&all, 0.99),
-    });
-    Ok(())
 }
 
 fn udp_echo(addr: SocketAddr) -> Result<()> {
@@ -554,11 +598,7 @@ fn udp_echo(addr: SocketAddr) -> Result<()> {
 /// the echoes; a datagram lost (no echo within 200 ms) is counted and its
 /// place in the window given to the next. Reports the bytes echoed.
 fn udp_bulk(addr: SocketAddr, bytes: u64, size: usize, window: usize) -> Result<()> {
-    let local: SocketAddr = match addr {
-        SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
-        SocketAddr::V6(_) => "[::]:0".parse()?,
-    };
-    let socket = std::net::UdpSocket::bind(local)?;
+    let socket = std::net::UdpSocket::bind(any_local(addr))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let datagram = vec![0x5au8; size];
@@ -594,9 +634,6 @@ fn udp_bulk(addr: SocketAddr, bytes: u64, size: usize, window: usize) -> Result<
         lost * 10 <= total,
         "{lost} of {total} datagrams lost: not a throughput figure"
     );
-    emit(&wire::Bulk {
-        bytes: echoed,
-        elapsed_ns: elapsed.as_nanos() as u64,
-    });
+    emit_bulk(echoed, elapsed);
     Ok(())
 }
