@@ -91,23 +91,27 @@ ports = ["{port}"]
         self.up_with(&[])
     }
 
-    /// `up` with more arguments.
-    fn up_with(&self, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            "up".to_string(),
-            "--config".into(),
-            self.config.display().to_string(),
-        ];
-        args.extend(self.places());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = Proc::spawn_program(
-            &self.tree.cgroup("engine").unwrap(),
+    /// Starts `connredir ARGS` with this test's pin and state places, in
+    /// the tree's `engine` cgroup.
+    fn spawn(&self, args: &[&str]) -> Proc {
+        let places = self.places();
+        let mut all = args.to_vec();
+        all.extend(places.iter().map(String::as_str));
+        Proc::spawn_program(
+            &self.cgroup("engine"),
             None,
             &workspace_bin("connredir"),
-            &args,
+            &all,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// `up` with more arguments.
+    fn up_with(&self, extra: &[&str]) -> Proc {
+        let config = self.config.display().to_string();
+        let mut args = vec!["up", "--config", &config];
+        args.extend_from_slice(extra);
+        let proc = self.spawn(&args);
         // Loading the programs takes seconds on a busy machine.
         let deadline = Instant::now() + Duration::from_secs(60);
         // The programs of 2 cgroups, and the lock names the new pid.
@@ -176,16 +180,7 @@ ports = ["{port}"]
     /// until it prints (the trace flows only once `trace` is connected, so
     /// an early connection can be missed); returns the traced event.
     fn first_traced(&self, decision: &str, mut connect: impl FnMut()) -> Value {
-        let mut args = vec!["trace", "--json", "-n", "1", "--decision", decision];
-        let places = self.places();
-        args.extend(places.iter().map(String::as_str));
-        let trace = Proc::spawn_program(
-            &self.cgroup("engine"),
-            None,
-            &workspace_bin("connredir"),
-            &args,
-        )
-        .unwrap();
+        let trace = self.spawn(&["trace", "--json", "-n", "1", "--decision", decision]);
         let deadline = Instant::now() + Duration::from_secs(10);
         while trace.lines().is_empty() {
             assert!(Instant::now() < deadline, "trace printed nothing");
@@ -1036,20 +1031,7 @@ fn a_takeover_detaches_the_cgroups_no_longer_in_scope() {
     assert_ne!(good, narrower);
     let config = svc.config.with_file_name("narrower.toml");
     std::fs::write(&config, narrower).unwrap();
-    let mut args = vec![
-        "up".to_string(),
-        "--config".into(),
-        config.display().to_string(),
-    ];
-    args.extend(svc.places());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let up = Proc::spawn_program(
-        &svc.cgroup("engine"),
-        None,
-        &workspace_bin("connredir"),
-        &args,
-    )
-    .unwrap();
+    let up = svc.spawn(&["up", "--config", &config.display().to_string()]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(svc.lock_pid() == Some(up.pid()) && svc.links() == PER_CGROUP) {
         assert!(Instant::now() < deadline, "up did not take over");
