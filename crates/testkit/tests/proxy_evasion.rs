@@ -473,6 +473,21 @@ fn every_request_on_a_keep_alive_connection_is_checked() {
     assert!(!origin.saw("/six"), "{:?}", origin.received());
 }
 
+/// Of the connections a `hold` client reported closed (seconds after
+/// connecting; null: never), how many were closed at once (under 0.7 s)
+/// and how many by the first-bytes timeout of 1 s (0.7 s to 4 s).
+fn closed_at_once_and_timed_out(report: &Value) -> (usize, usize) {
+    let closed: Vec<f64> = report["closed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_f64().unwrap_or(f64::INFINITY))
+        .collect();
+    let at_once = closed.iter().filter(|&&t| t < 0.7).count();
+    let timed_out = closed.iter().filter(|&&t| (0.7..4.0).contains(&t)).count();
+    (at_once, timed_out)
+}
+
 /// `--max-connections`: connections past the cap are closed at once, each
 /// with a log line saying so; `--first-bytes-timeout`: a connection that
 /// sends nothing is closed when the time is up, with a log line saying so.
@@ -487,15 +502,7 @@ fn connections_past_the_cap_and_silent_clients_are_closed() {
     };
     let started = Instant::now();
     let report = python_client(&lab, &python, origin.addr, &["hold", "6"]);
-    let closed: Vec<f64> = report["closed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_f64().unwrap_or(f64::INFINITY))
-        .collect();
-    let at_once = closed.iter().filter(|&&t| t < 0.7).count();
-    let timed_out = closed.iter().filter(|&&t| (0.7..4.0).contains(&t)).count();
-    assert_eq!((at_once, timed_out), (2, 4), "{report}");
+    assert_eq!(closed_at_once_and_timed_out(&report), (2, 4), "{report}");
     let log = logged(&lab, proxy, 6);
     let reasons: Vec<&str> = log
         .iter()
@@ -581,15 +588,7 @@ fn the_connection_cap_counts_across_workers() {
         return;
     };
     let report = python_client(&lab, &python, origin.addr, &["hold", "6"]);
-    let closed: Vec<f64> = report["closed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_f64().unwrap_or(f64::INFINITY))
-        .collect();
-    let at_once = closed.iter().filter(|&&t| t < 0.7).count();
-    let timed_out = closed.iter().filter(|&&t| (0.7..4.0).contains(&t)).count();
-    assert_eq!((at_once, timed_out), (2, 4), "{report}");
+    assert_eq!(closed_at_once_and_timed_out(&report), (2, 4), "{report}");
     let log = logged(&lab, proxy, 6);
     let capped = log
         .iter()
