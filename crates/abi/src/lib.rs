@@ -104,9 +104,11 @@ pub mod map_names {
     pub const SEAL_KEY: &str = name(maps::CONNREDIR_MAP_SEAL_KEY);
     /// The executable file names that rules name, by rule id.
     pub const RULE_EXES: &str = name(maps::CONNREDIR_MAP_RULE_EXES);
+    /// How many services are transparent: the getsockname programs' gate.
+    pub const TRANSPARENT_COUNT: &str = name(maps::CONNREDIR_MAP_TRANSPARENT_COUNT);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         SOCK_STATE,
         SOCK_HOP,
         SERVICES,
@@ -129,6 +131,7 @@ pub mod map_names {
         LISTENERS,
         SEAL_KEY,
         RULE_EXES,
+        TRANSPARENT_COUNT,
     ];
 }
 

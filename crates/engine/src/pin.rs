@@ -223,12 +223,9 @@ pub(crate) fn roll_back(engine: &mut Engine, previous: Previous) {
         attachment.undo();
     }
     let restored = (|| -> Result<(), Error> {
-        let mut services = engine.services_map()?;
-        for (id, value) in previous.services.iter().enumerate() {
-            services
-                .set(id as u32, *value, 0)
-                .map_err(map_err(map_names::SERVICES))?;
-        }
+        let entries: Vec<(u32, connredir_service)> =
+            (0..).zip(previous.services.iter().copied()).collect();
+        crate::services::set_services(engine, &entries)?;
         restore_entries(engine, map_names::SERVICE_BY_PID, &previous.by_pid)?;
         restore_entries(engine, map_names::SERVICE_BY_UID, &previous.by_uid)?;
         restore_entries(engine, map_names::SERVICE_BY_CGROUP, &previous.by_cgroup)?;
@@ -310,10 +307,7 @@ pub(crate) fn remove_pinned(dir: &Path) -> Result<usize, Error> {
 /// attach are removed too.
 pub(crate) fn finish_takeover(engine: &mut Engine) -> Result<(), Error> {
     for id in std::mem::take(&mut engine.adopted).into_keys() {
-        let mut services = engine.services_map()?;
-        services
-            .set(id.0, connredir_service::default(), 0)
-            .map_err(map_err(map_names::SERVICES))?;
+        crate::services::set_services(engine, &[(id.0, connredir_service::default())])?;
         info!(%id, "removed a service of the previous run");
     }
     purge_pids(engine)?;

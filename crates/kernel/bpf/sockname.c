@@ -8,11 +8,27 @@
  * proxies written for TPROXY) then forward where the client was going. The
  * answer keeps the record for the asker's onward connect exactly as
  * SO_ORIGINAL_DST does (lib/inherit.h), so such a proxy chains without
- * loops. Every other socket is left as it is.
+ * loops. Every other socket is left as it is, at the cost of one array
+ * read while no service is transparent.
  */
 #include "lib/addr.h"
 #include "lib/inherit.h"
 #include "lib/record.h"
+
+/*
+ * Whether no service is registered transparent: then no socket has work
+ * here, and the program returns before any socket-storage lookup. The
+ * engine keeps the count at or above the truth (maps.h in the ABI), so a
+ * 0 is never wrong; a missing entry (it cannot be, the array has one)
+ * counts as "some", which only costs the full work.
+ */
+static __always_inline int no_transparent_service(void)
+{
+	__u32 zero = 0;
+	__u32 *count = bpf_map_lookup_elem(&transparent_count, &zero);
+
+	return count && *count == 0;
+}
 
 /* Where an accepted socket's record is (its state, or its one-hop form). */
 struct accepted {
@@ -30,7 +46,7 @@ static __always_inline const struct connredir_endpoint *transparent_local(struct
 	const struct connredir_hop *hop;
 	__u32 hops, flags, service_id;
 
-	if (!sk || ctx->type != SOCK_STREAM)
+	if (no_transparent_service() || !sk || ctx->type != SOCK_STREAM)
 		return NULL;
 	at->state = record_holder(sk, &at->small);
 	if (at->state) {

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, require_program, wait_listening, workspace_bin, EchoServer, Lab, Proc,
+    by_cgroup, by_uid, free_addr, require_program, wait_listening, workspace_bin, EchoServer, Lab,
+    Proc,
 };
 use serde_json::{json, Value};
 
@@ -244,6 +245,12 @@ enum Chain {
 /// byte-exact, reaches the origin once, passes each service once, and that
 /// haproxy forwarded it to its original destination.
 fn round_trip(test: &str, family: &Family, chain: Chain) {
+    round_trip_after(test, family, chain, |_| {});
+}
+
+/// [`round_trip`], with `meanwhile` run once the services are registered
+/// and started, before the flows.
+fn round_trip_after(test: &str, family: &Family, chain: Chain, meanwhile: impl FnOnce(&mut Lab)) {
     let Some(haproxy) = require_program(test, "haproxy") else {
         return;
     };
@@ -260,6 +267,7 @@ fn round_trip(test: &str, family: &Family, chain: Chain) {
     let (hap_id, hap) = start_haproxy(&mut lab, &haproxy, &dir.0, family, dst, hap_priority);
     let ours = (chain != Chain::Haproxy)
         .then(|| start_reference_proxy(&mut lab, family.listen_ip, dst, ours_priority));
+    meanwhile(&mut lab);
 
     // One flow at a time: haproxy sets no records, so its onward
     // connection inherits the record kept for (service, destination),
@@ -379,4 +387,41 @@ fn haproxy_then_connredir_proxy_native_ipv6() {
 #[test]
 fn connredir_proxy_then_haproxy_native_ipv6() {
     round_trip("hap-last-n6", &V6, Chain::OursThenHaproxy);
+}
+
+/// Registers and removes other services, transparent and not, in an order
+/// where a count of transparent services kept wrong (one removal too many,
+/// a re-registration not counted) would reach 0 while haproxy is still
+/// transparent; the getsockname programs would then answer haproxy with
+/// its own address, and it would forward each flow to itself.
+fn churn_other_services(lab: &mut Lab) {
+    let add = |lab: &mut Lab, name: &str, uid: u32, transparent: bool| {
+        lab.engine
+            .add_service(Service {
+                name: name.into(),
+                listen: vec![free_addr("::1")],
+                identity: by_uid(uid),
+                context: None,
+                own_connections_by_self: true,
+                accelerate: false,
+                transparent,
+                on_down: Default::default(),
+            })
+            .expect("register another service")
+    };
+    let a = add(lab, "other-a", 4201, true);
+    let b = add(lab, "other-b", 4202, true);
+    lab.engine.remove_service(a).expect("remove other-a");
+    let c = add(lab, "other-c", 4203, false);
+    let a = add(lab, "other-a", 4201, true);
+    for id in [b, c, a] {
+        lab.engine
+            .remove_service(id)
+            .expect("remove another service");
+    }
+}
+
+#[test]
+fn haproxy_stays_transparent_while_other_services_come_and_go() {
+    round_trip_after("hap-churn-n6", &V6, Chain::Haproxy, churn_other_services);
 }

@@ -133,6 +133,16 @@ struct connredir_sock_hop {
 #define CONNREDIR_SERVICE_TRANSPARENT 64u
 
 /*
+ * Entry 0 of the one-entry transparent_count array (a uint32_t): how many
+ * entries of the services array have CONNREDIR_SERVICE_TRANSPARENT. While
+ * it is 0, cgroup/getsockname4|6 return before any lookup (every
+ * getsockname() in the attached cgroups meets them). The engine never lets
+ * it fall below the truth: it raises it before it writes a transparent
+ * entry and lowers it after it clears one, and counts the array afresh
+ * when it takes over pinned maps, before its programs are attached.
+ */
+
+/*
  * Value of the service_by_pid hash (key: the process id, tgid). A pid names
  * the service only while the process that had it when it was registered
  * lives: its start time tells it from a later process given the same pid,
@@ -526,6 +536,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_LISTENERS "listeners"
 #define CONNREDIR_MAP_SEAL_KEY "seal_key"
 #define CONNREDIR_MAP_RULE_EXES "rule_exes"
+#define CONNREDIR_MAP_TRANSPARENT_COUNT "transparent_count"
 
 /* Capacity of the maps whose size user space needs to know. */
 #define CONNREDIR_MAX_RULE_PREFIXES 262144 /* both generations */

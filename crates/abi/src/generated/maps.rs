@@ -52,6 +52,7 @@ pub const CONNREDIR_MAP_ACCEL_STATE: &[u8; 12] = b"accel_state\0";
 pub const CONNREDIR_MAP_LISTENERS: &[u8; 10] = b"listeners\0";
 pub const CONNREDIR_MAP_SEAL_KEY: &[u8; 9] = b"seal_key\0";
 pub const CONNREDIR_MAP_RULE_EXES: &[u8; 10] = b"rule_exes\0";
+pub const CONNREDIR_MAP_TRANSPARENT_COUNT: &[u8; 18] = b"transparent_count\0";
 pub const CONNREDIR_MAX_RULE_PREFIXES: u32 = 262144;
 pub const CONNREDIR_MAX_HANDOFFS: u32 = 65536;
 pub const CONNREDIR_MAX_IDENTITIES: u32 = 1024;

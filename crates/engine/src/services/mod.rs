@@ -8,9 +8,10 @@ mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{MapData, SkStorage};
+use aya::maps::{Array, MapData, SkStorage};
 use connredir_abi::{
     connredir_addr_key, connredir_listener, connredir_service, map_names, CONNREDIR_MAX_SERVICES,
+    CONNREDIR_SERVICE_TRANSPARENT,
 };
 use connredir_host::cgroup::cgroup_id;
 use tracing::{debug, info};
@@ -249,17 +250,82 @@ fn write_service(
             .insert(key, id.0, 0)
             .map_err(map_err(map_names::SERVICE_ADDRS))?;
     }
-    let mut services = engine.services_map()?;
-    services
-        .set(id.0, *value, 0)
-        .map_err(map_err(map_names::SERVICES))
+    set_services(engine, &[(id.0, *value)])
+}
+
+/// Whether a `services` entry makes the getsockname programs work.
+fn is_transparent(value: &connredir_service) -> bool {
+    value.flags & CONNREDIR_SERVICE_TRANSPARENT != 0
+}
+
+/// The ids of the `services` entries that are transparent now.
+fn transparent_ids(engine: &mut Engine) -> Result<BTreeSet<u32>, Error> {
+    let services = engine.services_map()?;
+    let mut ids = BTreeSet::new();
+    for id in 0..CONNREDIR_MAX_SERVICES {
+        let value = services.get(&id, 0).map_err(map_err(map_names::SERVICES))?;
+        if is_transparent(&value) {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Writes the transparent count (maps.h: the getsockname programs return
+/// at once while it is 0).
+fn write_transparent_count(engine: &mut Engine, count: usize) -> Result<(), Error> {
+    let name = map_names::TRANSPARENT_COUNT;
+    let mut map =
+        Array::<&mut MapData, u32>::try_from(engine.bpf.map_mut(name).expect("checked at load"))
+            .map_err(map_err(name))?;
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    map.set(0, count, 0).map_err(map_err(name))
+}
+
+/// Sets the transparent count to what the `services` array holds: after a
+/// takeover of pinned maps (an earlier layer may have kept no count, or
+/// another), before the programs that read it are attached.
+pub(crate) fn count_transparent(engine: &mut Engine) -> Result<(), Error> {
+    let count = transparent_ids(engine)?.len();
+    write_transparent_count(engine, count)
+}
+
+/// Writes entries of the `services` array, the only way the engine does:
+/// the transparent count that gates the getsockname programs must never
+/// be below the number of transparent entries, or a transparent service's
+/// accepted socket would name the service's own address. So the count
+/// first covers both what the array holds and what it is about to hold,
+/// and only once the entries are written is it set to what it holds.
+pub(crate) fn set_services(
+    engine: &mut Engine,
+    entries: &[(u32, connredir_service)],
+) -> Result<(), Error> {
+    let mut during = transparent_ids(engine)?;
+    during.extend(
+        entries
+            .iter()
+            .filter(|(_, value)| is_transparent(value))
+            .map(|(id, _)| *id),
+    );
+    write_transparent_count(engine, during.len())?;
+    let written = (|| {
+        let mut services = engine.services_map()?;
+        for (id, value) in entries {
+            services
+                .set(*id, *value, 0)
+                .map_err(map_err(map_names::SERVICES))?;
+        }
+        Ok(())
+    })();
+    // After a failed write too: the count stays at or above the truth
+    // whichever entries were written.
+    let counted = count_transparent(engine);
+    written.and(counted)
 }
 
 /// Removes every map entry of a service (missing entries are fine).
 fn erase_service(engine: &mut Engine, id: ServiceId, r: &Registered) {
-    if let Ok(mut services) = engine.services_map() {
-        let _ = services.set(id.0, connredir_service::default(), 0);
-    }
+    let _ = set_services(engine, &[(id.0, connredir_service::default())]);
     for pid in &r.service.identity.pids {
         engine.pids.unregister(*pid, id.0);
     }
@@ -329,7 +395,9 @@ pub(crate) fn adopt_services(engine: &mut Engine) -> Result<(), Error> {
         }
     }
     engine.adopted = found;
-    Ok(())
+    // The count an earlier layer kept (if any) is not trusted: these
+    // programs are attached after this, and read it from the start.
+    count_transparent(engine)
 }
 
 #[cfg(test)]

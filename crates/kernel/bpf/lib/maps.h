@@ -36,6 +36,14 @@ struct {
 	__type(value, struct connredir_service);
 } services SEC(".maps") __weak;
 
+/* Entry 0: how many services are transparent (see maps.h in the ABI). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} transparent_count SEC(".maps") __weak;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CONNREDIR_MAX_IDENTITIES);
