@@ -387,10 +387,11 @@ async fn serve(
     let up = async {
         // A silent client is not waited for past its time, inspection or not.
         let inspect_for = settings.inspect_timeout.min(settings.first_bytes_timeout);
-        let first = inspect::read_first(client, inspect_for)
+        let mut first = inspect::read_first(client, inspect_for)
             .await
             .map_err(RelayError::Up)?;
-        seen.inspection = first.inspection.clone();
+        // Moved, not copied: from here on `seen` holds what was recognised.
+        seen.inspection = std::mem::take(&mut first.inspection);
         if first.bytes.is_empty() && !first.eof && started.elapsed() >= settings.first_bytes_timeout
         {
             return Err(Ended::Silent(settings.first_bytes_timeout));
@@ -406,7 +407,7 @@ async fn serve(
             settings.policy.decide(dst, names)
         });
         if decision.action == Action::Deny {
-            let why = || first.why_no_name(inspect_for);
+            let why = || first.why_no_name(&seen.inspection, inspect_for);
             return Err(Ended::Denied(reason(&decision, why)));
         }
         seen.rule = decision.rule;

@@ -80,10 +80,11 @@ pub struct FirstBytes {
 }
 
 impl FirstBytes {
-    /// Why these bytes named no host, for the log (`waited`: how long
-    /// reading could take).
-    pub fn why_no_name(&self, waited: Duration) -> String {
-        if let Some(flaw) = &self.inspection.flaw {
+    /// Why these bytes named no host, for the log (`inspection`: what
+    /// they were recognised as, which the caller may have moved out of
+    /// `self.inspection`; `waited`: how long reading could take).
+    pub fn why_no_name(&self, inspection: &Inspection, waited: Duration) -> String {
+        if let Some(flaw) = &inspection.flaw {
             return flaw.clone();
         }
         let what = "a complete TLS ClientHello or HTTP request head";
@@ -92,9 +93,7 @@ impl FirstBytes {
             Stop::Timeout => format!("no {what} in {waited:?}"),
             Stop::Limit => format!("no {what} in the first {} KiB", LIMIT / 1024),
             Stop::Eof => format!("the client closed before sending {what}"),
-            Stop::Done if self.inspection.http.is_some() => {
-                "an HTTP request that names no host".into()
-            }
+            Stop::Done if inspection.http.is_some() => "an HTTP request that names no host".into(),
             Stop::Done => "neither a TLS ClientHello nor an HTTP/1 request".into(),
         }
     }

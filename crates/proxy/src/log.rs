@@ -281,18 +281,35 @@ impl LogSink {
         ))
     }
 
-    /// Writes one line; a failure is reported, never fatal.
+    /// Writes one line; a failure is reported, never fatal. The line is
+    /// serialized into the calling thread's buffer (kept between lines, so
+    /// a line costs no allocation) and handed on in one write.
     pub fn write(&self, entry: &impl Serialize) {
-        let mut line = serde_json::to_vec(entry).expect("log entries serialize");
-        line.push(b'\n');
-        let mut out = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-            tracing::warn!(error = %e, "cannot write the connection log");
-        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            serde_json::to_writer(&mut *line, entry).expect("log entries serialize");
+            line.push(b'\n');
+            let mut out = self
+                .0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Err(e) = out.write_all(line).and_then(|()| out.flush()) {
+                tracing::warn!(error = %e, "cannot write the connection log");
+            }
+            // An unusually long line (a long reason or host) is not kept.
+            if line.capacity() > LINE_KEPT {
+                *line = Vec::with_capacity(LINE_KEPT);
+            }
+        });
     }
+}
+
+/// The capacity of a thread's line buffer: room for any ordinary line.
+const LINE_KEPT: usize = 4 * 1024;
+
+thread_local! {
+    /// The line being written by this thread (see [`LogSink::write`]).
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(LINE_KEPT));
 }
 
 /// The last instant humantime can write (the end of year 9999).

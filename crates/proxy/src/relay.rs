@@ -67,6 +67,12 @@ pub struct Plan {
 /// Ask before the directions move any byte: asking a busy accelerated
 /// socket whether it is accelerated, between reads, was seen to end its
 /// stream early.
+///
+/// Both sockets are asked even when this proxy's service does not
+/// accelerate: its own setting does not decide either answer. The client
+/// socket joins when its peer did (a client of an accelerating service
+/// earlier in a chain, whose onward socket goes to loopback), the onward
+/// socket when its destination is an accelerating service's address.
 pub fn plan(client: &TcpStream, server: &TcpStream, wanted: Mode, cut_through: bool) -> Plan {
     if wanted == Mode::Copy {
         // Nothing to ask: copy mode means every byte through the proxy.
