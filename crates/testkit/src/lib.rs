@@ -506,18 +506,19 @@ impl Lab {
         identity: Identity,
         context: Option<&[u8]>,
     ) -> ServiceId {
+        self.register(Service {
+            context: context.map(<[u8]>::to_vec),
+            ..service_spec(name, listen, identity)
+        })
+    }
+
+    /// Registers `service` as given (see [`service_spec`] for the usual
+    /// fields); panics, naming it, when the engine refuses it.
+    pub fn register(&mut self, service: Service) -> ServiceId {
+        let name = service.name.clone();
         self.engine
-            .add_service(Service {
-                name: name.into(),
-                listen: listen.to_vec(),
-                identity,
-                context: context.map(<[u8]>::to_vec),
-                own_connections_by_self: true,
-                accelerate: false,
-                transparent: false,
-                on_down: Default::default(),
-            })
-            .expect("register service")
+            .add_service(service)
+            .unwrap_or_else(|e| panic!("register service {name}: {e}"))
     }
 
     /// Registers `name` as a service whose identity is its own cgroup,
@@ -699,6 +700,23 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// A service as most tests register it: `name` at `listen` for
+/// `identity`, no context, its own connections inspected by itself, not
+/// accelerated, not transparent, failing closed while down. A test that
+/// needs otherwise writes `Service { accelerate: true, ..service_spec(..) }`.
+pub fn service_spec(name: &str, listen: &[SocketAddr], identity: Identity) -> Service {
+    Service {
+        name: name.into(),
+        listen: listen.to_vec(),
+        identity,
+        context: None,
+        own_connections_by_self: true,
+        accelerate: false,
+        transparent: false,
+        on_down: Default::default(),
     }
 }
 

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use connredir_engine::{OnDown, Rule, Service};
-use connredir_testkit::{by_cgroup, free_addr, EchoServer, Lab, Proc};
+use connredir_testkit::{by_cgroup, free_addr, service_spec, EchoServer, Lab, Proc};
 use serde_json::Value;
 
 /// The unprivileged user every attacker runs as.
@@ -30,19 +30,10 @@ impl Setup {
         let cgroup = lab.cgroup("services/proxy");
         let ip = if dst.is_ipv4() { "127.0.0.1" } else { "::1" };
         let listen = free_addr(ip);
-        let id = lab
-            .engine
-            .add_service(Service {
-                name: "inspector".into(),
-                listen: vec![listen],
-                identity: by_cgroup(&cgroup),
-                context: None,
-                own_connections_by_self: true,
-                accelerate: false,
-                transparent: false,
-                on_down,
-            })
-            .expect("register the service");
+        let id = lab.register(Service {
+            on_down,
+            ..service_spec("inspector", &[listen], by_cgroup(&cgroup))
+        });
         let prefix = format!("{}/{}", dst.ip(), if dst.is_ipv4() { 32 } else { 128 });
         lab.engine
             .add_rule(Rule {

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, free_addr, require_program, wait_listening, workspace_bin, EchoServer, Lab,
-    Proc,
+    by_cgroup, by_uid, free_addr, require_program, service_spec, wait_listening, workspace_bin,
+    EchoServer, Lab, Proc,
 };
 use serde_json::{json, Value};
 
@@ -81,19 +81,10 @@ fn start_haproxy(
 ) -> (ServiceId, usize) {
     let cgroup = lab.cgroup("services/haproxy");
     let listen = free_addr(family.listen_ip);
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "haproxy".into(),
-            listen: vec![listen],
-            identity: by_cgroup(&cgroup),
-            context: None,
-            own_connections_by_self: true,
-            accelerate: false,
-            transparent: family.transparent,
-            on_down: Default::default(),
-        })
-        .expect("register haproxy");
+    let id = lab.register(Service {
+        transparent: family.transparent,
+        ..service_spec("haproxy", &[listen], by_cgroup(&cgroup))
+    });
     let prefix = match dst {
         SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
         SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
@@ -396,18 +387,10 @@ fn connredir_proxy_then_haproxy_native_ipv6() {
 /// its own address, and it would forward each flow to itself.
 fn churn_other_services(lab: &mut Lab) {
     let add = |lab: &mut Lab, name: &str, uid: u32, transparent: bool| {
-        lab.engine
-            .add_service(Service {
-                name: name.into(),
-                listen: vec![free_addr("::1")],
-                identity: by_uid(uid),
-                context: None,
-                own_connections_by_self: true,
-                accelerate: false,
-                transparent,
-                on_down: Default::default(),
-            })
-            .expect("register another service")
+        lab.register(Service {
+            transparent,
+            ..service_spec(name, &[free_addr("::1")], by_uid(uid))
+        })
     };
     let a = add(lab, "other-a", 4201, true);
     let b = add(lab, "other-b", 4202, true);

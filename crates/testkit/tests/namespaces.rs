@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use connredir_engine::Service;
-use connredir_testkit::{by_cgroup, eventually, free_addr, require_program, Lab, Proc, Release};
+use connredir_testkit::{
+    by_cgroup, eventually, free_addr, require_program, service_spec, Lab, Proc, Release,
+};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -222,19 +224,10 @@ fn accelerated(lab: &mut Lab) -> (SocketAddr, SocketAddr, PathBuf) {
     lab.procs.push(echo);
     let cgroup = lab.cgroup("services/fast");
     let proxy_listen = free_addr("127.0.0.1");
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "fast".into(),
-            listen: vec![proxy_listen],
-            identity: by_cgroup(&cgroup),
-            context: None,
-            own_connections_by_self: true,
-            accelerate: true,
-            transparent: false,
-            on_down: Default::default(),
-        })
-        .unwrap();
+    let id = lab.register(Service {
+        accelerate: true,
+        ..service_spec("fast", &[proxy_listen], by_cgroup(&cgroup))
+    });
     lab.route(id, "127.0.0.3/32", Some(dst.port()), 0);
     lab.toy_proxy(&cgroup, None, "fast", &[proxy_listen], &[]);
     (dst, proxy_listen, cgroup)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use connredir_engine::{Identity, Service};
-use connredir_testkit::{free_addr, EchoServer, Lab, Proc, Release};
+use connredir_testkit::{free_addr, service_spec, EchoServer, Lab, Proc, Release};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -145,19 +145,13 @@ fn registering_a_pid_that_does_not_exist_is_an_error() {
     let mut gone = worker(&lab, "scope/worker");
     let pid = gone.pid();
     gone.kill().unwrap();
-    let added = lab.engine.add_service(Service {
-        name: "ghost".into(),
-        listen: vec![free_addr("127.0.0.1")],
-        identity: Identity {
-            pids: vec![pid],
-            ..Default::default()
-        },
-        context: None,
-        own_connections_by_self: true,
-        accelerate: false,
-        transparent: false,
-        on_down: Default::default(),
-    });
+    let identity = Identity {
+        pids: vec![pid],
+        ..Default::default()
+    };
+    let added = lab
+        .engine
+        .add_service(service_spec("ghost", &[free_addr("127.0.0.1")], identity));
     let err = added.expect_err("a pid with no process is no identity");
     assert!(err.to_string().contains(&format!("pid {pid}")), "{err}");
     assert_eq!(lab.engine.services().count(), 0);

@@ -9,8 +9,8 @@ use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, eventually, free_addr, permutations, require_program, workspace_bin,
-    EchoServer, Lab, Proc, Release,
+    by_cgroup, by_uid, eventually, free_addr, permutations, require_program, service_spec,
+    workspace_bin, EchoServer, Lab, Proc, Release,
 };
 use serde_json::Value;
 
@@ -865,19 +865,10 @@ fn own_connections_reach_the_service_only_when_it_says_so() {
     let dst = server.addr();
     let listen = vec![free_addr("127.0.0.1")];
     let cgroup = lab.cgroup("services/curious");
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "curious".into(),
-            listen: listen.clone(),
-            identity: by_cgroup(&cgroup),
-            context: None,
-            own_connections_by_self: false,
-            accelerate: false,
-            transparent: false,
-            on_down: Default::default(),
-        })
-        .unwrap();
+    let id = lab.register(Service {
+        own_connections_by_self: false,
+        ..service_spec("curious", &listen, by_cgroup(&cgroup))
+    });
     lab.route(id, "127.0.0.1/32", Some(dst.port()), 0);
     let proxy = lab.toy_proxy(&cgroup, None, "curious", &listen, &[]);
 
@@ -924,19 +915,10 @@ fn accelerated_lab_with_server_in(
     lab.procs.push(echo);
     let cgroup = lab.cgroup("services/fast");
     let proxy_listen = vec![free_addr("127.0.0.1")];
-    let id = lab
-        .engine
-        .add_service(Service {
-            name: "fast".into(),
-            listen: proxy_listen.clone(),
-            identity: by_cgroup(&cgroup),
-            context: None,
-            own_connections_by_self: true,
-            accelerate: true,
-            transparent: false,
-            on_down: Default::default(),
-        })
-        .unwrap();
+    let id = lab.register(Service {
+        accelerate: true,
+        ..service_spec("fast", &proxy_listen, by_cgroup(&cgroup))
+    });
     lab.route(id, "127.0.0.3/32", Some(dst.port()), 0);
     let proxy = start(&cgroup, &proxy_listen);
     proxy.wait_line("proxy ready", |l| l == "ready").unwrap();

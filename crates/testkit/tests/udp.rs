@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use connredir_engine::{OnDown, Protocol, Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, eventually, free_addr, permutations, EchoServer, Lab, Proc, UdpEchoServer,
+    by_cgroup, eventually, free_addr, permutations, service_spec, EchoServer, Lab, Proc,
+    UdpEchoServer,
 };
 use serde_json::{json, Value};
 
@@ -430,19 +431,10 @@ fn a_udp_service_that_is_down_blocks_or_is_bypassed_as_its_policy_says() {
             };
             let dst = server.addr();
             let cgroup = lab.cgroup("services/absent");
-            let id = lab
-                .engine
-                .add_service(Service {
-                    name: "absent".into(),
-                    listen: vec![free_addr("127.0.0.1")],
-                    identity: by_cgroup(&cgroup),
-                    context: None,
-                    own_connections_by_self: true,
-                    accelerate: false,
-                    transparent: false,
-                    on_down,
-                })
-                .unwrap();
+            let id = lab.register(Service {
+                on_down,
+                ..service_spec("absent", &[free_addr("127.0.0.1")], by_cgroup(&cgroup))
+            });
             lab.route_protocol(id, Protocol::Udp, "127.0.0.2/32", Some(dst.port()), 0);
             let extra: &[&str] = if unconnected { &["--unconnected"] } else { &[] };
             let report = udp_client(&lab, dst, extra);
