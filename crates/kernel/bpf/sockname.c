@@ -90,8 +90,7 @@ int connredir_getsockname4(struct bpf_sock_addr *ctx)
 
 	if (!original || original->family != AF_INET)
 		return 1;
-	ctx->user_ip4 = *(const __u32 *)original->addr;
-	ctx->user_port = original->port;
+	set_user_addr4(ctx, original);
 	keep(ctx, &at, original);
 	return 1;
 }
@@ -101,17 +100,11 @@ int connredir_getsockname6(struct bpf_sock_addr *ctx)
 {
 	struct accepted at = {};
 	const struct connredir_endpoint *original = transparent_local(ctx, &at);
-	__u32 ip6[4];
 
 	if (!original)
 		return 1;
 	/* An IPv4 destination reached from an IPv6 socket: IPv4-mapped. */
-	endpoint_to_mapped(original, ip6);
-	ctx->user_ip6[0] = ip6[0];
-	ctx->user_ip6[1] = ip6[1];
-	ctx->user_ip6[2] = ip6[2];
-	ctx->user_ip6[3] = ip6[3];
-	ctx->user_port = original->port;
+	set_user_addr6(ctx, original);
 	keep(ctx, &at, original);
 	return 1;
 }

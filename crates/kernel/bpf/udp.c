@@ -8,20 +8,6 @@
 #include "lib/addr.h"
 #include "lib/udp.h"
 
-/* Writes `to` into an IPv6 context (IPv4 as IPv4-mapped). */
-static __always_inline void set_peer6(struct bpf_sock_addr *ctx,
-				      const struct connredir_endpoint *to)
-{
-	__u32 ip6[4];
-
-	endpoint_to_mapped(to, ip6);
-	ctx->user_ip6[0] = ip6[0];
-	ctx->user_ip6[1] = ip6[1];
-	ctx->user_ip6[2] = ip6[2];
-	ctx->user_ip6[3] = ip6[3];
-	ctx->user_port = to->port;
-}
-
 static __always_inline int peer4(struct bpf_sock_addr *ctx)
 {
 	__u32 type = ctx->type;
@@ -35,10 +21,8 @@ static __always_inline int peer4(struct bpf_sock_addr *ctx)
 		return 1;
 	endpoint_set_v4(&from, ip, port);
 	original = udp_original_peer(sk, &from);
-	if (original && original->family == AF_INET) {
-		ctx->user_ip4 = *(const __u32 *)original->addr;
-		ctx->user_port = original->port;
-	}
+	if (original && original->family == AF_INET)
+		set_user_addr4(ctx, original);
 	return 1;
 }
 
@@ -60,7 +44,7 @@ static __always_inline int peer6(struct bpf_sock_addr *ctx)
 	endpoint_set_v6(&from, ip6, port);
 	original = udp_original_peer(sk, &from);
 	if (original)
-		set_peer6(ctx, original);
+		set_user_addr6(ctx, original);
 	return 1;
 }
 

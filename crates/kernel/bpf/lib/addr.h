@@ -64,6 +64,29 @@ static __always_inline void endpoint_to_mapped(const struct connredir_endpoint *
 	}
 }
 
+/* Writes an IPv4 endpoint as a sock_addr context's address and port (the
+ * answer of getsockname, getpeername or recvmsg). */
+static __always_inline void set_user_addr4(struct bpf_sock_addr *ctx,
+					   const struct connredir_endpoint *ep)
+{
+	ctx->user_ip4 = *(const __u32 *)ep->addr;
+	ctx->user_port = ep->port;
+}
+
+/* As set_user_addr4, into an IPv6 context (IPv4 as IPv4-mapped). */
+static __always_inline void set_user_addr6(struct bpf_sock_addr *ctx,
+					   const struct connredir_endpoint *ep)
+{
+	__u32 ip6[4];
+
+	endpoint_to_mapped(ep, ip6);
+	ctx->user_ip6[0] = ip6[0];
+	ctx->user_ip6[1] = ip6[1];
+	ctx->user_ip6[2] = ip6[2];
+	ctx->user_ip6[3] = ip6[3];
+	ctx->user_port = ep->port;
+}
+
 struct tuple {
 	__u32 local[4];
 	__u32 remote[4];
