@@ -88,6 +88,9 @@ pub mod map_names {
     pub const COUNTERS: &str = name(maps::CONNREDIR_MAP_COUNTERS);
     /// Records waiting for a records-less service's onward connection.
     pub const INHERIT: &str = name(maps::CONNREDIR_MAP_INHERIT);
+    /// Where each process's queue of inherited records starts and ends, by
+    /// destination.
+    pub const INHERIT_QUEUE: &str = name(maps::CONNREDIR_MAP_INHERIT_QUEUE);
     /// Live redirected connections, by socket cookie.
     pub const CONNS: &str = name(maps::CONNREDIR_MAP_CONNS);
     /// Ring buffer of redirect decisions.
@@ -108,7 +111,7 @@ pub mod map_names {
     pub const TRANSPARENT_COUNT: &str = name(maps::CONNREDIR_MAP_TRANSPARENT_COUNT);
 
     /// Every map name, for checks that the object defines them all.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SOCK_STATE,
         SOCK_HOP,
         SERVICES,
@@ -123,6 +126,7 @@ pub mod map_names {
         HANDOFF_BUDGET,
         COUNTERS,
         INHERIT,
+        INHERIT_QUEUE,
         CONNS,
         TRACE,
         TRACE_CONTROL,

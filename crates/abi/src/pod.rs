@@ -34,6 +34,8 @@ pod!(
     // inherit: key, value.
     connredir_inherit_key,
     connredir_inherit,
+    // inherit_queue: value (its key is connredir_inherit_key).
+    connredir_inherit_queue,
     // sock_state, sock_hop and listeners (socket storage): values.
     connredir_sock_state,
     connredir_sock_hop,

@@ -33,7 +33,9 @@
 //! - `listener.h`: whether a service's listener is its own;
 //! - `handoff.h`: the record's way to the accepted socket;
 //! - `conns.h`: the live-connection list (`conns`), for TCP and UDP legs;
-//! - `inherit.h`: records inherited by services that set none;
+//! - `inherit.h`: records inherited by services that set none, queued
+//!   when a service asks for a connection's original destination;
+//! - `inherit_take.h`: a records-less onward connect taking one;
 //! - `seal.h`: the record seal (SipHash-2-4) and its check;
 //! - `accel.h`: acceleration and cut-through, every part of it.
 

@@ -38,8 +38,9 @@ struct connredir_seal_key {
  * connect() first takes that hop back, so every attempt is decided afresh.
  */
 #define CONNREDIR_SOCK_OWN_HOP 8u
-/* A service asked SO_ORIGINAL_DST on this accepted socket: its record waits
- * in the inherit map under inherit_key until used or until this closes. */
+/* A service asked SO_ORIGINAL_DST on this accepted socket: its record is in
+ * the inherit map (inherit_tgid, inherit_seq), taken or not, until this
+ * closes. */
 #define CONNREDIR_SOCK_INHERIT_KEPT 16u
 /* The socket was accepted on a service's address with its flow's record. */
 #define CONNREDIR_SOCK_ACCEPTED 32u
@@ -58,9 +59,10 @@ struct connredir_sock_state {
 	 * (the acceleration state goes at TCP close, before the owner may
 	 * have read it; the socket's own storage lasts until it is freed). */
 	uint64_t cut_through_bytes;
-	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking thread (see inherit). */
+	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking process and the record's
+	 * place in its queue (see inherit). */
 	uint32_t inherit_tgid;
-	uint32_t inherit_tid;
+	uint32_t inherit_seq;
 };
 
 /*
@@ -83,11 +85,12 @@ struct connredir_sock_hop {
 	/* The record's client (the process that opened the flow). */
 	uint32_t client_pid;
 	uint32_t client_uid;
-	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking thread (see inherit). */
+	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking process and the record's
+	 * place in its queue (see inherit). */
 	uint32_t inherit_tgid;
 	uint64_t client_cgroup_id;
 	uint8_t client_comm[16];
-	uint32_t inherit_tid;
+	uint32_t inherit_seq;
 	uint32_t reserved;
 	/* The record's one hop. */
 	struct connredir_hop hop;
@@ -325,24 +328,45 @@ struct connredir_addr_key {
 
 /*
  * When a registered service's process learns a connection's original
- * destination through SO_ORIGINAL_DST, the connection's record is kept here,
- * once under the asking thread and once under its process (tid 0); if that
- * thread (or else that process) then connects to that destination without
- * records (an unmodified transparent proxy), the new socket takes the record,
- * so the flow keeps its chain and its client and cannot loop between
- * services. An entry is removed when used or when the accepted connection it
- * came from closes; a later question from the same thread replaces it.
+ * destination through SO_ORIGINAL_DST (or the getsockname() of a transparent
+ * service), the connection's record joins a queue: one per process and
+ * destination, in the asking socket's network namespace. When that process
+ * then connects to that destination without records (an unmodified
+ * transparent proxy), the new socket takes one queued record, so the flow
+ * keeps its chain and its client and cannot loop between services. It takes
+ * the oldest that the connecting thread asked for among the first
+ * CONNREDIR_INHERIT_SCAN places, or else the oldest of all. So an event-loop
+ * proxy, which may ask for several flows before it connects any of them
+ * onward, gets one record for each onward connection, in the order it asked;
+ * a thread-per-connection proxy gets its own thread's.
+ *
+ * A taken entry stays, marked, until its accepted connection closes, so
+ * asking again on that connection queues nothing twice; an entry never taken
+ * goes when its accepted connection closes.
  */
 struct connredir_inherit_key {
 	uint64_t netns; /* network namespace cookie of the asking socket */
 	uint32_t tgid;
-	uint32_t tid; /* 0: any thread of tgid */
+	uint32_t seq; /* place in the queue (inherit_queue); 0 there */
 	struct connredir_endpoint dst;
 };
 
 struct connredir_inherit {
 	struct connredir_record record;
-	uint64_t accepted; /* socket cookie of the accepted connection */
+	uint32_t tid; /* the thread that asked */
+	uint32_t taken; /* 1 once an onward connect took the record */
+};
+
+/*
+ * The queue of one process and destination (key: connredir_inherit_key with
+ * seq 0): places head to tail - 1 of the inherit map may hold records not yet
+ * taken. At most CONNREDIR_INHERIT_QUEUE_DEPTH places are kept open: a record
+ * asked for that many questions ago is past reach (its onward connect, if it
+ * ever comes, is decided as a new connection's).
+ */
+struct connredir_inherit_queue {
+	uint32_t head; /* the oldest place that may hold a record not taken */
+	uint32_t tail; /* the next place to fill */
 };
 
 /* ---- Who listens on a service's address (the listeners SK_STORAGE). */
@@ -528,6 +552,7 @@ enum connredir_counter {
 #define CONNREDIR_MAP_HANDOFF_BUDGET "handoff_budget"
 #define CONNREDIR_MAP_COUNTERS "counters"
 #define CONNREDIR_MAP_INHERIT "inherit"
+#define CONNREDIR_MAP_INHERIT_QUEUE "inherit_queue"
 #define CONNREDIR_MAP_CONNS "conns"
 #define CONNREDIR_MAP_TRACE "trace"
 #define CONNREDIR_MAP_TRACE_CONTROL "trace_control"
@@ -543,6 +568,11 @@ enum connredir_counter {
 #define CONNREDIR_MAX_HANDOFFS 65536
 #define CONNREDIR_MAX_IDENTITIES 1024
 #define CONNREDIR_MAX_INHERITS 16384
+/* Queues of inherited records: one per process and destination. */
+#define CONNREDIR_MAX_INHERIT_QUEUES 4096
+/* Places a queue keeps open, and places a records-less connect looks at. */
+#define CONNREDIR_INHERIT_QUEUE_DEPTH 1024
+#define CONNREDIR_INHERIT_SCAN 32
 #define CONNREDIR_MAX_RULE_HITS 65536
 /* Executable names of both generations' rules: a rule set may hold half. */
 #define CONNREDIR_MAX_RULE_EXES 8192

@@ -44,6 +44,7 @@ pub const CONNREDIR_MAP_HANDOFF: &[u8; 8] = b"handoff\0";
 pub const CONNREDIR_MAP_HANDOFF_BUDGET: &[u8; 15] = b"handoff_budget\0";
 pub const CONNREDIR_MAP_COUNTERS: &[u8; 9] = b"counters\0";
 pub const CONNREDIR_MAP_INHERIT: &[u8; 8] = b"inherit\0";
+pub const CONNREDIR_MAP_INHERIT_QUEUE: &[u8; 14] = b"inherit_queue\0";
 pub const CONNREDIR_MAP_CONNS: &[u8; 6] = b"conns\0";
 pub const CONNREDIR_MAP_TRACE: &[u8; 6] = b"trace\0";
 pub const CONNREDIR_MAP_TRACE_CONTROL: &[u8; 14] = b"trace_control\0";
@@ -57,6 +58,9 @@ pub const CONNREDIR_MAX_RULE_PREFIXES: u32 = 262144;
 pub const CONNREDIR_MAX_HANDOFFS: u32 = 65536;
 pub const CONNREDIR_MAX_IDENTITIES: u32 = 1024;
 pub const CONNREDIR_MAX_INHERITS: u32 = 16384;
+pub const CONNREDIR_MAX_INHERIT_QUEUES: u32 = 4096;
+pub const CONNREDIR_INHERIT_QUEUE_DEPTH: u32 = 1024;
+pub const CONNREDIR_INHERIT_SCAN: u32 = 32;
 pub const CONNREDIR_MAX_RULE_HITS: u32 = 65536;
 pub const CONNREDIR_MAX_RULE_EXES: u32 = 8192;
 pub const CONNREDIR_MAX_CONNS: u32 = 262144;
@@ -89,7 +93,7 @@ pub struct connredir_sock_state {
     pub comm: [u8; 16usize],
     pub cut_through_bytes: u64,
     pub inherit_tgid: u32,
-    pub inherit_tid: u32,
+    pub inherit_seq: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -113,8 +117,8 @@ const _: () = {
         [::std::mem::offset_of!(connredir_sock_state, cut_through_bytes) - 608usize];
     ["Offset of field: connredir_sock_state::inherit_tgid"]
         [::std::mem::offset_of!(connredir_sock_state, inherit_tgid) - 616usize];
-    ["Offset of field: connredir_sock_state::inherit_tid"]
-        [::std::mem::offset_of!(connredir_sock_state, inherit_tid) - 620usize];
+    ["Offset of field: connredir_sock_state::inherit_seq"]
+        [::std::mem::offset_of!(connredir_sock_state, inherit_seq) - 620usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
@@ -125,7 +129,7 @@ pub struct connredir_sock_hop {
     pub inherit_tgid: u32,
     pub client_cgroup_id: u64,
     pub client_comm: [u8; 16usize],
-    pub inherit_tid: u32,
+    pub inherit_seq: u32,
     pub reserved: u32,
     pub hop: connredir_hop,
 }
@@ -145,8 +149,8 @@ const _: () = {
         [::std::mem::offset_of!(connredir_sock_hop, client_cgroup_id) - 16usize];
     ["Offset of field: connredir_sock_hop::client_comm"]
         [::std::mem::offset_of!(connredir_sock_hop, client_comm) - 24usize];
-    ["Offset of field: connredir_sock_hop::inherit_tid"]
-        [::std::mem::offset_of!(connredir_sock_hop, inherit_tid) - 40usize];
+    ["Offset of field: connredir_sock_hop::inherit_seq"]
+        [::std::mem::offset_of!(connredir_sock_hop, inherit_seq) - 40usize];
     ["Offset of field: connredir_sock_hop::reserved"]
         [::std::mem::offset_of!(connredir_sock_hop, reserved) - 44usize];
     ["Offset of field: connredir_sock_hop::hop"]
@@ -363,7 +367,7 @@ const _: () = {
 pub struct connredir_inherit_key {
     pub netns: u64,
     pub tgid: u32,
-    pub tid: u32,
+    pub seq: u32,
     pub dst: connredir_endpoint,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -375,8 +379,8 @@ const _: () = {
         [::std::mem::offset_of!(connredir_inherit_key, netns) - 0usize];
     ["Offset of field: connredir_inherit_key::tgid"]
         [::std::mem::offset_of!(connredir_inherit_key, tgid) - 8usize];
-    ["Offset of field: connredir_inherit_key::tid"]
-        [::std::mem::offset_of!(connredir_inherit_key, tid) - 12usize];
+    ["Offset of field: connredir_inherit_key::seq"]
+        [::std::mem::offset_of!(connredir_inherit_key, seq) - 12usize];
     ["Offset of field: connredir_inherit_key::dst"]
         [::std::mem::offset_of!(connredir_inherit_key, dst) - 16usize];
 };
@@ -384,7 +388,8 @@ const _: () = {
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
 pub struct connredir_inherit {
     pub record: connredir_record,
-    pub accepted: u64,
+    pub tid: u32,
+    pub taken: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -392,8 +397,26 @@ const _: () = {
     ["Alignment of connredir_inherit"][::std::mem::align_of::<connredir_inherit>() - 8usize];
     ["Offset of field: connredir_inherit::record"]
         [::std::mem::offset_of!(connredir_inherit, record) - 0usize];
-    ["Offset of field: connredir_inherit::accepted"]
-        [::std::mem::offset_of!(connredir_inherit, accepted) - 568usize];
+    ["Offset of field: connredir_inherit::tid"]
+        [::std::mem::offset_of!(connredir_inherit, tid) - 568usize];
+    ["Offset of field: connredir_inherit::taken"]
+        [::std::mem::offset_of!(connredir_inherit, taken) - 572usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct connredir_inherit_queue {
+    pub head: u32,
+    pub tail: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of connredir_inherit_queue"][::std::mem::size_of::<connredir_inherit_queue>() - 8usize];
+    ["Alignment of connredir_inherit_queue"]
+        [::std::mem::align_of::<connredir_inherit_queue>() - 4usize];
+    ["Offset of field: connredir_inherit_queue::head"]
+        [::std::mem::offset_of!(connredir_inherit_queue, head) - 0usize];
+    ["Offset of field: connredir_inherit_queue::tail"]
+        [::std::mem::offset_of!(connredir_inherit_queue, tail) - 4usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]

@@ -31,7 +31,7 @@
 #include "trace.h"
 #include "service.h"
 #include "record.h"
-#include "inherit.h"
+#include "inherit_take.h"
 #include "listener.h"
 #include "exe.h"
 
@@ -259,6 +259,34 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 }
 
 /*
+ * Readies the connecting socket's state (`ctx`'s socket, connecting to
+ * `dst`) for the decision: a socket that holds the one-hop form of its own
+ * earlier redirect (handoff.h) has no other state, and loses it: taken back
+ * whole, it connects as a new socket would (its chain was that hop alone);
+ * a socket with state takes back the hop its own earlier connect added
+ * (undo_own_hop); a socket without takes a record its process queued, when
+ * it is a records-less service's onward connect (inherit_take.h). The
+ * caller then looks the state up. A global function, verified once on its
+ * own: these branches, inline, would multiply the paths of the rule loop
+ * that follows. Returns whether the socket has a state.
+ */
+__noinline int ready_state(struct bpf_sock_addr *ctx, const struct connredir_endpoint *dst)
+{
+	struct connredir_sock_state *state;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk || !dst)
+		return 0;
+	bpf_sk_storage_delete(&sock_hop, sk);
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (state) {
+		undo_own_hop(state);
+		return 1;
+	}
+	return inherit_take(ctx, dst);
+}
+
+/*
  * Decides the fate of a connect to `dst`: VERDICT_REDIRECT with `*target`
  * the service's listening endpoint, VERDICT_LEAVE, or VERDICT_REFUSE with
  * `*refusal` the errno. `ev` gets the decision, the rule, the service and
@@ -297,16 +325,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	 * would cost stack, and the main program, judge_rule() and
 	 * listener_state() share 512 bytes. */
 	caller_services(&env.caller);
-	/* A socket that holds the one-hop form of its own earlier redirect
-	 * (handoff.h) has no other state: taken back whole, it connects as a
-	 * new socket would (its chain was that hop alone). The result is not
-	 * looked at: a branch here would multiply the verifier's paths. */
-	bpf_sk_storage_delete(&sock_hop, sk);
+	ready_state(ctx, dst);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (state)
-		undo_own_hop(state);
-	else
-		state = inherit_take(ctx, sk, dst);
 	if (state)
 		hop_count = clamp_hops(state->record.hop_count);
 	ev->hop_count = hop_count;

@@ -1,15 +1,19 @@
 /* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
- * Records inherited by services that set none (see abi.h, inherit).
+ * Records inherited by services that set none (see abi.h, inherit): the
+ * asking side, and what a close removes. The taking side, a connect, is in
+ * inherit_take.h.
  *
  * A transparent proxy that knows nothing of records asks SO_ORIGINAL_DST on
  * the connection it accepted and then connects there. The record of the
- * accepted connection is kept under the asking thread and under its process,
- * in the asking socket's network namespace; that thread's (or else that
- * process's) next records-less connect to the same destination takes it.
- * Keyed this way, concurrent flows to one destination keep their own client
- * (a thread-per-connection proxy asks and connects on one thread), and only
- * the process holding the accepted socket can use its record: a client asking
+ * accepted connection joins the asking process's queue for that destination,
+ * in the asking socket's network namespace, marked with the asking thread;
+ * that process's next records-less connect to the destination takes one.
+ * A queue, not one slot: an event-loop proxy asks for flow B before it
+ * connects onward for flow A, and each of its onward connections must still
+ * carry a record (one without would be decided as a new connection and sent
+ * back through the services the flow already passed). Only the process
+ * holding the accepted socket can use its record: a client asking
  * SO_ORIGINAL_DST on its own redirected socket keeps nothing, so it cannot
  * dress a new socket in its service's hop.
  */
@@ -21,12 +25,12 @@
 #include "trace.h"
 
 static __always_inline void inherit_key(struct connredir_inherit_key *key, __u64 netns,
-					__u32 tgid, __u32 tid,
+					__u32 tgid, __u32 seq,
 					const struct connredir_endpoint *dst)
 {
 	key->netns = netns;
 	key->tgid = tgid;
-	key->tid = tid;
+	key->seq = seq;
 	key->dst = *dst;
 }
 
@@ -40,134 +44,142 @@ static __always_inline int same_last_hop(const struct connredir_record *kept, __
 	return kept->hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].time_ns == time_ns;
 }
 
-/* Both records are the same flow's hand-off: same last redirect. */
-static __always_inline int same_flow(const struct connredir_record *a,
-				     const struct connredir_record *b)
+/* Whether the entry that an accepted socket kept at (`tgid`, `seq`) for
+ * `dst` is still there for its flow (last of `hops` redirected at
+ * `time_ns`), taken or not: then asking again queues nothing. */
+static __always_inline int inherit_still_kept(__u64 netns, __u32 tgid, __u32 seq,
+					      const struct connredir_endpoint *dst,
+					      __u32 hops, __u64 time_ns)
 {
-	__u32 hops = clamp_hops(b->hop_count);
+	struct connredir_inherit_key key = {};
+	struct connredir_inherit *kept;
 
-	if (hops == 0)
-		return 0;
-	return same_last_hop(a, hops, b->hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].time_ns);
+	inherit_key(&key, netns, tgid, seq, dst);
+	kept = bpf_map_lookup_elem(&inherit, &key);
+	return kept && same_last_hop(&kept->record, hops, time_ns);
 }
 
 /*
- * SO_ORIGINAL_DST on an accepted, redirected socket: keep its record for the
- * asker's onward connect to `dst`.
+ * A new, blank entry at the tail of the asking process's queue for `dst`;
+ * its place goes to `*seq`. The caller fills the record in place (a whole
+ * record does not fit on the stack) and then publishes the entry with
+ * inherit_publish(): until then its tid is 0, and no connect takes it.
+ */
+static __always_inline struct connredir_inherit *
+inherit_push(__u64 netns, __u32 tgid, const struct connredir_endpoint *dst, __u32 *seq)
+{
+	struct connredir_inherit_key key = {};
+	struct connredir_inherit_queue fresh = {}, *queue;
+	const struct connredir_inherit *blank;
+	__u32 zero = 0, place;
+
+	inherit_key(&key, netns, tgid, 0, dst);
+	queue = bpf_map_lookup_elem(&inherit_queue, &key);
+	if (!queue) {
+		/* Places start at a clock reading, not 0: a queue evicted and
+		 * made again does not land on places of records still kept. */
+		fresh.head = fresh.tail = (__u32)bpf_ktime_get_ns();
+		bpf_map_update_elem(&inherit_queue, &key, &fresh, BPF_NOEXIST);
+		queue = bpf_map_lookup_elem(&inherit_queue, &key);
+		if (!queue)
+			return NULL;
+	}
+	place = __sync_fetch_and_add(&queue->tail, 1);
+	if ((__s32)(place - queue->head) >= CONNREDIR_INHERIT_QUEUE_DEPTH)
+		queue->head = place - CONNREDIR_INHERIT_QUEUE_DEPTH + 1;
+	blank = bpf_map_lookup_elem(&inherit_blank, &zero);
+	if (!blank)
+		return NULL;
+	key.seq = place;
+	if (bpf_map_update_elem(&inherit, &key, blank, BPF_ANY))
+		return NULL;
+	*seq = place;
+	return bpf_map_lookup_elem(&inherit, &key);
+}
+
+/* The filled entry becomes takeable: its tid is written last, with a full
+ * barrier, so no connect reads a record half written. */
+static __always_inline void inherit_publish(struct connredir_inherit *entry, __u32 tid)
+{
+	__sync_lock_test_and_set(&entry->tid, tid ? tid : 1);
+}
+
+/*
+ * SO_ORIGINAL_DST on an accepted, redirected socket: queue its record for the
+ * asker's onward connect to `dst`, unless it is queued already.
  */
 static __always_inline void inherit_keep(__u64 netns, struct connredir_sock_state *state,
 					 const struct connredir_endpoint *dst)
 {
-	struct connredir_inherit_key key = {};
+	struct connredir_inherit *entry;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32, tid = (__u32)pid_tgid;
+	__u32 tgid = pid_tgid >> 32, hops, seq = 0;
 
 	if (!(state->flags & CONNREDIR_SOCK_ACCEPTED))
 		return;
-	inherit_key(&key, netns, tgid, tid, dst);
-	bpf_map_update_elem(&inherit, &key, &state->record, BPF_ANY);
-	key.tid = 0;
-	bpf_map_update_elem(&inherit, &key, &state->record, BPF_ANY);
+	hops = clamp_hops(state->record.hop_count);
+	if ((state->flags & CONNREDIR_SOCK_INHERIT_KEPT) && hops &&
+	    inherit_still_kept(netns, state->inherit_tgid, state->inherit_seq, dst, hops,
+			       state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].time_ns))
+		return;
+	entry = inherit_push(netns, tgid, dst, &seq);
+	if (!entry)
+		return;
+	entry->record = state->record;
+	inherit_publish(entry, (__u32)pid_tgid);
 	state->flags |= CONNREDIR_SOCK_INHERIT_KEPT;
 	state->inherit_tgid = tgid;
-	state->inherit_tid = tid;
+	state->inherit_seq = seq;
 }
 
-/*
- * inherit_keep() for an accepted socket holding its record in the one-hop
- * form (`small`, see abi.h): the entry is added blank and filled in place,
- * as a whole record does not fit on the stack. Only the asking thread uses
- * its own entry, so nobody reads it half filled; the process's entry is
- * then written whole, from it.
- */
+/* inherit_keep() for an accepted socket holding its record in the one-hop
+ * form (`small`, see abi.h). */
 static __always_inline void inherit_keep_hop(__u64 netns, struct connredir_sock_hop *small,
 					     const struct connredir_endpoint *dst)
 {
-	struct connredir_inherit_key key = {};
-	struct connredir_inherit *kept;
-	const struct connredir_inherit *blank;
+	struct connredir_inherit *entry;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32, tid = (__u32)pid_tgid, zero = 0;
+	__u32 tgid = pid_tgid >> 32, seq = 0;
 
 	if (!(small->flags & CONNREDIR_SOCK_ACCEPTED))
 		return;
-	blank = bpf_map_lookup_elem(&inherit_blank, &zero);
-	if (!blank)
+	if ((small->flags & CONNREDIR_SOCK_INHERIT_KEPT) &&
+	    inherit_still_kept(netns, small->inherit_tgid, small->inherit_seq, dst, 1,
+			       small->hop.time_ns))
 		return;
-	inherit_key(&key, netns, tgid, tid, dst);
-	if (bpf_map_update_elem(&inherit, &key, blank, BPF_ANY))
+	entry = inherit_push(netns, tgid, dst, &seq);
+	if (!entry)
 		return;
-	kept = bpf_map_lookup_elem(&inherit, &key);
-	if (!kept)
-		return;
-	record_from_hop(&kept->record, small);
-	key.tid = 0;
-	bpf_map_update_elem(&inherit, &key, kept, BPF_ANY);
+	record_from_hop(&entry->record, small);
+	inherit_publish(entry, (__u32)pid_tgid);
 	small->flags |= CONNREDIR_SOCK_INHERIT_KEPT;
 	small->inherit_tgid = tgid;
-	small->inherit_tid = tid;
+	small->inherit_seq = seq;
 }
 
-/*
- * A records-less connect to `dst`: the record kept for this thread (or else
- * this process), copied into the socket's new state; NULL when none is kept
- * (or the state cannot be made).
- */
-static __always_inline struct connredir_sock_state *
-inherit_take(struct bpf_sock_addr *ctx, struct bpf_sock *sk, const struct connredir_endpoint *dst)
-{
-	struct connredir_inherit_key key = {}, other = {};
-	struct connredir_sock_state *state;
-	struct connredir_record *kept, *also;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u64 netns = bpf_get_netns_cookie(ctx);
-
-	inherit_key(&key, netns, pid_tgid >> 32, (__u32)pid_tgid, dst);
-	inherit_key(&other, netns, pid_tgid >> 32, 0, dst);
-	kept = bpf_map_lookup_elem(&inherit, &key);
-	if (!kept) {
-		kept = bpf_map_lookup_elem(&inherit, &other);
-		if (!kept)
-			return NULL;
-		key = other;
-	} else {
-		/* The process entry names the same flow unless another thread
-		 * asked since: then it is that thread's to take. */
-		also = bpf_map_lookup_elem(&inherit, &other);
-		if (also && same_flow(also, kept))
-			bpf_map_delete_elem(&inherit, &other);
-	}
-	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (state) {
-		state->record = *kept;
-		state->flags = 0;
-		count(CONNREDIR_CNT_RECORDS_INHERITED);
-	}
-	bpf_map_delete_elem(&inherit, &key);
-	return state;
-}
-
-/* Removes the entries that the thread `tid` of `tgid` kept for the flow
- * whose last hop (of `hops`) is `last`, unless another flow's replaced them. */
-static __always_inline void inherit_forget(__u64 netns, __u32 tgid, __u32 tid, __u32 hops,
+/* Removes the entry that `tgid` kept at `seq` for the flow whose last hop
+ * (of `hops`) is `last`, unless another flow's has its place, and moves the
+ * queue's head past it when it was the oldest. */
+static __always_inline void inherit_forget(__u64 netns, __u32 tgid, __u32 seq, __u32 hops,
 					   const struct connredir_hop *last)
 {
 	struct connredir_inherit_key key = {};
-	struct connredir_record *kept;
-	__u64 time_ns = last->time_ns;
+	struct connredir_inherit_queue *queue;
+	struct connredir_inherit *kept;
 
-	inherit_key(&key, netns, tgid, tid, &last->original_dst);
+	inherit_key(&key, netns, tgid, seq, &last->original_dst);
 	kept = bpf_map_lookup_elem(&inherit, &key);
-	if (kept && same_last_hop(kept, hops, time_ns))
-		bpf_map_delete_elem(&inherit, &key);
-	key.tid = 0;
-	kept = bpf_map_lookup_elem(&inherit, &key);
-	if (kept && same_last_hop(kept, hops, time_ns))
-		bpf_map_delete_elem(&inherit, &key);
+	if (!kept || !same_last_hop(&kept->record, hops, last->time_ns))
+		return;
+	bpf_map_delete_elem(&inherit, &key);
+	key.seq = 0;
+	queue = bpf_map_lookup_elem(&inherit_queue, &key);
+	if (queue && queue->head == seq)
+		queue->head = seq + 1;
 }
 
 /* The accepted socket (its `state`, in namespace `netns`) closes: what it
- * kept and nobody took goes. */
+ * kept goes, taken or not. */
 static __always_inline void inherit_on_close(struct connredir_sock_state *state, __u64 netns)
 {
 	__u32 hops;
@@ -177,7 +189,7 @@ static __always_inline void inherit_on_close(struct connredir_sock_state *state,
 	hops = clamp_hops(state->record.hop_count);
 	if (hops == 0)
 		return;
-	inherit_forget(netns, state->inherit_tgid, state->inherit_tid, hops,
+	inherit_forget(netns, state->inherit_tgid, state->inherit_seq, hops,
 		       &state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)]);
 	state->flags &= ~CONNREDIR_SOCK_INHERIT_KEPT;
 }
@@ -187,7 +199,7 @@ static __always_inline void inherit_on_close_hop(struct connredir_sock_hop *smal
 {
 	if (!(small->flags & CONNREDIR_SOCK_INHERIT_KEPT))
 		return;
-	inherit_forget(netns, small->inherit_tgid, small->inherit_tid, 1, &small->hop);
+	inherit_forget(netns, small->inherit_tgid, small->inherit_seq, 1, &small->hop);
 	small->flags &= ~CONNREDIR_SOCK_INHERIT_KEPT;
 }
 

@@ -117,6 +117,13 @@ struct {
 	__type(value, struct connredir_inherit);
 } inherit SEC(".maps") __weak;
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CONNREDIR_MAX_INHERIT_QUEUES);
+	__type(key, struct connredir_inherit_key);
+	__type(value, struct connredir_inherit_queue);
+} inherit_queue SEC(".maps") __weak;
+
 /* One all-zero inherit entry, never written: what an entry kept for a
  * socket holding a one-hop record (sock_hop) is added from before it is
  * filled in place (inherit.h inherit_keep_hop): a whole record does not

@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * Records inherited by services that set none: the taking side, a
+ * records-less connect by a service's process (the asking side is
+ * inherit.h).
+ *
+ * inherit_claim() is a global function, verified once on its own: its scan
+ * of the queue, inline in the connect program, would multiply that
+ * program's paths. Include this header from one entry file only
+ * (connect.c, through decide.h).
+ */
+#ifndef CONNREDIR_INHERIT_TAKE_H
+#define CONNREDIR_INHERIT_TAKE_H
+
+#include "inherit.h"
+
+/*
+ * Claims a record queued by process `tgid` for `dst` in namespace `netns`
+ * for a connect by its thread `tid`: among the first CONNREDIR_INHERIT_SCAN
+ * places from the queue's head, the oldest that thread asked for, or else
+ * the oldest of any thread's. Marks it taken (so no other connect takes it)
+ * and returns its place; -1 when none is waiting. Moves the head past
+ * leading places that hold nothing takeable.
+ */
+__noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid,
+			       const struct connredir_endpoint *dst)
+{
+	struct connredir_inherit_key key = {};
+	struct connredir_inherit_queue *queue;
+	struct connredir_inherit *entry;
+	__u32 head, tail, seq, new_head;
+	__s64 oldest = -1;
+	int leading = 1;
+
+	if (!dst)
+		return -1;
+	inherit_key(&key, netns, tgid, 0, dst);
+	queue = bpf_map_lookup_elem(&inherit_queue, &key);
+	if (!queue)
+		return -1;
+	head = queue->head;
+	tail = queue->tail;
+	new_head = head;
+	for (__u32 i = 0; i < CONNREDIR_INHERIT_SCAN; i++) {
+		seq = head + i;
+		if ((__s32)(tail - seq) <= 0)
+			break;
+		key.seq = seq;
+		entry = bpf_map_lookup_elem(&inherit, &key);
+		if (!entry || entry->taken) {
+			if (leading)
+				new_head = seq + 1;
+			continue;
+		}
+		leading = 0;
+		/* tid 0: still being filled (inherit_publish). */
+		if (!entry->tid)
+			continue;
+		if (entry->tid == tid && __sync_val_compare_and_swap(&entry->taken, 0, 1) == 0) {
+			if (new_head != head)
+				queue->head = new_head;
+			return seq;
+		}
+		if (oldest < 0)
+			oldest = seq;
+	}
+	if (new_head != head)
+		queue->head = new_head;
+	if (oldest < 0)
+		return -1;
+	key.seq = (__u32)oldest;
+	entry = bpf_map_lookup_elem(&inherit, &key);
+	if (!entry || __sync_val_compare_and_swap(&entry->taken, 0, 1) != 0)
+		return -1;
+	return oldest;
+}
+
+/*
+ * A records-less connect to `dst` (the socket of `ctx`): the record claimed
+ * for this thread (or else this process) is copied into the socket's new
+ * state. Returns 1 when the socket has that state, 0 when none is queued
+ * (or the state cannot be made).
+ */
+static __always_inline int inherit_take(struct bpf_sock_addr *ctx,
+					const struct connredir_endpoint *dst)
+{
+	struct connredir_inherit_key key = {};
+	struct connredir_sock_state *state;
+	struct connredir_inherit *kept;
+	struct bpf_sock *sk;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 netns;
+	__s64 seq;
+
+	sk = ctx->sk;
+	if (!sk)
+		return 0;
+	netns = bpf_get_netns_cookie(ctx);
+	seq = inherit_claim(netns, pid_tgid >> 32, (__u32)pid_tgid, dst);
+	if (seq < 0)
+		return 0;
+	inherit_key(&key, netns, pid_tgid >> 32, (__u32)seq, dst);
+	kept = bpf_map_lookup_elem(&inherit, &key);
+	if (!kept)
+		return 0;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state)
+		return 0;
+	state->record = kept->record;
+	state->flags = 0;
+	count(CONNREDIR_CNT_RECORDS_INHERITED);
+	return 1;
+}
+
+#endif /* CONNREDIR_INHERIT_TAKE_H */
