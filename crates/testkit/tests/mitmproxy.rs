@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Counters, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, require_program, service_spec, wait_listening, workspace_bin, Lab, Proc,
+    by_cgroup, free_addr, require_program, service_spec, wait_listening, Lab, Proc,
 };
 use serde_json::Value;
 
@@ -250,28 +250,6 @@ fn start_mitmproxy(
             lab.procs.last().unwrap().lines()
         );
     }
-    (id, lab.procs.len() - 1)
-}
-
-/// Registers `connredir-proxy` as the service `ours` (its own cgroup, a
-/// free port of `listen_ip`) with one rule sending `dst` to it at
-/// `priority`, and starts it. Returns the service id and its index.
-fn start_reference_proxy(
-    lab: &mut Lab,
-    listen_ip: &str,
-    dst: SocketAddr,
-    priority: u32,
-) -> (ServiceId, usize) {
-    let cgroup = lab.cgroup("services/ours");
-    let listen = free_addr(listen_ip);
-    let id = lab.service("ours", &[listen], by_cgroup(&cgroup), None);
-    lab.route(id, &host_prefix(dst), Some(dst.port()), priority);
-    let listen = listen.to_string();
-    let args = ["--name", "ours", "--listen", &listen];
-    let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
-        .expect("start connredir-proxy");
-    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proc);
     (id, lab.procs.len() - 1)
 }
 
@@ -531,7 +509,7 @@ fn run(test: &str, family: &Family, chain: Chain, load: Load) {
         mitm_priority,
     );
     let ours = (chain != Chain::Mitmproxy)
-        .then(|| start_reference_proxy(&mut lab, family.listen_ip, origin, ours_priority));
+        .then(|| lab.reference_proxy(family.listen_ip, origin, ours_priority));
     let services = if ours.is_some() { 2 } else { 1 };
     let origin_text = origin.to_string();
 
