@@ -8,7 +8,12 @@
 //!
 //! Clients are curl, run as an unprivileged user in the test's cgroup,
 //! speaking plain HTTP to an origin on loopback (a small Python HTTP server
-//! that prints one line per request). mitmproxy prints one line per HTTP
+//! that prints one line per request): on IPv4, on `::1`, and from IPv6
+//! sockets to the IPv4 origin's IPv4-mapped address. mitmproxy picks the
+//! IPv4 or the IPv6 question by whether the accepted socket's own address
+//! has a dot in it (so an IPv4-mapped address gets the IPv4 one); here it
+//! listens on one address of one family, and an IPv6 client of the IPv4
+//! origin reaches its IPv4 listener. mitmproxy prints one line per HTTP
 //! flow through an addon script; `connredir-proxy`, when a test puts it on
 //! the flow too, prints its own. Each test checks that every request was
 //! answered by the origin, reached it exactly once, and was seen exactly
@@ -253,6 +258,17 @@ fn start_mitmproxy(
     (id, lab.procs.len() - 1)
 }
 
+/// An address as the proxies print it: IPv4-mapped IPv6 as plain IPv4.
+fn plain(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 /// One request as curl reported it.
 #[derive(Debug)]
 struct Fetched {
@@ -262,18 +278,19 @@ struct Fetched {
     code: u64,
     /// The origin's `X-Origin-Path`: the path the origin answered.
     answered: String,
-    /// curl's own address: the flow's id in the reference proxy's log.
+    /// curl's own address as the proxies print it (an IPv4-mapped address
+    /// as plain IPv4): the flow's id in the reference proxy's log.
     local: String,
     /// curl's error, if any.
     error: String,
 }
 
-/// Fetches `paths` from `origin` with one curl run as [`NOBODY`] in
+/// Fetches `paths` from `target` with one curl run as [`NOBODY`] in
 /// `scope/client`, all at once (`--parallel-immediate`: every connection
 /// opened before any is reused, and none is, `Connection: close`).
-fn fetch(lab: &Lab, curl: &Path, origin: SocketAddr, paths: &[String]) -> Vec<Fetched> {
+fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fetched> {
     // curl prints an IPv6 local_ip without brackets.
-    let local = match origin {
+    let local = match target {
         SocketAddr::V4(_) => "%{local_ip}:%{local_port}",
         SocketAddr::V6(_) => "[%{local_ip}]:%{local_port}",
     };
@@ -302,7 +319,7 @@ fn fetch(lab: &Lab, curl: &Path, origin: SocketAddr, paths: &[String]) -> Vec<Fe
     args.push(write_out);
     for path in paths {
         args.extend(["--output".into(), "/dev/null".into()]);
-        args.push(format!("http://{origin}{path}"));
+        args.push(format!("http://{target}{path}"));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let proc = Proc::spawn_program(&lab.cgroup("scope/client"), Some(NOBODY), curl, &args)
@@ -315,14 +332,18 @@ fn fetch(lab: &Lab, curl: &Path, origin: SocketAddr, paths: &[String]) -> Vec<Fe
             let v: Value = serde_json::from_str(l).expect("curl's JSON line");
             let url = v["url"].as_str().unwrap_or_default();
             let path = url
-                .strip_prefix(&format!("http://{origin}"))
+                .strip_prefix(&format!("http://{target}"))
                 .unwrap_or(url)
                 .to_string();
             Fetched {
                 path,
                 code: v["code"].as_u64().unwrap_or(0),
                 answered: v["answered"].as_str().unwrap_or_default().to_string(),
-                local: v["local"].as_str().unwrap_or_default().to_string(),
+                local: v["local"]
+                    .as_str()
+                    .and_then(|l| l.parse().ok())
+                    .map(|l| plain(l).to_string())
+                    .unwrap_or_default(),
                 error: v["error"].as_str().unwrap_or_default().to_string(),
             }
         })
@@ -341,6 +362,8 @@ struct Family {
     origin: &'static str,
     /// The services' listening address.
     listen_ip: &'static str,
+    /// The address curl connects to, from the origin's.
+    connect: fn(SocketAddr) -> SocketAddr,
 }
 
 /// IPv4: the origin on 127.0.0.2 (services listen on 127.0.0.1, so the
@@ -348,6 +371,20 @@ struct Family {
 const V4: Family = Family {
     origin: "127.0.0.2",
     listen_ip: "127.0.0.1",
+    connect: |origin| origin,
+};
+
+/// curl's socket is IPv6: it connects to the origin's IPv4-mapped
+/// address, which the layer's IPv4 rules cover, and is redirected to the
+/// services' IPv4 listeners; mitmproxy accepts an IPv4 socket and asks
+/// `SO_ORIGINAL_DST`.
+const V6_CLIENT: Family = Family {
+    origin: "127.0.0.2",
+    listen_ip: "127.0.0.1",
+    connect: |origin| match origin {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    },
 };
 
 /// IPv6 throughout, on `::1`: mitmproxy reads the destination with
@@ -355,6 +392,7 @@ const V4: Family = Family {
 const V6: Family = Family {
     origin: "::1",
     listen_ip: "::1",
+    connect: |origin| origin,
 };
 
 /// Which services a test puts on the flow, in priority order.
@@ -518,7 +556,7 @@ fn run(test: &str, family: &Family, chain: Chain, load: Load) {
         let before = counters_of(&lab.engine.counters().unwrap());
         let prefix = format!("/r{r}/");
         let paths: Vec<String> = (0..load.at_once).map(|i| format!("{prefix}c{i}")).collect();
-        let fetched = fetch(&lab, &curl, origin, &paths);
+        let fetched = fetch(&lab, &curl, (family.connect)(origin), &paths);
 
         // Every party's lines about this round, once they are all in.
         let of_round = |log: &[Value], path: fn(&Value) -> &str| {
@@ -674,6 +712,11 @@ fn mitmproxy_forwards_ipv6_to_the_original_destination() {
 }
 
 #[test]
+fn mitmproxy_forwards_an_ipv6_client_to_the_original_destination() {
+    run("mitm-v6c", &V6_CLIENT, Chain::Mitmproxy, ONE_AT_A_TIME);
+}
+
+#[test]
 fn mitmproxy_then_connredir_proxy_ipv4() {
     run(
         "mitm-first-v4",
@@ -694,6 +737,16 @@ fn mitmproxy_then_connredir_proxy_ipv6() {
 }
 
 #[test]
+fn mitmproxy_then_connredir_proxy_ipv6_client() {
+    run(
+        "mitm-first-v6c",
+        &V6_CLIENT,
+        Chain::MitmproxyThenOurs,
+        ONE_AT_A_TIME,
+    );
+}
+
+#[test]
 fn connredir_proxy_then_mitmproxy_ipv4() {
     run("mitm-last-v4", &V4, Chain::OursThenMitmproxy, ONE_AT_A_TIME);
 }
@@ -701,6 +754,16 @@ fn connredir_proxy_then_mitmproxy_ipv4() {
 #[test]
 fn connredir_proxy_then_mitmproxy_ipv6() {
     run("mitm-last-v6", &V6, Chain::OursThenMitmproxy, ONE_AT_A_TIME);
+}
+
+#[test]
+fn connredir_proxy_then_mitmproxy_ipv6_client() {
+    run(
+        "mitm-last-v6c",
+        &V6_CLIENT,
+        Chain::OursThenMitmproxy,
+        ONE_AT_A_TIME,
+    );
 }
 
 // mitmproxy serves every connection on one thread: with many clients at
