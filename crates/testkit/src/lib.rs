@@ -577,6 +577,35 @@ impl Lab {
         (id, listen)
     }
 
+    /// Registers `connredir-proxy` as the service `ours` (identity: its
+    /// own cgroup `services/ours`, listening on a free port of `listen_ip`)
+    /// with one rule sending exactly `dst` (its address and port) to it at
+    /// `priority`, starts it there and waits until it is ready: the
+    /// reference proxy beside a third-party one. Returns the service id and
+    /// its index in `procs`, whose JSON lines are its connection log.
+    pub fn reference_proxy(
+        &mut self,
+        listen_ip: &str,
+        dst: SocketAddr,
+        priority: u32,
+    ) -> (ServiceId, usize) {
+        let cgroup = self.cgroup("services/ours");
+        let listen = free_addr(listen_ip);
+        let id = self.service("ours", &[listen], by_cgroup(&cgroup), None);
+        let prefix = match dst {
+            SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
+            SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
+        };
+        self.route(id, &prefix, Some(dst.port()), priority);
+        let listen = listen.to_string();
+        let args = ["--name", "ours", "--listen", &listen];
+        let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
+            .expect("start connredir-proxy");
+        proc.wait_line("proxy ready", |l| l == "ready").unwrap();
+        self.procs.push(proc);
+        (id, self.procs.len() - 1)
+    }
+
     /// Starts the test kit's proxy role as `name` on `listen` in `cgroup`
     /// (as `uid`, if given) with `extra` options, and waits until it
     /// listens. Returns its index in `procs`.

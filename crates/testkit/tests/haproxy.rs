@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, free_addr, require_program, service_spec, wait_listening, workspace_bin,
-    EchoServer, Lab, Proc,
+    by_cgroup, by_uid, free_addr, require_program, service_spec, wait_listening, EchoServer, Lab,
+    Proc,
 };
 use serde_json::{json, Value};
 
@@ -105,32 +105,6 @@ fn start_haproxy(
     let proc = Proc::spawn_program(&cgroup, None, haproxy, &args).expect("start haproxy");
     lab.procs.push(proc);
     wait_listening(listen).expect("haproxy listens");
-    (id, lab.procs.len() - 1)
-}
-
-/// Registers `connredir-proxy` as the service `ours` (its own cgroup, a
-/// free port of `listen_ip`) with one rule sending `dst` to it at
-/// `priority`, and starts it. Returns the service id and its index.
-fn start_reference_proxy(
-    lab: &mut Lab,
-    listen_ip: &str,
-    dst: SocketAddr,
-    priority: u32,
-) -> (ServiceId, usize) {
-    let cgroup = lab.cgroup("services/ours");
-    let listen = free_addr(listen_ip);
-    let id = lab.service("ours", &[listen], by_cgroup(&cgroup), None);
-    let prefix = match dst {
-        SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
-        SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
-    };
-    lab.route(id, &prefix, Some(dst.port()), priority);
-    let listen = listen.to_string();
-    let args = ["--name", "ours", "--listen", &listen];
-    let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)
-        .expect("start connredir-proxy");
-    proc.wait_line("proxy ready", |l| l == "ready").unwrap();
-    lab.procs.push(proc);
     (id, lab.procs.len() - 1)
 }
 
@@ -257,7 +231,7 @@ fn round_trip_after(test: &str, family: &Family, chain: Chain, meanwhile: impl F
     };
     let (hap_id, hap) = start_haproxy(&mut lab, &haproxy, &dir.0, family, dst, hap_priority);
     let ours = (chain != Chain::Haproxy)
-        .then(|| start_reference_proxy(&mut lab, family.listen_ip, dst, ours_priority));
+        .then(|| lab.reference_proxy(family.listen_ip, dst, ours_priority));
     meanwhile(&mut lab);
 
     // One flow at a time: haproxy sets no records, so its onward
