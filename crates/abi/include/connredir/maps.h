@@ -569,7 +569,7 @@ enum connredir_counter {
 #define CONNREDIR_MAX_IDENTITIES 1024
 #define CONNREDIR_MAX_INHERITS 16384
 /* Queues of inherited records: one per process and destination. */
-#define CONNREDIR_MAX_INHERIT_QUEUES 4096
+#define CONNREDIR_MAX_INHERIT_QUEUES 16384
 /* Places a queue keeps open, and places a records-less connect looks at. */
 #define CONNREDIR_INHERIT_QUEUE_DEPTH 1024
 #define CONNREDIR_INHERIT_SCAN 32
