@@ -817,3 +817,101 @@ fn mitmproxy_then_connredir_proxy_concurrent_clients_ipv6() {
         CONCURRENTLY,
     );
 }
+
+/// Two proxies that set no records, haproxy (`option transparent`, its
+/// default two threads) and mitmproxy, one after the other in priority
+/// order (`haproxy_first` or not), with [`CONCURRENT`] clients at once to
+/// one origin, [`ROUNDS`] times: each request must reach the origin once
+/// and pass mitmproxy once, and the layer must redirect it once per proxy
+/// and give each proxy's onward connection a record. Neither proxy carries
+/// records, so the second one's hop reaches the origin only through what
+/// the first one's onward connection inherited, and a connection without
+/// one would be decided anew and sent back through a proxy it passed.
+fn run_two_records_less(test: &str, haproxy_first: bool) {
+    let Some(curl) = require_program(test, "curl") else {
+        return;
+    };
+    let Some(haproxy) = require_program(test, "haproxy") else {
+        return;
+    };
+    let Some(mitmdump) = mitmdump(test) else {
+        return;
+    };
+    let Some(mut lab) = Lab::new(test) else {
+        return;
+    };
+    let dir = TempDir::new(test);
+    let python = mitmdump.with_file_name("python3");
+    let (origin, origin_log) = start_origin(&mut lab, &python, &dir, V4.origin);
+    let (haproxy_priority, mitm_priority) = if haproxy_first { (1, 2) } else { (2, 1) };
+    let (_, mitm) = start_mitmproxy(
+        &mut lab,
+        &mitmdump,
+        &dir,
+        V4.listen_ip,
+        origin,
+        mitm_priority,
+    );
+    lab.haproxy(
+        &haproxy,
+        &host_prefix(origin),
+        origin.port(),
+        haproxy_priority,
+    );
+
+    let mut report = Vec::new();
+    let mut ok = true;
+    for r in 0..ROUNDS {
+        let before = counters_of(&lab.engine.counters().unwrap());
+        let prefix = format!("/r{r}/");
+        let paths: Vec<String> = (0..CONCURRENT).map(|i| format!("{prefix}c{i}")).collect();
+        let fetched = fetch(&lab, &curl, origin, &paths);
+        let of_round =
+            |log: &[Value]| log.iter().filter(|e| path_of(e).starts_with(&prefix)).count();
+        wait_for(&lab, origin_log, CONCURRENT, of_round);
+        wait_for(&lab, mitm, CONCURRENT, of_round);
+        // A little longer, for the lines that should not come.
+        std::thread::sleep(Duration::from_millis(300));
+        let answered = fetched
+            .iter()
+            .filter(|f| f.code == 200 && f.answered == f.path)
+            .count();
+        let once = |index: usize| {
+            let log = lab.proxy_log(index);
+            paths
+                .iter()
+                .filter(|p| log.iter().filter(|e| path_of(e) == p.as_str()).count() == 1)
+                .count()
+        };
+        let (at_origin, at_mitm) = (once(origin_log), once(mitm));
+        let after = counters_of(&lab.engine.counters().unwrap());
+        let [redirects, inherited, _] = [0, 1, 2].map(|i| after[i] - before[i]);
+        report.push(format!(
+            "round {r}: answered {answered}/{CONCURRENT}; once at the origin {at_origin}, \
+             once at mitmproxy {at_mitm}; layer: {redirects} redirects, {inherited} records inherited"
+        ));
+        ok &= answered == CONCURRENT
+            && at_origin == CONCURRENT
+            && at_mitm == CONCURRENT
+            && redirects == 2 * CONCURRENT as u64
+            && inherited == 2 * CONCURRENT as u64;
+    }
+    let report = report.join("\n");
+    eprintln!("{test}:\n{report}");
+    assert!(
+        ok,
+        "haproxy {} mitmproxy, {CONCURRENT} at once: every request must be answered, reach the \
+         origin and mitmproxy once, and pass each proxy once with a record:\n{report}",
+        if haproxy_first { "then" } else { "after" }
+    );
+}
+
+#[test]
+fn haproxy_then_mitmproxy_concurrent_clients_ipv4() {
+    run_two_records_less("haproxy-mitm", true);
+}
+
+#[test]
+fn mitmproxy_then_haproxy_concurrent_clients_ipv4() {
+    run_two_records_less("mitm-haproxy", false);
+}
