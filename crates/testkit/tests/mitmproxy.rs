@@ -866,8 +866,11 @@ fn run_two_records_less(test: &str, haproxy_first: bool) {
         let prefix = format!("/r{r}/");
         let paths: Vec<String> = (0..CONCURRENT).map(|i| format!("{prefix}c{i}")).collect();
         let fetched = fetch(&lab, &curl, origin, &paths);
-        let of_round =
-            |log: &[Value]| log.iter().filter(|e| path_of(e).starts_with(&prefix)).count();
+        let of_round = |log: &[Value]| {
+            log.iter()
+                .filter(|e| path_of(e).starts_with(&prefix))
+                .count()
+        };
         wait_for(&lab, origin_log, CONCURRENT, of_round);
         wait_for(&lab, mitm, CONCURRENT, of_round);
         // A little longer, for the lines that should not come.

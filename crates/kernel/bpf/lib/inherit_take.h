@@ -14,23 +14,80 @@
 
 #include "inherit.h"
 
+/* How many of a queue's newest places may have been taken by an
+ * inherit_push() that has not written its entry yet: one per CPU asking at
+ * once, for one process and destination. */
+#define INHERIT_PLACES_IN_FLIGHT 16
+
+/*
+ * How far the head of a queue can move: past the leading places that hold
+ * nothing takeable (taken, or removed at their connection's close), at most
+ * CONNREDIR_INHERIT_SCAN of them. A missing entry among the newest
+ * INHERIT_PLACES_IN_FLIGHT places may be one not written yet, so the head
+ * stops there. Returns how many places to pass.
+ */
+static __always_inline __u32 inherit_passable(struct connredir_inherit_key *key, __u32 head,
+					      __u32 tail)
+{
+	struct connredir_inherit *entry;
+	__u32 i;
+
+	for (i = 0; i < CONNREDIR_INHERIT_SCAN; i++) {
+		__u32 seq = head + i;
+
+		if ((__s32)(tail - seq) <= INHERIT_PLACES_IN_FLIGHT)
+			break;
+		key->seq = seq;
+		entry = bpf_map_lookup_elem(&inherit, key);
+		if (entry && !entry->taken)
+			break;
+	}
+	return i;
+}
+
+/*
+ * Claims the oldest record from place `from` on (at most
+ * CONNREDIR_INHERIT_SCAN places, before `tail`) that is written, not taken,
+ * and (if `tid` is not 0) asked for by thread `tid`; marks it taken, so no
+ * other connect takes it. Returns its place, or -1.
+ */
+static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *key, __u32 from,
+						__u32 tail, __u32 tid)
+{
+	struct connredir_inherit *entry;
+
+	for (__u32 i = 0; i < CONNREDIR_INHERIT_SCAN; i++) {
+		__u32 seq = from + i;
+
+		if ((__s32)(tail - seq) <= 0)
+			break;
+		key->seq = seq;
+		entry = bpf_map_lookup_elem(&inherit, key);
+		/* tid 0: still being filled (inherit_publish). */
+		if (!entry || entry->taken || !entry->tid || (tid && entry->tid != tid))
+			continue;
+		if (__sync_val_compare_and_swap(&entry->taken, 0, 1) == 0)
+			return seq;
+	}
+	return -1;
+}
+
 /*
  * Claims a record queued by process `tgid` for `dst` in namespace `netns`
  * for a connect by its thread `tid`: among the first CONNREDIR_INHERIT_SCAN
  * places from the queue's head, the oldest that thread asked for, or else
- * the oldest of any thread's. Marks it taken (so no other connect takes it)
- * and returns its place; -1 when none is waiting. Moves the head past
- * leading places that hold nothing takeable.
+ * the oldest of any thread's. Marks it taken and returns its place; -1 when
+ * none is waiting. Moves the head past leading places that hold nothing
+ * takeable. Each scan is its own loop that carries nothing but its index,
+ * so the verifier walks the places once each.
  */
 __noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid,
 			       const struct connredir_endpoint *dst)
 {
 	struct connredir_inherit_key key = {};
 	struct connredir_inherit_queue *queue;
-	struct connredir_inherit *entry;
-	__u32 head, tail, seq, new_head;
-	__s64 oldest = -1;
-	int leading = 1;
+	__u32 head, tail;
+	__s64 seq;
 
 	if (!dst)
 		return -1;
@@ -40,39 +97,13 @@ __noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid,
 		return -1;
 	head = queue->head;
 	tail = queue->tail;
-	new_head = head;
-	for (__u32 i = 0; i < CONNREDIR_INHERIT_SCAN; i++) {
-		seq = head + i;
-		if ((__s32)(tail - seq) <= 0)
-			break;
-		key.seq = seq;
-		entry = bpf_map_lookup_elem(&inherit, &key);
-		if (!entry || entry->taken) {
-			if (leading)
-				new_head = seq + 1;
-			continue;
-		}
-		leading = 0;
-		/* tid 0: still being filled (inherit_publish). */
-		if (!entry->tid)
-			continue;
-		if (entry->tid == tid && __sync_val_compare_and_swap(&entry->taken, 0, 1) == 0) {
-			if (new_head != head)
-				queue->head = new_head;
-			return seq;
-		}
-		if (oldest < 0)
-			oldest = seq;
-	}
-	if (new_head != head)
-		queue->head = new_head;
-	if (oldest < 0)
-		return -1;
-	key.seq = (__u32)oldest;
-	entry = bpf_map_lookup_elem(&inherit, &key);
-	if (!entry || __sync_val_compare_and_swap(&entry->taken, 0, 1) != 0)
-		return -1;
-	return oldest;
+	head += inherit_passable(&key, head, tail);
+	if (head != queue->head)
+		queue->head = head;
+	seq = inherit_claim_from(&key, head, tail, tid ? tid : 1);
+	if (seq < 0)
+		seq = inherit_claim_from(&key, head, tail, 0);
+	return seq;
 }
 
 /*
