@@ -45,9 +45,11 @@ __noinline int udp_list(struct bpf_sock_addr *ctx, int verdict)
 	return 0;
 }
 
-/* A refused connect: the errno reaches the caller of connect(). */
-static __always_inline int refuse(int err)
+/* A refused connect: the errno reaches the caller of connect(), and a
+ * record the socket inherited goes back for the caller's next attempt. */
+static __always_inline int refuse(struct bpf_sock_addr *ctx, int err)
 {
+	inherit_return(ctx);
 	bpf_set_retval(err);
 	return 0;
 }
@@ -81,7 +83,7 @@ static __always_inline int on_addr4(struct bpf_sock_addr *ctx, int sending)
 	verdict = decide_traced(ctx, sk, &dst, 0, protocol, &target, &refusal);
 	udp_list(ctx, verdict);
 	if (verdict == VERDICT_REFUSE)
-		return refuse(refusal);
+		return refuse(ctx, refusal);
 	if (verdict == VERDICT_REDIRECT && target) {
 		ctx->user_ip4 = *(const __u32 *)target->addr;
 		ctx->user_port = target->port;
@@ -117,7 +119,7 @@ static __always_inline int on_addr6(struct bpf_sock_addr *ctx, int sending)
 	verdict = decide_traced(ctx, sk, &dst, !mapped, protocol, &target, &refusal);
 	udp_list(ctx, verdict);
 	if (verdict == VERDICT_REFUSE)
-		return refuse(refusal);
+		return refuse(ctx, refusal);
 	if (verdict != VERDICT_REDIRECT || !target)
 		return 1;
 	if (mapped) {

@@ -29,7 +29,13 @@ static __always_inline int on_connect(struct bpf_sock_ops *skops)
 	if (!sk)
 		return 1;
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state || !(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
+	if (!state)
+		return 1;
+	/* An inherited record goes back if this connect fails (on_state). */
+	if (state->flags & CONNREDIR_SOCK_INHERITED)
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (!(state->flags & CONNREDIR_SOCK_HANDOFF_PENDING))
 		return 1;
 	read_tuple(skops, &t);
 	handoff_on_connect(skops, sk, state, bpf_get_netns_cookie(skops), &t,
@@ -115,6 +121,8 @@ static __always_inline int on_state(struct bpf_sock_ops *skops)
 		flags |= small->flags;
 	if (flags & CONNREDIR_SOCK_OWN_HOP)
 		handoff_on_close(skops, netns, &t);
+	if (state && skops->args[0] == TCP_SYN_SENT)
+		inherit_give_back(state, netns);
 	if (state)
 		inherit_on_close(state, netns);
 	if (small)

@@ -382,3 +382,67 @@ fn churn_other_services(lab: &mut Lab) {
 fn haproxy_stays_transparent_while_other_services_come_and_go() {
     round_trip_after("hap-churn-n6", &V6, Chain::Haproxy, churn_other_services);
 }
+
+/// haproxy retries a connect that failed (`retries`, 3 by default, about a
+/// second apart), on a new socket and without asking `SO_ORIGINAL_DST`
+/// again. A retry must carry the same flow's record as the first attempt:
+/// without it, the layer would decide it as a new connection of haproxy's
+/// and send it to connredir-proxy, before haproxy in priority order, which
+/// would pass it to haproxy again, which would retry again, one level
+/// deeper each time. Here the origin refuses (nothing listens on its
+/// address) and a second case puts a down service after haproxy (fail
+/// closed): in both, the layer redirects the client's flow to each proxy
+/// once, and every one of haproxy's attempts inherits the record.
+#[test]
+fn haproxy_retrying_a_failed_connect_does_not_send_the_flow_back_through_services() {
+    for down_service_after in [false, true] {
+        let test = if down_service_after {
+            "haproxy-retry-down"
+        } else {
+            "haproxy-retry-refused"
+        };
+        let Some(haproxy) = require_program(test, "haproxy") else {
+            return;
+        };
+        let Some(mut lab) = Lab::new(test) else {
+            return;
+        };
+        let dir = TempDir::new(test);
+        // Nothing listens here.
+        let dst = free_addr("127.0.0.2");
+        lab.reference_proxy(V4.listen_ip, dst, 1);
+        start_haproxy(&mut lab, &haproxy, &dir.0, &V4, dst, 2);
+        if down_service_after {
+            // Registered, routed after haproxy, never started: down, and
+            // its rule blocks (the default failure policy).
+            let cgroup = lab.cgroup("services/absent");
+            let id = lab.service(
+                "absent",
+                &[free_addr("127.0.0.1")],
+                by_cgroup(&cgroup),
+                None,
+            );
+            lab.route(id, &format!("{}/32", dst.ip()), Some(dst.port()), 3);
+        }
+        let before = lab.engine.counters().unwrap();
+        let (connect, size) = (dst.to_string(), "100".to_string());
+        let args = ["client", "--connect", &connect, "--bytes", &size];
+        let proc = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &args)
+            .expect("start the client");
+        let _ = proc.finish();
+        // haproxy's three retries, about a second apart, and a margin.
+        std::thread::sleep(Duration::from_secs(5));
+        let after = lab.engine.counters().unwrap();
+        let redirects = after.redirects - before.redirects;
+        let inherited = after.records_inherited - before.records_inherited;
+        assert_eq!(
+            redirects, 2,
+            "{test}: the client's flow must be redirected to connredir-proxy and then to \
+             haproxy, once each, whatever haproxy retries ({inherited} records inherited)"
+        );
+        assert!(
+            inherited >= 2,
+            "{test}: haproxy's retries must inherit the record too ({inherited} inherited)"
+        );
+    }
+}

@@ -44,6 +44,10 @@ struct connredir_seal_key {
 #define CONNREDIR_SOCK_INHERIT_KEPT 16u
 /* The socket was accepted on a service's address with its flow's record. */
 #define CONNREDIR_SOCK_ACCEPTED 32u
+/* A records-less service's onward socket took its record from the inherit
+ * map (inherit_tgid, inherit_seq): if its connect fails, the record goes
+ * back, for the service's next attempt (a retry on a new socket). */
+#define CONNREDIR_SOCK_INHERITED 64u
 
 struct connredir_sock_state {
 	struct connredir_record record;
@@ -59,8 +63,9 @@ struct connredir_sock_state {
 	 * (the acceleration state goes at TCP close, before the owner may
 	 * have read it; the socket's own storage lasts until it is freed). */
 	uint64_t cut_through_bytes;
-	/* With CONNREDIR_SOCK_INHERIT_KEPT: the asking process and the record's
-	 * place in its queue (see inherit). */
+	/* With CONNREDIR_SOCK_INHERIT_KEPT (an accepted socket) or
+	 * CONNREDIR_SOCK_INHERITED (an onward one): the asking process and the
+	 * record's place in its queue (see inherit). */
 	uint32_t inherit_tgid;
 	uint32_t inherit_seq;
 };

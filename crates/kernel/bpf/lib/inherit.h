@@ -178,6 +178,46 @@ static __always_inline void inherit_forget(__u64 netns, __u32 tgid, __u32 seq, _
 		queue->head = seq + 1;
 }
 
+/*
+ * The connect of an onward socket that took its record from the queue
+ * (CONNREDIR_SOCK_INHERITED in its `state`) failed: refused by the layer, or
+ * by the far end, or timed out. The record goes back to its place, untaken
+ * and within the head's reach, so the service's next attempt, which a proxy
+ * makes on a new socket without asking again (haproxy's retries), takes it:
+ * decided without it, that attempt would go back through the services the
+ * flow already passed, and fail and retry there again, one level deeper each
+ * time.
+ */
+static __always_inline void inherit_give_back(struct connredir_sock_state *state, __u64 netns)
+{
+	struct connredir_inherit_key key = {};
+	struct connredir_inherit_queue *queue;
+	struct connredir_inherit *entry;
+	const struct connredir_hop *last;
+	__u32 hops;
+
+	if (!(state->flags & CONNREDIR_SOCK_INHERITED))
+		return;
+	state->flags &= ~CONNREDIR_SOCK_INHERITED;
+	/* The inherited record's hops, without the one this socket's own
+	 * connect may have added (a redirect to the next service). */
+	hops = clamp_hops(state->record.hop_count);
+	if ((state->flags & CONNREDIR_SOCK_OWN_HOP) && hops > 0)
+		hops -= 1;
+	if (hops == 0)
+		return;
+	last = &state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)];
+	inherit_key(&key, netns, state->inherit_tgid, state->inherit_seq, &last->original_dst);
+	entry = bpf_map_lookup_elem(&inherit, &key);
+	if (!entry || !same_last_hop(&entry->record, hops, last->time_ns))
+		return;
+	entry->taken = 0;
+	key.seq = 0;
+	queue = bpf_map_lookup_elem(&inherit_queue, &key);
+	if (queue && (__s32)(state->inherit_seq - queue->head) < 0)
+		queue->head = state->inherit_seq;
+}
+
 /* The accepted socket (its `state`, in namespace `netns`) closes: what it
  * kept goes, taken or not. */
 static __always_inline void inherit_on_close(struct connredir_sock_state *state, __u64 netns)

@@ -138,9 +138,30 @@ static __always_inline int inherit_take(struct bpf_sock_addr *ctx,
 	if (!state)
 		return 0;
 	state->record = kept->record;
-	state->flags = 0;
+	state->flags = CONNREDIR_SOCK_INHERITED;
+	state->inherit_tgid = pid_tgid >> 32;
+	state->inherit_seq = (__u32)seq;
 	count(CONNREDIR_CNT_RECORDS_INHERITED);
 	return 1;
+}
+
+/*
+ * The layer refuses the connect of `ctx`'s socket: a record it took from
+ * the queue goes back (inherit_give_back). A global function, so the
+ * connect program pays only a call for it.
+ */
+__noinline int inherit_return(struct bpf_sock_addr *ctx)
+{
+	struct connredir_sock_state *state;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk)
+		return 0;
+	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	if (!state)
+		return 0;
+	inherit_give_back(state, bpf_get_netns_cookie(ctx));
+	return 0;
 }
 
 #endif /* CONNREDIR_INHERIT_TAKE_H */
