@@ -434,6 +434,85 @@ pub fn require_program(test: &str, name: &str) -> Option<PathBuf> {
     found
 }
 
+/// A program that scripts/setup installs into a virtual environment under
+/// `target/tools` (`relative` to it, e.g. `mitmproxy/bin/mitmdump`): pinned
+/// versions from PyPI that Debian does not carry. In CI a missing one fails
+/// the test; elsewhere the test is skipped, saying why.
+pub fn require_setup_tool(test: &str, relative: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> → target
+    let target = exe.ancestors().nth(3).expect("the target directory");
+    let program = target.join("tools").join(relative);
+    if program.exists() {
+        return Some(program);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{test}: {} is missing (scripts/setup installs it)",
+            program.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED {test}: {} is missing (run scripts/setup)",
+        program.display()
+    );
+    None
+}
+
+/// A directory of a test's own under the system's temporary directory
+/// (`connredir-test-<name>-<pid>`), made empty, removed on drop: for
+/// configuration files and scripts of the programs a test starts.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    /// Makes the directory, owned by `owner` if given (a program that runs
+    /// as that user writes into it).
+    pub fn new(name: &str, owner: Option<u32>) -> TestDir {
+        let dir =
+            std::env::temp_dir().join(format!("connredir-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("the test's temporary directory");
+        if let Some(owner) = owner {
+            std::os::unix::fs::chown(&dir, Some(owner), Some(owner))
+                .expect("give the temporary directory to its user");
+        }
+        TestDir(dir)
+    }
+
+    /// Writes `contents` to `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("write into the temporary directory");
+        path.to_str().expect("a UTF-8 path").to_string()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The rule prefix that names exactly `addr`'s address (/32 or /128).
+pub fn host_prefix(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
+        SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
+    }
+}
+
+/// An address as proxies print it: an IPv4-mapped IPv6 address as plain
+/// IPv4.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 /// One test's world: a cgroup tree with `scope` (clients) and `services`
 /// (proxies) attached, `outside` not attached, the loaded engine, and the
 /// processes the test started. Fields drop in order: processes, then the
@@ -592,11 +671,7 @@ impl Lab {
         let cgroup = self.cgroup("services/ours");
         let listen = free_addr(listen_ip);
         let id = self.service("ours", &[listen], by_cgroup(&cgroup), None);
-        let prefix = match dst {
-            SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
-            SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
-        };
-        self.route(id, &prefix, Some(dst.port()), priority);
+        self.route(id, &host_prefix(dst), Some(dst.port()), priority);
         let listen = listen.to_string();
         let args = ["--name", "ours", "--listen", &listen];
         let proc = Proc::spawn_program(&cgroup, None, &workspace_bin("connredir-proxy"), &args)

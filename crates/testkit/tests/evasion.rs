@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use connredir_engine::{OnDown, Rule, Service};
-use connredir_testkit::{by_cgroup, free_addr, service_spec, EchoServer, Lab, Proc};
+use connredir_testkit::{by_cgroup, free_addr, service_spec, unmapped, EchoServer, Lab, Proc};
 use serde_json::Value;
 
 /// The unprivileged user every attacker runs as.
@@ -88,14 +88,7 @@ fn locals(attempts: &[&Value]) -> BTreeSet<String> {
 
 /// An address as the echo server sees it (IPv4-mapped as IPv4).
 fn normalise(addr: &str) -> String {
-    let addr: SocketAddr = addr.parse().unwrap();
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()).to_string(),
-            None => addr.to_string(),
-        },
-        v4 => v4.to_string(),
-    }
+    unmapped(addr.parse().unwrap()).to_string()
 }
 
 /// Fails when the destination saw a connection from one of the client's

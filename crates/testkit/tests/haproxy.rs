@@ -21,13 +21,13 @@
 //! test's own temporary directory, and is ended by its pid with the lab.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use connredir_engine::{Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, free_addr, require_program, service_spec, wait_listening, EchoServer, Lab,
-    Proc,
+    by_cgroup, by_uid, free_addr, host_prefix, require_program, service_spec, unmapped,
+    wait_listening, EchoServer, Lab, Proc, TestDir,
 };
 use serde_json::{json, Value};
 
@@ -43,28 +43,6 @@ const SIZES: [usize; 3] = [1, 1_000, 300_000];
 /// client's address, where haproxy connected (the original destination it
 /// read), and the bytes each way.
 const LOG_FORMAT: &str = r#"{"flow":"%ci:%cp","original_dst":"%si:%sp","bytes_up":%U,"bytes_down":%B,"termination":"%ts"}"#;
-
-/// A directory of the test's own for haproxy's configuration, removed on
-/// drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "connredir-test-haproxy-{test}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("the test's temporary directory");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Registers haproxy as a service (identity: its cgroup `services/haproxy`,
 /// listening on a free port of `family.listen_ip`, transparent if the
@@ -85,11 +63,7 @@ fn start_haproxy(
         transparent: family.transparent,
         ..service_spec("haproxy", &[listen], by_cgroup(&cgroup))
     });
-    let prefix = match dst {
-        SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
-        SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
-    };
-    lab.route(id, &prefix, Some(dst.port()), priority);
+    lab.route(id, &host_prefix(dst), Some(dst.port()), priority);
     let config = dir.join("haproxy.cfg");
     std::fs::write(
         &config,
@@ -132,21 +106,10 @@ fn wait_log(lab: &Lab, index: usize, n: usize) -> Vec<Value> {
     }
 }
 
-/// An address as the proxies print it: IPv4-mapped IPv6 as plain IPv4.
-fn plain(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
 /// An address as haproxy's log format (`%ci:%cp`) prints it: IPv6
 /// without brackets.
 fn haproxy_printed(addr: SocketAddr) -> String {
-    let addr = plain(addr);
+    let addr = unmapped(addr);
     format!("{}:{}", addr.ip(), addr.port())
 }
 
@@ -223,7 +186,7 @@ fn round_trip_after(test: &str, family: &Family, chain: Chain, meanwhile: impl F
     let Some((mut lab, server)) = Lab::with_server_from(test, start) else {
         return;
     };
-    let dir = TempDir::new(test);
+    let dir = TestDir::new(&format!("haproxy-{test}"), None);
     let dst = server.addr();
     let (hap_priority, ours_priority) = match chain {
         Chain::Haproxy | Chain::HaproxyThenOurs => (1, 2),
@@ -242,7 +205,7 @@ fn round_trip_after(test: &str, family: &Family, chain: Chain, meanwhile: impl F
         let report = client(&lab, (family.connect)(dst), size);
         assert_eq!(report["ok"], true, "{chain:?}: {report}");
         let local: SocketAddr = report["local"].as_str().unwrap().parse().unwrap();
-        locals.push(plain(local));
+        locals.push(unmapped(local));
     }
 
     // haproxy logs each connection once, with the original destination it
@@ -407,7 +370,7 @@ fn haproxy_retrying_a_failed_connect_does_not_send_the_flow_back_through_service
         let Some(mut lab) = Lab::new(test) else {
             return;
         };
-        let dir = TempDir::new(test);
+        let dir = TestDir::new(&format!("haproxy-{test}"), None);
         // Nothing listens here.
         let dst = free_addr("127.0.0.2");
         lab.reference_proxy(V4.listen_ip, dst, 1);

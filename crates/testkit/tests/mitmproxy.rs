@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Counters, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, require_program, service_spec, wait_listening, Lab, Proc,
+    by_cgroup, free_addr, host_prefix, require_program, require_setup_tool, service_spec, unmapped,
+    wait_listening, Lab, Proc, TestDir,
 };
 use serde_json::Value;
 
@@ -121,76 +122,10 @@ class FlowLog:
 addons = [FlowLog()]
 "#;
 
-/// A directory of the test's own, owned by [`NOBODY`] (mitmdump writes its
-/// certificates there), for the scripts and mitmdump's configuration;
-/// removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "connredir-test-mitmproxy-{test}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("the test's temporary directory");
-        std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY))
-            .expect("give the temporary directory to the unprivileged user");
-        TempDir(dir)
-    }
-
-    /// Writes `contents` to `name` in the directory; returns its path.
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("write into the temporary directory");
-        path.to_str().expect("a UTF-8 path").to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The mitmdump that scripts/setup installs; None when the test must be
-/// skipped (outside CI).
-fn mitmdump(test: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().expect("the test executable's path");
-    // target/<profile>/deps/<test> → target
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("the target directory")
-        .to_path_buf();
-    let program = target.join("tools/mitmproxy/bin/mitmdump");
-    if program.exists() {
-        return Some(program);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: {} is missing (scripts/setup installs it)",
-        program.display()
-    );
-    eprintln!(
-        "SKIPPED {test}: {} is missing (run scripts/setup)",
-        program.display()
-    );
-    None
-}
-
-/// The rule prefix naming exactly `dst`'s address.
-fn host_prefix(dst: SocketAddr) -> String {
-    match dst {
-        SocketAddr::V4(v4) => format!("{}/32", v4.ip()),
-        SocketAddr::V6(v6) => format!("{}/128", v6.ip()),
-    }
-}
-
 /// Starts the origin on `host` (as [`NOBODY`], in the lab's `outside`
 /// cgroup, which nothing is attached to). Returns its address and its
 /// index in `lab.procs`.
-fn start_origin(lab: &mut Lab, python: &Path, dir: &TempDir, host: &str) -> (SocketAddr, usize) {
+fn start_origin(lab: &mut Lab, python: &Path, dir: &TestDir, host: &str) -> (SocketAddr, usize) {
     let script = dir.write("origin.py", ORIGIN);
     let proc = Proc::spawn_program(
         &lab.cgroup("outside"),
@@ -216,7 +151,7 @@ fn start_origin(lab: &mut Lab, python: &Path, dir: &TempDir, host: &str) -> (Soc
 fn start_mitmproxy(
     lab: &mut Lab,
     mitmdump: &Path,
-    dir: &TempDir,
+    dir: &TestDir,
     listen_ip: &str,
     dst: SocketAddr,
     priority: u32,
@@ -256,17 +191,6 @@ fn start_mitmproxy(
         );
     }
     (id, lab.procs.len() - 1)
-}
-
-/// An address as the proxies print it: IPv4-mapped IPv6 as plain IPv4.
-fn plain(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
 }
 
 /// One request as curl reported it.
@@ -342,7 +266,7 @@ fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fe
                 local: v["local"]
                     .as_str()
                     .and_then(|l| l.parse().ok())
-                    .map(|l| plain(l).to_string())
+                    .map(|l| unmapped(l).to_string())
                     .unwrap_or_default(),
                 error: v["error"].as_str().unwrap_or_default().to_string(),
             }
@@ -513,6 +437,39 @@ fn counters_of(c: &Counters) -> [u64; 3] {
     [c.redirects, c.records_inherited, c.loops_prevented]
 }
 
+/// What every test here starts from: the programs, the lab, the test's
+/// directory (owned by [`NOBODY`]) and the origin, running.
+struct World {
+    curl: PathBuf,
+    mitmdump: PathBuf,
+    lab: Lab,
+    dir: TestDir,
+    /// The origin's address.
+    origin: SocketAddr,
+    /// The origin's index in `lab.procs`.
+    origin_log: usize,
+}
+
+/// Finds curl and mitmdump, makes the lab and starts the origin on
+/// `origin_host`; None when the test must be skipped (outside CI).
+fn world(test: &str, origin_host: &str) -> Option<World> {
+    let curl = require_program(test, "curl")?;
+    let mitmdump = require_setup_tool(test, "mitmproxy/bin/mitmdump")?;
+    let mut lab = Lab::new(test)?;
+    let dir = TestDir::new(&format!("mitmproxy-{test}"), Some(NOBODY));
+    // The virtual environment's interpreter: Debian's, which NOBODY can run.
+    let python = mitmdump.with_file_name("python3");
+    let (origin, origin_log) = start_origin(&mut lab, &python, &dir, origin_host);
+    Some(World {
+        curl,
+        mitmdump,
+        lab,
+        dir,
+        origin,
+        origin_log,
+    })
+}
+
 /// Runs `load` from unprivileged curl clients to the origin through
 /// `chain` and checks, round by round, that every request got the origin's
 /// answer, reached the origin exactly once, and was logged exactly once by
@@ -522,18 +479,17 @@ fn counters_of(c: &Counters) -> [u64; 3] {
 /// far; and that the layer redirected each request once per service and
 /// gave mitmproxy's onward connection a record each time.
 fn run(test: &str, family: &Family, chain: Chain, load: Load) {
-    let Some(curl) = require_program(test, "curl") else {
+    let Some(World {
+        curl,
+        mitmdump,
+        mut lab,
+        dir,
+        origin,
+        origin_log,
+    }) = world(test, family.origin)
+    else {
         return;
     };
-    let Some(mitmdump) = mitmdump(test) else {
-        return;
-    };
-    let Some(mut lab) = Lab::new(test) else {
-        return;
-    };
-    let dir = TempDir::new(test);
-    let python = mitmdump.with_file_name("python3");
-    let (origin, origin_log) = start_origin(&mut lab, &python, &dir, family.origin);
     let (mitm_priority, ours_priority) = match chain {
         Chain::Mitmproxy | Chain::MitmproxyThenOurs => (1, 2),
         Chain::OursThenMitmproxy => (2, 1),
@@ -828,21 +784,20 @@ fn mitmproxy_then_connredir_proxy_concurrent_clients_ipv6() {
 /// the first one's onward connection inherited, and a connection without
 /// one would be decided anew and sent back through a proxy it passed.
 fn run_two_records_less(test: &str, haproxy_first: bool) {
-    let Some(curl) = require_program(test, "curl") else {
-        return;
-    };
     let Some(haproxy) = require_program(test, "haproxy") else {
         return;
     };
-    let Some(mitmdump) = mitmdump(test) else {
+    let Some(World {
+        curl,
+        mitmdump,
+        mut lab,
+        dir,
+        origin,
+        origin_log,
+    }) = world(test, V4.origin)
+    else {
         return;
     };
-    let Some(mut lab) = Lab::new(test) else {
-        return;
-    };
-    let dir = TempDir::new(test);
-    let python = mitmdump.with_file_name("python3");
-    let (origin, origin_log) = start_origin(&mut lab, &python, &dir, V4.origin);
     let (haproxy_priority, mitm_priority) = if haproxy_first { (1, 2) } else { (2, 1) };
     let (_, mitm) = start_mitmproxy(
         &mut lab,

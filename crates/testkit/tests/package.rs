@@ -20,7 +20,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use connredir_testkit::{require_privileges, require_program, workspace_bin};
+use connredir_testkit::{
+    require_privileges, require_program, require_setup_tool, workspace_bin, TestDir,
+};
 
 /// The Kubernetes version the manifests are validated against.
 const KUBERNETES_VERSION: &str = "1.33.0";
@@ -54,24 +56,6 @@ fn run(what: &str, command: &mut Command) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("connredir-{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("a temporary directory");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
@@ -130,7 +114,7 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
     // directory's `debian/`: it works on a target directory of its own,
     // holding (hard links to) what the build made, so that a package built
     // by hand in target/debian stays.
-    let stage = TempDir::new("package-target");
+    let stage = TestDir::new("package-target", None);
     let staged = stage.0.join(profile_dir.file_name().unwrap());
     std::fs::create_dir_all(&staged).unwrap();
     for built in [
@@ -149,7 +133,7 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
             std::fs::copy(&from, staged.join(built)).unwrap();
         }
     }
-    let out = TempDir::new("package-deb");
+    let out = TestDir::new("package-deb", None);
     run(
         "scripts/package",
         Command::new(repo().join("scripts/package"))
@@ -167,7 +151,7 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
     // Install, quick start, remove, purge, and the check of what is left:
     // all in a mount namespace of its own, whose mounts (the overlay, its
     // tmpfs) end with it.
-    let work = TempDir::new("package-root");
+    let work = TestDir::new("package-root", None);
     let output = Command::new("unshare")
         .arg("--mount")
         .arg(repo().join("crates/testkit/tests/package_install.sh"))
@@ -189,26 +173,6 @@ fn the_package_installs_runs_its_quick_start_and_leaves_nothing_when_removed() {
     );
 }
 
-/// The kubernetes-validate that scripts/setup installs; None when the test
-/// must be skipped (outside CI).
-fn kubernetes_validate(test: &str) -> Option<PathBuf> {
-    let target = profile_dir().parent().expect("target").to_path_buf();
-    let program = target.join("tools/kubernetes-validate/bin/kubernetes-validate");
-    if program.exists() {
-        return Some(program);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: {} is missing (scripts/setup installs it)",
-        program.display()
-    );
-    eprintln!(
-        "SKIPPED {test}: {} is missing (run scripts/setup)",
-        program.display()
-    );
-    None
-}
-
 /// Validates `files` strictly (unknown fields are errors) against the
 /// pinned Kubernetes version.
 fn validate(program: &Path, files: &[PathBuf]) -> Output {
@@ -222,7 +186,8 @@ fn validate(program: &Path, files: &[PathBuf]) -> Output {
 #[test]
 fn every_kubernetes_manifest_passes_kubernetes_validate() {
     let test = "every_kubernetes_manifest_passes_kubernetes_validate";
-    let Some(program) = kubernetes_validate(test) else {
+    let Some(program) = require_setup_tool(test, "kubernetes-validate/bin/kubernetes-validate")
+    else {
         return;
     };
     let dir = repo().join("deploy/kubernetes");
@@ -255,7 +220,7 @@ fn every_kubernetes_manifest_passes_kubernetes_validate() {
     }
 
     // The validation can fail: a misspelt field is refused.
-    let broken = TempDir::new("manifest-broken");
+    let broken = TestDir::new("manifest-broken", None);
     let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml")).unwrap();
     assert!(daemonset.contains("      hostPID: true\n"));
     let misspelt = broken.0.join("daemonset.yaml");
@@ -275,12 +240,13 @@ fn every_kubernetes_manifest_passes_kubernetes_validate() {
 #[test]
 fn the_configmaps_configuration_passes_connredir_check() {
     let test = "the_configmaps_configuration_passes_connredir_check";
-    let Some(program) = kubernetes_validate(test) else {
+    let Some(program) = require_setup_tool(test, "kubernetes-validate/bin/kubernetes-validate")
+    else {
         return;
     };
     // The venv's Python has PyYAML (kubernetes-validate reads YAML with it).
     let python = program.with_file_name("python");
-    let dir = TempDir::new("configmap");
+    let dir = TestDir::new("configmap", None);
     let toml = dir.0.join("connredir.toml");
     run(
         "extract connredir.toml from the ConfigMap",

@@ -10,7 +10,7 @@ use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
     by_cgroup, by_uid, eventually, free_addr, permutations, require_program, service_spec,
-    workspace_bin, EchoServer, Lab, Proc, Release,
+    unmapped, workspace_bin, EchoServer, Lab, Proc, Release,
 };
 use serde_json::Value;
 
@@ -127,13 +127,7 @@ fn single_proxy_round_trip(
     // The default context carries the client's own address (an IPv4-mapped
     // address as plain IPv4, the way the layer normalises it).
     let local: SocketAddr = report["local"].as_str().unwrap().parse().unwrap();
-    let local = match local {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => local,
-        },
-        v4 => v4,
-    };
+    let local = unmapped(local);
     assert_eq!(
         entry["context_local"],
         local.to_string(),
