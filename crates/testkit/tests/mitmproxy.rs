@@ -153,6 +153,7 @@ fn start_mitmproxy(
     mitmdump: &Path,
     dir: &TestDir,
     listen_ip: &str,
+    everywhere: bool,
     dst: SocketAddr,
     priority: u32,
 ) -> (ServiceId, usize) {
@@ -167,7 +168,7 @@ fn start_mitmproxy(
         "--mode",
         "transparent",
         "--listen-host",
-        listen_ip,
+        if everywhere { "" } else { listen_ip },
         "--listen-port",
         &port,
         "--set",
@@ -288,6 +289,10 @@ struct Family {
     listen_ip: &'static str,
     /// The address curl connects to, from the origin's.
     connect: fn(SocketAddr) -> SocketAddr,
+    /// mitmdump listens on every address (its default, an empty
+    /// `--listen-host`: 0.0.0.0 and `::` on the port), not only on the
+    /// service's.
+    everywhere: bool,
 }
 
 /// IPv4: the origin on 127.0.0.2 (services listen on 127.0.0.1, so the
@@ -296,6 +301,7 @@ const V4: Family = Family {
     origin: "127.0.0.2",
     listen_ip: "127.0.0.1",
     connect: |origin| origin,
+    everywhere: false,
 };
 
 /// curl's socket is IPv6: it connects to the origin's IPv4-mapped
@@ -309,6 +315,7 @@ const V6_CLIENT: Family = Family {
         SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
         v6 => v6,
     },
+    everywhere: false,
 };
 
 /// IPv6 throughout, on `::1`: mitmproxy reads the destination with
@@ -317,6 +324,23 @@ const V6: Family = Family {
     origin: "::1",
     listen_ip: "::1",
     connect: |origin| origin,
+    everywhere: false,
+};
+
+/// IPv4, with mitmdump on every address (as it runs by default): the
+/// layer sends flows to the service's 127.0.0.1 address, which its
+/// 0.0.0.0 socket accepts.
+const V4_EVERYWHERE: Family = Family {
+    everywhere: true,
+    ..V4
+};
+
+/// IPv6, with mitmdump on every address: its `::` socket (IPv6 only, as
+/// Python makes it beside the 0.0.0.0 one) accepts the flows sent to the
+/// service's `::1` address.
+const V6_EVERYWHERE: Family = Family {
+    everywhere: true,
+    ..V6
 };
 
 /// Which services a test puts on the flow, in priority order.
@@ -499,6 +523,7 @@ fn run(test: &str, family: &Family, chain: Chain, load: Load) {
         &mitmdump,
         &dir,
         family.listen_ip,
+        family.everywhere,
         origin,
         mitm_priority,
     );
@@ -804,6 +829,7 @@ fn run_two_records_less(test: &str, haproxy_first: bool) {
         &mitmdump,
         &dir,
         V4.listen_ip,
+        V4.everywhere,
         origin,
         mitm_priority,
     );
@@ -872,4 +898,24 @@ fn haproxy_then_mitmproxy_concurrent_clients_ipv4() {
 #[test]
 fn mitmproxy_then_haproxy_concurrent_clients_ipv4() {
     run_two_records_less("mitm-haproxy", false);
+}
+
+#[test]
+fn connredir_proxy_then_mitmproxy_on_every_address_concurrent_clients_ipv4() {
+    run(
+        "mitm-all-v4",
+        &V4_EVERYWHERE,
+        Chain::OursThenMitmproxy,
+        CONCURRENTLY,
+    );
+}
+
+#[test]
+fn mitmproxy_on_every_address_then_connredir_proxy_concurrent_clients_ipv6() {
+    run(
+        "mitm-all-v6",
+        &V6_EVERYWHERE,
+        Chain::MitmproxyThenOurs,
+        CONCURRENTLY,
+    );
 }
