@@ -44,19 +44,21 @@ static __always_inline int same_last_hop(const struct connredir_record *kept, __
 	return kept->hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].time_ns == time_ns;
 }
 
-/* Whether the entry that an accepted socket kept at (`tgid`, `seq`) for
- * `dst` is still there for its flow (last of `hops` redirected at
- * `time_ns`), taken or not: then asking again queues nothing. */
-static __always_inline int inherit_still_kept(__u64 netns, __u32 tgid, __u32 seq,
-					      const struct connredir_endpoint *dst,
-					      __u32 hops, __u64 time_ns)
+/* The entry that an accepted socket kept at (`tgid`, `seq`) for `dst`, if
+ * it is still its flow's (last of `hops` redirected at `time_ns`), taken or
+ * not; NULL when another flow's has its place or it is gone. `key` is left
+ * naming it. */
+static __always_inline struct connredir_inherit *
+inherit_entry_of(struct connredir_inherit_key *key, __u64 netns, __u32 tgid, __u32 seq,
+		 const struct connredir_endpoint *dst, __u32 hops, __u64 time_ns)
 {
-	struct connredir_inherit_key key = {};
 	struct connredir_inherit *kept;
 
-	inherit_key(&key, netns, tgid, seq, dst);
-	kept = bpf_map_lookup_elem(&inherit, &key);
-	return kept && same_last_hop(&kept->record, hops, time_ns);
+	inherit_key(key, netns, tgid, seq, dst);
+	kept = bpf_map_lookup_elem(&inherit, key);
+	if (!kept || !same_last_hop(&kept->record, hops, time_ns))
+		return NULL;
+	return kept;
 }
 
 /*
@@ -111,6 +113,7 @@ static __always_inline void inherit_publish(struct connredir_inherit *entry, __u
 static __always_inline void inherit_keep(__u64 netns, struct connredir_sock_state *state,
 					 const struct connredir_endpoint *dst)
 {
+	struct connredir_inherit_key key = {};
 	struct connredir_inherit *entry;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, hops, seq = 0;
@@ -119,8 +122,8 @@ static __always_inline void inherit_keep(__u64 netns, struct connredir_sock_stat
 		return;
 	hops = clamp_hops(state->record.hop_count);
 	if ((state->flags & CONNREDIR_SOCK_INHERIT_KEPT) && hops &&
-	    inherit_still_kept(netns, state->inherit_tgid, state->inherit_seq, dst, hops,
-			       state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].time_ns))
+	    inherit_entry_of(&key, netns, state->inherit_tgid, state->inherit_seq, dst, hops,
+			     state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)].time_ns))
 		return;
 	entry = inherit_push(netns, tgid, dst, &seq);
 	if (!entry)
@@ -137,6 +140,7 @@ static __always_inline void inherit_keep(__u64 netns, struct connredir_sock_stat
 static __always_inline void inherit_keep_hop(__u64 netns, struct connredir_sock_hop *small,
 					     const struct connredir_endpoint *dst)
 {
+	struct connredir_inherit_key key = {};
 	struct connredir_inherit *entry;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, seq = 0;
@@ -144,8 +148,8 @@ static __always_inline void inherit_keep_hop(__u64 netns, struct connredir_sock_
 	if (!(small->flags & CONNREDIR_SOCK_ACCEPTED))
 		return;
 	if ((small->flags & CONNREDIR_SOCK_INHERIT_KEPT) &&
-	    inherit_still_kept(netns, small->inherit_tgid, small->inherit_seq, dst, 1,
-			       small->hop.time_ns))
+	    inherit_entry_of(&key, netns, small->inherit_tgid, small->inherit_seq, dst, 1,
+			     small->hop.time_ns))
 		return;
 	entry = inherit_push(netns, tgid, dst, &seq);
 	if (!entry)
@@ -165,11 +169,8 @@ static __always_inline void inherit_forget(__u64 netns, __u32 tgid, __u32 seq, _
 {
 	struct connredir_inherit_key key = {};
 	struct connredir_inherit_queue *queue;
-	struct connredir_inherit *kept;
 
-	inherit_key(&key, netns, tgid, seq, &last->original_dst);
-	kept = bpf_map_lookup_elem(&inherit, &key);
-	if (!kept || !same_last_hop(&kept->record, hops, last->time_ns))
+	if (!inherit_entry_of(&key, netns, tgid, seq, &last->original_dst, hops, last->time_ns))
 		return;
 	bpf_map_delete_elem(&inherit, &key);
 	key.seq = 0;
@@ -207,9 +208,9 @@ static __always_inline void inherit_give_back(struct connredir_sock_state *state
 	if (hops == 0)
 		return;
 	last = &state->record.hops[(hops - 1) & (CONNREDIR_MAX_HOPS - 1)];
-	inherit_key(&key, netns, state->inherit_tgid, state->inherit_seq, &last->original_dst);
-	entry = bpf_map_lookup_elem(&inherit, &key);
-	if (!entry || !same_last_hop(&entry->record, hops, last->time_ns))
+	entry = inherit_entry_of(&key, netns, state->inherit_tgid, state->inherit_seq,
+				 &last->original_dst, hops, last->time_ns);
+	if (!entry)
 		return;
 	entry->taken = 0;
 	key.seq = 0;
