@@ -501,6 +501,15 @@ pub fn host_prefix(addr: SocketAddr) -> String {
     }
 }
 
+/// An IPv4 address as IPv4-mapped IPv6 (what an IPv6 socket connects to
+/// for an IPv4 destination); an IPv6 address as it is.
+pub fn mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    }
+}
+
 /// An address as proxies print it: an IPv4-mapped IPv6 address as plain
 /// IPv4.
 pub fn unmapped(addr: SocketAddr) -> SocketAddr {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, free_addr, host_prefix, require_program, service_spec, unmapped,
+    by_cgroup, by_uid, free_addr, host_prefix, mapped, require_program, service_spec, unmapped,
     wait_listening, EchoServer, Lab, Proc, TestDir,
 };
 use serde_json::{json, Value};
@@ -140,10 +140,7 @@ const V4: Family = Family {
 const V6_CLIENT: Family = Family {
     server: "127.0.0.2:0",
     listen_ip: "127.0.0.1",
-    connect: |dst| match dst {
-        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        v6 => v6,
-    },
+    connect: mapped,
     transparent: false,
 };
 

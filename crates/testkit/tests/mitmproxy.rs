@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Counters, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, host_prefix, require_program, require_setup_tool, service_spec, unmapped,
-    wait_listening, Lab, Proc, TestDir,
+    by_cgroup, free_addr, host_prefix, mapped, require_program, require_setup_tool, service_spec,
+    unmapped, wait_listening, Lab, Proc, TestDir,
 };
 use serde_json::Value;
 
@@ -311,10 +311,7 @@ const V4: Family = Family {
 const V6_CLIENT: Family = Family {
     origin: "127.0.0.2",
     listen_ip: "127.0.0.1",
-    connect: |origin| match origin {
-        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        v6 => v6,
-    },
+    connect: mapped,
     everywhere: false,
 };
 

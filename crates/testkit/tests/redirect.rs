@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use connredir_abi::{connredir_default_context, connredir_record};
 use connredir_engine::{Rule, Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, by_uid, eventually, free_addr, permutations, require_program, service_spec,
+    by_cgroup, by_uid, eventually, free_addr, mapped, permutations, require_program, service_spec,
     unmapped, workspace_bin, EchoServer, Lab, Proc, Release,
 };
 use serde_json::Value;
@@ -236,10 +236,7 @@ fn ipv4_mapped_destination_follows_the_ipv4_rules() {
         "127.0.0.2",
         &["127.0.0.1"],
         "127.0.0.0/8",
-        |d| match d {
-            SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-            v6 => v6,
-        },
+        mapped,
         "v4mapped",
     );
 }

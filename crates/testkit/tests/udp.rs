@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use connredir_engine::{OnDown, Protocol, Service, ServiceId};
 use connredir_testkit::{
-    by_cgroup, eventually, free_addr, permutations, service_spec, EchoServer, Lab, Proc,
+    by_cgroup, eventually, free_addr, mapped, permutations, service_spec, EchoServer, Lab, Proc,
     UdpEchoServer,
 };
 use serde_json::{json, Value};
@@ -298,14 +298,6 @@ fn udp_round_trip(
         sources.iter().all(|s| s.port() != client_port),
         "{sources:?} vs client port {client_port}"
     );
-}
-
-/// An IPv4 destination as IPv4-mapped IPv6.
-fn mapped(dst: SocketAddr) -> SocketAddr {
-    match dst {
-        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        v6 => v6,
-    }
 }
 
 #[test]
