@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::mem::{size_of, zeroed};
-use std::net::{SocketAddr, SocketAddrV6, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,10 @@ pub fn run(case: &str, addr: SocketAddr, millis: Option<u64>) -> Result<Value> {
         "bind-reuseport" => impostor(addr, true),
         "udp-bind" => udp_impostor(addr),
         "flows" => flows(addr, millis.context("missing MILLISECONDS")?),
+        "unspecified" => unspecified(addr),
+        "mptcp" => mptcp(addr),
+        "fastopen-sendto" => fastopen_sendto(addr),
+        "fastopen-connect" => fastopen_connect(addr),
         other => bail!("unknown attack case {other}"),
     }
 }
@@ -268,4 +272,129 @@ fn flows(dst: SocketAddr, millis: u64) -> Result<Value> {
     Ok(
         json!({ "refused": refused, "broken": broken, "connected": locals.len(), "locals": locals, "errors": errors }),
     )
+}
+
+/// Connects to the unspecified address (0.0.0.0, :: or ::ffff:0.0.0.0) on
+/// the destination's port. The kernel sends such a connection to the
+/// socket's own bound address, or to the loopback address when it has none,
+/// so each attempt reaches the destination: from an unbound socket when the
+/// destination is 127.0.0.1 or ::1, and from a socket bound to the
+/// destination's address always; for an IPv4 destination also from an IPv6
+/// socket (::ffff:0.0.0.0). Reports each attempt by name under `attempts`.
+fn unspecified(dst: SocketAddr) -> Result<Value> {
+    let port = dst.port();
+    let mut attempts = serde_json::Map::new();
+    let mut try_one = |name: &str, domain: Domain, bind: Option<SocketAddr>, to: SocketAddr| {
+        let result = Socket::new(domain, Type::STREAM, None).and_then(|socket| {
+            if let Some(bind) = bind {
+                socket.bind(&bind.into())?;
+            }
+            Ok(attempt(&socket, to))
+        });
+        let value = result.unwrap_or_else(|e| json!({ "ok": false, "error": e.to_string() }));
+        attempts.insert(name.to_string(), value);
+    };
+    match dst {
+        SocketAddr::V4(v4) => {
+            let any = SocketAddr::from(([0, 0, 0, 0], port));
+            let mapped_any = SocketAddr::from((Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), port));
+            let mapped_own = SocketAddr::from((v4.ip().to_ipv6_mapped(), 0));
+            if v4.ip() == &Ipv4Addr::LOCALHOST {
+                try_one("any", Domain::IPV4, None, any);
+                try_one("mapped any", Domain::IPV6, None, mapped_any);
+            }
+            try_one("any, bound", Domain::IPV4, Some((*v4.ip(), 0).into()), any);
+            try_one(
+                "mapped any, bound",
+                Domain::IPV6,
+                Some(mapped_own),
+                mapped_any,
+            );
+        }
+        SocketAddr::V6(v6) => {
+            let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            if v6.ip() == &Ipv6Addr::LOCALHOST {
+                try_one("any", Domain::IPV6, None, any);
+            }
+            try_one("any, bound", Domain::IPV6, Some((*v6.ip(), 0).into()), any);
+        }
+    }
+    Ok(json!({ "attempts": attempts }))
+}
+
+/// Connects with a Multipath TCP socket (IPPROTO_MPTCP): the kernel opens
+/// the connection on a subflow socket of its own.
+fn mptcp(dst: SocketAddr) -> Result<Value> {
+    let socket = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM,
+        Some(socket2::Protocol::MPTCP),
+    )?;
+    Ok(json!({ "connect": attempt(&socket, dst) }))
+}
+
+/// TCP Fast Open through `sendto(MSG_FASTOPEN)`: the connect is made by the
+/// send, with the first bytes in the SYN.
+fn fastopen_sendto(dst: SocketAddr) -> Result<Value> {
+    let socket = stream_socket(dst)?;
+    let to = SockAddr::from(dst);
+    // SAFETY: the buffer and the address are valid for the call.
+    let rc = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            b"ping".as_ptr().cast(),
+            4,
+            libc::MSG_FASTOPEN,
+            to.as_ptr(),
+            to.len(),
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return Ok(
+            json!({ "connect": { "ok": false, "errno": e.raw_os_error(), "error": e.to_string() } }),
+        );
+    }
+    Ok(json!({ "connect": echo_back(&socket, rc as usize) }))
+}
+
+/// TCP Fast Open through `TCP_FASTOPEN_CONNECT`: `connect()` returns at
+/// once and the first write sends the SYN.
+fn fastopen_connect(dst: SocketAddr) -> Result<Value> {
+    let socket = stream_socket(dst)?;
+    let on: libc::c_int = 1;
+    // SAFETY: an int option, valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN_CONNECT,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("TCP_FASTOPEN_CONNECT: {}", std::io::Error::last_os_error());
+    }
+    Ok(json!({ "connect": attempt(&socket, dst) }))
+}
+
+/// The rest of an echo round trip whose first `sent` bytes of "ping" went
+/// with the connect.
+fn echo_back(socket: &Socket, sent: usize) -> Value {
+    let result = (|| {
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut stream: &Socket = socket;
+        stream.write_all(&b"ping"[sent..])?;
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back)?;
+        if &back != b"ping" {
+            return Err(std::io::Error::other("echo mismatch"));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => json!({ "ok": true, "local": local(socket) }),
+        Err(e) => json!({ "ok": false, "local": local(socket), "error": e.to_string() }),
+    }
 }

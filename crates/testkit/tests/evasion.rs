@@ -235,6 +235,93 @@ fn an_impostor_cannot_join_a_running_service_through_so_reuseport() {
     assert_ne!(report["bind"], "ok", "{report}");
 }
 
+/// Another way to open a connection than a plain `connect()`: `case` of
+/// `connredir-testkit attack` against an echo server on `server_ip`. The
+/// connection must work, come through the service (logged once) and never
+/// reach the server from the client's own socket.
+fn another_way_is_inspected(test: &str, case: &str, server_ip: &str) {
+    let server = EchoServer::start(&format!("{server_ip}:0")).unwrap();
+    let Some(mut setup) = Setup::new(test, server.addr(), OnDown::Block) else {
+        return;
+    };
+    let proxy = setup.start_proxy(&[]);
+    let report = setup.attack(&[case, &server.addr().to_string()]);
+    assert_none_direct(&server, &locals(&[&report["connect"]]), &report);
+    assert_eq!(report["connect"]["ok"], true, "{report}");
+    let log = setup.lab.wait_logged(proxy, 1);
+    assert_eq!(
+        log.len(),
+        1,
+        "the connection is inspected: {log:?} / {report}"
+    );
+}
+
+/// Connects to 0.0.0.0, :: or ::ffff:0.0.0.0 (`attack unspecified`), which
+/// the kernel sends to the socket's bound address or to loopback: every
+/// attempt must work and come through the service.
+fn unspecified_is_inspected(test: &str, server_ip: &str) {
+    let server = EchoServer::start(&format!("{server_ip}:0")).unwrap();
+    let Some(mut setup) = Setup::new(test, server.addr(), OnDown::Block) else {
+        return;
+    };
+    let proxy = setup.start_proxy(&[]);
+    let report = setup.attack(&["unspecified", &server.addr().to_string()]);
+    let attempts: Vec<&Value> = report["attempts"].as_object().unwrap().values().collect();
+    assert_none_direct(&server, &locals(&attempts), &report);
+    assert!(attempts.iter().all(|a| a["ok"] == true), "{report}");
+    let log = setup.lab.wait_logged(proxy, attempts.len());
+    assert_eq!(
+        log.len(),
+        attempts.len(),
+        "each is inspected: {log:?} / {report}"
+    );
+}
+
+#[test]
+fn a_connect_to_the_unspecified_address_is_inspected_as_loopback() {
+    unspecified_is_inspected("evade-any", "127.0.0.1");
+}
+
+#[test]
+fn a_connect_to_the_unspecified_address_is_inspected_as_the_bound_address() {
+    unspecified_is_inspected("evade-any-bound", "127.0.0.2");
+}
+
+#[test]
+fn a_connect_to_the_unspecified_address_is_inspected_as_loopback_ipv6() {
+    unspecified_is_inspected("evade-any6", "::1");
+}
+
+#[test]
+fn a_multipath_tcp_connect_is_inspected() {
+    another_way_is_inspected("evade-mptcp", "mptcp", "127.0.0.2");
+}
+
+#[test]
+fn a_multipath_tcp_connect_is_inspected_ipv6() {
+    another_way_is_inspected("evade-mptcp6", "mptcp", "::1");
+}
+
+#[test]
+fn a_fast_open_sendto_is_inspected() {
+    another_way_is_inspected("evade-tfo-sendto", "fastopen-sendto", "127.0.0.2");
+}
+
+#[test]
+fn a_fast_open_sendto_is_inspected_ipv6() {
+    another_way_is_inspected("evade-tfo-sendto6", "fastopen-sendto", "::1");
+}
+
+#[test]
+fn a_fast_open_connect_is_inspected() {
+    another_way_is_inspected("evade-tfo-connect", "fastopen-connect", "127.0.0.2");
+}
+
+#[test]
+fn a_fast_open_connect_is_inspected_ipv6() {
+    another_way_is_inspected("evade-tfo-connect6", "fastopen-connect", "::1");
+}
+
 /// Clients connecting in a loop while the proxy is killed and restarted.
 const CLIENTS: usize = 4;
 /// How many times the proxy is killed (SIGKILL) and started again.
