@@ -72,6 +72,8 @@ static __always_inline int on_addr4(struct bpf_sock_addr *ctx, int sending)
 
 	if (!protocol || !sk || (sending && protocol != CONNREDIR_PROTO_UDP))
 		return 1;
+	if (!ip)
+		ip = unspecified4(sending ? ctx->msg_src_ip4 : sk->src_ip4);
 	endpoint_set_v4(&dst, ip, port);
 	if (!sending && protocol == CONNREDIR_PROTO_UDP && udp_take_flow(ctx, sk, &dst))
 		return 1;
@@ -109,6 +111,13 @@ static __always_inline int on_addr6(struct bpf_sock_addr *ctx, int sending)
 	ip6[3] = ctx->user_ip6[3];
 	if (!protocol || !sk || (sending && protocol != CONNREDIR_PROTO_UDP))
 		return 1;
+	if (is_unspecified6(ip6)) {
+		__u32 src6[4] = { sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3] };
+
+		unspecified6(ip6, !sending && is_v4_mapped(src6));
+	} else if (is_v4_mapped(ip6) && !ip6[3]) {
+		ip6[3] = unspecified4(sk->src_ip4);
+	}
 	/* An IPv4-mapped destination follows the IPv4 rules and listeners. */
 	mapped = is_v4_mapped(ip6);
 	endpoint_set_v6(&dst, ip6, port);

@@ -45,6 +45,36 @@ static __always_inline void endpoint_set_v6(struct connredir_endpoint *ep,
 	addr[3] = ip6[3];
 }
 
+/* 127.0.0.1, in network order. */
+#define LOOPBACK4 bpf_htonl(0x7f000001)
+
+/*
+ * The destination the kernel makes of an unspecified one, so that a rule on
+ * a loopback address is not stepped around by connecting to 0.0.0.0 or ::
+ * (route lookup and tcp_v6_connect/ip6_datagram_connect): IPv4 goes to the
+ * socket's own source address (`src4`: the bound one, or a sendmsg's), else
+ * to 127.0.0.1; IPv6 to ::1, or to ::ffff:127.0.0.1 when a connect's socket
+ * is bound to an IPv4-mapped address (`to_mapped`). An IPv4-mapped
+ * unspecified address is IPv4's.
+ */
+static __always_inline __u32 unspecified4(__u32 src4)
+{
+	return src4 ? src4 : LOOPBACK4;
+}
+
+static __always_inline int is_unspecified6(const __u32 ip6[4])
+{
+	return (ip6[0] | ip6[1] | ip6[2] | ip6[3]) == 0;
+}
+
+static __always_inline void unspecified6(__u32 ip6[4], int to_mapped)
+{
+	ip6[0] = 0;
+	ip6[1] = 0;
+	ip6[2] = to_mapped ? bpf_htonl(0xffff) : 0;
+	ip6[3] = to_mapped ? LOOPBACK4 : bpf_htonl(1);
+}
+
 /* Writes an endpoint as a 16-byte IPv6 address, IPv4 as ::ffff:a.b.c.d. */
 static __always_inline void endpoint_to_mapped(const struct connredir_endpoint *ep,
 					       __u32 out[4])
