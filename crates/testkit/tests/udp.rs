@@ -3,7 +3,7 @@
 //! cgroup, clients as an unprivileged user, datagrams on loopback.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use connredir_engine::{OnDown, Protocol, Service, ServiceId};
@@ -268,6 +268,20 @@ fn udp_round_trip(
         &[],
     );
     let target = connect(dst);
+    // The kernel answers a datagram sent to the unspecified address (or
+    // its IPv4-mapped form) from the loopback address it went to, in the
+    // socket's family.
+    let unspecified = match target {
+        SocketAddr::V4(v4) => v4.ip().is_unspecified(),
+        SocketAddr::V6(v6) => {
+            v6.ip().is_unspecified() || v6.ip().to_ipv4_mapped() == Some(Ipv4Addr::UNSPECIFIED)
+        }
+    };
+    let answered_by = match (unspecified, target) {
+        (false, _) => target,
+        (true, SocketAddr::V4(_)) => dst,
+        (true, SocketAddr::V6(_)) => mapped(dst),
+    };
     let extra: &[&str] = if unconnected { &["--unconnected"] } else { &[] };
     let report = udp_client(&lab, target, extra);
     assert_eq!(
@@ -278,11 +292,11 @@ fn udp_round_trip(
     );
     assert_eq!(
         report["from"],
-        json!(vec![target.to_string(); 3]),
+        json!(vec![answered_by.to_string(); 3]),
         "{report}"
     );
     if !unconnected {
-        assert_eq!(report["peer"], target.to_string(), "{report}");
+        assert_eq!(report["peer"], answered_by.to_string(), "{report}");
     }
     let log = lab.wait_logged(service, 1);
     assert_eq!(log.len(), 1, "service log: {log:?}");
@@ -330,6 +344,34 @@ fn ipv4_mapped_udp_destinations_follow_the_ipv4_rules_connected_and_unconnected(
             unconnected,
             "udp-v4mapped",
         );
+    }
+}
+
+/// A datagram to 0.0.0.0, :: or ::ffff:0.0.0.0 goes to loopback: a rule on
+/// 127.0.0.1 or ::1 must take it through the service like one sent there.
+#[test]
+fn udp_to_the_unspecified_address_is_redirected_as_loopback() {
+    let any4 = |d: SocketAddr| SocketAddr::from(([0, 0, 0, 0], d.port()));
+    let any6 = |d: SocketAddr| SocketAddr::from((Ipv6Addr::UNSPECIFIED, d.port()));
+    let mapped_any = |d: SocketAddr| mapped(any4(d));
+    for unconnected in [false, true] {
+        udp_round_trip(
+            "127.0.0.1",
+            "127.0.0.1",
+            "127.0.0.1/32",
+            any4,
+            unconnected,
+            "udp-any4",
+        );
+        udp_round_trip(
+            "127.0.0.1",
+            "127.0.0.1",
+            "127.0.0.1/32",
+            mapped_any,
+            unconnected,
+            "udp-any-mapped",
+        );
+        udp_round_trip("[::1]", "::1", "::1/128", any6, unconnected, "udp-any6");
     }
 }
 
