@@ -183,6 +183,62 @@ fn three_reference_proxies_chain_every_flow_once_in_every_start_order() {
     }
 }
 
+/// A connection a service's own process opens (not one it forwards: it
+/// asked nothing, set no records) skips that service, and must not come
+/// back to it through the services after it. The second proxy's onward
+/// connection carries the flow's record, whose client is the first
+/// service's process: the first service counts it as its own there too. A
+/// records-less service whose onward connection finds no queued record
+/// (squid reusing a kept-alive server connection, a queue past its scan)
+/// opens such a connection.
+#[test]
+fn a_services_own_connection_does_not_come_back_to_it_through_a_later_service() {
+    let sizes = [1000, 20_000];
+    let Some((mut lab, server)) = Lab::with_server("pchain-own") else {
+        return;
+    };
+    let dst = server.addr();
+    let spec = |name, priority| Spec {
+        name,
+        prefix: "127.0.0.2/32",
+        ports: None,
+        priority,
+        args: &[],
+    };
+    let (first_id, first) = reference_proxy(&mut lab, &spec("first", 10));
+    let (second_id, second) = reference_proxy(&mut lab, &spec("second", 20));
+
+    // The first service's own process connects (its cgroup is its identity).
+    let sizes_arg: Vec<String> = sizes.iter().map(usize::to_string).collect();
+    let (dst_arg, sizes_arg) = (dst.to_string(), sizes_arg.join(","));
+    let args = ["many", "--connect", &dst_arg, "--sizes", &sizes_arg];
+    let own = Proc::spawn(&lab.cgroup("services/first"), None, &args).unwrap();
+    let (status, lines) = own.finish().unwrap();
+    assert!(status.success(), "many: {status}: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    for flow in report["flows"].as_array().expect("flows") {
+        assert_eq!(flow["ok"], true, "{flow}");
+        assert_eq!(flow["received"], flow["sent"], "{flow}");
+    }
+
+    let log = wait_for_log(&lab, second, sizes.len());
+    assert_eq!(
+        log.len(),
+        sizes.len(),
+        "the second service sees each flow: {log:?}"
+    );
+    // Give a flow sent back to the first service the time to arrive there.
+    std::thread::sleep(Duration::from_millis(300));
+    let back = lab.proxy_log(first);
+    assert!(
+        back.is_empty(),
+        "the first service ({first_id:?}) got its own connections back from the second ({second_id:?}): {back:?}"
+    );
+    assert_eq!(server.accepted().len(), sizes.len());
+    let counters = lab.engine.counters().unwrap();
+    assert_eq!(counters.redirects, sizes.len() as u64, "{counters:?}");
+}
+
 /// A proxy killed (SIGKILL) while a flow runs through it, first or second
 /// in a chain of two: the client is not left hanging but sees the
 /// connection end (EOF or reset), and the surviving proxy closes and logs
