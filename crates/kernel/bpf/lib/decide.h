@@ -234,9 +234,11 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 	      (env->want_v6 ? CONNREDIR_SERVICE_LISTEN6 : CONNREDIR_SERVICE_LISTEN4)))
 		return JUDGED_NO_MATCH;
 
-	/* A service never takes a flow it handled (or, if it says so, opened). */
+	/* A service never takes a flow it handled (or, if it says so, opened:
+	 * connecting now, or as the record's client). */
 	flow_state = chain_state(&env->chain, service_id);
-	if ((service->flags & CONNREDIR_SERVICE_OWN_BY_SELF) && caller_is(&env->caller, service_id) &&
+	if ((service->flags & CONNREDIR_SERVICE_OWN_BY_SELF) &&
+	    (caller_is(&env->caller, service_id) || (env->chain.opened_by & service_bit(service_id))) &&
 	    (flow_state == CONNREDIR_STATE_NOT_REDIRECTED || flow_state == CONNREDIR_STATE_BY_OTHER))
 		flow_state = CONNREDIR_STATE_BY_SELF;
 	env->flow_state = flow_state;

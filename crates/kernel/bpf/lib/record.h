@@ -21,6 +21,7 @@ static __always_inline __u32 clamp_hops(__u32 hop_count)
  */
 struct chain_summary {
 	__u64 seen;
+	__u64 opened_by; /* the services whose process opened the flow */
 	__u32 last;
 	__u32 hop_count;
 };
@@ -29,6 +30,7 @@ static __always_inline void summarise_chain(const struct connredir_record *recor
 					    __u32 hop_count, struct chain_summary *out)
 {
 	out->seen = 0;
+	out->opened_by = hop_count ? opener_services(record) : 0;
 	out->last = 0;
 	out->hop_count = hop_count;
 	for (__u32 i = 0; i < CONNREDIR_MAX_HOPS; i++) {

@@ -67,6 +67,41 @@ static __always_inline int caller_is(const struct caller_services *caller,
 		caller->by_uid == service_id);
 }
 
+/* The bit of `id` in a mask of services (0 for ids past the mask). */
+static __always_inline __u64 service_bit(__u32 id)
+{
+	return id && id < CONNREDIR_MAX_SERVICES ? 1ull << id : 0;
+}
+
+/*
+ * The services whose identity is the process that opened a flow, as its
+ * record names it (its client), as a mask of service ids. A service counts
+ * a flow its own process opened as its own (`own_connections_by_self`)
+ * wherever the flow is in the chain, not only at that process's connect:
+ * otherwise such a flow, once past a later service, would be sent back to
+ * it. A pid identity counts only if its process started before the flow's
+ * first redirect (a later process given the same pid did not open it).
+ */
+static __always_inline __u64 opener_services(const struct connredir_record *record)
+{
+	const struct connredir_pid_identity *by_pid;
+	__u32 pid = record->client_pid, uid = record->client_uid;
+	__u64 cgroup = record->client_cgroup_id, mask = 0;
+	__u32 *id;
+
+	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
+	if (id)
+		mask |= service_bit(*id);
+	id = bpf_map_lookup_elem(&service_by_uid, &uid);
+	if (id)
+		mask |= service_bit(*id);
+	by_pid = bpf_map_lookup_elem(&service_by_pid, &pid);
+	if (by_pid && by_pid->start_ticks * (1000000000ull / CONNREDIR_CLOCK_TICKS_PER_SEC) <=
+			      record->hops[0].time_ns)
+		mask |= service_bit(by_pid->service_id);
+	return mask;
+}
+
 /* The service registered at `addr` (IPv4-mapped or IPv6):`port` (host
  * order), or 0. */
 static __always_inline __u32 service_at(const __u32 addr[4], __u16 port)
