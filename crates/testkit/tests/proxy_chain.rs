@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use connredir_engine::{Rule, ServiceId};
 use connredir_testkit::{
-    by_cgroup, free_addr, permutations, require_program, workspace_bin, EchoServer, Lab, Proc,
+    by_cgroup, free_addr, permutations, require_program, service_spec, workspace_bin, EchoServer,
+    Lab, Proc, TestDir,
 };
 use serde_json::{json, Value};
 
@@ -237,6 +238,108 @@ fn a_services_own_connection_does_not_come_back_to_it_through_a_later_service() 
     assert_eq!(server.accepted().len(), sizes.len());
     let counters = lab.engine.counters().unwrap();
     assert_eq!(counters.redirects, sizes.len() as u64, "{counters:?}");
+}
+
+/// A records-less service (a Python script: `SO_ORIGINAL_DST`, then a plain
+/// onward connection) that asks about two flows, A then B, connects
+/// onward for B first and serves it to the end, closing B's accepted
+/// connection, and only then connects for A: an event-loop proxy whose
+/// second client was quicker. B's onward connect took A's queued record
+/// (the oldest); A's must still find one, B's, though B's accepted
+/// connection has closed. Both flows reach the later service with their
+/// chain through the first and a client of their own.
+const OUT_OF_ORDER_PROXY: &str = r#"
+import socket, struct, sys
+
+SO_ORIGINAL_DST = 80
+host, port = sys.argv[1], int(sys.argv[2])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((host, port))
+listener.listen(8)
+print("ready", flush=True)
+
+def accept():
+    conn, _ = listener.accept()
+    raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    dst_port, = struct.unpack("!H", raw[2:4])
+    print("accepted", flush=True)
+    return conn, (socket.inet_ntoa(raw[4:8]), dst_port)
+
+def serve(conn, dst):
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    onward = socket.create_connection(dst)
+    onward.sendall(data)
+    onward.shutdown(socket.SHUT_WR)
+    while chunk := onward.recv(65536):
+        conn.sendall(chunk)
+    onward.close()
+    conn.close()
+
+a = accept()
+b = accept()
+serve(*b)
+print("served b", flush=True)
+serve(*a)
+print("served a", flush=True)
+"#;
+
+#[test]
+fn a_records_less_service_connecting_out_of_order_keeps_every_flows_record() {
+    let Some((mut lab, server)) = Lab::with_server("pchain-reorder") else {
+        return;
+    };
+    let dst = server.addr();
+    let cgroup = lab.cgroup("services/first");
+    let listen = free_addr("127.0.0.1");
+    let first = lab.register(service_spec("first", &[listen], by_cgroup(&cgroup)));
+    lab.route(first, &format!("{}/32", dst.ip()), Some(dst.port()), 10);
+    let (second, second_log) = lab.reference_proxy("127.0.0.1", dst, 20);
+    let dir = TestDir::new("pchain-reorder", None);
+    let script = dir.write("proxy.py", OUT_OF_ORDER_PROXY);
+    let (host, port) = (listen.ip().to_string(), listen.port().to_string());
+    let python = require_program("pchain-reorder", "python3").expect("python3");
+    let proxy = Proc::spawn_program(&cgroup, None, &python, &[&script, &host, &port]).unwrap();
+    proxy
+        .wait_line("the proxy listens", |l| l == "ready")
+        .unwrap();
+
+    let dst_arg = dst.to_string();
+    let client = |bytes: &str| {
+        Proc::spawn(
+            &lab.cgroup("scope/client"),
+            None,
+            &["client", "--connect", &dst_arg, "--bytes", bytes],
+        )
+        .unwrap()
+    };
+    let a = client("1000");
+    proxy.wait_line("A accepted", |l| l == "accepted").unwrap();
+    let b = client("2000");
+    proxy.wait_line("A served", |l| l == "served a").unwrap();
+    let (a_pid, b_pid) = (a.pid(), b.pid());
+    for (name, c) in [("A", a), ("B", b)] {
+        let (status, lines) = c.finish().unwrap();
+        assert!(status.success(), "client {name}: {status}: {lines:?}");
+    }
+
+    let log = wait_for_log(&lab, second_log, 2);
+    assert_eq!(log.len(), 2, "{log:?}");
+    let mut clients: Vec<u64> = Vec::new();
+    for entry in &log {
+        assert_eq!(entry["chain"], json!([first.0, second.0]), "{entry}");
+        clients.push(entry["client"]["pid"].as_u64().unwrap());
+    }
+    clients.sort();
+    let mut want = vec![u64::from(a_pid), u64::from(b_pid)];
+    want.sort();
+    assert_eq!(
+        clients, want,
+        "each onward flow carries a client's record: {log:?}"
+    );
+    drop(proxy);
 }
 
 /// A proxy killed (SIGKILL) while a flow runs through it, first or second
