@@ -346,8 +346,11 @@ struct connredir_addr_key {
  * a thread-per-connection proxy gets its own thread's.
  *
  * A taken entry stays, marked, until its accepted connection closes, so
- * asking again on that connection queues nothing twice; an entry never taken
- * goes when its accepted connection closes.
+ * asking again on that connection queues nothing twice. An entry not taken
+ * when its accepted connection closes stays, orphaned, within reach of the
+ * newest CONNREDIR_INHERIT_SCAN places: an event-loop proxy that connected
+ * onward for this flow before an earlier one took the earlier flow's entry,
+ * and the earlier flow's onward connect, still to come, takes this one.
  */
 struct connredir_inherit_key {
 	uint64_t netns; /* network namespace cookie of the asking socket */
@@ -359,8 +362,15 @@ struct connredir_inherit_key {
 struct connredir_inherit {
 	struct connredir_record record;
 	uint32_t tid; /* the thread that asked */
-	uint32_t taken; /* 1 once an onward connect took the record */
+	uint32_t taken; /* CONNREDIR_INHERIT_WAITING ... _ORPHAN_TAKEN */
 };
+
+/* connredir_inherit.taken: waiting for an onward connect; taken by one;
+ * waiting, its accepted connection closed; and taken after that. */
+#define CONNREDIR_INHERIT_WAITING 0
+#define CONNREDIR_INHERIT_TAKEN 1
+#define CONNREDIR_INHERIT_ORPHANED 2
+#define CONNREDIR_INHERIT_ORPHAN_TAKEN 3
 
 /*
  * The queue of one process and destination (key: connredir_inherit_key with

@@ -161,16 +161,26 @@ static __always_inline void inherit_keep_hop(__u64 netns, struct connredir_sock_
 	small->inherit_seq = seq;
 }
 
-/* Removes the entry that `tgid` kept at `seq` for the flow whose last hop
- * (of `hops`) is `last`, unless another flow's has its place, and moves the
- * queue's head past it when it was the oldest. */
+/*
+ * The accepted connection that kept the entry at (`tgid`, `seq`) for the
+ * flow whose last hop (of `hops`) is `last` closes. A taken entry goes (and
+ * the queue's head moves past it when it was the oldest). One not taken
+ * stays, orphaned: the onward connect for this flow may have taken an
+ * earlier flow's entry (the oldest), and that flow's connect, still to come,
+ * needs this one; the head passes it once it is out of reach (inherit_take.h).
+ */
 static __always_inline void inherit_forget(__u64 netns, __u32 tgid, __u32 seq, __u32 hops,
 					   const struct connredir_hop *last)
 {
 	struct connredir_inherit_key key = {};
 	struct connredir_inherit_queue *queue;
+	struct connredir_inherit *kept;
 
-	if (!inherit_entry_of(&key, netns, tgid, seq, &last->original_dst, hops, last->time_ns))
+	kept = inherit_entry_of(&key, netns, tgid, seq, &last->original_dst, hops, last->time_ns);
+	if (!kept)
+		return;
+	if (__sync_val_compare_and_swap(&kept->taken, CONNREDIR_INHERIT_WAITING,
+					CONNREDIR_INHERIT_ORPHANED) == CONNREDIR_INHERIT_WAITING)
 		return;
 	bpf_map_delete_elem(&inherit, &key);
 	key.seq = 0;
@@ -212,7 +222,8 @@ static __always_inline void inherit_give_back(struct connredir_sock_state *state
 				 &last->original_dst, hops, last->time_ns);
 	if (!entry)
 		return;
-	entry->taken = 0;
+	entry->taken = entry->taken == CONNREDIR_INHERIT_ORPHAN_TAKEN ? CONNREDIR_INHERIT_ORPHANED
+								       : CONNREDIR_INHERIT_WAITING;
 	key.seq = 0;
 	queue = bpf_map_lookup_elem(&inherit_queue, &key);
 	if (queue && (__s32)(state->inherit_seq - queue->head) < 0)

@@ -21,7 +21,8 @@
 
 /*
  * How far the head of a queue can move: past the leading places that hold
- * nothing takeable (taken, or removed at their connection's close), at most
+ * nothing takeable (taken, removed, or orphaned and out of reach: older
+ * than the newest CONNREDIR_INHERIT_SCAN places), at most
  * CONNREDIR_INHERIT_SCAN of them. A missing entry among the newest
  * INHERIT_PLACES_IN_FLIGHT places may be one not written yet, so the head
  * stops there. Returns how many places to pass.
@@ -39,7 +40,11 @@ static __always_inline __u32 inherit_passable(struct connredir_inherit_key *key,
 			break;
 		key->seq = seq;
 		entry = bpf_map_lookup_elem(&inherit, key);
-		if (entry && !entry->taken)
+		if (!entry)
+			continue;
+		if (entry->taken == CONNREDIR_INHERIT_WAITING ||
+		    (entry->taken == CONNREDIR_INHERIT_ORPHANED &&
+		     (__s32)(tail - seq) <= CONNREDIR_INHERIT_SCAN))
 			break;
 	}
 	return i;
@@ -47,9 +52,9 @@ static __always_inline __u32 inherit_passable(struct connredir_inherit_key *key,
 
 /*
  * Claims the oldest record from place `from` on (at most
- * CONNREDIR_INHERIT_SCAN places, before `tail`) that is written, not taken,
- * and (if `tid` is not 0) asked for by thread `tid`; marks it taken, so no
- * other connect takes it. Returns its place, or -1.
+ * CONNREDIR_INHERIT_SCAN places, before `tail`) that is written, not taken
+ * (orphaned or not), and (if `tid` is not 0) asked for by thread `tid`;
+ * marks it taken, so no other connect takes it. Returns its place, or -1.
  */
 static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *key, __u32 from,
 						__u32 tail, __u32 tid)
@@ -64,9 +69,14 @@ static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *ke
 		key->seq = seq;
 		entry = bpf_map_lookup_elem(&inherit, key);
 		/* tid 0: still being filled (inherit_publish). */
-		if (!entry || entry->taken || !entry->tid || (tid && entry->tid != tid))
+		if (!entry || !entry->tid || (tid && entry->tid != tid))
 			continue;
-		if (__sync_val_compare_and_swap(&entry->taken, 0, 1) == 0)
+		if (__sync_val_compare_and_swap(&entry->taken, CONNREDIR_INHERIT_WAITING,
+						CONNREDIR_INHERIT_TAKEN) == CONNREDIR_INHERIT_WAITING)
+			return seq;
+		if (__sync_val_compare_and_swap(&entry->taken, CONNREDIR_INHERIT_ORPHANED,
+						CONNREDIR_INHERIT_ORPHAN_TAKEN) ==
+		    CONNREDIR_INHERIT_ORPHANED)
 			return seq;
 	}
 	return -1;
