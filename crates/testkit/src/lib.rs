@@ -17,6 +17,8 @@ use connredir_engine::{Engine, Identity, Protocol, Rule, Service, ServiceId};
 use connredir_host::child::ChildProcess;
 use serde_json::Value;
 
+pub mod http_world;
+
 /// Path of the test-role binary built with this crate.
 pub fn testkit_bin() -> PathBuf {
     workspace_bin("connredir-testkit")

@@ -30,17 +30,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use connredir_engine::{Counters, ServiceId};
+use connredir_testkit::http_world::{fetch, path_of, start_origin, wait_for, NOBODY};
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, mapped, require_program, require_setup_tool, service_spec,
-    unmapped, wait_listening, Lab, Proc, TestDir,
+    wait_listening, Lab, Proc, TestDir,
 };
 use serde_json::Value;
-
-/// The unprivileged user the clients, mitmdump and the origin run as.
-const NOBODY: u32 = 65534;
 
 /// Clients at once in the concurrent tests.
 const CONCURRENT: usize = 16;
@@ -50,45 +48,6 @@ const ROUNDS: usize = 4;
 
 /// Flows, one at a time, in the other tests.
 const SEQUENTIAL: usize = 3;
-
-/// The origin: an HTTP/1.0 server on `argv[1]` (port 0) that answers every
-/// GET with its path (as the body and in `X-Origin-Path`) and prints one
-/// JSON line per request: the path and the peer it came from.
-const ORIGIN: &str = r#"
-import http.server, json, socket, sys, threading
-
-host = sys.argv[1]
-v6 = ":" in host
-# Requests are served on threads of their own: one line at a time.
-printing = threading.Lock()
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self):
-        peer = self.client_address
-        peer = f"[{peer[0]}]:{peer[1]}" if v6 else f"{peer[0]}:{peer[1]}"
-        with printing:
-            sys.stdout.write(json.dumps({"path": self.path, "peer": peer}) + "\n")
-            sys.stdout.flush()
-        body = f"origin saw {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Origin-Path", self.path)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-class Server(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6 if v6 else socket.AF_INET
-    request_queue_size = 128
-
-server = Server((host, 0), Handler)
-print(f"ready {server.server_address[1]}", flush=True)
-server.serve_forever()
-"#;
 
 /// mitmdump's addon: one JSON line per HTTP flow, when its response is in
 /// or when it failed: the client mitmproxy accepted, the original
@@ -121,27 +80,6 @@ class FlowLog:
 
 addons = [FlowLog()]
 "#;
-
-/// Starts the origin on `host` (as [`NOBODY`], in the lab's `outside`
-/// cgroup, which nothing is attached to). Returns its address and its
-/// index in `lab.procs`.
-fn start_origin(lab: &mut Lab, python: &Path, dir: &TestDir, host: &str) -> (SocketAddr, usize) {
-    let script = dir.write("origin.py", ORIGIN);
-    let proc = Proc::spawn_program(
-        &lab.cgroup("outside"),
-        Some(NOBODY),
-        python,
-        &[&script, host],
-    )
-    .expect("start the origin");
-    let ready = proc
-        .wait_line("the origin listens", |l| l.starts_with("ready "))
-        .unwrap();
-    let port: u16 = ready["ready ".len()..].parse().expect("the origin's port");
-    let addr = SocketAddr::new(host.parse().unwrap(), port);
-    lab.procs.push(proc);
-    (addr, lab.procs.len() - 1)
-}
 
 /// Registers mitmdump as a service (identity: its cgroup
 /// `services/mitmproxy`, listening on a free port of `listen_ip`) with one
@@ -192,93 +130,6 @@ fn start_mitmproxy(
         );
     }
     (id, lab.procs.len() - 1)
-}
-
-/// One request as curl reported it.
-#[derive(Debug)]
-struct Fetched {
-    /// The path asked for.
-    path: String,
-    /// The HTTP status, 0 when there was no answer.
-    code: u64,
-    /// The origin's `X-Origin-Path`: the path the origin answered.
-    answered: String,
-    /// curl's own address as the proxies print it (an IPv4-mapped address
-    /// as plain IPv4): the flow's id in the reference proxy's log.
-    local: String,
-    /// curl's error, if any.
-    error: String,
-}
-
-/// Fetches `paths` from `target` with one curl run as [`NOBODY`] in
-/// `scope/client`, all at once (`--parallel-immediate`: every connection
-/// opened before any is reused, and none is, `Connection: close`).
-fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fetched> {
-    // curl prints an IPv6 local_ip without brackets.
-    let local = match target {
-        SocketAddr::V4(_) => "%{local_ip}:%{local_port}",
-        SocketAddr::V6(_) => "[%{local_ip}]:%{local_port}",
-    };
-    let write_out = format!(
-        "{{\"url\":\"%{{url}}\",\"code\":%{{http_code}},\"answered\":\"%header{{x-origin-path}}\",\
-         \"local\":\"{local}\",\"error\":\"%{{errormsg}}\"}}\\n"
-    );
-    let mut args: Vec<String> = [
-        "--silent",
-        "--no-progress-meter",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "15",
-        "--header",
-        "Connection: close",
-        "--parallel",
-        "--parallel-immediate",
-        "--parallel-max",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(CONCURRENT.to_string());
-    args.push("--write-out".into());
-    args.push(write_out);
-    for path in paths {
-        args.extend(["--output".into(), "/dev/null".into()]);
-        args.push(format!("http://{target}{path}"));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let proc = Proc::spawn_program(&lab.cgroup("scope/client"), Some(NOBODY), curl, &args)
-        .expect("start curl");
-    let (status, lines) = proc.finish().expect("curl ends");
-    let fetched: Vec<Fetched> = lines
-        .iter()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).expect("curl's JSON line");
-            let url = v["url"].as_str().unwrap_or_default();
-            let path = url
-                .strip_prefix(&format!("http://{target}"))
-                .unwrap_or(url)
-                .to_string();
-            Fetched {
-                path,
-                code: v["code"].as_u64().unwrap_or(0),
-                answered: v["answered"].as_str().unwrap_or_default().to_string(),
-                local: v["local"]
-                    .as_str()
-                    .and_then(|l| l.parse().ok())
-                    .map(|l| unmapped(l).to_string())
-                    .unwrap_or_default(),
-                error: v["error"].as_str().unwrap_or_default().to_string(),
-            }
-        })
-        .collect();
-    assert_eq!(
-        fetched.len(),
-        paths.len(),
-        "curl ({status}) reported every request: {lines:?}"
-    );
-    fetched
 }
 
 /// Where the origin and the services of a test listen.
@@ -432,20 +283,6 @@ impl Round {
         );
         s
     }
-}
-
-/// Waits (at most 10 s) until `count` of process `index`'s JSON lines
-/// reaches `want`.
-fn wait_for(lab: &Lab, index: usize, want: usize, count: impl Fn(&[Value]) -> usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&lab.proxy_log(index)) < want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The path of a line of the origin's or mitmproxy's.
-fn path_of(entry: &Value) -> &str {
-    entry["path"].as_str().unwrap_or_default()
 }
 
 /// The path of a connredir-proxy line (its first HTTP request).
