@@ -79,13 +79,13 @@ static __always_inline __u64 service_bit(__u32 id)
  * a flow its own process opened as its own (`own_connections_by_self`)
  * wherever the flow is in the chain, not only at that process's connect:
  * otherwise such a flow, once past a later service, would be sent back to
- * it. A pid identity counts only if its process started before the flow's
- * first redirect (a later process given the same pid did not open it).
+ * it. By cgroup and uid only: a record does not say when its client
+ * started, so a process given a departed pid-identity process's pid could
+ * pass for it here.
  */
 static __always_inline __u64 opener_services(const struct connredir_record *record)
 {
-	const struct connredir_pid_identity *by_pid;
-	__u32 pid = record->client_pid, uid = record->client_uid;
+	__u32 uid = record->client_uid;
 	__u64 cgroup = record->client_cgroup_id, mask = 0;
 	__u32 *id;
 
@@ -95,10 +95,6 @@ static __always_inline __u64 opener_services(const struct connredir_record *reco
 	id = bpf_map_lookup_elem(&service_by_uid, &uid);
 	if (id)
 		mask |= service_bit(*id);
-	by_pid = bpf_map_lookup_elem(&service_by_pid, &pid);
-	if (by_pid && by_pid->start_ticks * (1000000000ull / CONNREDIR_CLOCK_TICKS_PER_SEC) <=
-			      record->hops[0].time_ns)
-		mask |= service_bit(by_pid->service_id);
 	return mask;
 }
 
