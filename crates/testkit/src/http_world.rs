@@ -179,3 +179,8 @@ pub fn wait_for(lab: &Lab, index: usize, want: usize, count: impl Fn(&[Value]) -
 pub fn path_of(entry: &Value) -> &str {
     entry["path"].as_str().unwrap_or_default()
 }
+
+/// The path of a connredir-proxy log line (its first HTTP request).
+pub fn ours_path(entry: &Value) -> &str {
+    entry["http"]["path"].as_str().unwrap_or_default()
+}

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use connredir_engine::{Counters, ServiceId};
-use connredir_testkit::http_world::{fetch, path_of, start_origin, wait_for, NOBODY};
+use connredir_testkit::http_world::{fetch, ours_path, path_of, start_origin, wait_for, NOBODY};
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, mapped, require_program, require_setup_tool, service_spec,
     wait_listening, Lab, Proc, TestDir,
@@ -283,11 +283,6 @@ impl Round {
         );
         s
     }
-}
-
-/// The path of a connredir-proxy line (its first HTTP request).
-fn ours_path(entry: &Value) -> &str {
-    entry["http"]["path"].as_str().unwrap_or_default()
 }
 
 /// The counters [`Round::counters`] follows.

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use connredir_engine::{Counters, ServiceId};
-use connredir_testkit::http_world::{fetch, path_of, start_origin, wait_for, NOBODY};
+use connredir_testkit::http_world::{fetch, ours_path, path_of, start_origin, wait_for, NOBODY};
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, require_program, service_spec, wait_listening, Lab, Proc,
     TestDir,
@@ -119,11 +119,6 @@ fn squid_log(dir: &TestDir) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-/// The path of a connredir-proxy line (its first HTTP request).
-fn ours_path(entry: &Value) -> &str {
-    entry["http"]["path"].as_str().unwrap_or_default()
 }
 
 /// The counters a round follows: redirects and records inherited.
