@@ -95,10 +95,11 @@ pub struct Fetched {
     pub error: String,
 }
 
-/// Fetches `paths` from `target` with one curl run as [`NOBODY`] in
-/// `scope/client`, all at once (`--parallel`, as many as `paths`, `--parallel-immediate`: every connection
-/// opened before any is reused, and none is, `Connection: close`).
-pub fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fetched> {
+/// curl's arguments for `paths` from `target`: each request's answer as
+/// one JSON line (`--write-out`), `Connection: close`; with `parallel`, all
+/// at once (`--parallel-immediate`: every connection opened before any is
+/// reused, and none is).
+fn curl_args(target: SocketAddr, paths: &[String], parallel: bool) -> Vec<String> {
     // curl prints an IPv6 local_ip without brackets.
     let local = match target {
         SocketAddr::V4(_) => "%{local_ip}:%{local_port}",
@@ -117,25 +118,26 @@ pub fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Ve
         "15",
         "--header",
         "Connection: close",
-        "--parallel",
-        "--parallel-immediate",
-        "--parallel-max",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.push(paths.len().max(1).to_string());
+    if parallel {
+        args.extend(["--parallel".into(), "--parallel-immediate".into()]);
+        args.extend(["--parallel-max".into(), paths.len().max(1).to_string()]);
+    }
     args.push("--write-out".into());
     args.push(write_out);
     for path in paths {
         args.extend(["--output".into(), "/dev/null".into()]);
         args.push(format!("http://{target}{path}"));
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let proc = Proc::spawn_program(&lab.cgroup("scope/client"), Some(NOBODY), curl, &args)
-        .expect("start curl");
-    let (status, lines) = proc.finish().expect("curl ends");
-    let fetched: Vec<Fetched> = lines
+    args
+}
+
+/// The requests curl reported in its JSON lines.
+fn fetched_from(target: SocketAddr, lines: &[String]) -> Vec<Fetched> {
+    lines
         .iter()
         .filter(|l| l.starts_with('{'))
         .map(|l| {
@@ -157,12 +159,54 @@ pub fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Ve
                 error: v["error"].as_str().unwrap_or_default().to_string(),
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Starts curl as [`NOBODY`] in `scope/client` with `args`.
+fn start_curl(lab: &Lab, curl: &Path, args: &[String]) -> Proc {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn_program(&lab.cgroup("scope/client"), Some(NOBODY), curl, &args).expect("start curl")
+}
+
+/// Fetches `paths` from `target` with one curl run as [`NOBODY`] in
+/// `scope/client`, all at once (see [`curl_args`]).
+pub fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fetched> {
+    let proc = start_curl(lab, curl, &curl_args(target, paths, true));
+    let (status, lines) = proc.finish().expect("curl ends");
+    let fetched = fetched_from(target, &lines);
     assert_eq!(
         fetched.len(),
         paths.len(),
         "curl ({status}) reported every request: {lines:?}"
     );
+    fetched
+}
+
+/// Fetches `paths` from `target` with one curl process per path, all
+/// started at once, as [`NOBODY`] in `scope/client`: separate clients whose
+/// requests arrive in whatever order their processes get going.
+pub fn fetch_each(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fetched> {
+    let procs: Vec<Proc> = paths
+        .iter()
+        .map(|path| {
+            start_curl(
+                lab,
+                curl,
+                &curl_args(target, std::slice::from_ref(path), false),
+            )
+        })
+        .collect();
+    let mut fetched = Vec::new();
+    for (path, proc) in paths.iter().zip(procs) {
+        let (status, lines) = proc.finish().expect("curl ends");
+        let mut one = fetched_from(target, &lines);
+        assert_eq!(
+            one.len(),
+            1,
+            "curl ({status}) for {path} reported it: {lines:?}"
+        );
+        fetched.append(&mut one);
+    }
     fetched
 }
 

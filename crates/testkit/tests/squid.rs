@@ -14,8 +14,9 @@
 //! that every one carries one, and that the clients' records are used once
 //! each.
 //!
-//! Clients are curl, 16 at once, run as an unprivileged user in the test's
-//! cgroup; the origin is the test kit's Python HTTP origin (http_world.rs).
+//! Clients are 16 curl processes started at once, run as an unprivileged
+//! user in the test's cgroup (separate processes, so their requests reach
+//! squid in no set order); the origin is the test kit's Python HTTP origin (http_world.rs).
 //! Squid runs as that user too, with its configuration, logs and pid file
 //! in the test's directory, no cache and no persistent server connections
 //! (each request its own onward connection, so each is decided by the
@@ -31,7 +32,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use connredir_engine::{Counters, ServiceId};
-use connredir_testkit::http_world::{fetch, ours_path, path_of, start_origin, wait_for, NOBODY};
+use connredir_testkit::http_world::{
+    fetch_each, ours_path, path_of, start_origin, wait_for, NOBODY,
+};
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, require_program, service_spec, wait_listening, Lab, Proc,
     TestDir,
@@ -157,7 +160,7 @@ fn run(test: &str, origin_host: &str, listen_ip: &str, chain: Chain) {
         let before = counters_of(&lab.engine.counters().unwrap());
         let prefix = format!("/r{r}/");
         let paths: Vec<String> = (0..AT_ONCE).map(|i| format!("{prefix}c{i}")).collect();
-        let fetched = fetch(&lab, &curl, origin, &paths);
+        let fetched = fetch_each(&lab, &curl, origin, &paths);
         let of_round = |log: &[Value], path: fn(&Value) -> &str| {
             log.iter().filter(|e| path(e).starts_with(&prefix)).count()
         };
