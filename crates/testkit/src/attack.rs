@@ -280,7 +280,8 @@ fn flows(dst: SocketAddr, millis: u64) -> Result<Value> {
 /// so each attempt reaches the destination: from an unbound socket when the
 /// destination is 127.0.0.1 or ::1, and from a socket bound to the
 /// destination's address always; for an IPv4 destination also from an IPv6
-/// socket (::ffff:0.0.0.0). Reports each attempt by name under `attempts`.
+/// socket (::ffff:0.0.0.0, or :: from a socket bound to an IPv4-mapped
+/// address). Reports each attempt by name under `attempts`.
 fn unspecified(dst: SocketAddr) -> Result<Value> {
     let port = dst.port();
     let mut attempts = serde_json::Map::new();
@@ -302,6 +303,15 @@ fn unspecified(dst: SocketAddr) -> Result<Value> {
             if v4.ip() == &Ipv4Addr::LOCALHOST {
                 try_one("any", Domain::IPV4, None, any);
                 try_one("mapped any", Domain::IPV6, None, mapped_any);
+                // `::` from a socket bound to an IPv4-mapped address goes
+                // to 127.0.0.1.
+                let v6_any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+                try_one(
+                    "v6 any, mapped bound",
+                    Domain::IPV6,
+                    Some(mapped_own),
+                    v6_any,
+                );
             }
             try_one("any, bound", Domain::IPV4, Some((*v4.ip(), 0).into()), any);
             try_one(
