@@ -169,7 +169,8 @@ fn start_curl(lab: &Lab, curl: &Path, args: &[String]) -> Proc {
 }
 
 /// Fetches `paths` from `target` with one curl run as [`NOBODY`] in
-/// `scope/client`, all at once (see [`curl_args`]).
+/// `scope/client`, all at once (`--parallel-immediate`: every connection
+/// opened before any is reused, and none is; `Connection: close`).
 pub fn fetch(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) -> Vec<Fetched> {
     let proc = start_curl(lab, curl, &curl_args(target, paths, true));
     let (status, lines) = proc.finish().expect("curl ends");
