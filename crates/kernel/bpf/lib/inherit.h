@@ -231,7 +231,7 @@ static __always_inline void inherit_give_back(struct connredir_sock_state *state
 }
 
 /* The accepted socket (its `state`, in namespace `netns`) closes: what it
- * kept goes, taken or not. */
+ * kept goes if taken, or stays orphaned (inherit_forget). */
 static __always_inline void inherit_on_close(struct connredir_sock_state *state, __u64 netns)
 {
 	__u32 hops;
