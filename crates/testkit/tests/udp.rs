@@ -9,7 +9,7 @@ use std::time::Duration;
 use connredir_engine::{OnDown, Protocol, Service, ServiceId};
 use connredir_testkit::{
     by_cgroup, eventually, free_addr, mapped, permutations, service_spec, EchoServer, Lab, Proc,
-    UdpEchoServer,
+    TestDir, UdpEchoServer,
 };
 use serde_json::{json, Value};
 
@@ -373,6 +373,64 @@ fn udp_to_the_unspecified_address_is_redirected_as_loopback() {
         );
         udp_round_trip("[::1]", "::1", "::1/128", any6, unconnected, "udp-any6");
     }
+}
+
+/// A client (Python, uid 65534) sends to 0.0.0.0 with `IP_PKTINFO` naming
+/// 127.0.0.2 as its source: the kernel routes the datagram there. A rule on
+/// 127.0.0.2 must take it through the service.
+const PKTINFO_CLIENT: &str = r#"
+import json, socket, struct, sys
+
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+info = struct.pack("@i4s4s", 0, socket.inet_aton("127.0.0.2"), socket.inet_aton("0.0.0.0"))
+IP_PKTINFO = 8  # <linux/in.h>; not in Python 3.11's socket module
+s.sendmsg([b"pktinfo"], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, ("0.0.0.0", port))
+try:
+    data, source = s.recvfrom(65536)
+    print(json.dumps({"ok": data == b"pktinfo", "from": f"{source[0]}:{source[1]}",
+                      "local_port": s.getsockname()[1]}), flush=True)
+except OSError as e:
+    print(json.dumps({"ok": False, "error": str(e), "local_port": s.getsockname()[1]}), flush=True)
+"#;
+
+#[test]
+fn udp_to_the_unspecified_address_from_a_pktinfo_source_is_redirected() {
+    let Some((mut lab, server)) = udp_lab("udp-any-pktinfo", "127.0.0.2") else {
+        return;
+    };
+    let dst = server.addr();
+    let listen = free_addr("127.0.0.1");
+    let (_, service) = lab.udp_service("inspector", listen, "127.0.0.2/32", dst.port(), 0, &[]);
+    let dir = TestDir::new("udp-any-pktinfo", Some(NOBODY));
+    let script = dir.write("client.py", PKTINFO_CLIENT);
+    let port = dst.port().to_string();
+    let python = std::path::Path::new("/usr/bin/python3");
+    let client = Proc::spawn_program(
+        &lab.cgroup("scope/client"),
+        Some(NOBODY),
+        python,
+        &[&script, &port],
+    )
+    .unwrap();
+    let (status, lines) = client.finish().unwrap();
+    assert!(status.success(), "{status}: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let log = lab.wait_logged(service, 1);
+    assert_eq!(
+        log.len(),
+        1,
+        "the service takes the flow: {log:?} / {report}"
+    );
+    assert_eq!(log[0]["original_dst"], dst.to_string(), "{log:?}");
+    let client_port = report["local_port"].as_u64().unwrap();
+    let sources = server.sources();
+    assert!(
+        sources.iter().all(|s| u64::from(s.port()) != client_port),
+        "the client reached the destination directly: {sources:?}"
+    );
 }
 
 /// One rule for both protocols sends a TCP connection to the service's TCP
