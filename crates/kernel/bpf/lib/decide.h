@@ -192,8 +192,7 @@ static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
 	if (local_port < rule->local_port_min || local_port > rule->local_port_max)
 		return 0;
 	/* `after`: the record must already name that service. */
-	if (rule->after && (rule->after >= CONNREDIR_MAX_SERVICES || !env->chain.hop_count ||
-			    !(env->chain.seen & (1ull << rule->after))))
+	if (rule->after && !(env->chain.seen & service_bit(rule->after)))
 		return 0;
 	if (rule->comm_len && !comm_matches(rule))
 		return 0;

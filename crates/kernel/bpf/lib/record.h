@@ -39,8 +39,7 @@ static __always_inline void summarise_chain(const struct connredir_record *recor
 		if (i >= hop_count)
 			break;
 		id = record->hops[i].service_id;
-		if (id < CONNREDIR_MAX_SERVICES)
-			out->seen |= 1ull << id;
+		out->seen |= service_bit(id);
 		out->last = id;
 	}
 }
@@ -52,7 +51,7 @@ static __always_inline __u8 chain_state(const struct chain_summary *chain, __u32
 		return CONNREDIR_STATE_NOT_REDIRECTED;
 	if (chain->last == service_id)
 		return CONNREDIR_STATE_BY_SELF;
-	if (service_id < CONNREDIR_MAX_SERVICES && (chain->seen & (1ull << service_id)))
+	if (chain->seen & service_bit(service_id))
 		return CONNREDIR_STATE_PREVIOUSLY_BY_SELF;
 	return CONNREDIR_STATE_BY_OTHER;
 }

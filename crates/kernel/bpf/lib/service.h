@@ -29,6 +29,22 @@ static __always_inline __u64 current_start_ticks(void)
 	       (1000000000ull / CONNREDIR_CLOCK_TICKS_PER_SEC);
 }
 
+/* The service whose identity is cgroup `cgroup`, or 0. */
+static __always_inline __u32 service_of_cgroup(__u64 cgroup)
+{
+	__u32 *id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
+
+	return id ? *id : 0;
+}
+
+/* The service whose identity is uid `uid`, or 0. */
+static __always_inline __u32 service_of_uid(__u32 uid)
+{
+	__u32 *id = bpf_map_lookup_elem(&service_by_uid, &uid);
+
+	return id ? *id : 0;
+}
+
 /*
  * The ids of the services whose registered identity is the current process:
  * by process, by cgroup and by uid (0 where none matches).
@@ -46,17 +62,14 @@ static __always_inline void caller_services(struct caller_services *out)
 	__u32 uid = (__u32)bpf_get_current_uid_gid();
 	__u64 cgroup = bpf_get_current_cgroup_id();
 	const struct connredir_pid_identity *by_pid;
-	__u32 *id;
 
 	out->uid = uid;
 	by_pid = bpf_map_lookup_elem(&service_by_pid, &tgid);
 	/* A later process given a departed service process's pid is not it. */
 	out->by_pid = by_pid && by_pid->start_ticks == current_start_ticks() ? by_pid->service_id
 									       : 0;
-	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
-	out->by_cgroup = id ? *id : 0;
-	id = bpf_map_lookup_elem(&service_by_uid, &uid);
-	out->by_uid = id ? *id : 0;
+	out->by_cgroup = service_of_cgroup(cgroup);
+	out->by_uid = service_of_uid(uid);
 }
 
 static __always_inline int caller_is(const struct caller_services *caller,
@@ -85,17 +98,8 @@ static __always_inline __u64 service_bit(__u32 id)
  */
 static __always_inline __u64 opener_services(const struct connredir_record *record)
 {
-	__u32 uid = record->client_uid;
-	__u64 cgroup = record->client_cgroup_id, mask = 0;
-	__u32 *id;
-
-	id = bpf_map_lookup_elem(&service_by_cgroup, &cgroup);
-	if (id)
-		mask |= service_bit(*id);
-	id = bpf_map_lookup_elem(&service_by_uid, &uid);
-	if (id)
-		mask |= service_bit(*id);
-	return mask;
+	return service_bit(service_of_cgroup(record->client_cgroup_id)) |
+	       service_bit(service_of_uid(record->client_uid));
 }
 
 /* The service registered at `addr` (IPv4-mapped or IPv6):`port` (host
