@@ -214,8 +214,17 @@ pub fn fetch_each(lab: &Lab, curl: &Path, target: SocketAddr, paths: &[String]) 
 /// Waits (at most 10 s) until `count` of process `index`'s JSON lines
 /// reaches `want`.
 pub fn wait_for(lab: &Lab, index: usize, want: usize, count: impl Fn(&[Value]) -> usize) {
+    wait_for_lines(|| lab.proxy_log(index), want, count);
+}
+
+/// As [`wait_for`], for the JSON lines `read` gives (a log file, say).
+pub fn wait_for_lines(
+    read: impl Fn() -> Vec<Value>,
+    want: usize,
+    count: impl Fn(&[Value]) -> usize,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&lab.proxy_log(index)) < want && Instant::now() < deadline {
+    while count(&read()) < want && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

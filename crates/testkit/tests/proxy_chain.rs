@@ -56,11 +56,16 @@ fn reference_proxy(lab: &mut Lab, spec: &Spec) -> (ServiceId, usize) {
 /// Runs the `many` client role in `scope/client` and returns its per-flow
 /// reports (the role itself always succeeds; each flow says how it went).
 fn many(lab: &Lab, dst: SocketAddr, sizes: &[usize]) -> Vec<Value> {
+    many_in(lab, "scope/client", dst, sizes)
+}
+
+/// [`many`], run in the lab's cgroup `cgroup`.
+fn many_in(lab: &Lab, cgroup: &str, dst: SocketAddr, sizes: &[usize]) -> Vec<Value> {
     let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
     let dst = dst.to_string();
     let sizes = sizes.join(",");
     let args = ["many", "--connect", &dst, "--sizes", &sizes];
-    let client = Proc::spawn(&lab.cgroup("scope/client"), None, &args).unwrap();
+    let client = Proc::spawn(&lab.cgroup(cgroup), None, &args).unwrap();
     let (status, lines) = client.finish().unwrap();
     assert!(status.success(), "many: {status}: {lines:?}");
     let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
@@ -210,14 +215,9 @@ fn a_services_own_connection_does_not_come_back_to_it_through_a_later_service() 
     let (second_id, second) = reference_proxy(&mut lab, &spec("second", 20));
 
     // The first service's own process connects (its cgroup is its identity).
-    let sizes_arg: Vec<String> = sizes.iter().map(usize::to_string).collect();
-    let (dst_arg, sizes_arg) = (dst.to_string(), sizes_arg.join(","));
-    let args = ["many", "--connect", &dst_arg, "--sizes", &sizes_arg];
-    let own = Proc::spawn(&lab.cgroup("services/first"), None, &args).unwrap();
-    let (status, lines) = own.finish().unwrap();
-    assert!(status.success(), "many: {status}: {lines:?}");
-    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
-    for flow in report["flows"].as_array().expect("flows") {
+    let flows = many_in(&lab, "services/first", dst, &sizes);
+    assert_eq!(flows.len(), sizes.len());
+    for flow in &flows {
         assert_eq!(flow["ok"], true, "{flow}");
         assert_eq!(flow["received"], flow["sent"], "{flow}");
     }

@@ -29,11 +29,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use connredir_engine::{Counters, ServiceId};
 use connredir_testkit::http_world::{
-    fetch_each, ours_path, path_of, start_origin, wait_for, NOBODY,
+    fetch_each, ours_path, path_of, start_origin, wait_for, wait_for_lines, NOBODY,
 };
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, require_program, service_spec, wait_listening, Lab, Proc,
@@ -165,10 +165,7 @@ fn run(test: &str, origin_host: &str, listen_ip: &str, chain: Chain) {
             log.iter().filter(|e| path(e).starts_with(&prefix)).count()
         };
         wait_for(&lab, origin_log, AT_ONCE, |l| of_round(l, path_of));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while of_round(&squid_log(&dir), path_of) < AT_ONCE && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_lines(|| squid_log(&dir), AT_ONCE, |l| of_round(l, path_of));
         if let Some((_, ours)) = ours {
             wait_for(&lab, ours, AT_ONCE, |l| of_round(l, ours_path));
         }
