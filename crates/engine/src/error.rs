@@ -99,6 +99,9 @@ pub enum Error {
     /// No such rule.
     #[error("no rule with id {0}")]
     UnknownRule(u32),
+    /// The kernel's BPF run-time statistics could not be turned on.
+    #[error("turning on the kernel's BPF run-time statistics (BPF_ENABLE_STATS, needs CAP_SYS_ADMIN): {0}")]
+    RunTimeStats(#[source] std::io::Error),
     /// Another failure of the host's cgroups, bpffs or processes.
     #[error(transparent)]
     Host(connredir_host::Error),

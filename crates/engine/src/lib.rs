@@ -28,12 +28,14 @@
 //! (the object, the seal key, the home namespace), `pin` (pinning, takeover
 //! and its rollback), `attach` (links to cgroups), `services` (the service
 //! registry, listeners, pid identities), `rules` (compile, trie keys, sync),
-//! `counters`, `observe` (live connections, the trace), `maps` (typed map
+//! `counters`, `observe` (live connections, the trace), `cost` (the
+//! programs' run time, by the kernel's statistics), `maps` (typed map
 //! access), `link` (raw link system calls) and `error`.
 
 #![warn(missing_docs)]
 
 mod attach;
+mod cost;
 mod counters;
 mod error;
 mod link;
@@ -52,6 +54,8 @@ use aya::Ebpf;
 use connredir_abi::{connredir_listener, connredir_service};
 
 pub use attach::CGROUP_PROGRAMS;
+pub use connredir_kernel::programs;
+pub use cost::{ProgramCost, RunTimeStats};
 pub use counters::{Counter, Counters};
 pub use error::Error;
 pub use observe::{boot_time, Connection, Decision, TraceEvent, Tracer};

@@ -562,6 +562,63 @@ fn rules_that_do_not_match_leave_the_connection_alone() {
     assert_eq!(lab.engine.counters().unwrap().redirects, 0);
 }
 
+/// Runs of each program between two readings of the engine's costs.
+fn runs_between(
+    before: &[connredir_engine::ProgramCost],
+    after: &[connredir_engine::ProgramCost],
+) -> std::collections::BTreeMap<&'static str, (u64, Duration)> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| {
+            assert_eq!(a.program, b.program, "the readings list the same programs");
+            let d = a.since(b);
+            (d.program, (d.runs, d.run_time))
+        })
+        .collect()
+}
+
+#[test]
+fn program_costs_count_the_runs_of_each_connection_while_statistics_are_on() {
+    let Some((mut lab, server)) = Lab::with_server("costs") else {
+        return;
+    };
+    let dst = server.addr();
+    let (_, proxy) = lab.proxy(v4_proxy("costed", dst, 0));
+    let unselected = EchoServer::start("127.0.0.3:0").unwrap();
+    let _stats = connredir_engine::RunTimeStats::enable().unwrap();
+    let connect4 = connredir_engine::programs::CONNECT4;
+    let sockops = connredir_engine::programs::SOCKOPS;
+    let getsockopt = connredir_engine::programs::GETSOCKOPT;
+
+    // A connection no rule selects meets connect4 once and sockops at each
+    // TCP event the kernel calls it for; no service reads anything.
+    let before = lab.engine.program_costs().unwrap();
+    assert_eq!(
+        lab.client("scope/client", unselected.addr(), 10).unwrap()["ok"],
+        true
+    );
+    let ran = runs_between(&before, &lab.engine.program_costs().unwrap());
+    assert_eq!(ran[connect4].0, 1, "{ran:?}");
+    assert!(ran[connect4].1 > Duration::ZERO, "{ran:?}");
+    assert!(ran[sockops].0 >= 4, "{ran:?}");
+    assert_eq!(ran[getsockopt].0, 0, "{ran:?}");
+
+    // A redirected one also meets the service's side: its accepted socket's
+    // events, its questions for the records (getsockopt) and its onward
+    // connect.
+    let before = lab.engine.program_costs().unwrap();
+    assert_eq!(lab.client("scope/client", dst, 10).unwrap()["ok"], true);
+    lab.wait_logged(proxy, 1);
+    let ran = runs_between(&before, &lab.engine.program_costs().unwrap());
+    assert_eq!(
+        ran[connect4].0, 2,
+        "the client's and the service's onward connect: {ran:?}"
+    );
+    assert!(ran[getsockopt].0 >= 1, "{ran:?}");
+    assert!(ran[sockops].0 > 8, "{ran:?}");
+}
+
 #[test]
 fn refused_redirects_leave_no_handoff_entry_behind() {
     let Some((mut lab, server)) = Lab::with_server("refused") else {
