@@ -16,12 +16,19 @@ use serde_json::{json, Value};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// Runs one attack case against `addr`; `millis` is the duration of the
-/// cases that run for a while (`flows`).
-pub fn run(case: &str, addr: SocketAddr, millis: Option<u64>) -> Result<Value> {
+/// cases that run for a while (`flows`), `elsewhere` the second address of
+/// the cases that connect to two (`stale-hop`).
+pub fn run(
+    case: &str,
+    addr: SocketAddr,
+    millis: Option<u64>,
+    elsewhere: Option<SocketAddr>,
+) -> Result<Value> {
     match case {
         "reconnect-unspec" => reconnect_unspec(addr),
         "reconnect-refused" => reconnect_refused(addr),
         "reconnect-v6only" => reconnect_v6only(addr),
+        "stale-hop" => stale_hop(addr, elsewhere.context("stale-hop needs --elsewhere")?),
         "fill-optmem" => fill_optmem(addr),
         "bind" => impostor(addr, false),
         "bind-reuseport" => impostor(addr, true),
@@ -132,6 +139,25 @@ fn reconnect_v6only(dst: SocketAddr) -> Result<Value> {
         "v6only_cleared": cleared.unwrap_or_else(|e| e.to_string()),
         "second": second,
     }))
+}
+
+/// A redirected connect that fails before any connection is opened (an
+/// IPv4-mapped destination on an `IPV6_V6ONLY` socket) leaves the socket
+/// holding the record of that redirect; the same socket then connects
+/// straight to `elsewhere`, an address no rule names (another service's
+/// IPv6 listener). If that connection carried the old record, the service
+/// there would take the flow for one the first service had already
+/// handled, and send it on past it.
+fn stale_hop(dst: SocketAddr, elsewhere: SocketAddr) -> Result<Value> {
+    let SocketAddr::V4(v4) = dst else {
+        bail!("stale-hop takes an IPv4 destination")
+    };
+    let mapped = SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0));
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    let first = attempt(&socket, mapped);
+    let second = attempt(&socket, elsewhere);
+    Ok(json!({ "first": first, "second": second }))
 }
 
 /// `struct tcp_md5sig` of <linux/tcp.h> (not in the libc crate).

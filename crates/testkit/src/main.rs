@@ -8,7 +8,7 @@
 //! connredir-testkit connect-loop --connect ADDR --count N
 //! connredir-testkit many --connect ADDR --sizes N,N,... [--no-half-close]
 //! connredir-testkit hold --connect ADDR --until FILE
-//! connredir-testkit attack CASE ADDR [ARG]
+//! connredir-testkit attack CASE ADDR [ARG] [--elsewhere ADDR]
 //! connredir-testkit forge --listen ADDR --connect ADDR --other ID [--iterations N] [--seed S]
 //! connredir-testkit set-blob --hex HEX --connect ADDR
 //! connredir-testkit udp-proxy --name NAME --listen ADDR [--no-records]
@@ -125,6 +125,9 @@ enum Role {
         /// The case's duration in milliseconds (`flows`).
         #[arg(value_name = "MILLISECONDS")]
         millis: Option<u64>,
+        /// A second address the case connects to (`stale-hop`).
+        #[arg(long, value_name = "ADDR")]
+        elsewhere: Option<SocketAddr>,
     },
     /// A forging service: sets forged records and reports what the layer said.
     Forge {
@@ -218,8 +221,13 @@ fn main() -> Result<()> {
         } => many(connect, sizes, !no_half_close),
         Role::Hold { connect, until } => hold(connect, &until),
         Role::Echo { listen } => echo(&listen),
-        Role::Attack { case, addr, millis } => {
-            emit(attack::run(&case, addr, millis)?);
+        Role::Attack {
+            case,
+            addr,
+            millis,
+            elsewhere,
+        } => {
+            emit(attack::run(&case, addr, millis, elsewhere)?);
             Ok(())
         }
         Role::Forge {

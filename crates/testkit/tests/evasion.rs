@@ -164,6 +164,48 @@ fn reconnect_after_a_failed_v4_mapped_connect_is_inspected() {
 }
 
 #[test]
+fn a_failed_redirect_leaves_no_record_for_a_direct_connect_elsewhere() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(mut setup) = Setup::new("evade-stale-hop", server.addr(), OnDown::Block) else {
+        return;
+    };
+    let inspector = setup.start_proxy(&[]);
+    // A second service, on IPv6, that no rule names; it sets no records, so
+    // it forwards to whatever original destination the layer tells it.
+    let cgroup = setup.lab.cgroup("services/second");
+    let listen = free_addr("::1");
+    setup
+        .lab
+        .register(service_spec("second", &[listen], by_cgroup(&cgroup)));
+    let second = setup
+        .lab
+        .toy_proxy(&cgroup, None, "second", &[listen], &["--no-records"]);
+    let report = setup.attack(&[
+        "stale-hop",
+        &server.addr().to_string(),
+        "--elsewhere",
+        &listen.to_string(),
+    ]);
+    assert_eq!(report["first"]["ok"], false, "{report}");
+    // The client's connection to the second service is its own, with no
+    // record: the second service learns no destination from the layer.
+    let seen = setup.lab.wait_logged(second, 1);
+    for line in &seen {
+        assert!(
+            line.get("chain").is_none() && line.get("record_dst").is_none(),
+            "the second service was handed the record of a redirect that never connected: {line}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.accepted().is_empty(),
+        "the destination was reached without its service: {:?}, inspector saw {:?}, report {report}",
+        server.accepted(),
+        setup.lab.proxy_log(inspector)
+    );
+}
+
+#[test]
 fn a_client_that_fills_its_option_memory_is_refused_not_let_through() {
     let server = EchoServer::start("127.0.0.2:0").unwrap();
     let Some(mut setup) = Setup::new("evade-optmem", server.addr(), OnDown::Block) else {
