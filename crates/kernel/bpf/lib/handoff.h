@@ -102,6 +102,17 @@ static __always_inline void handoff_on_connect(struct bpf_sock_ops *skops, struc
 		return;
 
 	hop = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)];
+	/*
+	 * Only to the service the hop names. A redirected connect can fail
+	 * before it opens a connection (an IPv4-mapped destination on an
+	 * IPV6_V6ONLY socket); its hop stays until the socket's next decided
+	 * connect takes it back, and a connect to an address no rule covers
+	 * is not decided. Handed to whatever that connect reached (another
+	 * service), the record would tell it that this hop's service had
+	 * handled the flow, and it would send the flow on past that service.
+	 */
+	if (service_at(t.remote, t.remote_port) != hop->service_id)
+		return;
 	endpoint_set_v6(&hop->local, t.local, bpf_htons(t.local_port));
 
 	handoff_key(&key, netns, t.local, t.local_port, t.remote, t.remote_port);
