@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::scenarios::{Results, VariantFigures};
+use crate::scenarios::{
+    BpfCost, Results, VariantFigures, COST_REDIRECTED_TO_SINK, COST_UNSELECTED,
+};
 use crate::stats::Spread;
 
 /// Everything after this line survives a rewrite.
@@ -47,6 +49,36 @@ fn us(s: &Spread) -> String {
     format!("{:.0} µs ({:.0}–{:.0})", s.median, s.min, s.max)
 }
 
+/// One row per program that ran in each case, then the case's total.
+fn cost_table(o: &mut String, costs: &[BpfCost]) {
+    let _ = writeln!(
+        o,
+        "| rules | connections | program | runs per connection | ns per run | ns per connection |\n|---|---|---|---|---|---|"
+    );
+    for c in costs {
+        for p in &c.programs {
+            let _ = writeln!(
+                o,
+                "| {} | {} | `{}` | {:.2} | {:.0} | {:.0} |",
+                c.rules,
+                c.case,
+                p.program,
+                p.runs,
+                p.ns_per_run,
+                p.ns()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "| {} | {} | **all programs** | | | **{:.0}** |",
+            c.rules,
+            c.case,
+            c.total_ns()
+        );
+    }
+    o.push('\n');
+}
+
 /// The summary rows: (figure, goal text, spread or value, verdict).
 pub fn goals(r: &Results) -> Vec<(String, String, String, String)> {
     let mut rows = Vec::new();
@@ -59,6 +91,27 @@ pub fn goals(r: &Results) -> Vec<(String, String, String, String)> {
                 verdict(s.median, Goal::AtLeast(0.97)),
             ));
         }
+        if let Some(c) = o
+            .costs
+            .iter()
+            .find(|c| c.rules == 100_000 && c.case == COST_UNSELECTED)
+        {
+            rows.push((
+                "BPF run time per connection no rule selects, 100,000 rules, all programs".into(),
+                "≤ 200 ns".into(),
+                format!("{:.0} ns", c.total_ns()),
+                verdict(c.total_ns(), Goal::AtMost(200.0)),
+            ));
+        }
+    }
+    if let Some(c) = r.proxied.iter().find_map(|p| p.bpf_cost.as_ref()) {
+        rows.push((
+            "BPF run time per redirected connection, both ends (through the reference proxy)"
+                .into(),
+            "≤ 1 µs".into(),
+            format!("{:.0} ns", c.total_ns()),
+            verdict(c.total_ns(), Goal::AtMost(1000.0)),
+        ));
     }
     for p in &r.proxied {
         rows.push((
@@ -263,11 +316,39 @@ pub fn render(r: &Results, notes: &str) -> String {
              in a cgroup without programs ({:.0} conn/s median).\n",
             ov.connects, ov.bare_rate
         );
-        let _ = writeln!(o, "| rules | rate × no programs | rounds |\n|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| rules | rate × no programs | rounds | BPF ns per connection no rule selects | BPF ns per redirected connection |\n|---|---|---|---|---|"
+        );
+        let total = |rules: usize, case: &str| {
+            ov.costs
+                .iter()
+                .find(|c| c.rules == rules && c.case == case)
+                .map_or("–".to_string(), |c| format!("{:.0}", c.total_ns()))
+        };
         for (rules, s) in &ov.ratios {
-            let _ = writeln!(o, "| {rules} | {} | {} |", s.ratio(), s.n);
+            let _ = writeln!(
+                o,
+                "| {rules} | {} | {} | {} | {} |",
+                s.ratio(),
+                s.n,
+                total(*rules, COST_UNSELECTED),
+                total(*rules, COST_REDIRECTED_TO_SINK)
+            );
         }
         o.push('\n');
+        let _ = writeln!(
+            o,
+            "The BPF columns are the kernel's own account (each program's run time and runs, \
+             kept while run-time statistics are on: `BPF_ENABLE_STATS`), read before and after \
+             {} connections of each kind made after the timed rounds, one at a time: the same \
+             connect+close to the sink (no rule selects it), and connect+close to a destination \
+             the rule on 127.0.0.0/8 selects, redirected to an accept-and-close server running \
+             as the service (it reads no records). They are far steadier on a busy machine than \
+             the rates. Per program:\n",
+            ov.costs.first().map_or(0, |c| c.connections)
+        );
+        cost_table(&mut o, &ov.costs);
     }
 
     if !r.proxied.is_empty() {
@@ -304,6 +385,18 @@ pub fn render(r: &Results, notes: &str) -> String {
                 p.haproxy_vs_direct.ratio()
             );
         }
+    }
+
+    if let Some(c) = r.proxied.iter().find_map(|p| p.bpf_cost.as_ref()) {
+        let _ = writeln!(
+            o,
+            "BPF run time per connection of the connredir path, one client for {} connections \
+             after the timed rounds, by the kernel's statistics as in section 1: both ends (the \
+             client's socket, the socket the reference proxy accepts, its questions for the \
+             records and the context, and its onward socket, which carries the records).\n",
+            c.connections
+        );
+        cost_table(&mut o, std::slice::from_ref(c));
     }
 
     if let Some(b) = &r.bulk {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use connredir_engine::{Engine, Identity, Protocol, Rule, Service};
+use connredir_engine::{Engine, Identity, Protocol, Rule, RunTimeStats, Service};
 use connredir_host::cgroup::CgroupTree;
 use serde::Serialize;
 
@@ -71,6 +71,11 @@ const UDP_WINDOW: usize = 32;
 struct Sizes {
     overhead_rounds: usize,
     overhead_connects: u64,
+    /// Connections per case of the BPF run-time measurement.
+    cost_connects: u64,
+    /// How long the redirected path through the reference proxy is
+    /// measured for its BPF run time.
+    cost_ms: u64,
     proxied_rounds: usize,
     proxied_ms: u64,
     concurrency: Vec<usize>,
@@ -100,6 +105,8 @@ impl Sizes {
             Sizes {
                 overhead_rounds: 3,
                 overhead_connects: 2_000,
+                cost_connects: 500,
+                cost_ms: 300,
                 proxied_rounds: 2,
                 proxied_ms: 300,
                 concurrency: vec![1, 16, 256],
@@ -117,6 +124,8 @@ impl Sizes {
             Sizes {
                 overhead_rounds: 11,
                 overhead_connects: 10_000,
+                cost_connects: 5_000,
+                cost_ms: 2_000,
                 proxied_rounds: 9,
                 proxied_ms: 1_000,
                 concurrency: vec![1, 16, 256],
@@ -170,6 +179,90 @@ pub struct Overhead {
     pub bare_rate: f64,
     /// (rules, rate with programs / rate without, per round).
     pub ratios: Vec<(usize, Spread)>,
+    /// BPF run time per connection at each rule count: connections no rule
+    /// selects, and (with rules) connections redirected to an
+    /// accept-and-close service.
+    pub costs: Vec<BpfCost>,
+}
+
+/// The BPF run-time case of connections no rule selects.
+pub const COST_UNSELECTED: &str = "no rule selects";
+/// The BPF run-time case of connections a rule redirects to the overhead
+/// scenario's accept-and-close service.
+pub const COST_REDIRECTED_TO_SINK: &str = "redirected to an accept-and-close service";
+
+/// What the layer's programs cost per connection of one kind, by the
+/// kernel's statistics (run time and runs of each program while
+/// statistics were on, over the connections made meanwhile).
+#[derive(Debug, Serialize)]
+pub struct BpfCost {
+    /// Rules installed.
+    pub rules: usize,
+    /// Which connections ("no rule selects", ...).
+    pub case: &'static str,
+    /// Connections made while measuring.
+    pub connections: u64,
+    /// Each program that ran.
+    pub programs: Vec<ProgramShare>,
+}
+
+/// One program's part of a [`BpfCost`].
+#[derive(Debug, Serialize)]
+pub struct ProgramShare {
+    /// The program's name.
+    pub program: &'static str,
+    /// Runs per connection.
+    pub runs: f64,
+    /// Nanoseconds per run.
+    pub ns_per_run: f64,
+}
+
+impl ProgramShare {
+    /// Nanoseconds per connection.
+    pub fn ns(&self) -> f64 {
+        self.runs * self.ns_per_run
+    }
+}
+
+impl BpfCost {
+    /// All the layer's programs, ns per connection.
+    pub fn total_ns(&self) -> f64 {
+        self.programs.iter().map(ProgramShare::ns).sum()
+    }
+
+    /// Measures `work`, which returns how many connections it made.
+    fn measure(
+        engine: &Engine,
+        rules: usize,
+        case: &'static str,
+        work: impl FnOnce() -> Result<u64>,
+    ) -> Result<BpfCost> {
+        let before = engine.program_costs()?;
+        let connections = work()?;
+        ensure!(
+            connections > 0,
+            "no connection was made for the BPF run time of {case}"
+        );
+        let after = engine.program_costs()?;
+        let n = connections as f64;
+        let programs = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.since(b))
+            .filter(|d| d.runs > 0)
+            .map(|d| ProgramShare {
+                program: d.program,
+                runs: d.runs as f64 / n,
+                ns_per_run: d.run_time.as_nanos() as f64 / d.runs as f64,
+            })
+            .collect();
+        Ok(BpfCost {
+            rules,
+            case,
+            connections,
+            programs,
+        })
+    }
 }
 
 /// Per-variant figures of one run set.
@@ -206,6 +299,9 @@ pub struct Proxied {
     pub vs_haproxy: Spread,
     /// haproxy on the layer conn/s ÷ direct, per round.
     pub haproxy_vs_direct: Spread,
+    /// BPF run time per connection of the connredir path (measured at one
+    /// client only).
+    pub bpf_cost: Option<BpfCost>,
 }
 
 /// Bulk download through the proxy.
@@ -770,14 +866,35 @@ fn bulk_worker(bench: &Bench, place: Place<'_>, args: &[&str]) -> Result<f64> {
 
 // ---- Scenario 1: layer overhead.
 
-fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
+/// The overhead scenario's service: it never runs during the timed rounds
+/// (no connection there matches a rule); for the BPF run time of redirected
+/// connections an accept-and-close server runs as it.
+const OVERHEAD_SERVICE_UID: u32 = PROXY_UID + 1;
+/// The destination the overhead scenario's one rule on 127.0.0.0/8 selects
+/// (its port); [`SINK_DROP`] is on another port, so no rule selects it.
+const OVERHEAD_SELECTED: &str = "127.0.0.2:1";
+
+/// The overhead scenario's configurations: a cgroup name each, and the
+/// rules of its engine (none: no programs at all).
+const OVERHEAD_CONFIGS: [(&str, Option<usize>); 5] = [
+    ("bare", None),
+    ("r0", Some(0)),
+    ("r1", Some(1)),
+    ("r1k", Some(1_000)),
+    ("r100k", Some(100_000)),
+];
+
+/// An engine on `cgroup` with a service listening on `service` and
+/// `rules` rules: one on the destination's own prefix but another port, so
+/// the lookup finds a rule set and walks it; the rest elsewhere.
+fn overhead_engine(cgroup: &Path, rules: usize, service: SocketAddr) -> Result<Engine> {
     let mut engine = Engine::load()?;
     engine.attach(cgroup)?;
     let id = engine.add_service(Service {
         name: "bench".into(),
-        listen: vec!["127.0.0.1:9".parse()?],
+        listen: vec![service],
         identity: Identity {
-            uids: vec![PROXY_UID + 1],
+            uids: vec![OVERHEAD_SERVICE_UID],
             ..Default::default()
         },
         context: None,
@@ -786,13 +903,15 @@ fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
         transparent: false,
         on_down: Default::default(),
     })?;
-    // One rule on the destination's own prefix but another port, so the
-    // lookup finds a rule set and walks it; the rest elsewhere.
-    let mut all = vec![Rule {
-        destinations: vec!["127.0.0.0/8".parse()?],
-        ports: vec![1..=1],
-        ..Rule::tcp_to(id)
-    }];
+    let selected: SocketAddr = OVERHEAD_SELECTED.parse()?;
+    let mut all = Vec::new();
+    if rules > 0 {
+        all.push(Rule {
+            destinations: vec!["127.0.0.0/8".parse()?],
+            ports: vec![selected.port()..=selected.port()],
+            ..Rule::tcp_to(id)
+        });
+    }
     for i in 1..rules {
         let i = i as u32;
         all.push(Rule {
@@ -807,58 +926,119 @@ fn overhead_engine(cgroup: &Path, rules: usize) -> Result<Engine> {
     Ok(engine)
 }
 
+/// Runs `count` connect+close of the connect-loop role to `dst` from
+/// `cgroup`; returns the elapsed time.
+fn connect_loop(bench: &Bench, cgroup: &Path, dst: &str, count: u64) -> Result<Duration> {
+    let place = Place {
+        cgroup,
+        netns: Some(&bench.plain),
+        uid: None,
+    };
+    let count = count.to_string();
+    let proc = bench.worker(
+        place,
+        &["connect-loop", "--connect", dst, "--count", &count],
+    )?;
+    let report: wire::ConnectLoop = proc.finish(Duration::from_secs(120))?;
+    Ok(Duration::from_nanos(report.elapsed_ns))
+}
+
 fn overhead(bench: &mut Bench, sizes: &Sizes) -> Result<Overhead> {
     bench.server(false, SINK_DROP, "drop")?;
-    let configs: [(&str, usize); 4] = [("bare", 0), ("r1", 1), ("r1k", 1_000), ("r100k", 100_000)];
+    // (rules, cgroup, engine, its service's address)
     let mut engines = Vec::new();
-    for (name, rules) in configs {
+    for (i, (name, rules)) in OVERHEAD_CONFIGS.into_iter().enumerate() {
         let cgroup = bench.cgroup(name)?;
-        if rules > 0 {
-            engines.push(overhead_engine(&cgroup, rules)?);
+        if let Some(rules) = rules {
+            let service: SocketAddr = format!("127.0.0.1:{}", 9100 + i).parse()?;
+            let engine = overhead_engine(&cgroup, rules, service)?;
+            engines.push((rules, cgroup, engine, service));
         }
     }
-    let count = sizes.overhead_connects.to_string();
     let run = |name: &str| -> Result<f64> {
-        let cgroup = bench.cgroup(name)?;
-        let place = Place {
-            cgroup: &cgroup,
-            netns: Some(&bench.plain),
-            uid: None,
-        };
-        let proc = bench.worker(
-            place,
-            &["connect-loop", "--connect", SINK_DROP, "--count", &count],
+        let elapsed = connect_loop(
+            bench,
+            &bench.cgroup(name)?,
+            SINK_DROP,
+            sizes.overhead_connects,
         )?;
-        let report: wire::ConnectLoop = proc.finish(Duration::from_secs(120))?;
-        let ns = report.elapsed_ns as f64;
-        Ok(sizes.overhead_connects as f64 / (ns / 1e9))
+        Ok(sizes.overhead_connects as f64 / elapsed.as_secs_f64())
     };
     // Warm-up.
-    for (name, _) in configs {
+    for (name, _) in OVERHEAD_CONFIGS {
         run(name)?;
     }
     let rates = Rounds::measure(
         "",
-        configs.iter().map(|c| c.0).collect(),
+        OVERHEAD_CONFIGS.iter().map(|c| c.0).collect(),
         sizes.overhead_rounds,
-        |i| run(configs[i].0),
+        |i| run(OVERHEAD_CONFIGS[i].0),
         |name, rate| format!("{name} {rate:.0}/s"),
     )?;
-    for engine in &engines {
+    for (_, _, engine, _) in &engines {
         ensure!(
             engine.counters()?.redirects == 0,
             "a connection matched a rule in the overhead scenario"
         );
     }
+    let costs = overhead_costs(bench, sizes, &engines)?;
     drop(engines);
     Ok(Overhead {
         connects: sizes.overhead_connects,
         bare_rate: median(&rates.rates("bare")),
-        ratios: configs[1..]
+        ratios: OVERHEAD_CONFIGS
             .iter()
-            .map(|(name, rules)| (*rules, rates.ratio(name, "bare")))
+            .filter_map(|(name, rules)| Some((rules.as_ref().copied()?, rates.ratio(name, "bare"))))
             .collect(),
+        costs,
     })
+}
+
+/// The BPF run time per connection of each overhead engine: connections no
+/// rule selects and, where there are rules, connections redirected to an
+/// accept-and-close server running as the service.
+fn overhead_costs(
+    bench: &Bench,
+    sizes: &Sizes,
+    engines: &[(usize, PathBuf, Engine, SocketAddr)],
+) -> Result<Vec<BpfCost>> {
+    let _stats = RunTimeStats::enable()?;
+    let n = sizes.cost_connects;
+    let mut costs = Vec::new();
+    for (rules, cgroup, engine, service) in engines {
+        costs.push(BpfCost::measure(engine, *rules, COST_UNSELECTED, || {
+            connect_loop(bench, cgroup, SINK_DROP, n)?;
+            Ok(n)
+        })?);
+        if *rules == 0 {
+            continue;
+        }
+        let place = Place {
+            cgroup,
+            netns: Some(&bench.plain),
+            uid: Some(OVERHEAD_SERVICE_UID),
+        };
+        let listen = service.to_string();
+        let mut sink = bench.worker(place, &["server", "--listen", &listen, "--mode", "drop"])?;
+        sink.wait_line(Duration::from_secs(10), |l| l == "ready")?;
+        let before = engine.counters()?.redirects;
+        costs.push(BpfCost::measure(
+            engine,
+            *rules,
+            COST_REDIRECTED_TO_SINK,
+            || {
+                connect_loop(bench, cgroup, OVERHEAD_SELECTED, n)?;
+                Ok(engine.counters()?.redirects - before)
+            },
+        )?);
+        ensure!(
+            engine.counters()?.redirects - before == n,
+            "{} of {n} connections were redirected in the BPF run-time case with {rules} rules",
+            engine.counters()?.redirects - before
+        );
+        drop(sink);
+    }
+    Ok(costs)
 }
 
 // ---- Scenarios 2 and 3: through the proxy.
@@ -1160,6 +1340,26 @@ fn proxied_small(
         setup.hap_engine.counters()?.redirects > hap_before,
         "the haproxy variant's connections were not redirected"
     );
+    // Once, at one client: the programs' run time per redirected
+    // connection, both ends (the client's socket, the socket the proxy
+    // accepts, its questions for records and context, and its onward
+    // socket, all in the path's scope).
+    let bpf_cost = if concurrency == 1 {
+        let connredir = &variants[position(&variants, "connredir")];
+        let _stats = RunTimeStats::enable()?;
+        let before = setup.engine.counters()?.redirects;
+        Some(BpfCost::measure(
+            &setup.engine,
+            1,
+            "redirected through the reference proxy",
+            || {
+                load_run(bench, connredir, 1, sizes.cost_ms)?;
+                Ok(setup.engine.counters()?.redirects - before)
+            },
+        )?)
+    } else {
+        None
+    };
     Ok(Proxied {
         concurrency,
         vs_direct: runs.ratio("connredir", "direct"),
@@ -1169,6 +1369,7 @@ fn proxied_small(
         vs_haproxy: runs.ratio("connredir", "haproxy"),
         haproxy_vs_direct: runs.ratio("haproxy", "direct"),
         variants: runs.figures(),
+        bpf_cost,
     })
 }
 
