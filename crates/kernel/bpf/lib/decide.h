@@ -288,6 +288,30 @@ __noinline int ready_state(struct bpf_sock_addr *ctx, const struct connredir_end
 }
 
 /*
+ * Whether a rule of `set` can apply to a connect of `protocol` to `port`
+ * (host order), by the rules' protocol and destination ports alone. A
+ * global function, verified once on its own, as judge_rule().
+ */
+__noinline int any_rule_for(const struct connredir_rule_set *set, __u32 protocol, __u16 port)
+{
+	__u32 count_rules;
+
+	if (!set)
+		return 0;
+	count_rules = set->count;
+	for (__u32 i = 0; i < CONNREDIR_MAX_RULES_PER_PREFIX; i++) {
+		const struct connredir_rule *rule = &set->rules[i];
+
+		if (i >= count_rules)
+			break;
+		if ((rule->protocol == protocol || rule->protocol == CONNREDIR_PROTO_TCP_AND_UDP) &&
+		    port >= rule->port_min && port <= rule->port_max)
+			return 1;
+	}
+	return 0;
+}
+
+/*
  * Decides the fate of a connect to `dst`: VERDICT_REDIRECT with `*target`
  * the service's listening endpoint, VERDICT_LEAVE, or VERDICT_REFUSE with
  * `*refusal` the errno. `ev` gets the decision, the rule, the service and
@@ -317,7 +341,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, struct bpf_sock *sk
 	key.prefixlen = 16 + (want_v6 ? 128 : 32);
 	__builtin_memcpy(&key.data[2], dst->addr, 16);
 	set = bpf_map_lookup_elem(&rules, &key);
-	if (!set)
+	/* A connect that no rule of its set can apply to (another protocol or
+	 * port) is left as one outside every rule's prefix is, before anything
+	 * about the caller or the socket is read: with a rule on 0.0.0.0/0
+	 * port 443, every destination has a rule set. */
+	if (!set || !any_rule_for(set, protocol, port))
 		return VERDICT_LEAVE;
 
 	/* Only connects that a rule may select pay for what follows. */
