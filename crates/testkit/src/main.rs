@@ -524,6 +524,8 @@ fn retry_eagain() -> bool {
 /// One connection: send `bytes` of a pattern, read the echo, compare.
 fn echo_flow(addr: SocketAddr, bytes: usize, half_close: bool) -> Result<Value> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
+    // What the client reads as its peer (getpeername), while connected.
+    let peer = stream.peer_addr()?;
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     // Some proxies close both directions at the client's EOF: without
     // half-close, read the whole echo back before closing.
@@ -563,6 +565,7 @@ fn echo_flow(addr: SocketAddr, bytes: usize, half_close: bool) -> Result<Value> 
         "sent": bytes,
         "received": received.len(),
         "local": stream.local_addr()?.to_string(),
+        "peer": peer.to_string(),
     }))
 }
 

@@ -115,6 +115,13 @@ fn single_proxy_round_trip(
 
     let report = lab.client("scope/client", connect(dst), 200_000).unwrap();
     assert_eq!(report["ok"], true, "{report}");
+    // The client cannot tell: its peer is where it connected, not the
+    // service (as behind a NAT redirect).
+    assert_eq!(
+        report["peer"],
+        connect(dst).to_string(),
+        "the client's getpeername(): {report}"
+    );
     let log = lab.wait_logged(proxy, 1);
     assert_eq!(log.len(), 1, "proxy log: {log:?}");
     let entry = &log[0];
