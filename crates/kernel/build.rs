@@ -24,7 +24,7 @@ const ENTRY_FILES: &[&str] = &[
     "sockops.c",
     "sockopt.c",
     "sk_msg.c",
-    "udp.c",
+    "peer.c",
     "release.c",
     "sockname.c",
 ];

@@ -80,7 +80,7 @@ static __always_inline int on_addr4(struct bpf_sock_addr *ctx, int sending)
 	/* Already the socket's redirect: an IPv6 socket's datagram to a
 	 * v4-mapped address (its connect was decided by connect6) passes here
 	 * with the service's address. */
-	if (sending && udp_original_peer(sk, &dst))
+	if (sending && original_peer(sk, &dst))
 		return 1;
 	verdict = decide_traced(ctx, sk, &dst, 0, protocol, &target, &refusal);
 	udp_list(ctx, verdict);
@@ -123,7 +123,7 @@ static __always_inline int on_addr6(struct bpf_sock_addr *ctx, int sending)
 	endpoint_set_v6(&dst, ip6, port);
 	if (!sending && protocol == CONNREDIR_PROTO_UDP && udp_take_flow(ctx, sk, &dst))
 		return 1;
-	if (sending && udp_original_peer(sk, &dst))
+	if (sending && original_peer(sk, &dst))
 		return 1;
 	verdict = decide_traced(ctx, sk, &dst, !mapped, protocol, &target, &refusal);
 	udp_list(ctx, verdict);

@@ -375,6 +375,9 @@ fn handle(client: TcpStream, options: &ProxyOptions) -> Result<()> {
         .connect(&destination.into())
         .with_context(|| format!("connect to {destination}"))?;
     let onward: TcpStream = onward.into();
+    // A service sees where its onward socket really goes: the next
+    // service, when a later rule took the flow.
+    line["onward_peer"] = json!(onward.peer_addr()?.to_string());
     line["accelerated"] = json!(connredir::is_accelerated(&client).unwrap_or(false));
     line["onward_accelerated"] = json!(connredir::is_accelerated(&onward).unwrap_or(false));
     emit(line);

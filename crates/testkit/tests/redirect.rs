@@ -259,11 +259,21 @@ fn chain_in_every_start_order(n: usize, test: &str) {
         };
         let dst = server.addr();
         let mut started = vec![None; n];
+        let mut listens = vec![None; n];
         for &which in &order {
             // Priority follows the name, whatever the start order.
-            started[which] = Some(lab.proxy(v4_proxy(names[which], dst, which as u32 + 1)));
+            let spec = v4_proxy(names[which], dst, which as u32 + 1);
+            listens[which] = Some(spec.listen[0]);
+            started[which] = Some(lab.proxy(spec));
         }
         let started: Vec<(ServiceId, usize)> = started.into_iter().map(Option::unwrap).collect();
+        // Where each service's onward connections go, as it sees them: the
+        // next service, and from the last one the destination.
+        let onward: Vec<String> = listens[1..]
+            .iter()
+            .map(|l| l.unwrap().to_string())
+            .chain([dst.to_string()])
+            .collect();
 
         let clients: Vec<_> = (0..FLOWS)
             .map(|i| {
@@ -291,6 +301,10 @@ fn chain_in_every_start_order(n: usize, test: &str) {
                 );
                 assert_eq!(entry["original_dst"], dst.to_string());
                 assert_eq!(entry["first_dst"], dst.to_string());
+                assert_eq!(
+                    entry["onward_peer"], onward[position],
+                    "a service's getpeername() on its onward socket: {entry}"
+                );
             }
         }
         assert_eq!(server.accepted().len(), FLOWS, "order {order:?}");

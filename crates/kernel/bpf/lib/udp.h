@@ -17,7 +17,7 @@
  * The client cannot tell: a datagram from the service's address reads as
  * coming from the original destination (recvmsg4/6), and a connected
  * socket's peer is the original destination (getpeername4/6); both in
- * udp.c (udp_original_peer).
+ * peer.c (lib/peer.h original_peer), as for TCP.
  *
  * A redirected UDP socket is a leg in the conns list from the connect() or
  * sendto() that redirected it (udp_track) until it is released (release.c)
@@ -32,46 +32,7 @@
 #include "record.h"
 #include "service.h"
 #include "conns.h"
-
-/* Whether `a` is the service endpoint `b` (address and port). */
-static __always_inline int same_endpoint(const struct connredir_endpoint *a,
-					 const struct connredir_endpoint *b)
-{
-	const __u32 *x = (const __u32 *)a->addr, *y = (const __u32 *)b->addr;
-
-	if (a->family != b->family || a->port != b->port || x[0] != y[0])
-		return 0;
-	return a->family == AF_INET || (x[1] == y[1] && x[2] == y[2] && x[3] == y[3]);
-}
-
-/*
- * The original destination to show in place of `from` on a client's UDP
- * socket: when the socket's own connect (or send) redirected it and `from`
- * is that redirect's service address. NULL to leave `from` as it is.
- */
-static __always_inline const struct connredir_endpoint *
-udp_original_peer(struct bpf_sock *sk, const struct connredir_endpoint *from)
-{
-	struct connredir_sock_state *state;
-	const struct connredir_hop *hop;
-	struct connredir_service *service;
-	__u32 hop_count, service_id;
-
-	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (!state || !(state->flags & CONNREDIR_SOCK_OWN_HOP))
-		return NULL;
-	hop_count = clamp_hops(state->record.hop_count);
-	if (hop_count == 0)
-		return NULL;
-	hop = &state->record.hops[(hop_count - 1) & (CONNREDIR_MAX_HOPS - 1)];
-	service_id = hop->service_id;
-	service = bpf_map_lookup_elem(&services, &service_id);
-	if (!service)
-		return NULL;
-	if (!same_endpoint(from, from->family == AF_INET ? &service->listen4 : &service->listen6))
-		return NULL;
-	return &hop->original_dst;
-}
+#include "peer.h"
 
 /*
  * A service's socket bound to its own address connects to `peer`, a
