@@ -1,7 +1,7 @@
 //! An HTTP world for tests of third-party proxies as services: an origin
 //! (a small Python HTTP server that prints one JSON line per request) and
 //! curl clients, both run as the unprivileged user, and the way to wait for
-//! a process's JSON lines. mitmproxy.rs and squid.rs use it.
+//! a process's JSON lines. mitmproxy.rs, squid.rs and v2ray.rs use it.
 
 use std::net::SocketAddr;
 use std::path::Path;
