@@ -31,6 +31,12 @@ shown_peer(struct bpf_sock *sk, __u32 type, const struct connredir_endpoint *fro
 
 	if (type != SOCK_DGRAM && type != SOCK_STREAM)
 		return NULL;
+	/* A TCP socket's peer is looked at first: every accept() asks for the
+	 * peer too, and a service's accepted socket holds storage that costs
+	 * more to search than this one lookup, while its peer is never a
+	 * service. (A UDP socket without storage is cheaper the other way.) */
+	if (type == SOCK_STREAM && !is_service_endpoint(from))
+		return NULL;
 	original = original_peer(sk, from);
 	if (original && type == SOCK_STREAM && caller_is_a_service())
 		return NULL;

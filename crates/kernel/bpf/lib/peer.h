@@ -14,6 +14,7 @@
 #include "addr.h"
 #include "maps.h"
 #include "record.h"
+#include "service.h"
 
 /* Whether `a` is the service endpoint `b` (address and port). */
 static __always_inline int same_endpoint(const struct connredir_endpoint *a,
@@ -24,6 +25,15 @@ static __always_inline int same_endpoint(const struct connredir_endpoint *a,
 	if (a->family != b->family || a->port != b->port || x[0] != y[0])
 		return 0;
 	return a->family == AF_INET || (x[1] == y[1] && x[2] == y[2] && x[3] == y[3]);
+}
+
+/* Whether `from` is a service's address (one lookup by address). */
+static __always_inline int is_service_endpoint(const struct connredir_endpoint *from)
+{
+	__u32 addr[4];
+
+	endpoint_to_mapped(from, addr);
+	return service_at(addr, bpf_ntohs(from->port)) != 0;
 }
 
 /*
