@@ -1,12 +1,16 @@
 //! An HTTP world for tests of third-party proxies as services: an origin
 //! (a small Python HTTP server that prints one JSON line per request) and
-//! curl clients, both run as the unprivileged user, and the way to wait for
-//! a process's JSON lines. mitmproxy.rs, squid.rs and v2ray.rs use it.
+//! curl clients, both run as the unprivileged user, the way to wait for a
+//! process's JSON lines, and the round-by-round check of a third-party
+//! proxy chained with connredir-proxy ([`ChainRounds`]). mitmproxy.rs,
+//! squid.rs and v2ray.rs use it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use connredir_engine::ServiceId;
 use serde_json::Value;
 
 use crate::{unmapped, Lab, Proc, TestDir};
@@ -237,4 +241,209 @@ pub fn path_of(entry: &Value) -> &str {
 /// The path of a connredir-proxy log line (its first HTTP request).
 pub fn ours_path(entry: &Value) -> &str {
     entry["http"]["path"].as_str().unwrap_or_default()
+}
+
+/// One round of [`ChainRounds`], as the third-party proxy's own check sees
+/// it.
+pub struct Round<'a> {
+    /// The round's number, from 0.
+    pub number: usize,
+    /// The prefix of the round's paths (`/r<number>/`).
+    pub prefix: &'a str,
+    /// The round's requests, as curl reported them.
+    pub fetched: &'a [Fetched],
+}
+
+impl Round<'_> {
+    /// The clients' own addresses (curl's local addresses) this round.
+    pub fn clients(&self) -> BTreeSet<&str> {
+        self.fetched.iter().map(|f| f.local.as_str()).collect()
+    }
+
+    /// How many of `lines` name each of the round's paths (`path` reads a
+    /// line's path).
+    pub fn count_paths(
+        &self,
+        lines: &[Value],
+        path: fn(&Value) -> &str,
+    ) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::<String, usize>::new();
+        for line in lines.iter().filter(|e| path(e).starts_with(self.prefix)) {
+            *seen.entry(path(line).to_string()).or_default() += 1;
+        }
+        seen
+    }
+}
+
+/// A third-party proxy as a service, alone or with connredir-proxy before
+/// or after it, checked round by round: `at_once` curl processes started
+/// together fetch one path each from the origin; each round, every request
+/// is answered by the origin and reaches it once, connredir-proxy (when
+/// there) sees each once with the chain so far, the original destination
+/// and a client's flow (its own client when it comes first; some client of
+/// the round when it comes after the third-party proxy, which may swap
+/// records), and the layer counts one redirect per service and one
+/// inherited record per request. What the third-party proxy itself logged
+/// is its own check's.
+pub struct ChainRounds<'a> {
+    /// The lab.
+    pub lab: &'a Lab,
+    /// curl.
+    pub curl: &'a Path,
+    /// The origin ([`start_origin`]) and its index in `lab.procs`.
+    pub origin: (SocketAddr, usize),
+    /// The third-party proxy's service.
+    pub third_party: ServiceId,
+    /// connredir-proxy's service and index in `lab.procs`, when it takes
+    /// part.
+    pub ours: Option<(ServiceId, usize)>,
+    /// Whether connredir-proxy comes before the third-party proxy.
+    pub ours_first: bool,
+    /// Rounds, and clients at once in each.
+    pub rounds: usize,
+    /// Clients at once in each round.
+    pub at_once: usize,
+}
+
+impl ChainRounds<'_> {
+    /// Runs the rounds. `third_party` waits for the third-party proxy's
+    /// lines of a round and says what is wrong with them. Fails with every
+    /// round's problems, `what` naming the case.
+    pub fn run(&self, what: &str, mut third_party: impl FnMut(&Round) -> Vec<String>) {
+        let (origin, origin_log) = self.origin;
+        let services = if self.ours.is_some() { 2 } else { 1 };
+        let mut failures = Vec::new();
+        for number in 0..self.rounds {
+            let before = round_counters(self.lab);
+            let prefix = format!("/r{number}/");
+            let paths: Vec<String> = (0..self.at_once).map(|i| format!("{prefix}c{i}")).collect();
+            let fetched = fetch_each(self.lab, self.curl, origin, &paths);
+            let round = Round {
+                number,
+                prefix: &prefix,
+                fetched: &fetched,
+            };
+            let of_round = |log: &[Value], path: fn(&Value) -> &str| {
+                log.iter().filter(|e| path(e).starts_with(&prefix)).count()
+            };
+            wait_for(self.lab, origin_log, self.at_once, |l| of_round(l, path_of));
+            if let Some((_, ours)) = self.ours {
+                wait_for(self.lab, ours, self.at_once, |l| of_round(l, ours_path));
+            }
+            // A little longer, for lines that should not come (a second
+            // pass).
+            std::thread::sleep(Duration::from_millis(300));
+
+            let mut problems = third_party(&round);
+            for f in &fetched {
+                if f.code != 200 || f.answered != f.path {
+                    problems.push(format!(
+                        "{}: status {}, origin's path {:?}, curl: {}",
+                        f.path, f.code, f.answered, f.error
+                    ));
+                }
+            }
+            let at_origin = round.count_paths(&self.lab.proxy_log(origin_log), path_of);
+            for path in &paths {
+                if at_origin.get(path) != Some(&1) {
+                    problems.push(format!(
+                        "{path}: origin saw it {:?} times",
+                        at_origin.get(path)
+                    ));
+                }
+            }
+            if let Some(ours) = self.ours {
+                problems.extend(self.check_ours(&round, ours, &paths));
+            }
+            let after = round_counters(self.lab);
+            let (redirects, inherited) = (after[0] - before[0], after[1] - before[1]);
+            let want_redirects = (services * self.at_once) as u64;
+            if redirects != want_redirects || inherited != self.at_once as u64 {
+                problems.push(format!(
+                    "redirects {redirects} (want {want_redirects}), records inherited \
+                     {inherited} (want {})",
+                    self.at_once
+                ));
+            }
+            if !problems.is_empty() {
+                failures.push(format!("round {number}:\n  {}", problems.join("\n  ")));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{what}: every request must be answered by the origin, reach it once and pass \
+             each proxy once, with a record:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// connredir-proxy's lines of `round`: each path once, with the chain
+    /// so far, the original destination, and each flow once.
+    fn check_ours(
+        &self,
+        round: &Round,
+        (ours_id, ours): (ServiceId, usize),
+        paths: &[String],
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let origin = self.origin.0.to_string();
+        let lines: Vec<Value> = self
+            .lab
+            .proxy_log(ours)
+            .into_iter()
+            .filter(|e| ours_path(e).starts_with(round.prefix))
+            .collect();
+        let at_ours = round.count_paths(&lines, ours_path);
+        let expected_chain: Vec<u64> = if self.ours_first {
+            vec![ours_id.0.into()]
+        } else {
+            vec![self.third_party.0.into(), ours_id.0.into()]
+        };
+        let own_client: BTreeMap<&str, &str> = round
+            .fetched
+            .iter()
+            .map(|f| (f.path.as_str(), f.local.as_str()))
+            .collect();
+        let clients = round.clients();
+        let mut flows = BTreeSet::new();
+        for line in &lines {
+            let chain: Vec<u64> = line["chain"]
+                .as_array()
+                .map(|c| c.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default();
+            let flow = line["flow"].as_str().unwrap_or_default();
+            // After the third-party proxy, a flow carries some client's
+            // record of the round (such a proxy may connect in its own
+            // order); first on the flow, connredir-proxy sees each
+            // client's own.
+            let flow_ok = if self.ours_first {
+                own_client.get(ours_path(line)).copied() == Some(flow)
+            } else {
+                clients.contains(flow)
+            };
+            if chain != expected_chain
+                || line["original_dst"] != origin.as_str()
+                || line["verdict"] != "allow"
+                || !flow_ok
+                || !flows.insert(flow.to_string())
+            {
+                problems.push(format!("connredir-proxy: {line}"));
+            }
+        }
+        for path in paths {
+            if at_ours.get(path) != Some(&1) {
+                problems.push(format!(
+                    "{path}: connredir-proxy saw it {:?} times",
+                    at_ours.get(path)
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// The counters a round follows: redirects and records inherited.
+fn round_counters(lab: &Lab) -> [u64; 2] {
+    let c = lab.engine.counters().expect("the layer's counters");
+    [c.redirects, c.records_inherited]
 }

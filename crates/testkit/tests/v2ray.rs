@@ -34,15 +34,12 @@
 //! origin, reached it once and passed each proxy once, to the right
 //! destination, with the chain of services so far.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use connredir_engine::{Counters, Service, ServiceId};
-use connredir_testkit::http_world::{
-    fetch_each, ours_path, path_of, start_origin, wait_for, wait_for_lines, NOBODY,
-};
+use connredir_engine::{Service, ServiceId};
+use connredir_testkit::http_world::{start_origin, wait_for_lines, ChainRounds, NOBODY};
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, require_program, service_spec, wait_listening, Lab, Proc,
     TestDir,
@@ -148,14 +145,11 @@ fn v2ray_log(dir: &TestDir) -> Vec<Value> {
         .collect()
 }
 
-/// The counters a round follows: redirects and records inherited.
-fn counters_of(c: &Counters) -> [u64; 2] {
-    [c.redirects, c.records_inherited]
-}
-
 /// Runs [`ROUNDS`] rounds of [`AT_ONCE`] curl clients to an origin on
 /// `origin_host` through `chain` (services listening on `listen_ip`, V2Ray
-/// in `mode`) and checks each round.
+/// in `mode`) and checks each round ([`ChainRounds`]); V2Ray's own check:
+/// each flow once in its access log, each to the original destination,
+/// and where it comes first, from each client once.
 fn run(test: &str, origin_host: &str, listen_ip: &str, mode: Mode, chain: Chain) {
     let Some(curl) = require_program(test, "curl") else {
         return;
@@ -184,62 +178,22 @@ fn run(test: &str, origin_host: &str, listen_ip: &str, mode: Mode, chain: Chain)
     );
     let ours =
         (chain != Chain::V2ray).then(|| lab.reference_proxy(listen_ip, origin, ours_priority));
-    let services = if ours.is_some() { 2 } else { 1 };
     let origin_text = origin.to_string();
-
-    let mut failures = Vec::new();
-    for r in 0..ROUNDS {
-        let before = counters_of(&lab.engine.counters().unwrap());
-        let prefix = format!("/r{r}/");
-        let paths: Vec<String> = (0..AT_ONCE).map(|i| format!("{prefix}c{i}")).collect();
-        let fetched = fetch_each(&lab, &curl, origin, &paths);
-        let of_round = |log: &[Value], path: fn(&Value) -> &str| {
-            log.iter().filter(|e| path(e).starts_with(&prefix)).count()
-        };
-        wait_for(&lab, origin_log, AT_ONCE, |l| of_round(l, path_of));
-        // V2Ray's log names no path: this round's entries are those after
-        // the earlier rounds' (each round waits for all of its own).
-        let seen_before = r * AT_ONCE;
+    let rounds = ChainRounds {
+        lab: &lab,
+        curl: &curl,
+        origin: (origin, origin_log),
+        third_party: v2ray_id,
+        ours,
+        ours_first: chain == Chain::OursThenV2ray,
+        rounds: ROUNDS,
+        at_once: AT_ONCE,
+    };
+    rounds.run(&format!("{mode:?} {chain:?}"), |round| {
+        // V2Ray's log names no path: a round's entries are those after the
+        // earlier rounds' (each round waits for all of its own).
+        let seen_before = round.number * AT_ONCE;
         wait_for_lines(|| v2ray_log(&dir), seen_before + AT_ONCE, <[Value]>::len);
-        if let Some((_, ours)) = ours {
-            wait_for(&lab, ours, AT_ONCE, |l| of_round(l, ours_path));
-        }
-        // A little longer, for lines that should not come (a second pass).
-        std::thread::sleep(Duration::from_millis(300));
-
-        let mut problems = Vec::new();
-        let locals: BTreeMap<&str, &str> = fetched
-            .iter()
-            .map(|f| (f.path.as_str(), f.local.as_str()))
-            .collect();
-        let clients: BTreeSet<&str> = locals.values().copied().collect();
-        for f in &fetched {
-            if f.code != 200 || f.answered != f.path {
-                problems.push(format!(
-                    "{}: status {}, origin's path {:?}, curl: {}",
-                    f.path, f.code, f.answered, f.error
-                ));
-            }
-        }
-        let count_paths = |lines: Vec<Value>, path: fn(&Value) -> &str| {
-            let mut seen = BTreeMap::<String, usize>::new();
-            for line in lines.iter().filter(|e| path(e).starts_with(&prefix)) {
-                *seen.entry(path(line).to_string()).or_default() += 1;
-            }
-            seen
-        };
-        let at_origin = count_paths(lab.proxy_log(origin_log), path_of);
-        for path in &paths {
-            if at_origin.get(path) != Some(&1) {
-                problems.push(format!(
-                    "{path}: origin saw it {:?} times",
-                    at_origin.get(path)
-                ));
-            }
-        }
-
-        // V2Ray: each flow once, each to the original destination; where
-        // it comes first, from each client once.
         let forwarded: Vec<Value> = v2ray_log(&dir).into_iter().skip(seen_before).collect();
         let sources: BTreeSet<&str> = forwarded
             .iter()
@@ -248,12 +202,12 @@ fn run(test: &str, origin_host: &str, listen_ip: &str, mode: Mode, chain: Chain)
         let first = chain != Chain::OursThenV2ray;
         if forwarded.len() != AT_ONCE
             || sources.len() != AT_ONCE
-            || (first && sources != clients)
+            || (first && sources != round.clients())
             || forwarded
                 .iter()
                 .any(|e| e["destination"] != origin_text.as_str())
         {
-            problems.push(format!(
+            vec![format!(
                 "v2ray forwarded {} connections (want {AT_ONCE}, one from each {}, each to \
                  {origin_text}): {forwarded:?}",
                 forwarded.len(),
@@ -262,71 +216,11 @@ fn run(test: &str, origin_host: &str, listen_ip: &str, mode: Mode, chain: Chain)
                 } else {
                     "connredir-proxy connection"
                 }
-            ));
+            )]
+        } else {
+            Vec::new()
         }
-
-        if let Some((ours_id, ours)) = ours {
-            let ours_lines: Vec<Value> = lab
-                .proxy_log(ours)
-                .into_iter()
-                .filter(|e| ours_path(e).starts_with(&prefix))
-                .collect();
-            let at_ours = count_paths(ours_lines.clone(), ours_path);
-            let expected_chain: Vec<u64> = match chain {
-                Chain::V2rayThenOurs => vec![v2ray_id.0.into(), ours_id.0.into()],
-                _ => vec![ours_id.0.into()],
-            };
-            let mut flows = BTreeSet::new();
-            for line in &ours_lines {
-                let entry_chain: Vec<u64> = line["chain"]
-                    .as_array()
-                    .map(|c| c.iter().filter_map(Value::as_u64).collect())
-                    .unwrap_or_default();
-                let flow = line["flow"].as_str().unwrap_or_default();
-                // After V2Ray, a flow carries some client's record of the
-                // round (the goroutine that connects may run on another
-                // thread than the one that asked); first on the flow,
-                // connredir-proxy sees each client's own.
-                let flow_ok = match chain {
-                    Chain::V2rayThenOurs => clients.contains(flow),
-                    _ => locals.get(ours_path(line)).copied() == Some(flow),
-                };
-                if entry_chain != expected_chain
-                    || line["original_dst"] != origin_text.as_str()
-                    || line["verdict"] != "allow"
-                    || !flow_ok
-                    || !flows.insert(flow.to_string())
-                {
-                    problems.push(format!("connredir-proxy: {line}"));
-                }
-            }
-            for path in &paths {
-                if at_ours.get(path) != Some(&1) {
-                    problems.push(format!(
-                        "{path}: connredir-proxy saw it {:?} times",
-                        at_ours.get(path)
-                    ));
-                }
-            }
-        }
-        let after = counters_of(&lab.engine.counters().unwrap());
-        let (redirects, inherited) = (after[0] - before[0], after[1] - before[1]);
-        if redirects != (services * AT_ONCE) as u64 || inherited != AT_ONCE as u64 {
-            problems.push(format!(
-                "redirects {redirects} (want {}), records inherited {inherited} (want {AT_ONCE})",
-                services * AT_ONCE
-            ));
-        }
-        if !problems.is_empty() {
-            failures.push(format!("round {r}:\n  {}", problems.join("\n  ")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{mode:?} {chain:?}: every request must be answered by the origin, reach it once and \
-         pass each proxy once, with a record:\n{}",
-        failures.join("\n")
-    );
+    });
 }
 
 #[test]
