@@ -13,8 +13,8 @@
 //! - `sockopt.c`: `cgroup/getsockopt` and `cgroup/setsockopt`, the redirect
 //!   operations at the syscall level and `SO_ORIGINAL_DST`;
 //! - `sk_msg.c`: `sk_msg`, the sockmap acceleration of local legs;
-//! - `udp.c`: `cgroup/recvmsg4|6` and `cgroup/getpeername4|6`, which show a
-//!   redirected UDP client its original destination as its peer;
+//! - `peer.c`: `cgroup/recvmsg4|6` and `cgroup/getpeername4|6`, which show a
+//!   redirected client (TCP or UDP) its original destination as its peer;
 //! - `release.c`: `cgroup/sock_release`, where a redirected UDP socket
 //!   leaves the live-connection list;
 //! - `sockname.c`: `cgroup/getsockname4|6`, where a socket a transparent
@@ -82,8 +82,8 @@ pub mod programs {
     pub const RECVMSG4: &str = "connredir_recvmsg4";
     /// `cgroup/recvmsg6`: as `RECVMSG4`, for IPv6 sockets.
     pub const RECVMSG6: &str = "connredir_recvmsg6";
-    /// `cgroup/getpeername4`: a redirected connected UDP socket's peer is
-    /// the original destination.
+    /// `cgroup/getpeername4`: a redirected client's connected socket (TCP
+    /// or UDP) names the original destination as its peer.
     pub const GETPEERNAME4: &str = "connredir_getpeername4";
     /// `cgroup/getpeername6`: as `GETPEERNAME4`, for IPv6 sockets.
     pub const GETPEERNAME6: &str = "connredir_getpeername6";
