@@ -38,6 +38,7 @@ pub fn run(
         "mptcp" => mptcp(addr),
         "fastopen-sendto" => fastopen_sendto(addr),
         "fastopen-connect" => fastopen_connect(addr),
+        "io-uring" => io_uring_connects(addr),
         other => bail!("unknown attack case {other}"),
     }
 }
@@ -380,6 +381,54 @@ fn mptcp(dst: SocketAddr) -> Result<Value> {
         Some(socket2::Protocol::MPTCP),
     )?;
     Ok(json!({ "attempts": { "connect": attempt(&socket, dst) } }))
+}
+
+/// Connects through io_uring instead of the system calls: a socket made
+/// by `socket()` and connected by `IORING_OP_CONNECT`, and one both made
+/// (`IORING_OP_SOCKET`) and connected by the ring. The kernel does the
+/// work in the ring's context or on its io-wq worker threads, which belong
+/// to the submitting process's cgroup.
+fn io_uring_connects(dst: SocketAddr) -> Result<Value> {
+    use io_uring::{opcode, types, IoUring};
+    use std::os::fd::FromRawFd;
+
+    let mut ring = IoUring::new(4).context("io_uring_setup")?;
+    // Submits one entry and waits for its result: >= 0, or -errno.
+    let mut run = |entry: io_uring::squeue::Entry| -> Result<i32> {
+        // SAFETY: whatever the entry points at outlives the wait below.
+        unsafe { ring.submission().push(&entry) }.context("the ring is full")?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring.completion().next().context("no completion")?;
+        Ok(cqe.result())
+    };
+    let to = SockAddr::from(dst);
+    let connect = |run: &mut dyn FnMut(io_uring::squeue::Entry) -> Result<i32>,
+                   socket: &Socket|
+     -> Result<Value> {
+        let entry =
+            opcode::Connect::new(types::Fd(socket.as_raw_fd()), to.as_ptr(), to.len()).build();
+        let rc = run(entry)?;
+        Ok(if rc < 0 {
+            failed(&std::io::Error::from_raw_os_error(-rc))
+        } else {
+            exchanged(socket, 0)
+        })
+    };
+    let plain = stream_socket(dst)?;
+    let by_ring_connect = connect(&mut run, &plain)?;
+    let family = match dst {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    let fd = run(opcode::Socket::new(family, libc::SOCK_STREAM, 0).build())?;
+    let made_by_ring = if fd < 0 {
+        failed(&std::io::Error::from_raw_os_error(-fd))
+    } else {
+        // SAFETY: the ring made this descriptor for us and nothing else owns it.
+        let socket = unsafe { Socket::from_raw_fd(fd) };
+        connect(&mut run, &socket)?
+    };
+    Ok(json!({ "attempts": { "connect": by_ring_connect, "socket_and_connect": made_by_ring } }))
 }
 
 /// TCP Fast Open through `sendto(MSG_FASTOPEN)`: the connect is made by the

@@ -351,6 +351,16 @@ fn a_fast_open_connect_is_inspected_ipv6() {
     another_way_is_inspected("evade-tfo-connect6", "fastopen-connect", "::1");
 }
 
+#[test]
+fn an_io_uring_connect_is_inspected() {
+    another_way_is_inspected("evade-io-uring", "io-uring", "127.0.0.2");
+}
+
+#[test]
+fn an_io_uring_connect_is_inspected_ipv6() {
+    another_way_is_inspected("evade-io-uring6", "io-uring", "::1");
+}
+
 /// Clients connecting in a loop while the proxy is killed and restarted.
 const CLIENTS: usize = 4;
 /// How many times the proxy is killed (SIGKILL) and started again.
