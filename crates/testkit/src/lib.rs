@@ -436,6 +436,30 @@ pub fn require_program(test: &str, name: &str) -> Option<PathBuf> {
     found
 }
 
+/// Whether the system's Python (`/usr/bin/python3`, which the unprivileged
+/// user can run) imports `module`, a Debian package scripts/setup installs.
+/// In CI a missing one fails the test; elsewhere the test is skipped,
+/// saying why.
+pub fn require_python_module(test: &str, module: &str) -> bool {
+    let found = Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "{test}: the Python module {module} is not installed (scripts/setup installs it)"
+            );
+        }
+        eprintln!(
+            "SKIPPED {test}: the Python module {module} is not installed (run scripts/setup)"
+        );
+    }
+    found
+}
+
 /// A program that scripts/setup installs into a virtual environment under
 /// `target/tools` (`relative` to it, e.g. `mitmproxy/bin/mitmdump`): pinned
 /// versions from PyPI that Debian does not carry. In CI a missing one fails

@@ -12,7 +12,9 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use connredir_testkit::{free_addr, host_prefix, wait_listening, Lab, Proc, TestDir};
+use connredir_testkit::{
+    free_addr, host_prefix, require_python_module, wait_listening, Lab, Proc, TestDir,
+};
 use serde_json::Value;
 
 /// The unprivileged user the client and the server run as.
@@ -42,6 +44,9 @@ except Exception as e:
 
 fn ftp_client_downloads_through_the_service(server_ip: &str, proxy_ip: &str, test: &str) {
     let python = Path::new("/usr/bin/python3");
+    if !require_python_module(test, "pyftpdlib") {
+        return;
+    }
     let Some(mut lab) = Lab::new(test) else {
         return;
     };
@@ -71,7 +76,7 @@ fn ftp_client_downloads_through_the_service(server_ip: &str, proxy_ip: &str, tes
             &folder,
         ],
     )
-    .expect("start pyftpdlib (scripts/setup installs python3-pyftpdlib)");
+    .expect("start pyftpdlib");
     lab.procs.push(ftpd);
     wait_listening(server).expect("pyftpdlib listens");
     // The service for the control connection.
