@@ -36,6 +36,7 @@ pub fn run(
         "flows" => flows(addr, millis.context("missing MILLISECONDS")?),
         "unspecified" => unspecified(addr),
         "mptcp" => mptcp(addr),
+        "connect" => Ok(json!({ "attempts": { "connect": attempt(&stream_socket(addr)?, addr) } })),
         "fastopen-sendto" => fastopen_sendto(addr),
         "fastopen-connect" => fastopen_connect(addr),
         "io-uring" => io_uring_connects(addr),

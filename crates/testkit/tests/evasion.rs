@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use connredir_engine::{OnDown, Rule, Service};
-use connredir_testkit::{by_cgroup, free_addr, service_spec, unmapped, EchoServer, Lab, Proc};
+use connredir_testkit::{
+    by_cgroup, free_addr, service_spec, unmapped, EchoServer, Lab, Proc, TestDir,
+};
 use serde_json::Value;
 
 /// The unprivileged user every attacker runs as.
@@ -202,6 +204,108 @@ fn a_failed_redirect_leaves_no_record_for_a_direct_connect_elsewhere() {
         "the destination was reached without its service: {:?}, inspector saw {:?}, report {report}",
         server.accepted(),
         setup.lab.proxy_log(inspector)
+    );
+}
+
+/// A service's process that binds its listener, then forks into the
+/// background and exits, leaving the listener to its child (as daemons do:
+/// haproxy's daemon mode binds before it forks). It prints the pids of the
+/// binder and of the server; the server writes one JSON line per accepted
+/// connection to the file `argv[3]` and closes it.
+const DAEMON: &str = r#"
+import json, os, socket, sys
+host, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(64)
+binder = os.getpid()
+child = os.fork()
+if child:
+    print(json.dumps({"binder": binder, "server": child}), flush=True)
+    os._exit(0)
+# The test reads the parent's output to its end: the server keeps none of it.
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+while True:
+    c, peer = s.accept()
+    with open(log, "a") as f:
+        f.write(json.dumps({"accepted": str(peer)}) + "\n")
+    c.close()
+"#;
+
+/// Kills a process this test started by its pid (one that outlived the
+/// parent the test spawned), on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+/// Starts the attacker with `args` as uid 65534 in `scope/client` so that
+/// its process gets pid `pid`, as an unprivileged user can by starting
+/// processes until the kernel hands that pid out again; here root sets the
+/// kernel's last pid (`ns_last_pid`) just before, trying again when another
+/// process took it first. None when that never worked.
+fn attacker_with_pid(lab: &Lab, pid: u32, args: &[&str]) -> Option<Proc> {
+    let mut all = vec!["attack"];
+    all.extend_from_slice(args);
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("set the last pid (needs root)");
+        let attacker = Proc::spawn(&lab.cgroup("scope/client"), Some(NOBODY), &all)
+            .expect("start the attacker");
+        if attacker.pid() == pid {
+            return Some(attacker);
+        }
+        // Another process took the pid first; this attempt connected as
+        // any other client (to the service) and is let go.
+        let _ = attacker.finish();
+    }
+    None
+}
+
+#[test]
+fn a_process_given_the_pid_of_a_services_departed_binder_is_still_inspected() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(setup) = Setup::new("evade-binder-pid", server.addr(), OnDown::Block) else {
+        return;
+    };
+    let dir = TestDir::new("evade-binder-pid", None);
+    let script = dir.write("daemon.py", DAEMON);
+    let log = dir.0.join("accepted.log");
+    let (host, port) = (
+        setup.listen.ip().to_string(),
+        setup.listen.port().to_string(),
+    );
+    let daemon = Proc::spawn_program(
+        &setup.cgroup,
+        None,
+        std::path::Path::new("/usr/bin/python3"),
+        &[&script, &host, &port, log.to_str().unwrap()],
+    )
+    .unwrap();
+    let (status, lines) = daemon.finish().unwrap();
+    assert!(status.success(), "{status}: {lines:?}");
+    let pids: Value = serde_json::from_str(lines.last().expect("the pids")).unwrap();
+    let binder = pids["binder"].as_u64().unwrap() as u32;
+    let _server = KillOnDrop(pids["server"].as_u64().unwrap() as u32);
+    connredir_testkit::wait_listening(setup.listen).unwrap();
+
+    // The binder is gone (reaped above); its pid goes to the attacker.
+    let attacker = attacker_with_pid(&setup.lab, binder, &["connect", &server.addr().to_string()])
+        .expect("an attacker process with the binder's pid");
+    let (status, lines) = attacker.finish().unwrap();
+    assert!(status.success(), "{status}: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    let attempts: Vec<&Value> = report["attempts"].as_object().unwrap().values().collect();
+    assert_none_direct(&server, &locals(&attempts), &report);
+    let accepted = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !accepted.is_empty(),
+        "the service's listener accepted nothing: {report}"
     );
 }
 
