@@ -32,6 +32,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, const __u32 addr[4
 		if (mark) {
 			mark->service_id = service_id;
 			mark->tgid = bpf_get_current_pid_tgid() >> 32;
+			mark->start_ticks = (__u32)current_start_ticks();
 			mark->uid = caller.uid;
 			mark->cgroup_id = bpf_get_current_cgroup_id();
 		}

@@ -396,7 +396,12 @@ struct connredir_listener {
 	uint32_t service_id; /* 0: bound before any service claimed the address */
 	uint32_t tgid; /* the process that bound it */
 	uint32_t uid; /* its uid */
-	uint32_t reserved;
+	/* When that process started: the low 32 bits of its start time in
+	 * clock ticks since boot (CONNREDIR_CLOCK_TICKS_PER_SEC, field 22 of
+	 * /proc/PID/stat). With tgid, it names the process, not only its pid,
+	 * which a later process may be given once the binder exited. 0 in a
+	 * mark an older layer made: no process matches it. */
+	uint32_t start_ticks;
 	uint64_t cgroup_id; /* its cgroup */
 };
 

@@ -429,7 +429,7 @@ pub struct connredir_listener {
     pub service_id: u32,
     pub tgid: u32,
     pub uid: u32,
-    pub reserved: u32,
+    pub start_ticks: u32,
     pub cgroup_id: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -442,8 +442,8 @@ const _: () = {
         [::std::mem::offset_of!(connredir_listener, tgid) - 4usize];
     ["Offset of field: connredir_listener::uid"]
         [::std::mem::offset_of!(connredir_listener, uid) - 8usize];
-    ["Offset of field: connredir_listener::reserved"]
-        [::std::mem::offset_of!(connredir_listener, reserved) - 12usize];
+    ["Offset of field: connredir_listener::start_ticks"]
+        [::std::mem::offset_of!(connredir_listener, start_ticks) - 12usize];
     ["Offset of field: connredir_listener::cgroup_id"]
         [::std::mem::offset_of!(connredir_listener, cgroup_id) - 16usize];
 };

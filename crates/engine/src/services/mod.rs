@@ -139,9 +139,14 @@ fn mark_listeners(engine: &mut Engine, id: ServiceId, service: &Service, inodes:
         return;
     };
     for (socket, pid) in listeners::own_listeners(inodes, &service.identity) {
+        // The holder's start time, as the bind program notes the binder's
+        // (low 32 bits of its clock ticks): a process given the pid later
+        // is not it. Unreadable, the process is gone: no process matches 0.
+        let start_ticks = connredir_host::procfs::start_ticks(pid).unwrap_or(0) as u32;
         let mark = connredir_listener {
             service_id: id.0,
             tgid: pid,
+            start_ticks,
             ..Default::default()
         };
         if engine.previous.is_some() {

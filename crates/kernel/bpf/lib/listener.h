@@ -19,6 +19,7 @@
 #define CONNREDIR_LISTENER_H
 
 #include "maps.h"
+#include "service.h"
 
 /* The state of a service's listener, seen from a connect. */
 enum listener_state {
@@ -48,6 +49,18 @@ static __always_inline int bound_by_identity(const struct connredir_listener *ma
 		return 1;
 	id = bpf_map_lookup_elem(&service_by_uid, &uid);
 	return id && *id == service_id;
+}
+
+/*
+ * Whether the connecting process `tgid` is the one that bound the listener
+ * `mark`: its pid and its start time. A listener outlives its binder when
+ * the binder hands it on (a daemon that binds, forks and exits); a later
+ * process given that pid is not the binder, and taken for it, it would be
+ * let past the service as the service's own.
+ */
+static __always_inline int is_binder(const struct connredir_listener *mark, __u32 tgid)
+{
+	return mark->tgid == tgid && mark->start_ticks == (__u32)current_start_ticks();
 }
 
 /*
@@ -96,7 +109,7 @@ __noinline int listener_state(struct bpf_sock_addr *ctx, __u32 service_id, __u32
 		mark = bpf_sk_storage_get(&listeners, sk, 0, 0);
 		if (mark && (mark->service_id == service_id ||
 			     (mark->service_id == 0 && bound_by_identity(mark, service_id))))
-			state = mark->tgid == tgid ? LISTENER_CALLER : LISTENER_OWN;
+			state = is_binder(mark, tgid) ? LISTENER_CALLER : LISTENER_OWN;
 	}
 	bpf_sk_release(sk);
 	return state;
