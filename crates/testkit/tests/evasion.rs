@@ -309,6 +309,70 @@ fn a_process_given_the_pid_of_a_services_departed_binder_is_still_inspected() {
     );
 }
 
+/// A service that sets no records: it accepts one connection, asks the
+/// layer for its original destination (`SO_ORIGINAL_DST`, which keeps the
+/// flow's record for the onward connect), and exits without connecting on
+/// (it crashed, or was restarted). It prints its pid first.
+const ASKS_AND_EXITS: &str = r#"
+import json, os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(8)
+print(json.dumps({"pid": os.getpid()}), flush=True)
+c, _ = s.accept()
+asked = c.getsockopt(socket.SOL_IP, 80, 16)
+print(json.dumps({"asked": asked.hex()}), flush=True)
+c.close()
+"#;
+
+#[test]
+fn a_process_given_the_pid_of_a_departed_records_less_service_takes_none_of_its_records() {
+    let server = EchoServer::start("127.0.0.2:0").unwrap();
+    let Some(setup) = Setup::new("evade-asker-pid", server.addr(), OnDown::Block) else {
+        return;
+    };
+    let dir = TestDir::new("evade-asker-pid", None);
+    let script = dir.write("service.py", ASKS_AND_EXITS);
+    let (host, port) = (
+        setup.listen.ip().to_string(),
+        setup.listen.port().to_string(),
+    );
+    let service = Proc::spawn_program(
+        &setup.cgroup,
+        None,
+        std::path::Path::new("/usr/bin/python3"),
+        &[&script, &host, &port],
+    )
+    .unwrap();
+    let started = service
+        .wait_line("the service's pid", |l| l.contains("\"pid\""))
+        .unwrap();
+    let pid = serde_json::from_str::<Value>(&started).unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    connredir_testkit::wait_listening(setup.listen).unwrap();
+    // A client's flow reaches the service, which asks and exits: the flow's
+    // record stays queued under the service's pid.
+    let first = setup.attack(&["connect", &server.addr().to_string()]);
+    let (status, lines) = service.finish().unwrap();
+    assert!(status.success(), "{status}: {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("asked")),
+        "{lines:?} / {first}"
+    );
+
+    let attacker = attacker_with_pid(&setup.lab, pid, &["connect", &server.addr().to_string()])
+        .expect("an attacker process with the service's pid");
+    let (status, lines) = attacker.finish().unwrap();
+    assert!(status.success(), "{status}: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    let attempts: Vec<&Value> = report["attempts"].as_object().unwrap().values().collect();
+    assert_none_direct(&server, &locals(&attempts), &report);
+    assert!(server.accepted().is_empty(), "{:?}", server.accepted());
+}
+
 #[test]
 fn a_client_that_fills_its_option_memory_is_refused_not_let_through() {
     let server = EchoServer::start("127.0.0.2:0").unwrap();
