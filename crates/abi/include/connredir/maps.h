@@ -360,6 +360,9 @@ struct connredir_inherit_key {
 };
 
 struct connredir_inherit {
+	/* The flow's record. Its `reserved` holds the asking process's start
+	 * (the low 32 bits of its start time in clock ticks): only that
+	 * process takes the record, not a later one given its pid. */
 	struct connredir_record record;
 	uint32_t tid; /* the thread that asked */
 	uint32_t taken; /* CONNREDIR_INHERIT_WAITING ... _ORPHAN_TAKEN */

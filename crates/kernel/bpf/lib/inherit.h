@@ -22,6 +22,7 @@
 
 #include "maps.h"
 #include "record.h"
+#include "service.h"
 #include "trace.h"
 
 static __always_inline void inherit_key(struct connredir_inherit_key *key, __u64 netns,
@@ -99,10 +100,21 @@ inherit_push(__u64 netns, __u32 tgid, const struct connredir_endpoint *dst, __u3
 	return bpf_map_lookup_elem(&inherit, &key);
 }
 
-/* The filled entry becomes takeable: its tid is written last, with a full
- * barrier, so no connect reads a record half written. */
+/*
+ * The asking process's start, in a kept entry: the low 32 bits of its start
+ * time in clock ticks, held in the kept copy's `reserved` (never read from a
+ * kept record otherwise, and cleared when the record is taken; see
+ * connredir_inherit in maps.h). A queue is keyed by the asker's pid, and a
+ * process given that pid once the asker exited must not take its records.
+ */
+#define INHERIT_ASKER_START(entry) ((entry)->record.reserved)
+
+/* The filled entry becomes takeable: the asker's start is noted, and its
+ * tid is written last, with a full barrier, so no connect reads a record
+ * half written. */
 static __always_inline void inherit_publish(struct connredir_inherit *entry, __u32 tid)
 {
+	INHERIT_ASKER_START(entry) = (__u32)current_start_ticks();
 	__sync_lock_test_and_set(&entry->tid, tid ? tid : 1);
 }
 

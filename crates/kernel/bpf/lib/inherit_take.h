@@ -53,11 +53,12 @@ static __always_inline __u32 inherit_passable(struct connredir_inherit_key *key,
 /*
  * Claims the oldest record from place `from` on (at most
  * CONNREDIR_INHERIT_SCAN places, before `tail`) that is written, not taken
- * (orphaned or not), and (if `tid` is not 0) asked for by thread `tid`;
- * marks it taken, so no other connect takes it. Returns its place, or -1.
+ * (orphaned or not), asked for by the process that started at `start`
+ * (INHERIT_ASKER_START) and (if `tid` is not 0) by its thread `tid`; marks
+ * it taken, so no other connect takes it. Returns its place, or -1.
  */
 static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *key, __u32 from,
-						__u32 tail, __u32 tid)
+						__u32 tail, __u32 tid, __u32 start)
 {
 	struct connredir_inherit *entry;
 
@@ -69,7 +70,8 @@ static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *ke
 		key->seq = seq;
 		entry = bpf_map_lookup_elem(&inherit, key);
 		/* tid 0: still being filled (inherit_publish). */
-		if (!entry || !entry->tid || (tid && entry->tid != tid))
+		if (!entry || !entry->tid || (tid && entry->tid != tid) ||
+		    INHERIT_ASKER_START(entry) != start)
 			continue;
 		if (__sync_val_compare_and_swap(&entry->taken, CONNREDIR_INHERIT_WAITING,
 						CONNREDIR_INHERIT_TAKEN) == CONNREDIR_INHERIT_WAITING)
@@ -83,15 +85,15 @@ static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *ke
 }
 
 /*
- * Claims a record queued by process `tgid` for `dst` in namespace `netns`
- * for a connect by its thread `tid`: among the first CONNREDIR_INHERIT_SCAN
- * places from the queue's head, the oldest that thread asked for, or else
- * the oldest of any thread's. Marks it taken and returns its place; -1 when
+ * Claims a record queued by process `tgid` (which started at `start`) for
+ * `dst` in namespace `netns` for a connect by its thread `tid`: among the
+ * first CONNREDIR_INHERIT_SCAN places from the queue's head, the oldest
+ * that thread asked for, or else the oldest of any thread's. Marks it taken and returns its place; -1 when
  * none is waiting. Moves the head past leading places that hold nothing
  * takeable. Each scan is its own loop that carries nothing but its index,
  * so the verifier walks the places once each.
  */
-__noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid,
+__noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid, __u32 start,
 			       const struct connredir_endpoint *dst)
 {
 	struct connredir_inherit_key key = {};
@@ -110,9 +112,9 @@ __noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid,
 	head += inherit_passable(&key, head, tail);
 	if (head != queue->head)
 		queue->head = head;
-	seq = inherit_claim_from(&key, head, tail, tid ? tid : 1);
+	seq = inherit_claim_from(&key, head, tail, tid ? tid : 1, start);
 	if (seq < 0)
-		seq = inherit_claim_from(&key, head, tail, 0);
+		seq = inherit_claim_from(&key, head, tail, 0, start);
 	return seq;
 }
 
@@ -137,7 +139,8 @@ static __always_inline int inherit_take(struct bpf_sock_addr *ctx,
 	if (!sk)
 		return 0;
 	netns = bpf_get_netns_cookie(ctx);
-	seq = inherit_claim(netns, pid_tgid >> 32, (__u32)pid_tgid, dst);
+	seq = inherit_claim(netns, pid_tgid >> 32, (__u32)pid_tgid, (__u32)current_start_ticks(),
+			    dst);
 	if (seq < 0)
 		return 0;
 	inherit_key(&key, netns, pid_tgid >> 32, (__u32)seq, dst);
@@ -148,6 +151,7 @@ static __always_inline int inherit_take(struct bpf_sock_addr *ctx,
 	if (!state)
 		return 0;
 	state->record = kept->record;
+	state->record.reserved = 0;
 	state->flags = CONNREDIR_SOCK_INHERITED;
 	state->inherit_tgid = pid_tgid >> 32;
 	state->inherit_seq = (__u32)seq;
