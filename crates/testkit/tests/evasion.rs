@@ -267,6 +267,39 @@ fn attacker_with_pid(lab: &Lab, pid: u32, args: &[&str]) -> Option<Proc> {
     None
 }
 
+/// Starts the Python `script` as the setup's service process (in its
+/// cgroup), with the service's address and `extra` as its arguments.
+fn start_python_service(setup: &Setup, dir: &TestDir, script: &str, extra: &[&str]) -> Proc {
+    let script = dir.write("service.py", script);
+    let (host, port) = (
+        setup.listen.ip().to_string(),
+        setup.listen.port().to_string(),
+    );
+    let mut args = vec![script.as_str(), &host, &port];
+    args.extend_from_slice(extra);
+    Proc::spawn_program(
+        &setup.cgroup,
+        None,
+        std::path::Path::new("/usr/bin/python3"),
+        &args,
+    )
+    .unwrap()
+}
+
+/// Connects to `server` from a process given pid `pid` (see
+/// [`attacker_with_pid`]) and fails if it reached `server` directly;
+/// returns its report.
+fn connect_as_pid(setup: &Setup, pid: u32, server: &EchoServer) -> Value {
+    let attacker = attacker_with_pid(&setup.lab, pid, &["connect", &server.addr().to_string()])
+        .expect("an attacker process with the pid");
+    let (status, lines) = attacker.finish().unwrap();
+    assert!(status.success(), "{status}: {lines:?}");
+    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
+    let attempts: Vec<&Value> = report["attempts"].as_object().unwrap().values().collect();
+    assert_none_direct(server, &locals(&attempts), &report);
+    report
+}
+
 #[test]
 fn a_process_given_the_pid_of_a_services_departed_binder_is_still_inspected() {
     let server = EchoServer::start("127.0.0.2:0").unwrap();
@@ -274,19 +307,8 @@ fn a_process_given_the_pid_of_a_services_departed_binder_is_still_inspected() {
         return;
     };
     let dir = TestDir::new("evade-binder-pid", None);
-    let script = dir.write("daemon.py", DAEMON);
     let log = dir.0.join("accepted.log");
-    let (host, port) = (
-        setup.listen.ip().to_string(),
-        setup.listen.port().to_string(),
-    );
-    let daemon = Proc::spawn_program(
-        &setup.cgroup,
-        None,
-        std::path::Path::new("/usr/bin/python3"),
-        &[&script, &host, &port, log.to_str().unwrap()],
-    )
-    .unwrap();
+    let daemon = start_python_service(&setup, &dir, DAEMON, &[log.to_str().unwrap()]);
     let (status, lines) = daemon.finish().unwrap();
     assert!(status.success(), "{status}: {lines:?}");
     let pids: Value = serde_json::from_str(lines.last().expect("the pids")).unwrap();
@@ -295,13 +317,7 @@ fn a_process_given_the_pid_of_a_services_departed_binder_is_still_inspected() {
     connredir_testkit::wait_listening(setup.listen).unwrap();
 
     // The binder is gone (reaped above); its pid goes to the attacker.
-    let attacker = attacker_with_pid(&setup.lab, binder, &["connect", &server.addr().to_string()])
-        .expect("an attacker process with the binder's pid");
-    let (status, lines) = attacker.finish().unwrap();
-    assert!(status.success(), "{status}: {lines:?}");
-    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
-    let attempts: Vec<&Value> = report["attempts"].as_object().unwrap().values().collect();
-    assert_none_direct(&server, &locals(&attempts), &report);
+    let report = connect_as_pid(&setup, binder, &server);
     let accepted = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         !accepted.is_empty(),
@@ -334,18 +350,7 @@ fn a_process_given_the_pid_of_a_departed_records_less_service_takes_none_of_its_
         return;
     };
     let dir = TestDir::new("evade-asker-pid", None);
-    let script = dir.write("service.py", ASKS_AND_EXITS);
-    let (host, port) = (
-        setup.listen.ip().to_string(),
-        setup.listen.port().to_string(),
-    );
-    let service = Proc::spawn_program(
-        &setup.cgroup,
-        None,
-        std::path::Path::new("/usr/bin/python3"),
-        &[&script, &host, &port],
-    )
-    .unwrap();
+    let service = start_python_service(&setup, &dir, ASKS_AND_EXITS, &[]);
     let started = service
         .wait_line("the service's pid", |l| l.contains("\"pid\""))
         .unwrap();
@@ -363,13 +368,7 @@ fn a_process_given_the_pid_of_a_departed_records_less_service_takes_none_of_its_
         "{lines:?} / {first}"
     );
 
-    let attacker = attacker_with_pid(&setup.lab, pid, &["connect", &server.addr().to_string()])
-        .expect("an attacker process with the service's pid");
-    let (status, lines) = attacker.finish().unwrap();
-    assert!(status.success(), "{status}: {lines:?}");
-    let report: Value = serde_json::from_str(lines.last().expect("a report")).unwrap();
-    let attempts: Vec<&Value> = report["attempts"].as_object().unwrap().values().collect();
-    assert_none_direct(&server, &locals(&attempts), &report);
+    connect_as_pid(&setup, pid, &server);
     assert!(server.accepted().is_empty(), "{:?}", server.accepted());
 }
 
