@@ -409,7 +409,13 @@ impl Drop for UdpEchoServer {
 /// Waits (at most 10 s) until something listens on `addr`, read from
 /// /proc/net/tcp{,6} so that no probe connection disturbs the listener.
 pub fn wait_listening(addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_listening_within(addr, Duration::from_secs(10))
+}
+
+/// [`wait_listening`] with its own limit, for programs slow to start
+/// when many start at once on a small machine.
+pub fn wait_listening_within(addr: SocketAddr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
     while !connredir_host::procfs::is_listening(&addr) {
         if Instant::now() > deadline {
             bail!("nothing listens on {addr}");

@@ -36,7 +36,7 @@ use connredir_engine::{Counters, ServiceId};
 use connredir_testkit::http_world::{fetch, ours_path, path_of, start_origin, wait_for, NOBODY};
 use connredir_testkit::{
     by_cgroup, free_addr, host_prefix, mapped, require_program, require_setup_tool, service_spec,
-    wait_listening, Lab, Proc, TestDir,
+    wait_listening_within, Lab, Proc, TestDir,
 };
 use serde_json::Value;
 
@@ -121,7 +121,9 @@ fn start_mitmproxy(
     ];
     let proc = Proc::spawn_program(&cgroup, Some(NOBODY), mitmdump, &args).expect("start mitmdump");
     lab.procs.push(proc);
-    if let Err(e) = wait_listening(listen) {
+    // mitmdump loads for seconds, and this file starts one per test, all
+    // at once: on two busy cores 10 s was once not enough.
+    if let Err(e) = wait_listening_within(listen, Duration::from_secs(40)) {
         panic!(
             "mitmdump does not listen ({e}); it runs as uid {NOBODY}, who must be able to \
              reach {}; output: {:?}",
