@@ -206,6 +206,16 @@ static __always_inline int conditions_hold(struct bpf_sock_addr *ctx,
 	return 1;
 }
 
+/* Whether `rule` may apply to a connect of `protocol` to `port` (host
+ * order), by its protocol and destination ports alone: the rest of its
+ * conditions are the caller's and the flow's. */
+static __always_inline int rule_may_apply(const struct connredir_rule *rule, __u32 protocol,
+					  __u16 port)
+{
+	return (rule->protocol == protocol || rule->protocol == CONNREDIR_PROTO_TCP_AND_UDP) &&
+	       port >= rule->port_min && port <= rule->port_max;
+}
+
 __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule *rule,
 			  struct judge_env *env)
 {
@@ -216,8 +226,7 @@ __noinline int judge_rule(struct bpf_sock_addr *ctx, const struct connredir_rule
 
 	if (!ctx || !rule || !env)
 		return JUDGED_NO_MATCH;
-	if ((rule->protocol != env->protocol && rule->protocol != CONNREDIR_PROTO_TCP_AND_UDP) || env->port < rule->port_min ||
-	    env->port > rule->port_max)
+	if (!rule_may_apply(rule, env->protocol, env->port))
 		return JUDGED_NO_MATCH;
 	if (!conditions_hold(ctx, rule, env))
 		return JUDGED_NO_MATCH;
@@ -304,8 +313,7 @@ __noinline int any_rule_for(const struct connredir_rule_set *set, __u32 protocol
 
 		if (i >= count_rules)
 			break;
-		if ((rule->protocol == protocol || rule->protocol == CONNREDIR_PROTO_TCP_AND_UDP) &&
-		    port >= rule->port_min && port <= rule->port_max)
+		if (rule_may_apply(rule, protocol, port))
 			return 1;
 	}
 	return 0;

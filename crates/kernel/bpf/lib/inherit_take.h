@@ -88,10 +88,11 @@ static __always_inline __s64 inherit_claim_from(struct connredir_inherit_key *ke
  * Claims a record queued by process `tgid` (which started at `start`) for
  * `dst` in namespace `netns` for a connect by its thread `tid`: among the
  * first CONNREDIR_INHERIT_SCAN places from the queue's head, the oldest
- * that thread asked for, or else the oldest of any thread's. Marks it taken and returns its place; -1 when
- * none is waiting. Moves the head past leading places that hold nothing
- * takeable. Each scan is its own loop that carries nothing but its index,
- * so the verifier walks the places once each.
+ * that thread asked for, or else the oldest of any thread's. Marks it taken
+ * and returns its place; -1 when none is waiting. Moves the head past
+ * leading places that hold nothing takeable. Each scan is its own loop that
+ * carries nothing but its index, so the verifier walks the places once
+ * each.
  */
 __noinline __s64 inherit_claim(__u64 netns, __u32 tgid, __u32 tid, __u32 start,
 			       const struct connredir_endpoint *dst)
