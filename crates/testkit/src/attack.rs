@@ -124,15 +124,23 @@ fn reconnect_refused(dst: SocketAddr) -> Result<Value> {
     Ok(json!({ "first": first, "second": second }))
 }
 
-/// An IPv6-only socket connects to the IPv4-mapped destination (which
-/// fails), then drops IPV6_V6ONLY and connects again.
-fn reconnect_v6only(dst: SocketAddr) -> Result<Value> {
+/// An `IPV6_V6ONLY` TCP socket and the IPv4-mapped form of the IPv4
+/// destination `dst` (which `case` needs): a connect the connect program
+/// redirects and the kernel then fails, before any connection is opened.
+fn v6only_socket_for_mapped(dst: SocketAddr, case: &str) -> Result<(Socket, SocketAddr)> {
     let SocketAddr::V4(v4) = dst else {
-        bail!("reconnect-v6only takes an IPv4 destination")
+        bail!("{case} takes an IPv4 destination")
     };
     let mapped = SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0));
     let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
     socket.set_only_v6(true)?;
+    Ok((socket, mapped))
+}
+
+/// An IPv6-only socket connects to the IPv4-mapped destination (which
+/// fails), then drops IPV6_V6ONLY and connects again.
+fn reconnect_v6only(dst: SocketAddr) -> Result<Value> {
+    let (socket, mapped) = v6only_socket_for_mapped(dst, "reconnect-v6only")?;
     let first = attempt(&socket, mapped);
     let cleared = socket.set_only_v6(false).map(|_| "ok".to_string());
     let second = attempt(&socket, mapped);
@@ -151,12 +159,7 @@ fn reconnect_v6only(dst: SocketAddr) -> Result<Value> {
 /// there would take the flow for one the first service had already
 /// handled, and send it on past it.
 fn stale_hop(dst: SocketAddr, elsewhere: SocketAddr) -> Result<Value> {
-    let SocketAddr::V4(v4) = dst else {
-        bail!("stale-hop takes an IPv4 destination")
-    };
-    let mapped = SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0));
-    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
-    socket.set_only_v6(true)?;
+    let (socket, mapped) = v6only_socket_for_mapped(dst, "stale-hop")?;
     let first = attempt(&socket, mapped);
     let second = attempt(&socket, elsewhere);
     Ok(json!({ "first": first, "second": second }))
