@@ -1022,20 +1022,16 @@ fn overhead_costs(
         let mut sink = bench.worker(place, &["server", "--listen", &listen, "--mode", "drop"])?;
         sink.wait_line(Duration::from_secs(10), |l| l == "ready")?;
         let before = engine.counters()?.redirects;
-        costs.push(BpfCost::measure(
-            engine,
-            *rules,
-            COST_REDIRECTED_TO_SINK,
-            || {
-                connect_loop(bench, cgroup, OVERHEAD_SELECTED, n)?;
-                Ok(engine.counters()?.redirects - before)
-            },
-        )?);
+        let redirected = BpfCost::measure(engine, *rules, COST_REDIRECTED_TO_SINK, || {
+            connect_loop(bench, cgroup, OVERHEAD_SELECTED, n)?;
+            Ok(engine.counters()?.redirects - before)
+        })?;
         ensure!(
-            engine.counters()?.redirects - before == n,
+            redirected.connections == n,
             "{} of {n} connections were redirected in the BPF run-time case with {rules} rules",
-            engine.counters()?.redirects - before
+            redirected.connections
         );
+        costs.push(redirected);
         drop(sink);
     }
     Ok(costs)
